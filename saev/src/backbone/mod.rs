@@ -1,0 +1,411 @@
+//! The [`Backbone`] handle: a pretrained ViT (DINOv2, CLIP or SigLIP vision tower) with its
+//! preprocessing, giving the residual stream after any block and resuming the network from an
+//! edited block output.
+//!
+//! Conventions follow the Python saev: block outputs are the residual stream *after* a block,
+//! before any final norm; layer indices are Python-style (`-1` = last block, `-2` = the one
+//! before); recorded tokens are CLS first (when the model has one), registers dropped, patches in
+//! raster order.
+//!
+//! ```no_run
+//! use saev::prelude::*;
+//! let vit = Backbone::open("facebook/dinov2-small")?;            // dir or HF-cache id
+//! let img = saev::load_image("photo.jpg")?;
+//! let pixels = vit.pixels(&[img])?;                              // [1, 3, 224, 224]
+//! let acts = vit.record(&pixels, &[-2, -1])?;                    // [1, 2, 257, 384]
+//! let mut res = vit.forward_to(&pixels, -2)?;                    // residual after block -2
+//! let edited = (res.tokens()? * 0.5)?;
+//! res = res.with_tokens(&edited)?;
+//! let out = vit.forward_from(&res)?;                             // final norm + pooled
+//! # Ok::<(), saev::Error>(())
+//! ```
+
+pub mod config;
+pub mod preprocess;
+pub mod resample;
+pub mod source;
+pub mod vit;
+pub mod weights;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+use image::DynamicImage;
+
+use crate::error::{CandleContext, Error, Result};
+use config::{Family, VitConfig};
+use preprocess::Preprocess;
+use vit::{Vit, VitOutput};
+use weights::CheckedWeights;
+
+/// A loaded vision transformer with its preprocessing. Cheap to clone (shared weights).
+#[derive(Clone)]
+pub struct Backbone {
+    inner: Arc<Inner>,
+    preprocess: Preprocess,
+}
+
+struct Inner {
+    vit: Vit,
+    dir: PathBuf,
+    name: String,
+}
+
+/// The residual stream after a block, for editing and resuming (see [`Backbone::forward_to`]).
+#[derive(Debug, Clone)]
+pub struct Residual {
+    layer: usize,
+    full_btd: Tensor,
+    n_registers: usize,
+    has_cls: bool,
+}
+
+impl Residual {
+    /// The (non-negative) index of the block whose output this is.
+    pub fn layer(&self) -> usize {
+        self.layer
+    }
+
+    /// The recorded tokens: CLS (if any) then patches, registers dropped.
+    ///
+    /// # Shapes
+    /// `[B, T, D]`.
+    pub fn tokens(&self) -> Result<Tensor> {
+        drop_registers(&self.full_btd, self.n_registers, self.has_cls)
+    }
+
+    /// Every token including registers (`[B, T_all, D]`).
+    pub fn all_tokens(&self) -> &Tensor {
+        &self.full_btd
+    }
+
+    /// Replace the recorded tokens (same shape as [`Residual::tokens`]); registers are kept.
+    pub fn with_tokens(&self, tokens_btd: &Tensor) -> Result<Self> {
+        let (b, t_all, d) = self.full_btd.dims3().context("residual")?;
+        let t = t_all - self.n_registers;
+        if tokens_btd.dims() != [b, t, d] {
+            return Err(Error::Shape {
+                what: "edited tokens".into(),
+                expected: vec![b, t, d],
+                actual: tokens_btd.dims().to_vec(),
+            });
+        }
+        let full = if self.n_registers == 0 {
+            tokens_btd.clone()
+        } else {
+            let f = || {
+                Tensor::cat(
+                    &[
+                        tokens_btd.narrow(1, 0, 1)?,
+                        self.full_btd.narrow(1, 1, self.n_registers)?,
+                        tokens_btd.narrow(1, 1, t - 1)?,
+                    ],
+                    1,
+                )
+            };
+            f().context("re-inserting register tokens")?
+        };
+        Ok(Self {
+            full_btd: full,
+            ..self.clone()
+        })
+    }
+}
+
+fn drop_registers(x_btd: &Tensor, n_registers: usize, has_cls: bool) -> Result<Tensor> {
+    if n_registers == 0 {
+        return Ok(x_btd.clone());
+    }
+    let f = || {
+        let t = x_btd.dim(1)?;
+        let start = usize::from(has_cls);
+        let mut parts = Vec::new();
+        if has_cls {
+            parts.push(x_btd.narrow(1, 0, 1)?);
+        }
+        parts.push(x_btd.narrow(1, start + n_registers, t - start - n_registers)?);
+        Tensor::cat(&parts, 1)
+    };
+    f().context("dropping register tokens")
+}
+
+impl Backbone {
+    /// Open a model on the CPU from a directory or a model id in the local HF cache.
+    pub fn open(model: &str) -> Result<Self> {
+        Self::open_on(model, &Device::Cpu)
+    }
+
+    /// [`Backbone::open`] on a chosen device.
+    pub fn open_on(model: &str, device: &Device) -> Result<Self> {
+        let dir = source::resolve_model(model)?;
+        let mut b = Self::from_dir(&dir, device)?;
+        if let Some(inner) = Arc::get_mut(&mut b.inner) {
+            inner.name = model.to_string();
+        }
+        Ok(b)
+    }
+
+    /// Load from a directory with `config.json` and `model.safetensors`.
+    pub fn from_dir(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        let dir = dir.as_ref();
+        let mut cfg = VitConfig::from_file(dir.join("config.json"))?;
+        let weights = CheckedWeights::open(dir.join("model.safetensors"))?;
+        cfg.prefix = find_prefix(&cfg, &weights)?;
+        let mut vb = weights.var_builder(device);
+        if !cfg.prefix.is_empty() {
+            vb = vb.pp(cfg.prefix.trim_end_matches('.'));
+        }
+        let vit = match Vit::new(&cfg, vb) {
+            Ok(v) => v,
+            Err(e) => return Err(weights.take_error().unwrap_or(e)),
+        };
+        Ok(Self {
+            preprocess: Preprocess::for_family(cfg.family),
+            inner: Arc::new(Inner {
+                vit,
+                dir: dir.to_path_buf(),
+                name: dir.display().to_string(),
+            }),
+        })
+    }
+
+    /// The same model with another preprocessing recipe (e.g. `.with_size(448)`).
+    pub fn with_preprocess(mut self, preprocess: Preprocess) -> Self {
+        self.preprocess = preprocess;
+        self
+    }
+
+    /// The preprocessing recipe.
+    pub fn preprocess(&self) -> &Preprocess {
+        &self.preprocess
+    }
+
+    /// The model configuration.
+    pub fn config(&self) -> &VitConfig {
+        self.inner.vit.config()
+    }
+
+    /// The underlying ViT, for block-level access.
+    pub fn vit(&self) -> &Vit {
+        &self.inner.vit
+    }
+
+    /// The family.
+    pub fn family(&self) -> Family {
+        self.config().family
+    }
+
+    /// The name it was opened by (a model id or the directory).
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The model directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        self.inner.vit.device()
+    }
+
+    /// Residual-stream width.
+    pub fn d_model(&self) -> usize {
+        self.config().hidden_size
+    }
+
+    /// Number of transformer blocks.
+    pub fn n_layers(&self) -> usize {
+        self.config().num_hidden_layers
+    }
+
+    /// Patch side in pixels.
+    pub fn patch_size(&self) -> usize {
+        self.config().patch_size
+    }
+
+    /// Model input `(height, width)` for a square source image under the current recipe.
+    pub fn input_size(&self) -> (usize, usize) {
+        self.preprocess.output_size((1024, 1024))
+    }
+
+    /// Patch grid `(rows, cols)` at [`Backbone::input_size`].
+    pub fn patch_grid(&self) -> (usize, usize) {
+        let (h, w) = self.input_size();
+        (h / self.patch_size(), w / self.patch_size())
+    }
+
+    /// Patches per image at [`Backbone::input_size`].
+    pub fn n_patches(&self) -> usize {
+        let (r, c) = self.patch_grid();
+        r * c
+    }
+
+    /// Whether recorded tokens start with a CLS token.
+    pub fn has_cls(&self) -> bool {
+        self.config().cls_token
+    }
+
+    /// Recorded tokens per image: patches plus CLS if any (registers are never recorded).
+    pub fn tokens_per_image(&self) -> usize {
+        self.n_patches() + usize::from(self.has_cls())
+    }
+
+    /// Resolve a Python-style block index (`-1` = last) to `0..n_layers`.
+    pub fn layer_index(&self, layer: i64) -> Result<usize> {
+        let n = self.n_layers() as i64;
+        let idx = if layer < 0 { n + layer } else { layer };
+        if idx < 0 || idx >= n {
+            return Err(Error::LayerOutOfRange {
+                layer,
+                n_layers: self.n_layers(),
+            });
+        }
+        Ok(idx as usize)
+    }
+
+    /// Preprocess images into a pixel batch on the model's device (`[B, 3, H, W]`).
+    pub fn pixels(&self, images: &[DynamicImage]) -> Result<Tensor> {
+        self.preprocess.batch(images, self.device())
+    }
+
+    /// Record the outputs of the given blocks; runs only as far as the deepest one.
+    ///
+    /// # Shapes
+    /// `pixels_bchw`: `[B, 3, H, W]` → `[B, n_layers, T, D]` with `T` = CLS + patches.
+    pub fn record(&self, pixels_bchw: &Tensor, layers: &[i64]) -> Result<Tensor> {
+        if layers.is_empty() {
+            return Err(Error::Invalid("record: no layers given".into()));
+        }
+        let idx = layers
+            .iter()
+            .map(|&l| self.layer_index(l))
+            .collect::<Result<Vec<_>>>()?;
+        let deepest = idx.iter().copied().max().unwrap_or(0);
+        let vit = &self.inner.vit;
+        let mut x = vit.embed(pixels_bchw)?;
+        let mut outs: Vec<Option<Tensor>> = vec![None; idx.len()];
+        for block in 0..=deepest {
+            x = vit.run_blocks(&x, block..block + 1)?;
+            for (slot, &want) in outs.iter_mut().zip(&idx) {
+                if want == block {
+                    *slot = Some(drop_registers(&x, self.config().num_register_tokens, self.has_cls())?);
+                }
+            }
+        }
+        let outs: Vec<Tensor> = outs.into_iter().flatten().collect();
+        Tensor::stack(&outs, 1).context("stacking recorded layers")
+    }
+
+    /// The embeddings (HF `hidden_states[0]`) and every block output, registers included —
+    /// what HF returns with `output_hidden_states=True`.
+    pub fn hidden_states(&self, pixels_bchw: &Tensor) -> Result<Vec<Tensor>> {
+        let vit = &self.inner.vit;
+        let mut states = vec![vit.embed(pixels_bchw)?];
+        for block in 0..self.n_layers() {
+            let next = vit.run_blocks(&states[block], block..block + 1)?;
+            states.push(next);
+        }
+        Ok(states)
+    }
+
+    /// Run up to and including block `layer`; the result can be edited and resumed.
+    pub fn forward_to(&self, pixels_bchw: &Tensor, layer: i64) -> Result<Residual> {
+        let l = self.layer_index(layer)?;
+        let vit = &self.inner.vit;
+        let x = vit.run_blocks(&vit.embed(pixels_bchw)?, 0..l + 1)?;
+        Ok(Residual {
+            layer: l,
+            full_btd: x,
+            n_registers: self.config().num_register_tokens,
+            has_cls: self.has_cls(),
+        })
+    }
+
+    /// Resume from a (possibly edited) residual: the remaining blocks, the final norm, pooling.
+    pub fn forward_from(&self, residual: &Residual) -> Result<VitOutput> {
+        let vit = &self.inner.vit;
+        let x = vit.run_blocks(&residual.full_btd, residual.layer + 1..self.n_layers())?;
+        vit.finish(&x)
+    }
+
+    /// The whole network on a pixel batch.
+    pub fn forward(&self, pixels_bchw: &Tensor) -> Result<VitOutput> {
+        let vit = &self.inner.vit;
+        let x = vit.run_blocks(&vit.embed(pixels_bchw)?, 0..self.n_layers())?;
+        vit.finish(&x)
+    }
+}
+
+/// The key prefix of the vision tower: the part before the family's anchor tensor.
+fn find_prefix(cfg: &VitConfig, weights: &CheckedWeights) -> Result<String> {
+    let anchor = match cfg.family {
+        Family::Dinov2 => "embeddings.patch_embeddings.projection.weight",
+        Family::Clip | Family::Siglip => "embeddings.patch_embedding.weight",
+    };
+    let mut found: Vec<String> = weights
+        .keys()
+        .into_iter()
+        .filter_map(|k| k.strip_suffix(anchor).map(str::to_string))
+        .filter(|p| p.is_empty() || p.ends_with('.'))
+        .filter(|p| !p.contains("text_model"))
+        .collect();
+    found.sort_by_key(|p| p.len());
+    found.into_iter().next().ok_or_else(|| Error::MissingTensor {
+        path: weights.path().to_path_buf(),
+        key: anchor.to_string(),
+    })
+}
+
+impl fmt::Debug for Backbone {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = self.config();
+        let (h, w) = self.input_size();
+        write!(
+            f,
+            "Backbone({} {}: d_model={}, n_layers={}, patch={}, input={}x{}, tokens={}{})",
+            c.family.as_str(),
+            self.name(),
+            c.hidden_size,
+            c.num_hidden_layers,
+            c.patch_size,
+            h,
+            w,
+            self.tokens_per_image(),
+            if c.num_register_tokens > 0 {
+                format!(", registers={} (dropped)", c.num_register_tokens)
+            } else {
+                String::new()
+            }
+        )
+    }
+}
+
+impl fmt::Display for Backbone {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = self.config();
+        let (h, w) = self.input_size();
+        let (gr, gc) = self.patch_grid();
+        let rows = [
+            ("model", self.name().to_string()),
+            ("family", c.family.as_str().to_string()),
+            ("d_model", c.hidden_size.to_string()),
+            ("n_layers", c.num_hidden_layers.to_string()),
+            ("n_heads", c.num_attention_heads.to_string()),
+            ("patch_size", c.patch_size.to_string()),
+            ("input", format!("{h}x{w}")),
+            ("patch_grid", format!("{gr}x{gc}")),
+            ("cls_token", c.cls_token.to_string()),
+            ("registers", c.num_register_tokens.to_string()),
+            ("device", format!("{:?}", self.device())),
+        ];
+        writeln!(f, "┌────────────┬{}┐", "─".repeat(40))?;
+        for (k, v) in rows {
+            writeln!(f, "│ {k:<10} │ {v:<38} │")?;
+        }
+        write!(f, "└────────────┴{}┘", "─".repeat(40))
+    }
+}

@@ -1,0 +1,333 @@
+//! Image → model input, matching the Hugging Face (Pillow-backend) image processors pixel for
+//! pixel: `BitImageProcessor` for DINOv2, `CLIPImageProcessor`, `SiglipImageProcessor`.
+//!
+//! Steps: convert to RGB (grey is replicated, alpha dropped — Pillow's `convert("RGB")`),
+//! resize with Pillow's 8-bit resampler (see `resample`), centre-crop with HF's
+//! `(h - crop) // 2` offsets, scale by 1/255 and normalise per channel.
+//!
+//! ```no_run
+//! use saev::{Family, Preprocess};
+//! let pre = Preprocess::for_family(Family::Dinov2).with_size(448); // 448 crop from a 512 resize
+//! let img = saev::load_image("photo.jpg")?;
+//! let chw = pre.apply(&img);          // Vec<f32>, [3, 448, 448]
+//! # Ok::<(), saev::Error>(())
+//! ```
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use image::DynamicImage;
+use serde::{Deserialize, Serialize};
+
+use super::config::Family;
+use super::resample::{pil_resize_rgb8, Kernel};
+use crate::error::{CandleContext, Error, Result};
+
+/// ImageNet mean (DINOv2).
+pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+/// ImageNet std (DINOv2).
+pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+/// OpenAI CLIP mean.
+pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+/// OpenAI CLIP std.
+pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+
+/// How the image is resized before cropping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Resize {
+    /// Shortest side to this many pixels, aspect kept (HF `{"shortest_edge": n}`).
+    ShortestEdge(usize),
+    /// Exactly `height × width`, aspect not kept (HF `{"height": h, "width": w}`).
+    Exact {
+        /// Output height in pixels.
+        height: usize,
+        /// Output width in pixels.
+        width: usize,
+    },
+}
+
+/// The resampling filter (Pillow's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Filter {
+    /// `PIL.Image.BICUBIC`.
+    Bicubic,
+    /// `PIL.Image.BILINEAR`.
+    Bilinear,
+}
+
+/// A preprocessing recipe. Presets: [`Preprocess::dinov2`], [`Preprocess::clip`],
+/// [`Preprocess::siglip`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Preprocess {
+    /// Resize step. Default per family.
+    pub resize: Resize,
+    /// Centre crop `(height, width)` after resizing, if any.
+    pub crop: Option<(usize, usize)>,
+    /// Resampling filter.
+    pub filter: Filter,
+    /// Per-channel mean subtracted after scaling to `[0, 1]`.
+    pub mean: [f32; 3],
+    /// Per-channel std divided by.
+    pub std: [f32; 3],
+}
+
+impl Preprocess {
+    /// DINOv2 (`BitImageProcessor`): shortest side 256 bicubic, centre crop 224, ImageNet stats.
+    pub fn dinov2() -> Self {
+        Self {
+            resize: Resize::ShortestEdge(256),
+            crop: Some((224, 224)),
+            filter: Filter::Bicubic,
+            mean: IMAGENET_MEAN,
+            std: IMAGENET_STD,
+        }
+    }
+
+    /// CLIP (`CLIPImageProcessor`): shortest side 224 bicubic, centre crop 224, CLIP stats.
+    pub fn clip() -> Self {
+        Self {
+            resize: Resize::ShortestEdge(224),
+            crop: Some((224, 224)),
+            filter: Filter::Bicubic,
+            mean: CLIP_MEAN,
+            std: CLIP_STD,
+        }
+    }
+
+    /// SigLIP (`SiglipImageProcessor`): 224×224 bilinear, mean = std = 0.5.
+    pub fn siglip() -> Self {
+        Self {
+            resize: Resize::Exact {
+                height: 224,
+                width: 224,
+            },
+            crop: None,
+            filter: Filter::Bilinear,
+            mean: [0.5; 3],
+            std: [0.5; 3],
+        }
+    }
+
+    /// The preset of a family.
+    pub fn for_family(family: Family) -> Self {
+        match family {
+            Family::Dinov2 => Self::dinov2(),
+            Family::Clip => Self::clip(),
+            Family::Siglip => Self::siglip(),
+        }
+    }
+
+    /// Set the model input side to `side` pixels, keeping the recipe's resize/crop ratio
+    /// (DINOv2: resize `side·256/224`, crop `side`).
+    pub fn with_size(mut self, side: usize) -> Self {
+        match (&mut self.resize, self.crop) {
+            (Resize::ShortestEdge(s), Some((ch, _))) => {
+                *s = (side as f64 * *s as f64 / ch as f64).round() as usize;
+                self.crop = Some((side, side));
+            }
+            (Resize::ShortestEdge(s), None) => *s = side,
+            (Resize::Exact { height, width }, _) => {
+                *height = side;
+                *width = side;
+                if self.crop.is_some() {
+                    self.crop = Some((side, side));
+                }
+            }
+        }
+        self
+    }
+
+    /// Set the resize step.
+    pub fn with_resize(mut self, resize: Resize) -> Self {
+        self.resize = resize;
+        self
+    }
+
+    /// Set (or remove) the centre crop.
+    pub fn with_crop(mut self, crop: Option<(usize, usize)>) -> Self {
+        self.crop = crop;
+        self
+    }
+
+    /// The `(height, width)` of the model input for an image of `(width, height)`.
+    pub fn output_size(&self, (w, h): (usize, usize)) -> (usize, usize) {
+        let (rw, rh) = self.resized_size((w, h));
+        self.crop.unwrap_or((rh, rw))
+    }
+
+    fn resized_size(&self, (w, h): (usize, usize)) -> (usize, usize) {
+        match self.resize {
+            Resize::ShortestEdge(s) => {
+                // HF get_resize_output_image_size(default_to_square=False): long = int(s·long/short).
+                if w <= h {
+                    (s, (s as f64 * h as f64 / w as f64) as usize)
+                } else {
+                    ((s as f64 * w as f64 / h as f64) as usize, s)
+                }
+            }
+            Resize::Exact { height, width } => (width, height),
+        }
+    }
+
+    /// Resize and crop to the RGB8 image the model sees (for drawing heatmaps on).
+    pub fn model_view(&self, img: &DynamicImage) -> image::RgbImage {
+        let rgb = img.to_rgb8();
+        let (w, h) = (rgb.width() as usize, rgb.height() as usize);
+        let (rw, rh) = self.resized_size((w, h));
+        let kernel = match self.filter {
+            Filter::Bicubic => Kernel::AntialiasBicubic,
+            Filter::Bilinear => Kernel::AntialiasBilinear,
+        };
+        let resized = if (rw, rh) == (w, h) {
+            rgb.into_raw()
+        } else {
+            pil_resize_rgb8(rgb.as_raw(), (w, h), (rw, rh), kernel)
+        };
+        let (ch, cw) = self.crop.unwrap_or((rh, rw));
+        // HF center_crop: top = (h - crop_h) // 2 (Python floor division); pads if the crop is
+        // larger than the image.
+        let top = (rh as i64 - ch as i64).div_euclid(2);
+        let left = (rw as i64 - cw as i64).div_euclid(2);
+        let mut out = image::RgbImage::new(cw as u32, ch as u32);
+        for y in 0..ch {
+            let sy = top + y as i64;
+            if sy < 0 || sy >= rh as i64 {
+                continue;
+            }
+            for x in 0..cw {
+                let sx = left + x as i64;
+                if sx < 0 || sx >= rw as i64 {
+                    continue;
+                }
+                let i = (sy as usize * rw + sx as usize) * 3;
+                out.put_pixel(
+                    x as u32,
+                    y as u32,
+                    image::Rgb([resized[i], resized[i + 1], resized[i + 2]]),
+                );
+            }
+        }
+        out
+    }
+
+    /// Preprocess one image to a normalised `[3, H, W]` float vector (channel-major).
+    pub fn apply(&self, img: &DynamicImage) -> Vec<f32> {
+        let view = self.model_view(img);
+        let (w, h) = (view.width() as usize, view.height() as usize);
+        let mut out = vec![0f32; 3 * h * w];
+        for (i, px) in view.pixels().enumerate() {
+            for c in 0..3 {
+                let v = f32::from(px.0[c]) * (1.0 / 255.0);
+                out[c * h * w + i] = (v - self.mean[c]) / self.std[c];
+            }
+        }
+        out
+    }
+
+    /// Preprocess a batch into one tensor.
+    ///
+    /// # Shapes
+    /// Returns `[B, 3, H, W]`; every image must come out at the same size (true whenever the
+    /// recipe crops or resizes exactly).
+    pub fn batch(&self, images: &[DynamicImage], device: &Device) -> Result<Tensor> {
+        let mut data = Vec::new();
+        let mut size = None;
+        for (i, img) in images.iter().enumerate() {
+            let (h, w) = self.output_size((img.width() as usize, img.height() as usize));
+            match size {
+                None => size = Some((h, w)),
+                Some(s) if s != (h, w) => {
+                    return Err(Error::Shape {
+                        what: format!("preprocessed image {i} of the batch (no crop configured)"),
+                        expected: vec![3, s.0, s.1],
+                        actual: vec![3, h, w],
+                    })
+                }
+                _ => {}
+            }
+            data.extend(self.apply(img));
+        }
+        let (h, w) = size.ok_or_else(|| Error::Invalid("empty image batch".into()))?;
+        Tensor::from_vec(data, (images.len(), 3, h, w), device).context("pixel batch")
+    }
+}
+
+/// Decode an image file; a file that is not an image is an [`Error::Image`] naming it.
+pub fn load_image(path: impl AsRef<Path>) -> Result<DynamicImage> {
+    let path = path.as_ref();
+    let reader = image::ImageReader::open(path)
+        .map_err(|e| Error::Image {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })?
+        .with_guessed_format()
+        .map_err(|e| Error::Image {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })?;
+    reader.decode().map_err(|e| Error::Image {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    })
+}
+
+/// Decode an image held in memory (e.g. a parquet cell).
+pub fn decode_image(bytes: &[u8]) -> Result<DynamicImage> {
+    image::load_from_memory(bytes).map_err(|e| Error::Image {
+        path: "<memory>".into(),
+        msg: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dinov2_sizes() {
+        let p = Preprocess::dinov2();
+        assert_eq!(p.resized_size((512, 512)), (256, 256));
+        assert_eq!(p.resized_size((640, 480)), (341, 256));
+        assert_eq!(p.output_size((640, 480)), (224, 224));
+        let p = p.with_size(448);
+        assert_eq!(p.resize, Resize::ShortestEdge(512));
+        assert_eq!(p.crop, Some((448, 448)));
+    }
+
+    #[test]
+    fn constant_image_normalises_to_closed_form() {
+        let img = DynamicImage::ImageRgb8(image::RgbImage::from_pixel(300, 260, image::Rgb([255, 0, 128])));
+        let p = Preprocess::dinov2();
+        let chw = p.apply(&img);
+        assert_eq!(chw.len(), 3 * 224 * 224);
+        let want = [
+            (1.0 - 0.485) / 0.229,
+            (0.0 - 0.456) / 0.224,
+            (128.0 / 255.0 - 0.406) / 0.225,
+        ];
+        for c in 0..3 {
+            assert!((chw[c * 224 * 224 + 1000] - want[c]).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn grey_becomes_rgb() {
+        let img = DynamicImage::ImageLuma8(image::GrayImage::from_pixel(28, 28, image::Luma([200])));
+        let chw = Preprocess::siglip().apply(&img);
+        let v = (200.0 / 255.0 - 0.5) / 0.5;
+        assert!(chw.iter().all(|&x| (x - v).abs() < 1e-5));
+    }
+
+    #[test]
+    fn not_an_image_is_named() {
+        let dir = std::env::temp_dir().join(format!("saev-notimg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("notes.jpg");
+        std::fs::write(&path, b"this is text").unwrap();
+        let err = load_image(&path).unwrap_err().to_string();
+        assert!(err.contains("notes.jpg"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}

