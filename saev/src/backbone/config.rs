@@ -220,8 +220,13 @@ fn config_err(path: &Path, field: &str, msg: impl Into<String>) -> Error {
 }
 
 fn sub_config<'a>(json: &'a Value, path: &PathBuf) -> Result<&'a Value> {
-    json.get("vision_config")
-        .ok_or_else(|| config_err(path, "vision_config", "missing in a full CLIP/SigLIP config"))
+    json.get("vision_config").ok_or_else(|| {
+        config_err(
+            path,
+            "vision_config",
+            "missing in a full CLIP/SigLIP config",
+        )
+    })
 }
 
 fn get_usize(json: &Value, path: &Path, field: &str, default: Option<usize>) -> Result<usize> {
@@ -230,7 +235,9 @@ fn get_usize(json: &Value, path: &Path, field: &str, default: Option<usize>) -> 
             .as_u64()
             .filter(|&n| n > 0)
             .map(|n| n as usize)
-            .ok_or_else(|| config_err(path, field, format!("expected a positive integer, got {v}"))),
+            .ok_or_else(|| {
+                config_err(path, field, format!("expected a positive integer, got {v}"))
+            }),
         None => default.ok_or_else(|| config_err(path, field, "missing")),
     }
 }
@@ -281,7 +288,11 @@ fn check_heads(cfg: VitConfig, path: &Path) -> Result<VitConfig> {
         ));
     }
     if cfg.num_channels != 3 {
-        return Err(config_err(path, "num_channels", "saev handles RGB (3) only"));
+        return Err(config_err(
+            path,
+            "num_channels",
+            "saev handles RGB (3) only",
+        ));
     }
     Ok(cfg)
 }
@@ -414,15 +425,18 @@ mod tests {
 
     #[test]
     fn unknown_architecture_is_named() {
-        let err = parse(json!({"model_type": "swin"})).unwrap_err().to_string();
+        let err = parse(json!({"model_type": "swin"}))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("config.json") && err.contains("swin"), "{err}");
     }
 
     #[test]
     fn bad_heads_rejected() {
-        let err = parse(json!({"model_type": "dinov2", "hidden_size": 100, "num_attention_heads": 3}))
-            .unwrap_err()
-            .to_string();
+        let err =
+            parse(json!({"model_type": "dinov2", "hidden_size": 100, "num_attention_heads": 3}))
+                .unwrap_err()
+                .to_string();
         assert!(err.contains("num_attention_heads"), "{err}");
     }
 }

@@ -292,7 +292,11 @@ impl Backbone {
             x = vit.run_blocks(&x, block..block + 1)?;
             for (slot, &want) in outs.iter_mut().zip(&idx) {
                 if want == block {
-                    *slot = Some(drop_registers(&x, self.config().num_register_tokens, self.has_cls())?);
+                    *slot = Some(drop_registers(
+                        &x,
+                        self.config().num_register_tokens,
+                        self.has_cls(),
+                    )?);
                 }
             }
         }
@@ -354,10 +358,13 @@ fn find_prefix(cfg: &VitConfig, weights: &CheckedWeights) -> Result<String> {
         .filter(|p| !p.contains("text_model"))
         .collect();
     found.sort_by_key(|p| p.len());
-    found.into_iter().next().ok_or_else(|| Error::MissingTensor {
-        path: weights.path().to_path_buf(),
-        key: anchor.to_string(),
-    })
+    found
+        .into_iter()
+        .next()
+        .ok_or_else(|| Error::MissingTensor {
+            path: weights.path().to_path_buf(),
+            key: anchor.to_string(),
+        })
 }
 
 impl fmt::Debug for Backbone {

@@ -298,7 +298,11 @@ mod tests {
 
     #[test]
     fn constant_image_normalises_to_closed_form() {
-        let img = DynamicImage::ImageRgb8(image::RgbImage::from_pixel(300, 260, image::Rgb([255, 0, 128])));
+        let img = DynamicImage::ImageRgb8(image::RgbImage::from_pixel(
+            300,
+            260,
+            image::Rgb([255, 0, 128]),
+        ));
         let p = Preprocess::dinov2();
         let chw = p.apply(&img);
         assert_eq!(chw.len(), 3 * 224 * 224);
@@ -314,7 +318,8 @@ mod tests {
 
     #[test]
     fn grey_becomes_rgb() {
-        let img = DynamicImage::ImageLuma8(image::GrayImage::from_pixel(28, 28, image::Luma([200])));
+        let img =
+            DynamicImage::ImageLuma8(image::GrayImage::from_pixel(28, 28, image::Luma([200])));
         let chw = Preprocess::siglip().apply(&img);
         let v = (200.0 / 255.0 - 0.5) / 0.5;
         assert!(chw.iter().all(|&x| (x - v).abs() < 1e-5));

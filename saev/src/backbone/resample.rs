@@ -56,7 +56,12 @@ fn coeffs(in_size: usize, out_size: usize, kernel: Kernel) -> Vec<(usize, Vec<f6
                 let src = scale * (i as f64 + 0.5) - 0.5;
                 let x0 = src.floor();
                 let t = src - x0;
-                let w = [cubic(t + 1.0, -0.75), cubic(t, -0.75), cubic(1.0 - t, -0.75), cubic(2.0 - t, -0.75)];
+                let w = [
+                    cubic(t + 1.0, -0.75),
+                    cubic(t, -0.75),
+                    cubic(1.0 - t, -0.75),
+                    cubic(2.0 - t, -0.75),
+                ];
                 let mut dense = vec![0.0; in_size];
                 for (k, wk) in w.iter().enumerate() {
                     let idx = (x0 as i64 - 1 + k as i64).clamp(0, in_size as i64 - 1) as usize;
@@ -189,7 +194,11 @@ mod tests {
 
     #[test]
     fn identity_when_sizes_match() {
-        for k in [Kernel::TorchBicubic, Kernel::AntialiasBicubic, Kernel::AntialiasBilinear] {
+        for k in [
+            Kernel::TorchBicubic,
+            Kernel::AntialiasBicubic,
+            Kernel::AntialiasBilinear,
+        ] {
             let m = interp_matrix(5, 5, k);
             for i in 0..5 {
                 for j in 0..5 {
@@ -202,7 +211,11 @@ mod tests {
 
     #[test]
     fn rows_sum_to_one() {
-        for k in [Kernel::TorchBicubic, Kernel::AntialiasBicubic, Kernel::AntialiasBilinear] {
+        for k in [
+            Kernel::TorchBicubic,
+            Kernel::AntialiasBicubic,
+            Kernel::AntialiasBilinear,
+        ] {
             for (n_in, n_out) in [(37, 16), (16, 37), (7, 3)] {
                 let m = interp_matrix(n_in, n_out, k);
                 for i in 0..n_out {
@@ -219,9 +232,11 @@ mod tests {
         // cubic(0.75), cubic(1.75) with A = -0.75 on taps -1 (clamped to 0), 0, 1, 2.
         let m = interp_matrix(4, 8, Kernel::TorchBicubic);
         let w = [-0.10546875f32, 0.87890625, 0.26171875, -0.03515625];
-        assert!((m[8] - (w[0] + w[1])).abs() < 1e-7);
-        assert!((m[9] - w[2]).abs() < 1e-7);
-        assert!((m[10] - w[3]).abs() < 1e-7);
+        // Row 1 of the [8, 4] matrix is m[4..8].
+        assert!((m[4] - (w[0] + w[1])).abs() < 1e-7);
+        assert!((m[5] - w[2]).abs() < 1e-7);
+        assert!((m[6] - w[3]).abs() < 1e-7);
+        assert_eq!(m[7], 0.0);
     }
 
     #[test]

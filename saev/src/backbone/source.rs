@@ -41,7 +41,9 @@ pub fn resolve_model(model: &str) -> Result<PathBuf> {
             Some(dir) => return check_dir(model, &dir),
             None => looked.push(format!(
                 "not in the Hugging Face cache {}",
-                cache.join(format!("models--{}", id.replace('/', "--"))).display()
+                cache
+                    .join(format!("models--{}", id.replace('/', "--")))
+                    .display()
             )),
         }
     }
@@ -88,7 +90,9 @@ fn check_dir(model: &str, dir: &Path) -> Result<PathBuf> {
         if !dir.join(file).exists() {
             let hint = if file == "model.safetensors" && dir.join("pytorch_model.bin").exists() {
                 " (only pytorch_model.bin is present: saev reads safetensors, convert it first)"
-            } else if file == "model.safetensors" && dir.join("model.safetensors.index.json").exists() {
+            } else if file == "model.safetensors"
+                && dir.join("model.safetensors.index.json").exists()
+            {
                 " (sharded checkpoints are not supported yet)"
             } else {
                 ""

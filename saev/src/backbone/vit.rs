@@ -36,7 +36,11 @@ struct Linear {
 impl Linear {
     fn new(vb: &VarBuilder, d_in: usize, d_out: usize, bias: bool) -> candle_core::Result<Self> {
         let w = vb.get((d_out, d_in), "weight")?;
-        let b = if bias { Some(vb.get(d_out, "bias")?) } else { None };
+        let b = if bias {
+            Some(vb.get(d_out, "bias")?)
+        } else {
+            None
+        };
         Self::from_parts(w, b)
     }
 
@@ -83,7 +87,9 @@ fn attention(q: &Tensor, k: &Tensor, v: &Tensor, n_heads: usize) -> candle_core:
     let tk = k.dim(1)?;
     let hd = d / n_heads;
     let split = |x: &Tensor, t: usize| -> candle_core::Result<Tensor> {
-        x.reshape((b, t, n_heads, hd))?.transpose(1, 2)?.contiguous()
+        x.reshape((b, t, n_heads, hd))?
+            .transpose(1, 2)?
+            .contiguous()
     };
     let q_bhtd = (split(q, tq)? * (hd as f64).powf(-0.5))?;
     let k_bhtd = split(k, tk)?;
@@ -207,7 +213,9 @@ impl Block {
         };
         let x = (x_btd + a)?;
         let h = self.norm2.forward(&x)?;
-        let h = self.fc2.forward(&activate(&self.fc1.forward(&h)?, self.act)?)?;
+        let h = self
+            .fc2
+            .forward(&activate(&self.fc1.forward(&h)?, self.act)?)?;
         let h = match &self.ls2 {
             Some(l) => h.broadcast_mul(l)?,
             None => h,
@@ -257,7 +265,10 @@ impl MapHead {
         let kv = self.kv.forward(x_btd)?;
         let a = attention(&q, &kv.narrow(2, 0, d)?, &kv.narrow(2, d, d)?, self.n_heads)?;
         let a = self.out.forward(&a)?;
-        let h = self.fc2.forward(&activate(&self.fc1.forward(&self.norm.forward(&a)?)?, self.act)?)?;
+        let h = self.fc2.forward(&activate(
+            &self.fc1.forward(&self.norm.forward(&a)?)?,
+            self.act,
+        )?)?;
         (a + h)?.squeeze(1)
     }
 }
@@ -301,10 +312,17 @@ impl Embeddings {
             ),
         };
         let w = patch_vb.get((d, cfg.num_channels, p, p), "weight")?;
-        let b = if patch_bias { Some(patch_vb.get(d, "bias")?) } else { None };
+        let b = if patch_bias {
+            Some(patch_vb.get(d, "bias")?)
+        } else {
+            None
+        };
         let patch = Linear::from_parts(w.reshape((d, cfg.num_channels * p * p))?, b)?;
         let (pos_cls, pos_grid) = if cfg.cls_token {
-            (Some(pos.narrow(0, 0, 1)?.unsqueeze(0)?), pos.narrow(0, 1, g * g)?)
+            (
+                Some(pos.narrow(0, 0, 1)?.unsqueeze(0)?),
+                pos.narrow(0, 1, g * g)?,
+            )
         } else {
             (None, pos)
         };
@@ -342,14 +360,18 @@ impl Embeddings {
         let m_h = Tensor::from_vec(interp_matrix(g, gh, kernel), (gh, g), dev)?;
         let m_w = Tensor::from_vec(interp_matrix(g, gw, kernel), (gw, g), dev)?;
         // Rows: [gh, g] · [g, g·D] → [gh, g, D]; then columns the same way on the transpose.
-        let rows = m_h.matmul(&self.pos_grid.reshape((g, g * d))?)?.reshape((gh, g, d))?;
+        let rows = m_h
+            .matmul(&self.pos_grid.reshape((g, g * d))?)?
+            .reshape((gh, g, d))?;
         let cols_first = rows.transpose(0, 1)?.contiguous()?.reshape((g, gh * d))?;
         let both = m_w.matmul(&cols_first)?.reshape((gw, gh, d))?;
         both.transpose(0, 1)?.contiguous()?.reshape((gh * gw, d))
     }
 
     fn forward(&self, cfg: &VitConfig, pixels_bchw: &Tensor) -> Result<Tensor> {
-        let (b, c, h, w) = pixels_bchw.dims4().context("pixel batch must be [B, C, H, W]")?;
+        let (b, c, h, w) = pixels_bchw
+            .dims4()
+            .context("pixel batch must be [B, C, H, W]")?;
         let p = cfg.patch_size;
         if c != cfg.num_channels {
             return Err(Error::Shape {
@@ -493,7 +515,10 @@ impl Vit {
                 if regs == 0 {
                     Ok(x.clone())
                 } else {
-                    Tensor::cat(&[x.narrow(1, 0, 1)?, x.narrow(1, 1 + regs, t - 1 - regs)?], 1)
+                    Tensor::cat(
+                        &[x.narrow(1, 0, 1)?, x.narrow(1, 1 + regs, t - 1 - regs)?],
+                        1,
+                    )
                 }
             };
             match self.cfg.family {
@@ -561,7 +586,10 @@ mod tests {
     #[test]
     fn quick_gelu_closed_form() {
         let x = Tensor::new(&[1f32], &Device::Cpu).unwrap();
-        let y: Vec<f32> = activate(&x, Activation::QuickGelu).unwrap().to_vec1().unwrap();
+        let y: Vec<f32> = activate(&x, Activation::QuickGelu)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let want = 1.0 / (1.0 + (-1.702f32).exp());
         assert!((y[0] - want).abs() < 1e-6);
     }

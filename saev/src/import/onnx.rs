@@ -96,7 +96,10 @@ impl Initializer<'_> {
             }
             TensorData::Floats(f) => f.clone(),
             TensorData::External => {
-                return Err(format!("initializer `{}` is stored in an external file", self.name))
+                return Err(format!(
+                    "initializer `{}` is stored in an external file",
+                    self.name
+                ))
             }
         };
         if v.len() != self.numel() {
