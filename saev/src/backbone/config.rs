@@ -12,7 +12,7 @@
 //! # Ok::<(), saev::Error>(())
 //! ```
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -219,7 +219,7 @@ fn config_err(path: &Path, field: &str, msg: impl Into<String>) -> Error {
     }
 }
 
-fn sub_config<'a>(json: &'a Value, path: &PathBuf) -> Result<&'a Value> {
+fn sub_config<'a>(json: &'a Value, path: &Path) -> Result<&'a Value> {
     json.get("vision_config").ok_or_else(|| {
         config_err(
             path,
@@ -297,7 +297,7 @@ fn check_heads(cfg: VitConfig, path: &Path) -> Result<VitConfig> {
     Ok(cfg)
 }
 
-fn dinov2(json: &Value, path: &PathBuf, model_type: &str) -> Result<VitConfig> {
+fn dinov2(json: &Value, path: &Path, model_type: &str) -> Result<VitConfig> {
     if get_bool(json, path, "use_swiglu_ffn", false)? {
         return Err(config_err(
             path,
@@ -339,7 +339,7 @@ fn dinov2(json: &Value, path: &PathBuf, model_type: &str) -> Result<VitConfig> {
     check_heads(cfg, path)
 }
 
-fn clip(json: &Value, path: &PathBuf) -> Result<VitConfig> {
+fn clip(json: &Value, path: &Path) -> Result<VitConfig> {
     let cfg = VitConfig {
         family: Family::Clip,
         hidden_size: get_usize(json, path, "hidden_size", Some(768))?,
@@ -363,7 +363,7 @@ fn clip(json: &Value, path: &PathBuf) -> Result<VitConfig> {
     check_heads(cfg, path)
 }
 
-fn siglip(json: &Value, path: &PathBuf) -> Result<VitConfig> {
+fn siglip(json: &Value, path: &Path) -> Result<VitConfig> {
     let cfg = VitConfig {
         family: Family::Siglip,
         hidden_size: get_usize(json, path, "hidden_size", Some(768))?,

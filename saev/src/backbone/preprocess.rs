@@ -28,8 +28,10 @@ pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 /// ImageNet std (DINOv2).
 pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 /// OpenAI CLIP mean.
+#[allow(clippy::excessive_precision)] // the published constants, verbatim
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
 /// OpenAI CLIP std.
+#[allow(clippy::excessive_precision)] // the published constants, verbatim
 pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
 
 /// How the image is resized before cropping.

@@ -287,13 +287,19 @@ fn write_model_dir(tensors: &BTreeMap<String, Owned>, out: &Path) -> Result<()> 
         .take_while(|i| tensors.contains_key(&format!("encoder.layer.{i}.norm1.weight")))
         .count();
     let mlp = tensors["encoder.layer.0.mlp.fc1.weight"].dims[0];
+    // transformers >= 5 validates `mlp_ratio` as an int when it is one.
+    let mlp_ratio = if mlp % d == 0 {
+        serde_json::json!(mlp / d)
+    } else {
+        serde_json::json!(mlp as f64 / d as f64)
+    };
     let config = serde_json::json!({
         "architectures": ["Dinov2Model"],
         "model_type": "dinov2",
         "hidden_size": d,
         "num_hidden_layers": n_layers,
         "num_attention_heads": d / 64,
-        "mlp_ratio": mlp as f64 / d as f64,
+        "mlp_ratio": mlp_ratio,
         "patch_size": patch,
         "image_size": side * patch,
         "num_channels": 3,
