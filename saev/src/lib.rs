@@ -23,10 +23,12 @@
 //! ```
 #![deny(missing_docs)]
 
+mod alloc;
 mod backbone;
 mod error;
 mod import;
 
+pub use alloc::tune_allocator;
 pub use backbone::config::{Activation, Family, PosInterp, VitConfig};
 pub use backbone::preprocess::{
     decode_image, load_image, Filter, Preprocess, Resize, CLIP_MEAN, CLIP_STD, IMAGENET_MEAN,

@@ -150,6 +150,7 @@ impl Backbone {
     /// Load from a directory with `config.json` and `model.safetensors`.
     pub fn from_dir(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
         let dir = dir.as_ref();
+        crate::tune_allocator();
         let mut cfg = VitConfig::from_file(dir.join("config.json"))?;
         let weights = CheckedWeights::open(dir.join("model.safetensors"))?;
         cfg.prefix = find_prefix(&cfg, &weights)?;
