@@ -41,13 +41,19 @@ fn main() -> saev::Result<()> {
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     );
     if let Ok(python) = std::env::var("SAEV_BENCH_TORCH_PYTHON") {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/bench_torch_dinov2.py");
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../scripts/bench_torch_dinov2.py"
+        );
         let out = Command::new(python)
             .arg(script)
             .arg(&dir)
             .args(["--batch", &BATCH.to_string(), "--iters", &ITERS.to_string()])
             .output()
-            .map_err(|e| saev::Error::Command { cmd: script.into(), msg: e.to_string() })?;
+            .map_err(|e| saev::Error::Command {
+                cmd: script.into(),
+                msg: e.to_string(),
+            })?;
         let text = String::from_utf8_lossy(&out.stdout);
         print!("{text}");
         if let Some(torch) = text

@@ -16,8 +16,9 @@ pub fn tune_allocator() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         let user_set = std::env::vars_os().any(|(k, _)| {
-            k.to_str()
-                .is_some_and(|k| k.starts_with("MALLOC_") || k == "GLIBC_TUNABLES" || k == "SAEV_NO_MALLOC_TUNING")
+            k.to_str().is_some_and(|k| {
+                k.starts_with("MALLOC_") || k == "GLIBC_TUNABLES" || k == "SAEV_NO_MALLOC_TUNING"
+            })
         });
         if !user_set {
             apply();

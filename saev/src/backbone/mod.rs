@@ -21,6 +21,7 @@
 //! ```
 
 pub mod config;
+pub(crate) mod kernels;
 pub mod preprocess;
 pub mod resample;
 pub mod source;

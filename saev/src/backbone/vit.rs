@@ -23,6 +23,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{LayerNorm, LayerNormConfig, VarBuilder};
 
 use super::config::{Activation, Family, PosInterp, VitConfig};
+use super::kernels::{bias_act, softmax_last_dim};
 use super::resample::{interp_matrix, Kernel};
 use crate::error::{CandleContext, Error, Result};
 
@@ -51,18 +52,42 @@ impl Linear {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// Scale output channels: `(x Wᵀ + b) · s` folded into the weights (LayerScale).
+    fn scale_outputs(self, s: &Tensor) -> candle_core::Result<Self> {
+        Ok(Self {
+            w_t: self.w_t.broadcast_mul(s)?,
+            b: self.b.map(|b| b.mul(s)).transpose()?,
+        })
+    }
+
+    /// `x Wᵀ` without the bias, as one 2-D GEMM over all leading axes.
+    fn matmul(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let dims = x.dims();
         let d_in = dims[dims.len() - 1];
         let rows = x.elem_count() / d_in;
         let y = x.reshape((rows, d_in))?.matmul(&self.w_t)?;
-        let y = match &self.b {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
         let mut out_dims = dims.to_vec();
-        *out_dims.last_mut().unwrap_or(&mut 0) = self.w_t.dim(1)?;
+        if let Some(last) = out_dims.last_mut() {
+            *last = self.w_t.dim(1)?;
+        }
         y.reshape(out_dims)
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = self.matmul(x)?;
+        match &self.b {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+
+    /// `act(x Wᵀ + b)` with bias and activation fused in one pass.
+    fn forward_act(&self, x: &Tensor, act: Activation) -> candle_core::Result<Tensor> {
+        let y = self.matmul(x)?;
+        match &self.b {
+            Some(b) => bias_act(&y, b, act),
+            None => activate(&y, act),
+        }
     }
 }
 
@@ -95,7 +120,7 @@ fn attention(q: &Tensor, k: &Tensor, v: &Tensor, n_heads: usize) -> candle_core:
     let k_bhtd = split(k, tk)?;
     let v_bhtd = split(v, tk)?;
     let scores = q_bhtd.matmul(&k_bhtd.t()?)?;
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    let probs = softmax_last_dim(&scores)?;
     let out = probs.matmul(&v_bhtd)?;
     out.transpose(1, 2)?.reshape((b, tq, d))
 }
@@ -106,11 +131,9 @@ pub struct Block {
     norm1: LayerNorm,
     qkv: Linear,
     out: Linear,
-    ls1: Option<Tensor>,
     norm2: LayerNorm,
     fc1: Linear,
     fc2: Linear,
-    ls2: Option<Tensor>,
     n_heads: usize,
     act: Activation,
 }
@@ -169,27 +192,23 @@ impl Block {
             None
         };
         let qkv = Linear::from_parts(Tensor::cat(&ws, 0)?, bs)?;
-        let out = Linear::new(&out_vb, d, d, true)?;
+        let mut out = Linear::new(&out_vb, d, d, true)?;
         let mlp = vb.pp("mlp");
         let fc1 = Linear::new(&mlp.pp("fc1"), d, cfg.intermediate_size, true)?;
-        let fc2 = Linear::new(&mlp.pp("fc2"), cfg.intermediate_size, d, true)?;
-        let (ls1, ls2) = if cfg.layerscale {
-            (
-                Some(vb.pp("layer_scale1").get(d, "lambda1")?),
-                Some(vb.pp("layer_scale2").get(d, "lambda1")?),
-            )
-        } else {
-            (None, None)
-        };
+        let mut fc2 = Linear::new(&mlp.pp("fc2"), cfg.intermediate_size, d, true)?;
+        if cfg.layerscale {
+            // LayerScale multiplies the attention and MLP outputs per channel: fold it into
+            // the output projections (one pass less each).
+            out = out.scale_outputs(&vb.pp("layer_scale1").get(d, "lambda1")?)?;
+            fc2 = fc2.scale_outputs(&vb.pp("layer_scale2").get(d, "lambda1")?)?;
+        }
         Ok(Self {
             norm1,
             qkv,
             out,
-            ls1,
             norm2,
             fc1,
             fc2,
-            ls2,
             n_heads: cfg.num_attention_heads,
             act: cfg.hidden_act,
         })
@@ -207,19 +226,9 @@ impl Block {
         let k = qkv.narrow(2, d, d)?;
         let v = qkv.narrow(2, 2 * d, d)?;
         let a = self.out.forward(&attention(&q, &k, &v, self.n_heads)?)?;
-        let a = match &self.ls1 {
-            Some(l) => a.broadcast_mul(l)?,
-            None => a,
-        };
         let x = (x_btd + a)?;
         let h = self.norm2.forward(&x)?;
-        let h = self
-            .fc2
-            .forward(&activate(&self.fc1.forward(&h)?, self.act)?)?;
-        let h = match &self.ls2 {
-            Some(l) => h.broadcast_mul(l)?,
-            None => h,
-        };
+        let h = self.fc2.forward(&self.fc1.forward_act(&h, self.act)?)?;
         x + h
     }
 }
