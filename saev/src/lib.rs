@@ -27,6 +27,7 @@ mod alloc;
 mod backbone;
 mod error;
 mod import;
+mod progress;
 
 pub use alloc::tune_allocator;
 pub use backbone::config::{Activation, Family, PosInterp, VitConfig};

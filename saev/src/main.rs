@@ -39,6 +39,9 @@ enum Cmd {
         /// Model input side in pixels (multiple of the patch size).
         #[arg(long)]
         size: Option<usize>,
+        /// Images per forward pass.
+        #[arg(long, default_value_t = 16)]
+        batch_size: usize,
     },
 }
 
@@ -68,6 +71,7 @@ fn run(cli: Cli) -> saev::Result<()> {
             images,
             layers,
             size,
+            batch_size,
         } => {
             let model = match model {
                 Some(m) => m,
@@ -79,26 +83,47 @@ fn run(cli: Cli) -> saev::Result<()> {
                 vit = vit.with_preprocess(pre);
             }
             eprintln!("{vit:?}");
-            let imgs = images
-                .iter()
-                .map(saev::load_image)
-                .collect::<saev::Result<Vec<_>>>()?;
-            let pixels = vit.pixels(&imgs)?;
+            let bar = indicatif::ProgressBar::new(images.len() as u64);
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} images [{elapsed} < {eta}, {per_sec}]",
+            ) {
+                bar.set_style(style);
+            }
+            // Per layer: sum and max of token L2 norms, token count.
+            let mut sums = vec![0f64; layers.len()];
+            let mut maxs = vec![0f32; layers.len()];
+            let mut n_tokens = 0usize;
+            let mut dims = Vec::new();
             let t0 = std::time::Instant::now();
-            let acts = vit.record(&pixels, &layers)?;
+            for chunk in images.chunks(batch_size.max(1)) {
+                let imgs = chunk
+                    .iter()
+                    .map(saev::load_image)
+                    .collect::<saev::Result<Vec<_>>>()?;
+                let acts = vit.record(&vit.pixels(&imgs)?, &layers)?;
+                dims = acts.dims().to_vec();
+                let norms = acts.sqr()?.sum(3)?.sqrt()?; // [B, L, T]
+                for (i, (s, m)) in sums.iter_mut().zip(maxs.iter_mut()).enumerate() {
+                    let n = norms.narrow(1, i, 1)?.flatten_all()?;
+                    *s += f64::from(n.sum_all()?.to_scalar::<f32>()?);
+                    *m = m.max(n.max(0)?.to_scalar::<f32>()?);
+                }
+                n_tokens += dims[0] * dims[2];
+                bar.inc(chunk.len() as u64);
+            }
+            bar.finish_and_clear();
             let dt = t0.elapsed().as_secs_f64();
+            dims[0] = images.len();
             println!(
-                "activations {:?} in {:.2} s ({:.1} images/s)",
-                acts.dims(),
-                dt,
-                imgs.len() as f64 / dt
+                "activations {dims:?} in {dt:.2} s ({:.1} images/s)",
+                images.len() as f64 / dt
             );
             for (i, layer) in layers.iter().enumerate() {
-                let a = acts.narrow(1, i, 1)?;
-                let norms = a.sqr()?.sum(3)?.sqrt()?;
-                let mean: f32 = norms.mean_all()?.to_scalar()?;
-                let max: f32 = norms.flatten_all()?.max(0)?.to_scalar()?;
-                println!("layer {layer:>3}: mean token L2 norm {mean:.3}, max {max:.3}");
+                println!(
+                    "layer {layer:>3}: mean token L2 norm {:.3}, max {:.3}",
+                    sums[i] / n_tokens as f64,
+                    maxs[i]
+                );
             }
         }
     }

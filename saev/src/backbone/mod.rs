@@ -393,6 +393,36 @@ impl fmt::Debug for Backbone {
     }
 }
 
+impl Backbone {
+    /// Render as an HTML table in an evcxr (Rust Jupyter) notebook cell.
+    pub fn evcxr_display(&self) {
+        let c = self.config();
+        let (h, w) = self.input_size();
+        let (gr, gc) = self.patch_grid();
+        let esc = |s: &str| {
+            s.replace('&', "&amp;")
+                .replace('<', "&lt;")
+                .replace('>', "&gt;")
+        };
+        let rows = [
+            ("model", esc(self.name())),
+            ("family", c.family.as_str().to_string()),
+            ("d_model", c.hidden_size.to_string()),
+            ("blocks", c.num_hidden_layers.to_string()),
+            ("heads", c.num_attention_heads.to_string()),
+            ("input", format!("{h}×{w} px, patch {}", c.patch_size)),
+            ("patch grid", format!("{gr}×{gc}")),
+            ("tokens recorded", self.tokens_per_image().to_string()),
+            ("registers (dropped)", c.num_register_tokens.to_string()),
+        ];
+        let body: String = rows
+            .iter()
+            .map(|(k, v)| format!("<tr><th style=\"text-align:left\">{k}</th><td>{v}</td></tr>"))
+            .collect();
+        println!("EVCXR_BEGIN_CONTENT text/html\n<table><caption>Backbone</caption>{body}</table>\nEVCXR_END_CONTENT");
+    }
+}
+
 impl fmt::Display for Backbone {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let c = self.config();

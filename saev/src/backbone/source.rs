@@ -108,7 +108,10 @@ fn check_dir(model: &str, dir: &Path) -> Result<PathBuf> {
 
 #[cfg(feature = "hub")]
 fn download(id: &str, revision: &str) -> std::result::Result<PathBuf, String> {
-    let api = hf_hub::api::sync::Api::new().map_err(|e| e.to_string())?;
+    let api = hf_hub::api::sync::ApiBuilder::from_env()
+        .with_progress(true)
+        .build()
+        .map_err(|e| e.to_string())?;
     let repo = api.repo(hf_hub::Repo::with_revision(
         id.to_string(),
         hf_hub::RepoType::Model,

