@@ -107,6 +107,15 @@ pub enum Error {
         patch_size: usize,
     },
 
+    /// A dataset that cannot be read (layout, labels, IDX header, …).
+    #[error("{path}: dataset: {msg}")]
+    Dataset {
+        /// The file or folder at fault.
+        path: PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
+
     /// A model id that is neither a directory nor in the local Hugging Face cache.
     #[error("model `{id}` not found: {msg}")]
     ModelNotFound {

