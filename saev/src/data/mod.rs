@@ -75,6 +75,7 @@ pub struct Dataset {
 
 #[derive(Debug)]
 struct Inner {
+    limit: usize,
     kind: DatasetKind,
     root: PathBuf,
     classes: Vec<String>,
@@ -172,6 +173,7 @@ impl Dataset {
         }
         Ok(Self {
             inner: Arc::new(Inner {
+                limit: usize::MAX,
                 kind,
                 root: path.to_path_buf(),
                 classes,
@@ -190,12 +192,46 @@ impl Dataset {
         &self.inner.root
     }
 
+    /// The first `n` examples only (all if `n` is larger).
+    pub fn take(&self, n: usize) -> Self {
+        let inner = &self.inner;
+        Self {
+            inner: Arc::new(Inner {
+                limit: n,
+                kind: inner.kind,
+                root: inner.root.clone(),
+                classes: inner.classes.clone(),
+                source: match &inner.source {
+                    Source::Files {
+                        paths,
+                        labels,
+                        masks,
+                    } => Source::Files {
+                        paths: paths.iter().take(n).cloned().collect(),
+                        labels: labels.as_ref().map(|l| l.iter().take(n).copied().collect()),
+                        masks: masks.as_ref().map(|m| m.iter().take(n).cloned().collect()),
+                    },
+                    Source::Idx {
+                        side,
+                        pixels,
+                        labels,
+                    } => Source::Idx {
+                        side: *side,
+                        pixels: pixels[..pixels.len().min(n * side.0 * side.1)].to_vec(),
+                        labels: labels.as_ref().map(|l| l.iter().take(n).copied().collect()),
+                    },
+                },
+            }),
+        }
+    }
+
     /// Number of examples.
     pub fn len(&self) -> usize {
-        match &self.inner.source {
+        let n = match &self.inner.source {
             Source::Files { paths, .. } => paths.len(),
             Source::Idx { side, pixels, .. } => pixels.len() / (side.0 * side.1),
-        }
+        };
+        n.min(self.inner.limit)
     }
 
     /// Whether the dataset is empty (never true for an opened dataset).
@@ -287,7 +323,7 @@ impl Dataset {
     /// A one-line description (stored as the store metadata's `data` field).
     pub fn describe(&self) -> String {
         format!(
-            "{}:{} ({} examples{}{})",
+            "{}:{} ({} examples{}{}{})",
             serde_json::to_value(self.kind())
                 .ok()
                 .and_then(|v| v.as_str().map(str::to_string))
@@ -299,6 +335,11 @@ impl Dataset {
                 ", segmentation masks"
             } else {
                 ""
+            },
+            if self.inner.limit < usize::MAX {
+                format!(", first {}", self.inner.limit)
+            } else {
+                String::new()
             },
         )
     }

@@ -1,0 +1,338 @@
+//! [`ActivationStore`]: a read-only, memory-mapped handle on a directory of recorded
+//! activations in the Python saev's shard format (protocol 2.1, or the paper-era layout).
+//!
+//! Opening validates the metadata, the shard list and every file's size against them, and reports
+//! the first inconsistency with the file and the numbers. Vectors are then slices of the mapped
+//! shards: no copies, no reads until touched.
+//!
+//! ```no_run
+//! use saev::ActivationStore;
+//! let store = ActivationStore::open("acts/1a2b3c4d")?;
+//! let v = store.patch(0, -2, 1)?;      // example 0, layer -2, token 1 (first patch): &[f32; d]
+//! let img = store.example(0)?;         // [n_layers · T · d] floats of example 0
+//! # Ok::<(), saev::Error>(())
+//! ```
+
+pub(crate) mod format;
+pub(crate) mod ojson;
+pub(crate) mod permute;
+pub(crate) mod writer;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use memmap2::Mmap;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, IoContext, Result};
+pub use format::{Metadata, ShardEntry, PROTOCOL};
+pub use writer::{record_activations, WriterConfig};
+
+/// Per-example provenance saev writes beside the shards (`provenance.json`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Provenance {
+    /// Format version (1).
+    pub version: u32,
+    /// Class names, index = label.
+    pub classes: Vec<String>,
+    /// Source of each example: a file path, or `file#index`.
+    pub sources: Vec<String>,
+    /// Class label of each example (`None` when unlabelled).
+    pub labels: Vec<Option<u32>>,
+}
+
+/// Current `provenance.json` version.
+pub(crate) const PROVENANCE_VERSION: u32 = 1;
+
+/// A memory-mapped activation store. Cheap to clone.
+#[derive(Clone)]
+pub struct ActivationStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    dir: PathBuf,
+    md: Metadata,
+    shards: Vec<ShardEntry>,
+    maps: Vec<Mmap>,
+    labels: Option<Mmap>,
+    provenance: Option<Provenance>,
+    paper_era: bool,
+}
+
+fn store_err(path: &Path, msg: impl Into<String>) -> Error {
+    Error::Store {
+        path: path.to_path_buf(),
+        msg: msg.into(),
+    }
+}
+
+fn map(path: &Path) -> Result<Mmap> {
+    let f = std::fs::File::open(path).with_path(path)?;
+    // SAFETY: read-only mapping; stores are not modified while open (documented contract).
+    unsafe { Mmap::map(&f) }.with_path(path)
+}
+
+impl ActivationStore {
+    /// Open and validate a store directory.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref().to_path_buf();
+        if dir.join(".saev-progress.json").exists() {
+            return Err(store_err(
+                &dir,
+                "store is incomplete (a writer is running or was interrupted; re-run it to finish)",
+            ));
+        }
+        let (md, shards, paper_era) = format::read_store_json(&dir)?;
+        let eps = md.examples_per_shard();
+        let row_bytes = md.floats_per_example() * 4;
+        let total: usize = shards.iter().map(|s| s.n_examples).sum();
+        if total != md.n_examples {
+            return Err(store_err(
+                &dir.join("shards.json"),
+                format!(
+                    "shards hold {total} examples, metadata.json says n_examples = {}",
+                    md.n_examples
+                ),
+            ));
+        }
+        let mut maps = Vec::with_capacity(shards.len());
+        for (i, s) in shards.iter().enumerate() {
+            let path = dir.join(&s.name);
+            if s.name != Metadata::shard_name(i) {
+                return Err(store_err(
+                    &dir.join("shards.json"),
+                    format!(
+                        "entry {i} is {:?}, expected {:?}",
+                        s.name,
+                        Metadata::shard_name(i)
+                    ),
+                ));
+            }
+            if s.n_examples > eps
+                || (s.n_examples < eps
+                    && i + 1 < shards.len()
+                    && shards[i + 1..].iter().any(|x| x.n_examples > 0))
+            {
+                return Err(store_err(&dir.join("shards.json"), format!("{} holds {} examples; shards hold {eps} each, only the last may hold fewer", s.name, s.n_examples)));
+            }
+            let m = map(&path)?;
+            let need = s.n_examples * row_bytes;
+            if m.len() < need {
+                return Err(store_err(
+                    &path,
+                    format!(
+                        "{} bytes, but {} examples of [{} layers, {} tokens, {} dims] float32 need {need} (truncated?)",
+                        m.len(),
+                        s.n_examples,
+                        md.layers.len(),
+                        md.tokens_per_example(),
+                        md.d_model
+                    ),
+                ));
+            }
+            maps.push(m);
+        }
+        let labels_path = dir.join("labels.bin");
+        let labels = if labels_path.exists() {
+            let m = map(&labels_path)?;
+            let need = md.n_examples * md.content_tokens_per_example;
+            if m.len() != need {
+                return Err(store_err(
+                    &labels_path,
+                    format!(
+                        "{} bytes, expected n_examples · content_tokens = {need}",
+                        m.len()
+                    ),
+                ));
+            }
+            Some(m)
+        } else {
+            None
+        };
+        let prov_path = dir.join("provenance.json");
+        let provenance = if prov_path.exists() {
+            let text = std::fs::read_to_string(&prov_path).with_path(&prov_path)?;
+            let p: Provenance = serde_json::from_str(&text).map_err(|source| Error::Json {
+                path: prov_path.clone(),
+                source,
+            })?;
+            if p.version != PROVENANCE_VERSION {
+                return Err(store_err(
+                    &prov_path,
+                    format!(
+                        "unknown version {} (this saev reads {PROVENANCE_VERSION})",
+                        p.version
+                    ),
+                ));
+            }
+            if p.sources.len() != md.n_examples || p.labels.len() != md.n_examples {
+                return Err(store_err(
+                    &prov_path,
+                    format!(
+                        "{} sources / {} labels for {} examples",
+                        p.sources.len(),
+                        p.labels.len(),
+                        md.n_examples
+                    ),
+                ));
+            }
+            Some(p)
+        } else {
+            None
+        };
+        Ok(Self {
+            inner: Arc::new(Inner {
+                dir,
+                md,
+                shards,
+                maps,
+                labels,
+                provenance,
+                paper_era,
+            }),
+        })
+    }
+
+    /// The store directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// The metadata (paper-era stores are presented in 2.1 terms).
+    pub fn metadata(&self) -> &Metadata {
+        &self.inner.md
+    }
+
+    /// Whether this is a paper-era (saev 0.1.0) store.
+    pub fn is_paper_era(&self) -> bool {
+        self.inner.paper_era
+    }
+
+    /// Number of examples (images).
+    pub fn n_examples(&self) -> usize {
+        self.inner.md.n_examples
+    }
+
+    /// Residual width.
+    pub fn d_model(&self) -> usize {
+        self.inner.md.d_model
+    }
+
+    /// Recorded layers, as given when recording.
+    pub fn layers(&self) -> &[i64] {
+        &self.inner.md.layers
+    }
+
+    /// Tokens per example (CLS + patches).
+    pub fn tokens_per_example(&self) -> usize {
+        self.inner.md.tokens_per_example()
+    }
+
+    /// Patch tokens per example.
+    pub fn n_patches(&self) -> usize {
+        self.inner.md.content_tokens_per_example
+    }
+
+    /// Whether token 0 is CLS.
+    pub fn has_cls(&self) -> bool {
+        self.inner.md.cls_token
+    }
+
+    /// Position of a recorded layer (by the value it was recorded under, e.g. `-2`).
+    pub fn layer_position(&self, layer: i64) -> Result<usize> {
+        self.layers()
+            .iter()
+            .position(|&l| l == layer)
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "layer {layer} is not in this store (recorded: {:?})",
+                    self.layers()
+                ))
+            })
+    }
+
+    /// All floats of example `e`: `[n_layers, T, d]` row-major.
+    pub fn example(&self, e: usize) -> Result<&[f32]> {
+        if e >= self.n_examples() {
+            return Err(Error::Invalid(format!(
+                "example {e} out of range (store has {})",
+                self.n_examples()
+            )));
+        }
+        let eps = self.inner.md.examples_per_shard();
+        let n = self.inner.md.floats_per_example();
+        let m = &self.inner.maps[e / eps];
+        let start = (e % eps) * n * 4;
+        let bytes = &m[start..start + n * 4];
+        Ok(bytemuck_f32(bytes))
+    }
+
+    /// The vector of (example, layer, token): `d_model` floats.
+    pub fn patch(&self, example: usize, layer: i64, token: usize) -> Result<&[f32]> {
+        let l = self.layer_position(layer)?;
+        let t_n = self.tokens_per_example();
+        if token >= t_n {
+            return Err(Error::Invalid(format!(
+                "token {token} out of range ({t_n} tokens per example)"
+            )));
+        }
+        let d = self.d_model();
+        let off = (l * t_n + token) * d;
+        Ok(&self.example(example)?[off..off + d])
+    }
+
+    /// Patch labels of example `e` (`content_tokens_per_example` bytes), for segmentation stores.
+    pub fn patch_labels(&self, e: usize) -> Option<&[u8]> {
+        let p = self.n_patches();
+        self.inner
+            .labels
+            .as_ref()
+            .and_then(|m| m.get(e * p..(e + 1) * p))
+    }
+
+    /// Per-example provenance (source, label), when recorded by saev.
+    pub fn provenance(&self) -> Option<&Provenance> {
+        self.inner.provenance.as_ref()
+    }
+
+    /// The shard list.
+    pub fn shards(&self) -> &[ShardEntry] {
+        &self.inner.shards
+    }
+}
+
+/// View little-endian f32 bytes as floats. Mappings are page-aligned and offsets multiples of 4.
+fn bytemuck_f32(bytes: &[u8]) -> &[f32] {
+    // SAFETY: `bytes` starts at a multiple of 4 inside a page-aligned mapping (checked below)
+    // and its length is a multiple of 4; f32 has no invalid bit patterns; x86/ARM are little
+    // endian like the format.
+    assert!(
+        bytes.as_ptr() as usize % 4 == 0 && bytes.len() % 4 == 0,
+        "misaligned f32 view"
+    );
+    unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<f32>(), bytes.len() / 4) }
+}
+
+impl fmt::Debug for ActivationStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let md = self.metadata();
+        write!(
+            f,
+            "ActivationStore({}: {} {} examples × layers {:?} × {} tokens × d {}, {} shards{})",
+            self.dir().display(),
+            md.family,
+            md.n_examples,
+            md.layers,
+            md.tokens_per_example(),
+            md.d_model,
+            self.shards().len(),
+            if self.is_paper_era() {
+                ", paper era"
+            } else {
+                ""
+            }
+        )
+    }
+}

@@ -1,0 +1,419 @@
+//! Record a backbone's activations for a whole dataset into a store, resumably.
+//!
+//! Images are decoded and preprocessed by a pool of reader threads, in parallel with the model;
+//! batches are written in dataset order at their fixed offsets (`pwrite`), so a writer killed at
+//! any moment (even `kill -9`) and re-run with the same arguments continues from the last batch
+//! it recorded as done and finishes with exactly the bytes of an uninterrupted run. Progress
+//! lives in `.saev-progress.json` (written atomically after each batch; created before
+//! `metadata.json`, removed last), so a store without it is complete and is never overwritten.
+//!
+//! ```no_run
+//! use saev::prelude::*;
+//! let vit = Backbone::open("facebook/dinov2-small")?;
+//! let data = saev::Dataset::open("photos/", None, false)?;
+//! let dir = saev::record_activations(&vit, &data, "acts/".as_ref(), &saev::WriterConfig::default())?;
+//! # Ok::<(), saev::Error>(())
+//! ```
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::format::{Metadata, PROTOCOL};
+use super::{ojson, Provenance, PROVENANCE_VERSION};
+use crate::error::{Error, IoContext, Result};
+use crate::{Backbone, Dataset, Preprocess};
+
+/// How to record. Serde struct with documented defaults; `with_*` setters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct WriterConfig {
+    /// Blocks to record, Python style. Default `[-2]` (the paper's choice).
+    pub layers: Vec<i64>,
+    /// Images per forward pass. Default 32.
+    pub batch_size: usize,
+    /// Shard capacity in vectors. Default 2,400,000 (the Python saev's).
+    pub max_tokens_per_shard: usize,
+    /// Mask → patch label rule: `"majority"` or `"prefer-fg"`. Default `"majority"`.
+    pub pixel_agg: String,
+    /// Image decoding threads. Default 2.
+    pub n_readers: usize,
+}
+
+impl Default for WriterConfig {
+    fn default() -> Self {
+        Self {
+            layers: vec![-2],
+            batch_size: 32,
+            max_tokens_per_shard: 2_400_000,
+            pixel_agg: "majority".into(),
+            n_readers: 2,
+        }
+    }
+}
+
+impl WriterConfig {
+    /// Set the recorded layers.
+    pub fn with_layers(mut self, layers: Vec<i64>) -> Self {
+        self.layers = layers;
+        self
+    }
+    /// Set the batch size.
+    pub fn with_batch_size(mut self, n: usize) -> Self {
+        self.batch_size = n.max(1);
+        self
+    }
+    /// Set the shard capacity (vectors).
+    pub fn with_max_tokens_per_shard(mut self, n: usize) -> Self {
+        self.max_tokens_per_shard = n;
+        self
+    }
+    /// Set the mask aggregation (`"majority"` or `"prefer-fg"`).
+    pub fn with_pixel_agg(mut self, agg: &str) -> Self {
+        self.pixel_agg = agg.into();
+        self
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Progress {
+    version: u32,
+    fingerprint: String,
+    batch_size: usize,
+    n_done: usize,
+}
+
+const PROGRESS: &str = ".saev-progress.json";
+
+/// Write `text` to `path` atomically (temp file + rename).
+fn write_atomic(path: &Path, text: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).with_path(&tmp)?;
+    std::fs::rename(&tmp, path).with_path(path)
+}
+
+/// Per-patch labels from a model-view mask: bincount per patch, argmax (first on ties);
+/// `prefer-fg` ignores class 0 unless the patch is all background.
+pub(crate) fn patch_labels(mask: &image::GrayImage, patch: usize, prefer_fg: bool) -> Vec<u8> {
+    let (gw, gh) = (
+        mask.width() as usize / patch,
+        mask.height() as usize / patch,
+    );
+    let mut out = Vec::with_capacity(gw * gh);
+    for py in 0..gh {
+        for px in 0..gw {
+            let mut counts = [0u32; 256];
+            for y in py * patch..(py + 1) * patch {
+                for x in px * patch..(px + 1) * patch {
+                    counts[usize::from(mask.get_pixel(x as u32, y as u32).0[0])] += 1;
+                }
+            }
+            if prefer_fg && counts[1..].iter().any(|&c| c > 0) {
+                counts[0] = 0;
+            }
+            let mut best = 0;
+            for c in 1..256 {
+                if counts[c] > counts[best] {
+                    best = c;
+                }
+            }
+            out.push(best as u8);
+        }
+    }
+    out
+}
+
+struct Prepared {
+    pixels: Vec<f32>,
+    labels: Option<Vec<u8>>,
+    n: usize,
+}
+
+fn prepare(
+    ds: &Dataset,
+    pre: &Preprocess,
+    patch: usize,
+    prefer_fg: bool,
+    range: std::ops::Range<usize>,
+) -> Result<Prepared> {
+    let mut pixels = Vec::new();
+    let mut labels: Option<Vec<u8>> = None;
+    for i in range.clone() {
+        let ex = ds.get(i)?;
+        pixels.extend(pre.apply(&ex.image));
+        if let Some(m) = ex.mask {
+            labels.get_or_insert_with(Vec::new).extend(patch_labels(
+                &pre.mask_view(&m),
+                patch,
+                prefer_fg,
+            ));
+        }
+    }
+    Ok(Prepared {
+        pixels,
+        labels,
+        n: range.len(),
+    })
+}
+
+fn provenance(ds: &Dataset) -> Provenance {
+    Provenance {
+        version: PROVENANCE_VERSION,
+        classes: ds.class_names().to_vec(),
+        sources: (0..ds.len()).map(|i| ds.source(i)).collect(),
+        labels: (0..ds.len()).map(|i| ds.label(i)).collect(),
+    }
+}
+
+/// Record `backbone`'s activations over `dataset` into `<root>/<hash>/`; returns that directory.
+/// Resumes an interrupted run; returns a complete store as it is.
+pub fn record_activations(
+    backbone: &Backbone,
+    dataset: &Dataset,
+    root: &Path,
+    cfg: &WriterConfig,
+) -> Result<PathBuf> {
+    for &l in &cfg.layers {
+        backbone.layer_index(l)?;
+    }
+    if !["majority", "prefer-fg"].contains(&cfg.pixel_agg.as_str()) {
+        return Err(Error::Invalid(format!(
+            "pixel_agg {:?}: use majority or prefer-fg",
+            cfg.pixel_agg
+        )));
+    }
+    let (h, w) = backbone.input_size();
+    let md = Metadata {
+        family: backbone.family().as_str().into(),
+        ckpt: backbone.name().into(),
+        layers: cfg.layers.clone(),
+        content_tokens_per_example: backbone.n_patches(),
+        cls_token: backbone.has_cls(),
+        d_model: backbone.d_model(),
+        n_examples: dataset.len(),
+        max_tokens_per_shard: cfg.max_tokens_per_shard,
+        data: dataset.describe(),
+        dataset: dataset.root().display().to_string(),
+        pixel_agg: cfg.pixel_agg.clone(),
+        dtype: "float32".into(),
+        protocol: PROTOCOL.into(),
+    };
+    md.validate(Path::new("<writer config>"))?;
+    let dir = root.join(md.hash());
+    let prog_path = dir.join(PROGRESS);
+    let prov = provenance(dataset);
+    let prov_text = serde_json::to_string(&prov).map_err(|e| Error::Invalid(e.to_string()))?;
+    let fingerprint = format!(
+        "{:x}",
+        Sha256::digest(format!("{prov_text}|{h}x{w}").as_bytes())
+    );
+
+    let mut n_done = 0;
+    if dir.join("metadata.json").exists() && !prog_path.exists() {
+        // Complete: validate and hand it back untouched.
+        super::ActivationStore::open(&dir)?;
+        return Ok(dir);
+    }
+    if prog_path.exists() {
+        let text = std::fs::read_to_string(&prog_path).with_path(&prog_path)?;
+        let p: Progress = serde_json::from_str(&text).map_err(|source| Error::Json {
+            path: prog_path.clone(),
+            source,
+        })?;
+        if p.fingerprint != fingerprint || p.batch_size != cfg.batch_size {
+            return Err(Error::Store {
+                path: prog_path,
+                msg: "an interrupted run with another dataset listing or batch size; remove the directory to start over".into(),
+            });
+        }
+        n_done = p.n_done;
+    } else {
+        std::fs::create_dir_all(&dir).with_path(&dir)?;
+        let p = Progress {
+            version: 1,
+            fingerprint: fingerprint.clone(),
+            batch_size: cfg.batch_size,
+            n_done: 0,
+        };
+        write_atomic(
+            &prog_path,
+            &serde_json::to_vec(&p).map_err(|e| Error::Invalid(e.to_string()))?,
+        )?;
+        write_atomic(&dir.join("metadata.json"), md.to_json().as_bytes())?;
+        write_atomic(&dir.join("provenance.json"), prov_text.as_bytes())?;
+    }
+
+    let eps = md.examples_per_shard();
+    let row_bytes = (md.floats_per_example() * 4) as u64;
+    let mut files: Vec<Option<File>> = (0..md.n_shards()).map(|_| None).collect();
+    let open_shard = |i: usize| -> Result<File> {
+        let path = dir.join(Metadata::shard_name(i));
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_path(&path)?;
+        if f.metadata().with_path(&path)?.len() < md.shard_bytes() {
+            f.set_len(md.shard_bytes()).with_path(&path)?;
+        }
+        Ok(f)
+    };
+    let labels_file = if dataset.has_masks() {
+        let path = dir.join("labels.bin");
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_path(&path)?;
+        f.set_len((md.n_examples * md.content_tokens_per_example) as u64)
+            .with_path(&path)?;
+        Some((f, path))
+    } else {
+        None
+    };
+
+    let bar = indicatif::ProgressBar::new(md.n_examples as u64);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{bar:40} {pos}/{len} images [{elapsed} < {eta}, {per_sec}] {msg}",
+    ) {
+        bar.set_style(style);
+    }
+    bar.set_position(n_done as u64);
+
+    let bs = cfg.batch_size.max(1);
+    let starts: Vec<usize> = (n_done..md.n_examples).step_by(bs).collect();
+    let pre = backbone.preprocess().clone();
+    let patch = backbone.patch_size();
+    let prefer_fg = cfg.pixel_agg == "prefer-fg";
+    let next = AtomicUsize::new(0);
+    let result = std::thread::scope(|scope| -> Result<()> {
+        let (tx, rx) = mpsc::sync_channel::<(usize, Result<Prepared>)>(2 * cfg.n_readers.max(1));
+        for _ in 0..cfg.n_readers.max(1) {
+            let tx = tx.clone();
+            let (starts, next, pre) = (&starts, &next, &pre);
+            scope.spawn(move || loop {
+                let k = next.fetch_add(1, Ordering::Relaxed);
+                let Some(&s) = starts.get(k) else { break };
+                let end = (s + bs).min(dataset.len());
+                if tx
+                    .send((k, prepare(dataset, pre, patch, prefer_fg, s..end)))
+                    .is_err()
+                {
+                    break;
+                }
+            });
+        }
+        drop(tx);
+        let mut pending = BTreeMap::new();
+        for k in 0..starts.len() {
+            let prepared = loop {
+                if let Some(p) = pending.remove(&k) {
+                    break p;
+                }
+                let (j, p) = rx
+                    .recv()
+                    .map_err(|_| Error::Invalid("reader threads stopped".into()))?;
+                pending.insert(j, p);
+            };
+            let prepared: Prepared = prepared?;
+            let s = starts[k];
+            let pixels = candle_core::Tensor::from_vec(
+                prepared.pixels,
+                (prepared.n, 3, h, w),
+                backbone.device(),
+            )?;
+            let acts = backbone.record(&pixels, &md.layers)?;
+            let flat: Vec<f32> = acts.flatten_all()?.to_vec1()?;
+            let bytes: Vec<u8> = flat.iter().flat_map(|v| v.to_le_bytes()).collect();
+            // Split the batch over shard boundaries.
+            let mut e = s;
+            while e < s + prepared.n {
+                let shard = e / eps;
+                let n_here = ((shard + 1) * eps).min(s + prepared.n) - e;
+                if files[shard].is_none() {
+                    files[shard] = Some(open_shard(shard)?);
+                }
+                let f = files[shard]
+                    .as_ref()
+                    .ok_or_else(|| Error::Invalid("shard file".into()))?;
+                let src =
+                    &bytes[(e - s) * row_bytes as usize..(e - s + n_here) * row_bytes as usize];
+                let path = dir.join(Metadata::shard_name(shard));
+                f.write_all_at(src, (e % eps) as u64 * row_bytes)
+                    .with_path(&path)?;
+                e += n_here;
+            }
+            if let (Some((f, path)), Some(l)) = (&labels_file, &prepared.labels) {
+                f.write_all_at(l, (s * md.content_tokens_per_example) as u64)
+                    .with_path(path)?;
+            }
+            let done = s + prepared.n;
+            // shards.json lists the shards completed so far (as the Python writer does).
+            let complete: Vec<_> = md.shard_entries().into_iter().take(done / eps).collect();
+            if done % eps < prepared.n || done == md.n_examples {
+                let entries = if done == md.n_examples {
+                    md.shard_entries()
+                } else {
+                    complete
+                };
+                let v =
+                    serde_json::to_value(&entries).map_err(|e| Error::Invalid(e.to_string()))?;
+                write_atomic(
+                    &dir.join("shards.json"),
+                    ojson::dumps(&v, true, false).as_bytes(),
+                )?;
+            }
+            let p = Progress {
+                version: 1,
+                fingerprint: fingerprint.clone(),
+                batch_size: bs,
+                n_done: done,
+            };
+            write_atomic(
+                &prog_path,
+                &serde_json::to_vec(&p).map_err(|e| Error::Invalid(e.to_string()))?,
+            )?;
+            bar.set_position(done as u64);
+        }
+        Ok(())
+    });
+    result?;
+    // Every shard exists at full size, even one no batch reached (cannot happen, but be exact).
+    for (i, f) in files.iter_mut().enumerate() {
+        if f.is_none() {
+            *f = Some(open_shard(i)?);
+        }
+        if let Some(f) = f {
+            f.sync_all().with_path(dir.join(Metadata::shard_name(i)))?;
+        }
+    }
+    bar.finish_and_clear();
+    std::fs::remove_file(&prog_path).with_path(&prog_path)?;
+    Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patch_labels_majority_and_prefer_fg() {
+        // 4x2 mask, patch 2: left patch has 3 background + 1 class 5; right all class 7.
+        let mask = image::GrayImage::from_raw(4, 2, vec![0, 0, 7, 7, 0, 5, 7, 7]).unwrap();
+        assert_eq!(patch_labels(&mask, 2, false), vec![0, 7]);
+        assert_eq!(patch_labels(&mask, 2, true), vec![5, 7]);
+        // Ties go to the smaller class.
+        let tie = image::GrayImage::from_raw(2, 2, vec![3, 3, 2, 2]).unwrap();
+        assert_eq!(patch_labels(&tie, 2, false), vec![2]);
+    }
+}
