@@ -14,6 +14,7 @@
 //! ```
 
 pub(crate) mod format;
+pub(crate) mod loader;
 pub(crate) mod ojson;
 pub(crate) mod permute;
 pub(crate) mod writer;
@@ -27,6 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, IoContext, Result};
 pub use format::{Metadata, ShardEntry, PROTOCOL};
+pub use loader::{Batch, LoaderConfig, NormStats, ShuffledLoader, Tokens};
 pub use writer::{record_activations, WriterConfig};
 
 /// Per-example provenance saev writes beside the shards (`provenance.json`).

