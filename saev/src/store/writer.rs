@@ -171,6 +171,166 @@ fn provenance(ds: &Dataset) -> Provenance {
     }
 }
 
+/// Low-level writer of a store's files from activations you already have: shards at full
+/// size, `shards.json` as shards complete, `labels.bin`. [`record_activations`] drives it from a
+/// backbone; use it directly to convert other recordings.
+///
+/// ```no_run
+/// # let md: saev::Metadata = unimplemented!();
+/// let mut w = saev::StoreWriter::create("acts".as_ref(), md, None)?;
+/// w.write_examples(0, &vec![0.0; 10])?;  // [n, n_layers, T, d] floats of examples 0..n
+/// let dir = w.finish()?;
+/// # Ok::<(), saev::Error>(())
+/// ```
+pub struct StoreWriter {
+    dir: PathBuf,
+    md: Metadata,
+    files: Vec<Option<File>>,
+    labels: Option<(File, PathBuf)>,
+}
+
+impl StoreWriter {
+    /// Start a new store `<root>/<hash>/` (an existing one is an error, never overwritten):
+    /// writes `metadata.json` and, if given, `provenance.json`.
+    pub fn create(root: &Path, md: Metadata, provenance: Option<&Provenance>) -> Result<Self> {
+        md.validate(Path::new("<metadata>"))?;
+        let dir = root.join(md.hash());
+        if dir.join("metadata.json").exists() {
+            return Err(Error::Store {
+                path: dir,
+                msg: "a store already exists here".into(),
+            });
+        }
+        std::fs::create_dir_all(&dir).with_path(&dir)?;
+        write_atomic(&dir.join("metadata.json"), md.to_json().as_bytes())?;
+        if let Some(p) = provenance {
+            let text = serde_json::to_vec(p).map_err(|e| Error::Invalid(e.to_string()))?;
+            write_atomic(&dir.join("provenance.json"), &text)?;
+        }
+        Ok(Self::reopen(dir, md))
+    }
+
+    fn reopen(dir: PathBuf, md: Metadata) -> Self {
+        let n = md.n_shards();
+        Self {
+            dir,
+            md,
+            files: (0..n).map(|_| None).collect(),
+            labels: None,
+        }
+    }
+
+    /// The store directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn shard(&mut self, i: usize) -> Result<&File> {
+        if self.files[i].is_none() {
+            let path = self.dir.join(Metadata::shard_name(i));
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .with_path(&path)?;
+            if f.metadata().with_path(&path)?.len() < self.md.shard_bytes() {
+                f.set_len(self.md.shard_bytes()).with_path(&path)?;
+            }
+            self.files[i] = Some(f);
+        }
+        self.files[i]
+            .as_ref()
+            .ok_or_else(|| Error::Invalid("shard file".into()))
+    }
+
+    /// Write examples `first..first + n` from `acts` (`[n, n_layers, T, d]` floats); updates
+    /// `shards.json` when a shard becomes complete.
+    pub fn write_examples(&mut self, first: usize, acts: &[f32]) -> Result<()> {
+        let per = self.md.floats_per_example();
+        if acts.len() % per != 0 || first + acts.len() / per > self.md.n_examples {
+            return Err(Error::Shape {
+                what: format!("activations for examples from {first}"),
+                expected: vec![
+                    acts.len() / per,
+                    self.md.layers.len(),
+                    self.md.tokens_per_example(),
+                    self.md.d_model,
+                ],
+                actual: vec![acts.len()],
+            });
+        }
+        let n = acts.len() / per;
+        let eps = self.md.examples_per_shard();
+        let row_bytes = per * 4;
+        let bytes: Vec<u8> = acts.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut e = first;
+        while e < first + n {
+            let shard = e / eps;
+            let n_here = ((shard + 1) * eps).min(first + n) - e;
+            let path = self.dir.join(Metadata::shard_name(shard));
+            let src = &bytes[(e - first) * row_bytes..(e - first + n_here) * row_bytes];
+            self.shard(shard)?
+                .write_all_at(src, ((e % eps) * row_bytes) as u64)
+                .with_path(&path)?;
+            e += n_here;
+        }
+        let done = first + n;
+        if done % eps < n || done == self.md.n_examples {
+            let k = if done == self.md.n_examples {
+                self.md.n_shards()
+            } else {
+                done / eps
+            };
+            let entries: Vec<_> = self.md.shard_entries().into_iter().take(k).collect();
+            let v = serde_json::to_value(&entries).map_err(|e| Error::Invalid(e.to_string()))?;
+            write_atomic(
+                &self.dir.join("shards.json"),
+                ojson::dumps(&v, true, false).as_bytes(),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Write patch labels of examples `first..` (`content_tokens_per_example` bytes each).
+    pub fn write_labels(&mut self, first: usize, labels: &[u8]) -> Result<()> {
+        let p = self.md.content_tokens_per_example;
+        if self.labels.is_none() {
+            let path = self.dir.join("labels.bin");
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .with_path(&path)?;
+            f.set_len((self.md.n_examples * p) as u64)
+                .with_path(&path)?;
+            self.labels = Some((f, path));
+        }
+        if let Some((f, path)) = &self.labels {
+            f.write_all_at(labels, (first * p) as u64).with_path(path)?;
+        }
+        Ok(())
+    }
+
+    /// Make every shard exist at full size, write the final `shards.json`, flush to disk.
+    pub fn finish(mut self) -> Result<PathBuf> {
+        for i in 0..self.md.n_shards() {
+            let path = self.dir.join(Metadata::shard_name(i));
+            self.shard(i)?.sync_all().with_path(&path)?;
+        }
+        let v = serde_json::to_value(self.md.shard_entries())
+            .map_err(|e| Error::Invalid(e.to_string()))?;
+        write_atomic(
+            &self.dir.join("shards.json"),
+            ojson::dumps(&v, true, false).as_bytes(),
+        )?;
+        Ok(self.dir)
+    }
+}
+
 /// Record `backbone`'s activations over `dataset` into `<root>/<hash>/`; returns that directory.
 /// Resumes an interrupted run; returns a complete store as it is.
 pub fn record_activations(
@@ -220,7 +380,7 @@ pub fn record_activations(
         super::ActivationStore::open(&dir)?;
         return Ok(dir);
     }
-    if prog_path.exists() {
+    let mut writer = if prog_path.exists() {
         let text = std::fs::read_to_string(&prog_path).with_path(&prog_path)?;
         let p: Progress = serde_json::from_str(&text).map_err(|source| Error::Json {
             path: prog_path.clone(),
@@ -233,7 +393,10 @@ pub fn record_activations(
             });
         }
         n_done = p.n_done;
+        StoreWriter::reopen(dir.clone(), md.clone())
     } else {
+        // The progress file comes first: a directory with metadata.json but no progress file
+        // is a complete store.
         std::fs::create_dir_all(&dir).with_path(&dir)?;
         let p = Progress {
             version: 1,
@@ -245,41 +408,7 @@ pub fn record_activations(
             &prog_path,
             &serde_json::to_vec(&p).map_err(|e| Error::Invalid(e.to_string()))?,
         )?;
-        write_atomic(&dir.join("metadata.json"), md.to_json().as_bytes())?;
-        write_atomic(&dir.join("provenance.json"), prov_text.as_bytes())?;
-    }
-
-    let eps = md.examples_per_shard();
-    let row_bytes = (md.floats_per_example() * 4) as u64;
-    let mut files: Vec<Option<File>> = (0..md.n_shards()).map(|_| None).collect();
-    let open_shard = |i: usize| -> Result<File> {
-        let path = dir.join(Metadata::shard_name(i));
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .with_path(&path)?;
-        if f.metadata().with_path(&path)?.len() < md.shard_bytes() {
-            f.set_len(md.shard_bytes()).with_path(&path)?;
-        }
-        Ok(f)
-    };
-    let labels_file = if dataset.has_masks() {
-        let path = dir.join("labels.bin");
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .with_path(&path)?;
-        f.set_len((md.n_examples * md.content_tokens_per_example) as u64)
-            .with_path(&path)?;
-        Some((f, path))
-    } else {
-        None
+        StoreWriter::create(root, md.clone(), Some(&prov))?
     };
 
     let bar = indicatif::ProgressBar::new(md.n_examples as u64);
@@ -296,7 +425,7 @@ pub fn record_activations(
     let patch = backbone.patch_size();
     let prefer_fg = cfg.pixel_agg == "prefer-fg";
     let next = AtomicUsize::new(0);
-    let result = std::thread::scope(|scope| -> Result<()> {
+    std::thread::scope(|scope| -> Result<()> {
         let (tx, rx) = mpsc::sync_channel::<(usize, Result<Prepared>)>(2 * cfg.n_readers.max(1));
         for _ in 0..cfg.n_readers.max(1) {
             let tx = tx.clone();
@@ -315,7 +444,7 @@ pub fn record_activations(
         }
         drop(tx);
         let mut pending = BTreeMap::new();
-        for k in 0..starts.len() {
+        for (k, &s) in starts.iter().enumerate() {
             let prepared = loop {
                 if let Some(p) = pending.remove(&k) {
                     break p;
@@ -326,77 +455,31 @@ pub fn record_activations(
                 pending.insert(j, p);
             };
             let prepared: Prepared = prepared?;
-            let s = starts[k];
             let pixels = candle_core::Tensor::from_vec(
                 prepared.pixels,
                 (prepared.n, 3, h, w),
                 backbone.device(),
             )?;
             let acts = backbone.record(&pixels, &md.layers)?;
-            let flat: Vec<f32> = acts.flatten_all()?.to_vec1()?;
-            let bytes: Vec<u8> = flat.iter().flat_map(|v| v.to_le_bytes()).collect();
-            // Split the batch over shard boundaries.
-            let mut e = s;
-            while e < s + prepared.n {
-                let shard = e / eps;
-                let n_here = ((shard + 1) * eps).min(s + prepared.n) - e;
-                if files[shard].is_none() {
-                    files[shard] = Some(open_shard(shard)?);
-                }
-                let f = files[shard]
-                    .as_ref()
-                    .ok_or_else(|| Error::Invalid("shard file".into()))?;
-                let src =
-                    &bytes[(e - s) * row_bytes as usize..(e - s + n_here) * row_bytes as usize];
-                let path = dir.join(Metadata::shard_name(shard));
-                f.write_all_at(src, (e % eps) as u64 * row_bytes)
-                    .with_path(&path)?;
-                e += n_here;
-            }
-            if let (Some((f, path)), Some(l)) = (&labels_file, &prepared.labels) {
-                f.write_all_at(l, (s * md.content_tokens_per_example) as u64)
-                    .with_path(path)?;
-            }
-            let done = s + prepared.n;
-            // shards.json lists the shards completed so far (as the Python writer does).
-            let complete: Vec<_> = md.shard_entries().into_iter().take(done / eps).collect();
-            if done % eps < prepared.n || done == md.n_examples {
-                let entries = if done == md.n_examples {
-                    md.shard_entries()
-                } else {
-                    complete
-                };
-                let v =
-                    serde_json::to_value(&entries).map_err(|e| Error::Invalid(e.to_string()))?;
-                write_atomic(
-                    &dir.join("shards.json"),
-                    ojson::dumps(&v, true, false).as_bytes(),
-                )?;
+            writer.write_examples(s, &acts.flatten_all()?.to_vec1::<f32>()?)?;
+            if let Some(l) = &prepared.labels {
+                writer.write_labels(s, l)?;
             }
             let p = Progress {
                 version: 1,
                 fingerprint: fingerprint.clone(),
                 batch_size: bs,
-                n_done: done,
+                n_done: s + prepared.n,
             };
             write_atomic(
                 &prog_path,
                 &serde_json::to_vec(&p).map_err(|e| Error::Invalid(e.to_string()))?,
             )?;
-            bar.set_position(done as u64);
+            bar.set_position((s + prepared.n) as u64);
         }
         Ok(())
-    });
-    result?;
-    // Every shard exists at full size, even one no batch reached (cannot happen, but be exact).
-    for (i, f) in files.iter_mut().enumerate() {
-        if f.is_none() {
-            *f = Some(open_shard(i)?);
-        }
-        if let Some(f) = f {
-            f.sync_all().with_path(dir.join(Metadata::shard_name(i)))?;
-        }
-    }
+    })?;
+    let dir = writer.finish()?;
     bar.finish_and_clear();
     std::fs::remove_file(&prog_path).with_path(&prog_path)?;
     Ok(dir)
