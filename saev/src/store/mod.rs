@@ -80,6 +80,7 @@ impl ActivationStore {
     /// Open and validate a store directory.
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
+        crate::tune_allocator();
         if dir.join(".saev-progress.json").exists() {
             return Err(store_err(
                 &dir,
