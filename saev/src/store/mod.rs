@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, IoContext, Result};
 pub use format::{Metadata, ShardEntry, PROTOCOL};
 pub use loader::{Batch, LoaderConfig, NormStats, ShuffledLoader, Tokens};
-pub use writer::{record_activations, StoreWriter, WriterConfig};
+pub use writer::{merge_parts, record_activations, StoreWriter, WriterConfig};
 
 /// Per-example provenance saev writes beside the shards (`provenance.json`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -44,6 +44,9 @@ pub struct WriterConfig {
     pub pixel_agg: String,
     /// Image decoding threads. Default 2.
     pub n_readers: usize,
+    /// Write only part `i` of `n` (`(i, n)`, whole shards each), to be joined by
+    /// [`merge_parts`]. Default `None` (the whole store).
+    pub part: Option<(usize, usize)>,
 }
 
 impl Default for WriterConfig {
@@ -54,6 +57,7 @@ impl Default for WriterConfig {
             max_tokens_per_shard: 2_400_000,
             pixel_agg: "majority".into(),
             n_readers: 2,
+            part: None,
         }
     }
 }
@@ -72,6 +76,11 @@ impl WriterConfig {
     /// Set the shard capacity (vectors).
     pub fn with_max_tokens_per_shard(mut self, n: usize) -> Self {
         self.max_tokens_per_shard = n;
+        self
+    }
+    /// Write only part `i` of `n` (0-based).
+    pub fn with_part(mut self, i: usize, n: usize) -> Self {
+        self.part = Some((i, n));
         self
     }
     /// Set the mask aggregation (`"majority"` or `"prefer-fg"`).
@@ -187,14 +196,18 @@ pub struct StoreWriter {
     md: Metadata,
     files: Vec<Option<File>>,
     labels: Option<(File, PathBuf)>,
+    part: Option<(usize, usize)>,
 }
 
 impl StoreWriter {
     /// Start a new store `<root>/<hash>/` (an existing one is an error, never overwritten):
     /// writes `metadata.json` and, if given, `provenance.json`.
     pub fn create(root: &Path, md: Metadata, provenance: Option<&Provenance>) -> Result<Self> {
+        Self::create_in(root.join(md.hash()), md, provenance)
+    }
+
+    fn create_in(dir: PathBuf, md: Metadata, provenance: Option<&Provenance>) -> Result<Self> {
         md.validate(Path::new("<metadata>"))?;
-        let dir = root.join(md.hash());
         if dir.join("metadata.json").exists() {
             return Err(Error::Store {
                 path: dir,
@@ -207,16 +220,25 @@ impl StoreWriter {
             let text = serde_json::to_vec(p).map_err(|e| Error::Invalid(e.to_string()))?;
             write_atomic(&dir.join("provenance.json"), &text)?;
         }
-        Ok(Self::reopen(dir, md))
+        Ok(Self::reopen(dir, md, None))
     }
 
-    fn reopen(dir: PathBuf, md: Metadata) -> Self {
+    fn reopen(dir: PathBuf, md: Metadata, part: Option<(usize, usize)>) -> Self {
         let n = md.n_shards();
         Self {
             dir,
             md,
             files: (0..n).map(|_| None).collect(),
             labels: None,
+            part,
+        }
+    }
+
+    /// The shards this writer owns (all, or those of its part).
+    fn owned_shards(&self) -> std::ops::Range<usize> {
+        match self.part {
+            None => 0..self.md.n_shards(),
+            Some((i, n)) => part_shards(&self.md, i, n),
         }
     }
 
@@ -277,7 +299,7 @@ impl StoreWriter {
             e += n_here;
         }
         let done = first + n;
-        if done % eps < n || done == self.md.n_examples {
+        if self.part.is_none() && (done % eps < n || done == self.md.n_examples) {
             let k = if done == self.md.n_examples {
                 self.md.n_shards()
             } else {
@@ -317,9 +339,19 @@ impl StoreWriter {
 
     /// Make every shard exist at full size, write the final `shards.json`, flush to disk.
     pub fn finish(mut self) -> Result<PathBuf> {
-        for i in 0..self.md.n_shards() {
+        for i in self.owned_shards() {
             let path = self.dir.join(Metadata::shard_name(i));
             self.shard(i)?.sync_all().with_path(&path)?;
+        }
+        if let Some((i, n)) = self.part {
+            let text = serde_json::to_vec(&PartInfo {
+                version: 1,
+                part: i,
+                n_parts: n,
+            })
+            .map_err(|e| Error::Invalid(e.to_string()))?;
+            write_atomic(&self.dir.join(PART), &text)?;
+            return Ok(self.dir);
         }
         let v = serde_json::to_value(self.md.shard_entries())
             .map_err(|e| Error::Invalid(e.to_string()))?;
@@ -329,6 +361,124 @@ impl StoreWriter {
         )?;
         Ok(self.dir)
     }
+}
+
+const PART: &str = "part.json";
+
+#[derive(Debug, Serialize, Deserialize)]
+struct PartInfo {
+    version: u32,
+    part: usize,
+    n_parts: usize,
+}
+
+/// Shards of part `i` of `n`: contiguous, as even as whole shards allow.
+fn part_shards(md: &Metadata, i: usize, n: usize) -> std::ops::Range<usize> {
+    let per = md.n_shards().div_ceil(n.max(1));
+    (i * per).min(md.n_shards())..((i + 1) * per).min(md.n_shards())
+}
+
+fn part_examples(md: &Metadata, i: usize, n: usize) -> std::ops::Range<usize> {
+    let s = part_shards(md, i, n);
+    let eps = md.examples_per_shard();
+    (s.start * eps).min(md.n_examples)..(s.end * eps).min(md.n_examples)
+}
+
+/// Join the parts written with [`WriterConfig::part`] into one store under `root`. Shard files
+/// are moved (renamed), not copied, when the parts are on the same file system as `root`; the
+/// part directories are removed afterwards.
+pub fn merge_parts(parts: &[PathBuf], root: &Path) -> Result<PathBuf> {
+    let first = parts
+        .first()
+        .ok_or_else(|| Error::Invalid("merge: no parts given".into()))?;
+    let md_text = std::fs::read_to_string(first.join("metadata.json"))
+        .with_path(first.join("metadata.json"))?;
+    let md: Metadata = serde_json::from_str(&md_text).map_err(|source| Error::Json {
+        path: first.join("metadata.json"),
+        source,
+    })?;
+    let mut seen = Vec::new();
+    for p in parts {
+        let path = p.join(PART);
+        let text = std::fs::read_to_string(&path).map_err(|_| Error::Store {
+            path: path.clone(),
+            msg: "not a finished part (no part.json)".into(),
+        })?;
+        let info: PartInfo = serde_json::from_str(&text).map_err(|source| Error::Json {
+            path: path.clone(),
+            source,
+        })?;
+        let other =
+            std::fs::read_to_string(p.join("metadata.json")).with_path(p.join("metadata.json"))?;
+        if other != md_text {
+            return Err(Error::Store {
+                path: p.join("metadata.json"),
+                msg: format!(
+                    "differs from {}: parts of different stores",
+                    first.display()
+                ),
+            });
+        }
+        seen.push((info.part, info.n_parts, p.clone()));
+    }
+    seen.sort();
+    let n_parts = seen[0].1;
+    if seen.len() != n_parts
+        || seen
+            .iter()
+            .enumerate()
+            .any(|(k, (i, n, _))| *i != k || *n != n_parts)
+    {
+        let have: Vec<usize> = seen.iter().map(|s| s.0).collect();
+        return Err(Error::Invalid(format!(
+            "merge needs parts 0..{n_parts} exactly once, got {have:?}"
+        )));
+    }
+    let dir = root.join(md.hash());
+    if dir.join("metadata.json").exists() {
+        return Err(Error::Store {
+            path: dir,
+            msg: "a store already exists here".into(),
+        });
+    }
+    std::fs::create_dir_all(&dir).with_path(&dir)?;
+    let n_labels = md.n_examples * md.content_tokens_per_example;
+    let mut labels: Option<Vec<u8>> = None;
+    for (i, n, p) in &seen {
+        for s in part_shards(&md, *i, *n) {
+            let name = Metadata::shard_name(s);
+            let (from, to) = (p.join(&name), dir.join(&name));
+            if std::fs::rename(&from, &to).is_err() {
+                std::fs::copy(&from, &to).with_path(&from)?;
+            }
+        }
+        let lp = p.join("labels.bin");
+        if lp.exists() {
+            let bytes = std::fs::read(&lp).with_path(&lp)?;
+            let r = part_examples(&md, *i, *n);
+            let cp = md.content_tokens_per_example;
+            let buf = labels.get_or_insert_with(|| vec![0u8; n_labels]);
+            buf[r.start * cp..r.end * cp].copy_from_slice(&bytes[r.start * cp..r.end * cp]);
+        }
+    }
+    if let Some(l) = labels {
+        write_atomic(&dir.join("labels.bin"), &l)?;
+    }
+    if first.join("provenance.json").exists() {
+        std::fs::copy(first.join("provenance.json"), dir.join("provenance.json"))
+            .with_path(first.join("provenance.json"))?;
+    }
+    write_atomic(&dir.join("metadata.json"), md_text.as_bytes())?;
+    let v = serde_json::to_value(md.shard_entries()).map_err(|e| Error::Invalid(e.to_string()))?;
+    write_atomic(
+        &dir.join("shards.json"),
+        ojson::dumps(&v, true, false).as_bytes(),
+    )?;
+    super::ActivationStore::open(&dir)?;
+    for (_, _, p) in &seen {
+        std::fs::remove_dir_all(p).with_path(p)?;
+    }
+    Ok(dir)
 }
 
 /// Record `backbone`'s activations over `dataset` into `<root>/<hash>/`; returns that directory.
@@ -365,7 +515,18 @@ pub fn record_activations(
         protocol: PROTOCOL.into(),
     };
     md.validate(Path::new("<writer config>"))?;
-    let dir = root.join(md.hash());
+    let (dir, range) = match cfg.part {
+        None => (root.join(md.hash()), 0..md.n_examples),
+        Some((i, n)) if i < n => (
+            root.join(format!("{}.part-{i}-of-{n}", md.hash())),
+            part_examples(&md, i, n),
+        ),
+        Some((i, n)) => {
+            return Err(Error::Invalid(format!(
+                "part {i}/{n}: parts are numbered 0..{n}"
+            )))
+        }
+    };
     let prog_path = dir.join(PROGRESS);
     let prov = provenance(dataset);
     let prov_text = serde_json::to_string(&prov).map_err(|e| Error::Invalid(e.to_string()))?;
@@ -374,10 +535,12 @@ pub fn record_activations(
         Sha256::digest(format!("{prov_text}|{h}x{w}").as_bytes())
     );
 
-    let mut n_done = 0;
+    let mut n_done = range.start;
     if dir.join("metadata.json").exists() && !prog_path.exists() {
         // Complete: validate and hand it back untouched.
-        super::ActivationStore::open(&dir)?;
+        if cfg.part.is_none() {
+            super::ActivationStore::open(&dir)?;
+        }
         return Ok(dir);
     }
     let mut writer = if prog_path.exists() {
@@ -392,8 +555,8 @@ pub fn record_activations(
                 msg: "an interrupted run with another dataset listing or batch size; remove the directory to start over".into(),
             });
         }
-        n_done = p.n_done;
-        StoreWriter::reopen(dir.clone(), md.clone())
+        n_done = p.n_done.max(range.start);
+        StoreWriter::reopen(dir.clone(), md.clone(), cfg.part)
     } else {
         // The progress file comes first: a directory with metadata.json but no progress file
         // is a complete store.
@@ -402,16 +565,18 @@ pub fn record_activations(
             version: 1,
             fingerprint: fingerprint.clone(),
             batch_size: cfg.batch_size,
-            n_done: 0,
+            n_done: range.start,
         };
         write_atomic(
             &prog_path,
             &serde_json::to_vec(&p).map_err(|e| Error::Invalid(e.to_string()))?,
         )?;
-        StoreWriter::create(root, md.clone(), Some(&prov))?
+        let mut w = StoreWriter::create_in(dir.clone(), md.clone(), Some(&prov))?;
+        w.part = cfg.part;
+        w
     };
 
-    let bar = indicatif::ProgressBar::new(md.n_examples as u64);
+    let bar = indicatif::ProgressBar::new(range.end as u64);
     if let Ok(style) = indicatif::ProgressStyle::with_template(
         "{bar:40} {pos}/{len} images [{elapsed} < {eta}, {per_sec}] {msg}",
     ) {
@@ -420,7 +585,7 @@ pub fn record_activations(
     bar.set_position(n_done as u64);
 
     let bs = cfg.batch_size.max(1);
-    let starts: Vec<usize> = (n_done..md.n_examples).step_by(bs).collect();
+    let starts: Vec<usize> = (n_done..range.end).step_by(bs).collect();
     let pre = backbone.preprocess().clone();
     let patch = backbone.patch_size();
     let prefer_fg = cfg.pixel_agg == "prefer-fg";
@@ -433,7 +598,7 @@ pub fn record_activations(
             scope.spawn(move || loop {
                 let k = next.fetch_add(1, Ordering::Relaxed);
                 let Some(&s) = starts.get(k) else { break };
-                let end = (s + bs).min(dataset.len());
+                let end = (s + bs).min(range.end);
                 if tx
                     .send((k, prepare(dataset, pre, patch, prefer_fg, s..end)))
                     .is_err()
