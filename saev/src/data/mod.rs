@@ -17,6 +17,7 @@
 //! ```
 
 pub(crate) mod idx;
+pub(crate) mod parquet;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -38,6 +39,8 @@ pub enum DatasetKind {
     Idx,
     /// ADE20K-style `images/` + `annotations/` pairs.
     Ade20k,
+    /// Hugging Face parquet files (image struct/bytes column, optional `label`).
+    Parquet,
 }
 
 /// One example: the decoded image and what is known about it.
@@ -65,6 +68,7 @@ enum Source {
         pixels: Vec<u8>,
         labels: Option<Vec<u8>>,
     },
+    Parquet(Arc<parquet::ParquetSource>),
 }
 
 /// An indexed image dataset. Cheap to clone.
@@ -153,6 +157,19 @@ impl Dataset {
             }
             DatasetKind::LabelledFolder => open_labelled(path)?,
             DatasetKind::Ade20k => open_ade20k(path)?,
+            DatasetKind::Parquet => {
+                let src = parquet::ParquetSource::open(path)?;
+                let classes = src
+                    .labels
+                    .as_ref()
+                    .map(|l| {
+                        (0..=l.iter().copied().max().unwrap_or(0))
+                            .map(|c| c.to_string())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                (classes, Source::Parquet(Arc::new(src)))
+            }
         };
         let source = if skip_bad { drop_bad(source) } else { source };
         let n = match &source {
@@ -164,6 +181,7 @@ impl Dataset {
             } => labels
                 .as_ref()
                 .map_or(pixels.len() / (side.0 * side.1), Vec::len),
+            Source::Parquet(p) => p.len(),
         };
         if n == 0 {
             return Err(dataset_err(
@@ -220,6 +238,7 @@ impl Dataset {
                         pixels: pixels[..pixels.len().min(n * side.0 * side.1)].to_vec(),
                         labels: labels.as_ref().map(|l| l.iter().take(n).copied().collect()),
                     },
+                    Source::Parquet(p) => Source::Parquet(p.clone()),
                 },
             }),
         }
@@ -230,6 +249,7 @@ impl Dataset {
         let n = match &self.inner.source {
             Source::Files { paths, .. } => paths.len(),
             Source::Idx { side, pixels, .. } => pixels.len() / (side.0 * side.1),
+            Source::Parquet(p) => p.len(),
         };
         n.min(self.inner.limit)
     }
@@ -249,6 +269,7 @@ impl Dataset {
         match &self.inner.source {
             Source::Files { labels, .. } => labels.is_some(),
             Source::Idx { labels, .. } => labels.is_some(),
+            Source::Parquet(p) => p.labels.is_some(),
         }
     }
 
@@ -264,6 +285,7 @@ impl Dataset {
             Source::Idx { labels, .. } => labels
                 .as_ref()
                 .and_then(|l| l.get(i).map(|&v| u32::from(v))),
+            Source::Parquet(p) => p.labels.as_ref().and_then(|l| l.get(i).copied()),
         }
     }
 
@@ -275,6 +297,7 @@ impl Dataset {
                 .map(|p| p.display().to_string())
                 .unwrap_or_default(),
             Source::Idx { .. } => format!("{}#{i}", self.inner.root.display()),
+            Source::Parquet(p) => p.source(i),
         }
     }
 
@@ -317,6 +340,19 @@ impl Dataset {
                     mask: None,
                 })
             }
+            Source::Parquet(p) => {
+                let image =
+                    image::load_from_memory(&p.image_bytes(i)?).map_err(|e| Error::Image {
+                        path: p.source(i).into(),
+                        msg: e.to_string(),
+                    })?;
+                Ok(Example {
+                    index: i,
+                    image,
+                    label,
+                    mask: None,
+                })
+            }
         }
     }
 
@@ -351,6 +387,9 @@ fn detect(path: &Path) -> Result<DatasetKind> {
         if name.contains("idx3-ubyte") {
             return Ok(DatasetKind::Idx);
         }
+        if name.ends_with(".parquet") {
+            return Ok(DatasetKind::Parquet);
+        }
         return Err(dataset_err(
             path,
             "a single file that is not an IDX image file; pass a folder",
@@ -358,6 +397,13 @@ fn detect(path: &Path) -> Result<DatasetKind> {
     }
     if path.join("images").is_dir() && path.join("annotations").is_dir() {
         return Ok(DatasetKind::Ade20k);
+    }
+    let has_parquet = std::fs::read_dir(path)
+        .with_path(path)?
+        .filter_map(|e| e.ok())
+        .any(|e| e.path().extension().is_some_and(|x| x == "parquet"));
+    if has_parquet {
+        return Ok(DatasetKind::Parquet);
     }
     let mut has_root_images = false;
     let mut n_dirs = 0;
@@ -580,6 +626,31 @@ mod tests {
         assert!(err.contains("b.jpg"), "{err}");
         let ds = Dataset::open(&d, None, true).unwrap();
         assert_eq!(ds.len(), 1);
+    }
+
+    #[test]
+    fn hf_parquet_made_by_pyarrow() {
+        // scripts/make_data_fixtures.py: 5 PNGs over two files, int labels i % 2, image 3 grey.
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/data/hf-parquet");
+        let ds = Dataset::open(&root, None, false).unwrap();
+        assert_eq!(ds.kind(), DatasetKind::Parquet);
+        assert_eq!(ds.len(), 5);
+        assert_eq!(
+            (0..5).map(|i| ds.label(i).unwrap()).collect::<Vec<_>>(),
+            vec![0, 1, 0, 1, 0]
+        );
+        assert!(ds.source(4).ends_with("train-00001-of-00002.parquet#1"));
+        // Pixel sums printed by the script (Pillow decode, converted to RGB).
+        for (i, want) in [(0usize, 384_544u64), (3, 976_623), (4, 977_507)] {
+            let img = ds.get(i).unwrap().image.to_rgb8();
+            assert_eq!((img.width(), img.height()), (48, 40));
+            assert_eq!(
+                img.as_raw().iter().map(|&v| u64::from(v)).sum::<u64>(),
+                want,
+                "image {i}"
+            );
+        }
+        assert_eq!(ds.take(2).len(), 2);
     }
 
     #[test]
