@@ -185,8 +185,8 @@ fn provenance(ds: &Dataset) -> Provenance {
 /// backbone; use it directly to convert other recordings.
 ///
 /// ```no_run
-/// # let md: saev::Metadata = unimplemented!();
-/// let mut w = saev::StoreWriter::create("acts".as_ref(), md, None)?;
+/// # let md = saev::ActivationStore::open("old/1a2b3c4d")?.metadata().clone(); // or build one
+/// let mut w = saev::StoreWriter::create("converted".as_ref(), md, None)?;
 /// w.write_examples(0, &vec![0.0; 10])?;  // [n, n_layers, T, d] floats of examples 0..n
 /// let dir = w.finish()?;
 /// # Ok::<(), saev::Error>(())
