@@ -125,6 +125,15 @@ pub enum Error {
         msg: String,
     },
 
+    /// An SAE checkpoint that cannot be read.
+    #[error("{path}: checkpoint: {msg}")]
+    Checkpoint {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
+
     /// A model id that is neither a directory nor in the local Hugging Face cache.
     #[error("model `{id}` not found: {msg}")]
     ModelNotFound {

