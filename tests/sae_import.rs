@@ -80,3 +80,102 @@ fn truncated_or_foreign_files_are_named() {
     let e = saev::read_torch_checkpoint(&p).unwrap_err().to_string();
     assert!(e.contains("text.pt") && e.contains("zip"), "{e}");
 }
+
+/// Closed form of the paper-era encoder, computed here with plain loops from the torch tensors:
+/// f = relu((x − b_dec) W_enc + b_enc), x̂ = f W_dec + b_dec.
+#[test]
+fn imported_paper_sae_encodes_like_the_reference_formula() {
+    let want =
+        saev::candle_core::safetensors::load(fixtures().join("expected.safetensors"), &Device::Cpu)
+            .unwrap();
+    let v = |n: &str| -> Vec<f32> { want[n].flatten_all().unwrap().to_vec1().unwrap() };
+    let (w_enc, b_enc, w_dec, b_dec) = (v("W_enc"), v("b_enc"), v("W_dec"), v("b_dec"));
+    let (d, s) = (8usize, 32usize);
+    let sae = saev::Sae::from_torch(&fixtures().join("paper.pt"), None).unwrap();
+    assert_eq!((sae.d_model(), sae.d_sae()), (d, s));
+    let x: Vec<f32> = (0..3 * d)
+        .map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.3)
+        .collect();
+    let xt = saev::candle_core::Tensor::from_vec(x.clone(), (3, d), &Device::Cpu).unwrap();
+    let f: Vec<f32> = sae
+        .encode(&xt)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let xh: Vec<f32> = sae
+        .decode(&sae.encode(&xt).unwrap())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    for r in 0..3 {
+        for j in 0..s {
+            let mut h = b_enc[j];
+            for i in 0..d {
+                h += (x[r * d + i] - b_dec[i]) * w_enc[i * s + j];
+            }
+            assert!((f[r * s + j] - h.max(0.0)).abs() < 1e-5, "f[{r},{j}]");
+        }
+        for i in 0..d {
+            let mut y = b_dec[i];
+            for j in 0..s {
+                y += f[r * s + j] * w_dec[j * d + i];
+            }
+            assert!((xh[r * d + i] - y).abs() < 1e-4, "x̂[{r},{i}]");
+        }
+    }
+    // Save / load round trip, and an unknown schema is refused.
+    let dir = std::env::temp_dir().join(format!("saev-sae-rt-{}", std::process::id()));
+    sae.save(&dir).unwrap();
+    let back = saev::Sae::load(&dir).unwrap();
+    let f2: Vec<f32> = back
+        .encode(&xt)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_eq!(f, f2);
+    let js = std::fs::read_to_string(dir.join("sae.json"))
+        .unwrap()
+        .replacen("\"schema\": 1", "\"schema\": 99", 1);
+    std::fs::write(dir.join("sae.json"), js).unwrap();
+    assert!(saev::Sae::load(&dir)
+        .unwrap_err()
+        .to_string()
+        .contains("schema"));
+}
+
+#[test]
+fn topk_keeps_k_latents() {
+    let sae = saev::Sae::from_torch(&fixtures().join("schema5.pt"), None).unwrap();
+    let cfg = saev::SaeConfig {
+        activation: saev::SaeActivation::TopK { k: 3 },
+        ..sae.config().clone()
+    };
+    let want =
+        saev::candle_core::safetensors::load(fixtures().join("expected.safetensors"), &Device::Cpu)
+            .unwrap();
+    let topk = saev::Sae::new(
+        cfg,
+        want["W_enc"].clone(),
+        want["b_enc"].clone(),
+        want["W_dec"].clone(),
+        want["b_dec"].clone(),
+    )
+    .unwrap();
+    let x = saev::candle_core::Tensor::randn(0f32, 1.0, (5, 8), &Device::Cpu).unwrap();
+    let f: Vec<f32> = topk
+        .encode(&x)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    for row in f.chunks(32) {
+        assert!(row.iter().filter(|&&v| v > 0.0).count() <= 3);
+    }
+}

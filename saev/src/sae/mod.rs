@@ -1,4 +1,5 @@
-//! Sparse autoencoders. So far: reading the Python saev's `sae.pt` checkpoints
-//! ([`torch_load`]); the `Sae` handle and trainer build on it (issue #4).
+//! Sparse autoencoders: the [`Sae`](model::Sae) handle with its checkpoint format, and reading
+//! the Python saev's `sae.pt` checkpoints ([`torch_load`]). The trainer builds on these (#4).
 
+pub mod model;
 pub mod torch_load;

@@ -1,0 +1,330 @@
+//! The [`Sae`] handle: a sparse autoencoder with the input normalisation it expects, applied for
+//! the user.
+//!
+//! `f = act((x̃) W_enc + b_enc)`, `x̂ = f W_dec + b_dec`, with `x̃ = (x − mean) / scalar` (the
+//! paper's normalisation; identity when none is stored). This is HEAD saev's form: the paper-era
+//! encoder `(x̃ − b_dec) W_enc + b_enc` is folded on import (`b_enc ← b_enc − b_dec W_enc`).
+//! Activations: ReLU, TopK(k), BatchTopK(k) with its learned inference threshold.
+//! Checkpoints: `sae.safetensors` (W_enc, b_enc, W_dec, b_dec) + `sae.json` (versioned config).
+//!
+//! ```no_run
+//! let sae = saev::Sae::from_torch("sae.pt".as_ref(), None)?;   // a Python saev checkpoint
+//! let x = saev::candle_core::Tensor::zeros((4, sae.d_model()), saev::candle_core::DType::F32, &saev::candle_core::Device::Cpu)?;
+//! let f = sae.encode(&x)?;                                      // [4, d_sae]
+//! # Ok::<(), saev::Error>(())
+//! ```
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::torch_load::read_torch_checkpoint;
+use crate::error::{CandleContext, Error, IoContext, Result};
+
+/// The sparsifying non-linearity.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum SaeActivation {
+    /// ReLU (paper recipe, with an L1 penalty in training).
+    Relu,
+    /// Keep the `k` largest pre-activations per row (ReLU'd).
+    TopK {
+        /// Latents kept per row.
+        k: usize,
+    },
+    /// BatchTopK: top `k·B` over a training batch; at inference a fixed threshold.
+    BatchTopK {
+        /// Mean latents kept per row in training.
+        k: usize,
+        /// Inference threshold (EMA of the smallest kept value in training).
+        threshold: f32,
+    },
+}
+
+/// Input normalisation `(x − mean) / scalar`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SaeNorm {
+    /// Per-dimension mean (`d_model` values).
+    pub mean: Vec<f32>,
+    /// Scalar divisor.
+    pub scalar: f32,
+}
+
+/// Current `sae.json` schema.
+pub const SAE_SCHEMA: u32 = 1;
+
+/// The versioned config stored in `sae.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SaeConfig {
+    /// Schema version ([`SAE_SCHEMA`]).
+    pub schema: u32,
+    /// Input width.
+    pub d_model: usize,
+    /// Dictionary size.
+    pub d_sae: usize,
+    /// Non-linearity.
+    pub activation: SaeActivation,
+    /// Normalisation applied to inputs (None = inputs used as given).
+    pub norm: Option<SaeNorm>,
+    /// Where it came from (store, layer, backbone, training config or imported file).
+    #[serde(default)]
+    pub provenance: serde_json::Value,
+}
+
+/// A sparse autoencoder. Cheap to clone (tensors are reference-counted).
+#[derive(Clone)]
+pub struct Sae {
+    cfg: SaeConfig,
+    w_enc: Tensor,
+    b_enc: Tensor,
+    w_dec: Tensor,
+    b_dec: Tensor,
+    norm_mean: Option<(Tensor, f64)>,
+}
+
+fn get(t: &HashMap<String, Tensor>, name: &str, shape: &[usize], path: &Path) -> Result<Tensor> {
+    let x = t.get(name).ok_or_else(|| Error::MissingTensor {
+        path: path.to_path_buf(),
+        key: name.into(),
+    })?;
+    if x.dims() != shape {
+        return Err(Error::Shape {
+            what: format!("{}: tensor `{name}`", path.display()),
+            expected: shape.to_vec(),
+            actual: x.dims().to_vec(),
+        });
+    }
+    Ok(x.to_dtype(DType::F32)?)
+}
+
+impl Sae {
+    /// Build from weights (`W_enc [d, d_sae]`, `b_enc [d_sae]`, `W_dec [d_sae, d]`, `b_dec [d]`).
+    pub fn new(
+        cfg: SaeConfig,
+        w_enc: Tensor,
+        b_enc: Tensor,
+        w_dec: Tensor,
+        b_dec: Tensor,
+    ) -> Result<Self> {
+        let (d, s) = (cfg.d_model, cfg.d_sae);
+        for (name, t, shape) in [
+            ("W_enc", &w_enc, vec![d, s]),
+            ("b_enc", &b_enc, vec![s]),
+            ("W_dec", &w_dec, vec![s, d]),
+            ("b_dec", &b_dec, vec![d]),
+        ] {
+            if t.dims() != shape.as_slice() {
+                return Err(Error::Shape {
+                    what: name.into(),
+                    expected: shape,
+                    actual: t.dims().to_vec(),
+                });
+            }
+        }
+        let norm_mean = match &cfg.norm {
+            Some(n) if n.mean.len() != d => {
+                return Err(Error::Shape {
+                    what: "norm.mean".into(),
+                    expected: vec![d],
+                    actual: vec![n.mean.len()],
+                })
+            }
+            Some(n) => Some((
+                Tensor::from_vec(n.mean.clone(), d, w_enc.device())?,
+                f64::from(n.scalar),
+            )),
+            None => None,
+        };
+        Ok(Self {
+            cfg,
+            w_enc,
+            b_enc,
+            w_dec,
+            b_dec,
+            norm_mean,
+        })
+    }
+
+    /// Import a Python saev `sae.pt` (paper era or HEAD schema 5); `norm` is the normalisation
+    /// the checkpoint was trained with (the Python saev does not store it).
+    pub fn from_torch(path: &Path, norm: Option<SaeNorm>) -> Result<Self> {
+        let ck = read_torch_checkpoint(path)?;
+        let dev = Device::Cpu;
+        let t: HashMap<String, Tensor> = ck
+            .tensors
+            .iter()
+            .map(|(k, (shape, data))| {
+                Ok((
+                    k.clone(),
+                    Tensor::from_vec(data.clone(), shape.as_slice(), &dev)?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        let w = t.get("W_enc").ok_or_else(|| Error::MissingTensor {
+            path: path.into(),
+            key: "W_enc".into(),
+        })?;
+        let (d, s) = w.dims2().context("W_enc")?;
+        let (w_enc, mut b_enc) = (
+            get(&t, "W_enc", &[d, s], path)?,
+            get(&t, "b_enc", &[s], path)?,
+        );
+        let (w_dec, b_dec) = (
+            get(&t, "W_dec", &[s, d], path)?,
+            get(&t, "b_dec", &[d], path)?,
+        );
+        let (activation, schema) = if ck.header.get("schema").is_some() {
+            let act = &ck.header["cfg"]["activation"];
+            let key = act.get("key").and_then(|k| k.as_str()).unwrap_or("relu");
+            let a = match key {
+                "relu" => SaeActivation::Relu,
+                "topk" => SaeActivation::TopK {
+                    k: act
+                        .get("top_k")
+                        .or_else(|| act.get("k"))
+                        .and_then(|v| v.as_u64())
+                        .unwrap_or(32) as usize,
+                },
+                other => {
+                    return Err(Error::Checkpoint {
+                        path: path.into(),
+                        msg: format!("activation `{other}` is not supported for import"),
+                    })
+                }
+            };
+            (a, "schema5")
+        } else {
+            // Paper era: fold the encoder's `− b_dec` into b_enc.
+            b_enc = (b_enc - b_dec.unsqueeze(0)?.matmul(&w_enc)?.squeeze(0)?)?;
+            (SaeActivation::Relu, "paper")
+        };
+        let cfg = SaeConfig {
+            schema: SAE_SCHEMA,
+            d_model: d,
+            d_sae: s,
+            activation,
+            norm,
+            provenance: serde_json::json!({"imported_from": path.display().to_string(), "format": schema, "header": ck.header}),
+        };
+        Self::new(cfg, w_enc, b_enc, w_dec, b_dec)
+    }
+
+    /// The config.
+    pub fn config(&self) -> &SaeConfig {
+        &self.cfg
+    }
+    /// Input width.
+    pub fn d_model(&self) -> usize {
+        self.cfg.d_model
+    }
+    /// Dictionary size.
+    pub fn d_sae(&self) -> usize {
+        self.cfg.d_sae
+    }
+
+    /// Normalise raw inputs (`[n, d]`) the way the SAE expects.
+    pub fn normalize(&self, x_nd: &Tensor) -> Result<Tensor> {
+        match &self.norm_mean {
+            Some((m, s)) => Ok((x_nd.broadcast_sub(m)? / *s)?),
+            None => Ok(x_nd.clone()),
+        }
+    }
+
+    /// Latent codes of raw inputs.
+    ///
+    /// # Shapes
+    /// `x_nd`: `[n, d_model]` → `[n, d_sae]`.
+    pub fn encode(&self, x_nd: &Tensor) -> Result<Tensor> {
+        let h = self
+            .normalize(x_nd)?
+            .matmul(&self.w_enc)?
+            .broadcast_add(&self.b_enc)?;
+        let f = match &self.cfg.activation {
+            SaeActivation::Relu => h.relu()?,
+            SaeActivation::BatchTopK { threshold, .. } => {
+                let mask = h.ge(f64::from(*threshold))?.to_dtype(DType::F32)?;
+                (h.relu()? * mask)?
+            }
+            SaeActivation::TopK { k } => {
+                let k = (*k).min(self.cfg.d_sae);
+                // The k-th largest value of each row; ties at it are all kept.
+                let kth = h.sort_last_dim(false)?.0.narrow(1, k - 1, 1)?;
+                let mask = h.broadcast_ge(&kth)?.to_dtype(DType::F32)?;
+                (h.relu()? * mask)?
+            }
+        };
+        Ok(f)
+    }
+
+    /// Reconstruction in the normalised space (`[n, d_sae]` → `[n, d_model]`).
+    pub fn decode(&self, f_ns: &Tensor) -> Result<Tensor> {
+        Ok(f_ns.matmul(&self.w_dec)?.broadcast_add(&self.b_dec)?)
+    }
+
+    /// Save as `<dir>/sae.safetensors` + `<dir>/sae.json`.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).with_path(dir)?;
+        let mut t = HashMap::new();
+        t.insert("W_enc".to_string(), self.w_enc.clone());
+        t.insert("b_enc".to_string(), self.b_enc.clone());
+        t.insert("W_dec".to_string(), self.w_dec.clone());
+        t.insert("b_dec".to_string(), self.b_dec.clone());
+        let st = dir.join("sae.safetensors");
+        candle_core::safetensors::save(&t, &st).context(format!("writing {}", st.display()))?;
+        let js = dir.join("sae.json");
+        let text =
+            serde_json::to_string_pretty(&self.cfg).map_err(|e| Error::Invalid(e.to_string()))?;
+        std::fs::write(&js, text).with_path(&js)
+    }
+
+    /// Load what [`Sae::save`] wrote; unknown schema versions are rejected.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let js = dir.join("sae.json");
+        let text = std::fs::read_to_string(&js).with_path(&js)?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json {
+            path: js.clone(),
+            source,
+        })?;
+        let schema = v.get("schema").and_then(|s| s.as_u64());
+        if schema != Some(u64::from(SAE_SCHEMA)) {
+            return Err(Error::Checkpoint {
+                path: js,
+                msg: format!("unknown schema {schema:?} (this saev reads {SAE_SCHEMA})"),
+            });
+        }
+        let cfg: SaeConfig = serde_json::from_value(v).map_err(|source| Error::Json {
+            path: js.clone(),
+            source,
+        })?;
+        let st = dir.join("sae.safetensors");
+        let t =
+            candle_core::safetensors::load(&st, &Device::Cpu).map_err(|e| Error::Safetensors {
+                path: st.clone(),
+                msg: e.to_string(),
+            })?;
+        let (d, s) = (cfg.d_model, cfg.d_sae);
+        let (a, b, c, e) = (
+            get(&t, "W_enc", &[d, s], &st)?,
+            get(&t, "b_enc", &[s], &st)?,
+            get(&t, "W_dec", &[s, d], &st)?,
+            get(&t, "b_dec", &[d], &st)?,
+        );
+        Self::new(cfg, a, b, c, e)
+    }
+}
+
+impl fmt::Debug for Sae {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Sae(d_model={}, d_sae={}, activation={:?}, normalised={})",
+            self.cfg.d_model,
+            self.cfg.d_sae,
+            self.cfg.activation,
+            self.cfg.norm.is_some()
+        )
+    }
+}
