@@ -100,6 +100,22 @@ struct Progress {
 
 const PROGRESS: &str = ".saev-progress.json";
 
+/// Open (creating) a file for in-place writes, extended with zeros to at least `len` bytes;
+/// existing contents are kept (a resumed writer continues in it).
+fn open_at_least(path: &Path, len: u64) -> Result<File> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .with_path(path)?;
+    if f.metadata().with_path(path)?.len() < len {
+        f.set_len(len).with_path(path)?;
+    }
+    Ok(f)
+}
+
 /// Write `text` to `path` atomically (temp file + rename).
 fn write_atomic(path: &Path, text: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
@@ -249,17 +265,10 @@ impl StoreWriter {
 
     fn shard(&mut self, i: usize) -> Result<&File> {
         if self.files[i].is_none() {
-            let path = self.dir.join(Metadata::shard_name(i));
-            let f = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&path)
-                .with_path(&path)?;
-            if f.metadata().with_path(&path)?.len() < self.md.shard_bytes() {
-                f.set_len(self.md.shard_bytes()).with_path(&path)?;
-            }
+            let f = open_at_least(
+                &self.dir.join(Metadata::shard_name(i)),
+                self.md.shard_bytes(),
+            )?;
             self.files[i] = Some(f);
         }
         self.files[i]
@@ -320,15 +329,7 @@ impl StoreWriter {
         let p = self.md.content_tokens_per_example;
         if self.labels.is_none() {
             let path = self.dir.join("labels.bin");
-            let f = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&path)
-                .with_path(&path)?;
-            f.set_len((self.md.n_examples * p) as u64)
-                .with_path(&path)?;
+            let f = open_at_least(&path, (self.md.n_examples * p) as u64)?;
             self.labels = Some((f, path));
         }
         if let Some((f, path)) = &self.labels {
