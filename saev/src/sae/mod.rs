@@ -2,4 +2,5 @@
 //! the Python saev's `sae.pt` checkpoints ([`torch_load`]). The trainer builds on these (#4).
 
 pub mod model;
+pub mod paper_step;
 pub mod torch_load;
