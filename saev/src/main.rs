@@ -26,6 +26,24 @@ enum Cmd {
     },
     /// Record a backbone's activations over a dataset into a saev store (resumable).
     Activations(ActivationsArgs),
+    /// Train a sweep of ReLU SAEs on a store (the paper's recipe, data read once for all).
+    Train {
+        /// Store directory.
+        #[arg(long)]
+        store: PathBuf,
+        /// Store layer.
+        #[arg(long, allow_hyphen_values = true, default_value_t = -2)]
+        layer: i64,
+        /// JSON file: a TrainConfig (any subset of its fields) or a list of {"lr", "lambda"}.
+        #[arg(long)]
+        sweep: Option<PathBuf>,
+        /// Output directory (history.csv, one sub-directory per setting).
+        #[arg(long)]
+        out: PathBuf,
+        /// Patches to train on (overrides the file).
+        #[arg(long)]
+        n_patches: Option<u64>,
+    },
     /// Run a backbone on images and print per-layer residual-stream statistics.
     Record {
         /// Model directory (HF layout) or model id in the local Hugging Face cache.
@@ -182,6 +200,60 @@ fn run(cli: Cli) -> saev::Result<()> {
                 eprintln!("part written in {:.1} s", t0.elapsed().as_secs_f64());
             }
             println!("{}", dir.display());
+        }
+        Cmd::Train {
+            store,
+            layer,
+            sweep,
+            out,
+            n_patches,
+        } => {
+            let store = saev::ActivationStore::open(&store)?;
+            let mut cfg = saev::TrainConfig::new(layer);
+            if let Some(path) = sweep {
+                let text = std::fs::read_to_string(&path).map_err(|source| saev::Error::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+                let v: serde_json::Value =
+                    serde_json::from_str(&text).map_err(|source| saev::Error::Json {
+                        path: path.clone(),
+                        source,
+                    })?;
+                cfg = if v.is_array() {
+                    let sweep: Vec<saev::Setting> =
+                        serde_json::from_value(v).map_err(|source| saev::Error::Json {
+                            path: path.clone(),
+                            source,
+                        })?;
+                    cfg.with_sweep(sweep)
+                } else {
+                    let mut c: saev::TrainConfig =
+                        serde_json::from_value(v).map_err(|source| saev::Error::Json {
+                            path: path.clone(),
+                            source,
+                        })?;
+                    c.layer = layer;
+                    c
+                };
+            }
+            if let Some(n) = n_patches {
+                cfg = cfg.with_n_patches(n);
+            }
+            eprintln!(
+                "{store:?}: training {} settings on {} patches",
+                cfg.sweep.len(),
+                cfg.n_patches
+            );
+            let t0 = std::time::Instant::now();
+            let saes = saev::train_saes(&store, &cfg, &out)?;
+            let dt = t0.elapsed().as_secs_f64();
+            eprintln!(
+                "{} SAEs in {dt:.1} s ({:.0} patches/s per pass)",
+                saes.len(),
+                cfg.n_patches as f64 / dt
+            );
+            println!("{}", out.display());
         }
         Cmd::Record {
             model,

@@ -4,3 +4,4 @@
 pub mod model;
 pub mod paper_step;
 pub mod torch_load;
+pub mod trainer;

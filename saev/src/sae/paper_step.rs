@@ -96,8 +96,29 @@ impl PaperReluStep {
         })
     }
 
+    /// Set λ (the trainer's sparsity warm-up).
+    pub fn set_lambda(&mut self, lambda: f64) {
+        self.lambda = lambda;
+    }
+
+    /// The learning rate the next step will use.
+    pub fn lr(&self) -> f64 {
+        self.lr
+    }
+
     /// One training step on `x_bd` (`[B, d]`).
     pub fn step(&mut self, x_bd: &Tensor) -> Result<LossTerms> {
+        Ok(self.step_inner(x_bd)?.0)
+    }
+
+    /// [`PaperReluStep::step`], also returning which latents fired in the batch.
+    pub fn step_with_activity(&mut self, x_bd: &Tensor) -> Result<(LossTerms, Vec<bool>)> {
+        let (terms, active) = self.step_inner(x_bd)?;
+        let counts: Vec<f32> = active.sum(0)?.to_vec1()?;
+        Ok((terms, counts.into_iter().map(|c| c > 0.0).collect()))
+    }
+
+    fn step_inner(&mut self, x_bd: &Tensor) -> Result<(LossTerms, Tensor)> {
         let (b, d) = x_bd.dims2()?;
         // Unit-norm decoder rows.
         self.w_dec = self
@@ -160,6 +181,6 @@ impl PaperReluStep {
         } else {
             self.lr_final
         };
-        Ok(terms)
+        Ok((terms, active))
     }
 }
