@@ -27,6 +27,7 @@ use crate::store::{ActivationStore, LoaderConfig, Tokens};
 
 /// One sweep setting.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Setting {
     /// Peak learning rate.
     pub lr: f64,
@@ -36,7 +37,7 @@ pub struct Setting {
 
 /// Training configuration (serde; documented defaults; `with_*` setters).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
     /// Store layer. Default -2.
     pub layer: i64,
@@ -257,4 +258,38 @@ pub fn train_saes(store: &ActivationStore, cfg: &TrainConfig, out: &Path) -> Res
         saes.push(sae);
     }
     Ok(saes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sweep_files_with_unknown_fields_are_rejected() {
+        assert!(serde_json::from_str::<TrainConfig>(r#"{"lr": 1}"#).is_err());
+        assert!(serde_json::from_str::<Vec<Setting>>(r#"[{"lr": 1, "lamda": 2}]"#).is_err());
+        let c: TrainConfig =
+            serde_json::from_str(r#"{"n_patches": 10, "sweep": [{"lr": 1e-3, "lambda": 4e-4}]}"#)
+                .unwrap();
+        assert_eq!((c.n_patches, c.sweep.len(), c.batch_size), (10, 1, 4096));
+    }
+
+    #[test]
+    fn kaiming_bound_and_determinism() {
+        let a: Vec<f32> = kaiming(8, 64, 3)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let b: Vec<f32> = kaiming(8, 64, 3)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(a, b);
+        assert!(a.iter().all(|v| v.abs() <= 0.125));
+        assert!(a.iter().any(|v| v.abs() > 0.1));
+    }
 }

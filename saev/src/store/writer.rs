@@ -32,7 +32,7 @@ use crate::{Backbone, Dataset, Preprocess};
 
 /// How to record. Serde struct with documented defaults; `with_*` setters.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct WriterConfig {
     /// Blocks to record, Python style. Default `[-2]` (the paper's choice).
     pub layers: Vec<i64>,
