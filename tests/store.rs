@@ -1,6 +1,10 @@
 //! ActivationStore end to end: record with a (tiny) backbone, read back, loaders, normalisation,
 //! corruption, and kill-and-resume with a real subprocess.
 
+mod common;
+
+use common::TensorExt;
+
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -75,7 +79,7 @@ fn recorded_store_reads_back_the_backbone_outputs() {
     for e in [0usize, 4, 10] {
         let img = ds.get(e).unwrap().image;
         let acts = vit.record(&vit.pixels(&[img]).unwrap(), &[-1, 0]).unwrap();
-        let want: Vec<f32> = acts.flatten_all().unwrap().to_vec1().unwrap();
+        let want: Vec<f32> = acts.flat();
         let got = store.example(e).unwrap();
         let max = want
             .iter()

@@ -1,6 +1,10 @@
 //! Stores written by the Python saev's format rules (`scripts/make_store_fixtures.py`): read
 //! identically, and reproduced byte for byte by saev's writer from the same activations.
 
+mod common;
+
+use common::TensorExt;
+
 use std::path::{Path, PathBuf};
 
 use saev::candle_core::Device;
@@ -23,7 +27,7 @@ fn raw() -> (Vec<f32>, Vec<u8>) {
     let t = saev::candle_core::safetensors::load(fixtures().join("raw.safetensors"), &Device::Cpu)
         .unwrap();
     (
-        t["acts"].flatten_all().unwrap().to_vec1().unwrap(),
+        t["acts"].flat(),
         t["labels"].flatten_all().unwrap().to_vec1().unwrap(),
     )
 }

@@ -1,6 +1,10 @@
 //! Training a sweep on a store with a planted sparse dictionary: the loss falls, the λ warm-up
 //! really ramps, each SAE is saved with its normalisation and reloads identically.
 
+mod common;
+
+use common::TensorExt;
+
 use saev::candle_core::{Device, Tensor};
 use saev::{ActivationStore, Metadata, Setting, StoreWriter, TrainConfig};
 
@@ -24,10 +28,7 @@ fn planted_store(root: &std::path::Path) -> ActivationStore {
     // 32 random unit atoms; each vector = 2 atoms with positive weights + an offset.
     let atoms: Vec<f32> = Tensor::randn(0f32, 1.0, (32, d), &Device::Cpu)
         .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+        .flat();
     let mut acts = Vec::new();
     let mut s = 12345u64;
     let mut rnd = || {
@@ -118,20 +119,8 @@ fn sweep_trains_and_saves() {
         &Device::Cpu,
     )
     .unwrap();
-    let a: Vec<f32> = saes[0]
-        .encode(&x)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let b: Vec<f32> = back
-        .encode(&x)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let a: Vec<f32> = saes[0].encode(&x).unwrap().flat();
+    let b: Vec<f32> = back.encode(&x).unwrap().flat();
     assert_eq!(a, b);
     // Reconstruction of a raw vector through normalise → encode → decode is close.
     let xn = saes[0].normalize(&x).unwrap();

@@ -2,32 +2,13 @@
 //! weights after 6 fused-Adam steps with lr warm-up, two sweep settings on the same batches.
 //! Fixture: `scripts/make_trainer_fixtures.py`.
 
+mod common;
+
+use common::max_rel_diff;
+
 use std::path::Path;
 
-use saev::candle_core::{Device, Tensor};
-
-fn rel(a: &Tensor, b: &Tensor) -> f32 {
-    let d: f32 = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap();
-    let m: f32 = b
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap();
-    d / m
-}
+use saev::candle_core::Device;
 
 #[test]
 fn relu_step_matches_saev_010() {
@@ -75,7 +56,7 @@ fn relu_step_matches_saev_010() {
             ("W_dec", &step.w_dec),
             ("b_dec", &step.b_dec),
         ] {
-            let r = rel(got, &t[&format!("s{k}.final.{name}")]);
+            let r = max_rel_diff(got, &t[&format!("s{k}.final.{name}")]);
             assert!(r <= 1e-4, "setting {k} final {name}: max rel diff {r}");
             eprintln!("setting {k} final {name}: max |diff| / max |ref| = {r:.2e}");
         }
