@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use super::model::{Sae, SaeActivation, SaeConfig, SaeNorm, SAE_SCHEMA};
 use super::paper_step::PaperReluStep;
 use crate::error::{Error, IoContext, Result};
+use crate::store::permute::splitmix64;
 use crate::store::{ActivationStore, LoaderConfig, Tokens};
 
 /// One sweep setting.
@@ -124,11 +125,8 @@ fn kaiming(rows: usize, cols: usize, seed: u64) -> Result<Tensor> {
     let mut s = seed;
     let data: Vec<f32> = (0..rows * cols)
         .map(|_| {
-            s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = s;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^= z >> 31;
+            s = s.wrapping_add(1);
+            let z = splitmix64(s);
             let u = (z >> 11) as f64 / (1u64 << 53) as f64;
             ((2.0 * u - 1.0) * bound) as f32
         })
