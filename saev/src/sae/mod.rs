@@ -1,7 +1,9 @@
 //! Sparse autoencoders: the [`Sae`](model::Sae) handle with its checkpoint format, and reading
 //! the Python saev's `sae.pt` checkpoints ([`torch_load`]). The trainer builds on these (#4).
 
+mod linalg;
 pub mod model;
 pub mod paper_step;
+pub mod step;
 pub mod torch_load;
 pub mod trainer;

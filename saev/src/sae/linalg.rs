@@ -1,0 +1,429 @@
+//! CPU kernels for SAE training: dense GEMM through the `gemm` crate (AVX-512 microkernels,
+//! rayon), the sparse code `f` as compressed rows ([`Csr`]) and their transpose, and the
+//! selections that make `f` sparse (ReLU / threshold, per-row top-k, batch top-k).
+//!
+//! Everything is deterministic: parallel loops write disjoint outputs, reductions run in a
+//! fixed order.
+//!
+//! ```text
+//! gemm(m, n, k, out, 0, n, Mat::rows(a, k), Mat::t(b, k), false);  // out = a · bᵀ
+//! let f = select_topk(&pre_bs, s, 32);                           // ≤ 32 entries per row
+//! ```
+
+use rayon::prelude::*;
+
+/// A matrix operand: `data[off + i·rs + j·cs]` is element `(i, j)`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Mat<'a> {
+    pub data: &'a [f32],
+    pub off: usize,
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a> Mat<'a> {
+    /// Row-major `[rows, cols]` as stored (`cols` = row stride).
+    pub fn rows(data: &'a [f32], cols: usize) -> Self {
+        Self {
+            data,
+            off: 0,
+            rs: cols,
+            cs: 1,
+        }
+    }
+    /// The transpose of a stored row-major matrix with `cols` columns.
+    pub fn t(data: &'a [f32], cols: usize) -> Self {
+        Self {
+            data,
+            off: 0,
+            rs: 1,
+            cs: cols,
+        }
+    }
+    /// Shift the origin by `off` elements (a sub-block).
+    pub fn at(mut self, off: usize) -> Self {
+        self.off += off;
+        self
+    }
+    fn fits(&self, r: usize, c: usize) -> bool {
+        r == 0 || c == 0 || self.off + (r - 1) * self.rs + (c - 1) * self.cs < self.data.len()
+    }
+}
+
+/// `out[m, n] (+)= a[m, k] · b[k, n]`; `out` is row-major with row stride `out_rs` from
+/// element `out_off`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    out: &mut [f32],
+    out_off: usize,
+    out_rs: usize,
+    a: Mat<'_>,
+    b: Mat<'_>,
+    accumulate: bool,
+) {
+    assert!(
+        a.fits(m, k)
+            && b.fits(k, n)
+            && (m == 0 || n == 0 || out_off + (m - 1) * out_rs + n <= out.len()),
+        "gemm operand sizes"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                out[out_off + i * out_rs..][..n].fill(0.0);
+            }
+        }
+        return;
+    }
+    let threads = rayon::current_num_threads();
+    // SAFETY: the assert above bounds every index the strides reach.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr().add(out_off),
+            1,
+            out_rs as isize,
+            accumulate,
+            a.data.as_ptr().add(a.off),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr().add(b.off),
+            b.cs as isize,
+            b.rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            if threads > 1 {
+                gemm::Parallelism::Rayon(threads)
+            } else {
+                gemm::Parallelism::None
+            },
+        );
+    }
+}
+
+/// Sparse rows: row `r` holds `idx[ptr[r]..ptr[r+1]]` (ascending latent ids) and their values.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) struct Csr {
+    pub ptr: Vec<usize>,
+    pub idx: Vec<u32>,
+    pub val: Vec<f32>,
+}
+
+impl Csr {
+    pub fn n_rows(&self) -> usize {
+        self.ptr.len().saturating_sub(1)
+    }
+    pub fn nnz(&self) -> usize {
+        self.idx.len()
+    }
+    pub fn row(&self, r: usize) -> (&[u32], &[f32]) {
+        let (a, b) = (self.ptr[r], self.ptr[r + 1]);
+        (&self.idx[a..b], &self.val[a..b])
+    }
+
+    /// Build from per-row lists (already sorted by latent id).
+    fn from_rows(rows: Vec<Vec<(u32, f32)>>) -> Self {
+        let mut ptr = Vec::with_capacity(rows.len() + 1);
+        ptr.push(0);
+        let nnz: usize = rows.iter().map(Vec::len).sum();
+        let (mut idx, mut val) = (Vec::with_capacity(nnz), Vec::with_capacity(nnz));
+        for r in rows {
+            for (i, v) in r {
+                idx.push(i);
+                val.push(v);
+            }
+            ptr.push(idx.len());
+        }
+        Self { ptr, idx, val }
+    }
+
+    /// Dense `[rows, n_cols]` copy.
+    pub fn to_dense(&self, n_cols: usize) -> Vec<f32> {
+        let mut out = vec![0f32; self.n_rows() * n_cols];
+        out.par_chunks_mut(n_cols.max(1))
+            .enumerate()
+            .for_each(|(r, o)| {
+                let (ix, vs) = self.row(r);
+                for (&i, &v) in ix.iter().zip(vs) {
+                    o[i as usize] = v;
+                }
+            });
+        out
+    }
+
+    /// Column view: for latent `s`, `entries[cptr[s]..cptr[s+1]]` are positions into this
+    /// matrix's `idx`/`val` (rows ascending).
+    pub fn transpose(&self, n_cols: usize) -> Transposed {
+        let mut cptr = vec![0usize; n_cols + 1];
+        for &i in &self.idx {
+            cptr[i as usize + 1] += 1;
+        }
+        for s in 0..n_cols {
+            cptr[s + 1] += cptr[s];
+        }
+        let mut fill = cptr.clone();
+        let mut rows = vec![0u32; self.nnz()];
+        let mut pos = vec![0u32; self.nnz()];
+        for r in 0..self.n_rows() {
+            for p in self.ptr[r]..self.ptr[r + 1] {
+                let s = self.idx[p] as usize;
+                rows[fill[s]] = r as u32;
+                pos[fill[s]] = p as u32;
+                fill[s] += 1;
+            }
+        }
+        Transposed { cptr, rows, pos }
+    }
+}
+
+/// The column (per-latent) view of a [`Csr`].
+pub(crate) struct Transposed {
+    pub cptr: Vec<usize>,
+    pub rows: Vec<u32>,
+    pub pos: Vec<u32>,
+}
+
+/// Rows of `pre` (`[n, s]`) kept where `value > threshold` (ReLU: threshold 0).
+pub(crate) fn select_above(pre: &[f32], s: usize, threshold: f32) -> Csr {
+    let rows = pre
+        .par_chunks(s)
+        .map(|row| {
+            row.iter()
+                .enumerate()
+                .filter(|(_, &v)| v > threshold)
+                .map(|(i, &v)| (i as u32, v))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    Csr::from_rows(rows)
+}
+
+/// Top `k` of one row by value (ties: lower id first), as (id, value) sorted by id; only
+/// positive values are kept (TopK then ReLU). `mask`: only latents with `mask[i]` compete.
+fn topk_row(row: &[f32], k: usize, mask: Option<&[bool]>) -> Vec<(u32, f32)> {
+    if k == 0 {
+        return Vec::new();
+    }
+    // Kept sorted descending by value; `thr` is the smallest kept value once full.
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
+    let mut thr = f32::NEG_INFINITY;
+    for (i, &v) in row.iter().enumerate() {
+        if v <= thr || v <= 0.0 || mask.is_some_and(|m| !m[i]) {
+            continue;
+        }
+        let at = best.partition_point(|&(_, b)| b >= v);
+        best.insert(at, (i as u32, v));
+        if best.len() > k {
+            best.pop();
+        }
+        if best.len() == k {
+            thr = best[k - 1].1;
+        }
+    }
+    best.sort_unstable_by_key(|&(i, _)| i);
+    best
+}
+
+/// Per-row top-k of `pre` (`[n, s]`), ReLU'd.
+pub(crate) fn select_topk(pre: &[f32], s: usize, k: usize) -> Csr {
+    Csr::from_rows(pre.par_chunks(s).map(|r| topk_row(r, k, None)).collect())
+}
+
+/// Per-row top-k of `pre` among latents with `mask[i]` (AuxK over dead latents), ReLU'd.
+pub(crate) fn select_topk_masked(pre: &[f32], s: usize, k: usize, mask: &[bool]) -> Csr {
+    Csr::from_rows(
+        pre.par_chunks(s)
+            .map(|r| topk_row(r, k, Some(mask)))
+            .collect(),
+    )
+}
+
+/// Batch top-k: the `k_total` largest positive values of the whole `[n, s]` matrix (ties at
+/// the boundary kept by lowest flat index). Returns them and the smallest kept value.
+pub(crate) fn select_batch_topk(pre: &[f32], s: usize, k_total: usize) -> (Csr, f32) {
+    // Radix select on the bit patterns of positive floats (monotone in value): histogram the
+    // top 16 bits, find the bin holding the k-th largest, then resolve inside that bin.
+    const BINS: usize = 1 << 16;
+    let hist = pre
+        .par_chunks(1 << 16)
+        .map(|c| {
+            let mut h = vec![0u32; BINS];
+            for &v in c {
+                if v > 0.0 {
+                    h[(v.to_bits() >> 16) as usize] += 1;
+                }
+            }
+            h
+        })
+        .reduce(
+            || vec![0u32; BINS],
+            |mut a, b| {
+                for (x, y) in a.iter_mut().zip(b) {
+                    *x += y;
+                }
+                a
+            },
+        );
+    let n_pos: usize = hist.iter().map(|&c| c as usize).sum();
+    let k_total = k_total.min(n_pos);
+    if k_total == 0 {
+        let n = pre.len() / s.max(1);
+        return (Csr::from_rows(vec![Vec::new(); n]), 0.0);
+    }
+    let (mut above, mut bin) = (0usize, BINS - 1);
+    loop {
+        if above + hist[bin] as usize >= k_total {
+            break;
+        }
+        above += hist[bin] as usize;
+        bin -= 1;
+    }
+    // Values in the boundary bin: take the (k_total − above) largest, ties by flat index.
+    let need = k_total - above;
+    let mut cand: Vec<(f32, usize)> = pre
+        .par_iter()
+        .enumerate()
+        .filter(|(_, &v)| v > 0.0 && (v.to_bits() >> 16) as usize == bin)
+        .map(|(i, &v)| (v, i))
+        .collect();
+    cand.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    let (cut_v, cut_i) = (cand[need - 1].0, cand[need - 1].1);
+    let keep = |v: f32, flat: usize| {
+        let b = (v.to_bits() >> 16) as usize;
+        v > 0.0 && (b > bin || (b == bin && (v > cut_v || (v == cut_v && flat <= cut_i))))
+    };
+    let rows = pre
+        .par_chunks(s)
+        .enumerate()
+        .map(|(r, row)| {
+            row.iter()
+                .enumerate()
+                .filter(|(i, &v)| keep(v, r * s + i))
+                .map(|(i, &v)| (i as u32, v))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    (Csr::from_rows(rows), cut_v)
+}
+
+/// `out[r] += Σ_{(i, v) in row r} v · w[i]` for `w` `[s, d]` (`out` `[n, d]`).
+pub(crate) fn sparse_rows_times(f: &Csr, vals: &[f32], w: &[f32], d: usize, out: &mut [f32]) {
+    out.par_chunks_mut(d).enumerate().for_each(|(r, o)| {
+        for p in f.ptr[r]..f.ptr[r + 1] {
+            let (i, v) = (f.idx[p] as usize, vals[p]);
+            axpy(v, &w[i * d..(i + 1) * d], o);
+        }
+    });
+}
+
+/// `y += a · x`.
+#[inline]
+pub(crate) fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    for (y, x) in y.iter_mut().zip(x) {
+        *y += a * x;
+    }
+}
+
+/// `x · y`, accumulated in 8 lanes (vectorises; fixed order, deterministic).
+#[inline]
+pub(crate) fn dot(x: &[f32], y: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (xc, yc) = (x.chunks_exact(8), y.chunks_exact(8));
+    let (xr, yr) = (xc.remainder(), yc.remainder());
+    for (a, b) in xc.zip(yc) {
+        for j in 0..8 {
+            acc[j] += a[j] * b[j];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (a, b) in xr.iter().zip(yr) {
+        s += a * b;
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(m: usize, n: usize, k: usize, a: &[f32], b: &[f32]) -> Vec<f32> {
+        let mut o = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                o[i * n + j] = (0..k).map(|t| a[i * k + t] * b[t * n + j]).sum();
+            }
+        }
+        o
+    }
+
+    fn transpose(r: usize, c: usize, a: &[f32]) -> Vec<f32> {
+        let mut t = vec![0f32; r * c];
+        for i in 0..r {
+            for j in 0..c {
+                t[j * r + i] = a[i * c + j];
+            }
+        }
+        t
+    }
+
+    #[test]
+    fn gemm_layouts_match_naive() {
+        let (m, n, k) = (7, 5, 3);
+        let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.11).cos()).collect();
+        let want = naive(m, n, k, &a, &b);
+        let (at, bt) = (transpose(m, k, &a), transpose(k, n, &b));
+        for am in [Mat::rows(&a, k), Mat::t(&at, m)] {
+            for bm in [Mat::rows(&b, n), Mat::t(&bt, k)] {
+                let mut o = vec![1f32; m * n];
+                gemm(m, n, k, &mut o, 0, n, am, bm, true);
+                for (x, y) in o.iter().zip(&want) {
+                    assert!((x - (y + 1.0)).abs() < 1e-5);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn topk_and_batch_topk_known_cases() {
+        let pre = [0.5, -1.0, 3.0, 2.0, 0.1, 0.0, 4.0, 1.0];
+        let f = select_topk(&pre, 4, 2);
+        assert_eq!(f.idx, vec![2, 3, 2, 3]);
+        assert_eq!(f.val, vec![3.0, 2.0, 4.0, 1.0]);
+        // Negative/zero values are never kept, even when k allows it.
+        let f = select_topk(&[-1.0, 0.0, -2.0, 5.0], 4, 3);
+        assert_eq!((f.idx.clone(), f.val.clone()), (vec![3], vec![5.0]));
+        let (f, thr) = select_batch_topk(&pre, 4, 3);
+        assert_eq!(
+            (f.ptr.clone(), f.idx.clone()),
+            (vec![0, 2, 3], vec![2, 3, 2])
+        );
+        assert_eq!(thr, 2.0);
+        // Ties at the boundary: lowest flat index wins.
+        let (f, thr) = select_batch_topk(&[1.0, 1.0, 1.0, 2.0], 2, 2);
+        assert_eq!((f.idx, thr), (vec![0, 1], 1.0));
+        let f = select_topk_masked(&pre, 4, 1, &[true, true, false, true]);
+        assert_eq!(f.idx, vec![3, 3]);
+    }
+
+    #[test]
+    fn transpose_lists_each_column() {
+        let f = select_above(&[1.0, 0.0, 2.0, 0.0, 3.0, 4.0], 3, 0.0);
+        let t = f.transpose(3);
+        assert_eq!(t.cptr, vec![0, 1, 2, 4]);
+        assert_eq!(t.rows, vec![0, 1, 0, 1]);
+        let vals: Vec<f32> = t.pos.iter().map(|&p| f.val[p as usize]).collect();
+        assert_eq!(vals, vec![1.0, 3.0, 2.0, 4.0]);
+    }
+}

@@ -1,0 +1,950 @@
+//! One SAE under training on the CPU: forward, explicit gradients that exploit the sparsity of
+//! the code `f`, and Adam. ReLU + L1 (the paper), TopK and BatchTopK (Gao et al. 2024;
+//! Bussmann et al. 2024) with AuxK on dead latents, and Matryoshka prefix losses (Bussmann et
+//! al. 2025) over any of them.
+//!
+//! Model (training form): `pre = (x − b_dec) W_encᵀ + b_enc`, `f = act(pre)`,
+//! `x̂_j = f[:, <e_j] W_dec + b_dec` for Matryoshka prefix ends `e_1 < … < e_G = d_sae` (G = 1:
+//! plain SAE). Loss = (1/G) Σ_j mean((x̂_j − x)²) + λ · mean_b Σ_s f (ReLU) + α · AuxK.
+//! AuxK: `e = x − x̂_G` (no gradient), `ê = z W_dec` with `z` the top `aux_k` pre-activations
+//! among dead latents, loss `Σ‖ê − e‖² / Σ‖e − ē‖²` (an NMSE, as in Gao et al.).
+//!
+//! Only `x · W_encᵀ` is dense. When `f` is sparse (density ≤ `dense_above`), the decoder, its
+//! gradient, `∂L/∂f` and the encoder weight-gradient touch only active latents (`O(nnz · d)`);
+//! otherwise the same quantities come from dense GEMMs. Both give the same gradients (tested).
+//!
+//! ```text
+//! let mut st = TrainState::new(w_enc_sd, b_enc, w_dec_sd, b_dec, recipe)?;
+//! let out = st.step(&x_nd, n, lr, lambda, &mut scratch)?;   // loss terms before the update
+//! ```
+
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::linalg::{
+    axpy, dot, gemm, select_above, select_batch_topk, select_topk, select_topk_masked,
+    sparse_rows_times, Csr, Mat, Transposed,
+};
+use crate::error::{Error, Result};
+
+/// The sparsifying non-linearity being trained.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum TrainActivation {
+    /// ReLU with an L1 penalty λ.
+    Relu,
+    /// Per-row top `k`.
+    TopK {
+        /// Latents kept per row.
+        k: usize,
+    },
+    /// Batch top `k · n`; the inference threshold is an EMA of the smallest kept value.
+    BatchTopK {
+        /// Mean latents kept per row.
+        k: usize,
+    },
+}
+
+/// Which kernels compute the decoder side.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kernels {
+    /// Sparse when the code's density is ≤ the recipe's `dense_above`.
+    Auto,
+    /// Always sparse.
+    Sparse,
+    /// Always dense GEMMs.
+    Dense,
+}
+
+/// Everything about one SAE's objective and update except lr and λ (which vary per step).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Recipe {
+    /// Non-linearity.
+    pub activation: TrainActivation,
+    /// Matryoshka prefix ends (ascending, last = d_sae); empty = one group.
+    pub groups: Vec<usize>,
+    /// AuxK latents per row (0 = off).
+    pub aux_k: usize,
+    /// AuxK coefficient α.
+    pub aux_coef: f64,
+    /// A latent silent for this many patches is dead (AuxK, history).
+    pub dead_window_patches: u64,
+    /// Unit-norm decoder rows before each step and parallel-gradient removal.
+    pub unit_norm_decoder: bool,
+    /// Clip the global gradient norm to this (None = no clipping).
+    pub max_grad_norm: Option<f64>,
+    /// Kernel choice.
+    pub kernels: Kernels,
+    /// Density above which `Auto` uses dense GEMMs.
+    pub dense_above: f64,
+}
+
+/// Loss terms and statistics of one step (before the update).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct StepStats {
+    /// Total loss.
+    pub loss: f64,
+    /// MSE of the full reconstruction (mean over elements).
+    pub mse: f64,
+    /// Σ‖x̂ − x‖² / Σ‖x − x̄‖² over the batch.
+    pub nmse: f64,
+    /// Mean active latents per row.
+    pub l0: f64,
+    /// Mean Σ f per row.
+    pub l1: f64,
+    /// AuxK loss (before α).
+    pub aux: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// λ used.
+    pub lambda: f64,
+    /// Whether the dense kernels ran.
+    pub dense: bool,
+}
+
+/// Gradients of the four parameters, in the training layout.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Grads {
+    /// `[d_sae, d]` (encoder rows).
+    pub w_enc: Vec<f32>,
+    /// `[d_sae]`.
+    pub b_enc: Vec<f32>,
+    /// `[d_sae, d]`.
+    pub w_dec: Vec<f32>,
+    /// `[d]`.
+    pub b_dec: Vec<f32>,
+}
+
+/// Reusable big buffers, shared by all SAEs of a sweep.
+#[derive(Default)]
+pub struct Scratch {
+    pre: Vec<f32>,
+    dense: Vec<f32>,
+}
+
+/// One SAE's weights (training layout), Adam moments and dead-latent counters.
+#[derive(Clone)]
+pub struct TrainState {
+    /// Input width.
+    pub d: usize,
+    /// Dictionary size.
+    pub s: usize,
+    /// Encoder rows `[d_sae, d]` (the transpose of the [`Sae`](super::model::Sae)'s `W_enc`).
+    pub w_enc: Vec<f32>,
+    /// `[d_sae]`.
+    pub b_enc: Vec<f32>,
+    /// `[d_sae, d]`.
+    pub w_dec: Vec<f32>,
+    /// `[d]`.
+    pub b_dec: Vec<f32>,
+    /// Adam first and second moments, per parameter (w_enc, b_enc, w_dec, b_dec).
+    pub adam_m: [Vec<f32>; 4],
+    /// See `adam_m`.
+    pub adam_v: [Vec<f32>; 4],
+    /// Adam steps taken.
+    pub t: u64,
+    /// BatchTopK inference threshold (EMA of the smallest kept value; 0 before training).
+    pub threshold: f32,
+    /// Patches since each latent last fired.
+    pub since_fired: Vec<u64>,
+    /// The objective.
+    pub recipe: Recipe,
+    group_of: Vec<u16>,
+}
+
+const BETA1: f64 = 0.9;
+const BETA2: f64 = 0.999;
+const EPS: f64 = 1e-8;
+const THRESHOLD_RATE: f32 = 0.01;
+
+impl TrainState {
+    /// Start from weights in the training layout (`w_enc`, `w_dec` both `[d_sae, d]`).
+    pub fn new(
+        w_enc: Vec<f32>,
+        b_enc: Vec<f32>,
+        w_dec: Vec<f32>,
+        b_dec: Vec<f32>,
+        recipe: Recipe,
+    ) -> Result<Self> {
+        let d = b_dec.len();
+        let s = b_enc.len();
+        for (name, len, want) in [("w_enc", w_enc.len(), s * d), ("w_dec", w_dec.len(), s * d)] {
+            if len != want {
+                return Err(Error::Shape {
+                    what: format!("train state: {name}"),
+                    expected: vec![s, d],
+                    actual: vec![len],
+                });
+            }
+        }
+        let ends = if recipe.groups.is_empty() {
+            vec![s]
+        } else {
+            recipe.groups.clone()
+        };
+        if ends.windows(2).any(|w| w[0] >= w[1]) || ends.last() != Some(&s) || ends[0] == 0 {
+            return Err(Error::Invalid(format!(
+                "matryoshka groups {:?}: prefix ends must ascend, start above 0 and end at d_sae = {s}",
+                recipe.groups
+            )));
+        }
+        if ends.len() > usize::from(u16::MAX) {
+            return Err(Error::Invalid("matryoshka: too many groups".into()));
+        }
+        let mut group_of = vec![0u16; s];
+        let mut a = 0;
+        for (j, &e) in ends.iter().enumerate() {
+            group_of[a..e].fill(j as u16);
+            a = e;
+        }
+        let zeros = |n: usize| vec![0f32; n];
+        Ok(Self {
+            d,
+            s,
+            adam_m: [zeros(s * d), zeros(s), zeros(s * d), zeros(d)],
+            adam_v: [zeros(s * d), zeros(s), zeros(s * d), zeros(d)],
+            w_enc,
+            b_enc,
+            w_dec,
+            b_dec,
+            t: 0,
+            threshold: 0.0,
+            since_fired: vec![0; s],
+            recipe,
+            group_of,
+        })
+    }
+
+    fn n_groups(&self) -> usize {
+        usize::from(self.group_of.last().copied().unwrap_or(0)) + 1
+    }
+
+    /// Latents silent for at least `dead_window_patches`.
+    pub fn dead_mask(&self) -> Vec<bool> {
+        self.since_fired
+            .iter()
+            .map(|&n| n >= self.recipe.dead_window_patches)
+            .collect()
+    }
+
+    /// Set every decoder row to unit norm (rows of norm 0 are left as they are).
+    pub fn normalise_decoder(&mut self) {
+        let d = self.d;
+        self.w_dec.par_chunks_mut(d).for_each(|r| {
+            let n = dot(r, r).sqrt();
+            if n > 0.0 {
+                r.iter_mut().for_each(|v| *v /= n);
+            }
+        });
+    }
+
+    /// One training step on `x_nd` (`n` rows): normalise the decoder (if the recipe says so),
+    /// compute gradients, clip, Adam with `lr`; returns the loss terms before the update and how
+    /// many rows each latent fired on.
+    pub fn step(
+        &mut self,
+        x_nd: &[f32],
+        n: usize,
+        lr: f64,
+        lambda: f64,
+        scratch: &mut Scratch,
+    ) -> Result<(StepStats, Vec<u32>)> {
+        if self.recipe.unit_norm_decoder {
+            self.normalise_decoder();
+        }
+        let (mut stats, mut g, fired, min_kept) = self.gradients_inner(x_nd, n, lambda, scratch)?;
+        stats.lr = lr;
+        if let Some(max) = self.recipe.max_grad_norm {
+            let sq: f64 = [&g.w_enc, &g.b_enc, &g.w_dec, &g.b_dec]
+                .iter()
+                .map(|v| {
+                    v.par_iter()
+                        .map(|&x| f64::from(x) * f64::from(x))
+                        .sum::<f64>()
+                })
+                .sum();
+            let norm = sq.sqrt();
+            if norm > max {
+                let c = (max / norm) as f32;
+                for v in [&mut g.w_enc, &mut g.b_enc, &mut g.w_dec, &mut g.b_dec] {
+                    v.par_iter_mut().for_each(|x| *x *= c);
+                }
+            }
+        }
+        self.adam(&g, lr);
+        if let (TrainActivation::BatchTopK { .. }, Some(m)) = (self.recipe.activation, min_kept) {
+            self.threshold = if self.t == 1 {
+                m
+            } else {
+                (1.0 - THRESHOLD_RATE) * self.threshold + THRESHOLD_RATE * m
+            };
+        }
+        for (c, &k) in self.since_fired.iter_mut().zip(&fired) {
+            *c = if k > 0 { 0 } else { c.saturating_add(n as u64) };
+        }
+        Ok((stats, fired))
+    }
+
+    /// Loss terms and gradients at the current weights (no update, no decoder normalisation).
+    pub fn gradients(
+        &self,
+        x_nd: &[f32],
+        n: usize,
+        lambda: f64,
+        scratch: &mut Scratch,
+    ) -> Result<(StepStats, Grads)> {
+        let (stats, g, _, _) = self.gradients_inner(x_nd, n, lambda, scratch)?;
+        Ok((stats, g))
+    }
+
+    fn adam(&mut self, g: &Grads, lr: f64) {
+        self.t += 1;
+        let bc1 = 1.0 - BETA1.powi(self.t as i32);
+        let bc2_sqrt = (1.0 - BETA2.powi(self.t as i32)).sqrt();
+        let (b1, b2) = (BETA1 as f32, BETA2 as f32);
+        let step = (lr / bc1) as f32;
+        let (bc2_sqrt, eps) = (bc2_sqrt as f32, EPS as f32);
+        let params = [
+            &mut self.w_enc,
+            &mut self.b_enc,
+            &mut self.w_dec,
+            &mut self.b_dec,
+        ];
+        let grads = [&g.w_enc, &g.b_enc, &g.w_dec, &g.b_dec];
+        for (((p, gr), m), v) in params
+            .into_iter()
+            .zip(grads)
+            .zip(self.adam_m.iter_mut())
+            .zip(self.adam_v.iter_mut())
+        {
+            p.par_chunks_mut(4096)
+                .zip(gr.par_chunks(4096))
+                .zip(m.par_chunks_mut(4096))
+                .zip(v.par_chunks_mut(4096))
+                .for_each(|(((p, g), m), v)| {
+                    for i in 0..p.len() {
+                        m[i] = b1 * m[i] + (1.0 - b1) * g[i];
+                        v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
+                        p[i] -= step * m[i] / (v[i].sqrt() / bc2_sqrt + eps);
+                    }
+                });
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn gradients_inner(
+        &self,
+        x_nd: &[f32],
+        n: usize,
+        lambda: f64,
+        scratch: &mut Scratch,
+    ) -> Result<(StepStats, Grads, Vec<u32>, Option<f32>)> {
+        let (d, s, gn) = (self.d, self.s, self.n_groups());
+        if x_nd.len() != n * d || n == 0 {
+            return Err(Error::Shape {
+                what: "training batch".into(),
+                expected: vec![n.max(1), d],
+                actual: vec![x_nd.len() / d.max(1), d],
+            });
+        }
+        // Encoder: pre = (x − b_dec) W_encᵀ + b_enc.
+        let mut xc = x_nd.to_vec();
+        xc.par_chunks_mut(d)
+            .for_each(|r| r.iter_mut().zip(&self.b_dec).for_each(|(v, b)| *v -= b));
+        scratch.pre.resize(n * s, 0.0);
+        let pre = &mut scratch.pre;
+        pre.par_chunks_mut(s)
+            .for_each(|r| r.copy_from_slice(&self.b_enc));
+        gemm(
+            n,
+            s,
+            d,
+            pre,
+            0,
+            s,
+            Mat::rows(&xc, d),
+            Mat::t(&self.w_enc, d),
+            true,
+        );
+        let (f, min_kept) = match self.recipe.activation {
+            TrainActivation::Relu => (select_above(pre, s, 0.0), None),
+            TrainActivation::TopK { k } => (select_topk(pre, s, k), None),
+            TrainActivation::BatchTopK { k } => {
+                let (f, m) = select_batch_topk(pre, s, k * n);
+                (f, Some(m))
+            }
+        };
+        let dead = self.dead_mask();
+        let n_dead = dead.iter().filter(|&&x| x).count();
+        let aux = if self.recipe.aux_k > 0 && n_dead > 0 {
+            Some(select_topk_masked(pre, s, self.recipe.aux_k, &dead))
+        } else {
+            None
+        };
+        let density = f.nnz() as f64 / (n * s) as f64;
+        let dense = match self.recipe.kernels {
+            Kernels::Auto => density > self.recipe.dense_above,
+            Kernels::Sparse => false,
+            Kernels::Dense => true,
+        };
+        let ends = self.group_ends();
+
+        // Forward: raw errors e_j = x̂_j − x per group, `[n, G, d]`.
+        let mut gs = vec![0f32; n * gn * d];
+        if dense {
+            scratch.dense.clear();
+            scratch.dense.extend(f.to_dense(s));
+            let fd = &scratch.dense;
+            let mut acc = vec![0f32; n * d];
+            acc.par_chunks_mut(d)
+                .for_each(|r| r.copy_from_slice(&self.b_dec));
+            let mut a = 0;
+            for (j, &e) in ends.iter().enumerate() {
+                gemm(
+                    n,
+                    d,
+                    e - a,
+                    &mut acc,
+                    0,
+                    d,
+                    Mat::rows(fd, s).at(a),
+                    Mat::rows(&self.w_dec, d).at(a * d),
+                    true,
+                );
+                gs.par_chunks_mut(gn * d)
+                    .zip(acc.par_chunks(d))
+                    .zip(x_nd.par_chunks(d))
+                    .for_each(|((g, r), x)| {
+                        for t in 0..d {
+                            g[j * d + t] = r[t] - x[t];
+                        }
+                    });
+                a = e;
+            }
+        } else {
+            gs.par_chunks_mut(gn * d)
+                .zip(x_nd.par_chunks(d))
+                .enumerate()
+                .for_each(|(b, (g, x))| {
+                    let mut acc = self.b_dec.clone();
+                    let (ix, vs) = f.row(b);
+                    let mut p = 0;
+                    for j in 0..gn {
+                        while p < ix.len() && usize::from(self.group_of[ix[p] as usize]) == j {
+                            let i = ix[p] as usize;
+                            axpy(vs[p], &self.w_dec[i * d..(i + 1) * d], &mut acc);
+                            p += 1;
+                        }
+                        for t in 0..d {
+                            g[j * d + t] = acc[t] - x[t];
+                        }
+                    }
+                });
+        }
+        // Loss terms (f64 sums).
+        let sq_groups: Vec<f64> = (0..gn)
+            .map(|j| {
+                gs.par_chunks(gn * d)
+                    .map(|g| {
+                        g[j * d..(j + 1) * d]
+                            .iter()
+                            .map(|&v| f64::from(v).powi(2))
+                            .sum::<f64>()
+                    })
+                    .sum::<f64>()
+            })
+            .collect();
+        let n_el = (n * d) as f64;
+        let mse = sq_groups[gn - 1] / n_el;
+        let var = total_variance(x_nd, n, d);
+        let l1 = f.val.iter().map(|&v| f64::from(v)).sum::<f64>() / n as f64;
+        let l0 = f.nnz() as f64 / n as f64;
+        let uses_l1 = matches!(self.recipe.activation, TrainActivation::Relu);
+        let lambda = if uses_l1 { lambda } else { 0.0 };
+
+        // AuxK: residual e = x − x̂_G = −(last group's error); ê = z W_dec.
+        let mut aux_loss = 0.0;
+        let mut g_aux: Vec<f32> = Vec::new();
+        if let Some(z) = &aux {
+            let mut resid = vec![0f32; n * d];
+            resid
+                .par_chunks_mut(d)
+                .zip(gs.par_chunks(gn * d))
+                .for_each(|(r, g)| {
+                    for t in 0..d {
+                        r[t] = -g[(gn - 1) * d + t];
+                    }
+                });
+            let z_var = total_variance(&resid, n, d).max(1e-30);
+            let mut e_hat = vec![0f32; n * d];
+            sparse_rows_times(z, &z.val, &self.w_dec, d, &mut e_hat);
+            // e_hat ← ê − e.
+            e_hat.par_iter_mut().zip(&resid).for_each(|(h, r)| *h -= r);
+            let sq: f64 = e_hat.par_iter().map(|&v| f64::from(v).powi(2)).sum();
+            aux_loss = sq / z_var;
+            let c = (self.recipe.aux_coef * 2.0 / z_var) as f32;
+            e_hat.par_iter_mut().for_each(|v| *v *= c);
+            g_aux = e_hat;
+        }
+        let loss = sq_groups.iter().sum::<f64>() / (gn as f64 * n_el)
+            + lambda * l1
+            + self.recipe.aux_coef * aux_loss;
+
+        // dL/dx̂_j = 2 e_j / (G n d); suffix sums: gs[b, j] ← Σ_{j' ≥ j} dL/dx̂_j'.
+        let c = (2.0 / (gn as f64 * n_el)) as f32;
+        gs.par_chunks_mut(gn * d).for_each(|g| {
+            for j in (0..gn).rev() {
+                for t in 0..d {
+                    let above = if j + 1 < gn { g[(j + 1) * d + t] } else { 0.0 };
+                    g[j * d + t] = g[j * d + t] * c + above;
+                }
+            }
+        });
+
+        // ∂L/∂pre at the active entries.
+        let l1_grad = (lambda / n as f64) as f32;
+        let mut grads = Grads {
+            w_enc: vec![0f32; s * d],
+            b_enc: vec![0f32; s],
+            w_dec: vec![0f32; s * d],
+            b_dec: vec![0f32; d],
+        };
+        let dpre: Vec<f32> = if dense {
+            // ∂L/∂f per group block: gs_j · W_dec[block]ᵀ into `pre` (no longer needed).
+            let mut a = 0;
+            for (j, &e) in ends.iter().enumerate() {
+                gemm(
+                    n,
+                    e - a,
+                    d,
+                    pre,
+                    a,
+                    s,
+                    Mat::rows(&gs, gn * d).at(j * d),
+                    Mat::t(&self.w_dec, d).at(a * d),
+                    false,
+                );
+                // W_dec grad block: f[:, block]ᵀ · gs_j.
+                gemm(
+                    e - a,
+                    d,
+                    n,
+                    &mut grads.w_dec,
+                    a * d,
+                    d,
+                    Mat::t(&scratch.dense, s).at(a),
+                    Mat::rows(&gs, gn * d).at(j * d),
+                    false,
+                );
+                a = e;
+            }
+            let pre_r: &[f32] = pre;
+            let dp = (0..f.n_rows())
+                .into_par_iter()
+                .flat_map_iter(|b| {
+                    let (ix, _) = f.row(b);
+                    let row = &pre_r[b * s..(b + 1) * s];
+                    ix.iter()
+                        .map(move |&i| row[i as usize] + l1_grad)
+                        .collect::<Vec<_>>()
+                })
+                .collect::<Vec<f32>>();
+            // Encoder weight grad: dHᵀ · xc with dH the dense ∂L/∂pre.
+            let dh = Csr {
+                ptr: f.ptr.clone(),
+                idx: f.idx.clone(),
+                val: dp.clone(),
+            };
+            scratch.dense.clear();
+            scratch.dense.extend(dh.to_dense(s));
+            gemm(
+                s,
+                d,
+                n,
+                &mut grads.w_enc,
+                0,
+                d,
+                Mat::t(&scratch.dense, s),
+                Mat::rows(&xc, d),
+                false,
+            );
+            for row in scratch.dense.chunks_exact(s) {
+                axpy(1.0, row, &mut grads.b_enc);
+            }
+            dp
+        } else {
+            (0..f.n_rows())
+                .into_par_iter()
+                .flat_map_iter(|b| {
+                    let (ix, _) = f.row(b);
+                    let g = &gs[b * gn * d..(b + 1) * gn * d];
+                    ix.iter()
+                        .map(|&i| {
+                            let i = i as usize;
+                            let j = usize::from(self.group_of[i]);
+                            dot(&self.w_dec[i * d..(i + 1) * d], &g[j * d..(j + 1) * d]) + l1_grad
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        };
+        if !dense {
+            let t = f.transpose(s);
+            self.add_latent_grads(&t, &f.val, &dpre, &xc, &mut grads, |b, i| {
+                let j = usize::from(self.group_of[i]);
+                &gs[(b * gn + j) * d..(b * gn + j + 1) * d]
+            });
+        }
+        if let Some(z) = &aux {
+            let dz: Vec<f32> = (0..z.n_rows())
+                .into_par_iter()
+                .flat_map_iter(|b| {
+                    let (ix, _) = z.row(b);
+                    let g = &g_aux[b * d..(b + 1) * d];
+                    ix.iter()
+                        .map(|&i| dot(&self.w_dec[i as usize * d..(i as usize + 1) * d], g))
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            let t = z.transpose(s);
+            self.add_latent_grads(&t, &z.val, &dz, &xc, &mut grads, |b, _| {
+                &g_aux[b * d..(b + 1) * d]
+            });
+        }
+        // b_dec: Σ_b ∂L/∂x̂ (all groups) − Σ_s ∂L/∂b_enc[s] · W_enc[s] (x is centred by b_dec).
+        for b in 0..n {
+            axpy(1.0, &gs[b * gn * d..b * gn * d + d], &mut grads.b_dec);
+        }
+        let enc_part: Vec<f32> = grads
+            .b_enc
+            .par_iter()
+            .zip(self.w_enc.par_chunks(d))
+            .fold(
+                || vec![0f32; d],
+                |mut acc, (&c, w)| {
+                    if c != 0.0 {
+                        axpy(c, w, &mut acc);
+                    }
+                    acc
+                },
+            )
+            .collect::<Vec<_>>()
+            .into_iter()
+            .fold(vec![0f32; d], |mut a, p| {
+                axpy(1.0, &p, &mut a);
+                a
+            });
+        axpy(-1.0, &enc_part, &mut grads.b_dec);
+        if self.recipe.unit_norm_decoder {
+            grads
+                .w_dec
+                .par_chunks_mut(d)
+                .zip(self.w_dec.par_chunks(d))
+                .for_each(|(g, w)| {
+                    let par = dot(g, w);
+                    axpy(-par, w, g);
+                });
+        }
+        let mut fired = vec![0u32; s];
+        for &i in &f.idx {
+            fired[i as usize] += 1;
+        }
+        let stats = StepStats {
+            loss,
+            mse,
+            nmse: sq_groups[gn - 1] / var.max(1e-30),
+            l0,
+            l1,
+            aux: aux_loss,
+            lr: 0.0,
+            lambda,
+            dense,
+        };
+        Ok((stats, grads, fired, min_kept))
+    }
+
+    /// Per latent `s` (parallel, each row of the gradients written by one task):
+    /// `∂W_dec[s] += Σ f · v(b, s)`, `∂W_enc[s] += Σ ∂pre · xc[b]`, `∂b_enc[s] += Σ ∂pre`.
+    #[allow(clippy::too_many_arguments)]
+    fn add_latent_grads<'a, V>(
+        &self,
+        t: &Transposed,
+        vals: &[f32],
+        dpre: &[f32],
+        xc: &[f32],
+        grads: &mut Grads,
+        vec_of: V,
+    ) where
+        V: Fn(usize, usize) -> &'a [f32] + Sync,
+    {
+        let d = self.d;
+        grads
+            .w_dec
+            .par_chunks_mut(d)
+            .zip(grads.w_enc.par_chunks_mut(d))
+            .zip(grads.b_enc.par_iter_mut())
+            .enumerate()
+            .for_each(|(i, ((gd, ge), gb))| {
+                for q in t.cptr[i]..t.cptr[i + 1] {
+                    let (b, p) = (t.rows[q] as usize, t.pos[q] as usize);
+                    axpy(vals[p], vec_of(b, i), gd);
+                    axpy(dpre[p], &xc[b * d..(b + 1) * d], ge);
+                    *gb += dpre[p];
+                }
+            });
+    }
+
+    fn group_ends(&self) -> Vec<usize> {
+        if self.recipe.groups.is_empty() {
+            vec![self.s]
+        } else {
+            self.recipe.groups.clone()
+        }
+    }
+}
+
+/// Σ_b ‖x_b − x̄‖² (f64), x̄ the batch mean.
+pub(crate) fn total_variance(x_nd: &[f32], n: usize, d: usize) -> f64 {
+    let mut mean = vec![0f64; d];
+    for r in x_nd.chunks_exact(d) {
+        for (m, &v) in mean.iter_mut().zip(r) {
+            *m += f64::from(v);
+        }
+    }
+    mean.iter_mut().for_each(|m| *m /= n as f64);
+    x_nd.par_chunks(d)
+        .map(|r| {
+            r.iter()
+                .zip(&mean)
+                .map(|(&v, m)| (f64::from(v) - m).powi(2))
+                .sum::<f64>()
+        })
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor, Var};
+
+    fn rnd(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                let z = crate::store::permute::splitmix64(seed.wrapping_mul(1_000_003) + i as u64);
+                ((z >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32 * scale
+            })
+            .collect()
+    }
+
+    /// Indices (row-major flat) kept by a plain sort: per row top k (or over the whole batch),
+    /// positive only, optionally among `allowed` latents — an independent restatement.
+    fn chosen(pre: &[f32], s: usize, k: usize, batch: bool, allowed: Option<&[bool]>) -> Vec<bool> {
+        let mut keep = vec![false; pre.len()];
+        let ok = |i: usize| pre[i] > 0.0 && allowed.is_none_or(|a| a[i % s]);
+        let mut take = |mut ids: Vec<usize>, k: usize| {
+            ids.retain(|&i| ok(i));
+            ids.sort_by(|&a, &b| pre[b].total_cmp(&pre[a]).then(a.cmp(&b)));
+            for &i in ids.iter().take(k) {
+                keep[i] = true;
+            }
+        };
+        if batch {
+            take((0..pre.len()).collect(), k * pre.len() / s);
+        } else {
+            for r in 0..pre.len() / s {
+                take((r * s..(r + 1) * s).collect(), k);
+            }
+        }
+        keep
+    }
+
+    fn reference(st: &TrainState, x: &[f32], n: usize, lambda: f64) -> Grads {
+        let (d, s) = (st.d, st.s);
+        let dev = Device::Cpu;
+        let t = |v: &[f32], shape: &[usize]| Tensor::from_vec(v.to_vec(), shape, &dev).unwrap();
+        let we = Var::from_tensor(&t(&st.w_enc, &[s, d])).unwrap();
+        let be = Var::from_tensor(&t(&st.b_enc, &[s])).unwrap();
+        let wd = Var::from_tensor(&t(&st.w_dec, &[s, d])).unwrap();
+        let bd = Var::from_tensor(&t(&st.b_dec, &[d])).unwrap();
+        let xt = t(x, &[n, d]);
+        let pre = xt
+            .broadcast_sub(bd.as_tensor())
+            .unwrap()
+            .matmul(&we.as_tensor().t().unwrap())
+            .unwrap()
+            .broadcast_add(be.as_tensor())
+            .unwrap();
+        let pre_v: Vec<f32> = pre.flatten_all().unwrap().to_vec1().unwrap();
+        let mask = match st.recipe.activation {
+            TrainActivation::Relu => pre_v.iter().map(|&v| v > 0.0).collect(),
+            TrainActivation::TopK { k } => chosen(&pre_v, s, k, false, None),
+            TrainActivation::BatchTopK { k } => chosen(&pre_v, s, k, true, None),
+        };
+        let as_t = |m: &[bool]| {
+            t(
+                &m.iter()
+                    .map(|&b| f32::from(u8::from(b)))
+                    .collect::<Vec<_>>(),
+                &[n, s],
+            )
+        };
+        let f = (&pre * as_t(&mask)).unwrap();
+        let ends = st.group_ends();
+        let g = ends.len() as f64;
+        let mut loss = Tensor::zeros((), candle_core::DType::F32, &dev).unwrap();
+        let mut last = None;
+        for &e in &ends {
+            let xh = f
+                .narrow(1, 0, e)
+                .unwrap()
+                .matmul(&wd.as_tensor().narrow(0, 0, e).unwrap())
+                .unwrap()
+                .broadcast_add(bd.as_tensor())
+                .unwrap();
+            let mse = (&xh - &xt).unwrap().sqr().unwrap().mean_all().unwrap();
+            loss = (loss + (mse / g).unwrap()).unwrap();
+            last = Some(xh);
+        }
+        if matches!(st.recipe.activation, TrainActivation::Relu) {
+            let l1 = (f.sum_all().unwrap() / n as f64).unwrap();
+            loss = (loss + (l1 * lambda).unwrap()).unwrap();
+        }
+        if st.recipe.aux_k > 0 {
+            let resid = (&xt - last.unwrap()).unwrap().detach();
+            let rv: Vec<f32> = resid.flatten_all().unwrap().to_vec1().unwrap();
+            let z_var = total_variance(&rv, n, d);
+            let am = chosen(&pre_v, s, st.recipe.aux_k, false, Some(&st.dead_mask()));
+            let z = (&pre * as_t(&am)).unwrap();
+            let eh = z.matmul(wd.as_tensor()).unwrap();
+            let a = ((eh - resid).unwrap().sqr().unwrap().sum_all().unwrap() / z_var).unwrap();
+            loss = (loss + (a * st.recipe.aux_coef).unwrap()).unwrap();
+        }
+        let gr = loss.backward().unwrap();
+        let get = |v: &Var| -> Vec<f32> {
+            gr.get(v.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        let mut w_dec = get(&wd);
+        if st.recipe.unit_norm_decoder {
+            for (g, w) in w_dec.chunks_mut(d).zip(st.w_dec.chunks(d)) {
+                let p: f32 = g.iter().zip(w).map(|(a, b)| a * b).sum();
+                g.iter_mut().zip(w).for_each(|(g, w)| *g -= p * w);
+            }
+        }
+        Grads {
+            w_enc: get(&we),
+            b_enc: get(&be),
+            w_dec,
+            b_dec: get(&bd),
+        }
+    }
+
+    fn rel(a: &[f32], b: &[f32]) -> f32 {
+        let m = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
+        a.iter().zip(b).fold(0f32, |x, (p, q)| x.max((p - q).abs())) / m
+    }
+
+    #[test]
+    fn sparse_dense_and_autograd_gradients_agree() {
+        let (n, d, s) = (16, 8, 24);
+        let cases = [
+            (TrainActivation::Relu, vec![], 0),
+            (TrainActivation::Relu, vec![6, 12, 24], 0),
+            (TrainActivation::TopK { k: 3 }, vec![], 4),
+            (TrainActivation::TopK { k: 4 }, vec![8, 24], 2),
+            (TrainActivation::BatchTopK { k: 3 }, vec![], 0),
+            (TrainActivation::BatchTopK { k: 2 }, vec![4, 10, 24], 3),
+        ];
+        for (ci, (act, groups, aux_k)) in cases.into_iter().enumerate() {
+            let recipe = Recipe {
+                activation: act,
+                groups,
+                aux_k,
+                aux_coef: 1.0 / 32.0,
+                dead_window_patches: 100,
+                unit_norm_decoder: ci % 2 == 0,
+                max_grad_norm: None,
+                kernels: Kernels::Sparse,
+                dense_above: 0.05,
+            };
+            let mut st = TrainState::new(
+                rnd(s * d, 1 + ci as u64, 0.4),
+                rnd(s, 2, 0.1),
+                rnd(s * d, 3, 0.4),
+                rnd(d, 4, 0.2),
+                recipe,
+            )
+            .unwrap();
+            st.normalise_decoder();
+            // Some latents dead, so AuxK has work.
+            for i in (0..s).step_by(3) {
+                st.since_fired[i] = 1000;
+            }
+            let x = rnd(n * d, 5 + ci as u64, 1.5);
+            let mut scratch = Scratch::default();
+            let (ss, gs) = st.gradients(&x, n, 0.05, &mut scratch).unwrap();
+            st.recipe.kernels = Kernels::Dense;
+            let (sd, gd) = st.gradients(&x, n, 0.05, &mut scratch).unwrap();
+            assert!(!ss.dense && sd.dense);
+            assert!(
+                (ss.loss - sd.loss).abs() <= 1e-6 * ss.loss.abs(),
+                "case {ci}: loss"
+            );
+            let gr = reference(&st, &x, n, 0.05);
+            for (name, a, b, r) in [
+                ("w_enc", &gs.w_enc, &gd.w_enc, &gr.w_enc),
+                ("b_enc", &gs.b_enc, &gd.b_enc, &gr.b_enc),
+                ("w_dec", &gs.w_dec, &gd.w_dec, &gr.w_dec),
+                ("b_dec", &gs.b_dec, &gd.b_dec, &gr.b_dec),
+            ] {
+                assert!(
+                    rel(a, b) <= 1e-5,
+                    "case {ci} {name}: sparse vs dense {}",
+                    rel(a, b)
+                );
+                assert!(
+                    rel(a, r) <= 1e-5,
+                    "case {ci} {name}: sparse vs autograd {}",
+                    rel(a, r)
+                );
+            }
+            if aux_k > 0 {
+                assert!(ss.aux > 0.0, "case {ci}: AuxK had dead latents to use");
+            }
+        }
+    }
+
+    #[test]
+    fn bad_groups_and_shapes_are_errors() {
+        let recipe = Recipe {
+            activation: TrainActivation::Relu,
+            groups: vec![8, 4],
+            aux_k: 0,
+            aux_coef: 0.0,
+            dead_window_patches: 1,
+            unit_norm_decoder: true,
+            max_grad_norm: None,
+            kernels: Kernels::Auto,
+            dense_above: 0.05,
+        };
+        let mk = |r: Recipe| {
+            TrainState::new(vec![0.0; 16], vec![0.0; 8], vec![0.0; 16], vec![0.0; 2], r)
+        };
+        assert!(mk(recipe.clone()).is_err());
+        let ok = mk(Recipe {
+            groups: vec![],
+            ..recipe
+        })
+        .unwrap();
+        let mut sc = Scratch::default();
+        assert!(matches!(
+            ok.gradients(&[0.0; 5], 2, 0.0, &mut sc),
+            Err(Error::Shape { .. })
+        ));
+    }
+}
