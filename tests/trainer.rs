@@ -1,5 +1,7 @@
-//! Training a sweep on a store with a planted sparse dictionary: the loss falls, the λ warm-up
-//! really ramps, each SAE is saved with its normalisation and reloads identically.
+//! Training sweeps on a store with a planted sparse dictionary: the loss falls, the λ warm-up
+//! really ramps, each SAE is saved with its normalisation and reloads identically; TopK,
+//! BatchTopK and Matryoshka train; a killed-and-resumed run ends with the same bytes as an
+//! uninterrupted one; bad data and bad checkpoints give clear errors.
 
 mod common;
 
@@ -9,6 +11,14 @@ use saev::candle_core::{Device, Tensor};
 use saev::{ActivationStore, Metadata, Setting, StoreWriter, TrainConfig};
 
 fn planted_store(root: &std::path::Path) -> ActivationStore {
+    planted_store_with(root, None)
+}
+
+/// The planted store; `poison` puts a NaN at (example, token, dim).
+fn planted_store_with(
+    root: &std::path::Path,
+    poison: Option<(usize, usize, usize)>,
+) -> ActivationStore {
     let (n, content, d) = (200usize, 8usize, 16usize);
     let md = Metadata {
         family: "dinov2".into(),
@@ -47,6 +57,9 @@ fn planted_store(root: &std::path::Path) -> ActivationStore {
             acts.push(wa * atoms[a * d + j] + wb * atoms[b * d + j] + 5.0);
         }
     }
+    if let Some((e, t, j)) = poison {
+        acts[(e * (content + 1) + t) * d + j] = f32::NAN;
+    }
     let mut w = StoreWriter::create(root, md, None).unwrap();
     w.write_examples(0, &acts).unwrap();
     ActivationStore::open(w.finish().unwrap()).unwrap()
@@ -66,19 +79,30 @@ fn sweep_trains_and_saves() {
             Setting {
                 lr: 3e-3,
                 lambda: 1e-3,
+                k: None,
             },
             Setting {
                 lr: 1e-3,
                 lambda: 1e-2,
+                k: None,
             },
         ]);
-    let saes = saev::train_saes(&store, &cfg, &dir.join("run")).unwrap();
+    let run = saev::train_saes(&store, &cfg, &dir.join("run")).unwrap();
+    let saes = run.saes;
     assert_eq!(saes.len(), 2);
     let hist = std::fs::read_to_string(dir.join("run/history.csv")).unwrap();
     let rows: Vec<Vec<f64>> = hist
         .lines()
         .skip(1)
-        .map(|l| l.split(',').map(|v| v.parse().unwrap()).collect())
+        .map(|l| {
+            l.split(',')
+                .map(|v| match v {
+                    "true" => 1.0,
+                    "false" => 0.0,
+                    v => v.parse().unwrap(),
+                })
+                .collect()
+        })
         .collect();
     let of = |k: f64| {
         rows.iter()
@@ -87,7 +111,7 @@ fn sweep_trains_and_saves() {
             .collect::<Vec<_>>()
     };
     let s0 = of(0.0);
-    // Epochs of 1,600 patches end in a short batch, so 150+ steps: a row every 10.
+    // Epochs of 1,520 training patches end in a short batch, so 150+ steps: a row every 10.
     assert!(s0.len() >= 15, "{} rows", s0.len());
     let (first_mse, last_mse) = (s0[0][6], s0[s0.len() - 1][6]);
     assert!(last_mse < 0.3 * first_mse, "MSE {first_mse} -> {last_mse}");
@@ -102,11 +126,20 @@ fn sweep_trains_and_saves() {
     // The larger λ gives sparser codes.
     let s1 = of(1.0);
     assert!(
-        s1[s1.len() - 1][7] < s0[s0.len() - 1][7],
+        s1[s1.len() - 1][8] < s0[s0.len() - 1][8],
         "L0 {} vs {}",
-        s1[s1.len() - 1][7],
-        s0[s0.len() - 1][7]
+        s1[s1.len() - 1][8],
+        s0[s0.len() - 1][8]
     );
+    // The history table is a polars DataFrame, also saved as parquet.
+    assert_eq!(run.history.height(), rows.len());
+    assert!(dir.join("run/history.parquet").exists());
+    // Held-out evaluation on the last 10 examples (5% of 200), never trained on.
+    let ev = run.evals[0].as_ref().unwrap();
+    assert_eq!((ev.examples, ev.n_vectors), ((190, 200), 80));
+    assert!(ev.nmse < 0.5 && ev.explained_variance > 0.5, "{ev}");
+    assert_eq!(ev.freq.len(), 64);
+    assert!(dir.join("run/0/eval.json").exists());
     // Saved with the store's normalisation; reloads to the same codes on raw inputs.
     let back = saev::Sae::load(&dir.join("run/0")).unwrap();
     assert_eq!(
@@ -135,4 +168,196 @@ fn sweep_trains_and_saves() {
         .unwrap();
     let tot: f32 = xn.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
     assert!(err < 0.5 * tot, "relative error {}", err / tot);
+}
+
+fn rows_of(csv: &str) -> Vec<String> {
+    csv.lines().map(str::to_string).collect()
+}
+
+#[test]
+fn topk_batchtopk_and_matryoshka_train() {
+    let dir = std::env::temp_dir().join(format!("saev-train-k-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let store = planted_store(&dir.join("store"));
+    for (name, cfg) in [
+        ("topk", TrainConfig::topk(-2, 2)),
+        ("batchtopk", TrainConfig::batch_topk(-2, 2)),
+        (
+            "matryoshka",
+            TrainConfig::batch_topk(-2, 2).with_matryoshka(vec![0.25, 1.0]),
+        ),
+    ] {
+        let cfg = cfg
+            .with_expansion(4)
+            .with_batch_size(128)
+            .with_n_patches(128 * 120)
+            .with_warmup(5, 0)
+            .with_sweep(vec![Setting {
+                lr: 3e-3,
+                lambda: 0.0,
+                k: None,
+            }]);
+        let run = saev::train_saes(&store, &cfg, &dir.join(name)).unwrap();
+        let ev = run.evals[0].as_ref().unwrap();
+        let h = &run.history;
+        let mse = h.column("mse").unwrap().f64().unwrap();
+        let (first, last) = (mse.get(0).unwrap(), mse.get(h.height() - 1).unwrap());
+        eprintln!("{name}: MSE {first} -> {last}, held-out {ev}");
+        assert!(last < 0.6 * first, "{name}: MSE {first} -> {last}");
+        // Training rows keep exactly k (TopK) or k on average (BatchTopK) latents.
+        let l0 = h.column("l0").unwrap().f64().unwrap();
+        let l0_last = l0.get(h.height() - 1).unwrap();
+        assert!(
+            (l0_last - 2.0).abs() < 1e-9,
+            "{name}: training L0 {l0_last}"
+        );
+        assert!(ev.nmse < 0.6, "{name}: {ev}");
+        match run.saes[0].config().activation {
+            saev::SaeActivation::BatchTopK { threshold, .. } => {
+                assert!(threshold > 0.0, "{name}: threshold {threshold}");
+                // The saved threshold gives about k latents per vector at inference.
+                assert!(ev.l0 > 0.8 && ev.l0 < 5.0, "{name}: held-out L0 {}", ev.l0);
+            }
+            saev::SaeActivation::TopK { k } => {
+                assert_eq!(k, 2);
+                assert!(ev.l0 <= 2.0 + 1e-9);
+            }
+            ref a => panic!("{name}: {a:?}"),
+        }
+    }
+}
+
+#[test]
+fn killed_and_resumed_run_ends_with_the_same_weights() {
+    let dir = std::env::temp_dir().join(format!("saev-train-resume-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let store = planted_store(&dir.join("store"));
+    let cfg = TrainConfig::topk(-2, 3)
+        .with_expansion(4)
+        .with_batch_size(100)
+        .with_n_patches(100 * 40)
+        .with_warmup(5, 0)
+        .with_ckpt_every(6)
+        .with_sweep(vec![
+            Setting {
+                lr: 3e-3,
+                lambda: 0.0,
+                k: None,
+            },
+            Setting {
+                lr: 1e-3,
+                lambda: 0.0,
+                k: Some(2),
+            },
+        ]);
+    let full = saev::train_saes(&store, &cfg, &dir.join("full")).unwrap();
+    assert!(full.finished);
+    // Stop after 13 steps (mid-epoch, between checkpoints: the last 1 step is redone), then 11
+    // more, then finish.
+    let out = dir.join("parts");
+    for stop in [Some(13), Some(11), None] {
+        let mut c = cfg.clone();
+        c.stop_after_steps = stop;
+        if stop == Some(13) {
+            let run = saev::train_saes(&store, &c, &out).unwrap();
+            assert!(!run.finished);
+            // Simulate a kill after the last checkpoint: drop what a kill would lose.
+            let _ = std::fs::remove_dir_all(out.join("0"));
+            continue;
+        }
+        saev::train_saes(&store, &c, &out).unwrap();
+    }
+    for k in ["0", "1"] {
+        let a = std::fs::read(dir.join("full").join(k).join("sae.safetensors")).unwrap();
+        let b = std::fs::read(out.join(k).join("sae.safetensors")).unwrap();
+        assert!(a == b, "setting {k}: resumed weights differ");
+    }
+    assert_eq!(
+        rows_of(&std::fs::read_to_string(dir.join("full/history.csv")).unwrap()),
+        rows_of(&std::fs::read_to_string(out.join("history.csv")).unwrap())
+    );
+    // A different config on the same directory is refused, not mixed in.
+    let other = cfg.clone().with_seed(9);
+    let err = saev::train_saes(&store, &other, &out).err().unwrap();
+    assert!(
+        err.to_string().contains("different training config"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_data_and_bad_checkpoints_are_clear_errors() {
+    let dir = std::env::temp_dir().join(format!("saev-train-bad-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    // A NaN in example 7, patch 2 (token 3 with the CLS first), dimension 5.
+    let store = planted_store_with(&dir.join("nan"), Some((7, 3, 5)));
+    let cfg = TrainConfig::new(-2)
+        .with_expansion(2)
+        .with_batch_size(2000)
+        .with_n_patches(2000)
+        .with_holdout(1);
+    let err = saev::train_saes(&store, &cfg, &dir.join("run"))
+        .err()
+        .unwrap();
+    match &err {
+        saev::Error::NonFinite {
+            step,
+            example,
+            token,
+            dim,
+            ..
+        } => assert_eq!((*step, *example, *token, *dim), (0, 7, 2, 5)),
+        e => panic!("{e}"),
+    }
+    assert!(err.to_string().contains("example 7"), "{err}");
+    // An SAE evaluated on a store of another width.
+    let good = planted_store(&dir.join("good"));
+    let run = saev::train_saes(
+        &good,
+        &TrainConfig::new(-2)
+            .with_expansion(2)
+            .with_batch_size(500)
+            .with_n_patches(1000)
+            .with_sweep(vec![Setting {
+                lr: 1e-3,
+                lambda: 1e-3,
+                k: None,
+            }]),
+        &dir.join("run-good"),
+    )
+    .unwrap();
+    let wide = saev::Sae::new(
+        saev::SaeConfig {
+            d_model: 8,
+            d_sae: 4,
+            norm: None,
+            ..run.saes[0].config().clone()
+        },
+        Tensor::zeros((8, 4), saev::candle_core::DType::F32, &Device::Cpu).unwrap(),
+        Tensor::zeros(4, saev::candle_core::DType::F32, &Device::Cpu).unwrap(),
+        Tensor::zeros((4, 8), saev::candle_core::DType::F32, &Device::Cpu).unwrap(),
+        Tensor::zeros(8, saev::candle_core::DType::F32, &Device::Cpu).unwrap(),
+    )
+    .unwrap();
+    let err = wide
+        .evaluate(&good, -2, saev::Tokens::Patches, (0, 10))
+        .err()
+        .unwrap();
+    assert!(
+        matches!(err, saev::Error::Shape { .. }) && err.to_string().contains("d_model"),
+        "{err}"
+    );
+    // A truncated checkpoint names its file.
+    let ck = dir.join("run-good/0/sae.safetensors");
+    let bytes = std::fs::read(&ck).unwrap();
+    std::fs::write(&ck, &bytes[..bytes.len() / 2]).unwrap();
+    let err = saev::Sae::load(&dir.join("run-good/0")).err().unwrap();
+    assert!(err.to_string().contains("sae.safetensors"), "{err}");
+    // A corrupted training checkpoint is refused with its path.
+    let st = dir.join("run-good/checkpoint/state.json");
+    std::fs::write(&st, "{\"version\": 1").unwrap();
+    let err = saev::train_saes(&good, &TrainConfig::new(-2), &dir.join("run-good"))
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("state.json"), "{err}");
 }

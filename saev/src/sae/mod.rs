@@ -1,6 +1,7 @@
 //! Sparse autoencoders: the [`Sae`](model::Sae) handle with its checkpoint format, and reading
 //! the Python saev's `sae.pt` checkpoints ([`torch_load`]). The trainer builds on these (#4).
 
+pub mod eval;
 mod linalg;
 pub mod model;
 pub mod paper_step;

@@ -258,11 +258,7 @@ impl TrainState {
         if let Some(max) = self.recipe.max_grad_norm {
             let sq: f64 = [&g.w_enc, &g.b_enc, &g.w_dec, &g.b_dec]
                 .iter()
-                .map(|v| {
-                    v.par_iter()
-                        .map(|&x| f64::from(x) * f64::from(x))
-                        .sum::<f64>()
-                })
+                .map(|v| det_sum(v, 4096, sum_sq))
                 .sum();
             let norm = sq.sqrt();
             if norm > max {
@@ -444,16 +440,7 @@ impl TrainState {
         }
         // Loss terms (f64 sums).
         let sq_groups: Vec<f64> = (0..gn)
-            .map(|j| {
-                gs.par_chunks(gn * d)
-                    .map(|g| {
-                        g[j * d..(j + 1) * d]
-                            .iter()
-                            .map(|&v| f64::from(v).powi(2))
-                            .sum::<f64>()
-                    })
-                    .sum::<f64>()
-            })
+            .map(|j| det_sum(&gs, gn * d, |g| sum_sq(&g[j * d..(j + 1) * d])))
             .collect();
         let n_el = (n * d) as f64;
         let mse = sq_groups[gn - 1] / n_el;
@@ -481,7 +468,7 @@ impl TrainState {
             sparse_rows_times(z, &z.val, &self.w_dec, d, &mut e_hat);
             // e_hat ← ê − e.
             e_hat.par_iter_mut().zip(&resid).for_each(|(h, r)| *h -= r);
-            let sq: f64 = e_hat.par_iter().map(|&v| f64::from(v).powi(2)).sum();
+            let sq = det_sum(&e_hat, 4096, sum_sq);
             aux_loss = sq / z_var;
             let c = (self.recipe.aux_coef * 2.0 / z_var) as f32;
             e_hat.par_iter_mut().for_each(|v| *v *= c);
@@ -616,19 +603,20 @@ impl TrainState {
         for b in 0..n {
             axpy(1.0, &gs[b * gn * d..b * gn * d + d], &mut grads.b_dec);
         }
+        // Fixed chunks reduced in order: deterministic.
         let enc_part: Vec<f32> = grads
             .b_enc
-            .par_iter()
-            .zip(self.w_enc.par_chunks(d))
-            .fold(
-                || vec![0f32; d],
-                |mut acc, (&c, w)| {
+            .par_chunks(256)
+            .zip(self.w_enc.par_chunks(256 * d))
+            .map(|(cs, ws)| {
+                let mut acc = vec![0f32; d];
+                for (&c, w) in cs.iter().zip(ws.chunks_exact(d)) {
                     if c != 0.0 {
                         axpy(c, w, &mut acc);
                     }
-                    acc
-                },
-            )
+                }
+                acc
+            })
             .collect::<Vec<_>>()
             .into_iter()
             .fold(vec![0f32; d], |mut a, p| {
@@ -713,14 +701,26 @@ pub(crate) fn total_variance(x_nd: &[f32], n: usize, d: usize) -> f64 {
         }
     }
     mean.iter_mut().for_each(|m| *m /= n as f64);
-    x_nd.par_chunks(d)
-        .map(|r| {
-            r.iter()
-                .zip(&mean)
-                .map(|(&v, m)| (f64::from(v) - m).powi(2))
-                .sum::<f64>()
-        })
+    det_sum(x_nd, d, |r| {
+        r.iter()
+            .zip(&mean)
+            .map(|(&v, m)| (f64::from(v) - m).powi(2))
+            .sum::<f64>()
+    })
+}
+
+/// Σ over fixed chunks, computed in parallel and added in order (deterministic, unlike a
+/// rayon `sum`, whose reduction tree follows work stealing).
+fn det_sum(x: &[f32], chunk: usize, f: impl Fn(&[f32]) -> f64 + Sync + Send) -> f64 {
+    x.par_chunks(chunk.max(1))
+        .map(f)
+        .collect::<Vec<f64>>()
+        .iter()
         .sum()
+}
+
+fn sum_sq(x: &[f32]) -> f64 {
+    x.iter().map(|&v| f64::from(v) * f64::from(v)).sum()
 }
 
 #[cfg(test)]

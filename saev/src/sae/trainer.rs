@@ -1,28 +1,39 @@
-//! Train ReLU SAEs on a store, the paper's recipe, several sweep settings per pass over the data.
+//! Train a sweep of SAEs on a store in one pass over the data: the paper's ReLU recipe and
+//! TopK / BatchTopK (+AuxK) / Matryoshka, resumable, with a history table and held-out
+//! evaluation.
 //!
-//! Every setting (lr, λ) sees the same shuffled batches (the data is read once); inputs are
-//! normalised with the store's saved statistics, which are stored in each checkpoint. Per
-//! setting: Kaiming-uniform init, unit-norm decoder rows before each step, parallel-gradient
-//! removal, Adam with linear lr warm-up from 0, and a sparsity warm-up that really applies
-//! (λ grows linearly over `n_sparsity_warmup` steps; saev 0.1.0's was a no-op). Metrics every
-//! `log_every` steps go to `history.csv`; each SAE is saved as `<out>/<k>/sae.{safetensors,json}`.
+//! Every setting (lr, λ, k) sees the same shuffled batches (the data is read once). Inputs are
+//! normalised with the store's saved statistics, which each checkpoint carries. Per setting:
+//! Kaiming-uniform init, unit-norm decoder rows and parallel-gradient removal (paper), Adam with
+//! a linear lr warm-up from 0 then constant or cosine, a linear λ warm-up that really applies
+//! (saev 0.1.0's is a no-op), optional gradient clipping. The last `holdout_examples` examples
+//! of the store are never trained on and give the final [`Evaluation`].
+//!
+//! Output directory: `history.{parquet,csv}` (a row per setting every `log_every` steps),
+//! `<k>/sae.{safetensors,json}` and `<k>/eval.json` per setting, and `checkpoint/` (weights,
+//! Adam moments, counters, loader position) every `ckpt_every` steps. Re-running the same
+//! config on the same directory resumes and ends with the same weights as an uninterrupted run.
 //!
 //! ```no_run
 //! use saev::{ActivationStore, TrainConfig};
 //! let store = ActivationStore::open("acts/1a2b3c4d")?;
-//! let saes = saev::train_saes(&store, &TrainConfig::new(-2).with_n_patches(1_000_000), "runs/a".as_ref())?;
+//! let cfg = TrainConfig::topk(-2, 32).with_n_patches(1_000_000);
+//! let run = saev::train_saes(&store, &cfg, "runs/a".as_ref())?;
+//! println!("{}", run.history);
 //! # Ok::<(), saev::Error>(())
 //! ```
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::collections::HashMap;
+use std::path::Path;
 
 use candle_core::{Device, Tensor};
+use polars::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use super::eval::{Evaluation, DENSE_FREQ};
 use super::model::{Sae, SaeActivation, SaeConfig, SaeNorm, SAE_SCHEMA};
-use super::paper_step::PaperReluStep;
-use crate::error::{Error, IoContext, Result};
+use super::step::{Kernels, Recipe, Scratch, StepStats, TrainActivation, TrainState};
+use crate::error::{CandleContext, Error, IoContext, Result};
 use crate::store::permute::splitmix64;
 use crate::store::{ActivationStore, LoaderConfig, Tokens};
 
@@ -32,11 +43,25 @@ use crate::store::{ActivationStore, LoaderConfig, Tokens};
 pub struct Setting {
     /// Peak learning rate.
     pub lr: f64,
-    /// Sparsity coefficient λ.
+    /// Sparsity coefficient λ (ReLU only). Default 0.
+    #[serde(default)]
     pub lambda: f64,
+    /// Latents per row for TopK / BatchTopK (overrides the activation's k).
+    #[serde(default)]
+    pub k: Option<usize>,
 }
 
-/// Training configuration (serde; documented defaults; `with_*` setters).
+/// Learning-rate schedule after the warm-up.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LrSchedule {
+    /// Constant at the peak (the paper).
+    Constant,
+    /// Cosine decay from the peak to `lr_min_frac · peak` at the last step.
+    Cosine,
+}
+
+/// Training configuration (serde; documented defaults; presets and `with_*` setters).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
@@ -46,49 +71,125 @@ pub struct TrainConfig {
     pub tokens: Tokens,
     /// Dictionary size = expansion · d_model. Default 16.
     pub expansion: usize,
+    /// Non-linearity. Default ReLU (+ L1).
+    pub activation: TrainActivation,
+    /// Matryoshka prefix ends as fractions of d_sae (e.g. [0.0625, 0.25, 1.0]); empty = off.
+    pub matryoshka: Vec<f64>,
+    /// AuxK latents per row on dead latents (TopK/BatchTopK; 0 = off). Default None =
+    /// d_model / 2 (Gao et al.'s choice).
+    pub aux_k: Option<usize>,
+    /// AuxK coefficient. Default 1/32 (Gao et al.).
+    pub aux_coef: f64,
+    /// A latent silent this many patches is dead. Default 2^20.
+    pub dead_window_patches: u64,
     /// Batch size. Default 4096.
     pub batch_size: usize,
     /// Patches to train on (epochs repeat as needed). Default 100M (the paper's).
     pub n_patches: u64,
     /// Settings trained together. Default the paper's 3×3 lr × λ grid.
     pub sweep: Vec<Setting>,
-    /// Linear lr warm-up steps. Default 500.
+    /// Linear lr warm-up steps (from 0). Default 500.
     pub n_lr_warmup: usize,
+    /// Schedule after warm-up. Default constant.
+    pub lr_schedule: LrSchedule,
+    /// Cosine floor as a fraction of the peak. Default 0.
+    pub lr_min_frac: f64,
     /// Linear λ warm-up steps. Default 500.
     pub n_sparsity_warmup: usize,
+    /// Global gradient-norm clip (None = off). Default None.
+    pub max_grad_norm: Option<f64>,
+    /// Unit-norm decoder rows + parallel-gradient removal. Default true.
+    pub unit_norm_decoder: bool,
+    /// Decoder-side kernels. Default auto.
+    pub kernels: Kernels,
+    /// Code density above which auto uses dense GEMMs. Default 0.05.
+    pub dense_above: f64,
+    /// Examples at the end of the store held out for evaluation. Default 5% of the store
+    /// (at least 1 when it has 2+ examples); set explicitly to override.
+    pub holdout_examples: Option<usize>,
     /// Seed for init and shuffling. Default 0.
     pub seed: u64,
     /// Metrics every this many steps. Default 10.
     pub log_every: usize,
+    /// Checkpoint every this many steps (0 = only at the end). Default 500.
+    pub ckpt_every: usize,
+    /// Stop (with a checkpoint) after this many steps in this call — for time-boxed jobs; a
+    /// later call resumes. Not part of the run's identity.
+    #[serde(skip)]
+    pub stop_after_steps: Option<usize>,
 }
 
 impl Default for TrainConfig {
     fn default() -> Self {
         let sweep = [3e-4, 1e-3, 3e-3]
             .iter()
-            .flat_map(|&lr| [4e-4, 8e-4, 1.6e-3].map(|lambda| Setting { lr, lambda }))
+            .flat_map(|&lr| {
+                [4e-4, 8e-4, 1.6e-3].map(|lambda| Setting {
+                    lr,
+                    lambda,
+                    k: None,
+                })
+            })
             .collect();
         Self {
             layer: -2,
             tokens: Tokens::Patches,
             expansion: 16,
+            activation: TrainActivation::Relu,
+            matryoshka: Vec::new(),
+            aux_k: None,
+            aux_coef: 1.0 / 32.0,
+            dead_window_patches: 1 << 20,
             batch_size: 4096,
             n_patches: 100_000_000,
             sweep,
             n_lr_warmup: 500,
+            lr_schedule: LrSchedule::Constant,
+            lr_min_frac: 0.0,
             n_sparsity_warmup: 500,
+            max_grad_norm: None,
+            unit_norm_decoder: true,
+            kernels: Kernels::Auto,
+            dense_above: 0.05,
+            holdout_examples: None,
             seed: 0,
             log_every: 10,
+            ckpt_every: 500,
+            stop_after_steps: None,
         }
     }
 }
 
 impl TrainConfig {
-    /// Defaults on `layer`.
+    /// The paper's ReLU recipe on `layer` (the default 3×3 lr × λ sweep).
     pub fn new(layer: i64) -> Self {
         Self {
             layer,
             ..Self::default()
+        }
+    }
+    /// TopK(k) with AuxK (k_aux = d_model / 2), cosine lr decay, no λ, an lr sweep of 3.
+    pub fn topk(layer: i64, k: usize) -> Self {
+        Self {
+            layer,
+            activation: TrainActivation::TopK { k },
+            lr_schedule: LrSchedule::Cosine,
+            sweep: [1e-4, 3e-4, 1e-3]
+                .map(|lr| Setting {
+                    lr,
+                    lambda: 0.0,
+                    k: None,
+                })
+                .to_vec(),
+            n_sparsity_warmup: 0,
+            ..Self::default()
+        }
+    }
+    /// BatchTopK(k) (threshold saved for inference), otherwise as [`TrainConfig::topk`].
+    pub fn batch_topk(layer: i64, k: usize) -> Self {
+        Self {
+            activation: TrainActivation::BatchTopK { k },
+            ..Self::topk(layer, k)
         }
     }
     /// Set the number of training patches.
@@ -117,145 +218,594 @@ impl TrainConfig {
         self.n_sparsity_warmup = n_sparsity;
         self
     }
+    /// Set Matryoshka prefix ends (fractions of d_sae, ascending, last 1.0).
+    pub fn with_matryoshka(mut self, fracs: Vec<f64>) -> Self {
+        self.matryoshka = fracs;
+        self
+    }
+    /// Set AuxK latents per row (0 = off).
+    pub fn with_aux_k(mut self, k: usize) -> Self {
+        self.aux_k = Some(k);
+        self
+    }
+    /// Set the held-out examples.
+    pub fn with_holdout(mut self, n: usize) -> Self {
+        self.holdout_examples = Some(n);
+        self
+    }
+    /// Set the checkpoint interval.
+    pub fn with_ckpt_every(mut self, n: usize) -> Self {
+        self.ckpt_every = n;
+        self
+    }
+    /// Set the seed.
+    pub fn with_seed(mut self, s: u64) -> Self {
+        self.seed = s;
+        self
+    }
+
+    fn holdout(&self, n_examples: usize) -> usize {
+        match self.holdout_examples {
+            Some(h) => h,
+            None if n_examples >= 2 => (n_examples / 20).max(1),
+            None => 0,
+        }
+    }
+
+    fn lr_at(&self, peak: f64, step: usize, n_steps: usize) -> f64 {
+        if step < self.n_lr_warmup {
+            return peak * step as f64 / self.n_lr_warmup as f64;
+        }
+        match self.lr_schedule {
+            LrSchedule::Constant => peak,
+            LrSchedule::Cosine => {
+                let span = n_steps.saturating_sub(self.n_lr_warmup).max(1) as f64;
+                let p = ((step - self.n_lr_warmup) as f64 / span).min(1.0);
+                let lo = peak * self.lr_min_frac;
+                lo + (peak - lo) * 0.5 * (1.0 + (std::f64::consts::PI * p).cos())
+            }
+        }
+    }
+
+    fn lambda_at(&self, lambda: f64, step: usize) -> f64 {
+        if self.n_sparsity_warmup == 0 {
+            lambda
+        } else {
+            lambda * ((step + 1) as f64 / self.n_sparsity_warmup as f64).min(1.0)
+        }
+    }
+
+    fn recipe(&self, setting: &Setting, d_model: usize, d_sae: usize) -> Result<Recipe> {
+        let activation = match (self.activation, setting.k) {
+            (TrainActivation::Relu, Some(_)) => {
+                return Err(Error::Invalid(
+                    "train: a sweep setting gives k, but the activation is relu".into(),
+                ))
+            }
+            (TrainActivation::TopK { .. }, Some(k)) => TrainActivation::TopK { k },
+            (TrainActivation::BatchTopK { .. }, Some(k)) => TrainActivation::BatchTopK { k },
+            (a, None) => a,
+        };
+        let groups = if self.matryoshka.is_empty() {
+            Vec::new()
+        } else {
+            self.matryoshka
+                .iter()
+                .map(|&f| (f * d_sae as f64).round() as usize)
+                .collect()
+        };
+        Ok(Recipe {
+            activation,
+            groups,
+            aux_k: if matches!(activation, TrainActivation::Relu) {
+                0
+            } else {
+                self.aux_k.unwrap_or(d_model / 2)
+            },
+            aux_coef: self.aux_coef,
+            dead_window_patches: self.dead_window_patches,
+            unit_norm_decoder: self.unit_norm_decoder,
+            max_grad_norm: self.max_grad_norm,
+            kernels: self.kernels,
+            dense_above: self.dense_above,
+        })
+    }
 }
 
 /// torch `kaiming_uniform_` (a = √5) on a `[rows, cols]` matrix: U(±1/√cols), seeded.
-fn kaiming(rows: usize, cols: usize, seed: u64) -> Result<Tensor> {
+fn kaiming(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
     let bound = 1.0 / (cols as f64).sqrt();
     let mut s = seed;
-    let data: Vec<f32> = (0..rows * cols)
+    (0..rows * cols)
         .map(|_| {
             s = s.wrapping_add(1);
             let z = splitmix64(s);
             let u = (z >> 11) as f64 / (1u64 << 53) as f64;
             ((2.0 * u - 1.0) * bound) as f32
         })
-        .collect();
-    Ok(Tensor::from_vec(data, (rows, cols), &Device::Cpu)?)
+        .collect()
 }
 
-/// Train the sweep on `store`; returns the SAEs (also saved under `out`).
-pub fn train_saes(store: &ActivationStore, cfg: &TrainConfig, out: &Path) -> Result<Vec<Sae>> {
+/// What [`train_saes`] returns.
+pub struct TrainRun {
+    /// One SAE per sweep setting, in sweep order.
+    pub saes: Vec<Sae>,
+    /// The history table (one row per setting every `log_every` steps).
+    pub history: DataFrame,
+    /// Held-out evaluation per setting (None when nothing was held out).
+    pub evals: Vec<Option<Evaluation>>,
+    /// Whether training finished (false when stopped by `stop_after_steps`).
+    pub finished: bool,
+}
+
+/// One history row.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+struct Row {
+    step: u64,
+    n_patches: u64,
+    setting: u32,
+    lr: f64,
+    lambda: f64,
+    loss: f64,
+    mse: f64,
+    nmse: f64,
+    l0: f64,
+    l1: f64,
+    aux: f64,
+    dead: u32,
+    dense: u32,
+    dense_kernels: bool,
+}
+
+fn history_frame(rows: &[Row]) -> Result<DataFrame> {
+    macro_rules! col {
+        ($name:literal, $f:expr) => {
+            Column::new($name.into(), rows.iter().map($f).collect::<Vec<_>>())
+        };
+    }
+    DataFrame::new_infer_height(vec![
+        col!("step", |r: &Row| r.step),
+        col!("n_patches", |r: &Row| r.n_patches),
+        col!("setting", |r: &Row| r.setting),
+        col!("lr", |r: &Row| r.lr),
+        col!("lambda", |r: &Row| r.lambda),
+        col!("loss", |r: &Row| r.loss),
+        col!("mse", |r: &Row| r.mse),
+        col!("nmse", |r: &Row| r.nmse),
+        col!("l0", |r: &Row| r.l0),
+        col!("l1", |r: &Row| r.l1),
+        col!("aux", |r: &Row| r.aux),
+        col!("dead", |r: &Row| r.dead),
+        col!("dense", |r: &Row| r.dense),
+        col!("dense_kernels", |r: &Row| r.dense_kernels),
+    ])
+    .map_err(|e| Error::Invalid(format!("history table: {e}")))
+}
+
+fn save_history(out: &Path, rows: &[Row]) -> Result<DataFrame> {
+    let mut df = history_frame(rows)?;
+    let pq = out.join("history.parquet");
+    let tmp = out.join("history.parquet.tmp");
+    let file = std::fs::File::create(&tmp).with_path(&tmp)?;
+    ParquetWriter::new(file)
+        .finish(&mut df)
+        .map_err(|e| Error::Invalid(format!("{}: {e}", tmp.display())))?;
+    std::fs::rename(&tmp, &pq).with_path(&pq)?;
+    let mut csv = String::from(
+        "step,n_patches,setting,lr,lambda,loss,mse,nmse,l0,l1,aux,dead,dense,dense_kernels\n",
+    );
+    for r in rows {
+        csv.push_str(&format!(
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{}\n",
+            r.step,
+            r.n_patches,
+            r.setting,
+            r.lr,
+            r.lambda,
+            r.loss,
+            r.mse,
+            r.nmse,
+            r.l0,
+            r.l1,
+            r.aux,
+            r.dead,
+            r.dense,
+            r.dense_kernels
+        ));
+    }
+    let p = out.join("history.csv");
+    std::fs::write(&p, csv).with_path(&p)?;
+    Ok(df)
+}
+
+/// Checkpoint bookkeeping (`checkpoint/state.json`).
+#[derive(Serialize, Deserialize)]
+struct CkptState {
+    version: u32,
+    config: TrainConfig,
+    store: String,
+    step: usize,
+    seen: u64,
+    epoch: u64,
+    batch_in_epoch: usize,
+    adam_t: Vec<u64>,
+    threshold: Vec<f32>,
+    since_fired: Vec<Vec<u64>>,
+    window_fired: Vec<Vec<u32>>,
+    window_start: u64,
+    history: Vec<Row>,
+}
+
+const CKPT_VERSION: u32 = 1;
+
+fn tensor(v: &[f32], shape: &[usize]) -> Result<Tensor> {
+    Ok(Tensor::from_vec(v.to_vec(), shape, &Device::Cpu)?)
+}
+
+fn save_checkpoint(out: &Path, states: &[TrainState], st: &CkptState) -> Result<()> {
+    let tmp = out.join("checkpoint.tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).with_path(&tmp)?;
+    let mut t = HashMap::new();
+    for (k, s) in states.iter().enumerate() {
+        let (d, n) = (s.d, s.s);
+        t.insert(format!("{k}.w_enc"), tensor(&s.w_enc, &[n, d])?);
+        t.insert(format!("{k}.b_enc"), tensor(&s.b_enc, &[n])?);
+        t.insert(format!("{k}.w_dec"), tensor(&s.w_dec, &[n, d])?);
+        t.insert(format!("{k}.b_dec"), tensor(&s.b_dec, &[d])?);
+        for (j, (m, v)) in s.adam_m.iter().zip(&s.adam_v).enumerate() {
+            t.insert(format!("{k}.m{j}"), tensor(m, &[m.len()])?);
+            t.insert(format!("{k}.v{j}"), tensor(v, &[v.len()])?);
+        }
+    }
+    let w = tmp.join("state.safetensors");
+    candle_core::safetensors::save(&t, &w).context(format!("writing {}", w.display()))?;
+    let j = tmp.join("state.json");
+    let text = serde_json::to_string(st).map_err(|e| Error::Invalid(e.to_string()))?;
+    std::fs::write(&j, text).with_path(&j)?;
+    // Swap in atomically: checkpoint → checkpoint.old, tmp → checkpoint, drop old.
+    let cur = out.join("checkpoint");
+    let old = out.join("checkpoint.old");
+    let _ = std::fs::remove_dir_all(&old);
+    if cur.exists() {
+        std::fs::rename(&cur, &old).with_path(&cur)?;
+    }
+    std::fs::rename(&tmp, &cur).with_path(&cur)?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
+fn load_checkpoint(out: &Path, states: &mut [TrainState]) -> Result<Option<CkptState>> {
+    let mut dir = out.join("checkpoint");
+    if !dir.exists() {
+        // Killed between the two renames: the previous checkpoint is intact.
+        dir = out.join("checkpoint.old");
+        if !dir.exists() {
+            return Ok(None);
+        }
+    }
+    let j = dir.join("state.json");
+    let text = std::fs::read_to_string(&j).with_path(&j)?;
+    let st: CkptState = serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
+        path: j.clone(),
+        msg: e.to_string(),
+    })?;
+    if st.version != CKPT_VERSION {
+        return Err(Error::Checkpoint {
+            path: j,
+            msg: format!("version {} (this saev reads {CKPT_VERSION})", st.version),
+        });
+    }
+    let w = dir.join("state.safetensors");
+    let t = candle_core::safetensors::load(&w, &Device::Cpu)
+        .context(format!("reading checkpoint {}", w.display()))?;
+    let get = |key: String, len: usize| -> Result<Vec<f32>> {
+        let x = t.get(&key).ok_or_else(|| Error::MissingTensor {
+            path: w.clone(),
+            key: key.clone(),
+        })?;
+        let v: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        if v.len() != len {
+            return Err(Error::Shape {
+                what: format!("{}: `{key}`", w.display()),
+                expected: vec![len],
+                actual: x.dims().to_vec(),
+            });
+        }
+        Ok(v)
+    };
+    if st.adam_t.len() != states.len() {
+        return Err(Error::Checkpoint {
+            path: j,
+            msg: format!(
+                "{} settings, the config has {}",
+                st.adam_t.len(),
+                states.len()
+            ),
+        });
+    }
+    for (k, s) in states.iter_mut().enumerate() {
+        let (d, n) = (s.d, s.s);
+        s.w_enc = get(format!("{k}.w_enc"), n * d)?;
+        s.b_enc = get(format!("{k}.b_enc"), n)?;
+        s.w_dec = get(format!("{k}.w_dec"), n * d)?;
+        s.b_dec = get(format!("{k}.b_dec"), d)?;
+        for (jj, len) in [n * d, n, n * d, d].into_iter().enumerate() {
+            s.adam_m[jj] = get(format!("{k}.m{jj}"), len)?;
+            s.adam_v[jj] = get(format!("{k}.v{jj}"), len)?;
+        }
+        s.t = st.adam_t[k];
+        s.threshold = st.threshold[k];
+        s.since_fired.clone_from(&st.since_fired[k]);
+    }
+    Ok(Some(st))
+}
+
+/// Train the sweep on `store` into `out` (resuming a checkpoint there if one exists).
+pub fn train_saes(store: &ActivationStore, cfg: &TrainConfig, out: &Path) -> Result<TrainRun> {
     if cfg.sweep.is_empty() {
         return Err(Error::Invalid("train: empty sweep".into()));
     }
     let d = store.d_model();
     let s = d * cfg.expansion;
+    let n_ex = store.n_examples();
+    let holdout = cfg.holdout(n_ex);
+    if holdout >= n_ex {
+        return Err(Error::Invalid(format!(
+            "train: {holdout} held-out examples leave none of the store's {n_ex} to train on"
+        )));
+    }
+    let n_train_ex = n_ex - holdout;
     let norm = store.norm_stats(cfg.layer, cfg.tokens)?;
-    let mean = Tensor::from_vec(norm.mean.clone(), d, &Device::Cpu)?;
-    let scalar = f64::from(norm.scalar);
-    let mut steps = cfg
+    let (mean, scalar) = (norm.mean.clone(), norm.scalar);
+    let mut states = cfg
         .sweep
         .iter()
         .enumerate()
-        .map(|(k, st)| {
+        .map(|(k, setting)| {
             let seed = cfg.seed.wrapping_mul(1000) + 2 * k as u64;
-            PaperReluStep::new(
-                kaiming(d, s, seed)?,
-                Tensor::zeros(s, candle_core::DType::F32, &Device::Cpu)?,
-                kaiming(s, d, seed + 1)?,
-                Tensor::zeros(d, candle_core::DType::F32, &Device::Cpu)?,
-                st.lr,
-                0.0,
-                cfg.n_lr_warmup,
+            // W_enc is `[d, d_sae]` in the paper (fan-in d_sae); stored here as rows `[d_sae, d]`.
+            let w = kaiming(d, s, seed);
+            let mut w_enc = vec![0f32; s * d];
+            for (i, row) in w.chunks_exact(s).enumerate() {
+                for (j, &v) in row.iter().enumerate() {
+                    w_enc[j * d + i] = v;
+                }
+            }
+            TrainState::new(
+                w_enc,
+                vec![0.0; s],
+                kaiming(s, d, seed + 1),
+                vec![0.0; d],
+                cfg.recipe(setting, d, s)?,
             )
         })
         .collect::<Result<Vec<_>>>()?;
     std::fs::create_dir_all(out).with_path(out)?;
-    let hist_path = out.join("history.csv");
-    let mut hist = std::fs::File::create(&hist_path).with_path(&hist_path)?;
-    writeln!(hist, "step,n_patches,setting,lr,lambda,loss,mse,l0,l1,dead").with_path(&hist_path)?;
-    let bar = indicatif::ProgressBar::new(cfg.n_patches);
-    if let Ok(style) = indicatif::ProgressStyle::with_template(
-        "{bar:40} {pos}/{len} patches [{elapsed} < {eta}, {per_sec}] {msg}",
-    ) {
-        bar.set_style(style);
-    }
-    let mut fired: Vec<Vec<bool>> = vec![vec![false; s]; cfg.sweep.len()];
-    let (mut seen, mut step, mut epoch) = (0u64, 0usize, 0u64);
+    let store_id = store.dir().display().to_string();
+    let mut ck = match load_checkpoint(out, &mut states)? {
+        Some(ck) => {
+            let mut same = cfg.clone();
+            same.stop_after_steps = None;
+            if ck.config != same {
+                return Err(Error::Checkpoint {
+                    path: out.join("checkpoint/state.json"),
+                    msg: "it was made with a different training config; use a new output directory"
+                        .into(),
+                });
+            }
+            ck
+        }
+        None => CkptState {
+            version: CKPT_VERSION,
+            config: TrainConfig {
+                stop_after_steps: None,
+                ..cfg.clone()
+            },
+            store: store_id.clone(),
+            step: 0,
+            seen: 0,
+            epoch: 0,
+            batch_in_epoch: 0,
+            adam_t: vec![0; cfg.sweep.len()],
+            threshold: vec![0.0; cfg.sweep.len()],
+            since_fired: vec![vec![0; s]; cfg.sweep.len()],
+            window_fired: vec![vec![0; s]; cfg.sweep.len()],
+            window_start: 0,
+            history: Vec::new(),
+        },
+    };
+    let bs = cfg.batch_size.max(1);
+    let n_steps = cfg.n_patches.div_ceil(bs as u64) as usize;
     let loader_cfg = LoaderConfig::new(cfg.layer)
         .with_tokens(cfg.tokens)
-        .with_batch_size(cfg.batch_size)
-        .with_seed(cfg.seed);
-    'outer: loop {
-        for batch in store.shuffled(&loader_cfg, epoch)? {
-            if seen >= cfg.n_patches {
+        .with_batch_size(bs)
+        .with_seed(cfg.seed)
+        .with_examples(0, n_train_ex);
+    let n_tok = match cfg.tokens {
+        Tokens::Patches => store.n_patches(),
+        Tokens::Cls => 1,
+        Tokens::All => store.tokens_per_example(),
+    } as u64;
+    let bar = crate::progress::bar(cfg.n_patches, "patches");
+    bar.set_position(ck.seen.min(cfg.n_patches));
+    let mut scratch = Scratch::default();
+    let mut steps_this_call = 0usize;
+    let mut finished = ck.seen >= cfg.n_patches;
+    'outer: while !finished {
+        let loader = store.shuffled_from(&loader_cfg, ck.epoch, ck.batch_in_epoch)?;
+        for batch in loader {
+            if ck.seen >= cfg.n_patches {
+                break;
+            }
+            if cfg.stop_after_steps.is_some_and(|m| steps_this_call >= m) {
                 break 'outer;
             }
-            let x = Tensor::from_vec(batch.acts_nd, (batch.n, d), &Device::Cpu)?;
-            let x = (x.broadcast_sub(&mean)? / scalar)?;
-            let warm = if cfg.n_sparsity_warmup == 0 {
-                1.0
-            } else {
-                ((step + 1) as f64 / cfg.n_sparsity_warmup as f64).min(1.0)
-            };
-            for (k, (st, setting)) in steps.iter_mut().zip(&cfg.sweep).enumerate() {
-                st.set_lambda(setting.lambda * warm);
-                let (terms, active) = st.step_with_activity(&x)?;
-                for (f, a) in fired[k].iter_mut().zip(active) {
-                    *f |= a;
-                }
-                if step % cfg.log_every.max(1) == 0 {
-                    let dead = fired[k].iter().filter(|&&f| !f).count();
-                    writeln!(
-                        hist,
-                        "{step},{seen},{k},{},{},{},{},{},{},{dead}",
-                        st.lr(),
-                        setting.lambda * warm,
-                        terms.loss,
-                        terms.mse,
-                        terms.l0,
-                        terms.l1
-                    )
-                    .with_path(&hist_path)?;
-                }
-                if k == 0 {
-                    bar.set_message(format!("loss {:.4} L0 {:.1}", terms.loss, terms.l0));
+            let n = batch.n;
+            let mut x = batch.acts_nd;
+            for (r, row) in x.chunks_exact_mut(d).enumerate() {
+                for (t, (v, m)) in row.iter_mut().zip(&mean).enumerate() {
+                    if !v.is_finite() {
+                        let ix = batch.index[r];
+                        return Err(Error::NonFinite {
+                            store: store.dir().to_path_buf(),
+                            step: ck.step,
+                            example: ix / n_tok,
+                            token: ix % n_tok,
+                            dim: t,
+                            value: *v,
+                        });
+                    }
+                    *v = (*v - m) / scalar;
                 }
             }
-            seen += batch.n as u64;
-            step += 1;
-            bar.set_position(seen.min(cfg.n_patches));
+            let log = ck.step % cfg.log_every.max(1) == 0;
+            let mut first: Option<StepStats> = None;
+            for (k, (st, setting)) in states.iter_mut().zip(&cfg.sweep).enumerate() {
+                let lr = cfg.lr_at(setting.lr, ck.step, n_steps);
+                let lambda = cfg.lambda_at(setting.lambda, ck.step);
+                let (stats, fired) = st.step(&x, n, lr, lambda, &mut scratch)?;
+                for (w, f) in ck.window_fired[k].iter_mut().zip(&fired) {
+                    *w = w.saturating_add(*f);
+                }
+                if log {
+                    let window = (ck.seen + n as u64 - ck.window_start).max(1) as f64;
+                    ck.history.push(Row {
+                        step: ck.step as u64,
+                        n_patches: ck.seen + n as u64,
+                        setting: k as u32,
+                        lr,
+                        lambda: stats.lambda,
+                        loss: stats.loss,
+                        mse: stats.mse,
+                        nmse: stats.nmse,
+                        l0: stats.l0,
+                        l1: stats.l1,
+                        aux: stats.aux,
+                        dead: st.dead_mask().iter().filter(|&&x| x).count() as u32,
+                        dense: ck.window_fired[k]
+                            .iter()
+                            .filter(|&&c| f64::from(c) / window > DENSE_FREQ)
+                            .count() as u32,
+                        dense_kernels: stats.dense,
+                    });
+                    ck.window_fired[k].iter_mut().for_each(|c| *c = 0);
+                }
+                first.get_or_insert(stats);
+            }
+            if log {
+                ck.window_start = ck.seen + n as u64;
+            }
+            if let Some(f) = first {
+                bar.set_message(format!("loss {:.4} L0 {:.1}", f.loss, f.l0));
+            }
+            ck.seen += n as u64;
+            ck.step += 1;
+            ck.batch_in_epoch += 1;
+            steps_this_call += 1;
+            bar.set_position(ck.seen.min(cfg.n_patches));
+            if cfg.ckpt_every > 0 && ck.step % cfg.ckpt_every == 0 && ck.seen < cfg.n_patches {
+                snapshot(&mut ck, &states);
+                save_checkpoint(out, &states, &ck)?;
+                save_history(out, &ck.history)?;
+            }
         }
-        epoch += 1;
+        if ck.seen >= cfg.n_patches {
+            finished = true;
+        } else if cfg.stop_after_steps.is_some_and(|m| steps_this_call >= m) {
+            break;
+        } else {
+            ck.epoch += 1;
+            ck.batch_in_epoch = 0;
+        }
     }
     bar.finish_and_clear();
+    snapshot(&mut ck, &states);
+    save_checkpoint(out, &states, &ck)?;
+    let history = save_history(out, &ck.history)?;
     let mut saes = Vec::new();
-    for (k, (st, setting)) in steps.iter().zip(&cfg.sweep).enumerate() {
-        // HEAD form: fold the paper encoder's − b_dec into b_enc.
-        let b_enc = (&st.b_enc - st.b_dec.unsqueeze(0)?.matmul(&st.w_enc)?.squeeze(0)?)?;
-        let sae_cfg = SaeConfig {
-            schema: SAE_SCHEMA,
-            d_model: d,
-            d_sae: s,
-            activation: SaeActivation::Relu,
-            norm: Some(SaeNorm {
-                mean: norm.mean.clone(),
-                scalar: norm.scalar,
-            }),
-            provenance: serde_json::json!({
-                "store": store.dir().display().to_string(),
-                "family": store.metadata().family,
-                "ckpt": store.metadata().ckpt,
-                "layer": cfg.layer,
-                "tokens": cfg.tokens,
-                "setting": setting,
-                "train": cfg,
-                "n_patches_seen": seen,
-            }),
+    let mut evals = Vec::new();
+    for (k, (st, setting)) in states.iter().zip(&cfg.sweep).enumerate() {
+        let sae = export(st, cfg, setting, store, &norm.mean, norm.scalar, ck.seen)?;
+        let ev = if finished && holdout > 0 {
+            let ev = sae.evaluate(store, cfg.layer, cfg.tokens, (n_train_ex, n_ex))?;
+            let p = out.join(k.to_string()).join("eval.json");
+            std::fs::create_dir_all(out.join(k.to_string())).with_path(out)?;
+            let text = serde_json::to_string(&ev).map_err(|e| Error::Invalid(e.to_string()))?;
+            std::fs::write(&p, text).with_path(&p)?;
+            Some(ev)
+        } else {
+            None
         };
-        let sae = Sae::new(
-            sae_cfg,
-            st.w_enc.clone(),
-            b_enc,
-            st.w_dec.clone(),
-            st.b_dec.clone(),
-        )?;
-        let dir: PathBuf = out.join(k.to_string());
-        sae.save(&dir)?;
+        if finished {
+            sae.save(&out.join(k.to_string()))?;
+        }
         saes.push(sae);
+        evals.push(ev);
     }
-    Ok(saes)
+    Ok(TrainRun {
+        saes,
+        history,
+        evals,
+        finished,
+    })
+}
+
+fn snapshot(ck: &mut CkptState, states: &[TrainState]) {
+    ck.adam_t = states.iter().map(|s| s.t).collect();
+    ck.threshold = states.iter().map(|s| s.threshold).collect();
+    ck.since_fired = states.iter().map(|s| s.since_fired.clone()).collect();
+}
+
+/// The inference-form [`Sae`] of a training state (`W_enc` transposed, `− b_dec W_enc` folded).
+fn export(
+    st: &TrainState,
+    cfg: &TrainConfig,
+    setting: &Setting,
+    store: &ActivationStore,
+    mean: &[f32],
+    scalar: f32,
+    seen: u64,
+) -> Result<Sae> {
+    let (d, s) = (st.d, st.s);
+    let w_enc_sd = tensor(&st.w_enc, &[s, d])?;
+    let b_dec = tensor(&st.b_dec, &[d])?;
+    let b_enc = (tensor(&st.b_enc, &[s])? - w_enc_sd.matmul(&b_dec.unsqueeze(1)?)?.squeeze(1)?)?;
+    let activation = match st.recipe.activation {
+        TrainActivation::Relu => SaeActivation::Relu,
+        TrainActivation::TopK { k } => SaeActivation::TopK { k },
+        TrainActivation::BatchTopK { k } => SaeActivation::BatchTopK {
+            k,
+            threshold: st.threshold,
+        },
+    };
+    let sae_cfg = SaeConfig {
+        schema: SAE_SCHEMA,
+        d_model: d,
+        d_sae: s,
+        activation,
+        norm: Some(SaeNorm {
+            mean: mean.to_vec(),
+            scalar,
+        }),
+        provenance: serde_json::json!({
+            "store": store.dir().display().to_string(),
+            "family": store.metadata().family,
+            "ckpt": store.metadata().ckpt,
+            "layer": cfg.layer,
+            "tokens": cfg.tokens,
+            "setting": setting,
+            "train": cfg,
+            "n_patches_seen": seen,
+        }),
+    };
+    Sae::new(
+        sae_cfg,
+        w_enc_sd.t()?.contiguous()?,
+        b_enc,
+        tensor(&st.w_dec, &[s, d])?,
+        b_dec,
+    )
 }
 
 #[cfg(test)]
@@ -270,23 +820,36 @@ mod tests {
             serde_json::from_str(r#"{"n_patches": 10, "sweep": [{"lr": 1e-3, "lambda": 4e-4}]}"#)
                 .unwrap();
         assert_eq!((c.n_patches, c.sweep.len(), c.batch_size), (10, 1, 4096));
+        let c: TrainConfig = serde_json::from_str(
+            r#"{"activation": {"kind": "top_k", "k": 32}, "lr_schedule": "cosine", "sweep": [{"lr": 1e-3, "k": 16}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.recipe(&c.sweep[0], 4, 64).unwrap().activation,
+            TrainActivation::TopK { k: 16 }
+        );
+    }
+
+    #[test]
+    fn schedules_have_their_closed_forms() {
+        let mut c = TrainConfig::new(-2).with_warmup(10, 4);
+        assert_eq!(c.lr_at(1.0, 0, 100), 0.0);
+        assert_eq!(c.lr_at(1.0, 5, 100), 0.5);
+        assert_eq!(c.lr_at(1.0, 50, 100), 1.0);
+        c.lr_schedule = LrSchedule::Cosine;
+        c.lr_min_frac = 0.1;
+        assert!((c.lr_at(1.0, 10, 110) - 1.0).abs() < 1e-12);
+        assert!((c.lr_at(1.0, 60, 110) - 0.55).abs() < 1e-12);
+        assert!((c.lr_at(1.0, 110, 110) - 0.1).abs() < 1e-12);
+        assert_eq!(c.lambda_at(2.0, 0), 0.5);
+        assert_eq!(c.lambda_at(2.0, 3), 2.0);
+        assert_eq!(c.lambda_at(2.0, 99), 2.0);
     }
 
     #[test]
     fn kaiming_bound_and_determinism() {
-        let a: Vec<f32> = kaiming(8, 64, 3)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let b: Vec<f32> = kaiming(8, 64, 3)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        assert_eq!(a, b);
+        let a = kaiming(8, 64, 3);
+        assert_eq!(a, kaiming(8, 64, 3));
         assert!(a.iter().all(|v| v.abs() <= 0.125));
         assert!(a.iter().any(|v| v.abs() > 0.1));
     }

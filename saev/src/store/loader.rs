@@ -59,6 +59,9 @@ pub struct LoaderConfig {
     pub seed: u64,
     /// Batches gathered ahead. Default 4.
     pub prefetch: usize,
+    /// Only these examples (`[start, end)`; None = all). Training and held-out splits.
+    #[serde(default)]
+    pub examples: Option<(usize, usize)>,
 }
 
 impl LoaderConfig {
@@ -70,7 +73,13 @@ impl LoaderConfig {
             batch_size: 4096,
             seed: 0,
             prefetch: 4,
+            examples: None,
         }
+    }
+    /// Only examples `start..end`.
+    pub fn with_examples(mut self, start: usize, end: usize) -> Self {
+        self.examples = Some((start, end));
+        self
     }
     /// Set the tokens.
     pub fn with_tokens(mut self, t: Tokens) -> Self {
@@ -109,10 +118,18 @@ struct View {
     layer_pos: usize,
     first_token: usize,
     n_tok: usize,
+    /// First example and number of examples in view.
+    e0: usize,
+    n_ex: usize,
 }
 
 impl View {
-    fn new(store: &ActivationStore, layer: i64, tokens: Tokens) -> Result<Self> {
+    fn new(
+        store: &ActivationStore,
+        layer: i64,
+        tokens: Tokens,
+        examples: Option<(usize, usize)>,
+    ) -> Result<Self> {
         let layer_pos = store.layer_position(layer)?;
         let cls = usize::from(store.has_cls());
         let (first_token, n_tok) = match tokens {
@@ -121,21 +138,31 @@ impl View {
             Tokens::Cls if cls == 1 => (0, 1),
             Tokens::Cls => return Err(Error::Invalid("this store has no CLS token".into())),
         };
+        let (e0, e1) = examples.unwrap_or((0, store.n_examples()));
+        if e0 >= e1 || e1 > store.n_examples() {
+            return Err(Error::Invalid(format!(
+                "{}: examples {e0}..{e1} are not a non-empty part of the store's 0..{}",
+                store.dir().display(),
+                store.n_examples()
+            )));
+        }
         Ok(Self {
             store: store.clone(),
             layer_pos,
             first_token,
             n_tok,
+            e0,
+            n_ex: e1 - e0,
         })
     }
 
     fn n_vectors(&self) -> u64 {
-        (self.store.n_examples() * self.n_tok) as u64
+        (self.n_ex * self.n_tok) as u64
     }
 
     fn vector(&self, v: u64) -> &[f32] {
         let (e, t) = (
-            (v / self.n_tok as u64) as usize,
+            self.e0 + (v / self.n_tok as u64) as usize,
             (v % self.n_tok as u64) as usize,
         );
         let d = self.store.d_model();
@@ -154,7 +181,7 @@ impl View {
             .zip(idx.par_chunks(256))
             .for_each(|(o, ix)| {
                 for (row, &v) in o.chunks_exact_mut(d).zip(ix) {
-                    row.copy_from_slice(self.vector(v));
+                    row.copy_from_slice(self.vector(v - (self.e0 * self.n_tok) as u64));
                 }
             });
         out
@@ -187,16 +214,27 @@ impl ShuffledLoader {
 impl ActivationStore {
     /// Shuffled batches of epoch `epoch` (each epoch has its own order, fixed by the seed).
     pub fn shuffled(&self, cfg: &LoaderConfig, epoch: u64) -> Result<ShuffledLoader> {
-        let view = View::new(self, cfg.layer, cfg.tokens)?;
+        self.shuffled_from(cfg, epoch, 0)
+    }
+
+    /// [`ActivationStore::shuffled`] starting at batch `first_batch` of the epoch (resuming).
+    pub fn shuffled_from(
+        &self,
+        cfg: &LoaderConfig,
+        epoch: u64,
+        first_batch: usize,
+    ) -> Result<ShuffledLoader> {
+        let view = View::new(self, cfg.layer, cfg.tokens, cfg.examples)?;
+        let base = (view.e0 * view.n_tok) as u64;
         let n = view.n_vectors();
         let bs = cfg.batch_size.max(1) as u64;
         let n_batches = n.div_ceil(bs) as usize;
         let perm = Permutation::new(n, cfg.seed ^ epoch.wrapping_mul(0x9e37_79b9_7f4a_7c15));
         let (tx, rx) = mpsc::sync_channel(cfg.prefetch.max(1));
         std::thread::spawn(move || {
-            for b in 0..n_batches as u64 {
+            for b in first_batch as u64..n_batches as u64 {
                 let mut idx: Vec<u64> = (b * bs..((b + 1) * bs).min(n))
-                    .map(|i| perm.apply(i))
+                    .map(|i| base + perm.apply(i))
                     .collect();
                 idx.sort_unstable();
                 let acts_nd = view.gather(&idx);
@@ -211,7 +249,10 @@ impl ActivationStore {
                 }
             }
         });
-        Ok(ShuffledLoader { rx, n_batches })
+        Ok(ShuffledLoader {
+            rx,
+            n_batches: n_batches.saturating_sub(first_batch),
+        })
     }
 
     /// Examples in order, `n_examples` at a time: `(first example, [n, n_tok, d] floats)`.
@@ -221,10 +262,21 @@ impl ActivationStore {
         tokens: Tokens,
         n_examples: usize,
     ) -> Result<impl Iterator<Item = (usize, Vec<f32>)> + '_> {
-        let view = View::new(self, layer, tokens)?;
+        self.ordered_range(layer, tokens, n_examples, (0, self.n_examples()))
+    }
+
+    /// [`ActivationStore::ordered`] over examples `range.0..range.1` only.
+    pub fn ordered_range(
+        &self,
+        layer: i64,
+        tokens: Tokens,
+        n_examples: usize,
+        range: (usize, usize),
+    ) -> Result<impl Iterator<Item = (usize, Vec<f32>)> + '_> {
+        let view = View::new(self, layer, tokens, Some(range))?;
         let step = n_examples.max(1);
-        Ok((0..self.n_examples()).step_by(step).map(move |e0| {
-            let e1 = (e0 + step).min(view.store.n_examples());
+        Ok((range.0..range.1).step_by(step).map(move |e0| {
+            let e1 = (e0 + step).min(range.1);
             let idx: Vec<u64> = ((e0 * view.n_tok) as u64..(e1 * view.n_tok) as u64).collect();
             (e0, view.gather(&idx))
         }))
@@ -290,7 +342,7 @@ impl NormStats {
         max_samples: usize,
         seed: u64,
     ) -> Result<Self> {
-        let view = View::new(store, layer, tokens)?;
+        let view = View::new(store, layer, tokens, None)?;
         let n = view.n_vectors();
         let k = (max_samples as u64).min(n);
         let perm = Permutation::new(n, seed);
