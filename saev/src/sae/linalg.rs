@@ -215,11 +215,29 @@ fn topk_row(row: &[f32], k: usize, mask: Option<&[bool]>) -> Vec<(u32, f32)> {
     if k == 0 {
         return Vec::new();
     }
+    let allowed = |i: usize| mask.is_none_or(|m| m[i]);
+    if k > 48 {
+        // Large k (AuxK): select among the candidates, then order by id. The comparator is a
+        // total order (value desc, id asc), so the result is deterministic.
+        let mut cand: Vec<(u32, f32)> = row
+            .iter()
+            .enumerate()
+            .filter(|&(i, &v)| v > 0.0 && allowed(i))
+            .map(|(i, &v)| (i as u32, v))
+            .collect();
+        let by = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        if cand.len() > k {
+            cand.select_nth_unstable_by(k - 1, by);
+            cand.truncate(k);
+        }
+        cand.sort_unstable_by_key(|&(i, _)| i);
+        return cand;
+    }
     // Kept sorted descending by value; `thr` is the smallest kept value once full.
     let mut best: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
     let mut thr = f32::NEG_INFINITY;
     for (i, &v) in row.iter().enumerate() {
-        if v <= thr || v <= 0.0 || mask.is_some_and(|m| !m[i]) {
+        if v <= thr || v <= 0.0 || !allowed(i) {
             continue;
         }
         let at = best.partition_point(|&(_, b)| b >= v);
@@ -255,8 +273,9 @@ pub(crate) fn select_batch_topk(pre: &[f32], s: usize, k_total: usize) -> (Csr, 
     // Radix select on the bit patterns of positive floats (monotone in value): histogram the
     // top 16 bits, find the bin holding the k-th largest, then resolve inside that bin.
     const BINS: usize = 1 << 16;
+    let chunk = pre.len().div_ceil(4 * rayon::current_num_threads()).max(1 << 16);
     let hist = pre
-        .par_chunks(1 << 16)
+        .par_chunks(chunk)
         .map(|c| {
             let mut h = vec![0u32; BINS];
             for &v in c {
@@ -292,10 +311,15 @@ pub(crate) fn select_batch_topk(pre: &[f32], s: usize, k_total: usize) -> (Csr, 
     // Values in the boundary bin: take the (k_total − above) largest, ties by flat index.
     let need = k_total - above;
     let mut cand: Vec<(f32, usize)> = pre
-        .par_iter()
+        .par_chunks(chunk)
         .enumerate()
-        .filter(|(_, &v)| v > 0.0 && (v.to_bits() >> 16) as usize == bin)
-        .map(|(i, &v)| (v, i))
+        .flat_map_iter(|(c, vs)| {
+            vs.iter()
+                .enumerate()
+                .filter(|(_, &v)| v > 0.0 && (v.to_bits() >> 16) as usize == bin)
+                .map(move |(i, &v)| (v, c * chunk + i))
+                .collect::<Vec<_>>()
+        })
         .collect();
     cand.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
     let (cut_v, cut_i) = (cand[need - 1].0, cand[need - 1].1);
@@ -415,6 +439,16 @@ mod tests {
         assert_eq!((f.idx, thr), (vec![0, 1], 1.0));
         let f = select_topk_masked(&pre, 4, 1, &[true, true, false, true]);
         assert_eq!(f.idx, vec![3, 3]);
+        // The large-k path (selection) agrees with the small-k path (insertion).
+        let row: Vec<f32> = (0..500).map(|i| ((i * 7919) % 503) as f32 - 100.0).collect();
+        let mask: Vec<bool> = (0..500).map(|i| i % 3 != 0).collect();
+        let big = topk_row(&row, 60, Some(&mask));
+        assert_eq!(big.len(), 60);
+        assert!(topk_row(&row, 48, Some(&mask)).iter().all(|e| big.contains(e)));
+        let min_kept = big.iter().map(|e| e.1).fold(f32::INFINITY, f32::min);
+        assert!((0..500)
+            .filter(|&i| mask[i] && !big.iter().any(|e| e.0 == i as u32))
+            .all(|i| row[i] <= min_kept));
     }
 
     #[test]
