@@ -91,9 +91,7 @@ fn time(name: &str, mut st: TrainState, x: &[f32]) -> f64 {
             *c = u64::MAX / 2;
         }
         let t0 = Instant::now();
-        let (stats, _) = st
-            .step(x, B, 1e-5, 4e-4, &mut scratch)
-            .expect("bench step");
+        let (stats, _) = st.step(x, B, 1e-5, 4e-4, &mut scratch).expect("bench step");
         if i >= 2 {
             ts.push(t0.elapsed().as_secs_f64());
         }
@@ -109,32 +107,56 @@ fn main() {
     let x = rnd(B * D, 7, 2.0);
     let relu_sparse = time(
         "relu L0≈1% sparse kernels",
-        state(recipe(TrainActivation::Relu, Kernels::Auto, 0), &x, Some(61.0)),
+        state(
+            recipe(TrainActivation::Relu, Kernels::Auto, 0),
+            &x,
+            Some(61.0),
+        ),
         &x,
     );
     time(
         "relu L0≈1% dense kernels",
-        state(recipe(TrainActivation::Relu, Kernels::Dense, 0), &x, Some(61.0)),
+        state(
+            recipe(TrainActivation::Relu, Kernels::Dense, 0),
+            &x,
+            Some(61.0),
+        ),
         &x,
     );
     time(
         "relu L0≈10% (auto → dense)",
-        state(recipe(TrainActivation::Relu, Kernels::Auto, 0), &x, Some(614.0)),
+        state(
+            recipe(TrainActivation::Relu, Kernels::Auto, 0),
+            &x,
+            Some(614.0),
+        ),
         &x,
     );
     let topk = time(
         "topk k=32",
-        state(recipe(TrainActivation::TopK { k: 32 }, Kernels::Auto, 0), &x, None),
+        state(
+            recipe(TrainActivation::TopK { k: 32 }, Kernels::Auto, 0),
+            &x,
+            None,
+        ),
         &x,
     );
     time(
         "topk k=32 + auxk 192 (1,024 dead)",
-        state(recipe(TrainActivation::TopK { k: 32 }, Kernels::Auto, 192), &x, None),
+        state(
+            recipe(TrainActivation::TopK { k: 32 }, Kernels::Auto, 192),
+            &x,
+            None,
+        ),
         &x,
     );
     time(
         "batchtopk k=32",
-        state(recipe(TrainActivation::BatchTopK { k: 32 }, Kernels::Auto, 0), &x, None),
+        state(
+            recipe(TrainActivation::BatchTopK { k: 32 }, Kernels::Auto, 0),
+            &x,
+            None,
+        ),
         &x,
     );
     if let Ok(python) = std::env::var("SAEV_BENCH_TORCH_PYTHON") {

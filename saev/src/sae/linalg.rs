@@ -253,6 +253,15 @@ fn topk_row(row: &[f32], k: usize, mask: Option<&[bool]>) -> Vec<(u32, f32)> {
     best
 }
 
+/// Which entries of `row` a TopK(k) code keeps (top k positive values, ties by lower id).
+pub(crate) fn topk_keep_mask(row: &[f32], k: usize) -> Vec<bool> {
+    let mut keep = vec![false; row.len()];
+    for (i, _) in topk_row(row, k, None) {
+        keep[i as usize] = true;
+    }
+    keep
+}
+
 /// Per-row top-k of `pre` (`[n, s]`), ReLU'd.
 pub(crate) fn select_topk(pre: &[f32], s: usize, k: usize) -> Csr {
     Csr::from_rows(pre.par_chunks(s).map(|r| topk_row(r, k, None)).collect())
@@ -273,7 +282,10 @@ pub(crate) fn select_batch_topk(pre: &[f32], s: usize, k_total: usize) -> (Csr, 
     // Radix select on the bit patterns of positive floats (monotone in value): histogram the
     // top 16 bits, find the bin holding the k-th largest, then resolve inside that bin.
     const BINS: usize = 1 << 16;
-    let chunk = pre.len().div_ceil(4 * rayon::current_num_threads()).max(1 << 16);
+    let chunk = pre
+        .len()
+        .div_ceil(4 * rayon::current_num_threads())
+        .max(1 << 16);
     let hist = pre
         .par_chunks(chunk)
         .map(|c| {
@@ -440,11 +452,15 @@ mod tests {
         let f = select_topk_masked(&pre, 4, 1, &[true, true, false, true]);
         assert_eq!(f.idx, vec![3, 3]);
         // The large-k path (selection) agrees with the small-k path (insertion).
-        let row: Vec<f32> = (0..500).map(|i| ((i * 7919) % 503) as f32 - 100.0).collect();
+        let row: Vec<f32> = (0..500)
+            .map(|i| ((i * 7919) % 503) as f32 - 100.0)
+            .collect();
         let mask: Vec<bool> = (0..500).map(|i| i % 3 != 0).collect();
         let big = topk_row(&row, 60, Some(&mask));
         assert_eq!(big.len(), 60);
-        assert!(topk_row(&row, 48, Some(&mask)).iter().all(|e| big.contains(e)));
+        assert!(topk_row(&row, 48, Some(&mask))
+            .iter()
+            .all(|e| big.contains(e)));
         let min_kept = big.iter().map(|e| e.1).fold(f32::INFINITY, f32::min);
         assert!((0..500)
             .filter(|&i| mask[i] && !big.iter().any(|e| e.0 == i as u32))

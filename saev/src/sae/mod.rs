@@ -2,7 +2,7 @@
 //! the Python saev's `sae.pt` checkpoints ([`torch_load`]). The trainer builds on these (#4).
 
 pub mod eval;
-mod linalg;
+pub(crate) mod linalg;
 pub mod model;
 pub mod paper_step;
 pub mod step;

@@ -212,7 +212,13 @@ impl Sae {
         Self::new(cfg, w_enc, b_enc, w_dec, b_dec)
     }
 
-    /// The config.
+    /// `[W_enc [d, d_sae], b_enc [d_sae], W_dec [d_sae, d], b_dec [d]]` (HEAD form, normalised
+    /// input space).
+    pub fn weights(&self) -> [&Tensor; 4] {
+        [&self.w_enc, &self.b_enc, &self.w_dec, &self.b_dec]
+    }
+
+    /// The versioned config.
     pub fn config(&self) -> &SaeConfig {
         &self.cfg
     }

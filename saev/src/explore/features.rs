@@ -1,0 +1,617 @@
+//! The feature pass: one ordered pass over a store with an SAE, giving per-latent statistics
+//! (firing frequency, mean value when firing, max, a log10 value histogram) and each latent's
+//! top-k images ranked by their max patch activation (one entry per image). Heatmaps are not
+//! stored: they are recomputed on demand from the store ([`Features::heatmap_values`]), so
+//! memory is O(d_sae · k), not O(d_sae · k · patches).
+//!
+//! Saved beside the SAE as `features.safetensors` + `features.json` (versioned) and reopened
+//! without recomputation. [`Features::table`] is the polars "feature table".
+//!
+//! ```no_run
+//! use saev::{ActivationStore, Features, FeatureConfig, Sae};
+//! let store = ActivationStore::open("acts/1a2b3c4d")?;
+//! let sae = Sae::load("runs/a/0".as_ref())?;
+//! let feats = Features::compute(&sae, &store, -2, &FeatureConfig::default())?;
+//! feats.save("runs/a/0".as_ref())?;
+//! println!("{}", feats.table(&store)?);
+//! # Ok::<(), saev::Error>(())
+//! ```
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use polars::prelude::*;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{CandleContext, Error, IoContext, Result};
+use crate::sae::linalg::{gemm, topk_keep_mask, Mat};
+use crate::sae::model::{Sae, SaeActivation};
+use crate::store::{ActivationStore, Tokens};
+
+/// Feature-pass settings (serde; defaults documented).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FeatureConfig {
+    /// Top images kept per latent. Default 16.
+    pub top_k: usize,
+    /// Histogram bins over log10(value) in [`hist_lo`, `hist_hi`). Default 48.
+    pub n_bins: usize,
+    /// Lowest log10 value binned (smaller values go to bin 0). Default -4.
+    pub hist_lo: f32,
+    /// Highest log10 value binned (larger values go to the last bin). Default 2.
+    pub hist_hi: f32,
+    /// Vectors encoded per GEMM. Default 4096.
+    pub rows_per_batch: usize,
+}
+
+impl Default for FeatureConfig {
+    fn default() -> Self {
+        Self {
+            top_k: 16,
+            n_bins: 48,
+            hist_lo: -4.0,
+            hist_hi: 2.0,
+            rows_per_batch: 4096,
+        }
+    }
+}
+
+impl FeatureConfig {
+    /// Set the number of top images per latent.
+    pub fn with_top_k(mut self, k: usize) -> Self {
+        self.top_k = k.max(1);
+        self
+    }
+}
+
+/// `features.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Header {
+    version: u32,
+    d_sae: usize,
+    layer: i64,
+    n_examples: usize,
+    n_patches_per_example: usize,
+    n_vectors: u64,
+    store: String,
+    config: FeatureConfig,
+}
+
+const VERSION: u32 = 1;
+
+struct Inner {
+    h: Header,
+    freq: Vec<f64>,
+    mean: Vec<f64>,
+    max: Vec<f32>,
+    hist: Vec<u32>,
+    top_values: Vec<f32>,
+    top_examples: Vec<i64>,
+}
+
+/// Per-latent statistics and top images of one SAE over one store. Cheap to clone.
+#[derive(Clone)]
+pub struct Features {
+    inner: Arc<Inner>,
+}
+
+/// Per-latent accumulators for a block of latents (owned by one task: no merging).
+struct Block {
+    first: usize,
+    count: Vec<u64>,
+    sum: Vec<f64>,
+    max: Vec<f32>,
+    hist: Vec<u32>,
+    ex_max: Vec<f32>,
+    /// Per latent: (value, example) sorted by value desc, ≤ k.
+    top: Vec<Vec<(f32, u32)>>,
+}
+
+const BLOCK: usize = 64;
+
+/// The SAE's encoder as plain slices, and its activation applied in place.
+pub(crate) struct Encoder {
+    pub d: usize,
+    pub s: usize,
+    w_enc: Vec<f32>,
+    b_enc: Vec<f32>,
+    mean: Vec<f32>,
+    scalar: f32,
+    act: SaeActivation,
+}
+
+impl Encoder {
+    pub fn new(sae: &Sae) -> Result<Self> {
+        let [w, b, _, _] = sae.weights();
+        let (d, s) = (sae.d_model(), sae.d_sae());
+        let (mean, scalar) = match &sae.config().norm {
+            Some(n) => (n.mean.clone(), n.scalar),
+            None => (vec![0.0; d], 1.0),
+        };
+        Ok(Self {
+            d,
+            s,
+            w_enc: w.flatten_all()?.to_vec1()?,
+            b_enc: b.to_vec1()?,
+            mean,
+            scalar,
+            act: sae.config().activation.clone(),
+        })
+    }
+
+    /// Codes `[n, s]` of raw vectors `x` `[n, d]` into `out`.
+    pub fn encode(&self, x: &mut [f32], out: &mut Vec<f32>) {
+        let (d, s) = (self.d, self.s);
+        let n = x.len() / d;
+        x.par_chunks_mut(d).for_each(|r| {
+            for (v, m) in r.iter_mut().zip(&self.mean) {
+                *v = (*v - m) / self.scalar;
+            }
+        });
+        out.resize(n * s, 0.0);
+        out.par_chunks_mut(s)
+            .for_each(|r| r.copy_from_slice(&self.b_enc));
+        gemm(
+            n,
+            s,
+            d,
+            out,
+            0,
+            s,
+            Mat::rows(x, d),
+            Mat::rows(&self.w_enc, s),
+            true,
+        );
+        match &self.act {
+            SaeActivation::Relu => out.par_iter_mut().for_each(|v| *v = v.max(0.0)),
+            SaeActivation::BatchTopK { threshold, .. } => {
+                let t = *threshold;
+                out.par_iter_mut()
+                    .for_each(|v| *v = if *v >= t { v.max(0.0) } else { 0.0 })
+            }
+            SaeActivation::TopK { k } => out.par_chunks_mut(s).for_each(|r| {
+                let keep = topk_keep_mask(r, *k);
+                for (v, kp) in r.iter_mut().zip(keep) {
+                    if !kp {
+                        *v = 0.0;
+                    }
+                }
+            }),
+        }
+    }
+}
+
+impl Encoder {
+    /// Latent `j`'s values on raw vectors `x` `[n, d]` (normalised in place), without the
+    /// full code — exact for ReLU and BatchTopK; TopK needs the full row (None).
+    pub fn column(&self, x: &mut [f32], j: usize) -> Option<Vec<f32>> {
+        let thr = match &self.act {
+            SaeActivation::Relu => 0.0,
+            SaeActivation::BatchTopK { threshold, .. } => *threshold,
+            SaeActivation::TopK { .. } => return None,
+        };
+        let (d, s) = (self.d, self.s);
+        Some(
+            x.chunks_exact_mut(d)
+                .map(|r| {
+                    let mut h = self.b_enc[j];
+                    for (t, v) in r.iter_mut().enumerate() {
+                        *v = (*v - self.mean[t]) / self.scalar;
+                        h += *v * self.w_enc[t * s + j];
+                    }
+                    if h >= thr && h > 0.0 {
+                        h
+                    } else {
+                        0.0
+                    }
+                })
+                .collect(),
+        )
+    }
+}
+
+fn check_width(sae: &Sae, store: &ActivationStore) -> Result<()> {
+    if sae.d_model() != store.d_model() {
+        return Err(Error::Shape {
+            what: format!("SAE d_model vs store {} (d_model)", store.dir().display()),
+            expected: vec![sae.d_model()],
+            actual: vec![store.d_model()],
+        });
+    }
+    Ok(())
+}
+
+impl Features {
+    /// One ordered pass over the patches of `layer` in `store`.
+    pub fn compute(
+        sae: &Sae,
+        store: &ActivationStore,
+        layer: i64,
+        cfg: &FeatureConfig,
+    ) -> Result<Self> {
+        check_width(sae, store)?;
+        let enc = Encoder::new(sae)?;
+        let (s, p) = (enc.s, store.n_patches());
+        let (k, nb) = (cfg.top_k.max(1), cfg.n_bins.max(1));
+        let bin_w = (cfg.hist_hi - cfg.hist_lo) / nb as f32;
+        let mut blocks: Vec<Block> = (0..s.div_ceil(BLOCK))
+            .map(|b| {
+                let n = BLOCK.min(s - b * BLOCK);
+                Block {
+                    first: b * BLOCK,
+                    count: vec![0; n],
+                    sum: vec![0.0; n],
+                    max: vec![0.0; n],
+                    hist: vec![0; n * nb],
+                    ex_max: vec![0.0; n],
+                    top: vec![Vec::with_capacity(k + 1); n],
+                }
+            })
+            .collect();
+        let per = (cfg.rows_per_batch / p.max(1)).max(1);
+        let bar = crate::progress::bar((store.n_examples() * p) as u64, "patches");
+        let mut codes = Vec::new();
+        for (e0, mut x) in store.ordered(layer, Tokens::Patches, per)? {
+            let n_ex = x.len() / enc.d / p;
+            enc.encode(&mut x, &mut codes);
+            let codes_r = &codes;
+            blocks.par_iter_mut().for_each(|bl| {
+                let nl = bl.count.len();
+                for e in 0..n_ex {
+                    bl.ex_max.iter_mut().for_each(|m| *m = 0.0);
+                    for r in e * p..(e + 1) * p {
+                        let row = &codes_r[r * s + bl.first..r * s + bl.first + nl];
+                        for (j, &v) in row.iter().enumerate() {
+                            if v > 0.0 {
+                                bl.count[j] += 1;
+                                bl.sum[j] += f64::from(v);
+                                if v > bl.ex_max[j] {
+                                    bl.ex_max[j] = v;
+                                }
+                                let b = ((v.log10() - cfg.hist_lo) / bin_w).floor();
+                                let b = (b.max(0.0) as usize).min(nb - 1);
+                                bl.hist[j * nb + b] += 1;
+                            }
+                        }
+                    }
+                    for j in 0..nl {
+                        let v = bl.ex_max[j];
+                        if v <= 0.0 {
+                            continue;
+                        }
+                        bl.max[j] = bl.max[j].max(v);
+                        let top = &mut bl.top[j];
+                        if top.len() < k || v > top[top.len() - 1].0 {
+                            let at = top.partition_point(|&(t, _)| t >= v);
+                            top.insert(at, (v, (e0 + e) as u32));
+                            top.truncate(k);
+                        }
+                    }
+                }
+            });
+            bar.inc((n_ex * p) as u64);
+        }
+        bar.finish_and_clear();
+        let n_vec = (store.n_examples() * p) as u64;
+        let mut freq = vec![0f64; s];
+        let mut mean = vec![0f64; s];
+        let mut max = vec![0f32; s];
+        let mut hist = vec![0u32; s * nb];
+        let mut top_values = vec![0f32; s * k];
+        let mut top_examples = vec![-1i64; s * k];
+        for bl in &blocks {
+            for j in 0..bl.count.len() {
+                let i = bl.first + j;
+                freq[i] = bl.count[j] as f64 / n_vec.max(1) as f64;
+                mean[i] = if bl.count[j] > 0 {
+                    bl.sum[j] / bl.count[j] as f64
+                } else {
+                    0.0
+                };
+                max[i] = bl.max[j];
+                hist[i * nb..(i + 1) * nb].copy_from_slice(&bl.hist[j * nb..(j + 1) * nb]);
+                for (t, &(v, e)) in bl.top[j].iter().enumerate() {
+                    top_values[i * k + t] = v;
+                    top_examples[i * k + t] = i64::from(e);
+                }
+            }
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                h: Header {
+                    version: VERSION,
+                    d_sae: s,
+                    layer,
+                    n_examples: store.n_examples(),
+                    n_patches_per_example: p,
+                    n_vectors: n_vec,
+                    store: store.dir().display().to_string(),
+                    config: FeatureConfig {
+                        top_k: k,
+                        n_bins: nb,
+                        ..cfg.clone()
+                    },
+                },
+                freq,
+                mean,
+                max,
+                hist,
+                top_values,
+                top_examples,
+            }),
+        })
+    }
+
+    /// Dictionary size.
+    pub fn d_sae(&self) -> usize {
+        self.inner.h.d_sae
+    }
+    /// Store layer the pass read.
+    pub fn layer(&self) -> i64 {
+        self.inner.h.layer
+    }
+    /// Top images kept per latent.
+    pub fn top_k(&self) -> usize {
+        self.inner.h.config.top_k
+    }
+    /// Per latent: fraction of patches it fires on.
+    pub fn freq(&self) -> &[f64] {
+        &self.inner.freq
+    }
+    /// Per latent: mean value when firing.
+    pub fn mean_value(&self) -> &[f64] {
+        &self.inner.mean
+    }
+    /// Per latent: max value.
+    pub fn max_value(&self) -> &[f32] {
+        &self.inner.max
+    }
+    /// Histogram of `latent`'s positive values over log10 bins `[lo + i·w, lo + (i+1)·w)`:
+    /// `(counts, lo, w)`.
+    pub fn histogram(&self, latent: usize) -> (&[u32], f32, f32) {
+        let c = &self.inner.h.config;
+        let nb = c.n_bins;
+        (
+            &self.inner.hist[latent * nb..(latent + 1) * nb],
+            c.hist_lo,
+            (c.hist_hi - c.hist_lo) / nb as f32,
+        )
+    }
+
+    /// `latent`'s top images: (example index, max patch value), best first.
+    pub fn top(&self, latent: usize) -> Vec<(usize, f32)> {
+        let k = self.top_k();
+        if latent >= self.d_sae() {
+            return Vec::new();
+        }
+        (0..k)
+            .filter_map(|t| {
+                let e = self.inner.top_examples[latent * k + t];
+                (e >= 0).then(|| (e as usize, self.inner.top_values[latent * k + t]))
+            })
+            .collect()
+    }
+
+    /// Latents that fired at least once, `0 < freq`.
+    pub fn live(&self) -> Vec<usize> {
+        (0..self.d_sae())
+            .filter(|&i| self.inner.freq[i] > 0.0)
+            .collect()
+    }
+
+    /// `latent`'s value on every patch of `example` (recomputed from the store): `[n_patches]`.
+    pub fn heatmap_values(
+        &self,
+        sae: &Sae,
+        store: &ActivationStore,
+        latent: usize,
+        example: usize,
+    ) -> Result<Vec<f32>> {
+        let s = sae.d_sae();
+        if latent >= s {
+            return Err(Error::Invalid(format!(
+                "latent {latent} out of range (d_sae {s})"
+            )));
+        }
+        check_width(sae, store)?;
+        if example >= store.n_examples() {
+            return Err(Error::Invalid(format!(
+                "example {example} out of range (store has {})",
+                store.n_examples()
+            )));
+        }
+        let (_, mut x) = store
+            .ordered_range(self.layer(), Tokens::Patches, 1, (example, example + 1))?
+            .next()
+            .ok_or_else(|| Error::Invalid(format!("example {example}: no patches")))?;
+        let enc = Encoder::new(sae)?;
+        if let Some(col) = enc.column(&mut x.clone(), latent) {
+            return Ok(col);
+        }
+        let mut out = Vec::new();
+        enc.encode(&mut x, &mut out);
+        Ok(out.chunks_exact(s).map(|r| r[latent]).collect())
+    }
+
+    /// Majority label among `latent`'s top images and its share (label purity), when the
+    /// store has labels.
+    pub fn purity(&self, store: &ActivationStore, latent: usize) -> Option<(u32, f64)> {
+        let labels = &store.provenance()?.labels;
+        let mut counts: HashMap<u32, usize> = HashMap::new();
+        let mut n = 0;
+        for (e, _) in self.top(latent) {
+            if let Some(Some(l)) = labels.get(e) {
+                *counts.entry(*l).or_default() += 1;
+                n += 1;
+            }
+        }
+        let (&l, &c) = counts
+            .iter()
+            .max_by_key(|(l, c)| (**c, std::cmp::Reverse(**l)))?;
+        Some((l, c as f64 / n as f64))
+    }
+
+    /// The feature table: latent, log10 frequency, log10 mean value, max, top examples, and
+    /// (with labels) the dominant label and its purity among the top images.
+    pub fn table(&self, store: &ActivationStore) -> Result<DataFrame> {
+        let s = self.d_sae();
+        let classes = store
+            .provenance()
+            .map(|p| p.classes.clone())
+            .unwrap_or_default();
+        let lg = |v: f64| {
+            if v > 0.0 {
+                v.log10()
+            } else {
+                f64::NEG_INFINITY
+            }
+        };
+        let pur: Vec<Option<(u32, f64)>> = (0..s).map(|i| self.purity(store, i)).collect();
+        let cols = vec![
+            Column::new("latent".into(), (0..s as u32).collect::<Vec<_>>()),
+            Column::new(
+                "log10_freq".into(),
+                self.inner.freq.iter().map(|&v| lg(v)).collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "log10_mean".into(),
+                self.inner.mean.iter().map(|&v| lg(v)).collect::<Vec<_>>(),
+            ),
+            Column::new("max".into(), self.inner.max.clone()),
+            Column::new(
+                "top_examples".into(),
+                (0..s)
+                    .map(|i| {
+                        self.top(i)
+                            .iter()
+                            .map(|(e, _)| e.to_string())
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    })
+                    .collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "label".into(),
+                pur.iter()
+                    .map(|p| {
+                        p.map(|(l, _)| {
+                            classes
+                                .get(l as usize)
+                                .cloned()
+                                .unwrap_or_else(|| l.to_string())
+                        })
+                    })
+                    .collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "purity".into(),
+                pur.iter().map(|p| p.map(|(_, q)| q)).collect::<Vec<_>>(),
+            ),
+        ];
+        DataFrame::new_infer_height(cols).map_err(|e| Error::Invalid(format!("feature table: {e}")))
+    }
+
+    /// Save as `<dir>/features.{safetensors,json}`.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).with_path(dir)?;
+        let i = &self.inner;
+        let (s, k, nb) = (i.h.d_sae, i.h.config.top_k, i.h.config.n_bins);
+        let dev = Device::Cpu;
+        let mut t = HashMap::new();
+        t.insert(
+            "freq".to_string(),
+            Tensor::from_vec(i.freq.clone(), s, &dev)?,
+        );
+        t.insert(
+            "mean".to_string(),
+            Tensor::from_vec(i.mean.clone(), s, &dev)?,
+        );
+        t.insert("max".to_string(), Tensor::from_vec(i.max.clone(), s, &dev)?);
+        t.insert(
+            "hist".to_string(),
+            Tensor::from_vec(i.hist.clone(), (s, nb), &dev)?,
+        );
+        t.insert(
+            "top_values".to_string(),
+            Tensor::from_vec(i.top_values.clone(), (s, k), &dev)?,
+        );
+        t.insert(
+            "top_examples".to_string(),
+            Tensor::from_vec(i.top_examples.clone(), (s, k), &dev)?,
+        );
+        let st = dir.join("features.safetensors");
+        candle_core::safetensors::save(&t, &st).context(format!("writing {}", st.display()))?;
+        let js = dir.join("features.json");
+        let text = serde_json::to_string_pretty(&i.h).map_err(|e| Error::Invalid(e.to_string()))?;
+        std::fs::write(&js, text).with_path(&js)
+    }
+
+    /// Open what [`Features::save`] wrote.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let js = dir.join("features.json");
+        let text = std::fs::read_to_string(&js).with_path(&js)?;
+        let h: Header = serde_json::from_str(&text).map_err(|source| Error::Json {
+            path: js.clone(),
+            source,
+        })?;
+        if h.version != VERSION {
+            return Err(Error::Checkpoint {
+                path: js,
+                msg: format!("features version {} (this saev reads {VERSION})", h.version),
+            });
+        }
+        let st = dir.join("features.safetensors");
+        let t = candle_core::safetensors::load(&st, &Device::Cpu)
+            .context(format!("reading {}", st.display()))?;
+        let (s, k, nb) = (h.d_sae, h.config.top_k, h.config.n_bins);
+        let get = |name: &str, dtype: DType, len: usize| -> Result<Tensor> {
+            let x = t.get(name).ok_or_else(|| Error::MissingTensor {
+                path: st.clone(),
+                key: name.into(),
+            })?;
+            if x.elem_count() != len || x.dtype() != dtype {
+                return Err(Error::Shape {
+                    what: format!("{}: `{name}` ({:?})", st.display(), x.dtype()),
+                    expected: vec![len],
+                    actual: x.dims().to_vec(),
+                });
+            }
+            Ok(x.flatten_all()?)
+        };
+        Ok(Self {
+            inner: Arc::new(Inner {
+                freq: get("freq", DType::F64, s)?.to_vec1()?,
+                mean: get("mean", DType::F64, s)?.to_vec1()?,
+                max: get("max", DType::F32, s)?.to_vec1()?,
+                hist: get("hist", DType::U32, s * nb)?.to_vec1()?,
+                top_values: get("top_values", DType::F32, s * k)?.to_vec1()?,
+                top_examples: get("top_examples", DType::I64, s * k)?.to_vec1()?,
+                h,
+            }),
+        })
+    }
+
+    /// Where [`Features::save`] writes for an SAE directory (the same directory).
+    pub fn path_for(sae_dir: &Path) -> PathBuf {
+        sae_dir.join("features.json")
+    }
+}
+
+impl fmt::Debug for Features {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let live = self.inner.freq.iter().filter(|&&q| q > 0.0).count();
+        write!(
+            f,
+            "Features(d_sae {}, {} live, top {} of {} examples, layer {})",
+            self.d_sae(),
+            live,
+            self.top_k(),
+            self.inner.h.n_examples,
+            self.layer()
+        )
+    }
+}

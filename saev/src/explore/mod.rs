@@ -1,0 +1,273 @@
+//! Exploring SAE features: the [`Explorer`] handle bundles an SAE, the store it was trained on,
+//! its feature pass ([`Features`]) and the images behind the store, and makes the pictures:
+//! exemplar grids, heatmaps, the frequency × value scatter, exemplar search, SAE comparison.
+//!
+//! ```no_run
+//! use saev::prelude::*;
+//! let store = ActivationStore::open("acts/1a2b3c4d")?;
+//! let ex = Explorer::open("runs/a/0", &store)?;   // runs (and saves) the feature pass once
+//! ex.grid(12, 8)?                                  // top 8 images of latent 12, as a PNG value
+//! # ; Ok::<(), saev::Error>(())
+//! ```
+
+pub mod browse;
+pub mod charts;
+pub mod features;
+pub mod picture;
+pub mod search;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use image::RgbImage;
+use polars::prelude::DataFrame;
+
+use crate::backbone::config::Family;
+use crate::backbone::preprocess::Preprocess;
+use crate::data::Dataset;
+use crate::error::{Error, Result};
+use crate::sae::model::Sae;
+use crate::store::ActivationStore;
+use features::{FeatureConfig, Features};
+use picture::{ExemplarGrid, Heatmap};
+
+/// An SAE + its store + its feature pass + the store's images. Cheap to clone.
+#[derive(Clone)]
+pub struct Explorer {
+    sae: Sae,
+    store: ActivationStore,
+    features: Features,
+    layer: i64,
+    views: Arc<Views>,
+}
+
+/// Loads the images behind a store's examples, as the model saw them.
+pub(crate) struct Views {
+    sources: Vec<String>,
+    pre: Preprocess,
+    grid: (usize, usize),
+    datasets: Mutex<HashMap<PathBuf, Dataset>>,
+}
+
+impl Views {
+    pub(crate) fn new(store: &ActivationStore) -> Result<Self> {
+        let md = store.metadata();
+        let family = match md.family.as_str() {
+            "clip" => Family::Clip,
+            "siglip" => Family::Siglip,
+            _ => Family::Dinov2,
+        };
+        let p = store.n_patches();
+        let side = (p as f64).sqrt().round() as usize;
+        if side * side != p {
+            return Err(Error::Invalid(format!(
+                "{}: {p} patches per example is not a square grid; heatmaps need the grid",
+                store.dir().display()
+            )));
+        }
+        let mut pre = Preprocess::for_family(family);
+        if family == Family::Dinov2 && side != 16 {
+            pre = pre.with_size(side * 14);
+        }
+        let sources = store
+            .provenance()
+            .map(|p| p.sources.clone())
+            .unwrap_or_default();
+        Ok(Self {
+            sources,
+            pre,
+            grid: (side, side),
+            datasets: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The model-input view of example `e`.
+    pub(crate) fn view(&self, e: usize) -> Result<RgbImage> {
+        let src = self.sources.get(e).ok_or_else(|| {
+            Error::Invalid(format!(
+                "example {e}: the store has no provenance for it (recorded outside saev?)"
+            ))
+        })?;
+        let img = match src.rsplit_once('#') {
+            Some((path, idx)) if idx.parse::<usize>().is_ok() && Path::new(path).exists() => {
+                let i: usize = idx.parse().unwrap_or(0); // checked just above
+                let key = PathBuf::from(path);
+                let ds = {
+                    let mut map = self
+                        .datasets
+                        .lock()
+                        .map_err(|_| Error::Invalid("image cache poisoned".into()))?;
+                    match map.get(&key) {
+                        Some(d) => d.clone(),
+                        None => {
+                            let d = Dataset::open(&key, None, false)?;
+                            map.insert(key.clone(), d.clone());
+                            d
+                        }
+                    }
+                };
+                ds.get(i)?.image
+            }
+            _ => crate::load_image(src)?,
+        };
+        Ok(self.pre.model_view(&img))
+    }
+}
+
+impl Explorer {
+    /// Open the SAE saved in `sae_dir` on `store`; loads `features.*` from `sae_dir` or runs
+    /// the feature pass (default settings) and saves it there. The layer is the one in the
+    /// SAE's provenance (else the store's last recorded layer).
+    pub fn open(sae_dir: impl AsRef<Path>, store: &ActivationStore) -> Result<Self> {
+        let dir = sae_dir.as_ref();
+        let sae = Sae::load(dir)?;
+        let layer = sae
+            .config()
+            .provenance
+            .get("layer")
+            .and_then(|v| v.as_i64())
+            .or_else(|| store.layers().last().copied())
+            .ok_or_else(|| Error::Invalid("store has no layers".into()))?;
+        let features = if Features::path_for(dir).exists() {
+            Features::load(dir)?
+        } else {
+            let f = Features::compute(&sae, store, layer, &FeatureConfig::default())?;
+            f.save(dir)?;
+            f
+        };
+        Self::new(sae, store, features)
+    }
+
+    /// From parts already in memory.
+    pub fn new(sae: Sae, store: &ActivationStore, features: Features) -> Result<Self> {
+        if features.d_sae() != sae.d_sae() {
+            return Err(Error::Shape {
+                what: "features vs SAE (d_sae)".into(),
+                expected: vec![sae.d_sae()],
+                actual: vec![features.d_sae()],
+            });
+        }
+        Ok(Self {
+            layer: features.layer(),
+            views: Arc::new(Views::new(store)?),
+            sae,
+            store: store.clone(),
+            features,
+        })
+    }
+
+    /// The SAE.
+    pub fn sae(&self) -> &Sae {
+        &self.sae
+    }
+    /// The store.
+    pub fn store(&self) -> &ActivationStore {
+        &self.store
+    }
+    /// The feature pass.
+    pub fn features(&self) -> &Features {
+        &self.features
+    }
+    /// Patch grid (rows, cols).
+    pub fn patch_grid(&self) -> (usize, usize) {
+        self.views.grid
+    }
+
+    /// The model-input view of example `e`.
+    pub fn view(&self, e: usize) -> Result<RgbImage> {
+        self.views.view(e)
+    }
+
+    fn check_latent(&self, latent: usize) -> Result<()> {
+        if latent >= self.sae.d_sae() {
+            return Err(Error::Invalid(format!(
+                "latent {latent} out of range (d_sae {})",
+                self.sae.d_sae()
+            )));
+        }
+        Ok(())
+    }
+
+    /// `latent` over example `e`, scaled to the latent's max.
+    pub fn heatmap(&self, latent: usize, e: usize) -> Result<Heatmap> {
+        self.check_latent(latent)?;
+        let values = self
+            .features
+            .heatmap_values(&self.sae, &self.store, latent, e)?;
+        let upper = self.features.max_value()[latent];
+        Ok(Heatmap::new(self.view(e)?, values, self.views.grid)?.with_upper(upper))
+    }
+
+    fn label_of(&self, e: usize) -> Option<String> {
+        let p = self.store.provenance()?;
+        let l = (*p.labels.get(e)?)?;
+        Some(
+            p.classes
+                .get(l as usize)
+                .cloned()
+                .unwrap_or_else(|| l.to_string()),
+        )
+    }
+
+    /// The top `n` images of `latent` with heatmaps, captioned with value and label.
+    pub fn grid(&self, latent: usize, n: usize) -> Result<ExemplarGrid> {
+        self.check_latent(latent)?;
+        let f = &self.features;
+        let tiles = f
+            .top(latent)
+            .into_iter()
+            .take(n)
+            .map(|(e, v)| {
+                let cap = match self.label_of(e) {
+                    Some(l) => format!("{v:.2} · {l}"),
+                    None => format!("{v:.2} · #{e}"),
+                };
+                Ok(self.heatmap(latent, e)?.with_caption(cap))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut title = format!(
+            "latent {latent}: freq {:.2e}, mean {:.2}, max {:.2}",
+            f.freq()[latent],
+            f.mean_value()[latent],
+            f.max_value()[latent]
+        );
+        if let Some((l, q)) = f.purity(&self.store, latent) {
+            let name = self
+                .store
+                .provenance()
+                .and_then(|p| p.classes.get(l as usize).cloned())
+                .unwrap_or_else(|| l.to_string());
+            title.push_str(&format!(
+                ", top-{} purity {:.0}% {name}",
+                f.top(latent).len(),
+                q * 100.0
+            ));
+        }
+        Ok(ExemplarGrid::new(latent, title, tiles, 4))
+    }
+
+    /// The feature table (see [`Features::table`]).
+    pub fn table(&self) -> Result<DataFrame> {
+        self.features.table(&self.store)
+    }
+
+    /// log10 frequency × log10 mean value over all latents (dead and dense marked).
+    pub fn scatter(&self) -> charts::FeatureScatter {
+        charts::FeatureScatter::new(self.features.freq(), self.features.mean_value())
+    }
+}
+
+impl fmt::Debug for Explorer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Explorer(d_sae {}, layer {}, {} examples, {:?})",
+            self.sae.d_sae(),
+            self.layer,
+            self.store.n_examples(),
+            self.features
+        )
+    }
+}

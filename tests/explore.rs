@@ -1,0 +1,255 @@
+//! The feature pass, pictures and the static browser on a hand-built store and SAE whose
+//! statistics, top images and heatmaps are known in closed form.
+//!
+//! Store: 6 examples × 4 patches (2×2 grid, plus CLS), d = 4; the SAE is the identity with ReLU,
+//! so latent j's value on a patch is x[j]:
+//! - latent 0 = e·(p+1)/10: fires on examples 1..5; mean 0.75, max 2.0, top examples 5, 4, 3;
+//! - latent 1 = e+1 on patch e mod 4 only: freq 1/4, mean 3.5, max 6, top 5, 4, 3;
+//! - latent 2 = −1: dead;
+//! - latent 3 = 1 everywhere: freq 1 (dense), ties resolved to the first examples 0, 1, 2.
+
+use std::path::{Path, PathBuf};
+
+use saev::candle_core::{DType, Device, Tensor};
+use saev::{
+    ActivationStore, BrowseConfig, Explorer, FeatureConfig, Features, Metadata, Provenance, Sae,
+    SaeActivation, SaeConfig, StoreWriter, SAE_SCHEMA,
+};
+
+const N: usize = 6;
+const P: usize = 4;
+const D: usize = 4;
+
+fn value(e: usize, p: usize, j: usize) -> f32 {
+    match j {
+        0 => (e * (p + 1)) as f32 / 10.0,
+        1 if p == e % 4 => (e + 1) as f32,
+        1 => 0.0,
+        2 => -1.0,
+        _ => 1.0,
+    }
+}
+
+fn colour(e: usize) -> [u8; 3] {
+    [(40 * e) as u8, 100, (200 - 30 * e) as u8]
+}
+
+fn setup(root: &Path) -> (ActivationStore, Sae) {
+    let _ = std::fs::remove_dir_all(root);
+    let img_dir = root.join("images");
+    std::fs::create_dir_all(&img_dir).unwrap();
+    let mut sources = Vec::new();
+    for e in 0..N {
+        let p = img_dir.join(format!("{e}.png"));
+        saev::image::RgbImage::from_pixel(40, 40, saev::image::Rgb(colour(e)))
+            .save(&p)
+            .unwrap();
+        sources.push(p.display().to_string());
+    }
+    let md = Metadata {
+        family: "dinov2".into(),
+        ckpt: "hand-built".into(),
+        layers: vec![-2],
+        content_tokens_per_example: P,
+        cls_token: true,
+        d_model: D,
+        n_examples: N,
+        max_tokens_per_shard: 1000,
+        data: "hand-built".into(),
+        dataset: "hand-built".into(),
+        pixel_agg: "majority".into(),
+        dtype: "float32".into(),
+        protocol: saev::PROTOCOL.into(),
+    };
+    let prov = Provenance {
+        version: 1,
+        classes: vec!["even <i>".into(), "odd & co".into()],
+        sources,
+        labels: (0..N).map(|e| Some((e % 2) as u32)).collect(),
+    };
+    let mut acts = Vec::new();
+    for e in 0..N {
+        acts.extend([9.0f32; D]); // CLS: ignored by the pass
+        for p in 0..P {
+            for j in 0..D {
+                acts.push(value(e, p, j));
+            }
+        }
+    }
+    let mut w = StoreWriter::create(&root.join("store"), md, Some(&prov)).unwrap();
+    w.write_examples(0, &acts).unwrap();
+    let store = ActivationStore::open(w.finish().unwrap()).unwrap();
+    let eye = Tensor::eye(D, DType::F32, &Device::Cpu).unwrap();
+    let zeros = Tensor::zeros(D, DType::F32, &Device::Cpu).unwrap();
+    let sae = Sae::new(
+        SaeConfig {
+            schema: SAE_SCHEMA,
+            d_model: D,
+            d_sae: D,
+            activation: SaeActivation::Relu,
+            norm: None,
+            provenance: serde_json::json!({"layer": -2}),
+        },
+        eye.clone(),
+        zeros.clone(),
+        eye,
+        zeros,
+    )
+    .unwrap();
+    (store, sae)
+}
+
+fn tmp(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("saev-explore-{name}-{}", std::process::id()))
+}
+
+#[test]
+fn feature_pass_matches_the_closed_form() {
+    let root = tmp("pass");
+    let (store, sae) = setup(&root);
+    let f = Features::compute(&sae, &store, -2, &FeatureConfig::default().with_top_k(3)).unwrap();
+    let close = |a: f64, b: f64| (a - b).abs() < 1e-6;
+    assert!(close(f.freq()[0], 20.0 / 24.0) && close(f.mean_value()[0], 0.75));
+    assert!(close(f.freq()[1], 0.25) && close(f.mean_value()[1], 3.5));
+    assert!(close(f.freq()[2], 0.0) && close(f.freq()[3], 1.0) && close(f.mean_value()[3], 1.0));
+    assert_eq!(f.max_value(), &[2.0, 6.0, 0.0, 1.0]);
+    let top = |l: usize| -> Vec<usize> { f.top(l).iter().map(|t| t.0).collect() };
+    assert_eq!(top(0), vec![5, 4, 3]);
+    assert!((f.top(0)[1].1 - 1.6).abs() < 1e-6);
+    assert_eq!(top(1), vec![5, 4, 3]);
+    assert_eq!(f.top(1)[2].1, 4.0);
+    assert!(top(2).is_empty());
+    assert_eq!(top(3), vec![0, 1, 2]);
+    assert_eq!(f.live(), vec![0, 1, 3]);
+    // Histogram: latent 1's six values 1..6 → log10 in [0, 0.78]: bins of 0.125 from -4.
+    let (h, lo, w) = f.histogram(1);
+    assert_eq!(h.iter().sum::<u32>(), 6);
+    let bin = |v: f32| ((v.log10() - lo) / w).floor() as usize;
+    assert_eq!(h[bin(1.0)], 1);
+    assert_eq!(h[bin(6.0)], if bin(5.0) == bin(6.0) { 2 } else { 1 });
+    // Heatmap values recomputed from the store: latent 1 on example 4 lights patch 0 with 5.
+    assert_eq!(
+        f.heatmap_values(&sae, &store, 1, 4).unwrap(),
+        vec![5.0, 0.0, 0.0, 0.0]
+    );
+    assert_eq!(
+        f.heatmap_values(&sae, &store, 0, 2).unwrap(),
+        vec![0.2, 0.4, 0.6, 0.8]
+    );
+    // Purity: latent 0's top (5, 4, 3) have labels odd, even, odd.
+    let (lab, q) = f.purity(&store, 0).unwrap();
+    assert_eq!(lab, 1);
+    assert!((q - 2.0 / 3.0).abs() < 1e-9);
+    // The feature table.
+    let t = f.table(&store).unwrap();
+    assert_eq!(t.height(), 4);
+    let labels = t.column("label").unwrap().str().unwrap().clone();
+    assert_eq!(labels.get(0), Some("odd & co"));
+    // Saved and reopened identically.
+    let dir = root.join("sae");
+    f.save(&dir).unwrap();
+    let g = Features::load(&dir).unwrap();
+    assert_eq!(
+        (g.freq(), g.mean_value(), g.max_value()),
+        (f.freq(), f.mean_value(), f.max_value())
+    );
+    assert_eq!(g.top(1), f.top(1));
+    // Wrong width and bad versions are clear errors.
+    let js = dir.join("features.json");
+    let text = std::fs::read_to_string(&js)
+        .unwrap()
+        .replace("\"version\": 1", "\"version\": 99");
+    std::fs::write(&js, text).unwrap();
+    let err = Features::load(&dir).err().unwrap();
+    assert!(err.to_string().contains("version 99"), "{err}");
+}
+
+#[test]
+fn heatmaps_grids_and_the_browser_render() {
+    let root = tmp("pics");
+    let (store, sae) = setup(&root);
+    let f = Features::compute(&sae, &store, -2, &FeatureConfig::default().with_top_k(3)).unwrap();
+    let ex = Explorer::new(sae, &store, f).unwrap();
+    assert_eq!(ex.patch_grid(), (2, 2));
+    // Latent 1 on example 4: patch 0 (top-left 14×14 of the 28×28 view) at 5 of upper 6.
+    let hm = ex.heatmap(1, 4).unwrap();
+    let img = hm.overlay();
+    assert_eq!((img.width(), img.height()), (28, 28));
+    let (t, base) = (5.0f32 / 6.0, colour(4));
+    let c = saev::plasma(t);
+    let a = 0.9 * t;
+    let want: Vec<u8> = (0..3)
+        .map(|k| ((1.0 - a) * f32::from(base[k]) + a * f32::from(c[k])).round() as u8)
+        .collect();
+    assert_eq!(img.get_pixel(3, 5).0.to_vec(), want);
+    assert_eq!(
+        img.get_pixel(20, 20).0,
+        base,
+        "unlit patch keeps the image colour"
+    );
+    // The exemplar grid renders to a PNG with all three tiles.
+    let grid = ex.grid(0, 3).unwrap();
+    assert_eq!(grid.tiles().len(), 3);
+    let png = grid.to_png().unwrap();
+    assert_eq!(&png[1..4], b"PNG");
+    // Errors name what is wrong.
+    assert!(ex
+        .grid(7, 3)
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("latent 7"));
+    // The static site, opened by headless Chromium.
+    let site = root.join("site");
+    let index = saev::write_browser(&ex, &site, &BrowseConfig::default()).unwrap();
+    for l in [0, 1, 3] {
+        assert!(site.join(format!("latents/{l}.png")).exists());
+    }
+    assert!(
+        !site.join("latents/2.html").exists(),
+        "dead latents get no page"
+    );
+    let html = std::fs::read_to_string(&index).unwrap();
+    // Label text sits in the page only as JSON with `<`/`>` escaped (cannot end the script).
+    assert!(
+        !html.contains("<i>") && html.contains("even \\u003ci\\u003e"),
+        "unescaped label text"
+    );
+    let chromium = ["chromium", "chromium-browser", "google-chrome"]
+        .into_iter()
+        .find(|c| std::process::Command::new(c).arg("--version").output().is_ok())
+        .expect("headless Chromium is needed for this test (apt-get install chromium; .ci/run installs it)");
+    for page in [index.clone(), site.join("latents/1.html")] {
+        let out = std::process::Command::new(chromium)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--enable-logging=stderr",
+                "--v=0",
+                "--dump-dom",
+            ])
+            .arg(format!("file://{}", page.display()))
+            .output()
+            .unwrap();
+        let dom = String::from_utf8_lossy(&out.stdout);
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "chromium failed: {log}");
+        assert!(
+            !log.contains("Uncaught") && !log.contains(":CONSOLE"),
+            "script errors in {}: {log}",
+            page.display()
+        );
+        if page == index {
+            // The script rendered the three live latents, sorted by frequency (3, 0, 1).
+            let body = dom.split("<tbody id=\"body\">").nth(1).unwrap_or("");
+            let rows: Vec<&str> = body.split("<tr>").skip(1).collect();
+            assert_eq!(rows.len(), 3, "{dom}");
+            assert!(rows[0].contains("latents/3.html") && rows[2].contains("latents/1.html"));
+            assert!(dom.contains("odd &amp; co"));
+            assert!(dom.contains("3 of 4 latents"));
+        } else {
+            assert!(dom.contains("<img id=\"grid\" src=\"1.png\""), "{dom}");
+        }
+    }
+}
