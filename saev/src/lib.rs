@@ -82,5 +82,6 @@ pub mod __private {
     //! Internals exposed for saev's own tests and benches; not a stable API.
     pub use crate::backbone::resample;
     pub use crate::backbone::weights;
+    pub use crate::explore::features::Encoder;
     pub use crate::import::onnx;
 }

@@ -195,7 +195,7 @@ pub fn write_browser(ex: &Explorer, out: &Path, cfg: &BrowseConfig) -> Result<Pa
     // Index: table data as JSON (escaped so it cannot close the script element).
     let table = f;
     let mut data = String::from("[");
-    for l in 0..s {
+    for (l, &page) in has_page.iter().enumerate() {
         let pur = table.purity(ex.store(), l);
         let label = pur.map(|(lab, _)| {
             classes
@@ -216,7 +216,7 @@ pub fn write_browser(ex: &Explorer, out: &Path, cfg: &BrowseConfig) -> Result<Pa
                 None => "null".into(),
             },
             pur.map(|(_, q)| js_num(q)).unwrap_or_else(|| "null".into()),
-            has_page[l]
+            page
         );
     }
     data.push(']');

@@ -113,9 +113,12 @@ struct Block {
 
 const BLOCK: usize = 64;
 
-/// The SAE's encoder as plain slices, and its activation applied in place.
-pub(crate) struct Encoder {
+/// The SAE's encoder as plain slices (GEMM through the `gemm` crate), its activation applied
+/// in place. Internal; public for benchmarks.
+pub struct Encoder {
+    /// Input width.
     pub d: usize,
+    /// Dictionary size.
     pub s: usize,
     w_enc: Vec<f32>,
     b_enc: Vec<f32>,
@@ -125,6 +128,7 @@ pub(crate) struct Encoder {
 }
 
 impl Encoder {
+    /// Copy the SAE's encoder.
     pub fn new(sae: &Sae) -> Result<Self> {
         let [w, b, _, _] = sae.weights();
         let (d, s) = (sae.d_model(), sae.d_sae());

@@ -150,9 +150,8 @@ impl Heatmap {
             for y in y0..y1 {
                 for x in x0..x1 {
                     let px = img.get_pixel_mut(x, y);
-                    for c in 0..3 {
-                        px.0[c] =
-                            ((1.0 - a) * f32::from(px.0[c]) + a * f32::from(col[c])).round() as u8;
+                    for (ch, &cc) in px.0.iter_mut().zip(&col) {
+                        *ch = ((1.0 - a) * f32::from(*ch) + a * f32::from(cc)).round() as u8;
                     }
                 }
             }

@@ -356,8 +356,9 @@ pub(crate) fn select_batch_topk(pre: &[f32], s: usize, k_total: usize) -> (Csr, 
 /// `out[r] += Σ_{(i, v) in row r} v · w[i]` for `w` `[s, d]` (`out` `[n, d]`).
 pub(crate) fn sparse_rows_times(f: &Csr, vals: &[f32], w: &[f32], d: usize, out: &mut [f32]) {
     out.par_chunks_mut(d).enumerate().for_each(|(r, o)| {
-        for p in f.ptr[r]..f.ptr[r + 1] {
-            let (i, v) = (f.idx[p] as usize, vals[p]);
+        let (a, b) = (f.ptr[r], f.ptr[r + 1]);
+        for (&i, &v) in f.idx[a..b].iter().zip(&vals[a..b]) {
+            let i = i as usize;
             axpy(v, &w[i * d..(i + 1) * d], o);
         }
     });
