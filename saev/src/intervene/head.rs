@@ -44,11 +44,11 @@ pub enum HeadKind {
 pub struct HeadConfig {
     /// What to train. Default classifier on CLS.
     pub kind: HeadKind,
-    /// Adam learning rate. Default 1e-3.
+    /// Adam learning rate. Default 3e-3.
     pub lr: f64,
     /// L2 weight decay. Default 1e-4.
     pub weight_decay: f64,
-    /// Epochs. Default 30.
+    /// Epochs. Default 200.
     pub epochs: usize,
     /// Minibatch rows. Default 256.
     pub batch_size: usize,
@@ -62,9 +62,9 @@ impl Default for HeadConfig {
     fn default() -> Self {
         Self {
             kind: HeadKind::ClassifierCls,
-            lr: 1e-3,
+            lr: 3e-3,
             weight_decay: 1e-4,
-            epochs: 30,
+            epochs: 200,
             batch_size: 256,
             holdout_frac: 0.2,
             seed: 0,
@@ -77,7 +77,7 @@ impl HeadConfig {
     pub fn segmenter() -> Self {
         Self {
             kind: HeadKind::Segmenter,
-            epochs: 10,
+            epochs: 20,
             ..Self::default()
         }
     }
