@@ -152,3 +152,84 @@ fn bad_edits_and_mismatched_saes_are_errors() {
     let e = Intervention::new(&vit, -2, &sae, &h).err().unwrap();
     assert!(e.to_string().contains("dinov2-large"), "{e}");
 }
+
+#[test]
+fn outcomes_render_bars_or_masks() {
+    let vit = tiny();
+    let d = vit.d_model();
+    for (kind, needle) in [
+        (HeadKind::ClassifierCls, "<svg"),
+        (HeadKind::Segmenter, "<figcaption>after"),
+    ] {
+        let iv = Intervention::new(&vit, -2, &identity_sae(d, -2), &head(&vit, kind)).unwrap();
+        let o = iv
+            .run(&images()[1], Some(&[1, 2]), &[Edit::set(0, 5.0)])
+            .unwrap();
+        let html = o.to_html();
+        assert!(
+            html.contains("data:image/png;base64,") && html.contains(needle),
+            "{kind:?}"
+        );
+        // Class names are escaped in the bars.
+        if kind == HeadKind::ClassifierCls {
+            assert!(html.contains("c &lt;d&gt;") && !html.contains("c <d>"));
+        }
+    }
+}
+
+/// At the last block only the final LayerNorm and the head follow, so a segmenter's output on
+/// the edited patch has a closed form: softmax(LN(x') W + b), with x' from the identity SAE's
+/// closed form and LN computed here from the checkpoint's weights; every other patch's output
+/// is unchanged bitwise (no attention after the edit).
+#[test]
+fn segmenter_output_after_an_edit_at_the_last_block_has_its_closed_form() {
+    let vit = tiny();
+    let d = vit.d_model();
+    let h = head(&vit, HeadKind::Segmenter);
+    let iv = Intervention::new(&vit, -1, &identity_sae(d, -1), &h).unwrap();
+    let (q, j, v) = (6usize, 2usize, 4.0f32);
+    let img = &images()[0];
+    let out = iv.run(img, Some(&[q]), &[Edit::set(j, v)]).unwrap();
+    let (_, edited) = iv
+        .edited_tokens(std::slice::from_ref(img), Some(&[q]), &[Edit::set(j, v)])
+        .unwrap();
+    let x: Vec<f32> = edited
+        .narrow(1, q + 1, 1)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let w = saev::candle_core::safetensors::load(
+        fixtures().join("tiny-dinov2/model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let g: Vec<f32> = w["layernorm.weight"].to_vec1().unwrap();
+    let bb: Vec<f32> = w["layernorm.bias"].to_vec1().unwrap();
+    let mean = x.iter().sum::<f32>() / d as f32;
+    let var = x.iter().map(|a| (a - mean) * (a - mean)).sum::<f32>() / d as f32;
+    let ln: Vec<f32> = (0..d)
+        .map(|k| (x[k] - mean) / (var + 1e-6).sqrt() * g[k] + bb[k])
+        .collect();
+    let probs = h
+        .probs(&Tensor::from_vec(ln, (1, d), &Device::Cpu).unwrap())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let c = h.classes().len();
+    let got = &out.after[q * c..(q + 1) * c];
+    for (a, b) in got.iter().zip(&probs) {
+        assert!((a - b).abs() < 1e-5, "{got:?} vs {probs:?}");
+    }
+    assert_ne!(&out.before[q * c..(q + 1) * c], got);
+    for p in (0..vit.n_patches()).filter(|&p| p != q) {
+        assert_eq!(
+            out.before[p * c..(p + 1) * c],
+            out.after[p * c..(p + 1) * c],
+            "patch {p}"
+        );
+    }
+}

@@ -43,6 +43,7 @@ pub use backbone::preprocess::{
 pub use backbone::source::{hf_hub_cache, resolve_model};
 pub use backbone::vit::{Block, Vit, VitOutput};
 pub use backbone::{Backbone, Residual};
+pub use data::composite::{composite_classes, composite_fashion_mnist};
 pub use data::{Dataset, DatasetKind, Example};
 pub use error::{Error, Result};
 pub use explore::browse::{html_escape, write_browser, BrowseConfig};

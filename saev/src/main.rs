@@ -76,6 +76,25 @@ enum Cmd {
         #[arg(long, default_value_t = 8)]
         n_images: usize,
     },
+    /// Write a patch-labelled segmentation set from Fashion-MNIST (items on a canvas, ADE20K
+    /// layout), for `saev activations --kind ade20k` and `saev probe --segment`.
+    Composite {
+        /// The Fashion-MNIST IDX images file (labels beside it).
+        #[arg(
+            long,
+            default_value = "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"
+        )]
+        idx: PathBuf,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Images to write.
+        #[arg(long, default_value_t = 500)]
+        n: usize,
+        /// Seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Train a linear probe (classifier) on a labelled store's backbone outputs: the recorded
     /// layer is resumed through the remaining blocks. Prints the held-out accuracy.
     Probe {
@@ -91,6 +110,12 @@ enum Cmd {
         /// Read the mean of the patch tokens instead of the CLS token.
         #[arg(long)]
         mean_pool: bool,
+        /// Train a patch segmenter on the store's per-patch labels instead.
+        #[arg(long)]
+        segment: bool,
+        /// JSON list of class names for the segmenter (e.g. the composite set's classes.json).
+        #[arg(long)]
+        classes: Option<PathBuf>,
         /// Model directory (default: the store's checkpoint).
         #[arg(long)]
         model: Option<String>,
@@ -117,6 +142,10 @@ enum Cmd {
         /// Held-out fraction (the last examples).
         #[arg(long, default_value_t = 0.2)]
         holdout_frac: f64,
+        /// Target class (default: the dominant label of each latent's top images; required for
+        /// segmentation heads, whose stores have per-patch labels only).
+        #[arg(long)]
+        class: Option<u32>,
         /// Model directory (default: the store's checkpoint).
         #[arg(long)]
         model: Option<String>,
@@ -391,15 +420,50 @@ fn run(cli: Cli) -> saev::Result<()> {
             let index = saev::write_browser(&ex, &out, &cfg)?;
             println!("{}", index.display());
         }
+        Cmd::Composite { idx, out, n, seed } => {
+            let dir = saev::composite_fashion_mnist(&idx, &out, n, seed)?;
+            println!("{}", dir.display());
+        }
         Cmd::Probe {
             store,
             layer,
             out,
             mean_pool,
+            segment,
+            classes,
             model,
         } => {
             let store = saev::ActivationStore::open(&store)?;
             let vit = Backbone::open(&model.unwrap_or_else(|| store.metadata().ckpt.clone()))?;
+            if segment {
+                let names: Vec<String> = match classes {
+                    Some(p) => {
+                        let text =
+                            std::fs::read_to_string(&p).map_err(|source| saev::Error::Io {
+                                path: p.clone(),
+                                source,
+                            })?;
+                        serde_json::from_str(&text)
+                            .map_err(|source| saev::Error::Json { path: p, source })?
+                    }
+                    None => Vec::new(),
+                };
+                let t0 = std::time::Instant::now();
+                let (head, miou) = saev::Head::train_segmenter(
+                    &vit,
+                    &store,
+                    layer,
+                    names,
+                    &saev::HeadConfig::segmenter(),
+                )?;
+                head.save(&out)?;
+                eprintln!(
+                    "{head:?}: held-out patch mIoU {miou:.4} ({:.1} s)",
+                    t0.elapsed().as_secs_f64()
+                );
+                println!("{}", out.display());
+                return Ok(());
+            }
             let cfg = saev::HeadConfig {
                 kind: if mean_pool {
                     saev::HeadKind::ClassifierMean
@@ -425,6 +489,7 @@ fn run(cli: Cli) -> saev::Result<()> {
             latents,
             mult,
             holdout_frac,
+            class,
             model,
         } => {
             let store = saev::ActivationStore::open(&store)?;
@@ -432,16 +497,30 @@ fn run(cli: Cli) -> saev::Result<()> {
             let ex = saev::Explorer::open(&sae, &store)?;
             let head = saev::Head::load(&head)?;
             let layer = ex.features().layer();
-            let iv = saev::Intervention::new(&vit, layer, ex.sae(), &head)?.with_features(ex.features());
+            let iv =
+                saev::Intervention::new(&vit, layer, ex.sae(), &head)?.with_features(ex.features());
             let n = store.n_examples();
             let start = n - ((n as f64 * holdout_frac).round() as usize).clamp(1, n);
             for l in latents {
-                let (class, purity) = ex.features().purity(&store, l).ok_or_else(|| {
-                    saev::Error::Invalid(format!("latent {l}: no labelled top images"))
-                })?;
+                let (class, purity) = match class {
+                    Some(c) => (c, f64::NAN),
+                    None => ex.features().purity(&store, l).ok_or_else(|| {
+                        saev::Error::Invalid(format!(
+                            "latent {l}: no labelled top images; pass --class"
+                        ))
+                    })?,
+                };
                 let r = iv.change_rates(&store, (start, n), l, class, mult, l as u64)?;
-                let name = head.classes().get(class as usize).cloned().unwrap_or_default();
-                println!("{name} (top-image purity {:.0}%): {r}", purity * 100.0);
+                let name = head
+                    .classes()
+                    .get(class as usize)
+                    .cloned()
+                    .unwrap_or_default();
+                if purity.is_nan() {
+                    println!("{name} (class given): {r}");
+                } else {
+                    println!("{name} (top-image purity {:.0}%): {r}", purity * 100.0);
+                }
             }
         }
         Cmd::Record {

@@ -16,6 +16,7 @@
 //! # Ok::<(), saev::Error>(())
 //! ```
 
+pub mod composite;
 pub(crate) mod idx;
 pub(crate) mod parquet;
 

@@ -189,9 +189,14 @@ impl Outcome {
         crate::explore::picture::png(&img)
     }
 
-    /// Jupyter (evcxr) display: image with edited patches outlined, and class bars (classifier)
-    /// or predicted masks (segmenter) before / after.
+    /// Jupyter (evcxr) display: [`Outcome::to_html`].
     pub fn evcxr_display(&self) {
+        emit_text("text/html", &self.to_html());
+    }
+
+    /// The image with edited patches outlined, and class bars (classifier) or predicted masks
+    /// (segmenter) before / after, as HTML with inline PNG/SVG.
+    pub fn to_html(&self) -> String {
         let mut html = String::from("<div style=\"display:flex;gap:12px;align-items:flex-start\">");
         if let Some(v) = &self.view {
             let p = self.grid.0 * self.grid.1;
@@ -218,7 +223,7 @@ impl Outcome {
             _ => html.push_str(&self.bars_svg()),
         }
         html.push_str("</div>");
-        emit_text("text/html", &html);
+        html
     }
 }
 
@@ -485,9 +490,10 @@ impl Intervention {
 
     /// The paper's §5.2 test on the store's examples `range` (recorded at this layer): edit
     /// `latent` to `mult ×` its max on the patches where it fires, and count how often the
-    /// head's prediction changes for images of the latent's class (`target_class`) and of other
-    /// classes — next to two controls: a random unit direction with the same norm per patch,
-    /// and a random live latent edited the same way on its own active patches.
+    /// head's prediction changes for images (classifier) or patches (segmenter: per-patch labels
+    /// from the store) of the latent's class (`target_class`) and of other classes — next to
+    /// two controls: a random unit direction with the same norm per patch, and a random live
+    /// latent edited the same way on its own active patches.
     pub fn change_rates(
         &self,
         store: &ActivationStore,
@@ -498,10 +504,23 @@ impl Intervention {
         seed: u64,
     ) -> Result<ChangeRates> {
         self.check(None, &[Edit::scale_max(latent, mult)])?;
+        let seg = self.head.kind() == HeadKind::Segmenter;
         let labels = store
             .provenance()
             .map(|p| p.labels.clone())
-            .ok_or_else(|| Error::Invalid(format!("{}: no labels", store.dir().display())))?;
+            .unwrap_or_default();
+        if !seg && labels.iter().all(Option::is_none) {
+            return Err(Error::Invalid(format!(
+                "{}: no image labels",
+                store.dir().display()
+            )));
+        }
+        if seg && store.patch_labels(range.0).is_none() {
+            return Err(Error::Invalid(format!(
+                "{}: no per-patch labels for a segmentation head",
+                store.dir().display()
+            )));
+        }
         let max = self.max.as_ref().ok_or_else(|| {
             Error::Invalid(
                 "change rates need the latent maxima: Intervention::with_features".into(),
@@ -544,14 +563,26 @@ impl Intervention {
             let tokens = Tensor::from_vec(x, (n, t, d), &Device::Cpu)?;
             let before = self.heads_from_tokens(&tokens)?;
             let c_n = self.head.classes().len();
+            let rows_per = if seg { p } else { 1 };
+            let preds = |v: &[f32]| -> Vec<usize> { v.chunks(c_n).map(argmax).collect() };
             for i in 0..n {
                 let img = tokens.narrow(0, i, 1)?;
-                let Some(lab) = labels.get(e0 + i).copied().flatten() else {
-                    continue;
+                // Group of each counted unit (the image, or each patch): 0 target, 1 other.
+                let groups: Vec<usize> = if seg {
+                    let pl = store.patch_labels(e0 + i).unwrap_or(&[]);
+                    pl.iter()
+                        .map(|&l| usize::from(u32::from(l) != target_class))
+                        .collect()
+                } else {
+                    match labels.get(e0 + i).copied().flatten() {
+                        Some(lab) => vec![usize::from(lab != target_class)],
+                        None => continue,
+                    }
                 };
-                let group = usize::from(lab != target_class);
-                r.totals[group] += 1;
-                let pred0 = argmax(&before[i * c_n..(i + 1) * c_n]);
+                for &g in &groups {
+                    r.totals[g] += 1;
+                }
+                let pred0 = preds(&before[i * rows_per * c_n..(i + 1) * rows_per * c_n]);
                 let active = |l: usize| -> Result<Vec<usize>> {
                     let xs = img.narrow(1, c, p)?.squeeze(0)?;
                     let f = self.sae.encode(&xs)?.narrow(1, l, 1)?.squeeze(1)?;
@@ -573,9 +604,11 @@ impl Intervention {
                         continue;
                     }
                     let edited = self.edit_tokens(&img, Some(rows), &how)?;
-                    let after = self.heads_from_tokens(&edited)?;
-                    if argmax(&after) != pred0 {
-                        r.counts[k][group] += 1;
+                    let after = preds(&self.heads_from_tokens(&edited)?);
+                    for ((a, b), &g) in after.iter().zip(&pred0).zip(&groups) {
+                        if a != b {
+                            r.counts[k][g] += 1;
+                        }
                     }
                 }
             }
@@ -597,9 +630,10 @@ pub struct ChangeRates {
     pub target_class: u32,
     /// The edit: `mult ×` max.
     pub mult: f32,
-    /// Changed predictions `[edit, random direction, random latent][target, other]`.
+    /// Changed predictions `[edit, random direction, random latent][target, other]` (images for
+    /// a classifier, patches for a segmenter).
     pub counts: [[usize; 2]; 3],
-    /// Images `[target, other]`.
+    /// Images (classifier) or patches (segmenter) `[target, other]`.
     pub totals: [usize; 2],
 }
 
@@ -618,7 +652,7 @@ impl fmt::Display for ChangeRates {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "latent {} ({}× max; target class {}; {} target / {} other images)",
+            "latent {} ({}× max; target class {}; {} target / {} other units)",
             self.latent, self.mult, self.target_class, self.totals[0], self.totals[1]
         )?;
         writeln!(
