@@ -13,6 +13,11 @@ fn quickstart_runs_end_to_end_and_reuses_its_work() {
     assert_eq!(store.n_examples(), 45);
     let prov = store.provenance().unwrap();
     assert!(prov.classes.contains(&"photo".to_string()));
+    assert!(
+        prov.classes.contains(&"Trouser".to_string()),
+        "{:?}",
+        prov.classes
+    );
     assert!(s.index.exists() && s.summary.exists());
     assert!(s.sae.join("sae.safetensors").exists() && s.sae.join("features.json").exists());
     // (Held out: the last 5% of the class-sorted folder — the photos — so no bound on NMSE at

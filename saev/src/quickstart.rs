@@ -125,9 +125,10 @@ fn materialise(dir: &Path, n_images: usize) -> Result<()> {
     let tmp = dir.with_extension("tmp");
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).with_path(&tmp)?;
-    let idx = tmp.join("fmnist-images-idx3-ubyte.gz");
+    // "fashion" in the name gives the Fashion-MNIST class names.
+    let idx = tmp.join("fashion-mnist-images-idx3-ubyte.gz");
     std::fs::write(&idx, FMNIST_IMAGES).with_path(&idx)?;
-    let lab = tmp.join("fmnist-labels-idx1-ubyte.gz");
+    let lab = tmp.join("fashion-mnist-labels-idx1-ubyte.gz");
     std::fs::write(&lab, FMNIST_LABELS).with_path(&lab)?;
     let ds = Dataset::open(&idx, None, false)?;
     let classes: Vec<String> = ds
@@ -177,7 +178,7 @@ pub fn quickstart(cfg: &QuickstartConfig) -> Result<QuickstartSummary> {
     let data_dir = match &cfg.data {
         Some(d) => d.clone(),
         None => {
-            let d = out.join(format!("data-{}", cfg.n_images));
+            let d = out.join(format!("images-{}", cfg.n_images));
             materialise(&d, cfg.n_images)?;
             d
         }
