@@ -269,8 +269,15 @@ pub fn quickstart(cfg: &QuickstartConfig) -> Result<QuickstartSummary> {
     let _ = writeln!(md, "- feature browser: `{}`\n", index.display());
     let _ = writeln!(
         md,
+        "Purest non-dense latents (a browser page each when among the {} most frequent):\n",
+        cfg.max_pages
+    );
+    let _ = writeln!(
+        md,
         "| latent | class of its top images | purity | frequency |\n|---|---|---|---|"
     );
+    // The purest non-dense latents, most frequent first among equals.
+    pur.retain(|p| f.freq()[p.1] <= crate::sae::eval::DENSE_FREQ);
     for &(q, l, c) in pur.iter().take(10) {
         let name = classes
             .get(c as usize)
