@@ -77,8 +77,8 @@ enum Cmd {
         n_images: usize,
     },
     /// The whole pipeline offline on the image set shipped with saev (3,000 Fashion-MNIST images
-    /// + 5 public-domain photos): DINOv2-S/14 → activations → TopK SAE → feature pass → static
-    /// feature browser + summary.md. Re-running reuses finished steps.
+    /// and 5 public-domain photos): DINOv2-S/14, activations, TopK SAE, feature pass, static
+    /// feature browser and summary.md. Re-running reuses finished steps.
     Quickstart {
         /// Working directory.
         #[arg(long, default_value = "saev-quickstart")]
