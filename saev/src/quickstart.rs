@@ -207,16 +207,13 @@ pub fn quickstart(cfg: &QuickstartConfig) -> Result<QuickstartSummary> {
     let ex = Explorer::open(&sae_dir, &store)?;
     let f = ex.features();
     let live = f.live();
-    let mut pur: Vec<(f64, usize, u32)> = live
-        .iter()
-        .filter_map(|&l| f.purity(&store, l).map(|(c, q)| (q, l, c)))
-        .collect();
-    let median_purity = if pur.is_empty() {
-        None
-    } else {
-        let mut q: Vec<f64> = pur.iter().map(|p| p.0).collect();
+    let median_purity = {
+        let mut q: Vec<f64> = live
+            .iter()
+            .filter_map(|&l| f.purity(&store, l).map(|p| p.1))
+            .collect();
         q.sort_by(|a, b| a.total_cmp(b));
-        Some(q[q.len() / 2])
+        q.get(q.len() / 2).copied()
     };
     eprintln!("[5/5] feature browser");
     let index = write_browser(
@@ -228,14 +225,6 @@ pub fn quickstart(cfg: &QuickstartConfig) -> Result<QuickstartSummary> {
         },
     )?;
     // Summary.
-    let classes = store
-        .provenance()
-        .map(|p| p.classes.clone())
-        .unwrap_or_default();
-    pur.sort_by(|a, b| {
-        b.0.total_cmp(&a.0)
-            .then(f.freq()[b.1].total_cmp(&f.freq()[a.1]))
-    });
     let mut md = String::new();
     let _ = writeln!(md, "# saev quickstart\n");
     let _ = writeln!(md, "- model: `{}` (`{}`)", vit.name(), model);
@@ -276,13 +265,7 @@ pub fn quickstart(cfg: &QuickstartConfig) -> Result<QuickstartSummary> {
         md,
         "| latent | class of its top images | purity | frequency |\n|---|---|---|---|"
     );
-    // The purest non-dense latents, most frequent first among equals.
-    pur.retain(|p| f.freq()[p.1] <= crate::sae::eval::DENSE_FREQ);
-    for &(q, l, c) in pur.iter().take(10) {
-        let name = classes
-            .get(c as usize)
-            .cloned()
-            .unwrap_or_else(|| c.to_string());
+    for (l, name, q) in ex.purest(10) {
         let _ = writeln!(
             md,
             "| {l} | {name} | {:.0}% | {:.2e} |",

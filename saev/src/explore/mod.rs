@@ -253,6 +253,37 @@ impl Explorer {
         self.features.table(&self.store)
     }
 
+    /// The `n` purest non-dense live latents: (latent, class of its top images, purity), purest
+    /// first, more frequent first among equals. Empty without labels.
+    pub fn purest(&self, n: usize) -> Vec<(usize, String, f64)> {
+        let f = &self.features;
+        let classes = self
+            .store
+            .provenance()
+            .map(|p| p.classes.clone())
+            .unwrap_or_default();
+        let mut v: Vec<(usize, String, f64)> = f
+            .live()
+            .into_iter()
+            .filter(|&l| f.freq()[l] <= crate::sae::eval::DENSE_FREQ)
+            .filter_map(|l| {
+                let (c, q) = f.purity(&self.store, l)?;
+                let name = classes
+                    .get(c as usize)
+                    .cloned()
+                    .unwrap_or_else(|| c.to_string());
+                Some((l, name, q))
+            })
+            .collect();
+        v.sort_by(|a, b| {
+            b.2.total_cmp(&a.2)
+                .then(f.freq()[b.0].total_cmp(&f.freq()[a.0]))
+                .then(a.0.cmp(&b.0))
+        });
+        v.truncate(n);
+        v
+    }
+
     /// log10 frequency × log10 mean value over all latents (dead and dense marked).
     pub fn scatter(&self) -> charts::FeatureScatter {
         charts::FeatureScatter::new(self.features.freq(), self.features.mean_value())

@@ -207,6 +207,16 @@ impl TrainConfig {
         self.batch_size = n.max(1);
         self
     }
+    /// One setting per learning rate (λ and k as in the first current setting).
+    pub fn with_lrs(mut self, lrs: &[f64]) -> Self {
+        let base = self.sweep.first().copied().unwrap_or(Setting {
+            lr: 1e-3,
+            lambda: 0.0,
+            k: None,
+        });
+        self.sweep = lrs.iter().map(|&lr| Setting { lr, ..base }).collect();
+        self
+    }
     /// Set the expansion factor.
     pub fn with_expansion(mut self, e: usize) -> Self {
         self.expansion = e.max(1);

