@@ -17,8 +17,8 @@ use std::path::Path;
 use plotters::prelude::*;
 use polars::prelude::DataFrame;
 
-use super::picture::{emit_text, ensure_font};
-use crate::error::{Error, IoContext, Result};
+use super::picture::{ensure_font, show_text, write_out};
+use crate::error::{Error, Result};
 use crate::sae::eval::DENSE_FREQ;
 
 fn plot_err(e: impl fmt::Display) -> Error {
@@ -102,15 +102,12 @@ impl FeatureScatter {
 
     /// Write the SVG.
     pub fn save(&self, path: &Path) -> Result<()> {
-        std::fs::write(path, self.to_svg()?).with_path(path)
+        write_out(path, self.to_svg())
     }
 
     /// Jupyter (evcxr) display: inline SVG.
     pub fn evcxr_display(&self) {
-        match self.to_svg() {
-            Ok(s) => emit_text("image/svg+xml", &s),
-            Err(e) => println!("{e}"),
-        }
+        show_text("image/svg+xml", self.to_svg());
     }
 }
 
@@ -244,15 +241,12 @@ impl HistoryPlot {
 
     /// Write the SVG.
     pub fn save(&self, path: &Path) -> Result<()> {
-        std::fs::write(path, self.to_svg()?).with_path(path)
+        write_out(path, self.to_svg())
     }
 
     /// Jupyter (evcxr) display: inline SVG.
     pub fn evcxr_display(&self) {
-        match self.to_svg() {
-            Ok(s) => emit_text("image/svg+xml", &s),
-            Err(e) => println!("{e}"),
-        }
+        show_text("image/svg+xml", self.to_svg());
     }
 }
 

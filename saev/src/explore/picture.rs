@@ -225,15 +225,12 @@ impl Heatmap {
 
     /// Write a PNG.
     pub fn save(&self, path: &Path) -> Result<()> {
-        std::fs::write(path, self.to_png()?).with_path(path)
+        write_out(path, self.to_png())
     }
 
     /// Jupyter (evcxr) display: the PNG inline.
     pub fn evcxr_display(&self) {
-        match self.to_png() {
-            Ok(bytes) => emit_png(&bytes),
-            Err(e) => println!("{e}"),
-        }
+        show_png(self.to_png());
     }
 }
 
@@ -321,15 +318,12 @@ impl ExemplarGrid {
 
     /// Write a PNG.
     pub fn save(&self, path: &Path) -> Result<()> {
-        std::fs::write(path, self.to_png()?).with_path(path)
+        write_out(path, self.to_png())
     }
 
     /// Jupyter (evcxr) display: the PNG inline.
     pub fn evcxr_display(&self) {
-        match self.to_png() {
-            Ok(bytes) => emit_png(&bytes),
-            Err(e) => println!("{e}"),
-        }
+        show_png(self.to_png());
     }
 }
 
@@ -353,6 +347,27 @@ pub(crate) fn png(img: &RgbImage) -> Result<Vec<u8>> {
             msg: e.to_string(),
         })?;
     Ok(out.into_inner())
+}
+
+/// Write a rendered picture (or return its rendering error).
+pub(crate) fn write_out(path: &Path, bytes: Result<impl AsRef<[u8]>>) -> Result<()> {
+    std::fs::write(path, bytes?).with_path(path)
+}
+
+/// evcxr display of a rendered PNG, or the rendering error as text.
+pub(crate) fn show_png(bytes: Result<Vec<u8>>) {
+    match bytes {
+        Ok(b) => emit_png(&b),
+        Err(e) => println!("{e}"),
+    }
+}
+
+/// evcxr display of rendered text of `mime` (SVG, HTML), or the rendering error as text.
+pub(crate) fn show_text(mime: &str, text: Result<String>) {
+    match text {
+        Ok(t) => emit_text(mime, &t),
+        Err(e) => println!("{e}"),
+    }
 }
 
 /// Print evcxr's rich-output block for a PNG.
