@@ -638,6 +638,11 @@ pub struct ChangeRates {
 }
 
 impl ChangeRates {
+    /// Jupyter (evcxr) display: the table as Markdown.
+    pub fn evcxr_display(&self) {
+        emit_text("text/markdown", &self.to_string());
+    }
+
     /// `(target rate, other rate)` of row `k` (0 edit, 1 random direction, 2 random latent).
     pub fn rates(&self, k: usize) -> (f64, f64) {
         let f = |c: usize, n: usize| if n == 0 { 0.0 } else { c as f64 / n as f64 };
@@ -652,7 +657,7 @@ impl fmt::Display for ChangeRates {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "latent {} ({}× max; target class {}; {} target / {} other units)",
+            "latent {} ({}× max; target class {}; {} target / {} other units)\n",
             self.latent, self.mult, self.target_class, self.totals[0], self.totals[1]
         )?;
         writeln!(
