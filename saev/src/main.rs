@@ -275,6 +275,18 @@ enum ModelsCmd {
     },
 }
 
+/// Read and parse a JSON file; errors name the file.
+fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> saev::Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|source| saev::Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|source| saev::Error::Json {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
 fn run(cli: Cli) -> saev::Result<()> {
     match cli.cmd {
         Cmd::Models {
@@ -340,28 +352,15 @@ fn run(cli: Cli) -> saev::Result<()> {
             let store = saev::ActivationStore::open(&store)?;
             let mut cfg = saev::TrainConfig::new(layer);
             if let Some(path) = sweep {
-                let text = std::fs::read_to_string(&path).map_err(|source| saev::Error::Io {
+                let v: serde_json::Value = read_json(&path)?;
+                let json_err = |source| saev::Error::Json {
                     path: path.clone(),
                     source,
-                })?;
-                let v: serde_json::Value =
-                    serde_json::from_str(&text).map_err(|source| saev::Error::Json {
-                        path: path.clone(),
-                        source,
-                    })?;
+                };
                 cfg = if v.is_array() {
-                    let sweep: Vec<saev::Setting> =
-                        serde_json::from_value(v).map_err(|source| saev::Error::Json {
-                            path: path.clone(),
-                            source,
-                        })?;
-                    cfg.with_sweep(sweep)
+                    cfg.with_sweep(serde_json::from_value(v).map_err(json_err)?)
                 } else {
-                    let mut c: saev::TrainConfig =
-                        serde_json::from_value(v).map_err(|source| saev::Error::Json {
-                            path: path.clone(),
-                            source,
-                        })?;
+                    let mut c: saev::TrainConfig = serde_json::from_value(v).map_err(json_err)?;
                     c.layer = layer;
                     c
                 };
@@ -488,15 +487,7 @@ fn run(cli: Cli) -> saev::Result<()> {
             let vit = Backbone::open(&model.unwrap_or_else(|| store.metadata().ckpt.clone()))?;
             if segment {
                 let names: Vec<String> = match classes {
-                    Some(p) => {
-                        let text =
-                            std::fs::read_to_string(&p).map_err(|source| saev::Error::Io {
-                                path: p.clone(),
-                                source,
-                            })?;
-                        serde_json::from_str(&text)
-                            .map_err(|source| saev::Error::Json { path: p, source })?
-                    }
+                    Some(p) => read_json(&p)?,
                     None => Vec::new(),
                 };
                 let t0 = std::time::Instant::now();
