@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backbone::{Backbone, Residual};
 use crate::error::{CandleContext, Error, IoContext, Result};
+use crate::sae::model::get;
 use crate::store::{ActivationStore, Tokens};
 
 /// What a head reads and predicts.
@@ -270,23 +271,9 @@ impl Head {
         let t = candle_core::safetensors::load(&st, &Device::Cpu)
             .context(format!("reading {}", st.display()))?;
         let (d, c) = (meta.d_model, meta.classes.len());
-        let get = |k: &str, shape: &[usize]| -> Result<Tensor> {
-            let x = t.get(k).ok_or_else(|| Error::MissingTensor {
-                path: st.clone(),
-                key: k.into(),
-            })?;
-            if x.dims() != shape {
-                return Err(Error::Shape {
-                    what: format!("{}: `{k}`", st.display()),
-                    expected: shape.to_vec(),
-                    actual: x.dims().to_vec(),
-                });
-            }
-            Ok(x.to_dtype(DType::F32)?)
-        };
         Ok(Self {
-            w: get("W", &[d, c])?,
-            b: get("b", &[c])?,
+            w: get(&t, "W", &[d, c], &st)?,
+            b: get(&t, "b", &[c], &st)?,
             meta,
         })
     }

@@ -85,7 +85,13 @@ pub struct Sae {
     norm_mean: Option<(Tensor, f64)>,
 }
 
-fn get(t: &HashMap<String, Tensor>, name: &str, shape: &[usize], path: &Path) -> Result<Tensor> {
+/// Tensor `name` of a loaded checkpoint, checked against `shape`, as f32; errors name the file.
+pub(crate) fn get(
+    t: &HashMap<String, Tensor>,
+    name: &str,
+    shape: &[usize],
+    path: &Path,
+) -> Result<Tensor> {
     let x = t.get(name).ok_or_else(|| Error::MissingTensor {
         path: path.to_path_buf(),
         key: name.into(),
