@@ -191,6 +191,16 @@ pub enum Error {
     /// A bad argument to a saev call.
     #[error("{0}")]
     Invalid(String),
+
+    /// The machine lacks something saev needs (a program, write access, the network), with what
+    /// to do about it.
+    #[error("{problem}\n  fix: {fix}")]
+    Setup {
+        /// What is missing or refused.
+        problem: String,
+        /// How to fix it.
+        fix: String,
+    },
 }
 
 impl From<candle_core::Error> for Error {
@@ -200,6 +210,18 @@ impl From<candle_core::Error> for Error {
             source,
         }
     }
+}
+
+/// Create `dir` (and parents) and check that files can be written in it; a refusal becomes an
+/// [`Error::Setup`] naming `what` the directory is for and `fix`.
+pub(crate) fn writable_dir(dir: &std::path::Path, what: &str, fix: &str) -> Result<()> {
+    let probe = dir.join(format!(".saev-write-test-{}", std::process::id()));
+    let res = std::fs::create_dir_all(dir).and_then(|()| std::fs::write(&probe, b""));
+    let _ = std::fs::remove_file(&probe);
+    res.map_err(|e| Error::Setup {
+        problem: format!("{}: cannot write {what} here ({e})", dir.display()),
+        fix: fix.to_string(),
+    })
 }
 
 /// Attach a path to `std::io::Error`s.

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use crate::backbone::Backbone;
 use crate::data::Dataset;
-use crate::error::{Error, IoContext, Result};
+use crate::error::{writable_dir, Error, IoContext, Result};
 use crate::explore::browse::{write_browser, BrowseConfig};
 use crate::explore::Explorer;
 use crate::sae::trainer::{train_saes, Setting, TrainConfig};
@@ -166,7 +166,11 @@ fn materialise(dir: &Path, n_images: usize) -> Result<()> {
 /// Run (or finish) the quickstart pipeline.
 pub fn quickstart(cfg: &QuickstartConfig) -> Result<QuickstartSummary> {
     let out = &cfg.out;
-    std::fs::create_dir_all(out).with_path(out)?;
+    writable_dir(
+        out,
+        "the quickstart's working files",
+        "run it from a writable directory or pass one with `--out DIR`",
+    )?;
     eprintln!("[1/5] model");
     let model = match &cfg.model {
         Some(m) => m.clone(),

