@@ -116,7 +116,7 @@ fn import_into_an_unwritable_cache_names_the_directory_and_the_variable() {
     assert_guidance(
         &out,
         &[
-            &format!("error: {}", cache.join("models").display()),
+            &format!("error: {}: cannot write", cache.join("models").display()),
             "cannot write the imported DINOv2-S/14 here",
             "fix: set SAEV_CACHE to a writable directory",
         ],

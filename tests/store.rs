@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use saev::candle_core::Device;
-use saev::{ActivationStore, Backbone, Dataset, Error, LoaderConfig, Tokens, WriterConfig};
+use saev::{
+    ActivationStore, Backbone, Dataset, Error, Examples, LoaderConfig, Tokens, WriterConfig,
+};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/backbone")
@@ -157,6 +159,51 @@ fn shuffled_loader_visits_every_vector_once_per_epoch() {
         vec![0, 4, 8]
     );
     assert_eq!(&ordered[1].1[..32], store.patch(4, -1, 0).unwrap());
+}
+
+#[test]
+fn split_loaders_read_exactly_their_examples() {
+    let dir = tmp("split");
+    let (_, _, store_dir) = record(&dir);
+    let store = ActivationStore::open(&store_dir).unwrap();
+    let (held, train) = (Examples::held_out(3, 7), Examples::train(3, 7));
+    let held_ids = held.ids(11).unwrap();
+    let train_ids = train.ids(11).unwrap();
+    assert_eq!((held_ids.len(), train_ids.len()), (3, 8));
+    assert!(held_ids.iter().all(|e| !train_ids.contains(e)));
+    // The training loader visits every patch of the training examples once, with true rows.
+    let cfg = LoaderConfig::new(0).with_batch_size(5).with_examples(train);
+    let mut seen = HashSet::new();
+    for b in store.shuffled(&cfg, 0).unwrap() {
+        for (row, &v) in b.acts_nd.chunks(32).zip(&b.index) {
+            let (e, t) = ((v / 16) as usize, (v % 16) as usize);
+            assert!(train_ids.contains(&e), "example {e} is held out");
+            assert_eq!(row, store.patch(e, 0, 1 + t).unwrap(), "row of vector {v}");
+            assert!(seen.insert(v), "vector {v} twice");
+        }
+    }
+    assert_eq!(seen.len(), 8 * 16);
+    // The ordered loader over the held-out side, 2 at a time.
+    let chunks: Vec<(Vec<usize>, Vec<f32>)> = store
+        .ordered_examples(-1, Tokens::All, 2, held)
+        .unwrap()
+        .collect();
+    let ids: Vec<usize> = chunks.iter().flat_map(|c| c.0.clone()).collect();
+    assert_eq!(ids, held_ids);
+    assert_eq!(&chunks[1].1[..32], store.patch(held_ids[2], -1, 0).unwrap());
+    // An empty or oversized selection is an error naming the store.
+    let err = store
+        .ordered_examples(-1, Tokens::All, 2, Examples::held_out(12, 0))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("12 held out of a store with 11"), "{err}");
+    assert!(
+        store
+            .shuffled(&cfg.clone().with_examples((5, 5)), 0)
+            .is_err(),
+        "empty range"
+    );
 }
 
 #[test]

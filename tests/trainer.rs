@@ -134,9 +134,10 @@ fn sweep_trains_and_saves() {
     // The history table is a polars DataFrame, also saved as parquet.
     assert_eq!(run.history.height(), rows.len());
     assert!(dir.join("run/history.parquet").exists());
-    // Held-out evaluation on the last 10 examples (5% of 200), never trained on.
+    // Held-out evaluation on 10 random examples (5% of 200, seeded), never trained on.
     let ev = run.evals[0].as_ref().unwrap();
-    assert_eq!((ev.examples, ev.n_vectors), ((190, 200), 80));
+    assert_eq!(ev.examples, saev::Examples::held_out(10, cfg.seed));
+    assert_eq!((ev.n_examples, ev.n_vectors), (10, 80));
     assert!(ev.nmse < 0.5 && ev.explained_variance > 0.5, "{ev}");
     assert_eq!(ev.freq.len(), 64);
     assert!(dir.join("run/0/eval.json").exists());

@@ -64,8 +64,8 @@ pub use sae::step::{Grads, Kernels, Recipe, Scratch, StepStats, TrainActivation,
 pub use sae::torch_load::{read_torch_checkpoint, TorchCheckpoint};
 pub use sae::trainer::{train_saes, LrSchedule, Setting, TrainConfig, TrainRun};
 pub use store::{
-    merge_parts, record_activations, ActivationStore, Batch, LoaderConfig, Metadata, NormStats,
-    Provenance, ShardEntry, ShuffledLoader, StoreWriter, Tokens, WriterConfig, PROTOCOL,
+    merge_parts, record_activations, ActivationStore, Batch, Examples, LoaderConfig, Metadata,
+    NormStats, Provenance, ShardEntry, ShuffledLoader, StoreWriter, Tokens, WriterConfig, PROTOCOL,
 };
 
 /// Re-exports for notebooks and REPLs: `use saev::prelude::*;`.

@@ -162,9 +162,9 @@ enum Cmd {
         /// Edit: set to this multiple of the latent's max.
         #[arg(long, allow_hyphen_values = true, default_value_t = -2.0)]
         mult: f32,
-        /// Held-out fraction (the last examples).
-        #[arg(long, default_value_t = 0.2)]
-        holdout_frac: f64,
+        /// Store examples to test on, `START..END` (default: the head's held-out examples).
+        #[arg(long, value_parser = parse_range)]
+        examples: Option<(usize, usize)>,
         /// Target class (default: the dominant label of each latent's top images; required for
         /// segmentation heads, whose stores have per-patch labels only).
         #[arg(long)]
@@ -273,6 +273,15 @@ enum ModelsCmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+}
+
+/// `START..END` → `(START, END)`.
+fn parse_range(s: &str) -> Result<(usize, usize), String> {
+    let (a, b) = s
+        .split_once("..")
+        .ok_or_else(|| format!("`{s}`: expected START..END"))?;
+    let num = |t: &str| t.trim().parse::<usize>().map_err(|e| format!("`{t}`: {e}"));
+    Ok((num(a)?, num(b)?))
 }
 
 /// Read and parse a JSON file; errors name the file.
@@ -530,7 +539,7 @@ fn run(cli: Cli) -> saev::Result<()> {
             head,
             latents,
             mult,
-            holdout_frac,
+            examples,
             class,
             model,
         } => {
@@ -541,8 +550,12 @@ fn run(cli: Cli) -> saev::Result<()> {
             let layer = ex.features().layer();
             let iv =
                 saev::Intervention::new(&vit, layer, ex.sae(), &head)?.with_features(ex.features());
-            let n = store.n_examples();
-            let start = n - ((n as f64 * holdout_frac).round() as usize).clamp(1, n);
+            let examples: saev::Examples = match examples {
+                Some(r) => r.into(),
+                None => head.held_out().map_err(|e| {
+                    saev::Error::Invalid(format!("{e}; pass --examples START..END"))
+                })?,
+            };
             for l in latents {
                 let (class, purity) = match class {
                     Some(c) => (c, f64::NAN),
@@ -552,7 +565,7 @@ fn run(cli: Cli) -> saev::Result<()> {
                         ))
                     })?,
                 };
-                let r = iv.change_rates(&store, (start, n), l, class, mult, l as u64)?;
+                let r = iv.change_rates(&store, examples.clone(), l, class, mult, l as u64)?;
                 let name = head
                     .classes()
                     .get(class as usize)

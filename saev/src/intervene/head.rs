@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::backbone::{Backbone, Residual};
 use crate::error::{CandleContext, Error, IoContext, Result};
 use crate::sae::model::get;
-use crate::store::{ActivationStore, Tokens};
+use crate::store::{ActivationStore, Examples, Tokens};
 
 /// What a head reads and predicts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,7 +53,7 @@ pub struct HeadConfig {
     pub epochs: usize,
     /// Minibatch rows. Default 256.
     pub batch_size: usize,
-    /// Fraction of the store's examples held out (the last ones). Default 0.2.
+    /// Fraction of the store's examples held out (a random split seeded by `seed`). Default 0.2.
     pub holdout_frac: f64,
     /// Seed. Default 0.
     pub seed: u64,
@@ -101,9 +101,13 @@ pub struct HeadMeta {
     pub heldout_score: Option<f64>,
     /// The training config.
     pub config: HeadConfig,
+    /// The store examples that gave `heldout_score` (None: not recorded, version 1 heads).
+    #[serde(default)]
+    pub held_out: Option<Examples>,
 }
 
-const HEAD_VERSION: u32 = 1;
+/// 2 records `held_out` (a seeded random split; version 1 held out the last examples).
+const HEAD_VERSION: u32 = 2;
 
 /// A linear head. Cheap to clone.
 #[derive(Clone)]
@@ -158,6 +162,17 @@ impl Head {
     pub fn classes(&self) -> &[String] {
         &self.meta.classes
     }
+    /// The store examples it was scored on (never trained on): where to measure change rates.
+    /// An error for heads built from weights or saved by saev's first head format.
+    pub fn held_out(&self) -> Result<Examples> {
+        self.meta.held_out.clone().ok_or_else(|| {
+            Error::Invalid(
+                "this head records no held-out examples (built from weights, or saved by an older \
+                 saev): choose the examples yourself, e.g. a range (start, end)"
+                    .into(),
+            )
+        })
+    }
     /// What it reads.
     pub fn kind(&self) -> HeadKind {
         self.meta.kind
@@ -198,8 +213,8 @@ impl Head {
         let y: Vec<Option<u32>> = (0..store.n_examples())
             .map(|e| prov.labels.get(e).copied().flatten())
             .collect();
-        let split = train_split(store.n_examples(), cfg.holdout_frac);
-        fit(x, y, split, 1, prov.classes.clone(), vit.name(), cfg)
+        let split = Split::new(store.n_examples(), cfg)?;
+        fit(x, y, &split, 1, prov.classes.clone(), vit.name(), cfg)
     }
 
     /// Train a patch segmenter on a store with per-patch labels (ADE20K layout); returns the
@@ -232,8 +247,8 @@ impl Head {
             ..cfg.clone()
         };
         let x = final_inputs(vit, store, layer, HeadKind::Segmenter)?;
-        let split = train_split(store.n_examples(), cfg.holdout_frac);
-        fit(x, y, split, p, classes, vit.name(), &cfg)
+        let split = Split::new(store.n_examples(), &cfg)?;
+        fit(x, y, &split, p, classes, vit.name(), &cfg)
     }
 
     /// Save as `<dir>/head.{safetensors,json}`.
@@ -258,7 +273,7 @@ impl Head {
             path: js.clone(),
             source,
         })?;
-        if meta.version != HEAD_VERSION {
+        if meta.version != HEAD_VERSION && meta.version != 1 {
             return Err(Error::Checkpoint {
                 path: js,
                 msg: format!(
@@ -306,6 +321,7 @@ impl Head {
                     kind,
                     ..HeadConfig::default()
                 },
+                held_out: None,
             },
             w,
             b,
@@ -313,10 +329,28 @@ impl Head {
     }
 }
 
-fn train_split(n: usize, frac: f64) -> usize {
-    let n_test =
-        ((n as f64 * frac).round() as usize).clamp(usize::from(n > 1), n.saturating_sub(1));
-    n - n_test
+/// Training and held-out examples: `holdout_frac` of them (at least 1 of 2+), seeded.
+struct Split {
+    held_out: Examples,
+    train_ids: Vec<usize>,
+    test_ids: Vec<usize>,
+}
+
+impl Split {
+    fn new(n: usize, cfg: &HeadConfig) -> Result<Self> {
+        let n_test = ((n as f64 * cfg.holdout_frac).round() as usize)
+            .clamp(usize::from(n > 1), n.saturating_sub(1));
+        let held_out = Examples::held_out(n_test, cfg.seed);
+        Ok(Self {
+            train_ids: Examples::train(n_test, cfg.seed).ids(n)?,
+            test_ids: if n_test > 0 {
+                held_out.ids(n)?
+            } else {
+                Vec::new()
+            },
+            held_out,
+        })
+    }
 }
 
 /// Head inputs for every example of the store: the recorded `layer` output resumed through the
@@ -357,13 +391,13 @@ fn final_inputs(
     Ok(out)
 }
 
-/// Softmax regression on rows `x` (`[n_rows, d]`) with labels `y` (None = skip); rows of
-/// examples `< split` train, the others score. `rows_per_example`: 1 or P.
-#[allow(clippy::too_many_arguments)]
+/// Softmax regression on rows `x` (`[n_rows, d]`) with labels `y` (None = skip); rows of the
+/// split's training examples train, those of its held-out examples score. `rows_per_example`:
+/// 1 or P.
 fn fit(
     x: Vec<f32>,
     y: Vec<Option<u32>>,
-    split: usize,
+    split: &Split,
     rows_per_example: usize,
     classes: Vec<String>,
     backbone: &str,
@@ -376,12 +410,13 @@ fn fit(
         return Err(Error::Invalid("a head needs at least two classes".into()));
     }
     let dev = Device::Cpu;
-    let train: Vec<usize> = (0..split * rows_per_example)
-        .filter(|&r| y[r].is_some())
-        .collect();
-    let test: Vec<usize> = (split * rows_per_example..n_rows)
-        .filter(|&r| y[r].is_some())
-        .collect();
+    let rows = |ids: &[usize]| -> Vec<usize> {
+        ids.iter()
+            .flat_map(|&e| e * rows_per_example..(e + 1) * rows_per_example)
+            .filter(|&r| y[r].is_some())
+            .collect()
+    };
+    let (train, test) = (rows(&split.train_ids), rows(&split.test_ids));
     if train.is_empty() {
         return Err(Error::Invalid("no labelled training rows".into()));
     }
@@ -443,6 +478,7 @@ fn fit(
             backbone: backbone.to_string(),
             heldout_score: None,
             config: cfg.clone(),
+            held_out: Some(split.held_out.clone()),
         },
         w,
         b,
@@ -529,10 +565,14 @@ mod tests {
         let classes = vec!["a".to_string(), "b".into(), "c".into()];
         let cfg = HeadConfig {
             epochs: 300,
+            holdout_frac: 0.25,
             ..HeadConfig::default()
         };
-        let (h, acc) = fit(x, y, 90, 1, classes, "synthetic", &cfg).unwrap();
+        let split = Split::new(n, &cfg).unwrap();
+        assert_eq!((split.train_ids.len(), split.test_ids.len()), (90, 30));
+        let (h, acc) = fit(x, y, &split, 1, classes, "synthetic", &cfg).unwrap();
         assert_eq!(acc, 1.0);
+        assert_eq!(h.held_out().unwrap(), Examples::held_out(30, 0));
         let dir = std::env::temp_dir().join(format!("saev-head-{}", std::process::id()));
         h.save(&dir).unwrap();
         let back = Head::load(&dir).unwrap();

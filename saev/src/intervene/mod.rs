@@ -32,7 +32,7 @@ use crate::error::{Error, Result};
 use crate::explore::features::Features;
 use crate::explore::picture::{base64, emit_text, plasma, Heatmap};
 use crate::sae::model::Sae;
-use crate::store::{ActivationStore, Tokens};
+use crate::store::{ActivationStore, Examples, Tokens};
 use head::{Head, HeadKind};
 
 /// How an edit sets a latent.
@@ -488,7 +488,8 @@ impl Intervention {
             .collect())
     }
 
-    /// The paper's §5.2 test on the store's examples `range` (recorded at this layer): edit
+    /// The paper's §5.2 test on some of the store's examples (recorded at this layer; a range
+    /// `(start, end)` or an [`Examples`] split such as the head's [`Head::held_out`]): edit
     /// `latent` to `mult ×` its max on the patches where it fires, and count how often the
     /// head's prediction changes for images (classifier) or patches (segmenter: per-patch labels
     /// from the store) of the latent's class (`target_class`) and of other classes — next to
@@ -497,13 +498,15 @@ impl Intervention {
     pub fn change_rates(
         &self,
         store: &ActivationStore,
-        range: (usize, usize),
+        examples: impl Into<Examples>,
         latent: usize,
         target_class: u32,
         mult: f32,
         seed: u64,
     ) -> Result<ChangeRates> {
         self.check(None, &[Edit::scale_max(latent, mult)])?;
+        let examples = examples.into();
+        let ids = examples.ids(store.n_examples())?;
         let seg = self.head.kind() == HeadKind::Segmenter;
         let labels = store
             .provenance()
@@ -515,7 +518,7 @@ impl Intervention {
                 store.dir().display()
             )));
         }
-        if seg && store.patch_labels(range.0).is_none() {
+        if seg && store.patch_labels(ids[0]).is_none() {
             return Err(Error::Invalid(format!(
                 "{}: no per-patch labels for a segmentation head",
                 store.dir().display()
@@ -557,8 +560,8 @@ impl Intervention {
             counts: [[0; 2]; 3],
             totals: [0; 2],
         };
-        let bar = crate::progress::bar((range.1 - range.0) as u64, "images");
-        for (e0, x) in store.ordered_range(self.layer, Tokens::All, 8, range)? {
+        let bar = crate::progress::bar(ids.len() as u64, "images");
+        for (chunk, x) in store.ordered_examples(self.layer, Tokens::All, 8, examples)? {
             let n = x.len() / (t * d);
             let tokens = Tensor::from_vec(x, (n, t, d), &Device::Cpu)?;
             let before = self.heads_from_tokens(&tokens)?;
@@ -569,12 +572,12 @@ impl Intervention {
                 let img = tokens.narrow(0, i, 1)?;
                 // Group of each counted unit (the image, or each patch): 0 target, 1 other.
                 let groups: Vec<usize> = if seg {
-                    let pl = store.patch_labels(e0 + i).unwrap_or(&[]);
+                    let pl = store.patch_labels(chunk[i]).unwrap_or(&[]);
                     pl.iter()
                         .map(|&l| usize::from(u32::from(l) != target_class))
                         .collect()
                 } else {
-                    match labels.get(e0 + i).copied().flatten() {
+                    match labels.get(chunk[i]).copied().flatten() {
                         Some(lab) => vec![usize::from(lab != target_class)],
                         None => continue,
                     }

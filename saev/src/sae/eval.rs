@@ -4,10 +4,12 @@
 //! (frequency > 1e-2) counts.
 //!
 //! ```no_run
-//! # use saev::{ActivationStore, Sae, Tokens};
+//! # use saev::{ActivationStore, Examples, Sae, Tokens};
 //! let store = ActivationStore::open("acts/1a2b3c4d")?;
 //! let sae = Sae::load("runs/a/0".as_ref())?;
-//! let ev = sae.evaluate(&store, -2, Tokens::Patches, (950, 1000))?;
+//! // The trainer's held-out examples (5% of the store, split seed = the config's seed 0).
+//! let held_out = Examples::held_out(store.n_examples() / 20, 0);
+//! let ev = sae.evaluate(&store, -2, Tokens::Patches, held_out)?;
 //! println!("{ev}");
 //! # Ok::<(), saev::Error>(())
 //! ```
@@ -19,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use super::model::Sae;
 use crate::error::{Error, Result};
-use crate::store::{ActivationStore, Tokens};
+use crate::store::{ActivationStore, Examples, Tokens};
 
 /// Frequency below which a latent that fired at least once is "almost dead".
 pub const ALMOST_DEAD_FREQ: f64 = 1e-7;
@@ -29,8 +31,10 @@ pub const DENSE_FREQ: f64 = 1e-2;
 /// The result of [`Sae::evaluate`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Evaluation {
-    /// Examples evaluated (`[start, end)` in the store).
-    pub examples: (usize, usize),
+    /// Which store examples were evaluated.
+    pub examples: Examples,
+    /// How many.
+    pub n_examples: usize,
     /// Vectors evaluated.
     pub n_vectors: u64,
     /// Mean squared error per element.
@@ -58,8 +62,8 @@ impl fmt::Display for Evaluation {
         writeln!(f, "| metric | value |\n|---|---|")?;
         writeln!(
             f,
-            "| vectors (examples {}..{}) | {} |",
-            self.examples.0, self.examples.1, self.n_vectors
+            "| vectors ({} examples: {}) | {} |",
+            self.n_examples, self.examples, self.n_vectors
         )?;
         writeln!(f, "| MSE | {:.5} |", self.mse)?;
         writeln!(f, "| NMSE | {:.4} |", self.nmse)?;
@@ -77,14 +81,16 @@ impl fmt::Display for Evaluation {
 }
 
 impl Sae {
-    /// Evaluate on examples `range.0..range.1` of `store` (layer, tokens as recorded).
+    /// Evaluate on some examples of `store` (a range `(start, end)` or an [`Examples`] split;
+    /// layer, tokens as recorded).
     pub fn evaluate(
         &self,
         store: &ActivationStore,
         layer: i64,
         tokens: Tokens,
-        range: (usize, usize),
+        examples: impl Into<Examples>,
     ) -> Result<Evaluation> {
+        let examples = examples.into();
         let (d, s) = (self.d_model(), self.d_sae());
         if store.d_model() != d {
             return Err(Error::Shape {
@@ -98,8 +104,9 @@ impl Sae {
         let (mut sum_x, mut sum_x2) = (vec![0f64; d], vec![0f64; d]);
         let (mut sum_e, mut sum_e2) = (vec![0f64; d], vec![0f64; d]);
         let (mut count, mut total) = (vec![0u64; s], vec![0f64; s]);
-        let bar = crate::progress::bar((range.1 - range.0) as u64, "evaluating");
-        for (e0, x) in store.ordered_range(layer, tokens, per, range)? {
+        let n_ex = examples.ids(store.n_examples())?.len();
+        let bar = crate::progress::bar(n_ex as u64, "evaluating");
+        for (ids, x) in store.ordered_examples(layer, tokens, per, examples.clone())? {
             let n = x.len() / d;
             let xt = Tensor::from_vec(x, (n, d), &Device::Cpu)?;
             let xn = self.normalize(&xt)?;
@@ -128,7 +135,7 @@ impl Sae {
                 }
             }
             n_vec += n as u64;
-            bar.set_position((e0 + per).min(range.1) as u64 - range.0 as u64);
+            bar.inc(ids.len() as u64);
         }
         bar.finish_and_clear();
         let nf = n_vec as f64;
@@ -141,7 +148,8 @@ impl Sae {
             .map(|(&c, &t)| if c > 0 { t / c as f64 } else { 0.0 })
             .collect();
         Ok(Evaluation {
-            examples: range,
+            examples,
+            n_examples: n_ex,
             n_vectors: n_vec,
             mse: sq / (nf * d as f64),
             nmse: sq / var_x.max(1e-30),

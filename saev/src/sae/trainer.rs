@@ -6,8 +6,9 @@
 //! normalised with the store's saved statistics, which each checkpoint carries. Per setting:
 //! Kaiming-uniform init, unit-norm decoder rows and parallel-gradient removal (paper), Adam with
 //! a linear lr warm-up from 0 then constant or cosine, a linear λ warm-up that really applies
-//! (saev 0.1.0's is a no-op), optional gradient clipping. The last `holdout_examples` examples
-//! of the store are never trained on and give the final [`Evaluation`].
+//! (saev 0.1.0's is a no-op), optional gradient clipping. `holdout_examples` examples, drawn at
+//! random with the config's seed ([`TrainConfig::held_out`]), are never trained on and give the
+//! final [`Evaluation`].
 //!
 //! Output directory: `history.{parquet,csv}` (a row per setting every `log_every` steps),
 //! `<k>/sae.{safetensors,json}` and `<k>/eval.json` per setting, and `checkpoint/` (weights,
@@ -35,7 +36,7 @@ use super::model::{Sae, SaeActivation, SaeConfig, SaeNorm, SAE_SCHEMA};
 use super::step::{Kernels, Recipe, Scratch, StepStats, TrainActivation, TrainState};
 use crate::error::{CandleContext, Error, IoContext, Result};
 use crate::store::permute::splitmix64;
-use crate::store::{ActivationStore, LoaderConfig, Tokens};
+use crate::store::{ActivationStore, Examples, LoaderConfig, Tokens};
 
 /// One sweep setting.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -104,8 +105,8 @@ pub struct TrainConfig {
     pub kernels: Kernels,
     /// Code density above which auto uses dense GEMMs. Default 0.05.
     pub dense_above: f64,
-    /// Examples at the end of the store held out for evaluation. Default 5% of the store
-    /// (at least 1 when it has 2+ examples); set explicitly to override.
+    /// Examples held out for evaluation, a seeded random split (seed = `seed`). Default 5% of
+    /// the store (at least 1 when it has 2+ examples); set explicitly to override.
     pub holdout_examples: Option<usize>,
     /// Seed for init and shuffling. Default 0.
     pub seed: u64,
@@ -252,6 +253,12 @@ impl TrainConfig {
     pub fn with_seed(mut self, s: u64) -> Self {
         self.seed = s;
         self
+    }
+
+    /// The held-out examples of a store with `n_examples` examples (what the final
+    /// evaluation reads): pass to [`crate::Sae::evaluate`] or a loader.
+    pub fn held_out(&self, n_examples: usize) -> Examples {
+        Examples::held_out(self.holdout(n_examples), self.seed)
     }
 
     fn holdout(&self, n_examples: usize) -> usize {
@@ -446,7 +453,8 @@ struct CkptState {
     history: Vec<Row>,
 }
 
-const CKPT_VERSION: u32 = 1;
+/// 2: the held-out examples are a seeded random split (1 held out the last ones).
+const CKPT_VERSION: u32 = 2;
 
 fn tensor(v: &[f32], shape: &[usize]) -> Result<Tensor> {
     Ok(Tensor::from_vec(v.to_vec(), shape, &Device::Cpu)?)
@@ -565,7 +573,6 @@ pub fn train_saes(store: &ActivationStore, cfg: &TrainConfig, out: &Path) -> Res
             "train: {holdout} held-out examples leave none of the store's {n_ex} to train on"
         )));
     }
-    let n_train_ex = n_ex - holdout;
     let norm = store.norm_stats(cfg.layer, cfg.tokens)?;
     let (mean, scalar) = (norm.mean.clone(), norm.scalar);
     let mut states = cfg
@@ -631,7 +638,7 @@ pub fn train_saes(store: &ActivationStore, cfg: &TrainConfig, out: &Path) -> Res
         .with_tokens(cfg.tokens)
         .with_batch_size(bs)
         .with_seed(cfg.seed)
-        .with_examples(0, n_train_ex);
+        .with_examples(Examples::train(holdout, cfg.seed));
     let n_tok = match cfg.tokens {
         Tokens::Patches => store.n_patches(),
         Tokens::Cls => 1,
@@ -738,7 +745,7 @@ pub fn train_saes(store: &ActivationStore, cfg: &TrainConfig, out: &Path) -> Res
     for (k, (st, setting)) in states.iter().zip(&cfg.sweep).enumerate() {
         let sae = export(st, cfg, setting, store, &norm.mean, norm.scalar, ck.seen)?;
         let ev = if finished && holdout > 0 {
-            let ev = sae.evaluate(store, cfg.layer, cfg.tokens, (n_train_ex, n_ex))?;
+            let ev = sae.evaluate(store, cfg.layer, cfg.tokens, cfg.held_out(n_ex))?;
             let p = out.join(k.to_string()).join("eval.json");
             std::fs::create_dir_all(out.join(k.to_string())).with_path(out)?;
             let text = serde_json::to_string(&ev).map_err(|e| Error::Invalid(e.to_string()))?;

@@ -46,6 +46,110 @@ impl Tokens {
     }
 }
 
+/// Which of a store's examples a loader reads. Serde: `{"kind": "range", "start": 0, "end": 9}`.
+///
+/// Splits are seeded random, not "the last n": stores recorded from class-sorted folders would
+/// otherwise hold out one class.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Examples {
+    /// Every example (the default).
+    #[default]
+    All,
+    /// Examples `start..end`.
+    Range {
+        /// First example.
+        start: usize,
+        /// One past the last.
+        end: usize,
+    },
+    /// The held-out side of a seeded random split: `n_held_out` examples drawn by a seeded
+    /// permutation of all of them.
+    HeldOut {
+        /// Held-out examples.
+        n_held_out: usize,
+        /// Split seed.
+        seed: u64,
+    },
+    /// The other side of the same split: every example not in `HeldOut { n_held_out, seed }`.
+    Train {
+        /// Held-out examples (excluded).
+        n_held_out: usize,
+        /// Split seed.
+        seed: u64,
+    },
+}
+
+impl std::fmt::Display for Examples {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Examples::All => write!(f, "all"),
+            Examples::Range { start, end } => write!(f, "{start}..{end}"),
+            Examples::HeldOut { n_held_out, seed } => {
+                write!(f, "{n_held_out} held out at random (seed {seed})")
+            }
+            Examples::Train { n_held_out, seed } => {
+                write!(f, "all but {n_held_out} held out at random (seed {seed})")
+            }
+        }
+    }
+}
+
+impl From<(usize, usize)> for Examples {
+    fn from((start, end): (usize, usize)) -> Self {
+        Examples::Range { start, end }
+    }
+}
+
+impl Examples {
+    /// The held-out side of a seeded split of the store's examples.
+    pub fn held_out(n_held_out: usize, seed: u64) -> Self {
+        Examples::HeldOut { n_held_out, seed }
+    }
+
+    /// The training side of a seeded split.
+    pub fn train(n_held_out: usize, seed: u64) -> Self {
+        Examples::Train { n_held_out, seed }
+    }
+
+    /// The store example indices, ascending; an error when they are empty or out of range.
+    pub fn ids(&self, n_examples: usize) -> Result<Vec<usize>> {
+        let bad = |what: String| Err(Error::Invalid(format!("examples: {what}")));
+        let ids: Vec<usize> = match *self {
+            Examples::All => (0..n_examples).collect(),
+            Examples::Range { start, end } => {
+                if start >= end || end > n_examples {
+                    return bad(format!(
+                        "{start}..{end} is not a non-empty part of the store's 0..{n_examples}"
+                    ));
+                }
+                (start..end).collect()
+            }
+            Examples::HeldOut { n_held_out, seed } | Examples::Train { n_held_out, seed } => {
+                if n_held_out > n_examples {
+                    return bad(format!(
+                        "{n_held_out} held out of a store with {n_examples} examples"
+                    ));
+                }
+                let perm = Permutation::new(n_examples as u64, seed ^ SPLIT_SALT);
+                let mut held = vec![false; n_examples];
+                for i in 0..n_held_out as u64 {
+                    held[perm.apply(i) as usize] = true;
+                }
+                let want = matches!(self, Examples::HeldOut { .. });
+                (0..n_examples).filter(|&e| held[e] == want).collect()
+            }
+        };
+        if ids.is_empty() {
+            return bad(format!("{self:?} selects none of the store's {n_examples}"));
+        }
+        Ok(ids)
+    }
+}
+
+/// Keeps split permutations apart from the shuffles drawn with the same seed.
+const SPLIT_SALT: u64 = 0x5eed_0000_0000_0001;
+
 /// Loader settings. Defaults: layer as given, patches, batch 4096, seed 0, 4 batches prefetched.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LoaderConfig {
@@ -59,9 +163,9 @@ pub struct LoaderConfig {
     pub seed: u64,
     /// Batches gathered ahead. Default 4.
     pub prefetch: usize,
-    /// Only these examples (`[start, end)`; None = all). Training and held-out splits.
+    /// Which examples (training and held-out splits). Default all.
     #[serde(default)]
-    pub examples: Option<(usize, usize)>,
+    pub examples: Examples,
 }
 
 impl LoaderConfig {
@@ -73,12 +177,12 @@ impl LoaderConfig {
             batch_size: 4096,
             seed: 0,
             prefetch: 4,
-            examples: None,
+            examples: Examples::All,
         }
     }
-    /// Only examples `start..end`.
-    pub fn with_examples(mut self, start: usize, end: usize) -> Self {
-        self.examples = Some((start, end));
+    /// Only these examples (a range `(start, end)` or an [`Examples`] split).
+    pub fn with_examples(mut self, examples: impl Into<Examples>) -> Self {
+        self.examples = examples.into();
         self
     }
     /// Set the tokens.
@@ -118,9 +222,8 @@ struct View {
     layer_pos: usize,
     first_token: usize,
     n_tok: usize,
-    /// First example and number of examples in view.
-    e0: usize,
-    n_ex: usize,
+    /// The store examples in view, ascending.
+    ids: std::sync::Arc<Vec<usize>>,
 }
 
 impl View {
@@ -128,7 +231,7 @@ impl View {
         store: &ActivationStore,
         layer: i64,
         tokens: Tokens,
-        examples: Option<(usize, usize)>,
+        examples: &Examples,
     ) -> Result<Self> {
         let layer_pos = store.layer_position(layer)?;
         let cls = usize::from(store.has_cls());
@@ -138,31 +241,32 @@ impl View {
             Tokens::Cls if cls == 1 => (0, 1),
             Tokens::Cls => return Err(Error::Invalid("this store has no CLS token".into())),
         };
-        let (e0, e1) = examples.unwrap_or((0, store.n_examples()));
-        if e0 >= e1 || e1 > store.n_examples() {
-            return Err(Error::Invalid(format!(
-                "{}: examples {e0}..{e1} are not a non-empty part of the store's 0..{}",
-                store.dir().display(),
-                store.n_examples()
-            )));
-        }
+        let ids = examples
+            .ids(store.n_examples())
+            .map_err(|e| Error::Invalid(format!("{}: {e}", store.dir().display())))?;
         Ok(Self {
             store: store.clone(),
             layer_pos,
             first_token,
             n_tok,
-            e0,
-            n_ex: e1 - e0,
+            ids: std::sync::Arc::new(ids),
         })
     }
 
     fn n_vectors(&self) -> u64 {
-        (self.n_ex * self.n_tok) as u64
+        (self.ids.len() * self.n_tok) as u64
     }
 
+    /// The store-wide index (`example · n_tok + token`) of view vector `v`.
+    fn global(&self, v: u64) -> u64 {
+        let n_tok = self.n_tok as u64;
+        self.ids[(v / n_tok) as usize] as u64 * n_tok + v % n_tok
+    }
+
+    /// View vector `v` (`v < n_vectors`).
     fn vector(&self, v: u64) -> &[f32] {
         let (e, t) = (
-            self.e0 + (v / self.n_tok as u64) as usize,
+            self.ids[(v / self.n_tok as u64) as usize],
             (v % self.n_tok as u64) as usize,
         );
         let d = self.store.d_model();
@@ -181,7 +285,7 @@ impl View {
             .zip(idx.par_chunks(256))
             .for_each(|(o, ix)| {
                 for (row, &v) in o.chunks_exact_mut(d).zip(ix) {
-                    row.copy_from_slice(self.vector(v - (self.e0 * self.n_tok) as u64));
+                    row.copy_from_slice(self.vector(v));
                 }
             });
         out
@@ -224,8 +328,7 @@ impl ActivationStore {
         epoch: u64,
         first_batch: usize,
     ) -> Result<ShuffledLoader> {
-        let view = View::new(self, cfg.layer, cfg.tokens, cfg.examples)?;
-        let base = (view.e0 * view.n_tok) as u64;
+        let view = View::new(self, cfg.layer, cfg.tokens, &cfg.examples)?;
         let n = view.n_vectors();
         let bs = cfg.batch_size.max(1) as u64;
         let n_batches = n.div_ceil(bs) as usize;
@@ -233,8 +336,9 @@ impl ActivationStore {
         let (tx, rx) = mpsc::sync_channel(cfg.prefetch.max(1));
         std::thread::spawn(move || {
             for b in first_batch as u64..n_batches as u64 {
+                // Sorted view indices are sorted store indices too (ids ascend): reads stay local.
                 let mut idx: Vec<u64> = (b * bs..((b + 1) * bs).min(n))
-                    .map(|i| base + perm.apply(i))
+                    .map(|i| perm.apply(i))
                     .collect();
                 idx.sort_unstable();
                 let acts_nd = view.gather(&idx);
@@ -242,7 +346,7 @@ impl ActivationStore {
                     n: idx.len(),
                     d: view.store.d_model(),
                     acts_nd,
-                    index: idx,
+                    index: idx.iter().map(|&v| view.global(v)).collect(),
                 };
                 if tx.send(batch).is_err() {
                     break;
@@ -273,12 +377,27 @@ impl ActivationStore {
         n_examples: usize,
         range: (usize, usize),
     ) -> Result<impl Iterator<Item = (usize, Vec<f32>)> + '_> {
-        let view = View::new(self, layer, tokens, Some(range))?;
+        Ok(self
+            .ordered_examples(layer, tokens, n_examples, range)?
+            .map(|(ids, x)| (ids[0], x)))
+    }
+
+    /// The chosen examples in ascending order, up to `n_examples` at a time:
+    /// `(their indices, [n, n_tok, d] floats)`.
+    pub fn ordered_examples(
+        &self,
+        layer: i64,
+        tokens: Tokens,
+        n_examples: usize,
+        examples: impl Into<Examples>,
+    ) -> Result<impl Iterator<Item = (Vec<usize>, Vec<f32>)> + '_> {
+        let view = View::new(self, layer, tokens, &examples.into())?;
         let step = n_examples.max(1);
-        Ok((range.0..range.1).step_by(step).map(move |e0| {
-            let e1 = (e0 + step).min(range.1);
-            let idx: Vec<u64> = ((e0 * view.n_tok) as u64..(e1 * view.n_tok) as u64).collect();
-            (e0, view.gather(&idx))
+        let n_tok = view.n_tok as u64;
+        Ok((0..view.ids.len()).step_by(step).map(move |k0| {
+            let k1 = (k0 + step).min(view.ids.len());
+            let idx: Vec<u64> = (k0 as u64 * n_tok..k1 as u64 * n_tok).collect();
+            (view.ids[k0..k1].to_vec(), view.gather(&idx))
         }))
     }
 
@@ -342,7 +461,7 @@ impl NormStats {
         max_samples: usize,
         seed: u64,
     ) -> Result<Self> {
-        let view = View::new(store, layer, tokens, None)?;
+        let view = View::new(store, layer, tokens, &Examples::All)?;
         let n = view.n_vectors();
         let k = (max_samples as u64).min(n);
         let perm = Permutation::new(n, seed);
@@ -376,5 +495,40 @@ impl NormStats {
             mean: mean.iter().map(|&m| m as f32).collect(),
             scalar,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_split_partitions_the_examples_and_spreads_over_sorted_classes() {
+        // 1,000 examples sorted by class (100 per class), as a labelled folder records them.
+        let held = Examples::held_out(50, 0).ids(1000).unwrap();
+        let train = Examples::train(50, 0).ids(1000).unwrap();
+        assert_eq!((held.len(), train.len()), (50, 950));
+        let mut all: Vec<usize> = held.iter().chain(&train).copied().collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..1000).collect::<Vec<_>>(), "a partition");
+        assert!(held.windows(2).all(|w| w[0] < w[1]), "ascending");
+        let classes: std::collections::BTreeSet<usize> = held.iter().map(|e| e / 100).collect();
+        // "The last 50" would be one class. A uniform draw misses a class with probability
+        // ≈ 0.9^50 each: all 10 are expected.
+        assert_eq!(classes.len(), 10, "{held:?}");
+        // Seeded: the same seed gives the same split, another seed another.
+        assert_eq!(held, Examples::held_out(50, 0).ids(1000).unwrap());
+        assert_ne!(held, Examples::held_out(50, 1).ids(1000).unwrap());
+        // Ranges and their errors.
+        assert_eq!(Examples::from((3, 6)).ids(10).unwrap(), vec![3, 4, 5]);
+        assert!(Examples::from((6, 6)).ids(10).is_err());
+        assert!(Examples::from((3, 11)).ids(10).is_err());
+        assert!(
+            Examples::train(10, 0).ids(10).is_err(),
+            "nothing left to train on"
+        );
+        assert_eq!(Examples::All.ids(3).unwrap(), vec![0, 1, 2]);
+        let json = serde_json::to_string(&Examples::held_out(5, 2)).unwrap();
+        assert_eq!(json, r#"{"kind":"held_out","n_held_out":5,"seed":2}"#);
     }
 }

@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, IoContext, Result};
 pub use format::{Metadata, ShardEntry, PROTOCOL};
-pub use loader::{Batch, LoaderConfig, NormStats, ShuffledLoader, Tokens};
+pub use loader::{Batch, Examples, LoaderConfig, NormStats, ShuffledLoader, Tokens};
 pub use writer::{merge_parts, record_activations, StoreWriter, WriterConfig};
 
 /// Per-example provenance saev writes beside the shards (`provenance.json`).
