@@ -19,7 +19,9 @@ for path in sys.argv[1:]:
             continue
         outs = cell.get("outputs", [])
         for o in outs:
-            if o.get("output_type") == "error" or (o.get("name") == "stderr" and "Error" in o.get("text", "")):
+            # evcxr reports a cell's `Err` (and compile errors) on stderr, not as an error
+            # message; progress bars are quiet without a TTY, so any stderr output is a failure.
+            if o.get("output_type") == "error" or o.get("name") == "stderr":
                 print(f"{path}: cell {i}: error output: {o.get('ename', '')} {o.get('evalue', o.get('text', ''))[:300]}")
                 bad += 1
         last = cell.source.strip().splitlines()[-1] if cell.source.strip() else ""

@@ -89,19 +89,19 @@ notebook(
         'let cfg = TrainConfig::topk(-2, 32).with_expansion(8).with_n_patches(300_000).with_lrs(&[3e-3]);\n'
         'train_saes(&store, &cfg, "nb-runs/topk".as_ref())?;\n'
         'let ex = Explorer::open("nb-runs/topk/0", &store)?;',
-        "md:A probe on the final CLS token (the last 20% of the store held out).",
+        "md:A probe on the final CLS token (20% of the store's images held out at random).",
         "let (probe, accuracy) = Head::train_classifier(&vit, &store, -2, &Default::default())?;\naccuracy",
         "md:Suppress the purest latent (−10× its max) on the patches where it fires in its top image.",
         "let (latent, class, _) = ex.purest(1)[0].clone();\n"
         "let e = ex.features().top(latent)[0].0;\n"
-        "let lit: Vec<usize> = (0..ex.heatmap(latent, e)?.values().len()).filter(|&p| ex.heatmap(latent, e).unwrap().values()[p] > 0.0).collect();\n"
+        "let lit = ex.heatmap(latent, e)?.active_patches();\n"
         "let iv = Intervention::new(&vit, -2, ex.sae(), &probe)?.with_features(ex.features());\n"
         "let img = saev::image::DynamicImage::ImageRgb8(ex.view(e)?);\n"
         "iv.run(&img, Some(&lit), &[Edit::scale_max(latent, -10.0)])?",
-        "md:Change rates on the held-out images: the latent's class vs the others, next to a random direction "
+        "md:Change rates on the probe's held-out images: the latent's class vs the others, next to a random direction "
         "of the same norm and a random live latent.",
         "let class_id = ex.features().purity(&store, latent).unwrap().0;\n"
-        "iv.change_rates(&store, (240, 300), latent, class_id, -10.0, 0)?",
+        "iv.change_rates(&store, probe.held_out()?, latent, class_id, -10.0, 0)?",
     ],
 )
 print("wrote", sorted(p.name for p in HERE.glob("*.ipynb")))
