@@ -8,7 +8,7 @@ import sys
 
 import nbformat
 
-DRAWS = ("grid(", "heatmap(", "scatter(", "HistoryPlot", ".search(", "iv.run(")
+DRAWS = ("grid(", "heatmap(", "scatter(", "HistoryPlot", ".plot(", ".search(", "iv.run(")
 IMAGE = ("image/png", "image/svg+xml")
 
 bad = 0

@@ -171,6 +171,10 @@ fn heatmaps_grids_and_the_browser_render() {
     let f = Features::compute(&sae, &store, -2, &FeatureConfig::default().with_top_k(3)).unwrap();
     let ex = Explorer::new(sae, &store, f).unwrap();
     assert_eq!(ex.patch_grid(), (2, 2));
+    // The recorded image (40×40 file) vs the model-input view (28×28).
+    let orig = ex.image(4).unwrap().to_rgb8();
+    assert_eq!((orig.width(), orig.height()), (40, 40));
+    assert_eq!(orig.get_pixel(0, 0).0, colour(4));
     // Latent 1 on example 4: patch 0 (top-left 14×14 of the 28×28 view) at 5 of upper 6.
     let hm = ex.heatmap(1, 4).unwrap();
     let img = hm.overlay();

