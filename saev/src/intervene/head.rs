@@ -190,7 +190,8 @@ impl Head {
     }
 
     /// Train a classifier probe (kind from `cfg`, CLS by default) on the store's labelled
-    /// examples (the last `holdout_frac` held out); returns the head and its held-out accuracy.
+    /// examples (`holdout_frac` of them held out at random, seeded); returns the head and its
+    /// held-out accuracy.
     pub fn train_classifier(
         vit: &Backbone,
         store: &ActivationStore,
