@@ -5,7 +5,7 @@
 //!
 //! ```no_run
 //! # let store = saev::ActivationStore::open("acts/1a2b3c4d")?;
-//! let run = saev::train_saes(&store, &saev::TrainConfig::new(-2), "runs/a".as_ref())?;
+//! let run = saev::train_saes(&store, &saev::TrainConfig::new(-2), "runs/a")?;
 //! let plot = saev::HistoryPlot::new(&run.history)?;
 //! plot.save("history.svg".as_ref())?;
 //! # Ok::<(), saev::Error>(())

@@ -19,7 +19,7 @@
 //! use saev::{ActivationStore, TrainConfig};
 //! let store = ActivationStore::open("acts/1a2b3c4d")?;
 //! let cfg = TrainConfig::topk(-2, 32).with_n_patches(1_000_000);
-//! let run = saev::train_saes(&store, &cfg, "runs/a".as_ref())?;
+//! let run = saev::train_saes(&store, &cfg, "runs/a")?;
 //! println!("{}", run.history);
 //! # Ok::<(), saev::Error>(())
 //! ```
