@@ -17,7 +17,14 @@ name = sys.argv[1] if len(sys.argv) > 1 else "rust-saev"
 timeout_s = float(sys.argv[2]) if len(sys.argv) > 2 else 1800.0
 t0 = time.time()
 # The kernel runs init.evcxr (the cold `:dep saev`) before it answers, hence the long wait.
-km, kc = start_new_kernel(kernel_name=name, startup_timeout=timeout_s)
+try:
+    km, kc = start_new_kernel(kernel_name=name, startup_timeout=timeout_s)
+except Exception as e:  # a missing kernelspec, a kernel that died compiling saev, a timeout
+    sys.exit(
+        f"the {name!r} kernel did not start ({type(e).__name__}: {e}).\n"
+        "  fix: kernel/saev-kernel check; if saev fails to compile inside evcxr, "
+        "kernel/saev-kernel repl shows evcxr's messages"
+    )
 ok = True
 try:
     print(f"kernel ready in {time.time() - t0:.0f} s", file=sys.stderr)
