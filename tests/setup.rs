@@ -208,6 +208,18 @@ fn kernel_check_lists_what_is_missing_with_the_command_to_fix_it() {
         "{all}"
     );
 
+    // warm and repl without evcxr / kernelspec say what to install.
+    let out = kernel(&dir, "/usr/bin:/bin", &["warm"], &[]);
+    assert_guidance(
+        &out,
+        &["warm needs evcxr_repl", "kernel/saev-kernel install"],
+    );
+    let out = kernel(&dir, "/usr/bin:/bin", &["repl"], &[]);
+    assert_guidance(
+        &out,
+        &["needs evcxr_repl: cargo install --locked evcxr_repl"],
+    );
+
     let out = kernel(&dir, &bare_path(&dir), &["check"], &[]);
     let all = text(&out);
     assert_eq!(out.status.code(), Some(1), "{all}");
