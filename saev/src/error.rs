@@ -224,6 +224,24 @@ pub(crate) fn writable_dir(dir: &std::path::Path, what: &str, fix: &str) -> Resu
     })
 }
 
+/// Read and parse a JSON file; errors name the file.
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).with_path(path)?;
+    serde_json::from_str(&text).map_err(|source| Error::Json {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Write `value` as pretty-printed JSON to `path`.
+pub(crate) fn write_json<T: serde::Serialize>(path: &std::path::Path, value: &T) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).map_err(|source| Error::Json {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    std::fs::write(path, text).with_path(path)
+}
+
 /// Attach a path to `std::io::Error`s.
 pub(crate) trait IoContext<T> {
     fn with_path(self, path: impl Into<PathBuf>) -> Result<T>;

@@ -27,7 +27,7 @@ use polars::prelude::*;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{CandleContext, Error, IoContext, Result};
+use crate::error::{read_json, write_json, CandleContext, Error, IoContext, Result};
 use crate::sae::linalg::{gemm, topk_keep_mask, Mat};
 use crate::sae::model::{Sae, SaeActivation};
 use crate::store::{ActivationStore, Tokens};
@@ -549,19 +549,13 @@ impl Features {
         );
         let st = dir.join("features.safetensors");
         candle_core::safetensors::save(&t, &st).context(format!("writing {}", st.display()))?;
-        let js = dir.join("features.json");
-        let text = serde_json::to_string_pretty(&i.h).map_err(|e| Error::Invalid(e.to_string()))?;
-        std::fs::write(&js, text).with_path(&js)
+        write_json(&dir.join("features.json"), &i.h)
     }
 
     /// Open what [`Features::save`] wrote.
     pub fn load(dir: &Path) -> Result<Self> {
         let js = dir.join("features.json");
-        let text = std::fs::read_to_string(&js).with_path(&js)?;
-        let h: Header = serde_json::from_str(&text).map_err(|source| Error::Json {
-            path: js.clone(),
-            source,
-        })?;
+        let h: Header = read_json(&js)?;
         if h.version != VERSION {
             return Err(Error::Checkpoint {
                 path: js,

@@ -23,7 +23,7 @@ use candle_core::{DType, Device, Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use crate::backbone::{Backbone, Residual};
-use crate::error::{CandleContext, Error, IoContext, Result};
+use crate::error::{read_json, write_json, CandleContext, Error, IoContext, Result};
 use crate::sae::model::get;
 use crate::store::{ActivationStore, Examples, Tokens};
 
@@ -260,20 +260,13 @@ impl Head {
         t.insert("b".to_string(), self.b.clone());
         let st = dir.join("head.safetensors");
         candle_core::safetensors::save(&t, &st).context(format!("writing {}", st.display()))?;
-        let js = dir.join("head.json");
-        let text =
-            serde_json::to_string_pretty(&self.meta).map_err(|e| Error::Invalid(e.to_string()))?;
-        std::fs::write(&js, text).with_path(&js)
+        write_json(&dir.join("head.json"), &self.meta)
     }
 
     /// Open what [`Head::save`] wrote.
     pub fn load(dir: &Path) -> Result<Self> {
         let js = dir.join("head.json");
-        let text = std::fs::read_to_string(&js).with_path(&js)?;
-        let meta: HeadMeta = serde_json::from_str(&text).map_err(|source| Error::Json {
-            path: js.clone(),
-            source,
-        })?;
+        let meta: HeadMeta = read_json(&js)?;
         if meta.version != HEAD_VERSION && meta.version != 1 {
             return Err(Error::Checkpoint {
                 path: js,

@@ -22,7 +22,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::torch_load::read_torch_checkpoint;
-use crate::error::{CandleContext, Error, IoContext, Result};
+use crate::error::{read_json, write_json, CandleContext, Error, IoContext, Result};
 
 /// The sparsifying non-linearity.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -286,20 +286,13 @@ impl Sae {
         t.insert("b_dec".to_string(), self.b_dec.clone());
         let st = dir.join("sae.safetensors");
         candle_core::safetensors::save(&t, &st).context(format!("writing {}", st.display()))?;
-        let js = dir.join("sae.json");
-        let text =
-            serde_json::to_string_pretty(&self.cfg).map_err(|e| Error::Invalid(e.to_string()))?;
-        std::fs::write(&js, text).with_path(&js)
+        write_json(&dir.join("sae.json"), &self.cfg)
     }
 
     /// Load what [`Sae::save`] wrote; unknown schema versions are rejected.
     pub fn load(dir: &Path) -> Result<Self> {
         let js = dir.join("sae.json");
-        let text = std::fs::read_to_string(&js).with_path(&js)?;
-        let v: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json {
-            path: js.clone(),
-            source,
-        })?;
+        let v: serde_json::Value = read_json(&js)?;
         let schema = v.get("schema").and_then(|s| s.as_u64());
         if schema != Some(u64::from(SAE_SCHEMA)) {
             return Err(Error::Checkpoint {

@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use super::eval::{Evaluation, DENSE_FREQ};
 use super::model::{Sae, SaeActivation, SaeConfig, SaeNorm, SAE_SCHEMA};
 use super::step::{Kernels, Recipe, Scratch, StepStats, TrainActivation, TrainState};
-use crate::error::{CandleContext, Error, IoContext, Result};
+use crate::error::{write_json, CandleContext, Error, IoContext, Result};
 use crate::store::permute::splitmix64;
 use crate::store::{ActivationStore, Examples, LoaderConfig, Tokens};
 
@@ -758,10 +758,8 @@ pub fn train_saes(
         let sae = export(st, cfg, setting, store, &norm.mean, norm.scalar, ck.seen)?;
         let ev = if finished && holdout > 0 {
             let ev = sae.evaluate(store, cfg.layer, cfg.tokens, cfg.held_out(n_ex))?;
-            let p = out.join(k.to_string()).join("eval.json");
             std::fs::create_dir_all(out.join(k.to_string())).with_path(out)?;
-            let text = serde_json::to_string(&ev).map_err(|e| Error::Invalid(e.to_string()))?;
-            std::fs::write(&p, text).with_path(&p)?;
+            write_json(&out.join(k.to_string()).join("eval.json"), &ev)?;
             Some(ev)
         } else {
             None

@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use super::ojson;
-use crate::error::{Error, IoContext, Result};
+use crate::error::{read_json, Error, Result};
 
 /// The protocol saev writes.
 pub const PROTOCOL: &str = "2.1";
@@ -186,11 +186,7 @@ impl Metadata {
 /// 2.1 terms) and the shard list.
 pub(crate) fn read_store_json(dir: &Path) -> Result<(Metadata, Vec<ShardEntry>, bool)> {
     let md_path = dir.join("metadata.json");
-    let text = std::fs::read_to_string(&md_path).with_path(&md_path)?;
-    let v: Value = serde_json::from_str(&text).map_err(|source| Error::Json {
-        path: md_path.clone(),
-        source,
-    })?;
+    let v: Value = read_json(&md_path)?;
     let store_err = |msg: String| Error::Store {
         path: md_path.clone(),
         msg,
@@ -246,11 +242,7 @@ pub(crate) fn read_store_json(dir: &Path) -> Result<(Metadata, Vec<ShardEntry>, 
     })?;
     md.validate(&md_path)?;
     let sj = dir.join("shards.json");
-    let text = std::fs::read_to_string(&sj).with_path(&sj)?;
-    let shards: Vec<ShardEntry> = serde_json::from_str(&text).map_err(|source| Error::Json {
-        path: sj.clone(),
-        source,
-    })?;
+    let shards: Vec<ShardEntry> = read_json(&sj)?;
     Ok((md, shards, false))
 }
 

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use super::permute::Permutation;
 use super::ActivationStore;
-use crate::error::{Error, IoContext, Result};
+use crate::error::{read_json, Error, IoContext, Result};
 
 /// Which tokens of each example a loader yields.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
@@ -408,11 +408,7 @@ impl ActivationStore {
             .dir()
             .join(format!("norm-{layer}-{}.json", tokens.name()));
         if path.exists() {
-            let text = std::fs::read_to_string(&path).with_path(&path)?;
-            let s: NormStats = serde_json::from_str(&text).map_err(|source| Error::Json {
-                path: path.clone(),
-                source,
-            })?;
+            let s: NormStats = read_json(&path)?;
             if s.version != NORM_VERSION {
                 return Err(Error::Store {
                     path,

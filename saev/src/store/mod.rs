@@ -26,7 +26,7 @@ use std::sync::Arc;
 use memmap2::Mmap;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{read_json, Error, IoContext, Result};
 pub use format::{Metadata, ShardEntry, PROTOCOL};
 pub use loader::{Batch, Examples, LoaderConfig, NormStats, ShuffledLoader, Tokens};
 pub use writer::{merge_parts, record_activations, StoreWriter, WriterConfig};
@@ -173,11 +173,7 @@ impl ActivationStore {
         };
         let prov_path = dir.join("provenance.json");
         let provenance = if prov_path.exists() {
-            let text = std::fs::read_to_string(&prov_path).with_path(&prov_path)?;
-            let p: Provenance = serde_json::from_str(&text).map_err(|source| Error::Json {
-                path: prov_path.clone(),
-                source,
-            })?;
+            let p: Provenance = read_json(&prov_path)?;
             if p.version != PROVENANCE_VERSION {
                 return Err(store_err(
                     &prov_path,

@@ -27,7 +27,7 @@ use sha2::{Digest, Sha256};
 
 use super::format::{Metadata, PROTOCOL};
 use super::{ojson, Provenance, PROVENANCE_VERSION};
-use crate::error::{Error, IoContext, Result};
+use crate::error::{read_json, Error, IoContext, Result};
 use crate::{Backbone, Dataset, Preprocess};
 
 /// How to record. Serde struct with documented defaults; `with_*` setters.
@@ -545,11 +545,7 @@ pub fn record_activations(
         return Ok(dir);
     }
     let mut writer = if prog_path.exists() {
-        let text = std::fs::read_to_string(&prog_path).with_path(&prog_path)?;
-        let p: Progress = serde_json::from_str(&text).map_err(|source| Error::Json {
-            path: prog_path.clone(),
-            source,
-        })?;
+        let p: Progress = read_json(&prog_path)?;
         if p.fingerprint != fingerprint || p.batch_size != cfg.batch_size {
             return Err(Error::Store {
                 path: prog_path,
