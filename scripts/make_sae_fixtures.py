@@ -48,7 +48,14 @@ with open(OUT / "paper.pt", "wb") as fd:
 # as a slice with a storage offset.
 big = torch.cat([torch.zeros(3), sd["b_enc"]])
 sd5 = {"W_enc": sd["W_enc"], "b_enc": big[3:], "W_dec": sd["W_dec"].t().contiguous().t(), "b_dec": sd["b_dec"]}
-header = {"schema": 5, "cfg": {"d_model": d, "d_sae": d_sae, "activation": {"key": "relu"}, "reinit_blend": 0.8}}
+# The schema-5 header as the Python saev's `dump` writes it (an earlier version of this script
+# invented `"activation": {"key": "relu"}`, which the Python loader rejects).
+relu = {"cls": "Relu", "params": {"key": "relu",
+        "sparsity": {"cls": "L1Sparsity", "params": {"key": "l1-sparsity", "coeff": 0.0004}},
+        "aux": {"cls": "NoAux", "params": {"key": "no-aux"}}}}
+header = {"schema": 5, "cfg": {"d_model": d, "d_sae": d_sae, "activation": relu, "reinit_blend": 0.8,
+          "reinit_enc_dec_tranpose": True, "remove_parallel_grads": True, "normalize_w_dec": True},
+          "commit": "unknown", "lib": "0.1.0"}
 with open(OUT / "schema5.pt", "wb") as fd:
     fd.write((json.dumps(header) + "\n").encode("utf-8"))
     torch.save(Sae(sd5).state_dict(), fd)

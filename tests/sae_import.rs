@@ -39,7 +39,9 @@ fn paper_era_checkpoint() {
 fn schema5_checkpoint_with_views_and_offsets() {
     let c = check("schema5.pt");
     assert_eq!(c.header["schema"], 5);
-    assert_eq!(c.header["cfg"]["activation"]["key"], "relu");
+    // The header as the Python saev writes it (this test used to pin an invented
+    // `{"activation": {"key": "relu"}}` that the Python loader rejects).
+    assert_eq!(c.header["cfg"]["activation"]["params"]["key"], "relu");
 }
 
 #[test]
@@ -139,7 +141,7 @@ fn imported_paper_sae_encodes_like_the_reference_formula() {
 fn topk_keeps_k_latents() {
     let sae = saev::Sae::from_torch(&fixtures().join("schema5.pt"), None).unwrap();
     let cfg = saev::SaeConfig {
-        activation: saev::SaeActivation::TopK { k: 3 },
+        activation: saev::SaeActivation::TopK { k: 3, relu: true },
         ..sae.config().clone()
     };
     let want =
@@ -158,4 +160,155 @@ fn topk_keeps_k_latents() {
     for row in f.chunks(32) {
         assert!(row.iter().filter(|&&v| v > 0.0).count() <= 3);
     }
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// Codes and reconstructions of `x` by an imported SAE.
+fn run_sae(sae: &saev::Sae, x: &saev::candle_core::Tensor) -> (Vec<f32>, Vec<f32>) {
+    let f = sae.encode(x).unwrap();
+    let xh = sae.decode(&f).unwrap();
+    (f.flat(), xh.flat())
+}
+
+/// The Python saev's own checkpoints (written by its `dump` at HEAD, schema 5) and its own
+/// forward's outputs: the import reproduces `f_x` and `x_hat` within 1e-5.
+#[test]
+fn python_saev_head_checkpoints_reproduce_its_forward() {
+    let dir = fixtures().join("../sae-head-schema5");
+    let want = saev::candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)
+        .unwrap();
+    let x = &want["x"];
+    for name in ["relu", "topk", "batchtopk"] {
+        let sae = saev::Sae::from_torch(dir.join(format!("{name}.pt")), None).unwrap();
+        assert_eq!((sae.d_model(), sae.d_sae()), (16, 64), "{name}");
+        let (f, xh) = run_sae(&sae, x);
+        let df = max_diff(&f, &want[&format!("{name}.f_x")].flat());
+        let dx = max_diff(&xh, &want[&format!("{name}.x_hat")].flat());
+        assert!(df <= 1e-5 && dx <= 1e-5, "{name}: f_x {df}, x_hat {dx}");
+        match (name, &sae.config().activation) {
+            ("relu", saev::SaeActivation::Relu) => {}
+            ("topk", saev::SaeActivation::TopK { k: 4, relu: false }) => {}
+            ("batchtopk", saev::SaeActivation::BatchTopK { k: 4, .. }) => {}
+            (n, a) => panic!("{n} imported as {a:?}"),
+        }
+        // Provenance says where it came from; save/load keeps the activation.
+        assert_eq!(sae.config().provenance["format"], "schema5");
+        let out = std::env::temp_dir().join(format!("saev-imp-{name}-{}", std::process::id()));
+        sae.save(&out).unwrap();
+        let back = saev::Sae::load(&out).unwrap();
+        assert_eq!(back.config().activation, sae.config().activation);
+        assert_eq!(run_sae(&back, x).0, f, "{name} after save/load");
+        std::fs::remove_dir_all(&out).ok();
+    }
+}
+
+/// Every header generation the Python saev has written (`scripts/make_sae_header_fixtures.py`,
+/// each header by that era's own `dump`): the import computes what the checkpoint's own code
+/// computed — the Python saev at HEAD where it reads the file the same way, the writing era's
+/// forward where HEAD differs (paper-era `− b_dec`) or refuses the file — and refuses only what
+/// depends on the batch at inference.
+#[test]
+fn every_python_header_generation_imports_as_its_own_code_computed() {
+    let dir = fixtures().join("../sae-headers");
+    let head = saev::candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)
+        .unwrap();
+    let era =
+        saev::candle_core::safetensors::load(dir.join("era-reference.safetensors"), &Device::Cpu)
+            .unwrap();
+    let x = &head["x"];
+    // (file, reference: "head" | "era", generation)
+    let cases = [
+        ("paper", "era", "paper"),
+        ("paper-l1", "era", "paper"),
+        ("schema1-cls-relu", "era", "schema1"),
+        ("schema1-cls-topk", "era", "schema1"),
+        ("schema1-config", "head", "schema1"),
+        ("schema2-dvit", "era", "schema2"),
+        ("schema2", "head", "schema2"),
+        ("schema3", "head", "schema3"),
+        ("schema3-batchtopk", "era", "schema3"),
+        ("schema4", "head", "schema4"),
+        ("schema4-batchtopk", "head", "schema4"),
+        ("schema4-kind", "head", "schema4"),
+        ("schema5-kind", "head", "schema5"),
+        ("schema5-auxk-dead-threshold", "era", "schema5"),
+        ("schema5-relu", "head", "schema5"),
+        ("schema5-topk", "head", "schema5"),
+        ("schema5-batchtopk", "head", "schema5"),
+        ("schema5-batchtopk-threshold0", "head", "schema5"),
+    ];
+    for (name, which, generation) in cases {
+        let sae = saev::Sae::from_torch(dir.join(format!("{name}.pt")), None)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!((sae.d_model(), sae.d_sae()), (8, 32), "{name}");
+        assert_eq!(sae.config().provenance["format"], generation, "{name}");
+        let (f, xh) = run_sae(&sae, x);
+        let (wf, wx) = match which {
+            "head" => (
+                head[&format!("{name}.f_x")].flat(),
+                head[&format!("{name}.x_hat")].flat(),
+            ),
+            _ => (
+                era[&format!("{name}.era_f_x")].flat(),
+                era[&format!("{name}.era_x_hat")].flat(),
+            ),
+        };
+        let (df, dx) = (max_diff(&f, &wf), max_diff(&xh, &wx));
+        assert!(df <= 1e-5 && dx <= 1e-5, "{name}: f_x {df}, x_hat {dx}");
+    }
+    // The TopK of the Python saev keeps negative values (row 0 of x is zero: h = b_enc).
+    let topk = saev::Sae::from_torch(dir.join("schema5-topk.pt"), None).unwrap();
+    let (f, _) = run_sae(&topk, x);
+    assert!(f[..32].iter().any(|&v| v < 0.0), "{:?}", &f[..32]);
+    assert_eq!(f[..32].iter().filter(|&&v| v != 0.0).count(), 3);
+    // Batch-coupled at inference: refused with the reason.
+    let e = saev::Sae::from_torch(dir.join("schema4-absbatchtopk.pt"), None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("AbsBatchTopK") && e.contains("schema4-absbatchtopk.pt"), "{e}");
+}
+
+/// Headers that are not what any Python saev wrote are clear errors naming the field.
+#[test]
+fn unknown_or_incomplete_headers_are_refused_by_field() {
+    let src = std::fs::read(fixtures().join("../sae-headers/schema5-topk.pt")).unwrap();
+    let nl = src.iter().position(|&b| b == b'\n').unwrap();
+    let header: serde_json::Value = serde_json::from_slice(&src[..nl]).unwrap();
+    let dir = std::env::temp_dir().join(format!("saev-badhdr-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let with = |h: serde_json::Value, file: &str| -> String {
+        let p = dir.join(file);
+        let mut bytes = serde_json::to_vec(&h).unwrap();
+        bytes.extend_from_slice(&src[nl..]);
+        std::fs::write(&p, bytes).unwrap();
+        saev::Sae::from_torch(&p, None).unwrap_err().to_string()
+    };
+    let mut h = header.clone();
+    h["schema"] = serde_json::json!(6);
+    let e = with(h, "s6.pt");
+    assert!(e.contains("schema") && e.contains("s6.pt"), "{e}");
+    let mut h = header.clone();
+    h["cfg"]["activation"]["params"]
+        .as_object_mut()
+        .unwrap()
+        .remove("top_k");
+    let e = with(h, "nok.pt");
+    assert!(e.contains("top_k") && e.contains("missing"), "{e}");
+    let mut h = header.clone();
+    h["cfg"]["activation"]["cls"] = serde_json::json!("JumpRelu");
+    let e = with(h, "jr.pt");
+    assert!(e.contains("JumpRelu"), "{e}");
+    let mut h = header.clone();
+    h["cfg"]["activation"]["params"]["key"] = serde_json::json!("relu");
+    let e = with(h, "key.pt");
+    assert!(e.contains("does not match cls TopK"), "{e}");
+    let mut h = header.clone();
+    h["cfg"]["d_sae"] = serde_json::json!(64);
+    let e = with(h, "wide.pt");
+    assert!(e.contains("W_enc") && e.contains("64"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
 }

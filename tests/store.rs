@@ -94,6 +94,28 @@ fn recorded_store_reads_back_the_backbone_outputs() {
             &want[(17 + 3) * 32..(17 + 4) * 32]
         );
     }
+    // Register tokens (3 per layer) are recorded beside the shards, equal to the forward's.
+    assert_eq!(store.n_registers(), 3);
+    for e in [0usize, 10] {
+        let img = ds.get(e).unwrap().image;
+        let px = vit.pixels(&[img]).unwrap();
+        for layer in [-1i64, 0] {
+            let want: Vec<f32> = vit
+                .forward_to(&px, layer)
+                .unwrap()
+                .registers()
+                .unwrap()
+                .flat();
+            let got = store.registers(e, layer).unwrap().unwrap();
+            assert_eq!(got.len(), 3 * 32);
+            let max = want
+                .iter()
+                .zip(got)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(max < 1e-5, "example {e} layer {layer} registers: {max}");
+        }
+    }
     let prov = store.provenance().unwrap();
     assert_eq!(prov.classes, ["a", "b"]);
     assert!(prov.sources[0].ends_with("a/00.png"));
@@ -479,6 +501,8 @@ fn parts_merge_into_the_same_store() {
         "acts000000.bin",
         "acts000003.bin",
         "acts000005.bin",
+        "registers.json",
+        "registers.bin",
     ] {
         assert!(
             std::fs::read(single.join(name)).unwrap() == std::fs::read(merged.join(name)).unwrap(),

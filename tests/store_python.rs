@@ -74,6 +74,20 @@ fn paper_era_store_reads_identically() {
     }
 }
 
+/// The same layout as the Python saev wrote it between December 2024 and March 2025
+/// (`model_family` / `model_ckpt` instead of `vit_family` / `vit_ckpt`).
+#[test]
+fn feb_2025_store_reads_like_the_paper_era() {
+    let (acts, _) = raw();
+    let store = ActivationStore::open(only_dir(&fixtures().join("feb2025"))).unwrap();
+    assert!(store.is_paper_era());
+    assert_eq!(store.metadata().family, "clip");
+    assert_eq!(store.metadata().ckpt, "ViT-B-16/openai");
+    for e in 0..7 {
+        assert_eq!(store.example(e).unwrap(), &acts[e * 80..(e + 1) * 80]);
+    }
+}
+
 #[test]
 fn our_writer_reproduces_the_python_store_byte_for_byte() {
     let (acts, labels) = raw();

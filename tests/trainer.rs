@@ -219,7 +219,7 @@ fn topk_batchtopk_and_matryoshka_train() {
                 // The saved threshold gives about k latents per vector at inference.
                 assert!(ev.l0 > 0.8 && ev.l0 < 5.0, "{name}: held-out L0 {}", ev.l0);
             }
-            saev::SaeActivation::TopK { k } => {
+            saev::SaeActivation::TopK { k, .. } => {
                 assert_eq!(k, 2);
                 assert!(ev.l0 <= 2.0 + 1e-9);
             }

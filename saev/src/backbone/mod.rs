@@ -64,20 +64,31 @@ pub struct Residual {
 }
 
 impl Residual {
-    /// The residual after block `layer` (non-negative index) from recorded tokens (CLS first,
-    /// then patches — e.g. read from an activation store), for a model without registers.
+    /// The residual after block `layer` from recorded tokens (CLS first, then patches — e.g.
+    /// read from an activation store), for a model without registers. Models with registers
+    /// need theirs: [`Residual::from_recorded`].
     ///
     /// # Shapes
     /// `tokens_btd`: `[B, T, D]`.
     pub fn from_tokens(vit: &Backbone, layer: i64, tokens_btd: &Tensor) -> Result<Self> {
+        Self::from_recorded(vit, layer, tokens_btd, None)
+    }
+
+    /// The residual after block `layer` from recorded tokens and, for a model with registers,
+    /// the register tokens of the same block (saev stores record them in `registers.bin`, see
+    /// [`crate::ActivationStore::registers`]; [`Backbone::record_with_registers`] returns them).
+    ///
+    /// # Shapes
+    /// `tokens_btd`: `[B, T, D]` (CLS first when the model has one, then patches);
+    /// `registers_brd`: `[B, R, D]`.
+    pub fn from_recorded(
+        vit: &Backbone,
+        layer: i64,
+        tokens_btd: &Tensor,
+        registers_brd: Option<&Tensor>,
+    ) -> Result<Self> {
         let l = vit.layer_index(layer)?;
-        if vit.config().num_register_tokens > 0 {
-            return Err(Error::Invalid(format!(
-                "{}: a model with register tokens cannot resume from recorded tokens (registers are not stored)",
-                vit.name()
-            )));
-        }
-        let (_, t, d) = tokens_btd.dims3().context("recorded tokens")?;
+        let (b, t, d) = tokens_btd.dims3().context("recorded tokens")?;
         if t != vit.tokens_per_image() || d != vit.d_model() {
             return Err(Error::Shape {
                 what: format!("recorded tokens for {}", vit.name()),
@@ -85,12 +96,47 @@ impl Residual {
                 actual: vec![t, d],
             });
         }
+        let n_reg = vit.config().num_register_tokens;
+        let full_btd = match (n_reg, registers_brd) {
+            (0, None) => tokens_btd.clone(),
+            (0, Some(_)) => {
+                return Err(Error::Invalid(format!(
+                    "{}: register tokens given for a model without registers",
+                    vit.name()
+                )))
+            }
+            (_, None) => {
+                return Err(Error::Invalid(format!(
+                    "{}: a model with {n_reg} register tokens resumes from block {layer} only with them; \
+                     record the store with this saev (it writes registers.bin) or pass them to Residual::from_recorded",
+                    vit.name()
+                )))
+            }
+            (r, Some(regs)) => {
+                if regs.dims() != [b, r, d] {
+                    return Err(Error::Shape {
+                        what: format!("register tokens for {}", vit.name()),
+                        expected: vec![b, r, d],
+                        actual: regs.dims().to_vec(),
+                    });
+                }
+                insert_registers(tokens_btd, regs, vit.has_cls())?
+            }
+        };
         Ok(Self {
             layer: l,
-            full_btd: tokens_btd.clone(),
-            n_registers: 0,
+            full_btd,
+            n_registers: n_reg,
             has_cls: vit.has_cls(),
         })
+    }
+
+    /// The register tokens (`[B, R, D]`; `R` = 0 for models without registers).
+    pub fn registers(&self) -> Result<Tensor> {
+        let start = usize::from(self.has_cls);
+        self.full_btd
+            .narrow(1, start, self.n_registers)
+            .context("register tokens")
     }
 
     /// The (non-negative) index of the block whose output this is.
@@ -125,23 +171,33 @@ impl Residual {
         let full = if self.n_registers == 0 {
             tokens_btd.clone()
         } else {
-            let f = || {
-                Tensor::cat(
-                    &[
-                        tokens_btd.narrow(1, 0, 1)?,
-                        self.full_btd.narrow(1, 1, self.n_registers)?,
-                        tokens_btd.narrow(1, 1, t - 1)?,
-                    ],
-                    1,
-                )
-            };
-            f().context("re-inserting register tokens")?
+            insert_registers(tokens_btd, &self.registers()?, self.has_cls)?
         };
         Ok(Self {
             full_btd: full,
             ..self.clone()
         })
     }
+}
+
+/// `[CLS, registers, patches]` (or `[registers, patches]`) from recorded tokens and registers.
+fn insert_registers(tokens_btd: &Tensor, registers_brd: &Tensor, has_cls: bool) -> Result<Tensor> {
+    let f = || {
+        let t = tokens_btd.dim(1)?;
+        if has_cls {
+            Tensor::cat(
+                &[
+                    tokens_btd.narrow(1, 0, 1)?,
+                    registers_brd.clone(),
+                    tokens_btd.narrow(1, 1, t - 1)?,
+                ],
+                1,
+            )
+        } else {
+            Tensor::cat(&[registers_brd.clone(), tokens_btd.clone()], 1)
+        }
+    };
+    f().context("re-inserting register tokens")
 }
 
 fn drop_registers(x_btd: &Tensor, n_registers: usize, has_cls: bool) -> Result<Tensor> {
@@ -202,8 +258,15 @@ impl Backbone {
             Ok(v) => v,
             Err(e) => return Err(weights.take_error().unwrap_or(e)),
         };
+        // The model's own processor config when it ships one, else the family's preset.
+        let pp = dir.join("preprocessor_config.json");
+        let preprocess = if pp.is_file() {
+            Preprocess::from_hf_config(&pp)?
+        } else {
+            Preprocess::for_family(cfg.family)
+        };
         Ok(Self {
-            preprocess: Preprocess::for_family(cfg.family),
+            preprocess,
             inner: Arc::new(Inner {
                 vit,
                 dir: dir.to_path_buf(),
@@ -318,6 +381,19 @@ impl Backbone {
     /// # Shapes
     /// `pixels_bchw`: `[B, 3, H, W]` → `[B, n_layers, T, D]` with `T` = CLS + patches.
     pub fn record(&self, pixels_bchw: &Tensor, layers: &[i64]) -> Result<Tensor> {
+        Ok(self.record_with_registers(pixels_bchw, layers)?.0)
+    }
+
+    /// [`Backbone::record`] and, for a model with registers, the register tokens of the same
+    /// blocks (what resuming from a recorded block needs; see [`Residual::from_recorded`]).
+    ///
+    /// # Shapes
+    /// `pixels_bchw`: `[B, 3, H, W]` → (`[B, n_layers, T, D]`, `[B, n_layers, R, D]` or None).
+    pub fn record_with_registers(
+        &self,
+        pixels_bchw: &Tensor,
+        layers: &[i64],
+    ) -> Result<(Tensor, Option<Tensor>)> {
         if layers.is_empty() {
             return Err(Error::Invalid("record: no layers given".into()));
         }
@@ -327,22 +403,28 @@ impl Backbone {
             .collect::<Result<Vec<_>>>()?;
         let deepest = idx.iter().copied().max().unwrap_or(0);
         let vit = &self.inner.vit;
+        let n_reg = self.config().num_register_tokens;
+        let start = usize::from(self.has_cls());
         let mut x = vit.embed(pixels_bchw)?;
-        let mut outs: Vec<Option<Tensor>> = vec![None; idx.len()];
+        let mut outs: Vec<Option<(Tensor, Tensor)>> = vec![None; idx.len()];
         for block in 0..=deepest {
             x = vit.run_blocks(&x, block..block + 1)?;
             for (slot, &want) in outs.iter_mut().zip(&idx) {
                 if want == block {
-                    *slot = Some(drop_registers(
-                        &x,
-                        self.config().num_register_tokens,
-                        self.has_cls(),
-                    )?);
+                    let tokens = drop_registers(&x, n_reg, self.has_cls())?;
+                    let regs = x.narrow(1, start, n_reg).context("register tokens")?;
+                    *slot = Some((tokens, regs));
                 }
             }
         }
-        let outs: Vec<Tensor> = outs.into_iter().flatten().collect();
-        Tensor::stack(&outs, 1).context("stacking recorded layers")
+        let (toks, regs): (Vec<Tensor>, Vec<Tensor>) = outs.into_iter().flatten().unzip();
+        let acts = Tensor::stack(&toks, 1).context("stacking recorded layers")?;
+        let regs = if n_reg > 0 {
+            Some(Tensor::stack(&regs, 1).context("stacking register tokens")?)
+        } else {
+            None
+        };
+        Ok((acts, regs))
     }
 
     /// The embeddings (HF `hidden_states[0]`) and every block output, registers included —

@@ -5,6 +5,10 @@
 //! resize with Pillow's 8-bit resampler (see `resample`), centre-crop with HF's
 //! `(h - crop) // 2` offsets, scale by 1/255 and normalise per channel.
 //!
+//! A model directory's `preprocessor_config.json` (what `AutoImageProcessor` reads) sets the
+//! recipe when present ([`Preprocess::from_hf_config`]): SigLIP-384, CLIP-336 or DINOv2 at 518
+//! need no flags.
+//!
 //! ```no_run
 //! use saev::{Family, Preprocess};
 //! let pre = Preprocess::for_family(Family::Dinov2).with_size(448); // 448 crop from a 512 resize
@@ -119,6 +123,170 @@ impl Preprocess {
             Family::Clip => Self::clip(),
             Family::Siglip => Self::siglip(),
         }
+    }
+
+    /// The recipe of a Hugging Face `preprocessor_config.json` (`CLIPImageProcessor`,
+    /// `BitImageProcessor`, `SiglipImageProcessor`, `ViTImageProcessor` and their `Fast`
+    /// twins): `size` (`shortest_edge`, `height`/`width`, or a bare number read as the class
+    /// reads it), `do_center_crop` + `crop_size`, `resample` (2 bilinear, 3 bicubic),
+    /// `do_rescale` with `rescale_factor` 1/255, `do_normalize` + `image_mean`/`image_std`.
+    /// Anything saev cannot reproduce exactly is an error naming the field, never a guess.
+    pub fn from_hf_config(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let v: serde_json::Value = crate::error::read_json(path)?;
+        Self::from_hf_json(&v, path)
+    }
+
+    /// [`Preprocess::from_hf_config`] on a parsed value; `path` names it in errors.
+    pub fn from_hf_json(v: &serde_json::Value, path: &Path) -> Result<Self> {
+        use serde_json::Value;
+        let err = |field: &str, msg: String| Error::Config {
+            path: path.to_path_buf(),
+            field: field.into(),
+            msg,
+        };
+        // Older repos (e.g. openai/clip-vit-large-patch14-336) name a feature extractor.
+        let class = v
+            .get("image_processor_type")
+            .or_else(|| v.get("feature_extractor_type"))
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .trim_end_matches("Fast")
+            .replace("FeatureExtractor", "ImageProcessor");
+        // A bare number: CLIP and BiT read it as the shortest edge, SigLIP and ViT as a square.
+        let square_default = match class.as_str() {
+            "CLIPImageProcessor" | "BitImageProcessor" => false,
+            "SiglipImageProcessor" | "ViTImageProcessor" => true,
+            other => {
+                return Err(err(
+                    "image_processor_type",
+                    format!("{other:?} is not supported (CLIP, BiT, SigLIP or ViT image processors)"),
+                ))
+            }
+        };
+        let flag = |name: &str, default: bool| -> Result<bool> {
+            match v.get(name) {
+                None | Some(Value::Null) => Ok(default),
+                Some(Value::Bool(b)) => Ok(*b),
+                Some(other) => Err(err(name, format!("{other} is not a boolean"))),
+            }
+        };
+        let side = |field: &str, x: &Value| -> Result<usize> {
+            x.as_u64()
+                .filter(|&n| (1..=8192).contains(&n))
+                .map(|n| n as usize)
+                .ok_or_else(|| err(field, format!("{x} is not a side in 1..=8192 pixels")))
+        };
+        let hw = |field: &str, x: &Value, square: bool| -> Result<Resize> {
+            if x.is_u64() {
+                let n = side(field, x)?;
+                return Ok(if square {
+                    Resize::Exact {
+                        height: n,
+                        width: n,
+                    }
+                } else {
+                    Resize::ShortestEdge(n)
+                });
+            }
+            match (x.get("shortest_edge"), x.get("height"), x.get("width")) {
+                (Some(s), None, None) => Ok(Resize::ShortestEdge(side(field, s)?)),
+                (None, Some(h), Some(w)) => Ok(Resize::Exact {
+                    height: side(field, h)?,
+                    width: side(field, w)?,
+                }),
+                _ => Err(err(
+                    field,
+                    format!("{x}: expected {{\"shortest_edge\": n}} or {{\"height\": h, \"width\": w}}"),
+                )),
+            }
+        };
+        if !flag("do_resize", true)? {
+            return Err(err(
+                "do_resize",
+                "false: inputs of any size are not supported (the patch grid must be fixed)".into(),
+            ));
+        }
+        let resize = hw(
+            "size",
+            v.get("size")
+                .ok_or_else(|| err("size", "missing".into()))?,
+            square_default,
+        )?;
+        let crop_default = class != "SiglipImageProcessor" && class != "ViTImageProcessor";
+        let crop = if flag("do_center_crop", crop_default)? {
+            match hw(
+                "crop_size",
+                v.get("crop_size")
+                    .ok_or_else(|| err("crop_size", "missing (do_center_crop is on)".into()))?,
+                true,
+            )? {
+                Resize::Exact { height, width } => Some((height, width)),
+                Resize::ShortestEdge(_) => {
+                    return Err(err("crop_size", "shortest_edge is not a crop size".into()))
+                }
+            }
+        } else {
+            None
+        };
+        let filter = match v.get("resample").and_then(Value::as_u64) {
+            Some(2) => Filter::Bilinear,
+            Some(3) => Filter::Bicubic,
+            // The classes' defaults: bicubic, but bilinear for ViTImageProcessor.
+            None if v.get("resample").is_none() => {
+                if class == "ViTImageProcessor" {
+                    Filter::Bilinear
+                } else {
+                    Filter::Bicubic
+                }
+            }
+            _ => {
+                return Err(err(
+                    "resample",
+                    format!(
+                        "{}: only 2 (bilinear) and 3 (bicubic) are supported",
+                        v["resample"]
+                    ),
+                ))
+            }
+        };
+        let rescale = v
+            .get("rescale_factor")
+            .and_then(Value::as_f64)
+            .unwrap_or(1.0 / 255.0);
+        if !flag("do_rescale", true)? || (rescale - 1.0 / 255.0).abs() > 1e-12 {
+            return Err(err(
+                "rescale_factor",
+                format!("{rescale} (do_rescale {:?}): only 1/255 is supported", v.get("do_rescale")),
+            ));
+        }
+        let triple = |name: &str, default: [f32; 3]| -> Result<[f32; 3]> {
+            match v.get(name) {
+                None | Some(Value::Null) => Ok(default),
+                Some(x) => match x.as_array().map(Vec::as_slice) {
+                    Some([a, b, c]) if a.is_number() && b.is_number() && c.is_number() => {
+                        let f = |y: &Value| y.as_f64().unwrap_or(f64::NAN) as f32;
+                        Ok([f(a), f(b), f(c)])
+                    }
+                    _ => Err(err(name, format!("{x} is not three numbers"))),
+                },
+            }
+        };
+        let (mean, std) = if flag("do_normalize", true)? {
+            (triple("image_mean", IMAGENET_MEAN)?, triple("image_std", IMAGENET_STD)?)
+        } else {
+            ([0.0; 3], [1.0; 3])
+        };
+        if std.iter().any(|&s| !s.is_finite() || s <= 0.0) || mean.iter().any(|m| !m.is_finite()) {
+            return Err(err("image_std", format!("mean {mean:?} / std {std:?}: std must be positive, both finite")));
+        }
+        Ok(Self {
+            resize,
+            crop,
+            filter,
+            mean,
+            std,
+        })
     }
 
     /// Set the model input side to `side` pixels, keeping the recipe's resize/crop ratio

@@ -177,10 +177,23 @@ impl Encoder {
                 out.par_iter_mut()
                     .for_each(|v| *v = if *v >= t { v.max(0.0) } else { 0.0 })
             }
-            SaeActivation::TopK { k } => out.par_chunks_mut(s).for_each(|r| {
+            SaeActivation::TopK { k, relu: true } => out.par_chunks_mut(s).for_each(|r| {
                 let keep = topk_keep_mask(r, *k);
                 for (v, kp) in r.iter_mut().zip(keep) {
                     if !kp {
+                        *v = 0.0;
+                    }
+                }
+            }),
+            // The Python saev's TopK: the k largest values, negative ones included (ties at the
+            // k-th value all kept, as `Sae::encode`).
+            SaeActivation::TopK { k, relu: false } => out.par_chunks_mut(s).for_each(|r| {
+                let k = (*k).clamp(1, r.len());
+                let mut sorted = r.to_vec();
+                sorted.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+                let kth = sorted[k - 1];
+                for v in r.iter_mut() {
+                    if *v < kth {
                         *v = 0.0;
                     }
                 }

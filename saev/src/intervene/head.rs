@@ -4,7 +4,8 @@
 //! `b [C]`) + `head.json` (versioned config: kind, classes, backbone, held-out score).
 //!
 //! Training data comes from an activation store: the recorded block output is resumed through
-//! the remaining blocks and the final norm ([`Residual::from_tokens`]), so a head costs a
+//! the remaining blocks and the final norm ([`Residual::from_recorded`], with the register
+//! tokens the store recorded for models that have them), so a head costs a
 //! fraction of a full forward per image.
 //!
 //! ```no_run
@@ -369,10 +370,11 @@ fn final_inputs(
     let (t, d) = (store.tokens_per_example(), store.d_model());
     let bar = crate::progress::bar(store.n_examples() as u64, "images");
     let mut out = Vec::new();
-    for (_, x) in store.ordered(layer, Tokens::All, 16)? {
+    for (ids, x) in store.ordered_examples(layer, Tokens::All, 16, Examples::All)? {
         let n = x.len() / (t * d);
         let tokens = Tensor::from_vec(x, (n, t, d), vit.device())?;
-        let res = Residual::from_tokens(vit, layer, &tokens)?;
+        let regs = recorded_registers(store, &ids, layer, vit.device())?;
+        let res = Residual::from_recorded(vit, layer, &tokens, regs.as_ref())?;
         let o = vit.forward_from(&res)?;
         out.extend(
             head_inputs(kind, &o, vit.has_cls())?
@@ -383,6 +385,20 @@ fn final_inputs(
     }
     bar.finish_and_clear();
     Ok(out)
+}
+
+/// The register tokens `[n, R, D]` the store recorded for examples `ids` at `layer`, if any.
+pub(crate) fn recorded_registers(
+    store: &ActivationStore,
+    ids: &[usize],
+    layer: i64,
+    device: &candle_core::Device,
+) -> Result<Option<Tensor>> {
+    let r = store.n_registers();
+    Ok(match store.registers_of(ids, layer)? {
+        Some(v) => Some(Tensor::from_vec(v, (ids.len(), r, store.d_model()), device)?),
+        None => None,
+    })
 }
 
 /// Softmax regression on rows `x` (`[n_rows, d]`) with labels `y` (None = skip); rows of the

@@ -425,8 +425,8 @@ impl Intervention {
         Ok((tokens, edited))
     }
 
-    fn heads_from_tokens(&self, tokens: &Tensor) -> Result<Vec<f32>> {
-        let res = Residual::from_tokens(&self.vit, self.layer, tokens)?;
+    fn heads_from_tokens(&self, tokens: &Tensor, registers: Option<&Tensor>) -> Result<Vec<f32>> {
+        let res = Residual::from_recorded(&self.vit, self.layer, tokens, registers)?;
         let out = self.vit.forward_from(&res)?;
         Ok(self
             .head
@@ -564,12 +564,17 @@ impl Intervention {
         for (chunk, x) in store.ordered_examples(self.layer, Tokens::All, 8, examples)? {
             let n = x.len() / (t * d);
             let tokens = Tensor::from_vec(x, (n, t, d), &Device::Cpu)?;
-            let before = self.heads_from_tokens(&tokens)?;
+            let regs = head::recorded_registers(store, &chunk, self.layer, &Device::Cpu)?;
+            let before = self.heads_from_tokens(&tokens, regs.as_ref())?;
             let c_n = self.head.classes().len();
             let rows_per = if seg { p } else { 1 };
             let preds = |v: &[f32]| -> Vec<usize> { v.chunks(c_n).map(argmax).collect() };
             for i in 0..n {
                 let img = tokens.narrow(0, i, 1)?;
+                let img_regs = match &regs {
+                    Some(r) => Some(r.narrow(0, i, 1)?),
+                    None => None,
+                };
                 // Group of each counted unit (the image, or each patch): 0 target, 1 other.
                 let groups: Vec<usize> = if seg {
                     let pl = store.patch_labels(chunk[i]).unwrap_or(&[]);
@@ -607,7 +612,7 @@ impl Intervention {
                         continue;
                     }
                     let edited = self.edit_tokens(&img, Some(rows), &how)?;
-                    let after = preds(&self.heads_from_tokens(&edited)?);
+                    let after = preds(&self.heads_from_tokens(&edited, img_regs.as_ref())?);
                     for ((a, b), &g) in after.iter().zip(&pred0).zip(&groups) {
                         if a != b {
                             r.counts[k][g] += 1;

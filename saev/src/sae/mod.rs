@@ -5,6 +5,7 @@ pub mod eval;
 pub(crate) mod linalg;
 pub mod model;
 pub mod paper_step;
+pub mod py_import;
 pub mod step;
 pub mod torch_load;
 pub mod trainer;

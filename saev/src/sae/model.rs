@@ -30,10 +30,15 @@ use crate::error::{read_json, write_json, CandleContext, Error, IoContext, Resul
 pub enum SaeActivation {
     /// ReLU (paper recipe, with an L1 penalty in training).
     Relu,
-    /// Keep the `k` largest pre-activations per row (ReLU'd).
+    /// Keep the `k` largest pre-activations per row; ReLU'd when `relu` (saev's own TopK), raw
+    /// when not (the Python saev's TopK, so imported checkpoints code as they did: values can be
+    /// negative).
     TopK {
         /// Latents kept per row.
         k: usize,
+        /// Zero the negative kept values (default true; false for imported Python TopK SAEs).
+        #[serde(default = "yes", skip_serializing_if = "is_true")]
+        relu: bool,
     },
     /// BatchTopK: top `k·B` over a training batch; at inference a fixed threshold.
     BatchTopK {
@@ -42,6 +47,14 @@ pub enum SaeActivation {
         /// Inference threshold (EMA of the smallest kept value in training).
         threshold: f32,
     },
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 /// Input normalisation `(x − mean) / scalar`.
@@ -154,11 +167,26 @@ impl Sae {
         })
     }
 
-    /// Import a Python saev `sae.pt` (paper era or HEAD schema 5); `norm` is the normalisation
-    /// the checkpoint was trained with (the Python saev does not store it).
-    pub fn from_torch(path: &Path, norm: Option<SaeNorm>) -> Result<Self> {
+    /// Import a Python saev `sae.pt` of any header generation (paper era, schemas 1–5; see
+    /// [`crate::sae::py_import`] for what each means and what is refused); `norm` is the
+    /// normalisation the checkpoint was trained with (the Python saev does not store it). The
+    /// SAE computes what the checkpoint's own code computed: a paper-era encoder's `− b_dec` is
+    /// folded into `b_enc`, a Python TopK keeps negative values, a BatchTopK uses the stored
+    /// threshold.
+    pub fn from_torch(path: impl AsRef<Path>, norm: Option<SaeNorm>) -> Result<Self> {
+        let path = path.as_ref();
         let ck = read_torch_checkpoint(path)?;
+        let h = super::py_import::parse_header(&ck.header, &ck.tensors, path)?;
         let dev = Device::Cpu;
+        for name in ck.tensors.keys() {
+            if !["W_enc", "b_enc", "W_dec", "b_dec", "activation.threshold"].contains(&name.as_str())
+            {
+                return Err(Error::Checkpoint {
+                    path: path.into(),
+                    msg: format!("unexpected tensor `{name}` (an SAE state dict has W_enc, b_enc, W_dec, b_dec and, for BatchTopK, activation.threshold)"),
+                });
+            }
+        }
         let t: HashMap<String, Tensor> = ck
             .tensors
             .iter()
@@ -169,11 +197,7 @@ impl Sae {
                 ))
             })
             .collect::<Result<_>>()?;
-        let w = t.get("W_enc").ok_or_else(|| Error::MissingTensor {
-            path: path.into(),
-            key: "W_enc".into(),
-        })?;
-        let (d, s) = w.dims2().context("W_enc")?;
+        let (d, s) = (h.d_model, h.d_sae);
         let (w_enc, mut b_enc) = (
             get(&t, "W_enc", &[d, s], path)?,
             get(&t, "b_enc", &[s], path)?,
@@ -182,38 +206,32 @@ impl Sae {
             get(&t, "W_dec", &[s, d], path)?,
             get(&t, "b_dec", &[d], path)?,
         );
-        let (activation, schema) = if ck.header.get("schema").is_some() {
-            let act = &ck.header["cfg"]["activation"];
-            let key = act.get("key").and_then(|k| k.as_str()).unwrap_or("relu");
-            let a = match key {
-                "relu" => SaeActivation::Relu,
-                "topk" => SaeActivation::TopK {
-                    k: act
-                        .get("top_k")
-                        .or_else(|| act.get("k"))
-                        .and_then(|v| v.as_u64())
-                        .unwrap_or(32) as usize,
-                },
-                other => {
-                    return Err(Error::Checkpoint {
-                        path: path.into(),
-                        msg: format!("activation `{other}` is not supported for import"),
-                    })
-                }
-            };
-            (a, "schema5")
-        } else {
-            // Paper era: fold the encoder's `− b_dec` into b_enc.
+        for (name, x) in [("W_enc", &w_enc), ("b_enc", &b_enc), ("W_dec", &w_dec), ("b_dec", &b_dec)] {
+            let bad = x.flatten_all()?.to_vec1::<f32>()?.iter().position(|v| !v.is_finite());
+            if let Some(i) = bad {
+                return Err(Error::Checkpoint {
+                    path: path.into(),
+                    msg: format!("tensor `{name}` holds a non-finite value at flat index {i}"),
+                });
+            }
+        }
+        if h.subtract_b_dec {
+            // (x − b_dec) W_enc + b_enc = x W_enc + (b_enc − b_dec W_enc).
             b_enc = (b_enc - b_dec.unsqueeze(0)?.matmul(&w_enc)?.squeeze(0)?)?;
-            (SaeActivation::Relu, "paper")
-        };
+        }
         let cfg = SaeConfig {
             schema: SAE_SCHEMA,
             d_model: d,
             d_sae: s,
-            activation,
+            activation: h.activation,
             norm,
-            provenance: serde_json::json!({"imported_from": path.display().to_string(), "format": schema, "header": ck.header}),
+            provenance: serde_json::json!({
+                "imported_from": path.display().to_string(),
+                "format": h.generation,
+                "b_dec_subtracted_in_encoder": h.subtract_b_dec,
+                "notes": h.notes,
+                "header": ck.header,
+            }),
         };
         Self::new(cfg, w_enc, b_enc, w_dec, b_dec)
     }
@@ -260,12 +278,16 @@ impl Sae {
                 let mask = h.ge(f64::from(*threshold))?.to_dtype(DType::F32)?;
                 (h.relu()? * mask)?
             }
-            SaeActivation::TopK { k } => {
+            SaeActivation::TopK { k, relu } => {
                 let k = (*k).min(self.cfg.d_sae);
                 // The k-th largest value of each row; ties at it are all kept.
                 let kth = h.sort_last_dim(false)?.0.narrow(1, k - 1, 1)?;
                 let mask = h.broadcast_ge(&kth)?.to_dtype(DType::F32)?;
-                (h.relu()? * mask)?
+                if *relu {
+                    (h.relu()? * mask)?
+                } else {
+                    (h * mask)?
+                }
             }
         };
         Ok(f)

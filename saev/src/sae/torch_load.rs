@@ -1,16 +1,20 @@
-//! Read the Python saev's `sae.pt` checkpoints without executing pickle code.
+//! Read `torch.save` state dicts without executing pickle code: the Python saev's `sae.pt`
+//! checkpoints, and model weights saved by torch (`pytorch_model.bin`, torch-hub `.pth`,
+//! open_clip's `open_clip_pytorch_model.bin`).
 //!
-//! Layout: one UTF-8 JSON line (the config: saev 0.1.0's `vars(cfg)` or HEAD's
+//! `sae.pt` layout: one UTF-8 JSON line (the config: saev 0.1.0's `vars(cfg)` or HEAD's
 //! `{"schema": 5, "cfg": …}`), then a `torch.save` zip archive (`<name>/data.pkl`,
-//! `<name>/data/<key>`, …). The pickle is interpreted by a small stack machine that knows the
-//! opcodes torch emits and only a whitelist of globals (`collections.OrderedDict`,
-//! `torch._utils._rebuild_tensor_v2`, `torch._utils._rebuild_parameter`, float storages);
-//! anything else is an error, never a call. Tensors are rebuilt from their storage, offset, size
-//! and stride into contiguous f32.
+//! `<name>/data/<key>`, …); model weights are the zip alone. The pickle is interpreted by a
+//! small stack machine that knows the opcodes torch emits and only a whitelist of globals
+//! (`collections.OrderedDict`, `torch._utils._rebuild_tensor_v2`,
+//! `torch._utils._rebuild_parameter`, float32 / float16 / bfloat16 storages); anything else is
+//! an error, never a call. Tensors are rebuilt from their storage, offset, size and stride into
+//! contiguous f32.
 //!
 //! ```text
 //! let ckpt = read_torch_checkpoint(Path::new("sae.pt"))?;
 //! let (shape, data) = &ckpt.tensors["W_enc"];
+//! let weights = read_torch_state_dict(Path::new("pytorch_model.bin"))?;
 //! ```
 
 use std::collections::BTreeMap;
@@ -25,7 +29,7 @@ pub struct TorchCheckpoint {
     /// The first line, parsed.
     pub header: serde_json::Value,
     /// Tensor name → (shape, contiguous f32 data).
-    pub tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    pub tensors: StateDict,
 }
 
 /// Pickle values; scalars are kept as decoded even where the reader does not need them.
@@ -349,6 +353,9 @@ fn bad(path: &Path, msg: impl Into<String>) -> Error {
     }
 }
 
+/// Tensor name → (shape, contiguous f32 data).
+pub type StateDict = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
 /// Read a `sae.pt` (JSON line + torch zip).
 pub fn read_torch_checkpoint(path: impl AsRef<Path>) -> Result<TorchCheckpoint> {
     let path = path.as_ref();
@@ -359,8 +366,31 @@ pub fn read_torch_checkpoint(path: impl AsRef<Path>) -> Result<TorchCheckpoint> 
         .ok_or_else(|| bad(path, "no JSON header line"))?;
     let header: serde_json::Value = serde_json::from_slice(&bytes[..nl])
         .map_err(|e| bad(path, format!("header line is not JSON: {e}")))?;
-    let mut zip = zip::ZipArchive::new(Cursor::new(&bytes[nl + 1..]))
-        .map_err(|e| bad(path, format!("not a torch.save zip after the header: {e}")))?;
+    let tensors = read_zip(&bytes[nl + 1..], path, "after the header")?;
+    Ok(TorchCheckpoint { header, tensors })
+}
+
+/// Read a plain `torch.save(state_dict)` zip (`pytorch_model.bin`, a torch-hub `.pth`); a
+/// state dict nested under `"state_dict"` or `"model"` is found too.
+pub fn read_torch_state_dict(path: impl AsRef<Path>) -> Result<StateDict> {
+    let path = path.as_ref();
+    let bytes = std::fs::read(path).with_path(path)?;
+    if bytes.starts_with(&[0x80]) {
+        return Err(bad(
+            path,
+            "a legacy (pre-1.6, non-zip) torch file; re-save it with a current torch or as safetensors",
+        ));
+    }
+    read_zip(&bytes, path, "")
+}
+
+fn read_zip(bytes: &[u8], path: &Path, where_: &str) -> Result<StateDict> {
+    let mut zip = zip::ZipArchive::new(Cursor::new(bytes)).map_err(|e| {
+        bad(
+            path,
+            format!("not a torch.save zip {where_}: {e}").replace("  ", " "),
+        )
+    })?;
     let pkl_name = zip
         .file_names()
         .filter_map(|n| n.ok().map(|n| n.into_owned()))
@@ -382,9 +412,18 @@ pub fn read_torch_checkpoint(path: impl AsRef<Path>) -> Result<TorchCheckpoint> 
         pos: 0,
         path,
     })?;
-    let V::Dict(items) = root else {
+    let V::Dict(mut items) = root else {
         return Err(bad(path, "the pickle is not a state dict"));
     };
+    // {"state_dict": {...}} / {"model": {...}}: the usual wrappers of training checkpoints.
+    if !items.iter().any(|(_, v)| matches!(v, V::Tensor { .. })) {
+        if let Some((_, V::Dict(inner))) = items.iter().find(|(k, v)| {
+            matches!((k, v), (V::Str(name), V::Dict(_)) if name == "state_dict" || name == "model")
+        }) {
+            items = inner.clone();
+        }
+    }
+    let mut storages: BTreeMap<String, Vec<f32>> = BTreeMap::new();
     let mut tensors = BTreeMap::new();
     for (k, v) in items {
         let (
@@ -400,27 +439,60 @@ pub fn read_torch_checkpoint(path: impl AsRef<Path>) -> Result<TorchCheckpoint> 
         else {
             continue;
         };
-        if dtype != "FloatStorage" {
+        if !storages.contains_key(&key) {
+            let raw = read_entry(&mut zip, &format!("{prefix}data/{key}"))?;
+            let values: Vec<f32> = match dtype.as_str() {
+                "FloatStorage" => raw
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+                "HalfStorage" => raw
+                    .chunks_exact(2)
+                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+                "BFloat16Storage" => raw
+                    .chunks_exact(2)
+                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+                other => {
+                    return Err(bad(
+                        path,
+                        format!(
+                            "tensor `{name}` is {other}; only float32, float16 and bfloat16 tensors are supported"
+                        ),
+                    ))
+                }
+            };
+            storages.insert(key.clone(), values);
+        }
+        let storage = &storages[&key];
+        if size.len() != stride.len() {
             return Err(bad(
                 path,
-                format!("tensor `{name}` is {dtype}; only float32 checkpoints are supported"),
+                format!("tensor `{name}`: {} sizes, {} strides", size.len(), stride.len()),
             ));
         }
-        let raw = read_entry(&mut zip, &format!("{prefix}data/{key}"))?;
-        let storage: Vec<f32> = raw
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        let numel: usize = size.iter().product();
+        let numel = size
+            .iter()
+            .try_fold(1usize, |a, &b| a.checked_mul(b))
+            .ok_or_else(|| bad(path, format!("tensor `{name}`: size {size:?} overflows")))?;
+        if numel > 0 {
+            // The largest index read must be inside the storage, checked before allocating.
+            let last = offset
+                + size
+                    .iter()
+                    .zip(&stride)
+                    .map(|(n, s)| (n - 1).saturating_mul(*s))
+                    .fold(0usize, usize::saturating_add);
+            if last >= storage.len() {
+                return Err(bad(path, format!("tensor `{name}` reads past its storage")));
+            }
+        }
         let mut data = Vec::with_capacity(numel);
         let mut idx = vec![0usize; size.len()];
         for _ in 0..numel {
             let at = offset + idx.iter().zip(&stride).map(|(i, s)| i * s).sum::<usize>();
-            data.push(
-                *storage
-                    .get(at)
-                    .ok_or_else(|| bad(path, format!("tensor `{name}` reads past its storage")))?,
-            );
+            data.push(storage[at]);
             for d in (0..size.len()).rev() {
                 idx[d] += 1;
                 if idx[d] < size[d] {
@@ -431,7 +503,7 @@ pub fn read_torch_checkpoint(path: impl AsRef<Path>) -> Result<TorchCheckpoint> 
         }
         tensors.insert(name, (size, data));
     }
-    Ok(TorchCheckpoint { header, tensors })
+    Ok(tensors)
 }
 
 #[cfg(test)]

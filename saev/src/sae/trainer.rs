@@ -800,7 +800,7 @@ fn export(
     let b_enc = (tensor(&st.b_enc, &[s])? - w_enc_sd.matmul(&b_dec.unsqueeze(1)?)?.squeeze(1)?)?;
     let activation = match st.recipe.activation {
         TrainActivation::Relu => SaeActivation::Relu,
-        TrainActivation::TopK { k } => SaeActivation::TopK { k },
+        TrainActivation::TopK { k } => SaeActivation::TopK { k, relu: true },
         TrainActivation::BatchTopK { k } => SaeActivation::BatchTopK {
             k,
             threshold: st.threshold,

@@ -191,11 +191,16 @@ pub(crate) fn read_store_json(dir: &Path) -> Result<(Metadata, Vec<ShardEntry>, 
         path: md_path.clone(),
         msg,
     };
-    if v.get("vit_family").is_some() {
-        // Paper era (saev 0.1.0): CLS always present, no shards.json, no labels.
+    if v.get("vit_family").is_some() || v.get("model_family").is_some() {
+        // Paper era (saev 0.1.0): CLS always present, no shards.json, no labels. From December
+        // 2024 to March 2025 the Python saev wrote the same layout with `model_family` and
+        // `model_ckpt` for the first two fields.
         #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
         struct Paper {
+            #[serde(alias = "model_family")]
             vit_family: String,
+            #[serde(alias = "model_ckpt")]
             vit_ckpt: String,
             layers: Vec<i64>,
             n_patches_per_img: usize,
@@ -204,6 +209,8 @@ pub(crate) fn read_store_json(dir: &Path) -> Result<(Metadata, Vec<ShardEntry>, 
             n_imgs: usize,
             n_patches_per_shard: usize,
             data: Value,
+            #[allow(dead_code)] // part of the format; not needed to read it
+            seed: Option<i64>,
         }
         let p: Paper = serde_json::from_value(v).map_err(|source| Error::Json {
             path: md_path.clone(),

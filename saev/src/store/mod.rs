@@ -1,6 +1,12 @@
 //! [`ActivationStore`]: a read-only, memory-mapped handle on a directory of recorded
 //! activations in the Python saev's shard format (protocol 2.1, or the paper-era layout).
 //!
+//! Models with register tokens (DINOv2-with-registers) also get `registers.bin`: float32
+//! `[n_examples, n_layers, n_registers, d_model]`, described by `registers.json`
+//! (`{"version": 1, "n_registers": R}`). The Python saev drops registers, and its readers ignore
+//! these two files; saev needs them to resume the ViT from a recorded block
+//! ([`crate::Residual::from_recorded`]), for heads and interventions.
+//!
 //! Opening validates the metadata, the shard list and every file's size against them, and reports
 //! the first inconsistency with the file and the numbers. Vectors are then slices of the mapped
 //! shards: no copies, no reads until touched.
@@ -59,6 +65,7 @@ struct Inner {
     shards: Vec<ShardEntry>,
     maps: Vec<Mmap>,
     labels: Option<Mmap>,
+    registers: Option<(Mmap, usize)>,
     provenance: Option<Provenance>,
     paper_era: bool,
 }
@@ -171,6 +178,7 @@ impl ActivationStore {
         } else {
             None
         };
+        let registers = open_registers(&dir, &md)?;
         let prov_path = dir.join("provenance.json");
         let provenance = if prov_path.exists() {
             let p: Provenance = read_json(&prov_path)?;
@@ -205,6 +213,7 @@ impl ActivationStore {
                 shards,
                 maps,
                 labels,
+                registers,
                 provenance,
                 paper_era,
             }),
@@ -308,6 +317,42 @@ impl ActivationStore {
             .and_then(|m| m.get(e * p..(e + 1) * p))
     }
 
+    /// Register tokens recorded per example and layer (0 when the store has none).
+    pub fn n_registers(&self) -> usize {
+        self.inner.registers.as_ref().map_or(0, |r| r.1)
+    }
+
+    /// The register tokens of example `e` at `layer` (`[n_registers, d_model]` floats), or None
+    /// when the store has none (a model without registers, or a store not recorded by saev).
+    pub fn registers(&self, e: usize, layer: i64) -> Result<Option<&[f32]>> {
+        let Some((m, r)) = &self.inner.registers else {
+            return Ok(None);
+        };
+        if e >= self.n_examples() {
+            return Err(Error::Invalid(format!(
+                "example {e} out of range (store has {})",
+                self.n_examples()
+            )));
+        }
+        let l = self.layer_position(layer)?;
+        let per = r * self.d_model();
+        let start = ((e * self.layers().len() + l) * per) * 4;
+        Ok(Some(bytemuck_f32(&m[start..start + per * 4])))
+    }
+
+    /// The register tokens of examples `ids` at `layer`, concatenated (`[ids.len(),
+    /// n_registers, d_model]` floats), or None when the store has none.
+    pub fn registers_of(&self, ids: &[usize], layer: i64) -> Result<Option<Vec<f32>>> {
+        if self.inner.registers.is_none() {
+            return Ok(None);
+        }
+        let mut out = Vec::with_capacity(ids.len() * self.n_registers() * self.d_model());
+        for &e in ids {
+            out.extend_from_slice(self.registers(e, layer)?.unwrap_or(&[]));
+        }
+        Ok(Some(out))
+    }
+
     /// Per-example provenance (source, label), when recorded by saev.
     pub fn provenance(&self) -> Option<&Provenance> {
         self.inner.provenance.as_ref()
@@ -317,6 +362,61 @@ impl ActivationStore {
     pub fn shards(&self) -> &[ShardEntry] {
         &self.inner.shards
     }
+}
+
+/// `registers.json` (saev's sidecar for models with register tokens).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RegistersInfo {
+    /// Format version ([`REGISTERS_VERSION`]).
+    pub version: u32,
+    /// Register tokens per example and layer.
+    pub n_registers: usize,
+}
+
+/// Current `registers.json` version.
+pub(crate) const REGISTERS_VERSION: u32 = 1;
+
+fn open_registers(dir: &Path, md: &Metadata) -> Result<Option<(Mmap, usize)>> {
+    let (info_path, bin) = (dir.join("registers.json"), dir.join("registers.bin"));
+    if !info_path.exists() {
+        if bin.exists() {
+            return Err(store_err(&bin, "registers.bin without registers.json"));
+        }
+        return Ok(None);
+    }
+    let info: RegistersInfo = read_json(&info_path)?;
+    if info.version != REGISTERS_VERSION {
+        return Err(store_err(
+            &info_path,
+            format!(
+                "unknown version {} (this saev reads {REGISTERS_VERSION})",
+                info.version
+            ),
+        ));
+    }
+    if info.n_registers == 0 || info.n_registers > 1024 {
+        return Err(store_err(
+            &info_path,
+            format!("n_registers = {} (expected 1..=1024)", info.n_registers),
+        ));
+    }
+    let m = map(&bin)?;
+    let need = md.n_examples * md.layers.len() * info.n_registers * md.d_model * 4;
+    if m.len() != need {
+        return Err(store_err(
+            &bin,
+            format!(
+                "{} bytes, expected [{} examples, {} layers, {} registers, {} dims] float32 = {need}",
+                m.len(),
+                md.n_examples,
+                md.layers.len(),
+                info.n_registers,
+                md.d_model
+            ),
+        ));
+    }
+    Ok(Some((m, info.n_registers)))
 }
 
 /// View little-endian f32 bytes as floats. Mappings are page-aligned and offsets multiples of 4.

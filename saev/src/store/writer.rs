@@ -212,6 +212,7 @@ pub struct StoreWriter {
     md: Metadata,
     files: Vec<Option<File>>,
     labels: Option<(File, PathBuf)>,
+    registers: Option<(usize, Option<File>)>,
     part: Option<(usize, usize)>,
 }
 
@@ -246,8 +247,48 @@ impl StoreWriter {
             md,
             files: (0..n).map(|_| None).collect(),
             labels: None,
+            registers: None,
             part,
         }
+    }
+
+    /// Also record `n_registers` register tokens per example and layer (`registers.bin`, see
+    /// [`crate::ActivationStore::registers`]); 0 = none.
+    pub fn with_registers(mut self, n_registers: usize) -> Self {
+        self.registers = (n_registers > 0).then_some((n_registers, None));
+        self
+    }
+
+    fn registers_bytes(&self, n_registers: usize) -> u64 {
+        (self.md.n_examples * self.md.layers.len() * n_registers * self.md.d_model * 4) as u64
+    }
+
+    /// Write the register tokens of examples `first..` (`[n, n_layers, n_registers, d]` floats).
+    pub fn write_registers(&mut self, first: usize, regs: &[f32]) -> Result<()> {
+        let Some((r, _)) = self.registers else {
+            return Err(Error::Invalid(
+                "write_registers on a writer made without with_registers".into(),
+            ));
+        };
+        let per = self.md.layers.len() * r * self.md.d_model;
+        if regs.len() % per != 0 || first + regs.len() / per > self.md.n_examples {
+            return Err(Error::Shape {
+                what: format!("register tokens for examples from {first}"),
+                expected: vec![regs.len() / per, self.md.layers.len(), r, self.md.d_model],
+                actual: vec![regs.len()],
+            });
+        }
+        let path = self.dir.join("registers.bin");
+        let len = self.registers_bytes(r);
+        if let Some((_, f @ None)) = &mut self.registers {
+            *f = Some(open_at_least(&path, len)?);
+        }
+        if let Some((_, Some(f))) = &self.registers {
+            let bytes: Vec<u8> = regs.iter().flat_map(|v| v.to_le_bytes()).collect();
+            f.write_all_at(&bytes, (first * per * 4) as u64)
+                .with_path(&path)?;
+        }
+        Ok(())
     }
 
     /// The shards this writer owns (all, or those of its part).
@@ -344,6 +385,13 @@ impl StoreWriter {
             let path = self.dir.join(Metadata::shard_name(i));
             self.shard(i)?.sync_all().with_path(&path)?;
         }
+        if let Some((r, _)) = self.registers {
+            let path = self.dir.join("registers.bin");
+            open_at_least(&path, self.registers_bytes(r))?
+                .sync_all()
+                .with_path(&path)?;
+            write_registers_info(&self.dir, r)?;
+        }
         if let Some((i, n)) = self.part {
             let text = serde_json::to_vec(&PartInfo {
                 version: 1,
@@ -362,6 +410,30 @@ impl StoreWriter {
         )?;
         Ok(self.dir)
     }
+}
+
+fn write_registers_info(dir: &Path, n_registers: usize) -> Result<()> {
+    let info = super::RegistersInfo {
+        version: super::REGISTERS_VERSION,
+        n_registers,
+    };
+    let text = serde_json::to_vec(&info).map_err(|e| Error::Invalid(e.to_string()))?;
+    write_atomic(&dir.join("registers.json"), &text)
+}
+
+/// Copy bytes `range` of `from` into the same place of `to` (created, at least `len` bytes).
+fn copy_range(from: &Path, to: &Path, len: u64, range: std::ops::Range<u64>) -> Result<()> {
+    let src = File::open(from).with_path(from)?;
+    let dst = open_at_least(to, len)?;
+    let mut buf = vec![0u8; 1 << 22];
+    let mut at = range.start;
+    while at < range.end {
+        let n = ((range.end - at) as usize).min(buf.len());
+        src.read_exact_at(&mut buf[..n], at).with_path(from)?;
+        dst.write_all_at(&buf[..n], at).with_path(to)?;
+        at += n as u64;
+    }
+    dst.sync_all().with_path(to)
 }
 
 const PART: &str = "part.json";
@@ -465,6 +537,23 @@ pub fn merge_parts(parts: &[PathBuf], root: &Path) -> Result<PathBuf> {
     if let Some(l) = labels {
         write_atomic(&dir.join("labels.bin"), &l)?;
     }
+    // Register tokens (models with registers): each part holds its examples' rows.
+    let reg_info = first.join("registers.json");
+    if reg_info.exists() {
+        let info: super::RegistersInfo = read_json(&reg_info)?;
+        let per = (md.layers.len() * info.n_registers * md.d_model * 4) as u64;
+        let len = md.n_examples as u64 * per;
+        for (i, n, p) in &seen {
+            let r = part_examples(&md, *i, *n);
+            copy_range(
+                &p.join("registers.bin"),
+                &dir.join("registers.bin"),
+                len,
+                r.start as u64 * per..r.end as u64 * per,
+            )?;
+        }
+        write_registers_info(&dir, info.n_registers)?;
+    }
     if first.join("provenance.json").exists() {
         std::fs::copy(first.join("provenance.json"), dir.join("provenance.json"))
             .with_path(first.join("provenance.json"))?;
@@ -554,6 +643,7 @@ pub fn record_activations(
         }
         n_done = p.n_done.max(range.start);
         StoreWriter::reopen(dir.clone(), md.clone(), cfg.part)
+            .with_registers(backbone.config().num_register_tokens)
     } else {
         // The progress file comes first: a directory with metadata.json but no progress file
         // is a complete store.
@@ -568,7 +658,8 @@ pub fn record_activations(
             &prog_path,
             &serde_json::to_vec(&p).map_err(|e| Error::Invalid(e.to_string()))?,
         )?;
-        let mut w = StoreWriter::create_in(dir.clone(), md.clone(), Some(&prov))?;
+        let mut w = StoreWriter::create_in(dir.clone(), md.clone(), Some(&prov))?
+            .with_registers(backbone.config().num_register_tokens);
         w.part = cfg.part;
         w
     };
@@ -622,8 +713,11 @@ pub fn record_activations(
                 (prepared.n, 3, h, w),
                 backbone.device(),
             )?;
-            let acts = backbone.record(&pixels, &md.layers)?;
+            let (acts, regs) = backbone.record_with_registers(&pixels, &md.layers)?;
             writer.write_examples(s, &acts.flatten_all()?.to_vec1::<f32>()?)?;
+            if let Some(r) = regs {
+                writer.write_registers(s, &r.flatten_all()?.to_vec1::<f32>()?)?;
+            }
             if let Some(l) = &prepared.labels {
                 writer.write_labels(s, l)?;
             }
