@@ -124,7 +124,9 @@ fn tiny_siglip_matches_hf() {
 fn register_model_resumes_from_recorded_tokens_and_registers_like_hf() {
     let vit = Backbone::from_dir(fixtures().join("tiny-dinov2-reg"), &Device::Cpu).unwrap();
     // The fixture's native input is 16×16 pixels (4×4 patches).
-    let vit = vit.clone().with_preprocess(vit.preprocess().clone().with_size(16));
+    let vit = vit
+        .clone()
+        .with_preprocess(vit.preprocess().clone().with_size(16));
     let io = load(&fixtures().join("tiny-dinov2-reg/io.safetensors"));
     let r = 3;
     // The native input: recorded-token counts follow the backbone's input size.
@@ -134,8 +136,7 @@ fn register_model_resumes_from_recorded_tokens_and_registers_like_hf() {
             let h = &io[&format!("{input}.hidden_states.{}", layer + 1)];
             let tokens = drop_regs(h, r);
             let regs = h.narrow(1, 1, r).unwrap();
-            let res =
-                Residual::from_recorded(&vit, layer as i64, &tokens, Some(&regs)).unwrap();
+            let res = Residual::from_recorded(&vit, layer as i64, &tokens, Some(&regs)).unwrap();
             assert_eq!(max_abs_diff(&res.registers().unwrap(), &regs), 0.0);
             let out = vit.forward_from(&res).unwrap();
             let want = drop_regs(&io[&format!("{input}.last_hidden_state")], r);
@@ -152,7 +153,10 @@ fn register_model_resumes_from_recorded_tokens_and_registers_like_hf() {
         let e = Residual::from_tokens(&vit, 1, &drop_regs(h, r))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("register tokens") && e.contains("registers.bin"), "{e}");
+        assert!(
+            e.contains("register tokens") && e.contains("registers.bin"),
+            "{e}"
+        );
         // Wrongly shaped registers are a typed error.
         let bad = h.narrow(1, 1, 2).unwrap();
         assert!(matches!(
@@ -296,12 +300,15 @@ fn preprocessor_configs_match_hf_processors() {
         ("clip-vit-large-patch14-336", 336),
         ("dinov2-518", 518),
     ] {
-        let pre = Preprocess::from_hf_config(root.join(name).join("preprocessor_config.json"))
-            .unwrap();
+        let pre =
+            Preprocess::from_hf_config(root.join(name).join("preprocessor_config.json")).unwrap();
         for photo in ["astronaut", "chelsea"] {
             let img = saev::load_image(fixtures().join(format!("{photo}.png"))).unwrap();
             let view = pre.model_view(&img);
-            assert_eq!((view.width() as usize, view.height() as usize), (side, side));
+            assert_eq!(
+                (view.width() as usize, view.height() as usize),
+                (side, side)
+            );
             let ref_u8: Vec<u8> = want[&format!("{name}.{photo}")]
                 .flatten_all()
                 .unwrap()
@@ -321,7 +328,10 @@ fn preprocessor_configs_match_hf_processors() {
                 for y in 0..16 {
                     for x in 0..w {
                         let (a, b) = (chw[c * h * w + y * w + x], rows[(c * 16 + y) * w + x]);
-                        assert!((a - b).abs() < 1e-5, "{name} {photo} [{c},{y},{x}]: {a} vs {b}");
+                        assert!(
+                            (a - b).abs() < 1e-5,
+                            "{name} {photo} [{c},{y},{x}]: {a} vs {b}"
+                        );
                     }
                 }
             }
@@ -347,7 +357,13 @@ fn preprocessor_configs_match_hf_processors() {
     .unwrap();
     v["resample"] = serde_json::json!(1);
     std::fs::write(dir.join("preprocessor_config.json"), v.to_string()).unwrap();
-    let e = Backbone::from_dir(&dir, &Device::Cpu).err().unwrap().to_string();
-    assert!(e.contains("resample") && e.contains("preprocessor_config.json"), "{e}");
+    let e = Backbone::from_dir(&dir, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("resample") && e.contains("preprocessor_config.json"),
+        "{e}"
+    );
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -47,3 +47,129 @@ fn bad_layer_is_a_clear_error_and_exit_code() {
         "{stderr}"
     );
 }
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+/// `saev sae import` writes a saev SAE directory with the right activation and provenance,
+/// reuses it on a re-run, refuses to write over anything else; `--sae` takes a `sae.pt`
+/// directly (imported once into the cache; a paper-era one normalised with the store's
+/// statistics).
+#[test]
+fn python_checkpoints_import_and_work_where_an_sae_is_taken() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+    let tmp = std::env::temp_dir().join(format!("saev-cli-import-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    // A copy of the Python-written 2.1 store (d_model 8): normalisation statistics are cached
+    // beside it.
+    let store = tmp.join("store");
+    let src = std::fs::read_dir(root.join("store/py21"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    copy_dir(&src, &store);
+    let saev = |args: &[&std::ffi::OsStr]| {
+        Command::new(env!("CARGO_BIN_EXE_saev"))
+            .env("SAEV_CACHE", tmp.join("cache"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let topk = root.join("sae-headers/schema5-topk.pt");
+    let out = tmp.join("imported");
+    let run = saev(&[
+        "sae".as_ref(),
+        "import".as_ref(),
+        topk.as_os_str(),
+        "--out".as_ref(),
+        out.as_os_str(),
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let js: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("sae.json")).unwrap()).unwrap();
+    assert_eq!(js["activation"]["kind"], "top_k");
+    assert_eq!(js["activation"]["k"], 3);
+    assert_eq!(js["activation"]["relu"], false);
+    assert!(js["provenance"]["imported_from"]
+        .as_str()
+        .unwrap()
+        .ends_with("schema5-topk.pt"));
+    assert_eq!(js["provenance"]["format"], "schema5");
+    // Re-running reuses it; another checkpoint into the same directory is refused.
+    let again = saev(&[
+        "sae".as_ref(),
+        "import".as_ref(),
+        topk.as_os_str(),
+        "--out".as_ref(),
+        out.as_os_str(),
+    ]);
+    assert!(again.status.success());
+    let relu = root.join("sae-headers/schema5-relu.pt");
+    let clash = saev(&[
+        "sae".as_ref(),
+        "import".as_ref(),
+        relu.as_os_str(),
+        "--out".as_ref(),
+        out.as_os_str(),
+    ]);
+    assert!(!clash.status.success());
+    assert!(String::from_utf8_lossy(&clash.stderr).contains("already holds another SAE"));
+    // With the store's normalisation, and the BatchTopK threshold.
+    let bt = root.join("sae-headers/schema5-batchtopk.pt");
+    let out2 = tmp.join("imported-bt");
+    let run = saev(&[
+        "sae".as_ref(),
+        "import".as_ref(),
+        bt.as_os_str(),
+        "--out".as_ref(),
+        out2.as_os_str(),
+        "--norm-from-store".as_ref(),
+        store.as_os_str(),
+        "--layer".as_ref(),
+        "-1".as_ref(),
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let js: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out2.join("sae.json")).unwrap()).unwrap();
+    assert_eq!(js["activation"]["kind"], "batch_top_k");
+    assert!(js["activation"]["threshold"].as_f64().unwrap() > 0.5);
+    assert_eq!(js["norm"]["mean"].as_array().unwrap().len(), 8);
+    assert_eq!(js["provenance"]["layer"], -1);
+    // `features --sae X.pt`: a paper-era checkpoint, imported with the store's statistics.
+    let paper = root.join("sae-headers/paper.pt");
+    let run = saev(&[
+        "features".as_ref(),
+        "--sae".as_ref(),
+        paper.as_os_str(),
+        "--store".as_ref(),
+        store.as_os_str(),
+    ]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("paper-era checkpoint, normalised"),
+        "{stderr}"
+    );
+    let dir = String::from_utf8_lossy(&run.stdout).trim().to_string();
+    assert!(Path::new(&dir).join("features.json").exists(), "{dir}");
+    let js: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(Path::new(&dir).join("sae.json")).unwrap())
+            .unwrap();
+    assert!(js["norm"].is_object());
+    let _ = std::fs::remove_dir_all(&tmp);
+}

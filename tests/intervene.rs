@@ -256,21 +256,28 @@ fn register_model_runs_heads_and_change_rates_from_a_store() {
     }
     let reg_dir = fixtures().join("tiny-dinov2-reg");
     let vit = Backbone::from_dir(&reg_dir, &Device::Cpu).unwrap();
-    let vit = vit.clone().with_preprocess(vit.preprocess().clone().with_size(16));
+    let vit = vit
+        .clone()
+        .with_preprocess(vit.preprocess().clone().with_size(16));
     assert_eq!(vit.config().num_register_tokens, 3);
     let ds = Dataset::open(&root, None, false).unwrap();
     let cfg = WriterConfig::default().with_batch_size(5);
-    let store =
-        ActivationStore::open(saev::record_activations(&vit, &ds, &dir.join("acts"), &cfg).unwrap())
-            .unwrap();
+    let store = ActivationStore::open(
+        saev::record_activations(&vit, &ds, &dir.join("acts"), &cfg).unwrap(),
+    )
+    .unwrap();
     assert_eq!(store.n_registers(), 3);
     // Resume from the store's block -2 (tokens + registers) = the whole model on the image.
     let (t, d) = (store.tokens_per_example(), store.d_model());
     for e in [0usize, 7] {
-        let tokens = Tensor::from_slice(store.example(e).unwrap(), (1, t, d), &Device::Cpu).unwrap();
-        let regs =
-            Tensor::from_slice(store.registers(e, -2).unwrap().unwrap(), (1, 3, d), &Device::Cpu)
-                .unwrap();
+        let tokens =
+            Tensor::from_slice(store.example(e).unwrap(), (1, t, d), &Device::Cpu).unwrap();
+        let regs = Tensor::from_slice(
+            store.registers(e, -2).unwrap().unwrap(),
+            (1, 3, d),
+            &Device::Cpu,
+        )
+        .unwrap();
         let res = Residual::from_recorded(&vit, -2, &tokens, Some(&regs)).unwrap();
         let got = vit.forward_from(&res).unwrap();
         let px = vit.pixels(&[ds.get(e).unwrap().image]).unwrap();
@@ -288,8 +295,7 @@ fn register_model_runs_heads_and_change_rates_from_a_store() {
         assert!(diff <= 1e-5, "example {e}: {diff}");
     }
     // A head trains on it, and the causal test runs with an SAE on the same backbone.
-    let (h, acc) =
-        Head::train_classifier(&vit, &store, -2, &saev::HeadConfig::default()).unwrap();
+    let (h, acc) = Head::train_classifier(&vit, &store, -2, &saev::HeadConfig::default()).unwrap();
     assert!((0.0..=1.0).contains(&acc));
     let eye = Tensor::eye(d, DType::F32, &Device::Cpu).unwrap();
     let z = Tensor::zeros(d, DType::F32, &Device::Cpu).unwrap();

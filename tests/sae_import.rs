@@ -164,7 +164,10 @@ fn topk_keeps_k_latents() {
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// Codes and reconstructions of `x` by an imported SAE.
@@ -179,8 +182,9 @@ fn run_sae(sae: &saev::Sae, x: &saev::candle_core::Tensor) -> (Vec<f32>, Vec<f32
 #[test]
 fn python_saev_head_checkpoints_reproduce_its_forward() {
     let dir = fixtures().join("../sae-head-schema5");
-    let want = saev::candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)
-        .unwrap();
+    let want =
+        saev::candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)
+            .unwrap();
     let x = &want["x"];
     for name in ["relu", "topk", "batchtopk"] {
         let sae = saev::Sae::from_torch(dir.join(format!("{name}.pt")), None).unwrap();
@@ -214,8 +218,9 @@ fn python_saev_head_checkpoints_reproduce_its_forward() {
 #[test]
 fn every_python_header_generation_imports_as_its_own_code_computed() {
     let dir = fixtures().join("../sae-headers");
-    let head = saev::candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)
-        .unwrap();
+    let head =
+        saev::candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)
+            .unwrap();
     let era =
         saev::candle_core::safetensors::load(dir.join("era-reference.safetensors"), &Device::Cpu)
             .unwrap();
@@ -269,7 +274,10 @@ fn every_python_header_generation_imports_as_its_own_code_computed() {
     let e = saev::Sae::from_torch(dir.join("schema4-absbatchtopk.pt"), None)
         .unwrap_err()
         .to_string();
-    assert!(e.contains("AbsBatchTopK") && e.contains("schema4-absbatchtopk.pt"), "{e}");
+    assert!(
+        e.contains("AbsBatchTopK") && e.contains("schema4-absbatchtopk.pt"),
+        "{e}"
+    );
 }
 
 /// Headers that are not what any Python saev wrote are clear errors naming the field.

@@ -60,8 +60,11 @@ pub use quickstart::{quickstart, QuickstartConfig, QuickstartSummary};
 pub use sae::eval::{Evaluation, ALMOST_DEAD_FREQ, DENSE_FREQ};
 pub use sae::model::{Sae, SaeActivation, SaeConfig, SaeNorm, SAE_SCHEMA};
 pub use sae::paper_step::{LossTerms, PaperReluStep};
+pub use sae::py_import::{import_python_sae, resolve_sae};
 pub use sae::step::{Grads, Kernels, Recipe, Scratch, StepStats, TrainActivation, TrainState};
-pub use sae::torch_load::{read_torch_checkpoint, TorchCheckpoint};
+pub use sae::torch_load::{
+    read_torch_checkpoint, read_torch_state_dict, StateDict, TorchCheckpoint,
+};
 pub use sae::trainer::{train_saes, LrSchedule, Setting, TrainConfig, TrainRun};
 pub use store::{
     merge_parts, record_activations, ActivationStore, Batch, Examples, LoaderConfig, Metadata,

