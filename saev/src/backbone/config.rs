@@ -72,8 +72,11 @@ pub enum PosInterp {
     /// torch `interpolate(size=(h, w), mode="bicubic", align_corners=False)` — HF `Dinov2Model`,
     /// CLIP and SigLIP with `interpolate_pos_encoding=True`.
     Bicubic,
-    /// The same with `antialias=True` — HF `Dinov2WithRegistersModel`.
+    /// The same with `antialias=True` — HF `Dinov2WithRegistersModel`, timm, OpenCLIP.
     BicubicAntialias,
+    /// torch bicubic without antialias called with `scale_factor = (n + 0.1) / G` — the
+    /// original DINOv2 repository's models without registers (`interpolate_offset = 0.1`).
+    BicubicOffset,
 }
 
 /// Everything the ViT needs to know, across families.

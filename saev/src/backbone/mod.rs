@@ -22,6 +22,7 @@
 
 pub mod config;
 pub(crate) mod kernels;
+pub(crate) mod layouts;
 pub mod preprocess;
 pub mod resample;
 pub mod source;
@@ -52,6 +53,7 @@ struct Inner {
     vit: Vit,
     dir: PathBuf,
     name: String,
+    layout: &'static str,
 }
 
 /// The residual stream after a block, for editing and resuming (see [`Backbone::forward_to`]).
@@ -243,13 +245,16 @@ impl Backbone {
         Ok(b)
     }
 
-    /// Load from a directory with `config.json` and `model.safetensors`.
-    pub fn from_dir(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
-        let dir = dir.as_ref();
+    /// Load a model from `path`: a Hugging Face directory (`config.json` + `model.safetensors`,
+    /// a sharded `model.safetensors.index.json`, or `pytorch_model.bin`; its
+    /// `preprocessor_config.json` when present), a timm or OpenCLIP directory, or the original
+    /// DINOv2 repository's torch-hub `.pth` (a file, or a directory holding one). See
+    /// [`crate::backbone::layouts`].
+    pub fn from_dir(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        let dir = path.as_ref();
         crate::tune_allocator();
-        let mut cfg = VitConfig::from_file(dir.join("config.json"))?;
-        let weights = CheckedWeights::open(dir.join("model.safetensors"))?;
-        cfg.prefix = find_prefix(&cfg, &weights)?;
+        let opened = layouts::open(dir, device)?;
+        let (cfg, weights) = (opened.cfg, opened.weights);
         let mut vb = weights.var_builder(device);
         if !cfg.prefix.is_empty() {
             vb = vb.pp(cfg.prefix.trim_end_matches('.'));
@@ -258,19 +263,15 @@ impl Backbone {
             Ok(v) => v,
             Err(e) => return Err(weights.take_error().unwrap_or(e)),
         };
-        // The model's own processor config when it ships one, else the family's preset.
-        let pp = dir.join("preprocessor_config.json");
-        let preprocess = if pp.is_file() {
-            Preprocess::from_hf_config(&pp)?
-        } else {
-            Preprocess::for_family(cfg.family)
-        };
         Ok(Self {
-            preprocess,
+            preprocess: opened
+                .preprocess
+                .unwrap_or_else(|| Preprocess::for_family(cfg.family)),
             inner: Arc::new(Inner {
                 vit,
                 dir: dir.to_path_buf(),
                 name: dir.display().to_string(),
+                layout: opened.layout,
             }),
         })
     }
@@ -304,6 +305,12 @@ impl Backbone {
     /// The name it was opened by (a model id or the directory).
     pub fn name(&self) -> &str {
         &self.inner.name
+    }
+
+    /// The checkpoint layout it was read from: `"hf"`, `"dinov2-hub"`, `"timm"` or
+    /// `"open_clip"`.
+    pub fn layout(&self) -> &'static str {
+        self.inner.layout
     }
 
     /// The model directory.
@@ -468,7 +475,7 @@ impl Backbone {
 }
 
 /// The key prefix of the vision tower: the part before the family's anchor tensor.
-fn find_prefix(cfg: &VitConfig, weights: &CheckedWeights) -> Result<String> {
+pub(crate) fn find_prefix(cfg: &VitConfig, weights: &CheckedWeights) -> Result<String> {
     let anchor = match cfg.family {
         Family::Dinov2 => "embeddings.patch_embeddings.projection.weight",
         Family::Clip | Family::Siglip => "embeddings.patch_embedding.weight",

@@ -154,17 +154,18 @@ impl Preprocess {
             .trim_end_matches("Fast")
             .replace("FeatureExtractor", "ImageProcessor");
         // A bare number: CLIP and BiT read it as the shortest edge, SigLIP and ViT as a square.
-        let square_default =
-            match class.as_str() {
-                "CLIPImageProcessor" | "BitImageProcessor" => false,
-                "SiglipImageProcessor" | "ViTImageProcessor" => true,
-                other => return Err(err(
+        let square_default = match class.as_str() {
+            "CLIPImageProcessor" | "BitImageProcessor" => false,
+            "SiglipImageProcessor" | "ViTImageProcessor" => true,
+            other => {
+                return Err(err(
                     "image_processor_type",
                     format!(
                         "{other:?} is not supported (CLIP, BiT, SigLIP or ViT image processors)"
                     ),
-                )),
-            };
+                ))
+            }
+        };
         let flag = |name: &str, default: bool| -> Result<bool> {
             match v.get(name) {
                 None | Some(Value::Null) => Ok(default),

@@ -48,7 +48,17 @@ fn triangle(x: f64) -> f64 {
 
 /// Per output index: first input index and the weights (normalised to sum 1).
 fn coeffs(in_size: usize, out_size: usize, kernel: Kernel) -> Vec<(usize, Vec<f64>)> {
-    let scale = in_size as f64 / out_size as f64;
+    coeffs_scaled(in_size, out_size, kernel, in_size as f64 / out_size as f64)
+}
+
+/// [`coeffs`] with the source step `scale` (input pixels per output pixel) given, as torch
+/// uses it when `interpolate` is called with a `scale_factor` (`scale` = 1 / scale_factor).
+fn coeffs_scaled(
+    in_size: usize,
+    out_size: usize,
+    kernel: Kernel,
+    scale: f64,
+) -> Vec<(usize, Vec<f64>)> {
     match kernel {
         Kernel::TorchBicubic => (0..out_size)
             .map(|i| {
@@ -104,6 +114,22 @@ fn coeffs(in_size: usize, out_size: usize, kernel: Kernel) -> Vec<(usize, Vec<f6
 pub fn interp_matrix(in_size: usize, out_size: usize, kernel: Kernel) -> Vec<f32> {
     let mut m = vec![0f32; out_size * in_size];
     for (i, (first, w)) in coeffs(in_size, out_size, kernel).into_iter().enumerate() {
+        for (j, wj) in w.into_iter().enumerate() {
+            m[i * in_size + first + j] = wj as f32;
+        }
+    }
+    m
+}
+
+/// [`interp_matrix`] for torch's non-antialiased bicubic called with a `scale_factor`: the
+/// source coordinate is `(i + 0.5) · in_per_out − 0.5` (the original DINOv2 resizes its position
+/// embeddings with `scale_factor = (n + 0.1) / G`, so `in_per_out = G / (n + 0.1)`).
+pub fn interp_matrix_scaled(in_size: usize, out_size: usize, in_per_out: f64) -> Vec<f32> {
+    let mut m = vec![0f32; out_size * in_size];
+    for (i, (first, w)) in coeffs_scaled(in_size, out_size, Kernel::TorchBicubic, in_per_out)
+        .into_iter()
+        .enumerate()
+    {
         for (j, wj) in w.into_iter().enumerate() {
             m[i * in_size + first + j] = wj as f32;
         }

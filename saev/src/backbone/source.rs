@@ -1,5 +1,5 @@
-//! Where a model's files come from: a local directory in the HF layout (`config.json` +
-//! `model.safetensors`), or a model id (`facebook/dinov2-small`) resolved in the local Hugging
+//! Where a model's files come from: a local directory (HF: `config.json` + weights; timm;
+//! OpenCLIP), a torch-hub `.pth`, or a model id (`facebook/dinov2-small`) resolved in the local Hugging
 //! Face cache (`$HF_HUB_CACHE`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub`), or — with
 //! the `hub` cargo feature — downloaded from the hub.
 //!
@@ -30,6 +30,9 @@ pub fn resolve_model(model: &str) -> Result<PathBuf> {
     let as_path = Path::new(model);
     if as_path.is_dir() {
         return check_dir(model, as_path);
+    }
+    if as_path.is_file() && super::layouts::is_model(as_path) {
+        return Ok(as_path.to_path_buf());
     }
     let (id, revision) = match model.split_once('@') {
         Some((id, rev)) => (id, rev),
@@ -86,24 +89,24 @@ fn from_cache(cache: &Path, id: &str, revision: &str) -> Option<PathBuf> {
 }
 
 fn check_dir(model: &str, dir: &Path) -> Result<PathBuf> {
-    for file in ["config.json", "model.safetensors"] {
-        if !dir.join(file).exists() {
-            let hint = if file == "model.safetensors" && dir.join("pytorch_model.bin").exists() {
-                " (only pytorch_model.bin is present: saev reads safetensors, convert it first)"
-            } else if file == "model.safetensors"
-                && dir.join("model.safetensors.index.json").exists()
-            {
-                " (sharded checkpoints are not supported yet)"
-            } else {
-                ""
-            };
-            return Err(Error::ModelNotFound {
-                id: model.into(),
-                msg: format!("{} has no {file}{hint}", dir.display()),
-            });
-        }
+    if super::layouts::is_model(dir) {
+        return Ok(dir.to_path_buf());
     }
-    Ok(dir.to_path_buf())
+    let msg = if !dir.join("config.json").exists() {
+        format!(
+            "{} has no config.json (nor open_clip_config.json, nor a DINOv2 .pth)",
+            dir.display()
+        )
+    } else {
+        format!(
+            "{} has no model.safetensors (nor model.safetensors.index.json, pytorch_model.bin)",
+            dir.display()
+        )
+    };
+    Err(Error::ModelNotFound {
+        id: model.into(),
+        msg,
+    })
 }
 
 #[cfg(feature = "hub")]

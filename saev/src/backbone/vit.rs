@@ -24,7 +24,7 @@ use candle_nn::{LayerNorm, LayerNormConfig, VarBuilder};
 
 use super::config::{Activation, Family, PosInterp, VitConfig};
 use super::kernels::{bias_act, softmax_last_dim};
-use super::resample::{interp_matrix, Kernel};
+use super::resample::{interp_matrix, interp_matrix_scaled, Kernel};
 use crate::error::{CandleContext, Error, Result};
 
 /// `y = x Wᵀ + b` over the last axis of a tensor of any rank.
@@ -361,13 +361,14 @@ impl Embeddings {
         if (gh, gw) == (g, g) {
             return self.pos_grid.reshape((g * g, d));
         }
-        let kernel = match how {
-            PosInterp::Bicubic => Kernel::TorchBicubic,
-            PosInterp::BicubicAntialias => Kernel::AntialiasBicubic,
+        let matrix = |n: usize| match how {
+            PosInterp::Bicubic => interp_matrix(g, n, Kernel::TorchBicubic),
+            PosInterp::BicubicAntialias => interp_matrix(g, n, Kernel::AntialiasBicubic),
+            PosInterp::BicubicOffset => interp_matrix_scaled(g, n, g as f64 / (n as f64 + 0.1)),
         };
         let dev = self.pos_grid.device();
-        let m_h = Tensor::from_vec(interp_matrix(g, gh, kernel), (gh, g), dev)?;
-        let m_w = Tensor::from_vec(interp_matrix(g, gw, kernel), (gw, g), dev)?;
+        let m_h = Tensor::from_vec(matrix(gh), (gh, g), dev)?;
+        let m_w = Tensor::from_vec(matrix(gw), (gw, g), dev)?;
         // Rows: [gh, g] · [g, g·D] → [gh, g, D]; then columns the same way on the transpose.
         let rows = m_h
             .matmul(&self.pos_grid.reshape((g, g * d))?)?

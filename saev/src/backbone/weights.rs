@@ -1,7 +1,9 @@
-//! A checked safetensors source for candle's `VarBuilder`.
+//! A checked weights source for candle's `VarBuilder`: one safetensors file, a sharded
+//! checkpoint (`model.safetensors.index.json`), or tensors already in memory (a torch pickle read
+//! without executing code, or another layout renamed to the HF keys).
 //!
 //! candle's own mmaped backend reports a missing key or a wrong shape as a string. This backend
-//! validates the file when it is opened (a truncated or foreign file is an
+//! validates the files when they are opened (a truncated or foreign file is an
 //! [`Error::Safetensors`] naming it) and records the first missing tensor or wrong shape as a
 //! typed [`Error`] with the file and the key, which the loader returns instead of candle's text.
 //!
@@ -12,6 +14,7 @@
 //! # Ok::<(), saev::Error>(())
 //! ```
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -30,36 +33,111 @@ pub struct CheckedWeights {
 
 struct Inner {
     path: PathBuf,
-    st: MmapedSafetensors,
+    src: Src,
     first_error: Mutex<Option<Error>>,
+}
+
+enum Src {
+    Mmap(MmapedSafetensors),
+    Memory(HashMap<String, Tensor>),
+}
+
+/// Validate a safetensors file's header and that every tensor lies inside it.
+fn validate(path: &Path) -> Result<()> {
+    let file = std::fs::File::open(path).with_path(path)?;
+    // SAFETY: the file is opened read-only; like every mmap user we rely on nobody truncating
+    // it while it is mapped.
+    let mmap = unsafe { memmap2::Mmap::map(&file) }.with_path(path)?;
+    safetensors::SafeTensors::deserialize(&mmap).map_err(|e| Error::Safetensors {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    })?;
+    Ok(())
 }
 
 impl CheckedWeights {
     /// Memory-map and validate `path`.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let file = std::fs::File::open(&path).with_path(&path)?;
-        // SAFETY: the file is opened read-only; like every mmap user we rely on nobody truncating
-        // it while it is mapped.
-        let mmap = unsafe { memmap2::Mmap::map(&file) }.with_path(&path)?;
-        // Validate the header and that every tensor's bytes are inside the file.
-        safetensors::SafeTensors::deserialize(&mmap).map_err(|e| Error::Safetensors {
-            path: path.clone(),
-            msg: e.to_string(),
-        })?;
-        drop(mmap);
-        // SAFETY: as above.
+        validate(&path)?;
+        // SAFETY: as in `validate`.
         let st = unsafe { MmapedSafetensors::new(&path) }.map_err(|e| Error::Safetensors {
             path: path.clone(),
             msg: e.to_string(),
         })?;
-        Ok(Self {
+        Ok(Self::with_src(path, Src::Mmap(st)))
+    }
+
+    /// A sharded checkpoint: `index` is `model.safetensors.index.json`
+    /// (`{"weight_map": {key: shard file}}`); every shard it names is validated and mapped.
+    pub fn open_sharded(index: impl AsRef<Path>) -> Result<Self> {
+        let index = index.as_ref().to_path_buf();
+        let v: serde_json::Value = crate::error::read_json(&index)?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| Error::Config {
+                path: index.clone(),
+                field: "weight_map".into(),
+                msg: "missing or not an object".into(),
+            })?;
+        let dir = index.parent().unwrap_or(Path::new("."));
+        let mut files: Vec<PathBuf> = Vec::new();
+        for (key, f) in map {
+            let name = f
+                .as_str()
+                .filter(|n| !n.contains('/') && !n.contains(".."))
+                .ok_or_else(|| Error::Config {
+                    path: index.clone(),
+                    field: format!("weight_map.{key}"),
+                    msg: format!("{f} is not a file name beside the index"),
+                })?;
+            let p = dir.join(name);
+            if !files.contains(&p) {
+                files.push(p);
+            }
+        }
+        if files.is_empty() {
+            return Err(Error::Config {
+                path: index,
+                field: "weight_map".into(),
+                msg: "empty".into(),
+            });
+        }
+        for f in &files {
+            validate(f)?;
+        }
+        // SAFETY: as in `validate`.
+        let st = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| Error::Safetensors {
+            path: index.clone(),
+            msg: e.to_string(),
+        })?;
+        // Every key of the index must be in its shard.
+        for key in map.keys() {
+            if st.get(key).is_err() {
+                return Err(Error::MissingTensor {
+                    path: index.clone(),
+                    key: key.clone(),
+                });
+            }
+        }
+        Ok(Self::with_src(index, Src::Mmap(st)))
+    }
+
+    /// Tensors already in memory (keys as the model expects them); `path` names their source in
+    /// errors.
+    pub fn from_tensors(path: impl AsRef<Path>, tensors: HashMap<String, Tensor>) -> Self {
+        Self::with_src(path.as_ref().to_path_buf(), Src::Memory(tensors))
+    }
+
+    fn with_src(path: PathBuf, src: Src) -> Self {
+        Self {
             inner: Arc::new(Inner {
                 path,
-                st,
+                src,
                 first_error: Mutex::new(None),
             }),
-        })
+        }
     }
 
     /// The file.
@@ -69,12 +147,10 @@ impl CheckedWeights {
 
     /// Names of all tensors in the file.
     pub fn keys(&self) -> Vec<String> {
-        self.inner
-            .st
-            .tensors()
-            .into_iter()
-            .map(|(k, _)| k)
-            .collect()
+        match &self.inner.src {
+            Src::Mmap(st) => st.tensors().into_iter().map(|(k, _)| k).collect(),
+            Src::Memory(m) => m.keys().cloned().collect(),
+        }
     }
 
     /// A `VarBuilder` over this file producing f32 tensors on `device`.
@@ -121,16 +197,22 @@ impl SimpleBackend for CheckedWeights {
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        if self.inner.st.get(name).is_err() {
+        if !self.contains_tensor(name) {
             return Err(self.record(Error::MissingTensor {
                 path: self.inner.path.clone(),
                 key: name.to_string(),
             }));
         }
-        self.inner.st.load(name, dev)?.to_dtype(dtype)
+        match &self.inner.src {
+            Src::Mmap(st) => st.load(name, dev)?.to_dtype(dtype),
+            Src::Memory(m) => m[name].to_device(dev)?.to_dtype(dtype),
+        }
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.inner.st.get(name).is_ok()
+        match &self.inner.src {
+            Src::Mmap(st) => st.get(name).is_ok(),
+            Src::Memory(m) => m.contains_key(name),
+        }
     }
 }
