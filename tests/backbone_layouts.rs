@@ -130,3 +130,33 @@ fn sharded_and_pytorch_bin_hf_checkpoints_load_like_safetensors() {
     assert!(e.contains("model-00002-of-00002.safetensors"), "{e}");
     std::fs::remove_dir_all(&tmp).ok();
 }
+
+/// DINOv3 (HF `DINOv3ViTModel`: rotary embeddings on the patch tokens, four register tokens,
+/// key without bias, plain GELU or gated SiLU MLP) against transformers, at the native size and
+/// on a non-square grid (RoPE needs no resizing).
+#[test]
+fn dinov3_matches_transformers() {
+    for dir in ["dinov3", "dinov3-gated"] {
+        let vit = Backbone::open(fixtures().join(dir).to_str().unwrap()).unwrap();
+        assert_eq!(vit.family(), Family::Dinov3);
+        assert_eq!(vit.config().num_register_tokens, 4);
+        check(&vit, &fixtures().join(dir), &["native", "resized"], dir);
+        // Resuming from a recorded block (tokens + registers) gives the whole model's output.
+        let io = load(&fixtures().join(dir).join("io.safetensors"));
+        let px = &io["native.pixel_values"];
+        let vit = vit
+            .clone()
+            .with_preprocess(vit.preprocess().clone().with_size(64));
+        let (acts, regs) = vit.record_with_registers(px, &[0]).unwrap();
+        let res = saev::Residual::from_recorded(
+            &vit,
+            0,
+            &acts.squeeze(1).unwrap(),
+            Some(&regs.unwrap().squeeze(1).unwrap()),
+        )
+        .unwrap();
+        let a = vit.forward_from(&res).unwrap().pooled.unwrap();
+        let b = vit.forward(px).unwrap().pooled.unwrap();
+        assert!(max_abs_diff(&a, &b) <= 1e-5, "{dir}");
+    }
+}

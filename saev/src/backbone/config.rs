@@ -29,6 +29,9 @@ pub enum Family {
     Clip,
     /// The SigLIP vision tower (HF `SiglipVisionModel`).
     Siglip,
+    /// DINOv3 (HF `DINOv3ViTModel`): rotary position embeddings on the patch tokens, register
+    /// ("storage") tokens, LayerScale, plain or gated MLP.
+    Dinov3,
 }
 
 impl Family {
@@ -38,6 +41,7 @@ impl Family {
             Family::Dinov2 => "dinov2",
             Family::Clip => "clip",
             Family::Siglip => "siglip",
+            Family::Dinov3 => "dinov3",
         }
     }
 }
@@ -52,6 +56,8 @@ pub enum Activation {
     GeluTanh,
     /// `x · sigmoid(1.702 x)` (`"quick_gelu"`, OpenAI CLIP).
     QuickGelu,
+    /// `x · sigmoid(x)` (`"silu"`; DINOv3's gated MLP).
+    Silu,
 }
 
 impl Activation {
@@ -60,6 +66,7 @@ impl Activation {
             "gelu" | "gelu_python" => Some(Activation::Gelu),
             "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" => Some(Activation::GeluTanh),
             "quick_gelu" => Some(Activation::QuickGelu),
+            "silu" | "swish" => Some(Activation::Silu),
             _ => None,
         }
     }
@@ -116,6 +123,16 @@ pub struct VitConfig {
     pub use_head: bool,
     /// How position embeddings are resized.
     pub pos_interp: PosInterp,
+    /// Rotary position embeddings on the patch tokens' queries and keys with this base period
+    /// (DINOv3's `rope_theta`); None = absolute position embeddings.
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    /// Gated MLP `down(act(gate x) ⊙ up x)` (DINOv3 `use_gated_mlp`).
+    #[serde(default)]
+    pub gated_mlp: bool,
+    /// Whether the key projection has a bias (false for DINOv3).
+    #[serde(default = "yes")]
+    pub key_bias: bool,
     /// Key prefix of the vision tower in the checkpoint (`""`, `"vision_model."`, …); found from
     /// the checkpoint when loading.
     #[serde(default)]
@@ -139,6 +156,7 @@ impl VitConfig {
             .ok_or_else(|| config_err(&p, "model_type", "missing (is this a HF config.json?)"))?;
         match model_type {
             "dinov2" | "dinov2_with_registers" => dinov2(json, &p, model_type),
+            "dinov3_vit" => dinov3(json, &p),
             "clip_vision_model" => clip(json, &p),
             "clip" => clip(sub_config(json, &p)?, &p),
             "siglip_vision_model" => siglip(json, &p),
@@ -148,7 +166,7 @@ impl VitConfig {
                 "model_type",
                 format!(
                     "unknown architecture `{other}`; saev loads dinov2, dinov2_with_registers, \
-                     clip, clip_vision_model, siglip, siglip_vision_model"
+                     dinov3_vit, clip, clip_vision_model, siglip, siglip_vision_model"
                 ),
             )),
         }
@@ -189,6 +207,9 @@ impl VitConfig {
             pre_layernorm: false,
             use_head: false,
             pos_interp: PosInterp::Bicubic,
+            rope_theta: None,
+            gated_mlp: false,
+            key_bias: true,
             prefix: String::new(),
         };
         match family {
@@ -205,9 +226,19 @@ impl VitConfig {
                 cfg.hidden_act = Activation::GeluTanh;
                 cfg.use_head = true;
             }
+            Family::Dinov3 => {
+                cfg.num_register_tokens = 4;
+                cfg.rope_theta = Some(100.0);
+                cfg.key_bias = false;
+                cfg.layer_norm_eps = 1e-5;
+            }
         }
         cfg
     }
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn config_err(path: &Path, field: &str, msg: impl Into<String>) -> Error {
@@ -333,6 +364,9 @@ fn dinov2(json: &Value, path: &Path, model_type: &str) -> Result<VitConfig> {
         } else {
             PosInterp::Bicubic
         },
+        rope_theta: None,
+        gated_mlp: false,
+        key_bias: true,
         prefix: String::new(),
     };
     check_heads(cfg, path)
@@ -357,6 +391,9 @@ fn clip(json: &Value, path: &Path) -> Result<VitConfig> {
         pre_layernorm: true,
         use_head: false,
         pos_interp: PosInterp::Bicubic,
+        rope_theta: None,
+        gated_mlp: false,
+        key_bias: true,
         prefix: String::new(),
     };
     check_heads(cfg, path)
@@ -381,8 +418,78 @@ fn siglip(json: &Value, path: &Path) -> Result<VitConfig> {
         pre_layernorm: false,
         use_head: get_bool(json, path, "vision_use_head", true)?,
         pos_interp: PosInterp::Bicubic,
+        rope_theta: None,
+        gated_mlp: false,
+        key_bias: true,
         prefix: String::new(),
     };
+    check_heads(cfg, path)
+}
+
+/// HF `DINOv3ViTConfig` (`model_type: dinov3_vit`).
+fn dinov3(json: &Value, path: &Path) -> Result<VitConfig> {
+    for (field, want) in [
+        ("query_bias", true),
+        ("value_bias", true),
+        ("proj_bias", true),
+        ("mlp_bias", true),
+    ] {
+        if get_bool(json, path, field, want)? != want {
+            return Err(config_err(
+                path,
+                field,
+                format!(
+                    "{} is not supported (released DINOv3 models have {want})",
+                    !want
+                ),
+            ));
+        }
+    }
+    let gated = get_bool(json, path, "use_gated_mlp", false)?;
+    let theta = get_f64(json, path, "rope_theta", 100.0)?;
+    if !(theta.is_finite() && theta > 0.0) {
+        return Err(config_err(
+            path,
+            "rope_theta",
+            format!("{theta} is not a positive number"),
+        ));
+    }
+    let cfg = VitConfig {
+        family: Family::Dinov3,
+        hidden_size: get_usize(json, path, "hidden_size", Some(384))?,
+        num_hidden_layers: get_usize(json, path, "num_hidden_layers", Some(12))?,
+        num_attention_heads: get_usize(json, path, "num_attention_heads", Some(6))?,
+        intermediate_size: get_usize(json, path, "intermediate_size", Some(1536))?,
+        patch_size: get_usize(json, path, "patch_size", Some(16))?,
+        image_size: get_usize(json, path, "image_size", Some(224))?,
+        num_channels: get_usize(json, path, "num_channels", Some(3))?,
+        layer_norm_eps: get_f64(json, path, "layer_norm_eps", 1e-5)?,
+        hidden_act: get_act(json, path, if gated { "silu" } else { "gelu" })?,
+        qkv_bias: true,
+        num_register_tokens: match json.get("num_register_tokens") {
+            Some(v) if v.as_u64() == Some(0) => 0,
+            _ => get_usize(json, path, "num_register_tokens", Some(4))?,
+        },
+        cls_token: true,
+        layerscale: true,
+        pre_layernorm: false,
+        use_head: false,
+        pos_interp: PosInterp::Bicubic,
+        rope_theta: Some(theta),
+        gated_mlp: gated,
+        key_bias: get_bool(json, path, "key_bias", false)?,
+        prefix: String::new(),
+    };
+    if cfg.head_dim() % 4 != 0 {
+        return Err(config_err(
+            path,
+            "num_attention_heads",
+            format!(
+                "head width {} is not a multiple of 4 (RoPE needs it)",
+                cfg.head_dim()
+            ),
+        ));
+    }
     check_heads(cfg, path)
 }
 

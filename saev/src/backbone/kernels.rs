@@ -76,6 +76,7 @@ fn act<const F: bool>(x: f32, a: Activation) -> f32 {
             x / (1.0 + exp_fast::<F>(-2.0 * u))
         }
         Activation::QuickGelu => x / (1.0 + exp_fast::<F>(-1.702 * x)),
+        Activation::Silu => x / (1.0 + exp_fast::<F>(-x)),
     }
 }
 
@@ -194,6 +195,7 @@ pub(crate) fn bias_act(x: &Tensor, bias: &Tensor, a: Activation) -> candle_core:
         Activation::Gelu => y.gelu_erf(),
         Activation::GeluTanh => y.gelu(),
         Activation::QuickGelu => y.mul(&candle_nn::ops::sigmoid(&(&y * 1.702)?)?),
+        Activation::Silu => y.silu(),
     }
 }
 

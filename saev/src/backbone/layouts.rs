@@ -486,6 +486,9 @@ fn dinov2_hub(
         pre_layernorm: false,
         use_head: false,
         pos_interp,
+        rope_theta: None,
+        gated_mlp: false,
+        key_bias: true,
         prefix: String::new(),
     };
     Ok(Opened {
@@ -666,6 +669,9 @@ fn timm(dir: &Path, v: &Value, device: &Device) -> Result<Opened> {
         use_head: false,
         // timm's resample_abs_pos_embed: bicubic with antialias.
         pos_interp: PosInterp::BicubicAntialias,
+        rope_theta: None,
+        gated_mlp: false,
+        key_bias: true,
         prefix: String::new(),
     };
     let preprocess = timm_preprocess(v.get("pretrained_cfg"), &config, g * p)?;
@@ -903,6 +909,9 @@ fn open_clip(dir: &Path, device: &Device) -> Result<Opened> {
         use_head: false,
         // open_clip's resize_pos_embed: bicubic with antialias.
         pos_interp: PosInterp::BicubicAntialias,
+        rope_theta: None,
+        gated_mlp: false,
+        key_bias: true,
         prefix: String::new(),
     };
     let pc = v.get("preprocess_cfg").cloned().unwrap_or(Value::Null);

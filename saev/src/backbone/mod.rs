@@ -61,6 +61,8 @@ struct Inner {
 pub struct Residual {
     layer: usize,
     full_btd: Tensor,
+    /// Patch grid `(rows, cols)` (rotary embeddings need it).
+    grid: (usize, usize),
     n_registers: usize,
     has_cls: bool,
 }
@@ -128,6 +130,7 @@ impl Residual {
         Ok(Self {
             layer: l,
             full_btd,
+            grid: vit.patch_grid(),
             n_registers: n_reg,
             has_cls: vit.has_cls(),
         })
@@ -378,6 +381,15 @@ impl Backbone {
         Ok(idx as usize)
     }
 
+    /// The patch grid `(rows, cols)` of a pixel batch `[B, C, H, W]`.
+    fn grid_of(&self, pixels_bchw: &Tensor) -> Result<(usize, usize)> {
+        let (_, _, h, w) = pixels_bchw
+            .dims4()
+            .context("pixel batch must be [B, C, H, W]")?;
+        let p = self.patch_size();
+        Ok((h / p, w / p))
+    }
+
     /// Preprocess images into a pixel batch on the model's device (`[B, 3, H, W]`).
     pub fn pixels(&self, images: &[DynamicImage]) -> Result<Tensor> {
         self.preprocess.batch(images, self.device())
@@ -412,10 +424,11 @@ impl Backbone {
         let vit = &self.inner.vit;
         let n_reg = self.config().num_register_tokens;
         let start = usize::from(self.has_cls());
+        let grid = self.grid_of(pixels_bchw)?;
         let mut x = vit.embed(pixels_bchw)?;
         let mut outs: Vec<Option<(Tensor, Tensor)>> = vec![None; idx.len()];
         for block in 0..=deepest {
-            x = vit.run_blocks(&x, block..block + 1)?;
+            x = vit.run_blocks_on_grid(&x, block..block + 1, grid)?;
             for (slot, &want) in outs.iter_mut().zip(&idx) {
                 if want == block {
                     let tokens = drop_registers(&x, n_reg, self.has_cls())?;
@@ -438,9 +451,10 @@ impl Backbone {
     /// what HF returns with `output_hidden_states=True`.
     pub fn hidden_states(&self, pixels_bchw: &Tensor) -> Result<Vec<Tensor>> {
         let vit = &self.inner.vit;
+        let grid = self.grid_of(pixels_bchw)?;
         let mut states = vec![vit.embed(pixels_bchw)?];
         for block in 0..self.n_layers() {
-            let next = vit.run_blocks(&states[block], block..block + 1)?;
+            let next = vit.run_blocks_on_grid(&states[block], block..block + 1, grid)?;
             states.push(next);
         }
         Ok(states)
@@ -450,8 +464,10 @@ impl Backbone {
     pub fn forward_to(&self, pixels_bchw: &Tensor, layer: i64) -> Result<Residual> {
         let l = self.layer_index(layer)?;
         let vit = &self.inner.vit;
-        let x = vit.run_blocks(&vit.embed(pixels_bchw)?, 0..l + 1)?;
+        let grid = self.grid_of(pixels_bchw)?;
+        let x = vit.run_blocks_on_grid(&vit.embed(pixels_bchw)?, 0..l + 1, grid)?;
         Ok(Residual {
+            grid,
             layer: l,
             full_btd: x,
             n_registers: self.config().num_register_tokens,
@@ -462,14 +478,19 @@ impl Backbone {
     /// Resume from a (possibly edited) residual: the remaining blocks, the final norm, pooling.
     pub fn forward_from(&self, residual: &Residual) -> Result<VitOutput> {
         let vit = &self.inner.vit;
-        let x = vit.run_blocks(&residual.full_btd, residual.layer + 1..self.n_layers())?;
+        let x = vit.run_blocks_on_grid(
+            &residual.full_btd,
+            residual.layer + 1..self.n_layers(),
+            residual.grid,
+        )?;
         vit.finish(&x)
     }
 
     /// The whole network on a pixel batch.
     pub fn forward(&self, pixels_bchw: &Tensor) -> Result<VitOutput> {
         let vit = &self.inner.vit;
-        let x = vit.run_blocks(&vit.embed(pixels_bchw)?, 0..self.n_layers())?;
+        let grid = self.grid_of(pixels_bchw)?;
+        let x = vit.run_blocks_on_grid(&vit.embed(pixels_bchw)?, 0..self.n_layers(), grid)?;
         vit.finish(&x)
     }
 }
@@ -478,6 +499,7 @@ impl Backbone {
 pub(crate) fn find_prefix(cfg: &VitConfig, weights: &CheckedWeights) -> Result<String> {
     let anchor = match cfg.family {
         Family::Dinov2 => "embeddings.patch_embeddings.projection.weight",
+        Family::Dinov3 => "embeddings.patch_embeddings.weight",
         Family::Clip | Family::Siglip => "embeddings.patch_embedding.weight",
     };
     let mut found: Vec<String> = weights

@@ -119,7 +119,7 @@ impl Preprocess {
     /// The preset of a family.
     pub fn for_family(family: Family) -> Self {
         match family {
-            Family::Dinov2 => Self::dinov2(),
+            Family::Dinov2 | Family::Dinov3 => Self::dinov2(),
             Family::Clip => Self::clip(),
             Family::Siglip => Self::siglip(),
         }
@@ -156,7 +156,7 @@ impl Preprocess {
         // A bare number: CLIP and BiT read it as the shortest edge, SigLIP and ViT as a square.
         let square_default = match class.as_str() {
             "CLIPImageProcessor" | "BitImageProcessor" => false,
-            "SiglipImageProcessor" | "ViTImageProcessor" => true,
+            "SiglipImageProcessor" | "ViTImageProcessor" | "DINOv3ViTImageProcessor" => true,
             other => {
                 return Err(err(
                     "image_processor_type",
@@ -216,7 +216,7 @@ impl Preprocess {
             v.get("size").ok_or_else(|| err("size", "missing".into()))?,
             square_default,
         )?;
-        let crop_default = class != "SiglipImageProcessor" && class != "ViTImageProcessor";
+        let crop_default = !square_default;
         let crop = if flag("do_center_crop", crop_default)? {
             match hw(
                 "crop_size",
@@ -237,7 +237,7 @@ impl Preprocess {
             Some(3) => Filter::Bicubic,
             // The classes' defaults: bicubic, but bilinear for ViTImageProcessor.
             None if v.get("resample").is_none() => {
-                if class == "ViTImageProcessor" {
+                if class == "ViTImageProcessor" || class == "DINOv3ViTImageProcessor" {
                     Filter::Bilinear
                 } else {
                     Filter::Bicubic

@@ -100,6 +100,7 @@ fn activate(x: &Tensor, act: Activation) -> candle_core::Result<Tensor> {
         Activation::Gelu => x.gelu_erf(),
         Activation::GeluTanh => x.gelu(),
         Activation::QuickGelu => x.mul(&candle_nn::ops::sigmoid(&(x * 1.702)?)?),
+        Activation::Silu => x.silu(),
     }
 }
 
@@ -108,6 +109,88 @@ fn activate(x: &Tensor, act: Activation) -> candle_core::Result<Tensor> {
 /// # Shapes
 /// `q`: `[B, Tq, D]`, `k`, `v`: `[B, Tk, D]` → `[B, Tq, D]`.
 fn attention(q: &Tensor, k: &Tensor, v: &Tensor, n_heads: usize) -> candle_core::Result<Tensor> {
+    attention_rope(q, k, v, n_heads, None)
+}
+
+/// Rotary position embeddings for the patch tokens (DINOv3): `cos`, `sin` `[P, hd]` and the
+/// number of leading tokens (CLS, registers) left unrotated.
+#[derive(Debug, Clone)]
+pub(crate) struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+    n_prefix: usize,
+}
+
+impl Rope {
+    /// DINOv3's RoPE on a `gh × gw` patch grid: periods `θ^(4i/hd)` (`i < hd/4`), patch centres
+    /// normalised per axis to `2(i + 0.5)/n − 1`, angles `2π·[y/periods, x/periods]` tiled
+    /// twice over the head width (rotation of halves, NeoX style).
+    pub(crate) fn new(
+        theta: f64,
+        head_dim: usize,
+        (gh, gw): (usize, usize),
+        n_prefix: usize,
+        dev: &Device,
+    ) -> candle_core::Result<Self> {
+        let q = head_dim / 4;
+        let periods: Vec<f32> = (0..q)
+            .map(|i| theta.powf(4.0 * i as f64 / head_dim as f64) as f32)
+            .collect();
+        let mut cos = Vec::with_capacity(gh * gw * head_dim);
+        let mut sin = Vec::with_capacity(gh * gw * head_dim);
+        let two_pi = 2.0 * std::f32::consts::PI;
+        for r in 0..gh {
+            let y = 2.0 * (r as f32 + 0.5) / gh as f32 - 1.0;
+            for c in 0..gw {
+                let x = 2.0 * (c as f32 + 0.5) / gw as f32 - 1.0;
+                let half: Vec<f32> = periods
+                    .iter()
+                    .map(|p| two_pi * y / p)
+                    .chain(periods.iter().map(|p| two_pi * x / p))
+                    .collect();
+                for _ in 0..2 {
+                    cos.extend(half.iter().map(|a| a.cos()));
+                    sin.extend(half.iter().map(|a| a.sin()));
+                }
+            }
+        }
+        Ok(Self {
+            cos: Tensor::from_vec(cos, (gh * gw, head_dim), dev)?,
+            sin: Tensor::from_vec(sin, (gh * gw, head_dim), dev)?,
+            n_prefix,
+        })
+    }
+
+    /// Rotate the patch tokens of `x_bhtd` (`[B, H, T, hd]`).
+    fn apply(&self, x_bhtd: &Tensor) -> candle_core::Result<Tensor> {
+        let (_, _, t, hd) = x_bhtd.dims4()?;
+        let p = t - self.n_prefix;
+        if p != self.cos.dim(0)? {
+            candle_core::bail!(
+                "RoPE for {} patches applied to {p} patch tokens",
+                self.cos.dim(0)?
+            );
+        }
+        let prefix = x_bhtd.narrow(2, 0, self.n_prefix)?;
+        let xp = x_bhtd.narrow(2, self.n_prefix, p)?;
+        let half = hd / 2;
+        let rot = Tensor::cat(
+            &[xp.narrow(3, half, half)?.neg()?, xp.narrow(3, 0, half)?],
+            3,
+        )?;
+        let xp = (xp.broadcast_mul(&self.cos)? + rot.broadcast_mul(&self.sin)?)?;
+        Tensor::cat(&[prefix, xp], 2)?.contiguous()
+    }
+}
+
+/// [`attention`] with rotary embeddings on the queries and keys (DINOv3).
+fn attention_rope(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    n_heads: usize,
+    rope: Option<&Rope>,
+) -> candle_core::Result<Tensor> {
     let (b, tq, d) = q.dims3()?;
     let tk = k.dim(1)?;
     let hd = d / n_heads;
@@ -116,8 +199,12 @@ fn attention(q: &Tensor, k: &Tensor, v: &Tensor, n_heads: usize) -> candle_core:
             .transpose(1, 2)?
             .contiguous()
     };
-    let q_bhtd = (split(q, tq)? * (hd as f64).powf(-0.5))?;
-    let k_bhtd = split(k, tk)?;
+    let (mut q_bhtd, mut k_bhtd) = (split(q, tq)?, split(k, tk)?);
+    if let Some(r) = rope {
+        q_bhtd = r.apply(&q_bhtd)?;
+        k_bhtd = r.apply(&k_bhtd)?;
+    }
+    let q_bhtd = (q_bhtd * (hd as f64).powf(-0.5))?;
     let v_bhtd = split(v, tk)?;
     let scores = q_bhtd.matmul(&k_bhtd.t()?)?;
     let probs = softmax_last_dim(&scores)?;
@@ -134,6 +221,8 @@ pub struct Block {
     norm2: LayerNorm,
     fc1: Linear,
     fc2: Linear,
+    /// DINOv3's gated MLP: `fc2(act(gate x) ⊙ fc1 x)` (`fc1` = `up_proj`).
+    gate: Option<Linear>,
     n_heads: usize,
     act: Activation,
 }
@@ -176,6 +265,15 @@ impl Block {
                     att.pp("out_proj"),
                 )
             }
+            Family::Dinov3 => {
+                let att = vb.pp("attention");
+                (
+                    layer_norm(vb.pp("norm1"), d, eps)?,
+                    layer_norm(vb.pp("norm2"), d, eps)?,
+                    [att.pp("q_proj"), att.pp("k_proj"), att.pp("v_proj")],
+                    att.pp("o_proj"),
+                )
+            }
         };
         // Fuse q, k, v into one [3D, D] projection: one GEMM instead of three.
         let ws = qkv_names
@@ -183,9 +281,17 @@ impl Block {
             .map(|p| p.get((d, d), "weight"))
             .collect::<candle_core::Result<Vec<_>>>()?;
         let bs = if cfg.qkv_bias {
+            // A key without bias (DINOv3) adds zeros: the fused bias stays one add.
             let bs = qkv_names
                 .iter()
-                .map(|p| p.get(d, "bias"))
+                .enumerate()
+                .map(|(i, p)| {
+                    if i == 1 && !cfg.key_bias {
+                        Tensor::zeros(d, DType::F32, p.device())
+                    } else {
+                        p.get(d, "bias")
+                    }
+                })
                 .collect::<candle_core::Result<Vec<_>>>()?;
             Some(Tensor::cat(&bs, 0)?)
         } else {
@@ -194,8 +300,23 @@ impl Block {
         let qkv = Linear::from_parts(Tensor::cat(&ws, 0)?, bs)?;
         let mut out = Linear::new(&out_vb, d, d, true)?;
         let mlp = vb.pp("mlp");
-        let fc1 = Linear::new(&mlp.pp("fc1"), d, cfg.intermediate_size, true)?;
-        let mut fc2 = Linear::new(&mlp.pp("fc2"), cfg.intermediate_size, d, true)?;
+        let (up, down) = if cfg.family == Family::Dinov3 {
+            ("up_proj", "down_proj")
+        } else {
+            ("fc1", "fc2")
+        };
+        let fc1 = Linear::new(&mlp.pp(up), d, cfg.intermediate_size, true)?;
+        let mut fc2 = Linear::new(&mlp.pp(down), cfg.intermediate_size, d, true)?;
+        let gate = if cfg.gated_mlp {
+            Some(Linear::new(
+                &mlp.pp("gate_proj"),
+                d,
+                cfg.intermediate_size,
+                true,
+            )?)
+        } else {
+            None
+        };
         if cfg.layerscale {
             // LayerScale multiplies the attention and MLP outputs per channel: fold it into
             // the output projections (one pass less each).
@@ -209,6 +330,7 @@ impl Block {
             norm2,
             fc1,
             fc2,
+            gate,
             n_heads: cfg.num_attention_heads,
             act: cfg.hidden_act,
         })
@@ -219,17 +341,31 @@ impl Block {
     /// # Shapes
     /// `x_btd`: `[B, T, D]` → `[B, T, D]`.
     pub fn forward(&self, x_btd: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_rope(x_btd, None)
+    }
+
+    /// Run the block with rotary embeddings on the patch tokens (DINOv3).
+    pub(crate) fn forward_rope(
+        &self,
+        x_btd: &Tensor,
+        rope: Option<&Rope>,
+    ) -> candle_core::Result<Tensor> {
         let d = x_btd.dim(2)?;
         let h = self.norm1.forward(x_btd)?;
         let qkv = self.qkv.forward(&h)?;
         let q = qkv.narrow(2, 0, d)?;
         let k = qkv.narrow(2, d, d)?;
         let v = qkv.narrow(2, 2 * d, d)?;
-        let a = self.out.forward(&attention(&q, &k, &v, self.n_heads)?)?;
+        let a = self
+            .out
+            .forward(&attention_rope(&q, &k, &v, self.n_heads, rope)?)?;
         let x = (x_btd + a)?;
         let h = self.norm2.forward(&x)?;
-        let h = self.fc2.forward(&self.fc1.forward_act(&h, self.act)?)?;
-        x + h
+        let h = match &self.gate {
+            None => self.fc1.forward_act(&h, self.act)?,
+            Some(g) => (g.forward_act(&h, self.act)? * self.fc1.forward(&h)?)?,
+        };
+        x + self.fc2.forward(&h)?
     }
 }
 
@@ -288,7 +424,8 @@ struct Embeddings {
     patch: Linear,
     cls: Option<Tensor>,
     pos_cls: Option<Tensor>,
-    pos_grid: Tensor,
+    /// `[g, g, D]`; None with rotary embeddings (DINOv3).
+    pos_grid: Option<Tensor>,
     registers: Option<Tensor>,
     pre_norm: Option<LayerNorm>,
 }
@@ -319,6 +456,15 @@ impl Embeddings {
                 None,
                 e.pp("position_embedding").get((n_pos, d), "weight")?,
             ),
+            Family::Dinov3 => {
+                // No absolute position embeddings: a placeholder never used.
+                (
+                    e.pp("patch_embeddings"),
+                    true,
+                    Some(e.get((1, 1, d), "cls_token")?),
+                    Tensor::zeros((0, d), DType::F32, vb.device())?,
+                )
+            }
         };
         let w = patch_vb.get((d, cfg.num_channels, p, p), "weight")?;
         let b = if patch_bias {
@@ -327,13 +473,15 @@ impl Embeddings {
             None
         };
         let patch = Linear::from_parts(w.reshape((d, cfg.num_channels * p * p))?, b)?;
-        let (pos_cls, pos_grid) = if cfg.cls_token {
+        let (pos_cls, pos_grid) = if cfg.rope_theta.is_some() {
+            (None, None)
+        } else if cfg.cls_token {
             (
                 Some(pos.narrow(0, 0, 1)?.unsqueeze(0)?),
-                pos.narrow(0, 1, g * g)?,
+                Some(pos.narrow(0, 1, g * g)?.reshape((g, g, d))?),
             )
         } else {
-            (None, pos)
+            (None, Some(pos.reshape((g, g, d))?))
         };
         let registers = if cfg.num_register_tokens > 0 {
             Some(e.get((1, cfg.num_register_tokens, d), "register_tokens")?)
@@ -349,29 +497,35 @@ impl Embeddings {
             patch,
             cls,
             pos_cls,
-            pos_grid: pos_grid.reshape((g, g, d))?,
+            pos_grid,
             registers,
             pre_norm,
         })
     }
 
     /// Position embeddings for a `gh × gw` grid, resized like HF's `interpolate_pos_encoding`.
-    fn pos_for(&self, gh: usize, gw: usize, how: PosInterp) -> candle_core::Result<Tensor> {
-        let (g, _, d) = self.pos_grid.dims3()?;
+    fn pos_for(
+        &self,
+        pos_grid: &Tensor,
+        gh: usize,
+        gw: usize,
+        how: PosInterp,
+    ) -> candle_core::Result<Tensor> {
+        let (g, _, d) = pos_grid.dims3()?;
         if (gh, gw) == (g, g) {
-            return self.pos_grid.reshape((g * g, d));
+            return pos_grid.reshape((g * g, d));
         }
         let matrix = |n: usize| match how {
             PosInterp::Bicubic => interp_matrix(g, n, Kernel::TorchBicubic),
             PosInterp::BicubicAntialias => interp_matrix(g, n, Kernel::AntialiasBicubic),
             PosInterp::BicubicOffset => interp_matrix_scaled(g, n, g as f64 / (n as f64 + 0.1)),
         };
-        let dev = self.pos_grid.device();
+        let dev = pos_grid.device();
         let m_h = Tensor::from_vec(matrix(gh), (gh, g), dev)?;
         let m_w = Tensor::from_vec(matrix(gw), (gw, g), dev)?;
         // Rows: [gh, g] · [g, g·D] → [gh, g, D]; then columns the same way on the transpose.
         let rows = m_h
-            .matmul(&self.pos_grid.reshape((g, g * d))?)?
+            .matmul(&pos_grid.reshape((g, g * d))?)?
             .reshape((gh, g, d))?;
         let cols_first = rows.transpose(0, 1)?.contiguous()?.reshape((g, gh * d))?;
         let both = m_w.matmul(&cols_first)?.reshape((gw, gh, d))?;
@@ -405,12 +559,18 @@ impl Embeddings {
                 .permute((0, 2, 4, 1, 3, 5))?
                 .contiguous()?
                 .reshape((b, gh * gw, c * p * p))?;
-            let x = self.patch.forward(&x)?;
-            let x = x.broadcast_add(&self.pos_for(gh, gw, cfg.pos_interp)?.unsqueeze(0)?)?;
+            let mut x = self.patch.forward(&x)?;
+            if let Some(pg) = &self.pos_grid {
+                x = x.broadcast_add(&self.pos_for(pg, gh, gw, cfg.pos_interp)?.unsqueeze(0)?)?;
+            }
             let d = x.dim(2)?;
             let mut parts = Vec::with_capacity(3);
-            if let (Some(cls), Some(pos_cls)) = (&self.cls, &self.pos_cls) {
-                parts.push((cls + pos_cls)?.broadcast_as((b, 1, d))?.contiguous()?);
+            match (&self.cls, &self.pos_cls) {
+                (Some(cls), Some(pos_cls)) => {
+                    parts.push((cls + pos_cls)?.broadcast_as((b, 1, d))?.contiguous()?)
+                }
+                (Some(cls), None) => parts.push(cls.broadcast_as((b, 1, d))?.contiguous()?),
+                _ => {}
             }
             if let Some(r) = &self.registers {
                 parts.push(r.broadcast_as((b, r.dim(1)?, d))?.contiguous()?);
@@ -458,6 +618,11 @@ impl Vit {
             let (layers, final_name) = match cfg.family {
                 Family::Dinov2 => (vb.pp("encoder").pp("layer"), "layernorm"),
                 Family::Clip | Family::Siglip => (vb.pp("encoder").pp("layers"), "post_layernorm"),
+                // On disk `layer.N`; transformers' in-memory name is `model.layer.N`.
+                Family::Dinov3 if vb.contains_tensor("model.layer.0.norm1.weight") => {
+                    (vb.pp("model").pp("layer"), "norm")
+                }
+                Family::Dinov3 => (vb.pp("layer"), "norm"),
             };
             let blocks = (0..cfg.num_hidden_layers)
                 .map(|i| Block::new(cfg, layers.pp(i.to_string())))
@@ -491,7 +656,7 @@ impl Vit {
 
     /// The device the weights live on.
     pub fn device(&self) -> &Device {
-        self.embeddings.pos_grid.device()
+        self.embeddings.patch.w_t.device()
     }
 
     /// Embed a pixel batch: the input of block 0 (HF `hidden_states[0]`), registers included.
@@ -504,14 +669,52 @@ impl Vit {
     }
 
     /// Run blocks `range` on the residual stream `x_btd` (`[B, T_all, D]`).
+    ///
+    /// Models with rotary embeddings (DINOv3) need the patch grid: this assumes a square one;
+    /// [`Vit::run_blocks_on_grid`] takes it.
     pub fn run_blocks(&self, x_btd: &Tensor, range: Range<usize>) -> Result<Tensor> {
+        let n_patches = x_btd
+            .dim(1)
+            .context("residual stream [B, T, D]")?
+            .saturating_sub(self.cfg.n_prefix_tokens());
+        let g = (n_patches as f64).sqrt().round() as usize;
+        if self.cfg.rope_theta.is_some() && g * g != n_patches {
+            return Err(Error::Invalid(format!(
+                "{n_patches} patch tokens are not a square grid; use run_blocks_on_grid"
+            )));
+        }
+        self.run_blocks_on_grid(x_btd, range, (g, g))
+    }
+
+    /// [`Vit::run_blocks`] on a `(rows, cols)` patch grid.
+    pub fn run_blocks_on_grid(
+        &self,
+        x_btd: &Tensor,
+        range: Range<usize>,
+        grid: (usize, usize),
+    ) -> Result<Tensor> {
+        let rope = match self.cfg.rope_theta {
+            Some(theta) => Some(
+                Rope::new(
+                    theta,
+                    self.cfg.head_dim(),
+                    grid,
+                    self.cfg.n_prefix_tokens(),
+                    x_btd.device(),
+                )
+                .context("rotary embeddings")?,
+            ),
+            None => None,
+        };
         let mut x = x_btd.clone();
         for i in range {
             let block = self.blocks.get(i).ok_or(Error::LayerOutOfRange {
                 layer: i as i64,
                 n_layers: self.blocks.len(),
             })?;
-            x = block.forward(&x).with_context(|| format!("block {i}"))?;
+            x = block
+                .forward_rope(&x, rope.as_ref())
+                .with_context(|| format!("block {i}"))?;
         }
         Ok(x)
     }
@@ -532,7 +735,7 @@ impl Vit {
                 }
             };
             match self.cfg.family {
-                Family::Dinov2 => {
+                Family::Dinov2 | Family::Dinov3 => {
                     let seq = self.final_norm.forward(x_btd)?;
                     let pooled = seq.narrow(1, 0, 1)?.squeeze(1)?;
                     Ok(VitOutput {

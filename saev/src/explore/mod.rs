@@ -57,6 +57,7 @@ impl Views {
         let family = match md.family.as_str() {
             "clip" => Family::Clip,
             "siglip" => Family::Siglip,
+            "dinov3" => Family::Dinov3,
             _ => Family::Dinov2,
         };
         let p = store.n_patches();
@@ -70,6 +71,9 @@ impl Views {
         let mut pre = Preprocess::for_family(family);
         if family == Family::Dinov2 && side != 16 {
             pre = pre.with_size(side * 14);
+        }
+        if family == Family::Dinov3 && side != 14 {
+            pre = pre.with_size(side * 16);
         }
         let sources = store
             .provenance()
