@@ -103,4 +103,39 @@ notebook(
         "iv.change_rates(&store, probe.held_out()?, latent, class_id, -10.0, 0)?",
     ],
 )
+notebook(
+    "04-released-saes",
+    [
+        "md:# Released SAEs and register models\n\nThe Python saev's `sae.pt` files of every generation (the "
+        "paper's released SAEs to today's) import as what their own code computed, and models with register "
+        "tokens (the paper's DINOv2 SAEs were trained on one) run the whole pipeline. Here: a TopK SAE written "
+        "by the Python saev's own `dump` (schema 5), on a tiny random `Dinov2WithRegistersModel` — the code path "
+        "of `facebook/dinov2-with-registers-base` and of the hub's `dinov2_vitb14_reg`.",
+        'let pt = "../../tests/fixtures/notebook/topk-d32.pt";\n'
+        "Sae::from_torch(pt, None)?",
+        "md:The Python TopK keeps the k largest pre-activations *without* a ReLU (codes can be negative): the "
+        "import keeps that (`relu: false`); saev's own TopK SAEs apply one. The register model, its 3 register "
+        "tokens kept out of the recorded tokens but stored beside them (`registers.bin`) so the model can resume "
+        "from block −2:",
+        'let vit = Backbone::from_dir("../../tests/fixtures/backbone/tiny-dinov2-reg", &Device::Cpu)?;\n'
+        "let vit = vit.clone().with_preprocess(vit.preprocess().clone().with_size(16));\n"
+        f'let data = Dataset::open("{FMNIST}", None, false)?.take(200);\n'
+        'let store = ActivationStore::record(&vit, &data, "nb-acts-reg")?;\n'
+        "(store.n_registers(), store)",
+        "md:Import the checkpoint as a saev SAE directory (the Python saev at HEAD trains on raw activations: no "
+        "normalisation; `--norm-from-store` in the CLI for paper-era files), then the feature pass.",
+        'saev::import_python_sae(pt, "nb-saes/topk-d32", None)?;\n'
+        'let ex = Explorer::open("nb-saes/topk-d32", &store)?;\n'
+        "ex.table()?.head(Some(5))",
+        "let latent = ex.features().live()[0];\nex.grid(latent, 6)?",
+        "md:An intervention through the rest of the register model: a probe on the final CLS, the latent "
+        "suppressed in its top image, and the change-rate test on the probe's held-out images.",
+        "let (probe, accuracy) = Head::train_classifier(&vit, &store, -2, &Default::default())?;\n"
+        "let iv = Intervention::new(&vit, -2, ex.sae(), &probe)?.with_features(ex.features());\n"
+        "let e = ex.features().top(latent)[0].0;\n"
+        "iv.run(&ex.image(e)?, None, &[Edit::scale_max(latent, -10.0)])?",
+        "let class_id = ex.features().purity(&store, latent).map_or(0, |p| p.0);\n"
+        "iv.change_rates(&store, probe.held_out()?, latent, class_id, -10.0, 0)?",
+    ],
+)
 print("wrote", sorted(p.name for p in HERE.glob("*.ipynb")))

@@ -325,3 +325,56 @@ fn register_model_runs_heads_and_change_rates_from_a_store() {
     assert!(r.totals[0] + r.totals[1] > 0, "{r}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Notebook 04's path in a test: a Python saev checkpoint imported beside a register model's
+/// store, the feature pass, a grid, and an edit through the rest of the model.
+#[test]
+fn python_checkpoint_on_a_register_model_explores_and_intervenes() {
+    use saev::{ActivationStore, Dataset, Explorer, WriterConfig};
+    let dir = std::env::temp_dir().join(format!("saev-iv-py-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let root = dir.join("imgs");
+    for i in 0..20usize {
+        let img = images()[i % 2]
+            .crop_imm((i * 9) as u32, (i * 4) as u32, 170, 150)
+            .to_rgb8();
+        let p = root.join(["a", "b"][i % 2]).join(format!("{i:02}.png"));
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        img.save(&p).unwrap();
+    }
+    let vit = Backbone::from_dir(fixtures().join("tiny-dinov2-reg"), &Device::Cpu).unwrap();
+    let vit = vit
+        .clone()
+        .with_preprocess(vit.preprocess().clone().with_size(16));
+    let ds = Dataset::open(&root, None, false).unwrap();
+    let store = ActivationStore::open(
+        saev::record_activations(&vit, &ds, &dir.join("acts"), &WriterConfig::default()).unwrap(),
+    )
+    .unwrap();
+    let pt = fixtures().join("../notebook/topk-d32.pt");
+    let sae_dir = dir.join("sae");
+    let sae = saev::import_python_sae(&pt, &sae_dir, None).unwrap();
+    assert_eq!(
+        sae.config().activation,
+        SaeActivation::TopK { k: 8, relu: false }
+    );
+    let ex = Explorer::open(&sae_dir, &store).unwrap();
+    let latent = ex.features().live()[0];
+    let grid = ex.grid(latent, 4).unwrap();
+    drop(grid);
+    let (probe, _) =
+        Head::train_classifier(&vit, &store, -2, &saev::HeadConfig::default()).unwrap();
+    let iv = Intervention::new(&vit, -2, ex.sae(), &probe)
+        .unwrap()
+        .with_features(ex.features());
+    let e = ex.features().top(latent)[0].0;
+    let out = iv
+        .run(
+            &ex.image(e).unwrap(),
+            None,
+            &[Edit::scale_max(latent, -10.0)],
+        )
+        .unwrap();
+    assert_eq!(out.before.len(), 2);
+    let _ = std::fs::remove_dir_all(&dir);
+}

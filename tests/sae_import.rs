@@ -97,7 +97,7 @@ fn imported_paper_sae_encodes_like_the_reference_formula() {
     let v = |n: &str| -> Vec<f32> { want[n].flat() };
     let (w_enc, b_enc, w_dec, b_dec) = (v("W_enc"), v("b_enc"), v("W_dec"), v("b_dec"));
     let (d, s) = (8usize, 32usize);
-    let sae = saev::Sae::from_torch(&fixtures().join("paper.pt"), None).unwrap();
+    let sae = saev::Sae::from_torch(fixtures().join("paper.pt"), None).unwrap();
     assert_eq!((sae.d_model(), sae.d_sae()), (d, s));
     let x: Vec<f32> = (0..3 * d)
         .map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.3)
@@ -139,7 +139,7 @@ fn imported_paper_sae_encodes_like_the_reference_formula() {
 
 #[test]
 fn topk_keeps_k_latents() {
-    let sae = saev::Sae::from_torch(&fixtures().join("schema5.pt"), None).unwrap();
+    let sae = saev::Sae::from_torch(fixtures().join("schema5.pt"), None).unwrap();
     let cfg = saev::SaeConfig {
         activation: saev::SaeActivation::TopK { k: 3, relu: true },
         ..sae.config().clone()
@@ -319,4 +319,24 @@ fn unknown_or_incomplete_headers_are_refused_by_field() {
     let e = with(h, "wide.pt");
     assert!(e.contains("W_enc") && e.contains("64"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The checkpoint notebook 04 uses (Python saev HEAD `dump`, d_model 32 for the tiny register
+/// model): the import reproduces the Python forward after `load`.
+#[test]
+fn notebook_checkpoint_reproduces_its_python_forward() {
+    let dir = fixtures().join("../notebook");
+    let want = saev::candle_core::safetensors::load(
+        dir.join("topk-d32.reference.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let sae = saev::Sae::from_torch(dir.join("topk-d32.pt"), None).unwrap();
+    assert_eq!((sae.d_model(), sae.d_sae()), (32, 128));
+    let (f, xh) = run_sae(&sae, &want["x"]);
+    let (df, dx) = (
+        max_diff(&f, &want["f_x"].flat()),
+        max_diff(&xh, &want["x_hat"].flat()),
+    );
+    assert!(df <= 1e-5 && dx <= 1e-5, "f_x {df}, x_hat {dx}");
 }

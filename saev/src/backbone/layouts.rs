@@ -432,8 +432,8 @@ fn dinov2_hub(
         .and_then(Value::as_f64)
         .unwrap_or(if n_reg > 0 { 0.0 } else { 0.1 });
     let pos_interp = match (antialias, offset) {
-        (true, o) if o == 0.0 => PosInterp::BicubicAntialias,
-        (false, o) if o == 0.0 => PosInterp::Bicubic,
+        (true, 0.0) => PosInterp::BicubicAntialias,
+        (false, 0.0) => PosInterp::Bicubic,
         (false, o) if (o - 0.1).abs() < 1e-12 => PosInterp::BicubicOffset,
         (a, o) => {
             return Err(cfg_err(
