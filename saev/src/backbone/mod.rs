@@ -1,5 +1,5 @@
-//! The [`Backbone`] handle: a pretrained ViT (DINOv2, CLIP or SigLIP vision tower) with its
-//! preprocessing, giving the residual stream after any block and resuming the network from an
+//! The [`Backbone`] handle: a pretrained ViT (DINOv2 ± registers, DINOv3, CLIP or SigLIP vision
+//! tower, from the checkpoint layouts of [`layouts`]) with its preprocessing, giving the residual stream after any block and resuming the network from an
 //! edited block output.
 //!
 //! Conventions follow the Python saev: block outputs are the residual stream *after* a block,
@@ -22,7 +22,7 @@
 
 pub mod config;
 pub(crate) mod kernels;
-pub(crate) mod layouts;
+pub mod layouts;
 pub mod preprocess;
 pub mod resample;
 pub mod source;

@@ -8,7 +8,7 @@
 //! Checkpoints: `sae.safetensors` (W_enc, b_enc, W_dec, b_dec) + `sae.json` (versioned config).
 //!
 //! ```no_run
-//! let sae = saev::Sae::from_torch("sae.pt".as_ref(), None)?;   // a Python saev checkpoint
+//! let sae = saev::Sae::from_torch("sae.pt", None)?;             // a Python saev checkpoint
 //! let x = saev::candle_core::Tensor::zeros((4, sae.d_model()), saev::candle_core::DType::F32, &saev::candle_core::Device::Cpu)?;
 //! let f = sae.encode(&x)?;                                      // [4, d_sae]
 //! # Ok::<(), saev::Error>(())
