@@ -121,7 +121,8 @@ notebook(
         "let vit = vit.clone().with_preprocess(vit.preprocess().clone().with_size(16));\n"
         f'let data = Dataset::open("{FMNIST}", None, false)?.take(200);\n'
         'let store = ActivationStore::record(&vit, &data, "nb-acts-reg")?;\n'
-        "(store.n_registers(), store)",
+        'println!("{store:?}");\n'
+        "store.n_registers()",
         "md:Import the checkpoint as a saev SAE directory (the Python saev at HEAD trains on raw activations: no "
         "normalisation; `--norm-from-store` in the CLI for paper-era files), then the feature pass.",
         'saev::import_python_sae(pt, "nb-saes/topk-d32", None)?;\n'
