@@ -292,7 +292,14 @@ fn norm_stats_match_a_direct_computation() {
         / n as f32;
     assert!((mean_norm - 32f32.sqrt()).abs() < 1e-3, "{mean_norm}");
     // Saved and reloaded identically.
-    assert!(store_dir.join("norm--1-patches.json").exists());
+    // Cached outside the store (this test used to pin the statistics being written into the
+    // store, which a read-only command must not do: issue #13).
+    assert!(!store_dir.join("norm--1-patches.json").exists());
+    let cached = saev::saev_cache_dir()
+        .join("norm")
+        .join(store.fingerprint())
+        .join("norm--1-patches.json");
+    assert!(cached.exists(), "{}", cached.display());
     assert_eq!(store.norm_stats(-1, Tokens::Patches).unwrap(), s);
 }
 

@@ -47,7 +47,7 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
         /// Patches to train on (overrides the file).
-        #[arg(long)]
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
         n_patches: Option<u64>,
     },
     /// Run the feature pass of a trained SAE over a store (per-latent statistics and top images),
@@ -60,7 +60,7 @@ enum Cmd {
         #[arg(long)]
         store: PathBuf,
         /// Top images kept per latent.
-        #[arg(long, default_value_t = 16)]
+        #[arg(long, default_value_t = 16, value_parser = positive)]
         top_k: usize,
     },
     /// Write the static feature browser (index + a page per latent) for an SAE on a store.
@@ -75,11 +75,14 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
         /// At most this many latent pages (most frequent live latents first).
-        #[arg(long)]
+        #[arg(long, value_parser = positive)]
         max_pages: Option<usize>,
         /// Images per latent page.
-        #[arg(long, default_value_t = 8)]
+        #[arg(long, default_value_t = 8, value_parser = positive)]
         n_images: usize,
+        /// Write into an --out that holds files saev did not write.
+        #[arg(long)]
+        force: bool,
     },
     /// The whole pipeline offline on the image set shipped with saev (3,000 Fashion-MNIST images
     /// and 5 public-domain photos): DINOv2-S/14, activations, TopK SAE, feature pass, static
@@ -95,13 +98,13 @@ enum Cmd {
         #[arg(long)]
         data: Option<PathBuf>,
         /// Shipped Fashion-MNIST images to use (≤ 3000).
-        #[arg(long, default_value_t = 3000)]
+        #[arg(long, default_value_t = 3000, value_parser = positive)]
         n_images: usize,
         /// Patches to train the SAE on.
-        #[arg(long, default_value_t = 2_000_000)]
+        #[arg(long, default_value_t = 2_000_000, value_parser = clap::value_parser!(u64).range(1..))]
         n_patches: u64,
         /// Latent pages in the browser.
-        #[arg(long, default_value_t = 300)]
+        #[arg(long, default_value_t = 300, value_parser = positive)]
         max_pages: usize,
     },
     /// Write a patch-labelled segmentation set from Fashion-MNIST (items on a canvas, ADE20K
@@ -117,7 +120,7 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
         /// Images to write.
-        #[arg(long, default_value_t = 500)]
+        #[arg(long, default_value_t = 500, value_parser = positive)]
         n: usize,
         /// Seed.
         #[arg(long, default_value_t = 0)]
@@ -165,7 +168,7 @@ enum Cmd {
         #[arg(long, value_delimiter = ',', required = true)]
         latents: Vec<usize>,
         /// Edit: set to this multiple of the latent's max.
-        #[arg(long, allow_hyphen_values = true, default_value_t = -2.0)]
+        #[arg(long, allow_hyphen_values = true, default_value_t = -2.0, value_parser = finite)]
         mult: f32,
         /// Store examples to test on, `START..END` (default: the head's held-out examples).
         #[arg(long, value_parser = parse_range)]
@@ -191,10 +194,10 @@ enum Cmd {
         #[arg(long, value_delimiter = ',', allow_hyphen_values = true, default_values_t = [-2i64, -1])]
         layers: Vec<i64>,
         /// Model input side in pixels (multiple of the patch size).
-        #[arg(long)]
+        #[arg(long, value_parser = positive)]
         size: Option<usize>,
         /// Images per forward pass.
-        #[arg(long, default_value_t = 16)]
+        #[arg(long, default_value_t = 16, value_parser = positive)]
         batch_size: usize,
     },
 }
@@ -223,19 +226,19 @@ struct ActivationsArgs {
     #[arg(long, value_parser = parse_part)]
     part: Option<(usize, usize)>,
     /// Images per forward pass.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = positive)]
     batch_size: usize,
     /// Model input side in pixels (multiple of the patch size).
-    #[arg(long)]
+    #[arg(long, value_parser = positive)]
     size: Option<usize>,
     /// Record only the first N images.
-    #[arg(long)]
+    #[arg(long, value_parser = positive)]
     limit: Option<usize>,
     /// Skip files whose image header does not decode (otherwise they are an error).
     #[arg(long)]
     skip_bad: bool,
     /// Shard capacity in vectors.
-    #[arg(long, default_value_t = 2_400_000)]
+    #[arg(long, default_value_t = 2_400_000, value_parser = positive)]
     max_tokens_per_shard: usize,
     /// Segmentation masks → patch labels: majority or prefer-fg.
     #[arg(long, default_value = "majority")]
@@ -311,6 +314,24 @@ enum ModelsCmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+}
+
+/// A count of at least 1.
+fn positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("0 is not allowed (valid: at least 1)".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("`{s}`: {e}")),
+    }
+}
+
+/// A finite number (not NaN or ±inf).
+fn finite(s: &str) -> Result<f32, String> {
+    match s.parse::<f32>() {
+        Ok(v) if v.is_finite() => Ok(v),
+        Ok(v) => Err(format!("{v} is not a finite number")),
+        Err(e) => Err(format!("`{s}`: {e}")),
+    }
 }
 
 /// `START..END` → `(START, END)`.
@@ -504,12 +525,14 @@ fn run(cli: Cli) -> saev::Result<()> {
             out,
             max_pages,
             n_images,
+            force,
         } => {
             let store = saev::ActivationStore::open(&store)?;
             let ex = saev::Explorer::open(sae_dir(&sae, &store)?, &store)?;
             let cfg = saev::BrowseConfig {
                 n_images,
                 max_pages,
+                force,
             };
             let index = saev::write_browser(&ex, &out, &cfg)?;
             println!("{}", index.display());
@@ -619,6 +642,20 @@ fn run(cli: Cli) -> saev::Result<()> {
                     saev::Error::Invalid(format!("{e}; pass --examples START..END"))
                 })?,
             };
+            if let Some(c) = class {
+                let n = head.classes().len();
+                if c as usize >= n {
+                    return Err(saev::Error::Invalid(format!(
+                        "--class {c}: the head has {n} classes (valid: 0..{n})"
+                    )));
+                }
+            }
+            let d_sae = ex.sae().d_sae();
+            if let Some(&l) = latents.iter().find(|&&l| l >= d_sae) {
+                return Err(saev::Error::Invalid(format!(
+                    "--latents {l}: the SAE has {d_sae} latents (valid: 0..{d_sae})"
+                )));
+            }
             for l in latents {
                 let (class, purity) = match class {
                     Some(c) => (c, f64::NAN),

@@ -226,6 +226,7 @@ pub fn quickstart(cfg: &QuickstartConfig) -> Result<QuickstartSummary> {
         &BrowseConfig {
             n_images: 8,
             max_pages: Some(cfg.max_pages),
+            ..BrowseConfig::default()
         },
     )?;
     // Summary.

@@ -306,7 +306,36 @@ fn get_act(json: &Value, path: &Path, default: &str) -> Result<Activation> {
     })
 }
 
-fn check_heads(cfg: VitConfig, path: &Path) -> Result<VitConfig> {
+/// Check what every config must satisfy (heads divide the width, RGB, a usable LayerNorm
+/// epsilon, sizes in range), whichever layout it came from.
+pub(crate) fn check_heads(cfg: VitConfig, path: &Path) -> Result<VitConfig> {
+    let eps = cfg.layer_norm_eps;
+    if !(eps.is_finite() && eps > 0.0 && eps < 1.0) {
+        return Err(config_err(
+            path,
+            "layer_norm_eps",
+            format!("{eps} (expected a small positive number, e.g. 1e-6)"),
+        ));
+    }
+    for (field, v, max) in [
+        ("hidden_size", cfg.hidden_size, 1usize << 16),
+        ("num_hidden_layers", cfg.num_hidden_layers, 1 << 10),
+        ("intermediate_size", cfg.intermediate_size, 1 << 18),
+        ("patch_size", cfg.patch_size, 1 << 10),
+        ("image_size", cfg.image_size, 1 << 14),
+        ("num_register_tokens", cfg.num_register_tokens, 1 << 10),
+    ] {
+        if v > max || (v == 0 && field != "num_register_tokens") {
+            return Err(config_err(path, field, format!("{v} is out of range (1..={max})")));
+        }
+    }
+    if cfg.image_size < cfg.patch_size {
+        return Err(config_err(
+            path,
+            "image_size",
+            format!("{} is smaller than patch_size {}", cfg.image_size, cfg.patch_size),
+        ));
+    }
     if cfg.hidden_size % cfg.num_attention_heads != 0 {
         return Err(config_err(
             path,

@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use serde_json::Value;
 
-use super::config::{Activation, Family, PosInterp, VitConfig};
+use super::config::{check_heads, Activation, Family, PosInterp, VitConfig};
 use super::preprocess::{
     Filter, Preprocess, Resize, CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD,
 };
@@ -492,7 +492,7 @@ fn dinov2_hub(
         prefix: String::new(),
     };
     Ok(Opened {
-        cfg,
+        cfg: check_heads(cfg, arg_path)?,
         weights: CheckedWeights::from_tensors(path, out),
         preprocess: None,
         layout: "dinov2-hub",
@@ -676,7 +676,7 @@ fn timm(dir: &Path, v: &Value, device: &Device) -> Result<Opened> {
     };
     let preprocess = timm_preprocess(v.get("pretrained_cfg"), &config, g * p)?;
     Ok(Opened {
-        cfg,
+        cfg: check_heads(cfg, &config)?,
         weights: CheckedWeights::from_tensors(&wpath, out),
         preprocess: Some(preprocess),
         layout: "timm",
@@ -956,7 +956,7 @@ fn open_clip(dir: &Path, device: &Device) -> Result<Opened> {
         std: triple(pc.get("std"), CLIP_STD),
     };
     Ok(Opened {
-        cfg,
+        cfg: check_heads(cfg, &config)?,
         weights: CheckedWeights::from_tensors(&wpath, out),
         preprocess: Some(preprocess),
         layout: "open_clip",

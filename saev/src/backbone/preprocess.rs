@@ -472,18 +472,34 @@ pub fn load_image(path: impl AsRef<Path>) -> Result<DynamicImage> {
             path: path.to_path_buf(),
             msg: e.to_string(),
         })?;
+    let mut reader = reader;
+    reader.limits(image_limits());
     reader.decode().map_err(|e| Error::Image {
         path: path.to_path_buf(),
         msg: e.to_string(),
     })
 }
 
+/// Decoding limits: a small file declaring a huge image is refused before allocating.
+fn image_limits() -> image::Limits {
+    let mut l = image::Limits::default();
+    l.max_image_width = Some(1 << 15);
+    l.max_image_height = Some(1 << 15);
+    l.max_alloc = Some(1 << 30);
+    l
+}
+
 /// Decode an image held in memory (e.g. a parquet cell).
 pub fn decode_image(bytes: &[u8]) -> Result<DynamicImage> {
-    image::load_from_memory(bytes).map_err(|e| Error::Image {
+    let err = |e: image::ImageError| Error::Image {
         path: "<memory>".into(),
         msg: e.to_string(),
-    })
+    };
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| err(image::ImageError::IoError(e)))?;
+    reader.limits(image_limits());
+    reader.decode().map_err(err)
 }
 
 #[cfg(test)]

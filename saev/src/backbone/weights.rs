@@ -186,6 +186,19 @@ impl SimpleBackend for CheckedWeights {
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
         let t = self.get_unchecked(name, dtype, dev)?;
+        // NaN or infinite weights make every activation NaN: refused where they enter.
+        let bad = t
+            .flatten_all()?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?
+            .iter()
+            .position(|v| !v.is_finite());
+        if let Some(i) = bad {
+            return Err(self.record(Error::Checkpoint {
+                path: self.inner.path.clone(),
+                msg: format!("tensor `{name}` holds a non-finite value at flat index {i}"),
+            }));
+        }
         if t.shape() != &s {
             return Err(self.record(Error::Shape {
                 what: format!("{}: tensor `{name}`", self.inner.path.display()),

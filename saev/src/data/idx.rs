@@ -54,8 +54,11 @@ pub(crate) fn read_idx_u8(path: &Path) -> Result<(Vec<usize>, Vec<u8>)> {
             u32::from_be_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]) as usize
         })
         .collect();
-    let n: usize = dims.iter().product();
-    if bytes.len() != header + n {
+    let n = dims
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| bad(path, format!("IDX dims {dims:?} overflow")))?;
+    if bytes.len() - header != n {
         return Err(bad(
             path,
             format!(

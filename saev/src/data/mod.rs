@@ -342,8 +342,8 @@ impl Dataset {
                 })
             }
             Source::Parquet(p) => {
-                let image =
-                    image::load_from_memory(&p.image_bytes(i)?).map_err(|e| Error::Image {
+                let image = crate::backbone::preprocess::decode_image(&p.image_bytes(i)?)
+                    .map_err(|e| Error::Image {
                         path: p.source(i).into(),
                         msg: e.to_string(),
                     })?;
@@ -439,10 +439,10 @@ const FASHION_MNIST: [&str; 10] = [
 
 fn open_idx(path: &Path) -> Result<(Vec<String>, Source)> {
     let (dims, pixels) = idx::read_idx_u8(path)?;
-    if dims.len() != 3 {
+    if dims.len() != 3 || dims.contains(&0) {
         return Err(dataset_err(
             path,
-            format!("IDX images must be [n, rows, cols], got dims {dims:?}"),
+            format!("IDX images must be [n, rows, cols], none zero; got dims {dims:?}"),
         ));
     }
     let name = path
@@ -455,7 +455,7 @@ fn open_idx(path: &Path) -> Result<(Vec<String>, Source)> {
         if ldims != [dims[0]] {
             return Err(dataset_err(
                 &label_path,
-                format!("{} labels for {} images", ldims[0], dims[0]),
+                format!("labels of dims {ldims:?} for {} images", dims[0]),
             ));
         }
         Some(labels)

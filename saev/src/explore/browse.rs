@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::Explorer;
-use crate::error::{IoContext, Result};
+use crate::error::{Error, IoContext, Result};
 
 /// Browser settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -28,13 +28,20 @@ pub struct BrowseConfig {
     /// Latent pages written: the live latents, most frequent first, at most this many (None =
     /// all live latents). Default None.
     pub max_pages: Option<usize>,
+    /// Write into an output directory that holds files saev's browser did not write. Default
+    /// false: such a directory is refused, never overwritten.
+    pub force: bool,
 }
+
+/// The file that marks a directory as a saev feature browser.
+const BROWSER_MARKER: &str = ".saev-browser.json";
 
 impl Default for BrowseConfig {
     fn default() -> Self {
         Self {
             n_images: 8,
             max_pages: None,
+            force: false,
         }
     }
 }
@@ -116,6 +123,17 @@ fn js_num(v: f64) -> String {
 
 /// Write the site into `out`; returns the path of `index.html`.
 pub fn write_browser(ex: &Explorer, out: &Path, cfg: &BrowseConfig) -> Result<PathBuf> {
+    // A directory saev's browser wrote carries its marker; anything else non-empty is refused.
+    let marker = out.join(BROWSER_MARKER);
+    let non_empty = std::fs::read_dir(out).is_ok_and(|mut d| d.next().is_some());
+    if non_empty && !marker.exists() && !cfg.force {
+        return Err(Error::Invalid(format!(
+            "{} exists and holds files saev's browser did not write; choose another --out (or --force to write into it)",
+            out.display()
+        )));
+    }
+    std::fs::create_dir_all(out).with_path(out)?;
+    std::fs::write(&marker, b"{\"version\": 1, \"written_by\": \"saev browse\"}\n").with_path(&marker)?;
     let lat_dir = out.join("latents");
     std::fs::create_dir_all(&lat_dir).with_path(&lat_dir)?;
     let f = ex.features();

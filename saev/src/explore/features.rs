@@ -78,6 +78,10 @@ struct Header {
     n_patches_per_example: usize,
     n_vectors: u64,
     store: String,
+    /// [`ActivationStore::fingerprint`] of the store the pass ran on (empty in files written
+    /// before it was recorded).
+    #[serde(default)]
+    store_fingerprint: String,
     config: FeatureConfig,
 }
 
@@ -347,6 +351,7 @@ impl Features {
                     n_patches_per_example: p,
                     n_vectors: n_vec,
                     store: store.dir().display().to_string(),
+                    store_fingerprint: store.fingerprint(),
                     config: FeatureConfig {
                         top_k: k,
                         n_bins: nb,
@@ -604,6 +609,11 @@ impl Features {
                 h,
             }),
         })
+    }
+
+    /// The fingerprint of the store this pass ran on ("" when not recorded).
+    pub fn store_fingerprint(&self) -> &str {
+        &self.inner.h.store_fingerprint
     }
 
     /// Where [`Features::save`] writes for an SAE directory (the same directory).

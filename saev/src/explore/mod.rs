@@ -140,7 +140,17 @@ impl Explorer {
             .or_else(|| store.layers().last().copied())
             .ok_or_else(|| Error::Invalid("store has no layers".into()))?;
         let features = if Features::path_for(dir).exists() {
-            Features::load(dir)?
+            let f = Features::load(dir)?;
+            let fp = f.store_fingerprint();
+            if !fp.is_empty() && fp != store.fingerprint() {
+                return Err(Error::Invalid(format!(
+                    "{}: the feature pass there was computed on another store (fingerprint {fp}), not {} ({}); run `saev features` on this store to recompute it",
+                    Features::path_for(dir).display(),
+                    store.dir().display(),
+                    store.fingerprint()
+                )));
+            }
+            f
         } else {
             let f = Features::compute(&sae, store, layer, &FeatureConfig::default())?;
             f.save(dir)?;

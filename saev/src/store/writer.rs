@@ -514,6 +514,43 @@ pub fn merge_parts(parts: &[PathBuf], root: &Path) -> Result<PathBuf> {
             msg: "a store already exists here".into(),
         });
     }
+    // Validate every part completely before moving anything: a bad part leaves all parts as
+    // they were, and the error names it.
+    let n_labels_total = md.n_examples * md.content_tokens_per_example;
+    for (i, n, p) in &seen {
+        for s in part_shards(&md, *i, *n) {
+            let f = p.join(Metadata::shard_name(s));
+            let len = std::fs::metadata(&f).with_path(&f)?.len();
+            if len != md.shard_bytes() {
+                return Err(Error::Store {
+                    path: f,
+                    msg: format!("{len} bytes, a shard is {} (truncated part?)", md.shard_bytes()),
+                });
+            }
+        }
+        for (name, want) in [
+            ("labels.bin", n_labels_total as u64),
+            ("registers.bin", 0),
+        ] {
+            let f = p.join(name);
+            if !f.exists() {
+                continue;
+            }
+            let len = std::fs::metadata(&f).with_path(&f)?.len();
+            let want = if name == "registers.bin" {
+                let info: super::RegistersInfo = read_json(&p.join("registers.json"))?;
+                (md.n_examples * md.layers.len() * info.n_registers * md.d_model * 4) as u64
+            } else {
+                want
+            };
+            if len != want {
+                return Err(Error::Store {
+                    path: f,
+                    msg: format!("{len} bytes, expected {want} (truncated part?)"),
+                });
+            }
+        }
+    }
     std::fs::create_dir_all(&dir).with_path(&dir)?;
     let n_labels = md.n_examples * md.content_tokens_per_example;
     let mut labels: Option<Vec<u8>> = None;
@@ -714,7 +751,25 @@ pub fn record_activations(
                 backbone.device(),
             )?;
             let (acts, regs) = backbone.record_with_registers(&pixels, &md.layers)?;
-            writer.write_examples(s, &acts.flatten_all()?.to_vec1::<f32>()?)?;
+            let acts = acts.flatten_all()?.to_vec1::<f32>()?;
+            if let Some(i) = acts.iter().position(|v| !v.is_finite()) {
+                let (d, t_n, l_n) = (md.d_model, md.tokens_per_example(), md.layers.len());
+                let (e, rest) = (i / (l_n * t_n * d), i % (l_n * t_n * d));
+                let (l, t) = (rest / (t_n * d), rest % (t_n * d) / d);
+                return Err(Error::Store {
+                    path: dir.clone(),
+                    msg: format!(
+                        "{} produced a non-finite activation ({}) for example {} ({}), layer {}, token {t} as stored (0 = CLS when present), dimension {}; nothing of this batch was written",
+                        backbone.name(),
+                        acts[i],
+                        s + e,
+                        dataset.source(s + e),
+                        md.layers[l],
+                        rest % d
+                    ),
+                });
+            }
+            writer.write_examples(s, &acts)?;
             if let Some(r) = regs {
                 writer.write_registers(s, &r.flatten_all()?.to_vec1::<f32>()?)?;
             }

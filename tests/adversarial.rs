@@ -1,0 +1,352 @@
+//! Bad input, reruns and faults through the `saev` binary, as a hostile user would try them
+//! (issue #13). Each case asserts a non-zero exit, no panic or hang, an error that names the
+//! culprit, and that files that existed before are unchanged.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("saev-adv-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// The Python-written 2.1 store (d_model 8, layers [-2, -1], 7 examples of CLS + 4 patches,
+/// shards of 3), copied so it can be damaged.
+fn store_copy(dir: &Path) -> PathBuf {
+    let src = std::fs::read_dir(fixtures().join("store/py21"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let to = dir.join("store");
+    copy_dir(&src, &to);
+    to
+}
+
+/// Run the binary (with its own cache) and kill it if it runs past 60 s.
+fn saev(dir: &Path, args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_saev"))
+        .env("SAEV_CACHE", dir.join("cache"))
+        .args(args.iter().map(|a| a.as_ref()))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            child.kill().unwrap();
+            panic!("saev {:?} hung", args.iter().map(|a| a.as_ref().to_owned()).collect::<Vec<_>>());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A clear failure: non-zero exit, no panic, the error names every `needles`.
+fn refused(out: &Output, needles: &[&str]) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "exit 0; stderr: {err}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    for n in needles {
+        assert!(err.contains(n), "error does not name `{n}`: {err}");
+    }
+    err
+}
+
+/// Every file under `dir` with its bytes.
+fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.is_file() {
+                out.push((p.clone(), std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn edit_json(path: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    f(&mut v);
+    std::fs::write(path, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+}
+
+fn sweep(dir: &Path, json: &str) -> PathBuf {
+    let p = dir.join("sweep.json");
+    std::fs::write(&p, json).unwrap();
+    p
+}
+
+const TOPK: &str = r#"{"activation": {"kind": "top_k", "k": 2}, "expansion": 2, "batch_size": 8,
+    "n_patches": 64, "sweep": [{"lr": 1e-3}], "n_lr_warmup": 0, "ckpt_every": 1}"#;
+
+// ---------------------------------------------------------------------------------------------
+// A store is what its metadata says, exactly.
+
+#[test]
+fn edited_store_metadata_is_refused_by_shard_size() {
+    for (field, value) in [
+        ("d_model", serde_json::json!(16)),
+        ("cls_token", serde_json::json!(false)),
+        ("content_tokens_per_example", serde_json::json!(2)),
+    ] {
+        let dir = scratch(&format!("md-{field}"));
+        let store = store_copy(&dir);
+        edit_json(&store.join("metadata.json"), |v| v[field] = value.clone());
+        let before = snapshot(&store);
+        let sw = sweep(&dir, TOPK);
+        let out = saev(&dir, &[&"train", &"--store", &store, &"--sweep", &sw, &"--out", &dir.join("run")]);
+        refused(&out, &["acts00000"]);
+        assert_eq!(snapshot(&store), before, "{field}: the store was changed");
+    }
+}
+
+#[test]
+fn absurd_numbers_and_special_files_are_refused_before_allocating() {
+    let dir = scratch("absurd");
+    let store = store_copy(&dir);
+    edit_json(&store.join("metadata.json"), |v| {
+        v["d_model"] = serde_json::json!(1u64 << 62)
+    });
+    let out = saev(&dir, &[&"features", &"--sae", &dir, &"--store", &store]);
+    refused(&out, &["d_model", "larger than saev accepts"]);
+    // A FIFO in place of a shard: refused, no hang.
+    let dir = scratch("fifo");
+    let store = store_copy(&dir);
+    std::fs::remove_file(store.join("acts000001.bin")).unwrap();
+    let ok = Command::new("mkfifo")
+        .arg(store.join("acts000001.bin"))
+        .status()
+        .is_ok_and(|s| s.success());
+    if ok {
+        let sw = sweep(&dir, TOPK);
+        let out = saev(&dir, &[&"train", &"--store", &store, &"--sweep", &sw, &"--out", &dir.join("run")]);
+        refused(&out, &["acts000001.bin", "not a regular file"]);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Arguments out of range.
+
+#[test]
+fn out_of_range_arguments_name_the_valid_range() {
+    let dir = scratch("args");
+    let store = store_copy(&dir);
+    let out = saev(&dir, &[&"train", &"--store", &store, &"--out", &dir.join("r"), &"--n-patches", &"0"]);
+    refused(&out, &["--n-patches", "0"]);
+    let out = saev(&dir, &[&"activations", &"--data", &dir, &"--out", &dir.join("a"), &"--limit", &"0"]);
+    refused(&out, &["--limit", "at least 1"]);
+    let out = saev(&dir, &[&"causal", &"--sae", &dir, &"--store", &store, &"--head", &dir, &"--latents", &"1", &"--mult", &"NaN"]);
+    refused(&out, &["--mult", "NaN"]);
+    for (json, field) in [
+        (r#"{"activation": {"kind": "top_k", "k": 0}, "sweep": [{"lr": 1e-3}]}"#, "activation.k"),
+        (r#"{"expansion": 0, "sweep": [{"lr": 1e-3}]}"#, "expansion"),
+        (r#"{"sweep": [{"lr": -1.0}]}"#, "sweep[0].lr"),
+        (r#"{"activation": {"kind": "top_k", "k": 4}, "sweep": [{"lr": 1e-3, "k": 0}]}"#, "sweep[0].k"),
+        (r#"{"sweep": []}"#, "sweep"),
+    ] {
+        let sw = sweep(&dir, json);
+        let run = dir.join(format!("run-{}", field.replace(['[', ']', '.'], "_")));
+        let out = saev(&dir, &[&"train", &"--store", &store, &"--sweep", &sw, &"--out", &run]);
+        refused(&out, &[field]);
+        assert!(!run.exists(), "{field}: nothing is written for a bad config");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Outputs are bound to their inputs; nothing is overwritten that saev did not write.
+
+#[test]
+fn runs_refuse_other_stores_and_foreign_directories() {
+    let dir = scratch("bind");
+    let store = store_copy(&dir);
+    let sw = sweep(&dir, TOPK);
+    let run = dir.join("run");
+    let out = saev(&dir, &[&"train", &"--store", &store, &"--sweep", &sw, &"--out", &run]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Nothing was written into the store (the normalisation statistics are cached elsewhere).
+    assert!(!store.join("norm--2-patches.json").exists());
+    // The same command on another store (one example's values changed size: another store).
+    let other = dir.join("other");
+    copy_dir(&store, &other);
+    edit_json(&other.join("metadata.json"), |v| {
+        v["data"] = serde_json::json!("another dataset")
+    });
+    let before = snapshot(&run);
+    let out = saev(&dir, &[&"train", &"--store", &other, &"--sweep", &sw, &"--out", &run]);
+    refused(&out, &["another store", "state.json"]);
+    assert_eq!(snapshot(&run), before, "the run was changed");
+    // A directory of someone else's files.
+    let foreign = dir.join("foreign");
+    std::fs::create_dir_all(&foreign).unwrap();
+    std::fs::write(foreign.join("thesis.tex"), b"\\documentclass{article}").unwrap();
+    let out = saev(&dir, &[&"train", &"--store", &store, &"--sweep", &sw, &"--out", &foreign]);
+    refused(&out, &["foreign", "did not write"]);
+    assert_eq!(std::fs::read_dir(&foreign).unwrap().count(), 1);
+    // The browser over a directory it did not write.
+    let out = saev(&dir, &[&"browse", &"--sae", &run.join("0"), &"--store", &store, &"--out", &foreign]);
+    refused(&out, &["foreign", "did not write", "--force"]);
+    assert_eq!(std::fs::read_dir(&foreign).unwrap().count(), 1);
+    // A feature pass computed on another store is not reused.
+    let ok = saev(&dir, &[&"features", &"--sae", &run.join("0"), &"--store", &store]);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let out = saev(&dir, &[&"browse", &"--sae", &run.join("0"), &"--store", &other, &"--out", &dir.join("site")]);
+    refused(&out, &["features.json", "another store"]);
+    // A checkpoint whose per-setting lists were emptied.
+    let state = run.join("checkpoint/state.json");
+    edit_json(&state, |v| v["threshold"] = serde_json::json!([]));
+    let out = saev(&dir, &[&"train", &"--store", &store, &"--sweep", &sw, &"--out", &run]);
+    refused(&out, &["state.json", "threshold"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Finite numbers, checked where they enter.
+
+#[test]
+fn non_finite_weights_configs_and_data_are_named() {
+    use saev::candle_core::{safetensors, Device, Tensor};
+    let dir = scratch("finite");
+    // A NaN in a model weight.
+    let model = dir.join("model");
+    copy_dir(&fixtures().join("backbone/tiny-dinov2"), &model);
+    let st = model.join("model.safetensors");
+    let mut t = safetensors::load(&st, &Device::Cpu).unwrap();
+    let key = "encoder.layer.1.mlp.fc1.weight".to_string();
+    let w = t[&key].clone();
+    let mut v: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
+    v[5] = f32::NAN;
+    t.insert(key.clone(), Tensor::from_vec(v, w.dims(), &Device::Cpu).unwrap());
+    safetensors::save(&t, &st).unwrap();
+    let img = fixtures().join("backbone/astronaut.png");
+    let out = saev(&dir, &[&"record", &"--model", &model, &"--size", &"16", &img]);
+    refused(&out, &["model.safetensors", &key, "non-finite"]);
+    // A negative LayerNorm epsilon.
+    let model2 = dir.join("model2");
+    copy_dir(&fixtures().join("backbone/tiny-dinov2"), &model2);
+    edit_json(&model2.join("config.json"), |v| v["layer_norm_eps"] = serde_json::json!(-1e-6));
+    let out = saev(&dir, &[&"record", &"--model", &model2, &"--size", &"16", &img]);
+    refused(&out, &["config.json", "layer_norm_eps"]);
+    // NaN activations in a store: training stops at step 0 naming the example and token.
+    let store = store_copy(&dir);
+    let shard = store.join("acts000000.bin");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    for e in 0..3 {
+        // example e, layer -2 (position 0), token 2 (a patch), dimension 3
+        let at = ((e * 2 * 5 + 2) * 8 + 3) * 4;
+        bytes[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    }
+    std::fs::write(&shard, &bytes).unwrap();
+    let sw = sweep(&dir, TOPK);
+    let out = saev(&dir, &[&"train", &"--store", &store, &"--sweep", &sw, &"--out", &dir.join("run")]);
+    refused(&out, &["non-finite", "dimension 3"]);
+    // A NaN in an SAE tensor.
+    let sae_dir = dir.join("sae");
+    let topk = fixtures().join("sae-headers/schema5-topk.pt");
+    let ok = saev(&dir, &[&"sae", &"import", &topk, &"--out", &sae_dir]);
+    assert!(ok.status.success());
+    let st = sae_dir.join("sae.safetensors");
+    let mut t = safetensors::load(&st, &Device::Cpu).unwrap();
+    let w = t["W_dec"].clone();
+    let mut v: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
+    v[7] = f32::INFINITY;
+    t.insert("W_dec".into(), Tensor::from_vec(v, w.dims(), &Device::Cpu).unwrap());
+    safetensors::save(&t, &st).unwrap();
+    let clean = store_copy(&scratch("finite-clean"));
+    let out = saev(&dir, &[&"features", &"--sae", &sae_dir, &"--store", &clean]);
+    refused(&out, &["sae.safetensors", "W_dec", "non-finite"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// No panic, no abort on hostile files.
+
+#[test]
+fn hostile_files_are_errors_not_panics() {
+    let dir = scratch("hostile");
+    // An IDX file with a zero side.
+    let idx = dir.join("bad-images-idx3-ubyte");
+    let mut b = vec![0u8, 0, 8, 3];
+    for d in [2u32, 0, 28] {
+        b.extend_from_slice(&d.to_be_bytes());
+    }
+    std::fs::write(&idx, &b).unwrap();
+    let model = fixtures().join("backbone/tiny-dinov2");
+    let out = saev(&dir, &[&"activations", &"--model", &model, &"--data", &idx, &"--out", &dir.join("a"), &"--size", &"16"]);
+    refused(&out, &["bad-images-idx3-ubyte", "none zero"]);
+    // A small PNG declaring a 1 × 65000 image: refused by the decoder's limits, no abort.
+    let png = dir.join("tall.png");
+    saev::image::GrayImage::new(1, 65000).save(&png).unwrap();
+    let out = saev(&dir, &[&"record", &"--model", &model, &"--size", &"16", &png]);
+    refused(&out, &["tall.png"]);
+}
+
+/// A part whose labels were truncated: the merge refuses before moving anything.
+#[test]
+fn merge_validates_every_part_before_moving() {
+    let dir = scratch("merge");
+    let data = fixtures().join("backbone");
+    let imgs = dir.join("imgs");
+    std::fs::create_dir_all(&imgs).unwrap();
+    for i in 0..6 {
+        std::fs::copy(data.join(["astronaut.png", "chelsea.png"][i % 2]), imgs.join(format!("{i}.png")))
+            .unwrap();
+    }
+    let model = data.join("tiny-dinov2");
+    let mut parts = Vec::new();
+    for i in 0..2 {
+        let out = saev(&dir, &[
+            &"activations", &"--model", &model, &"--data", &imgs, &"--out", &dir.join("parts"),
+            &"--size", &"16", &"--max-tokens-per-shard", &"51", &"--part", &format!("{i}/2"),
+        ]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        parts.push(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim().to_string()));
+    }
+    // Truncate a shard of part 1.
+    let victim = std::fs::read_dir(&parts[1])
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "bin"))
+        .unwrap();
+    let len = std::fs::metadata(&victim).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&victim)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let before: Vec<_> = parts.iter().map(|p| snapshot(p)).collect();
+    let out = saev(&dir, &[&"activations", &"merge", &parts[0], &parts[1], &"--out", &dir.join("merged")]);
+    refused(&out, &[victim.file_name().unwrap().to_str().unwrap(), "truncated"]);
+    for (p, b) in parts.iter().zip(&before) {
+        assert_eq!(&snapshot(p), b, "{} was changed", p.display());
+    }
+}
