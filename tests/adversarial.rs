@@ -59,7 +59,12 @@ fn saev(dir: &Path, args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
         }
         if t0.elapsed() > Duration::from_secs(60) {
             child.kill().unwrap();
-            panic!("saev {:?} hung", args.iter().map(|a| a.as_ref().to_owned()).collect::<Vec<_>>());
+            panic!(
+                "saev {:?} hung",
+                args.iter()
+                    .map(|a| a.as_ref().to_owned())
+                    .collect::<Vec<_>>()
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -125,7 +130,18 @@ fn edited_store_metadata_is_refused_by_shard_size() {
         edit_json(&store.join("metadata.json"), |v| v[field] = value.clone());
         let before = snapshot(&store);
         let sw = sweep(&dir, TOPK);
-        let out = saev(&dir, &[&"train", &"--store", &store, &"--sweep", &sw, &"--out", &dir.join("run")]);
+        let out = saev(
+            &dir,
+            &[
+                &"train",
+                &"--store",
+                &store,
+                &"--sweep",
+                &sw,
+                &"--out",
+                &dir.join("run"),
+            ],
+        );
         refused(&out, &["acts00000"]);
         assert_eq!(snapshot(&store), before, "{field}: the store was changed");
     }
@@ -150,7 +166,18 @@ fn absurd_numbers_and_special_files_are_refused_before_allocating() {
         .is_ok_and(|s| s.success());
     if ok {
         let sw = sweep(&dir, TOPK);
-        let out = saev(&dir, &[&"train", &"--store", &store, &"--sweep", &sw, &"--out", &dir.join("run")]);
+        let out = saev(
+            &dir,
+            &[
+                &"train",
+                &"--store",
+                &store,
+                &"--sweep",
+                &sw,
+                &"--out",
+                &dir.join("run"),
+            ],
+        );
         refused(&out, &["acts000001.bin", "not a regular file"]);
     }
 }
@@ -162,24 +189,75 @@ fn absurd_numbers_and_special_files_are_refused_before_allocating() {
 fn out_of_range_arguments_name_the_valid_range() {
     let dir = scratch("args");
     let store = store_copy(&dir);
-    let out = saev(&dir, &[&"train", &"--store", &store, &"--out", &dir.join("r"), &"--n-patches", &"0"]);
+    let out = saev(
+        &dir,
+        &[
+            &"train",
+            &"--store",
+            &store,
+            &"--out",
+            &dir.join("r"),
+            &"--n-patches",
+            &"0",
+        ],
+    );
     refused(&out, &["--n-patches", "0"]);
-    let out = saev(&dir, &[&"activations", &"--data", &dir, &"--out", &dir.join("a"), &"--limit", &"0"]);
+    let out = saev(
+        &dir,
+        &[
+            &"activations",
+            &"--data",
+            &dir,
+            &"--out",
+            &dir.join("a"),
+            &"--limit",
+            &"0",
+        ],
+    );
     refused(&out, &["--limit", "at least 1"]);
-    let out = saev(&dir, &[&"causal", &"--sae", &dir, &"--store", &store, &"--head", &dir, &"--latents", &"1", &"--mult", &"NaN"]);
+    let out = saev(
+        &dir,
+        &[
+            &"causal",
+            &"--sae",
+            &dir,
+            &"--store",
+            &store,
+            &"--head",
+            &dir,
+            &"--latents",
+            &"1",
+            &"--mult",
+            &"NaN",
+        ],
+    );
     refused(&out, &["--mult", "NaN"]);
     for (json, field) in [
-        (r#"{"activation": {"kind": "top_k", "k": 0}, "sweep": [{"lr": 1e-3}]}"#, "activation.k"),
+        (
+            r#"{"activation": {"kind": "top_k", "k": 0}, "sweep": [{"lr": 1e-3}]}"#,
+            "activation.k",
+        ),
         (r#"{"expansion": 0, "sweep": [{"lr": 1e-3}]}"#, "expansion"),
         (r#"{"sweep": [{"lr": -1.0}]}"#, "sweep[0].lr"),
-        (r#"{"activation": {"kind": "top_k", "k": 4}, "sweep": [{"lr": 1e-3, "k": 0}]}"#, "sweep[0].k"),
+        (
+            r#"{"activation": {"kind": "top_k", "k": 4}, "sweep": [{"lr": 1e-3, "k": 0}]}"#,
+            "sweep[0].k",
+        ),
         (r#"{"sweep": []}"#, "sweep"),
     ] {
         let sw = sweep(&dir, json);
         let run = dir.join(format!("run-{}", field.replace(['[', ']', '.'], "_")));
-        let out = saev(&dir, &[&"train", &"--store", &store, &"--sweep", &sw, &"--out", &run]);
+        let out = saev(
+            &dir,
+            &[
+                &"train", &"--store", &store, &"--sweep", &sw, &"--out", &run,
+            ],
+        );
         refused(&out, &[field]);
-        assert!(!run.exists(), "{field}: nothing is written for a bad config");
+        assert!(
+            !run.exists(),
+            "{field}: nothing is written for a bad config"
+        );
     }
 }
 
@@ -192,8 +270,17 @@ fn runs_refuse_other_stores_and_foreign_directories() {
     let store = store_copy(&dir);
     let sw = sweep(&dir, TOPK);
     let run = dir.join("run");
-    let out = saev(&dir, &[&"train", &"--store", &store, &"--sweep", &sw, &"--out", &run]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = saev(
+        &dir,
+        &[
+            &"train", &"--store", &store, &"--sweep", &sw, &"--out", &run,
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Nothing was written into the store (the normalisation statistics are cached elsewhere).
     assert!(!store.join("norm--2-patches.json").exists());
     // The same command on another store (one example's values changed size: another store).
@@ -203,29 +290,73 @@ fn runs_refuse_other_stores_and_foreign_directories() {
         v["data"] = serde_json::json!("another dataset")
     });
     let before = snapshot(&run);
-    let out = saev(&dir, &[&"train", &"--store", &other, &"--sweep", &sw, &"--out", &run]);
+    let out = saev(
+        &dir,
+        &[
+            &"train", &"--store", &other, &"--sweep", &sw, &"--out", &run,
+        ],
+    );
     refused(&out, &["another store", "state.json"]);
     assert_eq!(snapshot(&run), before, "the run was changed");
     // A directory of someone else's files.
     let foreign = dir.join("foreign");
     std::fs::create_dir_all(&foreign).unwrap();
     std::fs::write(foreign.join("thesis.tex"), b"\\documentclass{article}").unwrap();
-    let out = saev(&dir, &[&"train", &"--store", &store, &"--sweep", &sw, &"--out", &foreign]);
+    let out = saev(
+        &dir,
+        &[
+            &"train", &"--store", &store, &"--sweep", &sw, &"--out", &foreign,
+        ],
+    );
     refused(&out, &["foreign", "did not write"]);
     assert_eq!(std::fs::read_dir(&foreign).unwrap().count(), 1);
     // The browser over a directory it did not write.
-    let out = saev(&dir, &[&"browse", &"--sae", &run.join("0"), &"--store", &store, &"--out", &foreign]);
+    let out = saev(
+        &dir,
+        &[
+            &"browse",
+            &"--sae",
+            &run.join("0"),
+            &"--store",
+            &store,
+            &"--out",
+            &foreign,
+        ],
+    );
     refused(&out, &["foreign", "did not write", "--force"]);
     assert_eq!(std::fs::read_dir(&foreign).unwrap().count(), 1);
     // A feature pass computed on another store is not reused.
-    let ok = saev(&dir, &[&"features", &"--sae", &run.join("0"), &"--store", &store]);
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
-    let out = saev(&dir, &[&"browse", &"--sae", &run.join("0"), &"--store", &other, &"--out", &dir.join("site")]);
+    let ok = saev(
+        &dir,
+        &[&"features", &"--sae", &run.join("0"), &"--store", &store],
+    );
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let out = saev(
+        &dir,
+        &[
+            &"browse",
+            &"--sae",
+            &run.join("0"),
+            &"--store",
+            &other,
+            &"--out",
+            &dir.join("site"),
+        ],
+    );
     refused(&out, &["features.json", "another store"]);
     // A checkpoint whose per-setting lists were emptied.
     let state = run.join("checkpoint/state.json");
     edit_json(&state, |v| v["threshold"] = serde_json::json!([]));
-    let out = saev(&dir, &[&"train", &"--store", &store, &"--sweep", &sw, &"--out", &run]);
+    let out = saev(
+        &dir,
+        &[
+            &"train", &"--store", &store, &"--sweep", &sw, &"--out", &run,
+        ],
+    );
     refused(&out, &["state.json", "threshold"]);
 }
 
@@ -245,16 +376,27 @@ fn non_finite_weights_configs_and_data_are_named() {
     let w = t[&key].clone();
     let mut v: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
     v[5] = f32::NAN;
-    t.insert(key.clone(), Tensor::from_vec(v, w.dims(), &Device::Cpu).unwrap());
+    t.insert(
+        key.clone(),
+        Tensor::from_vec(v, w.dims(), &Device::Cpu).unwrap(),
+    );
     safetensors::save(&t, &st).unwrap();
     let img = fixtures().join("backbone/astronaut.png");
-    let out = saev(&dir, &[&"record", &"--model", &model, &"--size", &"16", &img]);
+    let out = saev(
+        &dir,
+        &[&"record", &"--model", &model, &"--size", &"16", &img],
+    );
     refused(&out, &["model.safetensors", &key, "non-finite"]);
     // A negative LayerNorm epsilon.
     let model2 = dir.join("model2");
     copy_dir(&fixtures().join("backbone/tiny-dinov2"), &model2);
-    edit_json(&model2.join("config.json"), |v| v["layer_norm_eps"] = serde_json::json!(-1e-6));
-    let out = saev(&dir, &[&"record", &"--model", &model2, &"--size", &"16", &img]);
+    edit_json(&model2.join("config.json"), |v| {
+        v["layer_norm_eps"] = serde_json::json!(-1e-6)
+    });
+    let out = saev(
+        &dir,
+        &[&"record", &"--model", &model2, &"--size", &"16", &img],
+    );
     refused(&out, &["config.json", "layer_norm_eps"]);
     // NaN activations in a store: training stops at step 0 naming the example and token.
     let store = store_copy(&dir);
@@ -267,7 +409,18 @@ fn non_finite_weights_configs_and_data_are_named() {
     }
     std::fs::write(&shard, &bytes).unwrap();
     let sw = sweep(&dir, TOPK);
-    let out = saev(&dir, &[&"train", &"--store", &store, &"--sweep", &sw, &"--out", &dir.join("run")]);
+    let out = saev(
+        &dir,
+        &[
+            &"train",
+            &"--store",
+            &store,
+            &"--sweep",
+            &sw,
+            &"--out",
+            &dir.join("run"),
+        ],
+    );
     refused(&out, &["non-finite", "dimension 3"]);
     // A NaN in an SAE tensor.
     let sae_dir = dir.join("sae");
@@ -279,7 +432,10 @@ fn non_finite_weights_configs_and_data_are_named() {
     let w = t["W_dec"].clone();
     let mut v: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
     v[7] = f32::INFINITY;
-    t.insert("W_dec".into(), Tensor::from_vec(v, w.dims(), &Device::Cpu).unwrap());
+    t.insert(
+        "W_dec".into(),
+        Tensor::from_vec(v, w.dims(), &Device::Cpu).unwrap(),
+    );
     safetensors::save(&t, &st).unwrap();
     let clean = store_copy(&scratch("finite-clean"));
     let out = saev(&dir, &[&"features", &"--sae", &sae_dir, &"--store", &clean]);
@@ -300,12 +456,28 @@ fn hostile_files_are_errors_not_panics() {
     }
     std::fs::write(&idx, &b).unwrap();
     let model = fixtures().join("backbone/tiny-dinov2");
-    let out = saev(&dir, &[&"activations", &"--model", &model, &"--data", &idx, &"--out", &dir.join("a"), &"--size", &"16"]);
+    let out = saev(
+        &dir,
+        &[
+            &"activations",
+            &"--model",
+            &model,
+            &"--data",
+            &idx,
+            &"--out",
+            &dir.join("a"),
+            &"--size",
+            &"16",
+        ],
+    );
     refused(&out, &["bad-images-idx3-ubyte", "none zero"]);
     // A small PNG declaring a 1 × 65000 image: refused by the decoder's limits, no abort.
     let png = dir.join("tall.png");
     saev::image::GrayImage::new(1, 65000).save(&png).unwrap();
-    let out = saev(&dir, &[&"record", &"--model", &model, &"--size", &"16", &png]);
+    let out = saev(
+        &dir,
+        &[&"record", &"--model", &model, &"--size", &"16", &png],
+    );
     refused(&out, &["tall.png"]);
 }
 
@@ -317,18 +489,41 @@ fn merge_validates_every_part_before_moving() {
     let imgs = dir.join("imgs");
     std::fs::create_dir_all(&imgs).unwrap();
     for i in 0..6 {
-        std::fs::copy(data.join(["astronaut.png", "chelsea.png"][i % 2]), imgs.join(format!("{i}.png")))
-            .unwrap();
+        std::fs::copy(
+            data.join(["astronaut.png", "chelsea.png"][i % 2]),
+            imgs.join(format!("{i}.png")),
+        )
+        .unwrap();
     }
     let model = data.join("tiny-dinov2");
     let mut parts = Vec::new();
     for i in 0..2 {
-        let out = saev(&dir, &[
-            &"activations", &"--model", &model, &"--data", &imgs, &"--out", &dir.join("parts"),
-            &"--size", &"16", &"--max-tokens-per-shard", &"51", &"--part", &format!("{i}/2"),
-        ]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        parts.push(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim().to_string()));
+        let out = saev(
+            &dir,
+            &[
+                &"activations",
+                &"--model",
+                &model,
+                &"--data",
+                &imgs,
+                &"--out",
+                &dir.join("parts"),
+                &"--size",
+                &"16",
+                &"--max-tokens-per-shard",
+                &"51",
+                &"--part",
+                &format!("{i}/2"),
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        parts.push(PathBuf::from(
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        ));
     }
     // Truncate a shard of part 1.
     let victim = std::fs::read_dir(&parts[1])
@@ -344,8 +539,21 @@ fn merge_validates_every_part_before_moving() {
         .set_len(len / 2)
         .unwrap();
     let before: Vec<_> = parts.iter().map(|p| snapshot(p)).collect();
-    let out = saev(&dir, &[&"activations", &"merge", &parts[0], &parts[1], &"--out", &dir.join("merged")]);
-    refused(&out, &[victim.file_name().unwrap().to_str().unwrap(), "truncated"]);
+    let out = saev(
+        &dir,
+        &[
+            &"activations",
+            &"merge",
+            &parts[0],
+            &parts[1],
+            &"--out",
+            &dir.join("merged"),
+        ],
+    );
+    refused(
+        &out,
+        &[victim.file_name().unwrap().to_str().unwrap(), "truncated"],
+    );
     for (p, b) in parts.iter().zip(&before) {
         assert_eq!(&snapshot(p), b, "{} was changed", p.display());
     }

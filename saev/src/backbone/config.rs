@@ -326,14 +326,21 @@ pub(crate) fn check_heads(cfg: VitConfig, path: &Path) -> Result<VitConfig> {
         ("num_register_tokens", cfg.num_register_tokens, 1 << 10),
     ] {
         if v > max || (v == 0 && field != "num_register_tokens") {
-            return Err(config_err(path, field, format!("{v} is out of range (1..={max})")));
+            return Err(config_err(
+                path,
+                field,
+                format!("{v} is out of range (1..={max})"),
+            ));
         }
     }
     if cfg.image_size < cfg.patch_size {
         return Err(config_err(
             path,
             "image_size",
-            format!("{} is smaller than patch_size {}", cfg.image_size, cfg.patch_size),
+            format!(
+                "{} is smaller than patch_size {}",
+                cfg.image_size, cfg.patch_size
+            ),
         ));
     }
     if cfg.hidden_size % cfg.num_attention_heads != 0 {

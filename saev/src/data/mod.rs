@@ -342,10 +342,12 @@ impl Dataset {
                 })
             }
             Source::Parquet(p) => {
-                let image = crate::backbone::preprocess::decode_image(&p.image_bytes(i)?)
-                    .map_err(|e| Error::Image {
-                        path: p.source(i).into(),
-                        msg: e.to_string(),
+                let image =
+                    crate::backbone::preprocess::decode_image(&p.image_bytes(i)?).map_err(|e| {
+                        Error::Image {
+                            path: p.source(i).into(),
+                            msg: e.to_string(),
+                        }
                     })?;
                 Ok(Example {
                     index: i,

@@ -133,7 +133,11 @@ pub fn write_browser(ex: &Explorer, out: &Path, cfg: &BrowseConfig) -> Result<Pa
         )));
     }
     std::fs::create_dir_all(out).with_path(out)?;
-    std::fs::write(&marker, b"{\"version\": 1, \"written_by\": \"saev browse\"}\n").with_path(&marker)?;
+    std::fs::write(
+        &marker,
+        b"{\"version\": 1, \"written_by\": \"saev browse\"}\n",
+    )
+    .with_path(&marker)?;
     let lat_dir = out.join("latents");
     std::fs::create_dir_all(&lat_dir).with_path(&lat_dir)?;
     let f = ex.features();

@@ -227,7 +227,12 @@ impl Sae {
         );
         check_finite(
             path,
-            [("W_enc", &w_enc), ("b_enc", &b_enc), ("W_dec", &w_dec), ("b_dec", &b_dec)],
+            [
+                ("W_enc", &w_enc),
+                ("b_enc", &b_enc),
+                ("W_dec", &w_dec),
+                ("b_dec", &b_dec),
+            ],
         )?;
         if h.subtract_b_dec {
             // (x − b_dec) W_enc + b_enc = x W_enc + (b_enc − b_dec W_enc).
@@ -353,16 +358,24 @@ impl Sae {
             get(&t, "W_dec", &[s, d], &st)?,
             get(&t, "b_dec", &[d], &st)?,
         );
-        check_finite(&st, [("W_enc", &a), ("b_enc", &b), ("W_dec", &c), ("b_dec", &e)])?;
+        check_finite(
+            &st,
+            [("W_enc", &a), ("b_enc", &b), ("W_dec", &c), ("b_dec", &e)],
+        )?;
         if let Some(n) = &cfg.norm {
             if !(n.scalar.is_finite() && n.scalar > 0.0) || n.mean.iter().any(|m| !m.is_finite()) {
                 return Err(Error::Checkpoint {
                     path: js,
-                    msg: format!("norm: scalar {} and the mean must be finite, the scalar positive", n.scalar),
+                    msg: format!(
+                        "norm: scalar {} and the mean must be finite, the scalar positive",
+                        n.scalar
+                    ),
                 });
             }
         }
-        if let SaeActivation::TopK { k: 0, .. } | SaeActivation::BatchTopK { k: 0, .. } = cfg.activation {
+        if let SaeActivation::TopK { k: 0, .. } | SaeActivation::BatchTopK { k: 0, .. } =
+            cfg.activation
+        {
             return Err(Error::Checkpoint {
                 path: js,
                 msg: "activation: k = 0 keeps no latent".into(),

@@ -302,7 +302,10 @@ impl TrainConfig {
             return bad("expansion", format!("{} (valid: 1..=256)", self.expansion));
         }
         if self.batch_size == 0 || self.batch_size > 1 << 20 {
-            return bad("batch_size", format!("{} (valid: 1..=1048576)", self.batch_size));
+            return bad(
+                "batch_size",
+                format!("{} (valid: 1..=1048576)", self.batch_size),
+            );
         }
         if self.n_patches == 0 {
             return bad("n_patches", "0 (valid: at least 1)".into());
@@ -316,10 +319,16 @@ impl TrainConfig {
         }
         for (i, st) in self.sweep.iter().enumerate() {
             if !(st.lr.is_finite() && st.lr > 0.0 && st.lr < 10.0) {
-                return bad(&format!("sweep[{i}].lr"), format!("{} (valid: 0 < lr < 10)", st.lr));
+                return bad(
+                    &format!("sweep[{i}].lr"),
+                    format!("{} (valid: 0 < lr < 10)", st.lr),
+                );
             }
             if !(st.lambda.is_finite() && st.lambda >= 0.0) {
-                return bad(&format!("sweep[{i}].lambda"), format!("{} (valid: ≥ 0, finite)", st.lambda));
+                return bad(
+                    &format!("sweep[{i}].lambda"),
+                    format!("{} (valid: ≥ 0, finite)", st.lambda),
+                );
             }
             if st.k == Some(0) {
                 return bad(&format!("sweep[{i}].k"), "0 (valid: at least 1)".into());
@@ -344,7 +353,10 @@ impl TrainConfig {
             .iter()
             .find(|&&f| !(f.is_finite() && f > 0.0 && f <= 1.0))
         {
-            return bad("matryoshka", format!("holds {f} (valid: fractions in (0, 1])"));
+            return bad(
+                "matryoshka",
+                format!("holds {f} (valid: fractions in (0, 1])"),
+            );
         }
         Ok(())
     }

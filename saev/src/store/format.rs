@@ -166,17 +166,23 @@ impl Metadata {
         for (field, v, max) in [
             ("d_model", self.d_model, 1usize << 16),
             ("layers", self.layers.len(), 1 << 10),
-            ("content_tokens_per_example", self.content_tokens_per_example, 1 << 20),
+            (
+                "content_tokens_per_example",
+                self.content_tokens_per_example,
+                1 << 20,
+            ),
             ("n_examples", self.n_examples, 1 << 40),
             ("max_tokens_per_shard", self.max_tokens_per_shard, 1 << 36),
         ] {
             if v > max {
-                return Err(err(field, format!("{v} is larger than saev accepts ({max})")));
+                return Err(err(
+                    field,
+                    format!("{v} is larger than saev accepts ({max})"),
+                ));
             }
         }
-        let shard_bytes = (self.examples_per_shard() as u128)
-            * (self.floats_per_example() as u128)
-            * 4;
+        let shard_bytes =
+            (self.examples_per_shard() as u128) * (self.floats_per_example() as u128) * 4;
         if shard_bytes > 1 << 40 {
             return Err(err(
                 "max_tokens_per_shard",

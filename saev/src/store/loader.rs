@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use super::permute::Permutation;
 use super::ActivationStore;
-use crate::error::{read_json, Error, IoContext, Result};
+use crate::error::{read_json, Error, Result};
 
 /// Which tokens of each example a loader yields.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]

@@ -524,14 +524,14 @@ pub fn merge_parts(parts: &[PathBuf], root: &Path) -> Result<PathBuf> {
             if len != md.shard_bytes() {
                 return Err(Error::Store {
                     path: f,
-                    msg: format!("{len} bytes, a shard is {} (truncated part?)", md.shard_bytes()),
+                    msg: format!(
+                        "{len} bytes, a shard is {} (truncated part?)",
+                        md.shard_bytes()
+                    ),
                 });
             }
         }
-        for (name, want) in [
-            ("labels.bin", n_labels_total as u64),
-            ("registers.bin", 0),
-        ] {
+        for (name, want) in [("labels.bin", n_labels_total as u64), ("registers.bin", 0)] {
             let f = p.join(name);
             if !f.exists() {
                 continue;
