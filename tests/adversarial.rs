@@ -558,3 +558,111 @@ fn merge_validates_every_part_before_moving() {
         assert_eq!(&snapshot(p), b, "{} was changed", p.display());
     }
 }
+
+/// A writer killed after its progress file and before metadata.json resumes to the bytes of an
+/// uninterrupted run (it used to re-record everything and then fail). Provenance paths are
+/// absolute, so the store finds its images from any working directory.
+#[test]
+fn writer_killed_before_its_metadata_resumes_to_identical_bytes() {
+    use sha2::{Digest, Sha256};
+    let dir = scratch("killpoint");
+    let imgs = dir.join("imgs");
+    std::fs::create_dir_all(&imgs).unwrap();
+    let data = fixtures().join("backbone");
+    for i in 0..5 {
+        std::fs::copy(
+            data.join(["astronaut.png", "chelsea.png"][i % 2]),
+            imgs.join(format!("{i}.png")),
+        )
+        .unwrap();
+    }
+    let model = data.join("tiny-dinov2");
+    // Relative --data from inside `dir`: recorded absolute.
+    let record = |root: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_saev"))
+            .current_dir(&dir)
+            .env("SAEV_CACHE", dir.join("cache"))
+            .args([
+                "activations",
+                "--data",
+                "imgs",
+                "--size",
+                "16",
+                "--out",
+                root,
+                "--model",
+            ])
+            .arg(&model)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    let a = record("a");
+    let prov = std::fs::read_to_string(dir.join(&a).join("provenance.json")).unwrap();
+    assert!(prov.contains(&imgs.display().to_string()), "{prov}");
+    // The state a kill leaves: the store directory with only the progress file.
+    let b = dir.join("b").join(a.file_name().unwrap());
+    std::fs::create_dir_all(&b).unwrap();
+    let fp = format!("{:x}", Sha256::digest(format!("{prov}|16x16").as_bytes()));
+    std::fs::write(
+        b.join(".saev-progress.json"),
+        format!(r#"{{"version":1,"fingerprint":"{fp}","batch_size":32,"n_done":0}}"#),
+    )
+    .unwrap();
+    let b2 = record("b");
+    assert_eq!(b2, Path::new("b").join(a.file_name().unwrap()));
+    let strip = |v: Vec<(PathBuf, Vec<u8>)>, root: &Path| -> Vec<(PathBuf, Vec<u8>)> {
+        v.into_iter()
+            .map(|(p, bytes)| (p.strip_prefix(root).unwrap().to_path_buf(), bytes))
+            .collect()
+    };
+    assert_eq!(
+        strip(snapshot(&dir.join(&b2)), &dir.join(&b2)),
+        strip(snapshot(&dir.join(&a)), &dir.join(&a))
+    );
+}
+
+/// A symlink loop in an image folder does not multiply examples; a provenance source like
+/// `/#0` is an error, not a walk over the whole file system.
+#[test]
+fn symlink_loops_and_directory_sources_are_harmless() {
+    let dir = scratch("links");
+    let imgs = dir.join("imgs");
+    std::fs::create_dir_all(imgs.join("sub")).unwrap();
+    let data = fixtures().join("backbone");
+    std::fs::copy(data.join("astronaut.png"), imgs.join("a.png")).unwrap();
+    std::fs::copy(data.join("chelsea.png"), imgs.join("sub/b.png")).unwrap();
+    std::os::unix::fs::symlink(&imgs, imgs.join("sub/loop")).unwrap();
+    let ds = saev::Dataset::open(&imgs, None, false).unwrap();
+    assert_eq!(ds.len(), 2, "{}", ds.describe());
+    // A store whose provenance points at a directory.
+    let store = store_copy(&dir);
+    let sources: Vec<String> = (0..7).map(|_| "/#0".to_string()).collect();
+    let prov = serde_json::json!({"version": 1, "classes": [], "sources": sources, "labels": vec![serde_json::Value::Null; 7]});
+    std::fs::write(store.join("provenance.json"), prov.to_string()).unwrap();
+    let sae_dir = dir.join("sae");
+    let topk = fixtures().join("sae-headers/schema5-topk.pt");
+    assert!(saev(&dir, &[&"sae", &"import", &topk, &"--out", &sae_dir])
+        .status
+        .success());
+    let out = saev(
+        &dir,
+        &[
+            &"browse",
+            &"--sae",
+            &sae_dir,
+            &"--store",
+            &store,
+            &"--out",
+            &dir.join("site"),
+            &"--max-pages",
+            &"1",
+        ],
+    );
+    refused(&out, &["/#0"]);
+}

@@ -98,6 +98,20 @@ fn is_image(p: &Path) -> bool {
 }
 
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    walk_once(dir, out, &mut std::collections::HashSet::new())
+}
+
+/// Depth-first, sorted; a directory reached twice (a symlink loop, or two links to one
+/// directory) is read once.
+fn walk_once(
+    dir: &Path,
+    out: &mut Vec<PathBuf>,
+    seen: &mut std::collections::HashSet<PathBuf>,
+) -> Result<()> {
+    let real = std::fs::canonicalize(dir).with_path(dir)?;
+    if !seen.insert(real) {
+        return Ok(());
+    }
     let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_path(dir)?
         .map(|e| e.map(|e| e.path()))
@@ -106,7 +120,7 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     entries.sort();
     for p in entries {
         if p.is_dir() {
-            walk(&p, out)?;
+            walk_once(&p, out, seen)?;
         } else if is_image(&p) {
             out.push(p);
         }
@@ -138,6 +152,9 @@ impl Dataset {
         if !path.exists() {
             return Err(dataset_err(path, "does not exist"));
         }
+        // Absolute, so the provenance recorded in stores finds the files from any directory.
+        let abs = std::path::absolute(path).with_path(path)?;
+        let path = abs.as_path();
         let kind = match kind {
             Some(k) => k,
             None => detect(path)?,

@@ -100,7 +100,9 @@ impl Views {
             ))
         })?;
         let img = match src.rsplit_once('#') {
-            Some((path, idx)) if idx.parse::<usize>().is_ok() && Path::new(path).exists() => {
+            // `file#index` names a row of an IDX or parquet file — never a directory (a source
+            // like `/#0` must not make saev scan the file system).
+            Some((path, idx)) if idx.parse::<usize>().is_ok() && Path::new(path).is_file() => {
                 let i: usize = idx.parse().unwrap_or(0); // checked just above
                 let key = PathBuf::from(path);
                 let ds = {

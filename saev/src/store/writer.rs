@@ -679,6 +679,11 @@ pub fn record_activations(
             });
         }
         n_done = p.n_done.max(range.start);
+        // Killed between the progress file and metadata.json: write them now.
+        if !dir.join("metadata.json").exists() {
+            write_atomic(&dir.join("metadata.json"), md.to_json().as_bytes())?;
+            write_atomic(&dir.join("provenance.json"), prov_text.as_bytes())?;
+        }
         StoreWriter::reopen(dir.clone(), md.clone(), cfg.part)
             .with_registers(backbone.config().num_register_tokens)
     } else {
