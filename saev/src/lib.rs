@@ -97,4 +97,5 @@ pub mod __private {
     pub use crate::backbone::weights;
     pub use crate::explore::features::Encoder;
     pub use crate::import::onnx;
+    pub use crate::sae::torch_load::parse_pickle;
 }

@@ -353,6 +353,18 @@ fn bad(path: &Path, msg: impl Into<String>) -> Error {
     }
 }
 
+/// Interpret pickle bytes (the `data.pkl` of a torch zip) as saev does, for fuzzing: Ok when
+/// they decode to a value, an error otherwise — never a call, never a panic.
+#[doc(hidden)]
+pub fn parse_pickle(bytes: &[u8]) -> Result<()> {
+    run(&mut Pickle {
+        b: bytes,
+        pos: 0,
+        path: Path::new("<fuzz>"),
+    })
+    .map(|_| ())
+}
+
 /// Tensor name → (shape, contiguous f32 data).
 pub type StateDict = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
 

@@ -69,12 +69,17 @@ pub struct ShardEntry {
 impl Metadata {
     /// Tokens per example: content tokens plus CLS when present.
     pub fn tokens_per_example(&self) -> usize {
-        self.content_tokens_per_example + usize::from(self.cls_token)
+        self.content_tokens_per_example
+            .saturating_add(usize::from(self.cls_token))
     }
 
     /// Examples per shard file.
     pub fn examples_per_shard(&self) -> usize {
-        self.max_tokens_per_shard / (self.tokens_per_example() * self.layers.len()).max(1)
+        self.max_tokens_per_shard
+            / self
+                .tokens_per_example()
+                .saturating_mul(self.layers.len())
+                .max(1)
     }
 
     /// Number of shard files.
@@ -84,7 +89,10 @@ impl Metadata {
 
     /// Floats per example (`n_layers · T · d`).
     pub fn floats_per_example(&self) -> usize {
-        self.layers.len() * self.tokens_per_example() * self.d_model
+        self.layers
+            .len()
+            .saturating_mul(self.tokens_per_example())
+            .saturating_mul(self.d_model)
     }
 
     /// Bytes of one full shard file.
@@ -159,9 +167,6 @@ impl Metadata {
                 format!("{:?} is not supported (float32 only)", self.dtype),
             ));
         }
-        if self.layers.is_empty() || self.d_model == 0 || self.tokens_per_example() == 0 {
-            return Err(err("layers", "empty layers, d_model or tokens".into()));
-        }
         // Absurd numbers are refused before anything is allocated or mapped from them.
         for (field, v, max) in [
             ("d_model", self.d_model, 1usize << 16),
@@ -180,6 +185,9 @@ impl Metadata {
                     format!("{v} is larger than saev accepts ({max})"),
                 ));
             }
+        }
+        if self.layers.is_empty() || self.d_model == 0 || self.tokens_per_example() == 0 {
+            return Err(err("layers", "empty layers, d_model or tokens".into()));
         }
         let shard_bytes =
             (self.examples_per_shard() as u128) * (self.floats_per_example() as u128) * 4;

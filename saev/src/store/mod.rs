@@ -119,7 +119,10 @@ impl ActivationStore {
         let (md, shards, paper_era) = format::read_store_json(&dir)?;
         let eps = md.examples_per_shard();
         let row_bytes = md.floats_per_example() * 4;
-        let total: usize = shards.iter().map(|s| s.n_examples).sum();
+        let total = shards
+            .iter()
+            .try_fold(0usize, |a, s| a.checked_add(s.n_examples))
+            .unwrap_or(usize::MAX);
         if total != md.n_examples {
             return Err(store_err(
                 &dir.join("shards.json"),
