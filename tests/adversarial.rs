@@ -666,3 +666,22 @@ fn symlink_loops_and_directory_sources_are_harmless() {
     );
     refused(&out, &["/#0"]);
 }
+
+/// A truncated JPEG is refused (Pillow refuses it) instead of decoding to grey rows.
+#[test]
+fn truncated_jpeg_is_refused() {
+    let dir = scratch("jpeg");
+    let img = saev::load_image(fixtures().join("backbone/chelsea.png")).unwrap();
+    let full = dir.join("cat.jpg");
+    img.save(&full).unwrap();
+    assert!(saev::load_image(&full).is_ok());
+    let bytes = std::fs::read(&full).unwrap();
+    let cut = dir.join("cut.jpg");
+    std::fs::write(&cut, &bytes[..bytes.len() * 2 / 3]).unwrap();
+    let model = fixtures().join("backbone/tiny-dinov2");
+    let out = saev(
+        &dir,
+        &[&"record", &"--model", &model, &"--size", &"16", &cut],
+    );
+    refused(&out, &["cut.jpg", "truncated"]);
+}

@@ -474,10 +474,34 @@ pub fn load_image(path: impl AsRef<Path>) -> Result<DynamicImage> {
         })?;
     let mut reader = reader;
     reader.limits(image_limits());
+    if reader.format() == Some(image::ImageFormat::Jpeg) {
+        let bytes = std::fs::read(path).map_err(|e| Error::Image {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })?;
+        check_jpeg_complete(&bytes).map_err(|msg| Error::Image {
+            path: path.to_path_buf(),
+            msg,
+        })?;
+    }
     reader.decode().map_err(|e| Error::Image {
         path: path.to_path_buf(),
         msg: e.to_string(),
     })
+}
+
+/// A JPEG must end with its end-of-image marker (trailing padding allowed): a truncated file
+/// is refused, as Pillow refuses it, instead of decoding to grey rows.
+fn check_jpeg_complete(bytes: &[u8]) -> std::result::Result<(), String> {
+    let end = bytes
+        .iter()
+        .rposition(|&b| b != 0 && b != b'\n' && b != b'\r')
+        .map_or(0, |i| i + 1);
+    if end >= 2 && bytes[end - 2..end] == [0xFF, 0xD9] {
+        Ok(())
+    } else {
+        Err("JPEG is truncated (no end-of-image marker)".into())
+    }
 }
 
 /// Decoding limits: a small file declaring a huge image is refused before allocating.
@@ -499,6 +523,12 @@ pub fn decode_image(bytes: &[u8]) -> Result<DynamicImage> {
         .with_guessed_format()
         .map_err(|e| err(image::ImageError::IoError(e)))?;
     reader.limits(image_limits());
+    if reader.format() == Some(image::ImageFormat::Jpeg) {
+        check_jpeg_complete(bytes).map_err(|msg| Error::Image {
+            path: "<memory>".into(),
+            msg,
+        })?;
+    }
     reader.decode().map_err(err)
 }
 

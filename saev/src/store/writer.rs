@@ -679,9 +679,11 @@ pub fn record_activations(
             });
         }
         n_done = p.n_done.max(range.start);
-        // Killed between the progress file and metadata.json: write them now.
+        // Killed between the progress file and metadata.json / provenance.json: write them now.
         if !dir.join("metadata.json").exists() {
             write_atomic(&dir.join("metadata.json"), md.to_json().as_bytes())?;
+        }
+        if !dir.join("provenance.json").exists() {
             write_atomic(&dir.join("provenance.json"), prov_text.as_bytes())?;
         }
         StoreWriter::reopen(dir.clone(), md.clone(), cfg.part)
