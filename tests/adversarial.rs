@@ -625,6 +625,20 @@ fn writer_killed_before_its_metadata_resumes_to_identical_bytes() {
         strip(snapshot(&dir.join(&b2)), &dir.join(&b2)),
         strip(snapshot(&dir.join(&a)), &dir.join(&a))
     );
+    // Killed after metadata.json and before provenance.json.
+    let c = dir.join("c").join(a.file_name().unwrap());
+    std::fs::create_dir_all(&c).unwrap();
+    std::fs::copy(dir.join(&a).join("metadata.json"), c.join("metadata.json")).unwrap();
+    std::fs::write(
+        c.join(".saev-progress.json"),
+        format!(r#"{{"version":1,"fingerprint":"{fp}","batch_size":32,"n_done":0}}"#),
+    )
+    .unwrap();
+    let c2 = record("c");
+    assert_eq!(
+        strip(snapshot(&dir.join(&c2)), &dir.join(&c2)),
+        strip(snapshot(&dir.join(&a)), &dir.join(&a))
+    );
 }
 
 /// A symlink loop in an image folder does not multiply examples; a provenance source like
