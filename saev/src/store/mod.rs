@@ -66,6 +66,7 @@ struct Inner {
     maps: Vec<Mmap>,
     labels: Option<Mmap>,
     registers: Option<(Mmap, usize)>,
+    fingerprint: std::sync::OnceLock<String>,
     provenance: Option<Provenance>,
     paper_era: bool,
 }
@@ -239,6 +240,7 @@ impl ActivationStore {
                 maps,
                 labels,
                 registers,
+                fingerprint: std::sync::OnceLock::new(),
                 provenance,
                 paper_era,
             }),
@@ -342,6 +344,28 @@ impl ActivationStore {
             .and_then(|m| m.get(e * p..(e + 1) * p))
     }
 
+    /// A stamp of the shard files as they are on disk now (sizes and modification times): what
+    /// caches derived from the content (normalisation statistics) are keyed by, so a store
+    /// rewritten in place never reuses them.
+    pub(crate) fn files_stamp(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for s in &self.inner.shards {
+            let meta = std::fs::metadata(self.dir().join(&s.name)).ok();
+            let mtime = meta
+                .as_ref()
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos());
+            h.update(format!("{}:{}:{mtime}|", s.name, meta.map_or(0, |m| m.len())).as_bytes());
+        }
+        h.finalize()
+            .iter()
+            .take(8)
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
     /// Register tokens recorded per example and layer (0 when the store has none).
     pub fn n_registers(&self) -> usize {
         self.inner.registers.as_ref().map_or(0, |r| r.1)
@@ -388,14 +412,25 @@ impl ActivationStore {
         &self.inner.shards
     }
 
-    /// The store's identity: a SHA-256 prefix (16 hex digits) of its metadata, shard list and
-    /// file sizes. Artefacts made from a store record it, and reuse checks it.
+    /// The store's identity: a SHA-256 prefix (16 hex digits) of its metadata, shard list, file
+    /// sizes and the first and last 64 KiB of every shard. Artefacts made from a store record
+    /// it, and reuse checks it.
     pub fn fingerprint(&self) -> String {
+        self.inner
+            .fingerprint
+            .get_or_init(|| self.compute_fingerprint())
+            .clone()
+    }
+
+    fn compute_fingerprint(&self) -> String {
         use sha2::{Digest, Sha256};
         let mut h = Sha256::new();
         h.update(self.inner.md.to_json().as_bytes());
         for (s, m) in self.inner.shards.iter().zip(&self.inner.maps) {
             h.update(format!("|{}:{}:{}", s.name, s.n_examples, m.len()).as_bytes());
+            let k = m.len().min(1 << 16);
+            h.update(&m[..k]);
+            h.update(&m[m.len() - k..]);
         }
         h.update(format!("|labels:{:?}", self.inner.labels.as_ref().map(|m| m.len())).as_bytes());
         h.update(
