@@ -10,6 +10,7 @@ use std::time::Instant;
 use saev::{ActivationStore, LoaderConfig, Metadata, StoreWriter, Tokens};
 
 fn main() -> saev::Result<()> {
+    saev::tune_allocator();
     let (n, t, d) = (1000usize, 257usize, 384usize);
     let md = Metadata {
         family: "dinov2".into(),

@@ -8,7 +8,7 @@
 //! variables of their own or `SAEV_NO_MALLOC_TUNING`.
 //!
 //! ```
-//! saev::tune_allocator(); // idempotent; Backbone::from_dir calls it
+//! saev::tune_allocator(); // idempotent; the saev binary and the notebook kernel call it
 //! ```
 
 /// Tune glibc malloc for large tensor temporaries (once per process; see the module docs).

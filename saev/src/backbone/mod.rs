@@ -37,6 +37,7 @@ use candle_core::{Device, Tensor};
 use image::DynamicImage;
 
 use crate::error::{CandleContext, Error, Result};
+use crate::util::display::{emit_text, html_escape};
 use config::{Family, VitConfig};
 use preprocess::Preprocess;
 use vit::{Vit, VitOutput};
@@ -255,7 +256,6 @@ impl Backbone {
     /// [`crate::backbone::layouts`].
     pub fn from_dir(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
         let dir = path.as_ref();
-        crate::tune_allocator();
         let opened = layouts::open(dir, device)?;
         let (cfg, weights) = (opened.cfg, opened.weights);
         let mut vb = weights.var_builder(device);
@@ -549,13 +549,8 @@ impl Backbone {
         let c = self.config();
         let (h, w) = self.input_size();
         let (gr, gc) = self.patch_grid();
-        let esc = |s: &str| {
-            s.replace('&', "&amp;")
-                .replace('<', "&lt;")
-                .replace('>', "&gt;")
-        };
         let rows = [
-            ("model", esc(self.name())),
+            ("model", html_escape(self.name())),
             ("family", c.family.as_str().to_string()),
             ("d_model", c.hidden_size.to_string()),
             ("blocks", c.num_hidden_layers.to_string()),
@@ -569,7 +564,10 @@ impl Backbone {
             .iter()
             .map(|(k, v)| format!("<tr><th style=\"text-align:left\">{k}</th><td>{v}</td></tr>"))
             .collect();
-        println!("EVCXR_BEGIN_CONTENT text/html\n<table><caption>Backbone</caption>{body}</table>\nEVCXR_END_CONTENT");
+        emit_text(
+            "text/html",
+            &format!("<table><caption>Backbone</caption>{body}</table>"),
+        );
     }
 }
 

@@ -15,7 +15,7 @@ use image::{imageops, GrayImage, Luma, Rgb, RgbImage};
 
 use super::Dataset;
 use crate::error::{Error, IoContext, Result};
-use crate::store::permute::splitmix64;
+use crate::util::rng::splitmix64;
 
 /// Class names of the composite masks: background, then Fashion-MNIST's ten.
 pub fn composite_classes(ds: &Dataset) -> Vec<String> {

@@ -330,9 +330,9 @@ impl Dataset {
         let label = self.label(i);
         match &self.inner.source {
             Source::Files { paths, masks, .. } => {
-                let image = crate::load_image(&paths[i])?;
+                let image = crate::util::image_io::load_image(&paths[i])?;
                 let mask = match masks {
-                    Some(m) => Some(crate::load_image(&m[i])?.to_luma8()),
+                    Some(m) => Some(crate::util::image_io::load_image(&m[i])?.to_luma8()),
                     None => None,
                 };
                 Ok(Example {
@@ -360,7 +360,7 @@ impl Dataset {
             }
             Source::Parquet(p) => {
                 let image =
-                    crate::backbone::preprocess::decode_image(&p.image_bytes(i)?).map_err(|e| {
+                    crate::util::image_io::decode_image(&p.image_bytes(i)?).map_err(|e| {
                         Error::Image {
                             path: p.source(i).into(),
                             msg: e.to_string(),

@@ -17,9 +17,10 @@ use std::path::Path;
 use plotters::prelude::*;
 use polars::prelude::DataFrame;
 
-use super::picture::{ensure_font, show_text, write_out};
+use super::picture::ensure_font;
 use crate::error::{Error, Result};
 use crate::sae::eval::DENSE_FREQ;
+use crate::util::display::{show_text, write_out};
 
 fn plot_err(e: impl fmt::Display) -> Error {
     Error::Invalid(format!("chart: {e}"))
@@ -258,6 +259,14 @@ impl fmt::Debug for HistoryPlot {
             self.series.len(),
             self.series.iter().map(Vec::len).sum::<usize>()
         )
+    }
+}
+
+/// Drawing lives here, above `sae`: the trainer knows nothing of charts.
+impl crate::sae::trainer::TrainRun {
+    /// The history drawn (loss, L0, NMSE per setting; renders inline in a notebook).
+    pub fn plot(&self) -> Result<HistoryPlot> {
+        HistoryPlot::new(&self.history)
     }
 }
 

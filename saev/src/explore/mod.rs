@@ -121,7 +121,7 @@ impl Views {
                 };
                 ds.get(i)?.image
             }
-            _ => crate::load_image(src)?,
+            _ => crate::util::image_io::load_image(src)?,
         };
         Ok(img)
     }

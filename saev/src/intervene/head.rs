@@ -447,7 +447,7 @@ fn fit(
         // Seeded Fisher–Yates.
         for i in (1..order.len()).rev() {
             seed = seed.wrapping_add(1);
-            let j = (crate::store::permute::splitmix64(seed) % (i as u64 + 1)) as usize;
+            let j = (crate::util::rng::splitmix64(seed) % (i as u64 + 1)) as usize;
             order.swap(i, j);
         }
         for chunk in order.chunks(cfg.batch_size.max(1)) {

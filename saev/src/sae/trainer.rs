@@ -35,8 +35,8 @@ use super::eval::{Evaluation, DENSE_FREQ};
 use super::model::{Sae, SaeActivation, SaeConfig, SaeNorm, SAE_SCHEMA};
 use super::step::{Kernels, Recipe, Scratch, StepStats, TrainActivation, TrainState};
 use crate::error::{write_json, CandleContext, Error, IoContext, Result};
-use crate::store::permute::splitmix64;
 use crate::store::{ActivationStore, Examples, LoaderConfig, Tokens};
+use crate::util::rng::splitmix64;
 
 /// One sweep setting.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -422,13 +422,6 @@ pub struct TrainRun {
     pub evals: Vec<Option<Evaluation>>,
     /// Whether training finished (false when stopped by `stop_after_steps`).
     pub finished: bool,
-}
-
-impl TrainRun {
-    /// The history drawn (loss, L0, NMSE per setting; renders inline in a notebook).
-    pub fn plot(&self) -> Result<crate::explore::charts::HistoryPlot> {
-        crate::explore::charts::HistoryPlot::new(&self.history)
-    }
 }
 
 /// One history row.

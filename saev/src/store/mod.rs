@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{read_json, Error, IoContext, Result};
 pub use format::{Metadata, ShardEntry, PROTOCOL};
 pub use loader::{Batch, Examples, LoaderConfig, NormStats, ShuffledLoader, Tokens};
-pub use writer::{merge_parts, record_activations, StoreWriter, WriterConfig};
+pub use writer::{merge_parts, StoreWriter};
 
 /// Per-example provenance saev writes beside the shards (`provenance.json`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,27 +90,9 @@ fn map(path: &Path) -> Result<Mmap> {
 }
 
 impl ActivationStore {
-    /// Record `data` through `vit` under `root` with the default writer settings (block −2,
-    /// see [`WriterConfig`]) and open the store; a store already recorded from the same model,
-    /// data and settings is reused, an interrupted one resumed. For other settings call
-    /// [`record_activations`].
-    pub fn record(
-        vit: &crate::backbone::Backbone,
-        data: &crate::data::Dataset,
-        root: impl AsRef<Path>,
-    ) -> Result<Self> {
-        Self::open(record_activations(
-            vit,
-            data,
-            root.as_ref(),
-            &WriterConfig::default(),
-        )?)
-    }
-
     /// Open and validate a store directory.
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
-        crate::tune_allocator();
         if dir.join(".saev-progress.json").exists() {
             return Err(store_err(
                 &dir,

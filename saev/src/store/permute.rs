@@ -9,19 +9,14 @@
 //! let order: Vec<u64> = (0..10).map(|i| p.apply(i)).collect(); // a shuffle of 0..10
 //! ```
 
+use crate::util::rng::splitmix64;
+
 /// A bijection on `0..n`.
 #[derive(Debug, Clone)]
 pub(crate) struct Permutation {
     n: u64,
     half_bits: u32,
     keys: [u64; 4],
-}
-
-pub(crate) fn splitmix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 impl Permutation {

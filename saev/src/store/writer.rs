@@ -1,104 +1,24 @@
-//! Record a backbone's activations for a whole dataset into a store, resumably.
-//!
-//! Images are decoded and preprocessed by a pool of reader threads, in parallel with the model;
-//! batches are written in dataset order at their fixed offsets (`pwrite`), so a writer killed at
-//! any moment (even `kill -9`) and re-run with the same arguments continues from the last batch
-//! it recorded as done and finishes with exactly the bytes of an uninterrupted run. Progress
-//! lives in `.saev-progress.json` (written atomically after each batch; created before
-//! `metadata.json`, removed last), so a store without it is complete and is never overwritten.
+//! Write a store's files: [`StoreWriter`] (shards at full size, `shards.json` as shards
+//! complete, labels, register tokens) and [`merge_parts`]. Recording a backbone over a dataset
+//! into one is [`crate::record`], a layer above this one.
 //!
 //! ```no_run
-//! use saev::prelude::*;
-//! let vit = Backbone::open("facebook/dinov2-small")?;
-//! let data = saev::Dataset::open("photos/", None, false)?;
-//! let dir = saev::record_activations(&vit, &data, "acts/".as_ref(), &saev::WriterConfig::default())?;
+//! # let md = saev::ActivationStore::open("old/1a2b3c4d")?.metadata().clone();
+//! let mut w = saev::StoreWriter::create("converted".as_ref(), md, None)?;
+//! w.write_examples(0, &vec![0.0; 10])?;
+//! let dir = w.finish()?;
 //! # Ok::<(), saev::Error>(())
 //! ```
 
-use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc;
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
-use super::format::{Metadata, PROTOCOL};
-use super::{ojson, Provenance, PROVENANCE_VERSION};
+use super::format::Metadata;
+use super::{ojson, Provenance};
 use crate::error::{read_json, Error, IoContext, Result};
-use crate::{Backbone, Dataset, Preprocess};
-
-/// How to record. Serde struct with documented defaults; `with_*` setters.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct WriterConfig {
-    /// Blocks to record, Python style. Default `[-2]` (the paper's choice).
-    pub layers: Vec<i64>,
-    /// Images per forward pass. Default 32.
-    pub batch_size: usize,
-    /// Shard capacity in vectors. Default 2,400,000 (the Python saev's).
-    pub max_tokens_per_shard: usize,
-    /// Mask → patch label rule: `"majority"` or `"prefer-fg"`. Default `"majority"`.
-    pub pixel_agg: String,
-    /// Image decoding threads. Default 2.
-    pub n_readers: usize,
-    /// Write only part `i` of `n` (`(i, n)`, whole shards each), to be joined by
-    /// [`merge_parts`]. Default `None` (the whole store).
-    pub part: Option<(usize, usize)>,
-}
-
-impl Default for WriterConfig {
-    fn default() -> Self {
-        Self {
-            layers: vec![-2],
-            batch_size: 32,
-            max_tokens_per_shard: 2_400_000,
-            pixel_agg: "majority".into(),
-            n_readers: 2,
-            part: None,
-        }
-    }
-}
-
-impl WriterConfig {
-    /// Set the recorded layers.
-    pub fn with_layers(mut self, layers: Vec<i64>) -> Self {
-        self.layers = layers;
-        self
-    }
-    /// Set the batch size.
-    pub fn with_batch_size(mut self, n: usize) -> Self {
-        self.batch_size = n.max(1);
-        self
-    }
-    /// Set the shard capacity (vectors).
-    pub fn with_max_tokens_per_shard(mut self, n: usize) -> Self {
-        self.max_tokens_per_shard = n;
-        self
-    }
-    /// Write only part `i` of `n` (0-based).
-    pub fn with_part(mut self, i: usize, n: usize) -> Self {
-        self.part = Some((i, n));
-        self
-    }
-    /// Set the mask aggregation (`"majority"` or `"prefer-fg"`).
-    pub fn with_pixel_agg(mut self, agg: &str) -> Self {
-        self.pixel_agg = agg.into();
-        self
-    }
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct Progress {
-    version: u32,
-    fingerprint: String,
-    batch_size: usize,
-    n_done: usize,
-}
-
-const PROGRESS: &str = ".saev-progress.json";
 
 /// Open (creating) a file for in-place writes, extended with zeros to at least `len` bytes;
 /// existing contents are kept (a resumed writer continues in it).
@@ -117,87 +37,14 @@ fn open_at_least(path: &Path, len: u64) -> Result<File> {
 }
 
 /// Write `text` to `path` atomically (temp file + rename).
-fn write_atomic(path: &Path, text: &[u8]) -> Result<()> {
+pub(crate) fn write_atomic(path: &Path, text: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text).with_path(&tmp)?;
     std::fs::rename(&tmp, path).with_path(path)
 }
 
-/// Per-patch labels from a model-view mask: bincount per patch, argmax (first on ties);
-/// `prefer-fg` ignores class 0 unless the patch is all background.
-pub(crate) fn patch_labels(mask: &image::GrayImage, patch: usize, prefer_fg: bool) -> Vec<u8> {
-    let (gw, gh) = (
-        mask.width() as usize / patch,
-        mask.height() as usize / patch,
-    );
-    let mut out = Vec::with_capacity(gw * gh);
-    for py in 0..gh {
-        for px in 0..gw {
-            let mut counts = [0u32; 256];
-            for y in py * patch..(py + 1) * patch {
-                for x in px * patch..(px + 1) * patch {
-                    counts[usize::from(mask.get_pixel(x as u32, y as u32).0[0])] += 1;
-                }
-            }
-            if prefer_fg && counts[1..].iter().any(|&c| c > 0) {
-                counts[0] = 0;
-            }
-            let mut best = 0;
-            for c in 1..256 {
-                if counts[c] > counts[best] {
-                    best = c;
-                }
-            }
-            out.push(best as u8);
-        }
-    }
-    out
-}
-
-struct Prepared {
-    pixels: Vec<f32>,
-    labels: Option<Vec<u8>>,
-    n: usize,
-}
-
-fn prepare(
-    ds: &Dataset,
-    pre: &Preprocess,
-    patch: usize,
-    prefer_fg: bool,
-    range: std::ops::Range<usize>,
-) -> Result<Prepared> {
-    let mut pixels = Vec::new();
-    let mut labels: Option<Vec<u8>> = None;
-    for i in range.clone() {
-        let ex = ds.get(i)?;
-        pixels.extend(pre.apply(&ex.image));
-        if let Some(m) = ex.mask {
-            labels.get_or_insert_with(Vec::new).extend(patch_labels(
-                &pre.mask_view(&m),
-                patch,
-                prefer_fg,
-            ));
-        }
-    }
-    Ok(Prepared {
-        pixels,
-        labels,
-        n: range.len(),
-    })
-}
-
-fn provenance(ds: &Dataset) -> Provenance {
-    Provenance {
-        version: PROVENANCE_VERSION,
-        classes: ds.class_names().to_vec(),
-        sources: (0..ds.len()).map(|i| ds.source(i)).collect(),
-        labels: (0..ds.len()).map(|i| ds.label(i)).collect(),
-    }
-}
-
 /// Low-level writer of a store's files from activations you already have: shards at full
-/// size, `shards.json` as shards complete, `labels.bin`. [`record_activations`] drives it from a
+/// size, `shards.json` as shards complete, `labels.bin`. [`crate::record_activations`] drives it from a
 /// backbone; use it directly to convert other recordings.
 ///
 /// ```no_run
@@ -213,7 +60,7 @@ pub struct StoreWriter {
     files: Vec<Option<File>>,
     labels: Option<(File, PathBuf)>,
     registers: Option<(usize, Option<File>)>,
-    part: Option<(usize, usize)>,
+    pub(crate) part: Option<(usize, usize)>,
 }
 
 impl StoreWriter {
@@ -223,7 +70,11 @@ impl StoreWriter {
         Self::create_in(root.join(md.hash()), md, provenance)
     }
 
-    fn create_in(dir: PathBuf, md: Metadata, provenance: Option<&Provenance>) -> Result<Self> {
+    pub(crate) fn create_in(
+        dir: PathBuf,
+        md: Metadata,
+        provenance: Option<&Provenance>,
+    ) -> Result<Self> {
         md.validate(Path::new("<metadata>"))?;
         if dir.join("metadata.json").exists() {
             return Err(Error::Store {
@@ -240,7 +91,7 @@ impl StoreWriter {
         Ok(Self::reopen(dir, md, None))
     }
 
-    fn reopen(dir: PathBuf, md: Metadata, part: Option<(usize, usize)>) -> Self {
+    pub(crate) fn reopen(dir: PathBuf, md: Metadata, part: Option<(usize, usize)>) -> Self {
         let n = md.n_shards();
         Self {
             dir,
@@ -451,13 +302,13 @@ fn part_shards(md: &Metadata, i: usize, n: usize) -> std::ops::Range<usize> {
     (i * per).min(md.n_shards())..((i + 1) * per).min(md.n_shards())
 }
 
-fn part_examples(md: &Metadata, i: usize, n: usize) -> std::ops::Range<usize> {
+pub(crate) fn part_examples(md: &Metadata, i: usize, n: usize) -> std::ops::Range<usize> {
     let s = part_shards(md, i, n);
     let eps = md.examples_per_shard();
     (s.start * eps).min(md.n_examples)..(s.end * eps).min(md.n_examples)
 }
 
-/// Join the parts written with [`WriterConfig::part`] into one store under `root`. Shard files
+/// Join the parts written with [`crate::WriterConfig::part`] into one store under `root`. Shard files
 /// are moved (renamed), not copied, when the parts are on the same file system as `root`; the
 /// part directories are removed afterwards.
 pub fn merge_parts(parts: &[PathBuf], root: &Path) -> Result<PathBuf> {
@@ -606,210 +457,4 @@ pub fn merge_parts(parts: &[PathBuf], root: &Path) -> Result<PathBuf> {
         std::fs::remove_dir_all(p).with_path(p)?;
     }
     Ok(dir)
-}
-
-/// Record `backbone`'s activations over `dataset` into `<root>/<hash>/`; returns that directory.
-/// Resumes an interrupted run; returns a complete store as it is.
-pub fn record_activations(
-    backbone: &Backbone,
-    dataset: &Dataset,
-    root: &Path,
-    cfg: &WriterConfig,
-) -> Result<PathBuf> {
-    for &l in &cfg.layers {
-        backbone.layer_index(l)?;
-    }
-    if !["majority", "prefer-fg"].contains(&cfg.pixel_agg.as_str()) {
-        return Err(Error::Invalid(format!(
-            "pixel_agg {:?}: use majority or prefer-fg",
-            cfg.pixel_agg
-        )));
-    }
-    let (h, w) = backbone.input_size();
-    let md = Metadata {
-        family: backbone.family().as_str().into(),
-        ckpt: backbone.name().into(),
-        layers: cfg.layers.clone(),
-        content_tokens_per_example: backbone.n_patches(),
-        cls_token: backbone.has_cls(),
-        d_model: backbone.d_model(),
-        n_examples: dataset.len(),
-        max_tokens_per_shard: cfg.max_tokens_per_shard,
-        data: dataset.describe(),
-        dataset: dataset.root().display().to_string(),
-        pixel_agg: cfg.pixel_agg.clone(),
-        dtype: "float32".into(),
-        protocol: PROTOCOL.into(),
-    };
-    md.validate(Path::new("<writer config>"))?;
-    let (dir, range) = match cfg.part {
-        None => (root.join(md.hash()), 0..md.n_examples),
-        Some((i, n)) if i < n => (
-            root.join(format!("{}.part-{i}-of-{n}", md.hash())),
-            part_examples(&md, i, n),
-        ),
-        Some((i, n)) => {
-            return Err(Error::Invalid(format!(
-                "part {i}/{n}: parts are numbered 0..{n}"
-            )))
-        }
-    };
-    let prog_path = dir.join(PROGRESS);
-    let prov = provenance(dataset);
-    let prov_text = serde_json::to_string(&prov).map_err(|e| Error::Invalid(e.to_string()))?;
-    let fingerprint = format!(
-        "{:x}",
-        Sha256::digest(format!("{prov_text}|{h}x{w}").as_bytes())
-    );
-
-    let mut n_done = range.start;
-    if dir.join("metadata.json").exists() && !prog_path.exists() {
-        // Complete: validate and hand it back untouched.
-        if cfg.part.is_none() {
-            super::ActivationStore::open(&dir)?;
-        }
-        return Ok(dir);
-    }
-    let mut writer = if prog_path.exists() {
-        let p: Progress = read_json(&prog_path)?;
-        if p.fingerprint != fingerprint || p.batch_size != cfg.batch_size {
-            return Err(Error::Store {
-                path: prog_path,
-                msg: "an interrupted run with another dataset listing or batch size; remove the directory to start over".into(),
-            });
-        }
-        n_done = p.n_done.max(range.start);
-        // Killed between the progress file and metadata.json / provenance.json: write them now.
-        if !dir.join("metadata.json").exists() {
-            write_atomic(&dir.join("metadata.json"), md.to_json().as_bytes())?;
-        }
-        if !dir.join("provenance.json").exists() {
-            write_atomic(&dir.join("provenance.json"), prov_text.as_bytes())?;
-        }
-        StoreWriter::reopen(dir.clone(), md.clone(), cfg.part)
-            .with_registers(backbone.config().num_register_tokens)
-    } else {
-        // The progress file comes first: a directory with metadata.json but no progress file
-        // is a complete store.
-        std::fs::create_dir_all(&dir).with_path(&dir)?;
-        let p = Progress {
-            version: 1,
-            fingerprint: fingerprint.clone(),
-            batch_size: cfg.batch_size,
-            n_done: range.start,
-        };
-        write_atomic(
-            &prog_path,
-            &serde_json::to_vec(&p).map_err(|e| Error::Invalid(e.to_string()))?,
-        )?;
-        let mut w = StoreWriter::create_in(dir.clone(), md.clone(), Some(&prov))?
-            .with_registers(backbone.config().num_register_tokens);
-        w.part = cfg.part;
-        w
-    };
-
-    let bar = crate::progress::bar(range.end as u64, "images");
-    bar.set_position(n_done as u64);
-
-    let bs = cfg.batch_size.max(1);
-    let starts: Vec<usize> = (n_done..range.end).step_by(bs).collect();
-    let pre = backbone.preprocess().clone();
-    let patch = backbone.patch_size();
-    let prefer_fg = cfg.pixel_agg == "prefer-fg";
-    let next = AtomicUsize::new(0);
-    std::thread::scope(|scope| -> Result<()> {
-        let (tx, rx) = mpsc::sync_channel::<(usize, Result<Prepared>)>(2 * cfg.n_readers.max(1));
-        for _ in 0..cfg.n_readers.max(1) {
-            let tx = tx.clone();
-            let (starts, next, pre) = (&starts, &next, &pre);
-            scope.spawn(move || loop {
-                let k = next.fetch_add(1, Ordering::Relaxed);
-                let Some(&s) = starts.get(k) else { break };
-                let end = (s + bs).min(range.end);
-                if tx
-                    .send((k, prepare(dataset, pre, patch, prefer_fg, s..end)))
-                    .is_err()
-                {
-                    break;
-                }
-            });
-        }
-        drop(tx);
-        let mut pending = BTreeMap::new();
-        for (k, &s) in starts.iter().enumerate() {
-            let prepared = loop {
-                if let Some(p) = pending.remove(&k) {
-                    break p;
-                }
-                let (j, p) = rx
-                    .recv()
-                    .map_err(|_| Error::Invalid("reader threads stopped".into()))?;
-                pending.insert(j, p);
-            };
-            let prepared: Prepared = prepared?;
-            let pixels = candle_core::Tensor::from_vec(
-                prepared.pixels,
-                (prepared.n, 3, h, w),
-                backbone.device(),
-            )?;
-            let (acts, regs) = backbone.record_with_registers(&pixels, &md.layers)?;
-            let acts = acts.flatten_all()?.to_vec1::<f32>()?;
-            if let Some(i) = acts.iter().position(|v| !v.is_finite()) {
-                let (d, t_n, l_n) = (md.d_model, md.tokens_per_example(), md.layers.len());
-                let (e, rest) = (i / (l_n * t_n * d), i % (l_n * t_n * d));
-                let (l, t) = (rest / (t_n * d), rest % (t_n * d) / d);
-                return Err(Error::Store {
-                    path: dir.clone(),
-                    msg: format!(
-                        "{} produced a non-finite activation ({}) for example {} ({}), layer {}, token {t} as stored (0 = CLS when present), dimension {}; nothing of this batch was written",
-                        backbone.name(),
-                        acts[i],
-                        s + e,
-                        dataset.source(s + e),
-                        md.layers[l],
-                        rest % d
-                    ),
-                });
-            }
-            writer.write_examples(s, &acts)?;
-            if let Some(r) = regs {
-                writer.write_registers(s, &r.flatten_all()?.to_vec1::<f32>()?)?;
-            }
-            if let Some(l) = &prepared.labels {
-                writer.write_labels(s, l)?;
-            }
-            let p = Progress {
-                version: 1,
-                fingerprint: fingerprint.clone(),
-                batch_size: bs,
-                n_done: s + prepared.n,
-            };
-            write_atomic(
-                &prog_path,
-                &serde_json::to_vec(&p).map_err(|e| Error::Invalid(e.to_string()))?,
-            )?;
-            bar.set_position((s + prepared.n) as u64);
-        }
-        Ok(())
-    })?;
-    let dir = writer.finish()?;
-    bar.finish_and_clear();
-    std::fs::remove_file(&prog_path).with_path(&prog_path)?;
-    Ok(dir)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn patch_labels_majority_and_prefer_fg() {
-        // 4x2 mask, patch 2: left patch has 3 background + 1 class 5; right all class 7.
-        let mask = image::GrayImage::from_raw(4, 2, vec![0, 0, 7, 7, 0, 5, 7, 7]).unwrap();
-        assert_eq!(patch_labels(&mask, 2, false), vec![0, 7]);
-        assert_eq!(patch_labels(&mask, 2, true), vec![5, 7]);
-        // Ties go to the smaller class.
-        let tie = image::GrayImage::from_raw(2, 2, vec![3, 3, 2, 2]).unwrap();
-        assert_eq!(patch_labels(&tie, 2, false), vec![2]);
-    }
 }

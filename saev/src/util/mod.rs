@@ -1,0 +1,7 @@
+//! Helpers at the bottom of the dependency order: every other module may use them, they use
+//! none of the others (only `error`).
+
+pub(crate) mod cache;
+pub(crate) mod display;
+pub(crate) mod image_io;
+pub(crate) mod rng;
