@@ -34,7 +34,6 @@ mod error;
 mod explore;
 mod import;
 mod intervene;
-mod progress;
 mod quickstart;
 mod record;
 mod sae;
@@ -68,9 +67,6 @@ pub use sae::model::{Sae, SaeActivation, SaeConfig, SaeNorm, SAE_SCHEMA};
 pub use sae::paper_step::{LossTerms, PaperReluStep};
 pub use sae::py_import::{import_python_sae, resolve_sae};
 pub use sae::step::{Grads, Kernels, Recipe, Scratch, StepStats, TrainActivation, TrainState};
-pub use sae::torch_load::{
-    read_torch_checkpoint, read_torch_state_dict, StateDict, TorchCheckpoint,
-};
 pub use sae::trainer::{train_saes, LrSchedule, Setting, TrainConfig, TrainRun};
 pub use store::{
     merge_parts, ActivationStore, Batch, Examples, LoaderConfig, Metadata, NormStats, Provenance,
@@ -78,6 +74,9 @@ pub use store::{
 };
 pub use util::cache::saev_cache_dir;
 pub use util::image_io::{decode_image, load_image};
+pub use util::torch_load::{
+    read_torch_checkpoint, read_torch_state_dict, StateDict, TorchCheckpoint,
+};
 
 /// Re-exports for notebooks and REPLs: `use saev::prelude::*;`.
 pub mod prelude {
@@ -101,5 +100,5 @@ pub mod __private {
     pub use crate::backbone::weights;
     pub use crate::explore::features::Encoder;
     pub use crate::import::onnx;
-    pub use crate::sae::torch_load::parse_pickle;
+    pub use crate::util::torch_load::parse_pickle;
 }

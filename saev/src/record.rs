@@ -274,7 +274,7 @@ pub fn record_activations(
         w
     };
 
-    let bar = crate::progress::bar(range.end as u64, "images");
+    let bar = crate::util::progress::bar(range.end as u64, "images");
     bar.set_position(n_done as u64);
 
     let bs = cfg.batch_size.max(1);

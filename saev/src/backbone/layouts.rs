@@ -30,7 +30,7 @@ use super::preprocess::{
 };
 use super::weights::CheckedWeights;
 use crate::error::{read_json, Error, Result};
-use crate::sae::torch_load::read_torch_state_dict;
+use crate::util::torch_load::read_torch_state_dict;
 
 /// A model read from disk: its config, weights under HF keys, and the preprocessing its files
 /// describe (None = the family's preset).

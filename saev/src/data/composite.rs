@@ -55,7 +55,7 @@ pub fn composite_fashion_mnist(
         s = s.wrapping_add(1);
         splitmix64(s) % m.max(1)
     };
-    let bar = crate::progress::bar(n_images as u64, "composites");
+    let bar = crate::util::progress::bar(n_images as u64, "composites");
     for i in 0..n_images {
         let mut canvas = GrayImage::new(CANVAS, CANVAS);
         let mut mask = GrayImage::new(CANVAS, CANVAS);

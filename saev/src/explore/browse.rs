@@ -139,7 +139,7 @@ pub fn write_browser(ex: &Explorer, out: &Path, cfg: &BrowseConfig) -> Result<Pa
         .provenance()
         .map(|p| p.classes.clone())
         .unwrap_or_default();
-    let bar = crate::progress::bar(live.len() as u64, "latent pages");
+    let bar = crate::util::progress::bar(live.len() as u64, "latent pages");
     for (n, &l) in live.iter().enumerate() {
         has_page[l] = true;
         let grid = ex.grid(l, cfg.n_images)?;

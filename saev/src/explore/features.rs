@@ -274,7 +274,7 @@ impl Features {
             })
             .collect();
         let per = (cfg.rows_per_batch / p.max(1)).max(1);
-        let bar = crate::progress::bar((store.n_examples() * p) as u64, "patches");
+        let bar = crate::util::progress::bar((store.n_examples() * p) as u64, "patches");
         let mut codes = Vec::new();
         for (e0, mut x) in store.ordered(layer, Tokens::Patches, per)? {
             let n_ex = x.len() / enc.d / p;

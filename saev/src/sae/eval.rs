@@ -105,7 +105,7 @@ impl Sae {
         let (mut sum_e, mut sum_e2) = (vec![0f64; d], vec![0f64; d]);
         let (mut count, mut total) = (vec![0u64; s], vec![0f64; s]);
         let n_ex = examples.ids(store.n_examples())?.len();
-        let bar = crate::progress::bar(n_ex as u64, "evaluating");
+        let bar = crate::util::progress::bar(n_ex as u64, "evaluating");
         for (ids, x) in store.ordered_examples(layer, tokens, per, examples.clone())? {
             let n = x.len() / d;
             if let Some(i) = x.iter().position(|v| !v.is_finite()) {

@@ -21,8 +21,8 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::torch_load::read_torch_checkpoint;
 use crate::error::{read_json, write_json, CandleContext, Error, IoContext, Result};
+use crate::util::torch_load::read_torch_checkpoint;
 
 /// The sparsifying non-linearity.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -511,7 +511,7 @@ pub fn resolve_sae(
         source,
     })?;
     let sha = format!("{:x}", Sha256::digest(&bytes));
-    let ck = super::torch_load::read_torch_checkpoint(sae)?;
+    let ck = crate::util::torch_load::read_torch_checkpoint(sae)?;
     let paper = ck.header.get("schema").is_none();
     let stem = sae
         .file_stem()

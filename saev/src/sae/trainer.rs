@@ -770,7 +770,7 @@ pub fn train_saes(
         Tokens::Cls => 1,
         Tokens::All => store.tokens_per_example(),
     } as u64;
-    let bar = crate::progress::bar(cfg.n_patches, "patches");
+    let bar = crate::util::progress::bar(cfg.n_patches, "patches");
     bar.set_position(ck.seen.min(cfg.n_patches));
     let mut scratch = Scratch::default();
     let mut steps_this_call = 0usize;
