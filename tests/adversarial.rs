@@ -699,3 +699,64 @@ fn truncated_jpeg_is_refused() {
     );
     refused(&out, &["cut.jpg", "truncated"]);
 }
+
+/// A file name that is not UTF-8 is recorded losslessly (`b64:` in provenance.json), and the
+/// store finds the image again (here through the browser's exemplar grids).
+#[test]
+fn non_utf8_file_names_are_recorded_losslessly() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = scratch("nonutf8");
+    let imgs = dir.join("imgs");
+    std::fs::create_dir_all(&imgs).unwrap();
+    let data = fixtures().join("backbone");
+    let odd = imgs.join(std::ffi::OsStr::from_bytes(b"caf\xe9.png"));
+    std::fs::copy(data.join("chelsea.png"), &odd).unwrap();
+    std::fs::copy(data.join("astronaut.png"), imgs.join("plain.png")).unwrap();
+    let model = data.join("tiny-dinov2-reg");
+    let out = saev(
+        &dir,
+        &[
+            &"activations",
+            &"--model",
+            &model,
+            &"--data",
+            &imgs,
+            &"--out",
+            &dir.join("acts"),
+            &"--size",
+            &"16",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let store = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim().to_string());
+    let prov = std::fs::read_to_string(store.join("provenance.json")).unwrap();
+    assert!(prov.contains("b64:"), "{prov}");
+    let sae_dir = dir.join("sae");
+    let pt = fixtures().join("notebook/topk-d32.pt");
+    assert!(saev(&dir, &[&"sae", &"import", &pt, &"--out", &sae_dir])
+        .status
+        .success());
+    let out = saev(
+        &dir,
+        &[
+            &"browse",
+            &"--sae",
+            &sae_dir,
+            &"--store",
+            &store,
+            &"--out",
+            &dir.join("site"),
+            &"--max-pages",
+            &"3",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

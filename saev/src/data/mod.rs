@@ -312,9 +312,11 @@ impl Dataset {
         match &self.inner.source {
             Source::Files { paths, .. } => paths
                 .get(i)
-                .map(|p| p.display().to_string())
+                .map(|p| crate::util::paths::path_to_text(p))
                 .unwrap_or_default(),
-            Source::Idx { .. } => format!("{}#{i}", self.inner.root.display()),
+            Source::Idx { .. } => {
+                format!("{}#{i}", crate::util::paths::path_to_text(&self.inner.root))
+            }
             Source::Parquet(p) => p.source(i),
         }
     }

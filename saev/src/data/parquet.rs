@@ -124,7 +124,10 @@ impl ParquetSource {
 
     pub(crate) fn source(&self, i: usize) -> String {
         let (f, r) = self.index[i];
-        format!("{}#{r}", self.files[f as usize].display())
+        format!(
+            "{}#{r}",
+            crate::util::paths::path_to_text(&self.files[f as usize])
+        )
     }
 
     fn file_images(&self, fi: usize) -> Result<Images> {

@@ -30,6 +30,7 @@ use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::sae::model::Sae;
 use crate::store::ActivationStore;
+use crate::util::paths::text_to_path;
 use features::{FeatureConfig, Features};
 use picture::{ExemplarGrid, Heatmap};
 
@@ -102,9 +103,9 @@ impl Views {
         let img = match src.rsplit_once('#') {
             // `file#index` names a row of an IDX or parquet file — never a directory (a source
             // like `/#0` must not make saev scan the file system).
-            Some((path, idx)) if idx.parse::<usize>().is_ok() && Path::new(path).is_file() => {
+            Some((path, idx)) if idx.parse::<usize>().is_ok() && text_to_path(path).is_file() => {
                 let i: usize = idx.parse().unwrap_or(0); // checked just above
-                let key = PathBuf::from(path);
+                let key = text_to_path(path);
                 let ds = {
                     let mut map = self
                         .datasets
@@ -121,7 +122,7 @@ impl Views {
                 };
                 ds.get(i)?.image
             }
-            _ => crate::util::image_io::load_image(src)?,
+            _ => crate::util::image_io::load_image(text_to_path(src))?,
         };
         Ok(img)
     }

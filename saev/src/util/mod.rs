@@ -4,6 +4,7 @@
 pub(crate) mod cache;
 pub(crate) mod display;
 pub(crate) mod image_io;
+pub(crate) mod paths;
 pub(crate) mod progress;
 pub(crate) mod rng;
 pub(crate) mod torch_load;
