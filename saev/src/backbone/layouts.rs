@@ -292,61 +292,88 @@ fn mv(
     Ok(())
 }
 
-/// A DINOv2-style block (`blocks.N.{norm1, attn.qkv, attn.proj, ls1, norm2, mlp.fc1/2, ls2}`),
-/// as in the original repository and timm, to HF `encoder.layer.N`.
-fn dinov2_blocks(
+/// Source names of one pre-norm block's tensors (suffixes after `<prefix>N.`) and the HF block
+/// they become.
+struct BlockNames {
+    /// `.weight`/`.bias` pairs: (source, HF).
+    moves: [(&'static str, &'static str); 5],
+    /// Fused q/k/v weight and bias.
+    qkv: (&'static str, &'static str),
+    /// HF attention module the q/k/v projections go under.
+    attn: &'static str,
+    /// LayerScale vectors (source), if the layout has them.
+    layerscale: (&'static str, &'static str),
+}
+
+/// The original DINOv2 repository's and timm's block layout → HF `Dinov2Model`.
+const DINOV2_BLOCK: BlockNames = BlockNames {
+    moves: [
+        ("norm1", "norm1"),
+        ("norm2", "norm2"),
+        ("attn.proj", "attention.o_proj"),
+        ("mlp.fc1", "mlp.fc1"),
+        ("mlp.fc2", "mlp.fc2"),
+    ],
+    qkv: ("attn.qkv.weight", "attn.qkv.bias"),
+    attn: "attention",
+    layerscale: ("ls1.gamma", "ls2.gamma"),
+};
+
+/// timm's CLIP block → HF `CLIPVisionModel`.
+const TIMM_CLIP_BLOCK: BlockNames = BlockNames {
+    moves: [
+        ("norm1", "layer_norm1"),
+        ("norm2", "layer_norm2"),
+        ("attn.proj", "self_attn.out_proj"),
+        ("mlp.fc1", "mlp.fc1"),
+        ("mlp.fc2", "mlp.fc2"),
+    ],
+    qkv: ("attn.qkv.weight", "attn.qkv.bias"),
+    attn: "self_attn",
+    layerscale: ("ls1.gamma", "ls2.gamma"),
+};
+
+/// OpenCLIP's residual attention block → HF `CLIPVisionModel`.
+const OPEN_CLIP_BLOCK: BlockNames = BlockNames {
+    moves: [
+        ("ln_1", "layer_norm1"),
+        ("ln_2", "layer_norm2"),
+        ("attn.out_proj", "self_attn.out_proj"),
+        ("mlp.c_fc", "mlp.fc1"),
+        ("mlp.c_proj", "mlp.fc2"),
+    ],
+    qkv: ("attn.in_proj_weight", "attn.in_proj_bias"),
+    attn: "self_attn",
+    layerscale: ("ls_1.gamma", "ls_2.gamma"),
+};
+
+/// Map blocks `0..depth` (`from.N.…` → `to.N.…`) by `names`; returns whether every block had
+/// LayerScale.
+#[allow(clippy::too_many_arguments)] // one call per layout; the names say what each is
+fn map_blocks(
     sd: &mut HashMap<String, Tensor>,
     out: &mut HashMap<String, Tensor>,
     path: &Path,
     depth: usize,
     d: usize,
+    from: &str,
+    to: &str,
+    names: &BlockNames,
 ) -> Result<bool> {
     let mut layerscale = true;
     for n in 0..depth {
-        let (f, t) = (format!("blocks.{n}"), format!("encoder.layer.{n}"));
-        if sd.contains_key(&format!("{f}.mlp.w12.weight")) {
-            return Err(cfg_err(
-                path,
-                "ffn_layer",
-                "SwiGLU MLPs (DINOv2-giant) are not supported yet",
-            ));
+        let (f, t) = (format!("{from}.{n}"), format!("{to}.{n}"));
+        for (a, b) in names.moves {
+            mv(sd, out, path, &format!("{f}.{a}"), &format!("{t}.{b}"))?;
         }
-        mv(sd, out, path, &format!("{f}.norm1"), &format!("{t}.norm1"))?;
-        mv(sd, out, path, &format!("{f}.norm2"), &format!("{t}.norm2"))?;
-        let w = take(sd, path, &format!("{f}.attn.qkv.weight"), Some(&[3 * d, d]))?;
-        let b = sd.remove(&format!("{f}.attn.qkv.bias"));
-        split_qkv(
-            out,
-            &format!("{t}.attention"),
-            ["q_proj", "k_proj", "v_proj"],
-            w,
-            b,
-            d,
-        )?;
-        mv(
-            sd,
-            out,
-            path,
-            &format!("{f}.attn.proj"),
-            &format!("{t}.attention.o_proj"),
-        )?;
-        mv(
-            sd,
-            out,
-            path,
-            &format!("{f}.mlp.fc1"),
-            &format!("{t}.mlp.fc1"),
-        )?;
-        mv(
-            sd,
-            out,
-            path,
-            &format!("{f}.mlp.fc2"),
-            &format!("{t}.mlp.fc2"),
-        )?;
+        let w = take(sd, path, &format!("{f}.{}", names.qkv.0), Some(&[3 * d, d]))?;
+        let b = sd.remove(&format!("{f}.{}", names.qkv.1));
+        let attn = format!("{t}.{}", names.attn);
+        split_qkv(out, &attn, ["q_proj", "k_proj", "v_proj"], w, b, d)?;
+        let (l1, l2) = names.layerscale;
         match (
-            sd.remove(&format!("{f}.ls1.gamma")),
-            sd.remove(&format!("{f}.ls2.gamma")),
+            sd.remove(&format!("{f}.{l1}")),
+            sd.remove(&format!("{f}.{l2}")),
         ) {
             (Some(a), Some(b)) => {
                 out.insert(format!("{t}.layer_scale1.lambda1"), a);
@@ -356,6 +383,34 @@ fn dinov2_blocks(
         }
     }
     Ok(layerscale)
+}
+
+/// A DINOv2-style block (`blocks.N.{norm1, attn.qkv, attn.proj, ls1, norm2, mlp.fc1/2, ls2}`),
+/// as in the original repository and timm, to HF `encoder.layer.N`.
+fn dinov2_blocks(
+    sd: &mut HashMap<String, Tensor>,
+    out: &mut HashMap<String, Tensor>,
+    path: &Path,
+    depth: usize,
+    d: usize,
+) -> Result<bool> {
+    if (0..depth).any(|n| sd.contains_key(&format!("blocks.{n}.mlp.w12.weight"))) {
+        return Err(cfg_err(
+            path,
+            "ffn_layer",
+            "SwiGLU MLPs (DINOv2-giant) are not supported yet",
+        ));
+    }
+    map_blocks(
+        sd,
+        out,
+        path,
+        depth,
+        d,
+        "blocks",
+        "encoder.layer",
+        &DINOV2_BLOCK,
+    )
 }
 
 /// The original DINOv2 repository's checkpoint (torch hub). It ships no config: the
@@ -582,66 +637,23 @@ fn timm(dir: &Path, v: &Value, device: &Device) -> Result<Opened> {
             take(&mut sd, &wpath, "patch_embed.proj.weight", None)?,
         );
         mv(&mut sd, &mut out, &wpath, "norm_pre", "pre_layrnorm")?;
-        for n in 0..depth {
-            let (f, t) = (format!("blocks.{n}"), format!("encoder.layers.{n}"));
-            mv(
-                &mut sd,
-                &mut out,
-                &wpath,
-                &format!("{f}.norm1"),
-                &format!("{t}.layer_norm1"),
-            )?;
-            mv(
-                &mut sd,
-                &mut out,
-                &wpath,
-                &format!("{f}.norm2"),
-                &format!("{t}.layer_norm2"),
-            )?;
-            let w = take(
-                &mut sd,
-                &wpath,
-                &format!("{f}.attn.qkv.weight"),
-                Some(&[3 * d, d]),
-            )?;
-            let b = sd.remove(&format!("{f}.attn.qkv.bias"));
-            split_qkv(
-                &mut out,
-                &format!("{t}.self_attn"),
-                ["q_proj", "k_proj", "v_proj"],
-                w,
-                b,
-                d,
-            )?;
-            mv(
-                &mut sd,
-                &mut out,
-                &wpath,
-                &format!("{f}.attn.proj"),
-                &format!("{t}.self_attn.out_proj"),
-            )?;
-            mv(
-                &mut sd,
-                &mut out,
-                &wpath,
-                &format!("{f}.mlp.fc1"),
-                &format!("{t}.mlp.fc1"),
-            )?;
-            mv(
-                &mut sd,
-                &mut out,
-                &wpath,
-                &format!("{f}.mlp.fc2"),
-                &format!("{t}.mlp.fc2"),
-            )?;
-        }
+        let ls = map_blocks(
+            &mut sd,
+            &mut out,
+            &wpath,
+            depth,
+            d,
+            "blocks",
+            "encoder.layers",
+            &TIMM_CLIP_BLOCK,
+        )?;
         mv(&mut sd, &mut out, &wpath, "norm", "post_layernorm")?;
         let act = if arch.contains("quickgelu") {
             Activation::QuickGelu
         } else {
             Activation::Gelu
         };
-        (Family::Clip, 0, g, 1e-5, act, true, false)
+        (Family::Clip, 0, g, 1e-5, act, true, ls)
     } else {
         return Err(cfg_err(
             &config,
@@ -813,73 +825,16 @@ fn open_clip(dir: &Path, device: &Device) -> Result<Opened> {
         take(&mut sd, &wpath, "conv1.weight", Some(&[d, 3, p, p]))?,
     );
     mv(&mut sd, &mut out, &wpath, "ln_pre", "pre_layrnorm")?;
-    let mut layerscale = true;
-    for n in 0..depth {
-        let (f, t) = (
-            format!("transformer.resblocks.{n}"),
-            format!("encoder.layers.{n}"),
-        );
-        mv(
-            &mut sd,
-            &mut out,
-            &wpath,
-            &format!("{f}.ln_1"),
-            &format!("{t}.layer_norm1"),
-        )?;
-        mv(
-            &mut sd,
-            &mut out,
-            &wpath,
-            &format!("{f}.ln_2"),
-            &format!("{t}.layer_norm2"),
-        )?;
-        let w = take(
-            &mut sd,
-            &wpath,
-            &format!("{f}.attn.in_proj_weight"),
-            Some(&[3 * d, d]),
-        )?;
-        let b = sd.remove(&format!("{f}.attn.in_proj_bias"));
-        split_qkv(
-            &mut out,
-            &format!("{t}.self_attn"),
-            ["q_proj", "k_proj", "v_proj"],
-            w,
-            b,
-            d,
-        )?;
-        mv(
-            &mut sd,
-            &mut out,
-            &wpath,
-            &format!("{f}.attn.out_proj"),
-            &format!("{t}.self_attn.out_proj"),
-        )?;
-        mv(
-            &mut sd,
-            &mut out,
-            &wpath,
-            &format!("{f}.mlp.c_fc"),
-            &format!("{t}.mlp.fc1"),
-        )?;
-        mv(
-            &mut sd,
-            &mut out,
-            &wpath,
-            &format!("{f}.mlp.c_proj"),
-            &format!("{t}.mlp.fc2"),
-        )?;
-        match (
-            sd.remove(&format!("{f}.ls_1.gamma")),
-            sd.remove(&format!("{f}.ls_2.gamma")),
-        ) {
-            (Some(a), Some(b)) => {
-                out.insert(format!("{t}.layer_scale1.lambda1"), a);
-                out.insert(format!("{t}.layer_scale2.lambda1"), b);
-            }
-            _ => layerscale = false,
-        }
-    }
+    let layerscale = map_blocks(
+        &mut sd,
+        &mut out,
+        &wpath,
+        depth,
+        d,
+        "transformer.resblocks",
+        "encoder.layers",
+        &OPEN_CLIP_BLOCK,
+    )?;
     mv(&mut sd, &mut out, &wpath, "ln_post", "post_layernorm")?;
     let inter = out["encoder.layers.0.mlp.fc1.weight"].dim(0)?;
     let quick = mc
