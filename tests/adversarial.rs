@@ -2,31 +2,18 @@
 //! (issue #13). Each case asserts a non-zero exit, no panic or hang, an error that names the
 //! culprit, and that files that existed before are unchanged.
 
+mod common;
+
+use common::copy_dir;
+use common::fixtures_root as fixtures;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
-
+/// A fresh scratch directory for this test file.
 fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("saev-adv-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &to.join(e.file_name()));
-        } else {
-            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-        }
-    }
+    common::scratch(&format!("adv-{name}"))
 }
 
 /// The Python-written 2.1 store (d_model 8, layers [-2, -1], 7 examples of CLS + 4 patches,
@@ -659,24 +646,11 @@ fn symlink_loops_and_directory_sources_are_harmless() {
     let sources: Vec<String> = (0..7).map(|_| "/#0".to_string()).collect();
     let prov = serde_json::json!({"version": 1, "classes": [], "sources": sources, "labels": vec![serde_json::Value::Null; 7]});
     std::fs::write(store.join("provenance.json"), prov.to_string()).unwrap();
-    let sae_dir = dir.join("sae");
-    let topk = fixtures().join("sae-headers/schema5-topk.pt");
-    assert!(saev(&dir, &[&"sae", &"import", &topk, &"--out", &sae_dir])
-        .status
-        .success());
-    let out = saev(
+    let out = import_and_browse(
         &dir,
-        &[
-            &"browse",
-            &"--sae",
-            &sae_dir,
-            &"--store",
-            &store,
-            &"--out",
-            &dir.join("site"),
-            &"--max-pages",
-            &"1",
-        ],
+        &fixtures().join("sae-headers/schema5-topk.pt"),
+        &store,
+        "1",
     );
     refused(&out, &["/#0"]);
 }
@@ -698,6 +672,28 @@ fn truncated_jpeg_is_refused() {
         &[&"record", &"--model", &model, &"--size", &"16", &cut],
     );
     refused(&out, &["cut.jpg", "truncated"]);
+}
+
+/// Import a Python `sae.pt` and browse it on `store` (at most `pages` latent pages).
+fn import_and_browse(dir: &Path, pt: &Path, store: &Path, pages: &str) -> Output {
+    let sae_dir = dir.join("sae");
+    assert!(saev(dir, &[&"sae", &"import", &pt, &"--out", &sae_dir])
+        .status
+        .success());
+    saev(
+        dir,
+        &[
+            &"browse",
+            &"--sae",
+            &sae_dir,
+            &"--store",
+            &store,
+            &"--out",
+            &dir.join("site"),
+            &"--max-pages",
+            &pages,
+        ],
+    )
 }
 
 /// A file name that is not UTF-8 is recorded losslessly (`b64:` in provenance.json), and the
@@ -735,25 +731,7 @@ fn non_utf8_file_names_are_recorded_losslessly() {
     let store = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim().to_string());
     let prov = std::fs::read_to_string(store.join("provenance.json")).unwrap();
     assert!(prov.contains("b64:"), "{prov}");
-    let sae_dir = dir.join("sae");
-    let pt = fixtures().join("notebook/topk-d32.pt");
-    assert!(saev(&dir, &[&"sae", &"import", &pt, &"--out", &sae_dir])
-        .status
-        .success());
-    let out = saev(
-        &dir,
-        &[
-            &"browse",
-            &"--sae",
-            &sae_dir,
-            &"--store",
-            &store,
-            &"--out",
-            &dir.join("site"),
-            &"--max-pages",
-            &"3",
-        ],
-    );
+    let out = import_and_browse(&dir, &fixtures().join("notebook/topk-d32.pt"), &store, "3");
     assert!(
         out.status.success(),
         "{}",

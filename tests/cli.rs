@@ -1,5 +1,8 @@
 //! The `saev` binary end to end.
 
+mod common;
+
+use common::copy_dir;
 use std::path::Path;
 use std::process::Command;
 
@@ -46,14 +49,6 @@ fn bad_layer_is_a_clear_error_and_exit_code() {
         stderr.contains("error: layer 9 is out of range"),
         "{stderr}"
     );
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-    }
 }
 
 /// `saev sae import` writes a saev SAE directory with the right activation and provenance,

@@ -4,18 +4,16 @@
 //! return — Ok or an error — without panicking. Runs in CI in seconds; `SAEV_FUZZ_ITERS`
 //! scales it for longer campaigns. A failure prints the seed and writes the input to a file.
 
+mod common;
+
+use common::fixtures_root as fixtures;
+
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
-
+/// A fresh scratch directory for this test file.
 fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("saev-fuzz-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::scratch(&format!("fuzz-{name}"))
 }
 
 fn iters(default: usize) -> usize {
