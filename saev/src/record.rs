@@ -24,11 +24,13 @@ use std::sync::mpsc;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::error::{read_json, Error, IoContext, Result};
-use crate::store::writer::{part_examples, write_atomic};
+use crate::error::{Error, IoContext, Result};
+use crate::store::writer::part_examples;
 use crate::store::{
     ActivationStore, Metadata, Provenance, StoreWriter, PROTOCOL, PROVENANCE_VERSION,
 };
+use crate::util::files::read_json;
+use crate::util::files::write_atomic;
 use crate::{Backbone, Dataset, Preprocess};
 
 /// How to record. Serde struct with documented defaults; `with_*` setters.

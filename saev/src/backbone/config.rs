@@ -17,7 +17,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::error::{read_json, Error, Result};
+use crate::error::{Error, Result};
+use crate::util::files::read_json;
 
 /// The ViT families saev can load.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

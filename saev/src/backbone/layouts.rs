@@ -29,7 +29,8 @@ use super::preprocess::{
     Filter, Preprocess, Resize, CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD,
 };
 use super::weights::CheckedWeights;
-use crate::error::{read_json, Error, Result};
+use crate::error::{Error, Result};
+use crate::util::files::read_json;
 use crate::util::torch_load::read_torch_state_dict;
 
 /// A model read from disk: its config, weights under HF keys, and the preprocessing its files

@@ -133,7 +133,7 @@ impl Preprocess {
     /// Anything saev cannot reproduce exactly is an error naming the field, never a guess.
     pub fn from_hf_config(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let v: serde_json::Value = crate::error::read_json(path)?;
+        let v: serde_json::Value = crate::util::files::read_json(path)?;
         Self::from_hf_json(&v, path)
     }
 

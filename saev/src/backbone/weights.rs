@@ -72,7 +72,7 @@ impl CheckedWeights {
     /// (`{"weight_map": {key: shard file}}`); every shard it names is validated and mapped.
     pub fn open_sharded(index: impl AsRef<Path>) -> Result<Self> {
         let index = index.as_ref().to_path_buf();
-        let v: serde_json::Value = crate::error::read_json(&index)?;
+        let v: serde_json::Value = crate::util::files::read_json(&index)?;
         let map = v
             .get("weight_map")
             .and_then(|m| m.as_object())

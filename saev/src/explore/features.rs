@@ -27,10 +27,11 @@ use polars::prelude::*;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{read_json, write_json, CandleContext, Error, IoContext, Result};
+use crate::error::{Error, Result};
 use crate::sae::linalg::{gemm, topk_keep_mask, Mat};
 use crate::sae::model::{Sae, SaeActivation};
 use crate::store::{ActivationStore, Tokens};
+use crate::util::checkpoint;
 
 /// Feature-pass settings (serde; defaults documented).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -538,8 +539,8 @@ impl Features {
     }
 
     /// Save as `<dir>/features.{safetensors,json}`.
-    pub fn save(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).with_path(dir)?;
+    pub fn save(&self, dir: impl AsRef<Path>) -> Result<()> {
+        let dir = dir.as_ref();
         let i = &self.inner;
         let (s, k, nb) = (i.h.d_sae, i.h.config.top_k, i.h.config.n_bins);
         let dev = Device::Cpu;
@@ -565,39 +566,15 @@ impl Features {
             "top_examples".to_string(),
             Tensor::from_vec(i.top_examples.clone(), (s, k), &dev)?,
         );
-        let st = dir.join("features.safetensors");
-        candle_core::safetensors::save(&t, &st).context(format!("writing {}", st.display()))?;
-        write_json(&dir.join("features.json"), &i.h)
+        checkpoint::save(dir, "features", &t, &i.h)
     }
 
     /// Open what [`Features::save`] wrote.
-    pub fn load(dir: &Path) -> Result<Self> {
-        let js = dir.join("features.json");
-        let h: Header = read_json(&js)?;
-        if h.version != VERSION {
-            return Err(Error::Checkpoint {
-                path: js,
-                msg: format!("features version {} (this saev reads {VERSION})", h.version),
-            });
-        }
-        let st = dir.join("features.safetensors");
-        let t = candle_core::safetensors::load(&st, &Device::Cpu)
-            .context(format!("reading {}", st.display()))?;
+    pub fn load(dir: impl AsRef<Path>) -> Result<Self> {
+        let (h, t): (Header, _) =
+            checkpoint::load(dir.as_ref(), "features", "version", &[u64::from(VERSION)])?;
         let (s, k, nb) = (h.d_sae, h.config.top_k, h.config.n_bins);
-        let get = |name: &str, dtype: DType, len: usize| -> Result<Tensor> {
-            let x = t.get(name).ok_or_else(|| Error::MissingTensor {
-                path: st.clone(),
-                key: name.into(),
-            })?;
-            if x.elem_count() != len || x.dtype() != dtype {
-                return Err(Error::Shape {
-                    what: format!("{}: `{name}` ({:?})", st.display(), x.dtype()),
-                    expected: vec![len],
-                    actual: x.dims().to_vec(),
-                });
-            }
-            Ok(x.flatten_all()?)
-        };
+        let get = |name: &str, dtype: DType, len: usize| t.get_flat(name, dtype, len);
         Ok(Self {
             inner: Arc::new(Inner {
                 freq: get("freq", DType::F64, s)?.to_vec1()?,

@@ -67,9 +67,12 @@ pub struct Initializer<'a> {
 }
 
 impl Initializer<'_> {
-    /// Number of elements.
+    /// Number of elements (`usize::MAX` when the dims' product overflows: no buffer has it).
     pub fn numel(&self) -> usize {
-        self.dims.iter().product()
+        self.dims
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .unwrap_or(usize::MAX)
     }
 
     /// The elements as f32, checking type and length.
@@ -82,7 +85,7 @@ impl Initializer<'_> {
         }
         let v = match &self.data {
             TensorData::Raw(b) => {
-                if b.len() != self.numel() * 4 {
+                if Some(b.len()) != self.numel().checked_mul(4) {
                     return Err(format!(
                         "initializer `{}`: {} bytes of raw data for dims {:?}",
                         self.name,

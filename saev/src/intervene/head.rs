@@ -24,9 +24,9 @@ use candle_core::{DType, Device, Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use crate::backbone::{Backbone, Residual};
-use crate::error::{read_json, write_json, CandleContext, Error, IoContext, Result};
-use crate::sae::model::get;
+use crate::error::{CandleContext, Error, Result};
 use crate::store::{ActivationStore, Examples, Tokens};
+use crate::util::checkpoint;
 
 /// What a head reads and predicts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -254,36 +254,26 @@ impl Head {
     }
 
     /// Save as `<dir>/head.{safetensors,json}`.
-    pub fn save(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).with_path(dir)?;
-        let mut t = HashMap::new();
-        t.insert("W".to_string(), self.w.clone());
-        t.insert("b".to_string(), self.b.clone());
-        let st = dir.join("head.safetensors");
-        candle_core::safetensors::save(&t, &st).context(format!("writing {}", st.display()))?;
-        write_json(&dir.join("head.json"), &self.meta)
+    pub fn save(&self, dir: impl AsRef<Path>) -> Result<()> {
+        let t = HashMap::from([
+            ("W".to_string(), self.w.clone()),
+            ("b".to_string(), self.b.clone()),
+        ]);
+        checkpoint::save(dir.as_ref(), "head", &t, &self.meta)
     }
 
     /// Open what [`Head::save`] wrote.
-    pub fn load(dir: &Path) -> Result<Self> {
-        let js = dir.join("head.json");
-        let meta: HeadMeta = read_json(&js)?;
-        if meta.version != HEAD_VERSION && meta.version != 1 {
-            return Err(Error::Checkpoint {
-                path: js,
-                msg: format!(
-                    "head version {} (this saev reads {HEAD_VERSION})",
-                    meta.version
-                ),
-            });
-        }
-        let st = dir.join("head.safetensors");
-        let t = candle_core::safetensors::load(&st, &Device::Cpu)
-            .context(format!("reading {}", st.display()))?;
+    pub fn load(dir: impl AsRef<Path>) -> Result<Self> {
+        let (meta, t): (HeadMeta, _) = checkpoint::load(
+            dir.as_ref(),
+            "head",
+            "version",
+            &[1, u64::from(HEAD_VERSION)],
+        )?;
         let (d, c) = (meta.d_model, meta.classes.len());
         Ok(Self {
-            w: get(&t, "W", &[d, c], &st)?,
-            b: get(&t, "b", &[c], &st)?,
+            w: t.get("W", &[d, c])?,
+            b: t.get("b", &[c])?,
             meta,
         })
     }

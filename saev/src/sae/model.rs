@@ -21,7 +21,8 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::error::{read_json, write_json, CandleContext, Error, IoContext, Result};
+use crate::error::{Error, Result};
+use crate::util::checkpoint::{self, Tensors};
 use crate::util::torch_load::read_torch_checkpoint;
 
 /// The sparsifying non-linearity.
@@ -96,27 +97,6 @@ pub struct Sae {
     w_dec: Tensor,
     b_dec: Tensor,
     norm_mean: Option<(Tensor, f64)>,
-}
-
-/// Tensor `name` of a loaded checkpoint, checked against `shape`, as f32; errors name the file.
-pub(crate) fn get(
-    t: &HashMap<String, Tensor>,
-    name: &str,
-    shape: &[usize],
-    path: &Path,
-) -> Result<Tensor> {
-    let x = t.get(name).ok_or_else(|| Error::MissingTensor {
-        path: path.to_path_buf(),
-        key: name.into(),
-    })?;
-    if x.dims() != shape {
-        return Err(Error::Shape {
-            what: format!("{}: tensor `{name}`", path.display()),
-            expected: shape.to_vec(),
-            actual: x.dims().to_vec(),
-        });
-    }
-    Ok(x.to_dtype(DType::F32)?)
 }
 
 /// NaN or infinite SAE weights make every code NaN: refused where they enter, naming the tensor.
@@ -206,7 +186,7 @@ impl Sae {
                 });
             }
         }
-        let t: HashMap<String, Tensor> = ck
+        let t = ck
             .tensors
             .iter()
             .map(|(k, (shape, data))| {
@@ -215,16 +195,11 @@ impl Sae {
                     Tensor::from_vec(data.clone(), shape.as_slice(), &dev)?,
                 ))
             })
-            .collect::<Result<_>>()?;
+            .collect::<Result<HashMap<String, Tensor>>>()?;
+        let t = Tensors::from_map(path.to_path_buf(), t);
         let (d, s) = (h.d_model, h.d_sae);
-        let (w_enc, mut b_enc) = (
-            get(&t, "W_enc", &[d, s], path)?,
-            get(&t, "b_enc", &[s], path)?,
-        );
-        let (w_dec, b_dec) = (
-            get(&t, "W_dec", &[s, d], path)?,
-            get(&t, "b_dec", &[d], path)?,
-        );
+        let (w_enc, mut b_enc) = (t.get("W_enc", &[d, s])?, t.get("b_enc", &[s])?);
+        let (w_dec, b_dec) = (t.get("W_dec", &[s, d])?, t.get("b_dec", &[d])?);
         check_finite(
             path,
             [
@@ -318,45 +293,29 @@ impl Sae {
     }
 
     /// Save as `<dir>/sae.safetensors` + `<dir>/sae.json`.
-    pub fn save(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).with_path(dir)?;
-        let mut t = HashMap::new();
-        t.insert("W_enc".to_string(), self.w_enc.clone());
-        t.insert("b_enc".to_string(), self.b_enc.clone());
-        t.insert("W_dec".to_string(), self.w_dec.clone());
-        t.insert("b_dec".to_string(), self.b_dec.clone());
-        let st = dir.join("sae.safetensors");
-        candle_core::safetensors::save(&t, &st).context(format!("writing {}", st.display()))?;
-        write_json(&dir.join("sae.json"), &self.cfg)
+    pub fn save(&self, dir: impl AsRef<Path>) -> Result<()> {
+        let t = HashMap::from([
+            ("W_enc".to_string(), self.w_enc.clone()),
+            ("b_enc".to_string(), self.b_enc.clone()),
+            ("W_dec".to_string(), self.w_dec.clone()),
+            ("b_dec".to_string(), self.b_dec.clone()),
+        ]);
+        checkpoint::save(dir.as_ref(), "sae", &t, &self.cfg)
     }
 
     /// Load what [`Sae::save`] wrote; unknown schema versions are rejected.
-    pub fn load(dir: &Path) -> Result<Self> {
+    pub fn load(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref();
         let js = dir.join("sae.json");
-        let v: serde_json::Value = read_json(&js)?;
-        let schema = v.get("schema").and_then(|s| s.as_u64());
-        if schema != Some(u64::from(SAE_SCHEMA)) {
-            return Err(Error::Checkpoint {
-                path: js,
-                msg: format!("unknown schema {schema:?} (this saev reads {SAE_SCHEMA})"),
-            });
-        }
-        let cfg: SaeConfig = serde_json::from_value(v).map_err(|source| Error::Json {
-            path: js.clone(),
-            source,
-        })?;
-        let st = dir.join("sae.safetensors");
-        let t =
-            candle_core::safetensors::load(&st, &Device::Cpu).map_err(|e| Error::Safetensors {
-                path: st.clone(),
-                msg: e.to_string(),
-            })?;
+        let (cfg, t): (SaeConfig, _) =
+            checkpoint::load(dir, "sae", "schema", &[u64::from(SAE_SCHEMA)])?;
+        let st = t.path().to_path_buf();
         let (d, s) = (cfg.d_model, cfg.d_sae);
         let (a, b, c, e) = (
-            get(&t, "W_enc", &[d, s], &st)?,
-            get(&t, "b_enc", &[s], &st)?,
-            get(&t, "W_dec", &[s, d], &st)?,
-            get(&t, "b_dec", &[d], &st)?,
+            t.get("W_enc", &[d, s])?,
+            t.get("b_enc", &[s])?,
+            t.get("W_dec", &[s, d])?,
+            t.get("b_dec", &[d])?,
         );
         check_finite(
             &st,

@@ -159,6 +159,26 @@ const EPS: f64 = 1e-8;
 const THRESHOLD_RATE: f32 = 0.01;
 
 impl TrainState {
+    /// The first parameter or Adam moment (name, flat index) holding NaN or ±∞, if any (a
+    /// diverged update; an overflowing squared gradient freezes Adam without one in the weights).
+    pub fn first_non_finite(&self) -> Option<(String, usize)> {
+        const NAMES: [&str; 4] = ["W_enc", "b_enc", "W_dec", "b_dec"];
+        let weights = [&self.w_enc, &self.b_enc, &self.w_dec, &self.b_dec];
+        let named = NAMES.iter().zip(weights).map(|(n, v)| (n.to_string(), v));
+        let moments = NAMES
+            .iter()
+            .zip(&self.adam_m)
+            .map(|(n, v)| (format!("Adam m of {n}"), v));
+        let second = NAMES
+            .iter()
+            .zip(&self.adam_v)
+            .map(|(n, v)| (format!("Adam v of {n}"), v));
+        named
+            .chain(moments)
+            .chain(second)
+            .find_map(|(name, v)| v.iter().position(|x| !x.is_finite()).map(|i| (name, i)))
+    }
+
     /// Start from weights in the training layout (`w_enc`, `w_dec` both `[d_sae, d]`).
     pub fn new(
         w_enc: Vec<f32>,

@@ -25,7 +25,7 @@
 //! ```
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use polars::prelude::*;
@@ -34,8 +34,10 @@ use serde::{Deserialize, Serialize};
 use super::eval::{Evaluation, DENSE_FREQ};
 use super::model::{Sae, SaeActivation, SaeConfig, SaeNorm, SAE_SCHEMA};
 use super::step::{Kernels, Recipe, Scratch, StepStats, TrainActivation, TrainState};
-use crate::error::{write_json, CandleContext, Error, IoContext, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::store::{ActivationStore, Examples, LoaderConfig, Tokens};
+use crate::util::checkpoint::{self, Tensors};
+use crate::util::files::write_json;
 use crate::util::rng::splitmix64;
 
 /// One sweep setting.
@@ -549,11 +551,7 @@ fn save_checkpoint(out: &Path, states: &[TrainState], st: &CkptState) -> Result<
             t.insert(format!("{k}.v{j}"), tensor(v, &[v.len()])?);
         }
     }
-    let w = tmp.join("state.safetensors");
-    candle_core::safetensors::save(&t, &w).context(format!("writing {}", w.display()))?;
-    let j = tmp.join("state.json");
-    let text = serde_json::to_string(st).map_err(|e| Error::Invalid(e.to_string()))?;
-    std::fs::write(&j, text).with_path(&j)?;
+    checkpoint::save(&tmp, "state", &t, st)?;
     // Swap in atomically: checkpoint → checkpoint.old, tmp → checkpoint, drop old.
     let cur = out.join("checkpoint");
     let old = out.join("checkpoint.old");
@@ -576,17 +574,7 @@ fn load_checkpoint(out: &Path, states: &mut [TrainState]) -> Result<Option<CkptS
         }
     }
     let j = dir.join("state.json");
-    let text = std::fs::read_to_string(&j).with_path(&j)?;
-    let st: CkptState = serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
-        path: j.clone(),
-        msg: e.to_string(),
-    })?;
-    if st.version != CKPT_VERSION {
-        return Err(Error::Checkpoint {
-            path: j,
-            msg: format!("version {} (this saev reads {CKPT_VERSION})", st.version),
-        });
-    }
+    let st: CkptState = checkpoint::read_header(&j, "version", &[u64::from(CKPT_VERSION)])?;
     // One entry per setting in every per-setting list, d_sae counters each.
     let n = states.len();
     for (field, len) in [
@@ -602,6 +590,22 @@ fn load_checkpoint(out: &Path, states: &mut [TrainState]) -> Result<Option<CkptS
             });
         }
     }
+    // Every setting takes one Adam step per training step; a finite BatchTopK threshold.
+    if let Some(k) = (0..n).find(|&k| st.adam_t[k] != st.step as u64) {
+        return Err(Error::Checkpoint {
+            path: j,
+            msg: format!(
+                "adam_t[{k}] = {} but step = {} (each setting steps once per step)",
+                st.adam_t[k], st.step
+            ),
+        });
+    }
+    if let Some(k) = (0..n).find(|&k| !st.threshold[k].is_finite()) {
+        return Err(Error::Checkpoint {
+            path: j,
+            msg: format!("threshold[{k}] = {} is not finite", st.threshold[k]),
+        });
+    }
     if let Some(s0) = states.first() {
         if st.since_fired.iter().any(|v| v.len() != s0.s)
             || st.window_fired.iter().any(|v| v.len() != s0.s)
@@ -612,24 +616,8 @@ fn load_checkpoint(out: &Path, states: &mut [TrainState]) -> Result<Option<CkptS
             });
         }
     }
-    let w = dir.join("state.safetensors");
-    let t = candle_core::safetensors::load(&w, &Device::Cpu)
-        .context(format!("reading checkpoint {}", w.display()))?;
-    let get = |key: String, len: usize| -> Result<Vec<f32>> {
-        let x = t.get(&key).ok_or_else(|| Error::MissingTensor {
-            path: w.clone(),
-            key: key.clone(),
-        })?;
-        let v: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        if v.len() != len {
-            return Err(Error::Shape {
-                what: format!("{}: `{key}`", w.display()),
-                expected: vec![len],
-                actual: x.dims().to_vec(),
-            });
-        }
-        Ok(v)
-    };
+    let t = Tensors::open(dir.join("state.safetensors"))?;
+    let get = |key: String, len: usize| t.vec_f32(&key, len);
     if st.adam_t.len() != states.len() {
         return Err(Error::Checkpoint {
             path: j,
@@ -655,6 +643,47 @@ fn load_checkpoint(out: &Path, states: &mut [TrainState]) -> Result<Option<CkptS
         s.since_fired.clone_from(&st.since_fired[k]);
     }
     Ok(Some(st))
+}
+
+/// The directory for a run of `cfg` on `store` when the user asks for a fresh one
+/// (`saev train --fresh`): `out` itself when [`train_saes`] would start or resume there (new,
+/// empty, or a checkpoint of this config on this store), else the first `out/run-N` that would.
+pub fn fresh_run_dir(
+    store: &ActivationStore,
+    cfg: &TrainConfig,
+    out: impl AsRef<Path>,
+) -> Result<PathBuf> {
+    #[derive(Deserialize)]
+    struct Peek {
+        config: TrainConfig,
+        #[serde(default)]
+        store_fingerprint: String,
+    }
+    let mut same = cfg.clone();
+    same.stop_after_steps = None;
+    let fits = |dir: &Path| {
+        if std::fs::read_dir(dir).map_or(true, |mut d| d.next().is_none()) {
+            return true;
+        }
+        ["checkpoint", "checkpoint.old"].iter().any(|c| {
+            let j = dir.join(c).join("state.json");
+            std::fs::read_to_string(j)
+                .ok()
+                .and_then(|t| serde_json::from_str::<Peek>(&t).ok())
+                .is_some_and(|p| p.config == same && p.store_fingerprint == store.fingerprint())
+        })
+    };
+    let out = out.as_ref();
+    if fits(out) {
+        return Ok(out.to_path_buf());
+    }
+    for n in 1.. {
+        let d = out.join(format!("run-{n}"));
+        if fits(&d) {
+            return Ok(d);
+        }
+    }
+    unreachable!("an unbounded range always yields a free directory")
 }
 
 /// Train the sweep on `store` into `out` (resuming a checkpoint there if one exists).
@@ -808,14 +837,24 @@ pub fn train_saes(
                 let lr = cfg.lr_at(setting.lr, ck.step, n_steps);
                 let lambda = cfg.lambda_at(setting.lambda, ck.step);
                 let (stats, fired) = st.step(&x, n, lr, lambda, &mut scratch)?;
-                if !stats.loss.is_finite() {
-                    // The weights of this step are not saved: the last checkpoint stays good.
-                    return Err(Error::Invalid(format!(
-                        "training diverged: setting {k} ({setting:?}) has loss {} at step {} (lr {lr:e}); the last good checkpoint in {} is kept — lower the learning rate or clip gradients (max_grad_norm)",
-                        stats.loss,
-                        ck.step,
-                        out.join("checkpoint").display()
-                    )));
+                // A non-finite loss, or weights an update made non-finite (its loss, computed
+                // before the update, can still be finite): the weights of this step are never
+                // saved, so the last checkpoint stays good.
+                let what = if stats.loss.is_finite() {
+                    st.first_non_finite()
+                        .map(|(name, i)| format!("{name}[{i}] is not finite after the update"))
+                } else {
+                    Some(format!("loss {}", stats.loss))
+                };
+                if let Some(what) = what {
+                    return Err(Error::Diverged {
+                        setting: k,
+                        detail: format!("{setting:?}"),
+                        what,
+                        step: ck.step,
+                        lr,
+                        checkpoint: out.join("checkpoint"),
+                    });
                 }
                 for (w, f) in ck.window_fired[k].iter_mut().zip(&fired) {
                     *w = w.saturating_add(*f);

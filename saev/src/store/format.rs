@@ -21,7 +21,8 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use super::ojson;
-use crate::error::{read_json, Error, Result};
+use crate::error::{Error, Result};
+use crate::util::files::read_json;
 
 /// The protocol saev writes.
 pub const PROTOCOL: &str = "2.1";

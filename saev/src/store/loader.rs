@@ -23,7 +23,8 @@ use serde::{Deserialize, Serialize};
 
 use super::permute::Permutation;
 use super::ActivationStore;
-use crate::error::{read_json, Error, Result};
+use crate::error::{Error, Result};
+use crate::util::files::read_json;
 
 /// Which tokens of each example a loader yields.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]

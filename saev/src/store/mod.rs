@@ -32,7 +32,8 @@ use std::sync::Arc;
 use memmap2::Mmap;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{read_json, Error, IoContext, Result};
+use crate::error::{Error, IoContext, Result};
+use crate::util::files::read_json;
 pub use format::{Metadata, ShardEntry, PROTOCOL};
 pub use loader::{Batch, Examples, LoaderConfig, NormStats, ShuffledLoader, Tokens};
 pub use writer::{merge_parts, StoreWriter};

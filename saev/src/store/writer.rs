@@ -18,7 +18,8 @@ use serde::{Deserialize, Serialize};
 
 use super::format::Metadata;
 use super::{ojson, Provenance};
-use crate::error::{read_json, Error, IoContext, Result};
+use crate::error::{Error, IoContext, Result};
+use crate::util::files::{read_json, write_atomic};
 
 /// Open (creating) a file for in-place writes, extended with zeros to at least `len` bytes;
 /// existing contents are kept (a resumed writer continues in it).
@@ -34,13 +35,6 @@ fn open_at_least(path: &Path, len: u64) -> Result<File> {
         f.set_len(len).with_path(path)?;
     }
     Ok(f)
-}
-
-/// Write `text` to `path` atomically (temp file + rename).
-pub(crate) fn write_atomic(path: &Path, text: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).with_path(&tmp)?;
-    std::fs::rename(&tmp, path).with_path(path)
 }
 
 /// Low-level writer of a store's files from activations you already have: shards at full

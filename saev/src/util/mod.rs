@@ -2,7 +2,9 @@
 //! none of the others (only `error`).
 
 pub(crate) mod cache;
+pub(crate) mod checkpoint;
 pub(crate) mod display;
+pub(crate) mod files;
 pub(crate) mod image_io;
 pub(crate) mod paths;
 pub(crate) mod progress;

@@ -1,0 +1,43 @@
+//! Reading and writing saev's small files: JSON with the path in every error, and atomic
+//! writes (temporary file + rename), so a killed job never leaves half a file behind.
+//!
+//! ```ignore
+//! write_json(&dir.join("sae.json"), &cfg)?;          // atomic
+//! let cfg: SaeConfig = read_json(&dir.join("sae.json"))?;
+//! ```
+
+use std::path::Path;
+
+use crate::error::{Error, IoContext, Result};
+
+/// Read and parse a JSON file; errors name the file.
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).with_path(path)?;
+    serde_json::from_str(&text).map_err(|source| Error::Json {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Write `value` as pretty-printed JSON to `path`, atomically.
+pub(crate) fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).map_err(|source| Error::Json {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    write_atomic(path, text.as_bytes())
+}
+
+/// Write `bytes` to `path` atomically (`<path>.tmp` + rename).
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = tmp_path(path);
+    std::fs::write(&tmp, bytes).with_path(&tmp)?;
+    std::fs::rename(&tmp, path).with_path(path)
+}
+
+/// `<path>.tmp` (the extension appended, so `a.json` and `a.safetensors` never share one).
+pub(crate) fn tmp_path(path: &Path) -> std::path::PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".tmp");
+    s.into()
+}
