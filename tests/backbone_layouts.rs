@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use saev::candle_core::{Device, Tensor};
-use saev::{Backbone, Family};
+use saev::{backbone::Family, Backbone};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/layouts")
@@ -98,7 +98,7 @@ fn open_clip_vision_tower_matches_open_clip() {
     );
     // Preprocessing from open_clip_config.json: shortest side to 64, centre crop, OpenAI stats.
     assert_eq!(vit.input_size(), (64, 64));
-    assert_eq!(vit.preprocess().mean, saev::CLIP_MEAN);
+    assert_eq!(vit.preprocess().mean, saev::backbone::CLIP_MEAN);
 }
 
 #[test]

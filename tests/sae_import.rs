@@ -13,8 +13,8 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/sae")
 }
 
-fn check(file: &str) -> saev::TorchCheckpoint {
-    let ckpt = saev::read_torch_checkpoint(fixtures().join(file)).unwrap();
+fn check(file: &str) -> saev::io::TorchCheckpoint {
+    let ckpt = saev::io::read_torch_checkpoint(fixtures().join(file)).unwrap();
     let want =
         saev::candle_core::safetensors::load(fixtures().join("expected.safetensors"), &Device::Cpu)
             .unwrap();
@@ -62,7 +62,9 @@ fn code_in_the_pickle_is_refused_not_run() {
     bytes.splice(at..at + needle.len(), replacement.bytes());
     let path = dir.join("evil.pt");
     std::fs::write(&path, &bytes).unwrap();
-    let err = saev::read_torch_checkpoint(&path).unwrap_err().to_string();
+    let err = saev::io::read_torch_checkpoint(&path)
+        .unwrap_err()
+        .to_string();
     // Either the zip's CRC catches the edit or the pickle reader refuses the global.
     assert!(
         err.contains("refusing to call os.system")
@@ -79,11 +81,11 @@ fn truncated_or_foreign_files_are_named() {
     let bytes = std::fs::read(fixtures().join("paper.pt")).unwrap();
     let p = dir.join("cut.pt");
     std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
-    let e = saev::read_torch_checkpoint(&p).unwrap_err().to_string();
+    let e = saev::io::read_torch_checkpoint(&p).unwrap_err().to_string();
     assert!(e.contains("cut.pt"), "{e}");
     let p = dir.join("text.pt");
     std::fs::write(&p, b"{\"a\": 1}\nnot a zip").unwrap();
-    let e = saev::read_torch_checkpoint(&p).unwrap_err().to_string();
+    let e = saev::io::read_torch_checkpoint(&p).unwrap_err().to_string();
     assert!(e.contains("text.pt") && e.contains("zip"), "{e}");
 }
 
@@ -140,8 +142,8 @@ fn imported_paper_sae_encodes_like_the_reference_formula() {
 #[test]
 fn topk_keeps_k_latents() {
     let sae = saev::Sae::from_torch(fixtures().join("schema5.pt"), None).unwrap();
-    let cfg = saev::SaeConfig {
-        activation: saev::SaeActivation::TopK { k: 3, relu: true },
+    let cfg = saev::sae::SaeConfig {
+        activation: saev::sae::SaeActivation::TopK { k: 3, relu: true },
         ..sae.config().clone()
     };
     let want =
@@ -194,9 +196,9 @@ fn python_saev_head_checkpoints_reproduce_its_forward() {
         let dx = max_diff(&xh, &want[&format!("{name}.x_hat")].flat());
         assert!(df <= 1e-5 && dx <= 1e-5, "{name}: f_x {df}, x_hat {dx}");
         match (name, &sae.config().activation) {
-            ("relu", saev::SaeActivation::Relu) => {}
-            ("topk", saev::SaeActivation::TopK { k: 4, relu: false }) => {}
-            ("batchtopk", saev::SaeActivation::BatchTopK { k: 4, .. }) => {}
+            ("relu", saev::sae::SaeActivation::Relu) => {}
+            ("topk", saev::sae::SaeActivation::TopK { k: 4, relu: false }) => {}
+            ("batchtopk", saev::sae::SaeActivation::BatchTopK { k: 4, .. }) => {}
             (n, a) => panic!("{n} imported as {a:?}"),
         }
         // Provenance says where it came from; save/load keeps the activation.

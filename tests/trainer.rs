@@ -8,7 +8,7 @@ mod common;
 use common::TensorExt;
 
 use saev::candle_core::{Device, Tensor};
-use saev::{ActivationStore, Metadata, Setting, StoreWriter, TrainConfig};
+use saev::{sae::Setting, store::Metadata, store::StoreWriter, ActivationStore, TrainConfig};
 
 fn planted_store(root: &std::path::Path) -> ActivationStore {
     planted_store_with(root, None)
@@ -33,7 +33,7 @@ fn planted_store_with(
         dataset: "planted".into(),
         pixel_agg: "majority".into(),
         dtype: "float32".into(),
-        protocol: saev::PROTOCOL.into(),
+        protocol: saev::store::PROTOCOL.into(),
     };
     // 32 random unit atoms; each vector = 2 atoms with positive weights + an offset.
     let atoms: Vec<f32> = Tensor::randn(0f32, 1.0, (32, d), &Device::Cpu)
@@ -136,16 +136,19 @@ fn sweep_trains_and_saves() {
     assert!(dir.join("run/history.parquet").exists());
     // Held-out evaluation on 10 random examples (5% of 200, seeded), never trained on.
     let ev = run.evals[0].as_ref().unwrap();
-    assert_eq!(ev.examples, saev::Examples::held_out(10, cfg.seed));
+    assert_eq!(ev.examples, saev::store::Examples::held_out(10, cfg.seed));
     assert_eq!((ev.n_examples, ev.n_vectors), (10, 80));
     assert!(ev.nmse < 0.5 && ev.explained_variance > 0.5, "{ev}");
     assert_eq!(ev.freq.len(), 64);
     assert!(dir.join("run/0/eval.json").exists());
     // Saved with the store's normalisation; reloads to the same codes on raw inputs.
-    let back = saev::Sae::load(&dir.join("run/0")).unwrap();
+    let back = saev::Sae::load(dir.join("run/0")).unwrap();
     assert_eq!(
         back.config().norm.as_ref().unwrap().scalar,
-        store.norm_stats(-2, saev::Tokens::Patches).unwrap().scalar
+        store
+            .norm_stats(-2, saev::store::Tokens::Patches)
+            .unwrap()
+            .scalar
     );
     let x = Tensor::from_vec(
         store.patch(3, -2, 1).unwrap().to_vec(),
@@ -214,12 +217,12 @@ fn topk_batchtopk_and_matryoshka_train() {
         );
         assert!(ev.nmse < 0.6, "{name}: {ev}");
         match run.saes[0].config().activation {
-            saev::SaeActivation::BatchTopK { threshold, .. } => {
+            saev::sae::SaeActivation::BatchTopK { threshold, .. } => {
                 assert!(threshold > 0.0, "{name}: threshold {threshold}");
                 // The saved threshold gives about k latents per vector at inference.
                 assert!(ev.l0 > 0.8 && ev.l0 < 5.0, "{name}: held-out L0 {}", ev.l0);
             }
-            saev::SaeActivation::TopK { k, .. } => {
+            saev::sae::SaeActivation::TopK { k, .. } => {
                 assert_eq!(k, 2);
                 assert!(ev.l0 <= 2.0 + 1e-9);
             }
@@ -328,7 +331,7 @@ fn bad_data_and_bad_checkpoints_are_clear_errors() {
     )
     .unwrap();
     let wide = saev::Sae::new(
-        saev::SaeConfig {
+        saev::sae::SaeConfig {
             d_model: 8,
             d_sae: 4,
             norm: None,
@@ -341,7 +344,7 @@ fn bad_data_and_bad_checkpoints_are_clear_errors() {
     )
     .unwrap();
     let err = wide
-        .evaluate(&good, -2, saev::Tokens::Patches, (0, 10))
+        .evaluate(&good, -2, saev::store::Tokens::Patches, (0, 10))
         .err()
         .unwrap();
     assert!(
@@ -352,7 +355,7 @@ fn bad_data_and_bad_checkpoints_are_clear_errors() {
     let ck = dir.join("run-good/0/sae.safetensors");
     let bytes = std::fs::read(&ck).unwrap();
     std::fs::write(&ck, &bytes[..bytes.len() / 2]).unwrap();
-    let err = saev::Sae::load(&dir.join("run-good/0")).err().unwrap();
+    let err = saev::Sae::load(dir.join("run-good/0")).err().unwrap();
     assert!(err.to_string().contains("sae.safetensors"), "{err}");
     // A corrupted training checkpoint is refused with its path.
     let st = dir.join("run-good/checkpoint/state.json");

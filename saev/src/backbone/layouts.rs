@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use serde_json::Value;
 
-use super::config::{check_heads, Activation, Family, PosInterp, VitConfig};
+use super::config::{check_heads, Family, HiddenAct, PosInterp, VitConfig};
 use super::preprocess::{
     Filter, Preprocess, Resize, CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD,
 };
@@ -534,7 +534,7 @@ fn dinov2_hub(
         image_size: g * p,
         num_channels: 3,
         layer_norm_eps: eps,
-        hidden_act: Activation::Gelu,
+        hidden_act: HiddenAct::Gelu,
         qkv_bias,
         num_register_tokens: n_reg,
         cls_token: true,
@@ -615,7 +615,7 @@ fn timm(dir: &Path, v: &Value, device: &Device) -> Result<Opened> {
         )?;
         let ls = dinov2_blocks(&mut sd, &mut out, &wpath, depth, d)?;
         mv(&mut sd, &mut out, &wpath, "norm", "layernorm")?;
-        (Family::Dinov2, n_reg, g, 1e-6, Activation::Gelu, false, ls)
+        (Family::Dinov2, n_reg, g, 1e-6, HiddenAct::Gelu, false, ls)
     } else if arch.contains("clip") {
         let g = grid(n_pos.saturating_sub(1), &wpath, "pos_embed")?;
         if sd.contains_key("patch_embed.proj.bias") {
@@ -650,9 +650,9 @@ fn timm(dir: &Path, v: &Value, device: &Device) -> Result<Opened> {
         )?;
         mv(&mut sd, &mut out, &wpath, "norm", "post_layernorm")?;
         let act = if arch.contains("quickgelu") {
-            Activation::QuickGelu
+            HiddenAct::QuickGelu
         } else {
-            Activation::Gelu
+            HiddenAct::Gelu
         };
         (Family::Clip, 0, g, 1e-5, act, true, ls)
     } else {
@@ -853,9 +853,9 @@ fn open_clip(dir: &Path, device: &Device) -> Result<Opened> {
         num_channels: 3,
         layer_norm_eps: 1e-5,
         hidden_act: if quick {
-            Activation::QuickGelu
+            HiddenAct::QuickGelu
         } else {
-            Activation::Gelu
+            HiddenAct::Gelu
         },
         qkv_bias: out.contains_key("encoder.layers.0.self_attn.q_proj.bias"),
         num_register_tokens: 0,

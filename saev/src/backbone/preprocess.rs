@@ -10,7 +10,7 @@
 //! need no flags.
 //!
 //! ```no_run
-//! use saev::{Family, Preprocess};
+//! use saev::{backbone::Family, Preprocess};
 //! let pre = Preprocess::for_family(Family::Dinov2).with_size(448); // 448 crop from a 512 resize
 //! let img = saev::load_image("photo.jpg")?;
 //! let chw = pre.apply(&img);          // Vec<f32>, [3, 448, 448]

@@ -4,7 +4,7 @@
 //! the `hub` cargo feature — downloaded from the hub.
 //!
 //! ```no_run
-//! let dir = saev::resolve_model("facebook/dinov2-small")?;
+//! let dir = saev::backbone::resolve_model("facebook/dinov2-small")?;
 //! assert!(dir.join("config.json").exists());
 //! # Ok::<(), saev::Error>(())
 //! ```
@@ -26,8 +26,10 @@ pub fn hf_hub_cache() -> Option<PathBuf> {
 
 /// Turn a directory path or a model id (optionally `id@revision`) into a directory holding
 /// `config.json` and `model.safetensors`.
-pub fn resolve_model(model: &str) -> Result<PathBuf> {
-    let as_path = Path::new(model);
+pub fn resolve_model(model: impl AsRef<Path>) -> Result<PathBuf> {
+    let as_path = model.as_ref();
+    let text = as_path.display().to_string();
+    let model = text.as_str();
     if as_path.is_dir() {
         return check_dir(model, as_path);
     }

@@ -7,7 +7,7 @@
 //! [`Vit::embed`] → [`Vit::run_blocks`] → [`Vit::finish`].
 //!
 //! ```no_run
-//! # use saev::{Vit, VitConfig, Family};
+//! # use saev::{backbone::Vit, backbone::VitConfig, backbone::Family};
 //! # let vb = candle_nn::VarBuilder::zeros(candle_core::DType::F32, &candle_core::Device::Cpu);
 //! let vit = Vit::new(&VitConfig::tiny(Family::Dinov2), vb)?;
 //! let pixels = candle_core::Tensor::zeros((2, 3, 16, 16), candle_core::DType::F32, &candle_core::Device::Cpu)?;
@@ -22,7 +22,7 @@ use std::ops::Range;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{LayerNorm, LayerNormConfig, VarBuilder};
 
-use super::config::{Activation, Family, PosInterp, VitConfig};
+use super::config::{Family, HiddenAct, PosInterp, VitConfig};
 use super::kernels::{bias_act, softmax_last_dim};
 use super::resample::{interp_matrix, interp_matrix_scaled, Kernel};
 use crate::error::{CandleContext, Error, Result};
@@ -82,7 +82,7 @@ impl Linear {
     }
 
     /// `act(x Wᵀ + b)` with bias and activation fused in one pass.
-    fn forward_act(&self, x: &Tensor, act: Activation) -> candle_core::Result<Tensor> {
+    fn forward_act(&self, x: &Tensor, act: HiddenAct) -> candle_core::Result<Tensor> {
         let y = self.matmul(x)?;
         match &self.b {
             Some(b) => bias_act(&y, b, act),
@@ -95,12 +95,12 @@ fn layer_norm(vb: VarBuilder, d: usize, eps: f64) -> candle_core::Result<LayerNo
     candle_nn::layer_norm(d, LayerNormConfig::from(eps), vb)
 }
 
-fn activate(x: &Tensor, act: Activation) -> candle_core::Result<Tensor> {
+fn activate(x: &Tensor, act: HiddenAct) -> candle_core::Result<Tensor> {
     match act {
-        Activation::Gelu => x.gelu_erf(),
-        Activation::GeluTanh => x.gelu(),
-        Activation::QuickGelu => x.mul(&candle_nn::ops::sigmoid(&(x * 1.702)?)?),
-        Activation::Silu => x.silu(),
+        HiddenAct::Gelu => x.gelu_erf(),
+        HiddenAct::GeluTanh => x.gelu(),
+        HiddenAct::QuickGelu => x.mul(&candle_nn::ops::sigmoid(&(x * 1.702)?)?),
+        HiddenAct::Silu => x.silu(),
     }
 }
 
@@ -224,7 +224,7 @@ pub struct Block {
     /// DINOv3's gated MLP: `fc2(act(gate x) ⊙ fc1 x)` (`fc1` = `up_proj`).
     gate: Option<Linear>,
     n_heads: usize,
-    act: Activation,
+    act: HiddenAct,
 }
 
 impl Block {
@@ -380,7 +380,7 @@ struct MapHead {
     fc1: Linear,
     fc2: Linear,
     n_heads: usize,
-    act: Activation,
+    act: HiddenAct,
 }
 
 impl MapHead {
@@ -799,7 +799,7 @@ mod tests {
     #[test]
     fn quick_gelu_closed_form() {
         let x = Tensor::new(&[1f32], &Device::Cpu).unwrap();
-        let y: Vec<f32> = activate(&x, Activation::QuickGelu)
+        let y: Vec<f32> = activate(&x, HiddenAct::QuickGelu)
             .unwrap()
             .to_vec1()
             .unwrap();

@@ -4,8 +4,8 @@
 //! store's segmentation reader records per-patch labels from it.
 //!
 //! ```no_run
-//! let dir = saev::composite_fashion_mnist(
-//!     "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz".as_ref(), "seg/".as_ref(), 500, 0)?;
+//! let dir = saev::data::composite_fashion_mnist(
+//!     "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz", "seg/", 500, 0)?;
 //! # Ok::<(), saev::Error>(())
 //! ```
 
@@ -31,11 +31,12 @@ const LIT: u8 = 40;
 /// Write `n_images` composites of 2–3 items (side 84 or 112 px, non-overlapping grid cells)
 /// from the IDX file at `idx_path` into `out`; returns `out`. Re-running overwrites.
 pub fn composite_fashion_mnist(
-    idx_path: &Path,
-    out: &Path,
+    idx_path: impl AsRef<Path>,
+    out: impl AsRef<Path>,
     n_images: usize,
     seed: u64,
 ) -> Result<PathBuf> {
+    let (idx_path, out) = (idx_path.as_ref(), out.as_ref());
     let ds = Dataset::open(idx_path, None, false)?;
     if !ds.has_labels() || ds.is_empty() {
         return Err(Error::Dataset {

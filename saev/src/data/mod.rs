@@ -10,13 +10,15 @@
 //! dropped up front when the dataset is opened with `skip_bad` (header check).
 //!
 //! ```no_run
-//! use saev::{Dataset, DatasetKind};
+//! use saev::{Dataset, data::DatasetKind};
 //! let ds = Dataset::open("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz", None, false)?;
 //! let ex = ds.get(0)?;                       // image, label Some(9), source "…#0"
 //! # Ok::<(), saev::Error>(())
 //! ```
 
-pub mod composite;
+pub(crate) mod composite;
+
+pub use composite::{composite_classes, composite_fashion_mnist};
 pub(crate) mod idx;
 pub(crate) mod parquet;
 
@@ -29,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, IoContext, Result};
 
 /// The dataset layouts saev reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum DatasetKind {
     /// A folder of images, searched recursively.
@@ -42,6 +44,22 @@ pub enum DatasetKind {
     Ade20k,
     /// Hugging Face parquet files (image struct/bytes column, optional `label`).
     Parquet,
+}
+
+impl std::str::FromStr for DatasetKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        crate::util::parse_name(
+            s,
+            &[
+                "image-folder",
+                "labelled-folder",
+                "idx",
+                "ade20k",
+                "parquet",
+            ],
+        )
+    }
 }
 
 /// One example: the decoded image and what is known about it.

@@ -7,7 +7,7 @@
 //! # use saev::prelude::*;
 //! # let store = ActivationStore::open("acts/1a2b3c4d")?;
 //! let ex = Explorer::open("runs/a/0", &store)?;
-//! let index = saev::write_browser(&ex, "site".as_ref(), &saev::BrowseConfig::default())?;
+//! let index = saev::explore::write_browser(&ex, "site", &saev::explore::BrowseConfig::default())?;
 //! # Ok::<(), saev::Error>(())
 //! ```
 
@@ -108,7 +108,8 @@ fn js_num(v: f64) -> String {
 }
 
 /// Write the site into `out`; returns the path of `index.html`.
-pub fn write_browser(ex: &Explorer, out: &Path, cfg: &BrowseConfig) -> Result<PathBuf> {
+pub fn write_browser(ex: &Explorer, out: impl AsRef<Path>, cfg: &BrowseConfig) -> Result<PathBuf> {
+    let out = out.as_ref();
     // A directory saev's browser wrote carries its marker; anything else non-empty is refused.
     let marker = out.join(BROWSER_MARKER);
     let non_empty = std::fs::read_dir(out).is_ok_and(|mut d| d.next().is_some());

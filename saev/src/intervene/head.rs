@@ -12,7 +12,7 @@
 //! # use saev::prelude::*;
 //! let vit = Backbone::open("facebook/dinov2-small")?;
 //! let store = ActivationStore::open("acts/1a2b3c4d")?;
-//! let (head, acc) = saev::Head::train_classifier(&vit, &store, -2, &saev::HeadConfig::default())?;
+//! let (head, acc) = saev::Head::train_classifier(&vit, &store, -2, &saev::intervene::HeadConfig::default())?;
 //! # Ok::<(), saev::Error>(())
 //! ```
 

@@ -12,14 +12,16 @@
 //! # let vit = Backbone::open("facebook/dinov2-small")?;
 //! # let store = ActivationStore::open("acts/1a2b3c4d")?;
 //! # let ex = Explorer::open("runs/k/0", &store)?;
-//! # let head = saev::Head::load("heads/probe".as_ref())?;
+//! # let head = saev::Head::load("heads/probe")?;
 //! let iv = Intervention::new(&vit, -2, ex.sae(), &head)?.with_features(ex.features());
 //! let out = iv.run(&load_image("shoe.png")?, Some(&[40, 41, 56, 57]), &[Edit::scale_max(2687, -2.0)])?;
 //! // renders inline: the image with the edited patches outlined, class bars before / after
 //! # Ok::<(), saev::Error>(())
 //! ```
 
-pub mod head;
+pub(crate) mod head;
+
+pub use head::{miou, Head, HeadConfig, HeadKind, HeadMeta};
 
 use std::fmt;
 
@@ -34,7 +36,6 @@ use crate::explore::picture::{plasma, Heatmap};
 use crate::sae::model::Sae;
 use crate::store::{ActivationStore, Examples, Tokens};
 use crate::util::display::{base64, emit_text, html_escape};
-use head::{Head, HeadKind};
 
 /// How an edit sets a latent.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

@@ -4,9 +4,9 @@
 //! (frequency > 1e-2) counts.
 //!
 //! ```no_run
-//! # use saev::{ActivationStore, Examples, Sae, Tokens};
+//! # use saev::{ActivationStore, store::Examples, Sae, store::Tokens};
 //! let store = ActivationStore::open("acts/1a2b3c4d")?;
-//! let sae = Sae::load("runs/a/0".as_ref())?;
+//! let sae = Sae::load("runs/a/0")?;
 //! // The trainer's held-out examples (5% of the store, split seed = the config's seed 0).
 //! let held_out = Examples::held_out(store.n_examples() / 20, 0);
 //! let ev = sae.evaluate(&store, -2, Tokens::Patches, held_out)?;

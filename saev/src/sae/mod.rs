@@ -2,10 +2,16 @@
 //! the Python saev's `sae.pt` checkpoints ([`py_import`], read by `util::torch_load`). The
 //! trainer builds on these (#4).
 
-pub mod eval;
+pub(crate) mod eval;
 pub(crate) mod linalg;
-pub mod model;
-pub mod paper_step;
-pub mod py_import;
-pub mod step;
-pub mod trainer;
+pub(crate) mod model;
+pub(crate) mod paper_step;
+pub(crate) mod py_import;
+pub(crate) mod step;
+pub(crate) mod trainer;
+
+pub use eval::{Evaluation, ALMOST_DEAD_FREQ, DENSE_FREQ};
+pub use model::{Sae, SaeActivation, SaeConfig, SaeNorm, SAE_SCHEMA};
+pub use py_import::{import_python_sae, resolve_sae};
+pub use step::{Kernels, TrainActivation};
+pub use trainer::{fresh_run_dir, train_saes, LrSchedule, Setting, TrainConfig, TrainRun};

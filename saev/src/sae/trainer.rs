@@ -927,7 +927,7 @@ pub fn train_saes(
             None
         };
         if finished {
-            sae.save(&out.join(k.to_string()))?;
+            sae.save(out.join(k.to_string()))?;
         }
         saes.push(sae);
         evals.push(ev);

@@ -7,7 +7,7 @@
 //! within a batch for locality) into a bounded queue, so the consumer does not wait.
 //!
 //! ```no_run
-//! use saev::{ActivationStore, LoaderConfig, Tokens};
+//! use saev::{ActivationStore, store::LoaderConfig, store::Tokens};
 //! let store = ActivationStore::open("acts/1a2b3c4d")?;
 //! for batch in store.shuffled(&LoaderConfig::new(-2).with_batch_size(4096), 0)? {
 //!     let acts_nd = batch.acts_nd; // [n, d] row-major
@@ -27,7 +27,7 @@ use crate::error::{Error, Result};
 use crate::util::files::read_json;
 
 /// Which tokens of each example a loader yields.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Tokens {
     /// Patch tokens only (the paper's choice).
@@ -36,6 +36,13 @@ pub enum Tokens {
     Cls,
     /// CLS and patches.
     All,
+}
+
+impl std::str::FromStr for Tokens {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        crate::util::parse_name(s, &["patches", "cls", "all"])
+    }
 }
 
 impl Tokens {

@@ -4,7 +4,7 @@
 //!
 //! ```no_run
 //! # let md = saev::ActivationStore::open("old/1a2b3c4d")?.metadata().clone();
-//! let mut w = saev::StoreWriter::create("converted".as_ref(), md, None)?;
+//! let mut w = saev::store::StoreWriter::create("converted", md, None)?;
 //! w.write_examples(0, &vec![0.0; 10])?;
 //! let dir = w.finish()?;
 //! # Ok::<(), saev::Error>(())
@@ -43,7 +43,7 @@ fn open_at_least(path: &Path, len: u64) -> Result<File> {
 ///
 /// ```no_run
 /// # let md = saev::ActivationStore::open("old/1a2b3c4d")?.metadata().clone(); // or build one
-/// let mut w = saev::StoreWriter::create("converted".as_ref(), md, None)?;
+/// let mut w = saev::store::StoreWriter::create("converted", md, None)?;
 /// w.write_examples(0, &vec![0.0; 10])?;  // [n, n_layers, T, d] floats of examples 0..n
 /// let dir = w.finish()?;
 /// # Ok::<(), saev::Error>(())
@@ -60,7 +60,12 @@ pub struct StoreWriter {
 impl StoreWriter {
     /// Start a new store `<root>/<hash>/` (an existing one is an error, never overwritten):
     /// writes `metadata.json` and, if given, `provenance.json`.
-    pub fn create(root: &Path, md: Metadata, provenance: Option<&Provenance>) -> Result<Self> {
+    pub fn create(
+        root: impl AsRef<Path>,
+        md: Metadata,
+        provenance: Option<&Provenance>,
+    ) -> Result<Self> {
+        let root = root.as_ref();
         Self::create_in(root.join(md.hash()), md, provenance)
     }
 
@@ -305,7 +310,8 @@ pub(crate) fn part_examples(md: &Metadata, i: usize, n: usize) -> std::ops::Rang
 /// Join the parts written with [`crate::WriterConfig::part`] into one store under `root`. Shard files
 /// are moved (renamed), not copied, when the parts are on the same file system as `root`; the
 /// part directories are removed afterwards.
-pub fn merge_parts(parts: &[PathBuf], root: &Path) -> Result<PathBuf> {
+pub fn merge_parts(parts: &[PathBuf], root: impl AsRef<Path>) -> Result<PathBuf> {
+    let root = root.as_ref();
     let first = parts
         .first()
         .ok_or_else(|| Error::Invalid("merge: no parts given".into()))?;

@@ -1,7 +1,7 @@
 //! saev's cache directory: imported models, imported SAEs, normalisation statistics.
 //!
 //! ```no_run
-//! let dir = saev::saev_cache_dir(); // $SAEV_CACHE, else ~/.cache/saev
+//! let dir = saev::io::saev_cache_dir(); // $SAEV_CACHE, else ~/.cache/saev
 //! ```
 
 use std::path::PathBuf;

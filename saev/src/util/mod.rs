@@ -10,3 +10,13 @@ pub(crate) mod paths;
 pub(crate) mod progress;
 pub(crate) mod rng;
 pub(crate) mod torch_load;
+
+/// Parse `s` as the serde name of a unit enum variant (what the CLI's `FromStr` impls use); the
+/// error lists the `valid` names.
+pub(crate) fn parse_name<T: serde::de::DeserializeOwned>(
+    s: &str,
+    valid: &[&str],
+) -> std::result::Result<T, String> {
+    serde_json::from_value(serde_json::Value::String(s.into()))
+        .map_err(|_| format!("`{s}` (valid: {})", valid.join(", ")))
+}
