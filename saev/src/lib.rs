@@ -89,3 +89,26 @@ pub mod __private {
     pub use crate::sae::step::{Grads, Recipe, Scratch, StepStats, TrainState};
     pub use crate::util::torch_load::parse_pickle;
 }
+
+#[cfg(test)]
+mod tests {
+    /// The integration tests live in the workspace's `tests/`, outside this package, so cargo
+    /// cannot discover them: each must be listed in `saev/Cargo.toml`. A file that is not is
+    /// a failure here, never a test silently not run.
+    #[test]
+    fn every_integration_test_file_is_listed_in_cargo_toml() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
+        let mut missing = Vec::new();
+        for e in std::fs::read_dir(root.join("../tests")).unwrap() {
+            let name = e.unwrap().file_name().to_string_lossy().into_owned();
+            if name.ends_with(".rs") && !manifest.contains(&format!("path = \"../tests/{name}\"")) {
+                missing.push(name);
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "tests/{missing:?} not run: add a [[test]] entry for each to saev/Cargo.toml"
+        );
+    }
+}
