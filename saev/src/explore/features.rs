@@ -67,6 +67,21 @@ impl FeatureConfig {
         self.top_k = k.max(1);
         self
     }
+    /// Set the histogram bins.
+    pub fn with_n_bins(mut self, n_bins: usize) -> Self {
+        self.n_bins = n_bins.max(1);
+        self
+    }
+    /// Set the histogram's log10 range `[lo, hi)`.
+    pub fn with_hist_range(mut self, lo: f32, hi: f32) -> Self {
+        (self.hist_lo, self.hist_hi) = (lo, hi);
+        self
+    }
+    /// Set the vectors encoded per GEMM.
+    pub fn with_rows_per_batch(mut self, rows_per_batch: usize) -> Self {
+        self.rows_per_batch = rows_per_batch.max(1);
+        self
+    }
 }
 
 /// `features.json`.

@@ -83,6 +83,52 @@ impl HeadConfig {
             ..Self::default()
         }
     }
+    /// A classifier reading the CLS token (`mean_pool` false) or the mean of the patch tokens.
+    pub fn classifier(mean_pool: bool) -> Self {
+        Self {
+            kind: if mean_pool {
+                HeadKind::ClassifierMean
+            } else {
+                HeadKind::ClassifierCls
+            },
+            ..Self::default()
+        }
+    }
+    /// Set what the head predicts from.
+    pub fn with_kind(mut self, kind: HeadKind) -> Self {
+        self.kind = kind;
+        self
+    }
+    /// Set the learning rate.
+    pub fn with_lr(mut self, lr: f64) -> Self {
+        self.lr = lr;
+        self
+    }
+    /// Set the L2 weight decay.
+    pub fn with_weight_decay(mut self, weight_decay: f64) -> Self {
+        self.weight_decay = weight_decay;
+        self
+    }
+    /// Set the epochs.
+    pub fn with_epochs(mut self, epochs: usize) -> Self {
+        self.epochs = epochs;
+        self
+    }
+    /// Set the minibatch rows.
+    pub fn with_batch_size(mut self, batch_size: usize) -> Self {
+        self.batch_size = batch_size.max(1);
+        self
+    }
+    /// Set the held-out fraction.
+    pub fn with_holdout_frac(mut self, holdout_frac: f64) -> Self {
+        self.holdout_frac = holdout_frac;
+        self
+    }
+    /// Set the seed.
+    pub fn with_seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
 }
 
 /// `head.json`.

@@ -8,6 +8,9 @@ pub(crate) mod model;
 pub(crate) mod paper_step;
 pub(crate) mod py_import;
 pub(crate) mod step;
+pub(crate) mod train_checkpoint;
+pub(crate) mod train_config;
+pub(crate) mod train_history;
 pub(crate) mod trainer;
 
 pub use eval::{Evaluation, ALMOST_DEAD_FREQ, DENSE_FREQ};

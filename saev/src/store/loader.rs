@@ -209,6 +209,11 @@ impl LoaderConfig {
         self.seed = s;
         self
     }
+    /// Set the batches gathered ahead.
+    pub fn with_prefetch(mut self, prefetch: usize) -> Self {
+        self.prefetch = prefetch;
+        self
+    }
 }
 
 /// A batch of vectors.

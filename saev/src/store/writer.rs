@@ -38,7 +38,7 @@ fn open_at_least(path: &Path, len: u64) -> Result<File> {
 }
 
 /// Low-level writer of a store's files from activations you already have: shards at full
-/// size, `shards.json` as shards complete, `labels.bin`. [`crate::record_activations`] drives it from a
+/// size, `shards.json` as shards complete, `labels.bin`. [`crate::record::record_activations`] drives it from a
 /// backbone; use it directly to convert other recordings.
 ///
 /// ```no_run

@@ -1,0 +1,376 @@
+//! The training configuration: the sweep settings (lr, λ, k), the recipe (activation, AuxK,
+//! Matryoshka, warm-ups, schedule) and their valid ranges — a serde struct with presets
+//! ([`TrainConfig::new`] = the paper's ReLU recipe, [`TrainConfig::topk`],
+//! [`TrainConfig::batch_topk`]) and `with_*` setters. Read by [`super::trainer`].
+//!
+//! ```
+//! let cfg = saev::TrainConfig::topk(-2, 32).with_n_patches(1_000_000).with_expansion(16);
+//! cfg.validate()?;
+//! # Ok::<(), saev::Error>(())
+//! ```
+
+use serde::{Deserialize, Serialize};
+
+use super::step::{Kernels, Recipe, TrainActivation};
+use crate::error::{Error, Result};
+use crate::store::{Examples, Tokens};
+
+/// One sweep setting.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Setting {
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Sparsity coefficient λ (ReLU only). Default 0.
+    #[serde(default)]
+    pub lambda: f64,
+    /// Latents per row for TopK / BatchTopK (overrides the activation's k).
+    #[serde(default)]
+    pub k: Option<usize>,
+}
+
+/// Learning-rate schedule after the warm-up.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LrSchedule {
+    /// Constant at the peak (the paper).
+    Constant,
+    /// Cosine decay from the peak to `lr_min_frac · peak` at the last step.
+    Cosine,
+}
+
+/// Training configuration (serde; documented defaults; presets and `with_*` setters).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Store layer. Default -2.
+    pub layer: i64,
+    /// Tokens to train on. Default patches.
+    pub tokens: Tokens,
+    /// Dictionary size = expansion · d_model. Default 16.
+    pub expansion: usize,
+    /// Non-linearity. Default ReLU (+ L1).
+    pub activation: TrainActivation,
+    /// Matryoshka prefix ends as fractions of d_sae (e.g. [0.0625, 0.25, 1.0]); empty = off.
+    pub matryoshka: Vec<f64>,
+    /// AuxK latents per row on dead latents (TopK/BatchTopK; 0 = off). Default None =
+    /// d_model / 2 (Gao et al.'s choice).
+    pub aux_k: Option<usize>,
+    /// AuxK coefficient. Default 1/32 (Gao et al.).
+    pub aux_coef: f64,
+    /// A latent silent this many patches is dead. Default 2^20.
+    pub dead_window_patches: u64,
+    /// Batch size. Default 4096.
+    pub batch_size: usize,
+    /// Patches to train on (epochs repeat as needed). Default 100M (the paper's).
+    pub n_patches: u64,
+    /// Settings trained together. Default the paper's 3×3 lr × λ grid.
+    pub sweep: Vec<Setting>,
+    /// Linear lr warm-up steps (from 0). Default 500.
+    pub n_lr_warmup: usize,
+    /// Schedule after warm-up. Default constant.
+    pub lr_schedule: LrSchedule,
+    /// Cosine floor as a fraction of the peak. Default 0.
+    pub lr_min_frac: f64,
+    /// Linear λ warm-up steps. Default 500.
+    pub n_sparsity_warmup: usize,
+    /// Global gradient-norm clip (None = off). Default None.
+    pub max_grad_norm: Option<f64>,
+    /// Unit-norm decoder rows + parallel-gradient removal. Default true.
+    pub unit_norm_decoder: bool,
+    /// Decoder-side kernels. Default auto.
+    pub kernels: Kernels,
+    /// Code density above which auto uses dense GEMMs. Default 0.05.
+    pub dense_above: f64,
+    /// Examples held out for evaluation, a seeded random split (seed = `seed`). Default 5% of
+    /// the store (at least 1 when it has 2+ examples); set explicitly to override.
+    pub holdout_examples: Option<usize>,
+    /// Seed for init and shuffling. Default 0.
+    pub seed: u64,
+    /// Metrics every this many steps. Default 10.
+    pub log_every: usize,
+    /// Checkpoint every this many steps (0 = only at the end). Default 500.
+    pub ckpt_every: usize,
+    /// Stop (with a checkpoint) after this many steps in this call — for time-boxed jobs; a
+    /// later call resumes. Not part of the run's identity.
+    #[serde(skip)]
+    pub stop_after_steps: Option<usize>,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        let sweep = [3e-4, 1e-3, 3e-3]
+            .iter()
+            .flat_map(|&lr| {
+                [4e-4, 8e-4, 1.6e-3].map(|lambda| Setting {
+                    lr,
+                    lambda,
+                    k: None,
+                })
+            })
+            .collect();
+        Self {
+            layer: -2,
+            tokens: Tokens::Patches,
+            expansion: 16,
+            activation: TrainActivation::Relu,
+            matryoshka: Vec::new(),
+            aux_k: None,
+            aux_coef: 1.0 / 32.0,
+            dead_window_patches: 1 << 20,
+            batch_size: 4096,
+            n_patches: 100_000_000,
+            sweep,
+            n_lr_warmup: 500,
+            lr_schedule: LrSchedule::Constant,
+            lr_min_frac: 0.0,
+            n_sparsity_warmup: 500,
+            max_grad_norm: None,
+            unit_norm_decoder: true,
+            kernels: Kernels::Auto,
+            dense_above: 0.05,
+            holdout_examples: None,
+            seed: 0,
+            log_every: 10,
+            ckpt_every: 500,
+            stop_after_steps: None,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// The paper's ReLU recipe on `layer` (the default 3×3 lr × λ sweep).
+    pub fn new(layer: i64) -> Self {
+        Self {
+            layer,
+            ..Self::default()
+        }
+    }
+    /// TopK(k) with AuxK (k_aux = d_model / 2), cosine lr decay, no λ, an lr sweep of 3.
+    pub fn topk(layer: i64, k: usize) -> Self {
+        Self {
+            layer,
+            activation: TrainActivation::TopK { k },
+            lr_schedule: LrSchedule::Cosine,
+            sweep: [1e-4, 3e-4, 1e-3]
+                .map(|lr| Setting {
+                    lr,
+                    lambda: 0.0,
+                    k: None,
+                })
+                .to_vec(),
+            n_sparsity_warmup: 0,
+            ..Self::default()
+        }
+    }
+    /// BatchTopK(k) (threshold saved for inference), otherwise as [`TrainConfig::topk`].
+    pub fn batch_topk(layer: i64, k: usize) -> Self {
+        Self {
+            activation: TrainActivation::BatchTopK { k },
+            ..Self::topk(layer, k)
+        }
+    }
+    /// Set the number of training patches.
+    pub fn with_n_patches(mut self, n: u64) -> Self {
+        self.n_patches = n;
+        self
+    }
+    /// Set the sweep.
+    pub fn with_sweep(mut self, sweep: Vec<Setting>) -> Self {
+        self.sweep = sweep;
+        self
+    }
+    /// Set the batch size.
+    pub fn with_batch_size(mut self, n: usize) -> Self {
+        self.batch_size = n.max(1);
+        self
+    }
+    /// One setting per learning rate (λ and k as in the first current setting).
+    pub fn with_lrs(mut self, lrs: &[f64]) -> Self {
+        let base = self.sweep.first().copied().unwrap_or(Setting {
+            lr: 1e-3,
+            lambda: 0.0,
+            k: None,
+        });
+        self.sweep = lrs.iter().map(|&lr| Setting { lr, ..base }).collect();
+        self
+    }
+    /// Set the expansion factor.
+    pub fn with_expansion(mut self, e: usize) -> Self {
+        self.expansion = e.max(1);
+        self
+    }
+    /// Set both warm-ups.
+    pub fn with_warmup(mut self, n_lr: usize, n_sparsity: usize) -> Self {
+        self.n_lr_warmup = n_lr;
+        self.n_sparsity_warmup = n_sparsity;
+        self
+    }
+    /// Set Matryoshka prefix ends (fractions of d_sae, ascending, last 1.0).
+    pub fn with_matryoshka(mut self, fracs: Vec<f64>) -> Self {
+        self.matryoshka = fracs;
+        self
+    }
+    /// Set AuxK latents per row (0 = off).
+    pub fn with_aux_k(mut self, k: usize) -> Self {
+        self.aux_k = Some(k);
+        self
+    }
+    /// Set the held-out examples.
+    pub fn with_holdout(mut self, n: usize) -> Self {
+        self.holdout_examples = Some(n);
+        self
+    }
+    /// Set the checkpoint interval.
+    pub fn with_ckpt_every(mut self, n: usize) -> Self {
+        self.ckpt_every = n;
+        self
+    }
+    /// Set the seed.
+    pub fn with_seed(mut self, s: u64) -> Self {
+        self.seed = s;
+        self
+    }
+
+    /// The held-out examples of a store with `n_examples` examples (what the final
+    /// evaluation reads): pass to [`crate::Sae::evaluate`] or a loader.
+    pub fn held_out(&self, n_examples: usize) -> Examples {
+        Examples::held_out(self.holdout(n_examples), self.seed)
+    }
+
+    pub(super) fn holdout(&self, n_examples: usize) -> usize {
+        match self.holdout_examples {
+            Some(h) => h,
+            None if n_examples >= 2 => (n_examples / 20).max(1),
+            None => 0,
+        }
+    }
+
+    pub(super) fn lr_at(&self, peak: f64, step: usize, n_steps: usize) -> f64 {
+        if step < self.n_lr_warmup {
+            return peak * step as f64 / self.n_lr_warmup as f64;
+        }
+        match self.lr_schedule {
+            LrSchedule::Constant => peak,
+            LrSchedule::Cosine => {
+                let span = n_steps.saturating_sub(self.n_lr_warmup).max(1) as f64;
+                let p = ((step - self.n_lr_warmup) as f64 / span).min(1.0);
+                let lo = peak * self.lr_min_frac;
+                lo + (peak - lo) * 0.5 * (1.0 + (std::f64::consts::PI * p).cos())
+            }
+        }
+    }
+
+    pub(super) fn lambda_at(&self, lambda: f64, step: usize) -> f64 {
+        if self.n_sparsity_warmup == 0 {
+            lambda
+        } else {
+            lambda * ((step + 1) as f64 / self.n_sparsity_warmup as f64).min(1.0)
+        }
+    }
+
+    /// Check every field against its valid range (errors name the field and the range).
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field: &str, msg: String| Err(Error::Invalid(format!("train: {field} {msg}")));
+        if self.sweep.is_empty() {
+            return bad("sweep", "is empty (give at least one setting)".into());
+        }
+        if !(1..=256).contains(&self.expansion) {
+            return bad("expansion", format!("{} (valid: 1..=256)", self.expansion));
+        }
+        if self.batch_size == 0 || self.batch_size > 1 << 20 {
+            return bad(
+                "batch_size",
+                format!("{} (valid: 1..=1048576)", self.batch_size),
+            );
+        }
+        if self.n_patches == 0 {
+            return bad("n_patches", "0 (valid: at least 1)".into());
+        }
+        let k_of = |a: TrainActivation| match a {
+            TrainActivation::Relu => None,
+            TrainActivation::TopK { k } | TrainActivation::BatchTopK { k } => Some(k),
+        };
+        if k_of(self.activation) == Some(0) {
+            return bad("activation.k", "0 (valid: at least 1)".into());
+        }
+        for (i, st) in self.sweep.iter().enumerate() {
+            if !(st.lr.is_finite() && st.lr > 0.0 && st.lr < 10.0) {
+                return bad(
+                    &format!("sweep[{i}].lr"),
+                    format!("{} (valid: 0 < lr < 10)", st.lr),
+                );
+            }
+            if !(st.lambda.is_finite() && st.lambda >= 0.0) {
+                return bad(
+                    &format!("sweep[{i}].lambda"),
+                    format!("{} (valid: ≥ 0, finite)", st.lambda),
+                );
+            }
+            if st.k == Some(0) {
+                return bad(&format!("sweep[{i}].k"), "0 (valid: at least 1)".into());
+            }
+        }
+        for (field, v) in [
+            ("aux_coef", self.aux_coef),
+            ("lr_min_frac", self.lr_min_frac),
+            ("dense_above", self.dense_above),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return bad(field, format!("{v} (valid: ≥ 0, finite)"));
+            }
+        }
+        if let Some(g) = self.max_grad_norm {
+            if !(g.is_finite() && g > 0.0) {
+                return bad("max_grad_norm", format!("{g} (valid: > 0, finite)"));
+            }
+        }
+        if let Some(f) = self
+            .matryoshka
+            .iter()
+            .find(|&&f| !(f.is_finite() && f > 0.0 && f <= 1.0))
+        {
+            return bad(
+                "matryoshka",
+                format!("holds {f} (valid: fractions in (0, 1])"),
+            );
+        }
+        Ok(())
+    }
+
+    pub(super) fn recipe(&self, setting: &Setting, d_model: usize, d_sae: usize) -> Result<Recipe> {
+        let activation = match (self.activation, setting.k) {
+            (TrainActivation::Relu, Some(_)) => {
+                return Err(Error::Invalid(
+                    "train: a sweep setting gives k, but the activation is relu".into(),
+                ))
+            }
+            (TrainActivation::TopK { .. }, Some(k)) => TrainActivation::TopK { k },
+            (TrainActivation::BatchTopK { .. }, Some(k)) => TrainActivation::BatchTopK { k },
+            (a, None) => a,
+        };
+        let groups = if self.matryoshka.is_empty() {
+            Vec::new()
+        } else {
+            self.matryoshka
+                .iter()
+                .map(|&f| (f * d_sae as f64).round() as usize)
+                .collect()
+        };
+        Ok(Recipe {
+            activation,
+            groups,
+            aux_k: if matches!(activation, TrainActivation::Relu) {
+                0
+            } else {
+                self.aux_k.unwrap_or(d_model / 2)
+            },
+            aux_coef: self.aux_coef,
+            dead_window_patches: self.dead_window_patches,
+            unit_norm_decoder: self.unit_norm_decoder,
+            max_grad_norm: self.max_grad_norm,
+            kernels: self.kernels,
+            dense_above: self.dense_above,
+        })
+    }
+}
