@@ -19,12 +19,7 @@ fn scratch(name: &str) -> PathBuf {
 /// The Python-written 2.1 store (d_model 8, layers [-2, -1], 7 examples of CLS + 4 patches,
 /// shards of 3), copied so it can be damaged.
 fn store_copy(dir: &Path) -> PathBuf {
-    let src = std::fs::read_dir(fixtures().join("store/py21"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let src = common::py21_store();
     let to = dir.join("store");
     copy_dir(&src, &to);
     to

@@ -226,12 +226,7 @@ fn sae_checkpoints_never_panic() {
 #[test]
 fn store_and_sae_json_never_panic() {
     let dir = scratch("json");
-    let src = std::fs::read_dir(fixtures().join("store/py21"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let src = common::py21_store();
     let store = dir.join("store");
     std::fs::create_dir_all(&store).unwrap();
     for e in std::fs::read_dir(&src).unwrap() {
@@ -400,12 +395,7 @@ fn onnx_protobuf_never_panics() {
 #[test]
 fn trainer_checkpoints_never_panic() {
     let dir = scratch("ckpt");
-    let src = std::fs::read_dir(fixtures().join("store/py21"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let src = common::py21_store();
     let store = saev::ActivationStore::open(&src).unwrap();
     let cfg = saev::TrainConfig::topk(-2, 2)
         .with_expansion(2)

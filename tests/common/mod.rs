@@ -11,6 +11,17 @@ pub fn fixtures_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
 }
 
+/// The Python-written protocol-2.1 store fixture (d_model 8, layers [-2, -1], 7 examples of CLS
+/// + 4 patches, shards of 3): its one hash directory under `tests/fixtures/store/py21`.
+pub fn py21_store() -> PathBuf {
+    std::fs::read_dir(fixtures_root().join("store/py21"))
+        .unwrap()
+        .next()
+        .expect("tests/fixtures/store/py21 holds the store's hash directory")
+        .unwrap()
+        .path()
+}
+
 /// A fresh, empty scratch directory `saev-<name>-<pid>` under the system temp dir.
 pub fn scratch(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("saev-{name}-{}", std::process::id()));
