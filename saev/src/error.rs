@@ -205,9 +205,66 @@ pub enum Error {
         checkpoint: std::path::PathBuf,
     },
 
-    /// A bad argument to a saev call.
-    #[error("{0}")]
-    Invalid(String),
+    /// An index, count or setting outside its valid range.
+    #[error("{what} {value} is out of range (valid: {valid})")]
+    OutOfRange {
+        /// What was given (`example`, `--class`, `train: lr`, …).
+        what: String,
+        /// The value given.
+        value: String,
+        /// The valid range.
+        valid: String,
+    },
+
+    /// An output directory saev will not write into (it holds files saev did not write, or
+    /// the result of other inputs).
+    #[error("{path}: {problem}; {fix}")]
+    OutputDir {
+        /// The directory.
+        path: PathBuf,
+        /// What is there.
+        problem: String,
+        /// What to do instead.
+        fix: String,
+    },
+
+    /// Two things that must belong together do not (an SAE of another layer or backbone, a
+    /// feature pass of another store).
+    #[error("{what}: {expected}, not {found}{fix}", fix = if fix.is_empty() { String::new() } else { format!("; {fix}") })]
+    Mismatch {
+        /// What is compared.
+        what: String,
+        /// What it was made for.
+        expected: String,
+        /// What it is used with.
+        found: String,
+        /// What to do (may be empty).
+        fix: String,
+    },
+
+    /// A step needs something its input lacks (labels, held-out examples, feature maxima).
+    #[error("{what}: {missing}{fix}", fix = if fix.is_empty() { String::new() } else { format!("; {fix}") })]
+    Missing {
+        /// The input or step at fault.
+        what: String,
+        /// What it lacks.
+        missing: String,
+        /// How to provide it (may be empty).
+        fix: String,
+    },
+
+    /// Drawing a picture or chart, or building a table, failed.
+    #[error("{what}: {msg}")]
+    Render {
+        /// What was being drawn or built.
+        what: String,
+        /// The underlying error.
+        msg: String,
+    },
+
+    /// A state saev's own code should never reach (a bug: please report it).
+    #[error("internal error (a bug in saev): {0}")]
+    Internal(String),
 
     /// The machine lacks something saev needs (a program, write access, the network), with what
     /// to do about it.
@@ -225,6 +282,65 @@ impl From<candle_core::Error> for Error {
         Error::Candle {
             context: "tensor op".into(),
             source,
+        }
+    }
+}
+
+impl Error {
+    pub(crate) fn out_of_range(
+        what: impl Into<String>,
+        value: impl std::fmt::Display,
+        valid: impl Into<String>,
+    ) -> Self {
+        Error::OutOfRange {
+            what: what.into(),
+            value: value.to_string(),
+            valid: valid.into(),
+        }
+    }
+
+    pub(crate) fn missing(
+        what: impl Into<String>,
+        missing: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> Self {
+        Error::Missing {
+            what: what.into(),
+            missing: missing.into(),
+            fix: fix.into(),
+        }
+    }
+
+    pub(crate) fn mismatch(
+        what: impl Into<String>,
+        expected: impl Into<String>,
+        found: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> Self {
+        Error::Mismatch {
+            what: what.into(),
+            expected: expected.into(),
+            found: found.into(),
+            fix: fix.into(),
+        }
+    }
+
+    pub(crate) fn output_dir(
+        path: impl Into<PathBuf>,
+        problem: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> Self {
+        Error::OutputDir {
+            path: path.into(),
+            problem: problem.into(),
+            fix: fix.into(),
+        }
+    }
+
+    pub(crate) fn render(what: impl Into<String>, msg: impl std::fmt::Display) -> Self {
+        Error::Render {
+            what: what.into(),
+            msg: msg.to_string(),
         }
     }
 }

@@ -464,9 +464,11 @@ fn merge(parts: Vec<PathBuf>, out: PathBuf) -> saev::Result<()> {
 
 fn activations(a: ActivationsArgs) -> saev::Result<()> {
     let (Some(data_path), Some(out)) = (a.data, a.out) else {
-        return Err(saev::Error::Invalid(
-            "activations needs --data and --out".into(),
-        ));
+        return Err(saev::Error::Missing {
+            what: "saev activations".into(),
+            missing: "--data and --out".into(),
+            fix: "give both (or `activations merge`)".into(),
+        });
     };
     let model = match a.model {
         Some(m) => m,
@@ -735,30 +737,41 @@ fn causal(
     let iv = saev::Intervention::new(&vit, layer, ex.sae(), &head)?.with_features(ex.features());
     let examples: saev::store::Examples = match examples {
         Some(r) => r.into(),
-        None => head
-            .held_out()
-            .map_err(|e| saev::Error::Invalid(format!("{e}; pass --examples START..END")))?,
+        None => head.held_out().map_err(|e| saev::Error::Missing {
+            what: "saev causal".into(),
+            missing: e.to_string(),
+            fix: "pass --examples START..END".into(),
+        })?,
     };
     if let Some(c) = class {
         let n = head.classes().len();
         if c as usize >= n {
-            return Err(saev::Error::Invalid(format!(
-                "--class {c}: the head has {n} classes (valid: 0..{n})"
-            )));
+            return Err(saev::Error::OutOfRange {
+                what: "--class".into(),
+                value: c.to_string(),
+                valid: format!("0..{n}, the head's classes"),
+            });
         }
     }
     let d_sae = ex.sae().d_sae();
     if let Some(&l) = latents.iter().find(|&&l| l >= d_sae) {
-        return Err(saev::Error::Invalid(format!(
-            "--latents {l}: the SAE has {d_sae} latents (valid: 0..{d_sae})"
-        )));
+        return Err(saev::Error::OutOfRange {
+            what: "--latents".into(),
+            value: l.to_string(),
+            valid: format!("0..{d_sae}, the SAE's latents"),
+        });
     }
     for l in latents {
         let (class, purity) = match class {
             Some(c) => (c, f64::NAN),
-            None => ex.features().purity(&store, l).ok_or_else(|| {
-                saev::Error::Invalid(format!("latent {l}: no labelled top images; pass --class"))
-            })?,
+            None => ex
+                .features()
+                .purity(&store, l)
+                .ok_or_else(|| saev::Error::Missing {
+                    what: format!("latent {l}"),
+                    missing: "no labelled top images".into(),
+                    fix: "pass --class".into(),
+                })?,
         };
         let r = iv.change_rates(&store, examples.clone(), l, class, mult, l as u64)?;
         let name = head

@@ -285,10 +285,11 @@ fn working_dir(cfg: &QuickstartConfig) -> Result<PathBuf> {
         return Ok(cfg.out.clone());
     };
     if !cfg.fresh {
-        return Err(Error::Invalid(format!(
-            "quickstart: --out {}: {why}; pass another --out, or --fresh to work in a new sub-directory",
-            cfg.out.display()
-        )));
+        return Err(Error::output_dir(
+            &cfg.out,
+            format!("quickstart --out: {why}"),
+            "pass another --out, or --fresh to work in a new sub-directory",
+        ));
     }
     for n in 1.. {
         let d = cfg.out.join(format!("run-{n}"));

@@ -241,14 +241,17 @@ pub fn record_activations(
             part_examples(&md, i, n),
         ),
         Some((i, n)) => {
-            return Err(Error::Invalid(format!(
-                "part {i}/{n}: parts are numbered 0..{n}"
-            )))
+            return Err(Error::out_of_range(
+                format!("part i of {n}:"),
+                i,
+                format!("0..{n}"),
+            ))
         }
     };
     let prog_path = dir.join(PROGRESS);
     let prov = provenance(dataset);
-    let prov_text = serde_json::to_string(&prov).map_err(|e| Error::Invalid(e.to_string()))?;
+    let prov_text = serde_json::to_string(&prov)
+        .map_err(|e| Error::Internal(format!("serialising JSON: {e}")))?;
     let fingerprint = format!(
         "{:x}",
         Sha256::digest(format!("{prov_text}|{h}x{w}").as_bytes())
@@ -292,7 +295,8 @@ pub fn record_activations(
         };
         write_atomic(
             &prog_path,
-            &serde_json::to_vec(&p).map_err(|e| Error::Invalid(e.to_string()))?,
+            &serde_json::to_vec(&p)
+                .map_err(|e| Error::Internal(format!("serialising JSON: {e}")))?,
         )?;
         let mut w = StoreWriter::create_in(dir.clone(), md.clone(), Some(&prov))?
             .with_registers(backbone.config().num_register_tokens);
@@ -335,7 +339,7 @@ pub fn record_activations(
                 }
                 let (j, p) = rx
                     .recv()
-                    .map_err(|_| Error::Invalid("reader threads stopped".into()))?;
+                    .map_err(|_| Error::Internal("the image reader threads stopped".into()))?;
                 pending.insert(j, p);
             };
             let prepared: Prepared = prepared?;
@@ -378,7 +382,8 @@ pub fn record_activations(
             };
             write_atomic(
                 &prog_path,
-                &serde_json::to_vec(&p).map_err(|e| Error::Invalid(e.to_string()))?,
+                &serde_json::to_vec(&p)
+                    .map_err(|e| Error::Internal(format!("serialising JSON: {e}")))?,
             )?;
             bar.set_position((s + prepared.n) as u64);
         }

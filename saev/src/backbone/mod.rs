@@ -111,17 +111,19 @@ impl Residual {
         let full_btd = match (n_reg, registers_brd) {
             (0, None) => tokens_btd.clone(),
             (0, Some(_)) => {
-                return Err(Error::Invalid(format!(
-                    "{}: register tokens given for a model without registers",
-                    vit.name()
-                )))
+                return Err(Error::mismatch(
+                    vit.name(),
+                    "a model without register tokens",
+                    "register tokens given",
+                    "",
+                ))
             }
             (_, None) => {
-                return Err(Error::Invalid(format!(
-                    "{}: a model with {n_reg} register tokens resumes from block {layer} only with them; \
-                     record the store with this saev (it writes registers.bin) or pass them to Residual::from_recorded",
-                    vit.name()
-                )))
+                return Err(Error::missing(
+                    format!("{}: resuming from block {layer}", vit.name()),
+                    format!("the model's {n_reg} register tokens"),
+                    "record the store with this saev (it writes registers.bin) or pass them to Residual::from_recorded",
+                ))
             }
             (r, Some(regs)) => {
                 if regs.dims() != [b, r, d] {
@@ -418,7 +420,7 @@ impl Backbone {
         layers: &[i64],
     ) -> Result<(Tensor, Option<Tensor>)> {
         if layers.is_empty() {
-            return Err(Error::Invalid("record: no layers given".into()));
+            return Err(Error::out_of_range("record: layers given:", 0, "≥ 1"));
         }
         let idx = layers
             .iter()

@@ -454,7 +454,7 @@ impl Preprocess {
             }
             data.extend(self.apply(img));
         }
-        let (h, w) = size.ok_or_else(|| Error::Invalid("empty image batch".into()))?;
+        let (h, w) = size.ok_or_else(|| Error::out_of_range("images in a batch:", 0, "≥ 1"))?;
         Tensor::from_vec(data, (images.len(), 3, h, w), device).context("pixel batch")
     }
 }

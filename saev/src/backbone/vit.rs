@@ -679,9 +679,12 @@ impl Vit {
             .saturating_sub(self.cfg.n_prefix_tokens());
         let g = (n_patches as f64).sqrt().round() as usize;
         if self.cfg.rope_theta.is_some() && g * g != n_patches {
-            return Err(Error::Invalid(format!(
-                "{n_patches} patch tokens are not a square grid; use run_blocks_on_grid"
-            )));
+            return Err(Error::mismatch(
+                "patch tokens",
+                "a square grid",
+                format!("{n_patches} tokens"),
+                "use run_blocks_on_grid",
+            ));
         }
         self.run_blocks_on_grid(x_btd, range, (g, g))
     }

@@ -342,10 +342,11 @@ impl Dataset {
     /// Decode example `i`.
     pub fn get(&self, i: usize) -> Result<Example> {
         if i >= self.len() {
-            return Err(Error::Invalid(format!(
-                "example {i} out of range (dataset has {})",
-                self.len()
-            )));
+            return Err(Error::out_of_range(
+                "example",
+                i,
+                format!("0..{}, the dataset's examples", self.len()),
+            ));
         }
         let label = self.label(i);
         match &self.inner.source {

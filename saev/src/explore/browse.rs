@@ -132,10 +132,11 @@ pub fn write_browser(ex: &Explorer, out: impl AsRef<Path>, cfg: &BrowseConfig) -
     let marker = out.join(BROWSER_MARKER);
     let non_empty = std::fs::read_dir(out).is_ok_and(|mut d| d.next().is_some());
     if non_empty && !marker.exists() && !cfg.force {
-        return Err(Error::Invalid(format!(
-            "{} exists and holds files saev's browser did not write; choose another --out (or --force to write into it)",
-            out.display()
-        )));
+        return Err(Error::output_dir(
+            out,
+            "exists and holds files saev's browser did not write",
+            "choose another --out (or --force to write into it)",
+        ));
     }
     std::fs::create_dir_all(out).with_path(out)?;
     std::fs::write(

@@ -23,7 +23,7 @@ use crate::sae::eval::DENSE_FREQ;
 use crate::util::display::{show_text, write_out};
 
 fn plot_err(e: impl fmt::Display) -> Error {
-    Error::Invalid(format!("chart: {e}"))
+    Error::render("chart", e)
 }
 
 /// log10 frequency × log10 mean value of every latent.
@@ -139,13 +139,13 @@ impl HistoryPlot {
         let col = |name: &str| -> Result<Vec<f64>> {
             let c = history
                 .column(name)
-                .map_err(|e| Error::Invalid(format!("history table: {e}")))?;
+                .map_err(|e| Error::render("history table", e))?;
             let c = c
                 .cast(&polars::prelude::DataType::Float64)
-                .map_err(|e| Error::Invalid(format!("history column {name}: {e}")))?;
+                .map_err(|e| Error::render(format!("history column {name}"), e))?;
             let ca = c
                 .f64()
-                .map_err(|e| Error::Invalid(format!("history column {name}: {e}")))?;
+                .map_err(|e| Error::render(format!("history column {name}"), e))?;
             Ok((0..ca.len())
                 .map(|i| ca.get(i).unwrap_or(f64::NAN))
                 .collect())

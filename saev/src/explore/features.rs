@@ -451,21 +451,24 @@ impl Features {
     ) -> Result<Vec<f32>> {
         let s = sae.d_sae();
         if latent >= s {
-            return Err(Error::Invalid(format!(
-                "latent {latent} out of range (d_sae {s})"
-            )));
+            return Err(Error::out_of_range(
+                "latent",
+                latent,
+                format!("0..{s} (d_sae)"),
+            ));
         }
         check_width(sae, store)?;
         if example >= store.n_examples() {
-            return Err(Error::Invalid(format!(
-                "example {example} out of range (store has {})",
-                store.n_examples()
-            )));
+            return Err(Error::out_of_range(
+                "example",
+                example,
+                format!("0..{}, the store's examples", store.n_examples()),
+            ));
         }
         let (_, mut x) = store
             .ordered_range(self.layer(), Tokens::Patches, 1, (example, example + 1))?
             .next()
-            .ok_or_else(|| Error::Invalid(format!("example {example}: no patches")))?;
+            .ok_or_else(|| Error::missing(format!("example {example}"), "no patch tokens", ""))?;
         let enc = Encoder::new(sae)?;
         if let Some(col) = enc.column(&mut x.clone(), latent) {
             return Ok(col);
@@ -550,7 +553,7 @@ impl Features {
                 pur.iter().map(|p| p.map(|(_, q)| q)).collect::<Vec<_>>(),
             ),
         ];
-        DataFrame::new_infer_height(cols).map_err(|e| Error::Invalid(format!("feature table: {e}")))
+        DataFrame::new_infer_height(cols).map_err(|e| Error::render("feature table", e))
     }
 
     /// Save as `<dir>/features.{safetensors,json}`.

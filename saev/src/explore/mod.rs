@@ -68,10 +68,12 @@ impl Views {
         let p = store.n_patches();
         let side = (p as f64).sqrt().round() as usize;
         if side * side != p {
-            return Err(Error::Invalid(format!(
-                "{}: {p} patches per example is not a square grid; heatmaps need the grid",
-                store.dir().display()
-            )));
+            return Err(Error::mismatch(
+                store.dir().display().to_string(),
+                "a square patch grid (heatmaps need it)",
+                format!("{p} patches per example"),
+                "",
+            ));
         }
         let mut pre = Preprocess::for_family(family);
         if family == Family::Dinov2 && side != 16 {
@@ -100,9 +102,11 @@ impl Views {
     /// Example `e` as recorded (before preprocessing).
     fn source(&self, e: usize) -> Result<DynamicImage> {
         let src = self.sources.get(e).ok_or_else(|| {
-            Error::Invalid(format!(
-                "example {e}: the store has no provenance for it (recorded outside saev?)"
-            ))
+            Error::missing(
+                format!("example {e}"),
+                "no provenance in the store (recorded outside saev?)",
+                "",
+            )
         })?;
         let img = match src.rsplit_once('#') {
             // `file#index` names a row of an IDX or parquet file — never a directory (a source
@@ -114,7 +118,7 @@ impl Views {
                     let mut map = self
                         .datasets
                         .lock()
-                        .map_err(|_| Error::Invalid("image cache poisoned".into()))?;
+                        .map_err(|_| Error::Internal("the image cache lock is poisoned".into()))?;
                     match map.get(&key) {
                         Some(d) => d.clone(),
                         None => {
@@ -145,17 +149,19 @@ impl Explorer {
             .get("layer")
             .and_then(|v| v.as_i64())
             .or_else(|| store.layers().last().copied())
-            .ok_or_else(|| Error::Invalid("store has no layers".into()))?;
+            .ok_or_else(|| Error::missing(store.dir().display().to_string(), "no layers", ""))?;
         let features = if Features::path_for(dir).exists() {
             let f = Features::load(dir)?;
             let fp = f.store_fingerprint();
             if !fp.is_empty() && fp != store.fingerprint() {
-                return Err(Error::Invalid(format!(
-                    "{}: the feature pass there was computed on another store (fingerprint {fp}), not {} ({}); run `saev features` on this store to recompute it",
-                    Features::path_for(dir).display(),
-                    store.dir().display(),
-                    store.fingerprint()
-                )));
+                return Err(Error::mismatch(
+                    Features::path_for(dir).display().to_string(),
+                    format!(
+                        "the feature pass there was computed on another store (fingerprint {fp})"
+                    ),
+                    format!("{} ({})", store.dir().display(), store.fingerprint()),
+                    "run `saev features` on this store to recompute it",
+                ));
             }
             f
         } else {
@@ -213,10 +219,11 @@ impl Explorer {
 
     fn check_latent(&self, latent: usize) -> Result<()> {
         if latent >= self.sae.d_sae() {
-            return Err(Error::Invalid(format!(
-                "latent {latent} out of range (d_sae {})",
-                self.sae.d_sae()
-            )));
+            return Err(Error::out_of_range(
+                "latent",
+                latent,
+                format!("0..{} (d_sae)", self.sae.d_sae()),
+            ));
         }
         Ok(())
     }

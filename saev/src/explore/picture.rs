@@ -63,7 +63,7 @@ pub fn plasma(t: f32) -> [u8; 3] {
 }
 
 fn plot_err(e: impl fmt::Display) -> Error {
-    Error::Invalid(format!("drawing: {e}"))
+    Error::render("drawing", e)
 }
 
 /// A latent's per-patch values over an image (the model-input crop). Renders as PNG.
@@ -220,7 +220,7 @@ impl Heatmap {
                 root.present().map_err(plot_err)?;
             }
             canvas = RgbImage::from_raw(tw, th, buf)
-                .ok_or_else(|| Error::Invalid("drawing: canvas size".into()))?;
+                .ok_or_else(|| Error::render("drawing", "canvas size"))?;
         }
         Ok(canvas)
     }
@@ -316,7 +316,7 @@ impl ExemplarGrid {
                 .map_err(plot_err)?;
             root.present().map_err(plot_err)?;
         }
-        RgbImage::from_raw(w, h, buf).ok_or_else(|| Error::Invalid("drawing: canvas size".into()))
+        RgbImage::from_raw(w, h, buf).ok_or_else(|| Error::render("drawing", "canvas size"))
     }
 
     /// PNG bytes.

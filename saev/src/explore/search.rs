@@ -108,9 +108,11 @@ impl Explorer {
         let (gr, gc) = self.patch_grid();
         let p = gr * gc;
         if let Some(&bad) = patches.iter().find(|&&q| q >= p) {
-            return Err(Error::Invalid(format!(
-                "patch {bad} is outside the {gr}×{gc} grid"
-            )));
+            return Err(Error::out_of_range(
+                "patch",
+                bad,
+                format!("0..{} on the {gr}×{gc} grid", gr * gc),
+            ));
         }
         if vit.d_model() != self.sae().d_model() {
             return Err(Error::Shape {
@@ -168,17 +170,19 @@ impl Explorer {
     ) -> Result<Vec<(usize, f64)>> {
         let (sa, sb) = (self.store(), other.store());
         if sa.n_examples() != sb.n_examples() {
-            return Err(Error::Invalid(format!(
-                "compare: the stores hold {} and {} examples; they must be the same images",
-                sa.n_examples(),
-                sb.n_examples()
-            )));
+            return Err(Error::mismatch(
+                "compare",
+                format!("{} examples in the first store", sa.n_examples()),
+                format!("{} in the second", sb.n_examples()),
+                "the stores must hold the same images",
+            ));
         }
         if latent >= self.sae().d_sae() {
-            return Err(Error::Invalid(format!(
-                "latent {latent} out of range (d_sae {})",
-                self.sae().d_sae()
-            )));
+            return Err(Error::out_of_range(
+                "latent",
+                latent,
+                format!("0..{} (d_sae)", self.sae().d_sae()),
+            ));
         }
         let (ea, eb) = (Encoder::new(self.sae())?, Encoder::new(other.sae())?);
         let (pa, pb) = (sa.n_patches(), sb.n_patches());

@@ -213,10 +213,10 @@ impl Head {
     /// An error for heads built from weights or saved by saev's first head format.
     pub fn held_out(&self) -> Result<Examples> {
         self.meta.held_out.clone().ok_or_else(|| {
-            Error::Invalid(
-                "this head records no held-out examples (built from weights, or saved by an older \
-                 saev): choose the examples yourself, e.g. a range (start, end)"
-                    .into(),
+            Error::missing(
+                "this head",
+                "no held-out examples recorded (built from weights, or saved by an older saev)",
+                "choose the examples yourself, e.g. a range (start, end)",
             )
         })
     }
@@ -246,16 +246,19 @@ impl Head {
         cfg: &HeadConfig,
     ) -> Result<(Self, f64)> {
         if cfg.kind == HeadKind::Segmenter {
-            return Err(Error::Invalid(
-                "train_classifier: the config asks for a segmenter; use Head::train_segmenter"
-                    .into(),
+            return Err(Error::mismatch(
+                "train_classifier",
+                "a classifier config",
+                "a segmenter config",
+                "use Head::train_segmenter",
             ));
         }
         let prov = store.provenance().ok_or_else(|| {
-            Error::Invalid(format!(
-                "{}: no labels (provenance.json)",
-                store.dir().display()
-            ))
+            Error::missing(
+                store.dir().display().to_string(),
+                "no labels (provenance.json)",
+                "record a labelled dataset",
+            )
         })?;
         let x = final_inputs(vit, store, layer, cfg.kind)?;
         let y: Vec<Option<u32>> = (0..store.n_examples())
@@ -278,10 +281,11 @@ impl Head {
         let mut y = Vec::with_capacity(store.n_examples() * p);
         for e in 0..store.n_examples() {
             let l = store.patch_labels(e).ok_or_else(|| {
-                Error::Invalid(format!(
-                    "{}: no per-patch labels (record a segmentation dataset)",
-                    store.dir().display()
-                ))
+                Error::missing(
+                    store.dir().display().to_string(),
+                    "no per-patch labels",
+                    "record a segmentation dataset",
+                )
             })?;
             y.extend(l.iter().map(|&v| Some(u32::from(v))));
         }
@@ -457,7 +461,7 @@ fn fit(
     let d = x.len() / n_rows.max(1);
     let c = classes.len();
     if c < 2 {
-        return Err(Error::Invalid("a head needs at least two classes".into()));
+        return Err(Error::out_of_range("head classes", c, "≥ 2"));
     }
     let dev = Device::Cpu;
     let rows = |ids: &[usize]| -> Vec<usize> {
@@ -468,7 +472,11 @@ fn fit(
     };
     let (train, test) = (rows(&split.train_ids), rows(&split.test_ids));
     if train.is_empty() {
-        return Err(Error::Invalid("no labelled training rows".into()));
+        return Err(Error::missing(
+            "head training",
+            "no labelled training rows",
+            "",
+        ));
     }
     let xt = Tensor::from_vec(x, (n_rows, d), &dev)?;
     let mut w = Tensor::zeros((d, c), DType::F32, &dev)?;

@@ -273,9 +273,12 @@ impl Intervention {
         if let Some(l) = prov.get("layer").and_then(|v| v.as_i64()) {
             let same = vit.layer_index(l).ok() == vit.layer_index(layer).ok();
             if !same {
-                return Err(Error::Invalid(format!(
-                    "the SAE was trained on layer {l}, not layer {layer}"
-                )));
+                return Err(Error::mismatch(
+                    "SAE",
+                    format!("trained on layer {l}"),
+                    format!("layer {layer}"),
+                    "",
+                ));
             }
         }
         if let Some(ck) = prov.get("ckpt").and_then(|v| v.as_str()) {
@@ -288,10 +291,12 @@ impl Intervention {
                     .to_string()
             };
             if ck != dir && ck != vit.name() && tail(ck) != tail(&dir) {
-                return Err(Error::Invalid(format!(
-                    "the SAE was trained on backbone `{ck}`, not `{}` ({dir})",
-                    vit.name()
-                )));
+                return Err(Error::mismatch(
+                    "SAE",
+                    format!("trained on backbone `{ck}`"),
+                    format!("`{}` ({dir})", vit.name()),
+                    "",
+                ));
             }
         }
         if head.meta().d_model != vit.d_model() {
@@ -323,26 +328,29 @@ impl Intervention {
         let p = self.vit.n_patches();
         let (gr, gc) = self.vit.patch_grid();
         if let Some(&bad) = patches.unwrap_or(&[]).iter().find(|&&q| q >= p) {
-            return Err(Error::Invalid(format!(
-                "patch {bad} is outside the {gr}×{gc} grid"
-            )));
+            return Err(Error::out_of_range(
+                "patch",
+                bad,
+                format!("0..{} on the {gr}×{gc} grid", gr * gc),
+            ));
         }
         for e in edits {
             if e.latent >= self.sae.d_sae() {
-                return Err(Error::Invalid(format!(
-                    "latent {} out of range (d_sae {})",
+                return Err(Error::out_of_range(
+                    "latent",
                     e.latent,
-                    self.sae.d_sae()
-                )));
+                    format!("0..{} (d_sae)", self.sae.d_sae()),
+                ));
             }
             if matches!(
                 e.value,
                 EditValue::SetMaxTimes(_) | EditValue::AddMaxTimes(_)
             ) && self.max.is_none()
             {
-                return Err(Error::Invalid(
-                    "a max-multiple edit needs the latent maxima: Intervention::with_features"
-                        .into(),
+                return Err(Error::missing(
+                    "a max-multiple edit",
+                    "the latent maxima",
+                    "Intervention::with_features",
                 ));
             }
         }
@@ -446,7 +454,8 @@ impl Intervention {
     ) -> Result<Outcome> {
         let mut v = self.run_batch(std::slice::from_ref(image), patches, edits)?;
         // One image in, one outcome out.
-        v.pop().ok_or_else(|| Error::Invalid("no outcome".into()))
+        v.pop()
+            .ok_or_else(|| Error::Internal("run_many returned no outcome".into()))
     }
 
     /// [`Intervention::run`] over many images at once.
@@ -515,20 +524,24 @@ impl Intervention {
             .map(|p| p.labels.clone())
             .unwrap_or_default();
         if !seg && labels.iter().all(Option::is_none) {
-            return Err(Error::Invalid(format!(
-                "{}: no image labels",
-                store.dir().display()
-            )));
+            return Err(Error::missing(
+                store.dir().display().to_string(),
+                "no image labels",
+                "record a labelled dataset",
+            ));
         }
         if seg && store.patch_labels(ids[0]).is_none() {
-            return Err(Error::Invalid(format!(
-                "{}: no per-patch labels for a segmentation head",
-                store.dir().display()
-            )));
+            return Err(Error::missing(
+                store.dir().display().to_string(),
+                "no per-patch labels for a segmentation head",
+                "record a segmentation dataset",
+            ));
         }
         let max = self.max.as_ref().ok_or_else(|| {
-            Error::Invalid(
-                "change rates need the latent maxima: Intervention::with_features".into(),
+            Error::missing(
+                "change rates",
+                "the latent maxima",
+                "Intervention::with_features",
             )
         })?;
         // Control latent: a seeded random live latent other than `latent`.
@@ -536,8 +549,10 @@ impl Intervention {
             .filter(|&l| max[l] > 0.0 && l != latent)
             .collect();
         if live.is_empty() {
-            return Err(Error::Invalid(
-                "no other live latent for the control".into(),
+            return Err(Error::missing(
+                "the random-latent control",
+                "no other live latent",
+                "",
             ));
         }
         let ctrl = live[(crate::util::rng::splitmix64(seed) % live.len() as u64) as usize];

@@ -402,21 +402,25 @@ pub fn import_python_sae(
         if same {
             return Ok(old);
         }
-        return Err(Error::Invalid(format!(
-            "{} already holds another SAE (not this import of {}); choose another --out",
-            out.display(),
-            pt.display()
-        )));
+        return Err(Error::output_dir(
+            out,
+            format!(
+                "already holds another SAE (not this import of {})",
+                pt.display()
+            ),
+            "choose another --out",
+        ));
     }
     if out.exists()
         && std::fs::read_dir(out)
             .map(|mut d| d.next().is_some())
             .unwrap_or(true)
     {
-        return Err(Error::Invalid(format!(
-            "{} exists and is not empty; choose another --out",
-            out.display()
-        )));
+        return Err(Error::output_dir(
+            out,
+            "exists and is not empty",
+            "choose another --out",
+        ));
     }
     let norm = match norm_from {
         Some((store, layer)) => {
@@ -446,7 +450,7 @@ pub fn import_python_sae(
     let prov = cfg
         .provenance
         .as_object_mut()
-        .ok_or_else(|| Error::Invalid("provenance is not an object".into()))?;
+        .ok_or_else(|| Error::Internal("import provenance is not an object".into()))?;
     prov.insert("sha256".into(), Value::from(sha));
     if let Some((store, layer)) = norm_from {
         prov.insert(

@@ -204,13 +204,18 @@ impl TrainState {
             recipe.groups.clone()
         };
         if ends.windows(2).any(|w| w[0] >= w[1]) || ends.last() != Some(&s) || ends[0] == 0 {
-            return Err(Error::Invalid(format!(
-                "matryoshka groups {:?}: prefix ends must ascend, start above 0 and end at d_sae = {s}",
-                recipe.groups
-            )));
+            return Err(Error::out_of_range(
+                "matryoshka groups",
+                format!("{:?}", recipe.groups),
+                format!("ascending prefix ends above 0, the last = d_sae = {s}"),
+            ));
         }
         if ends.len() > usize::from(u16::MAX) {
-            return Err(Error::Invalid("matryoshka: too many groups".into()));
+            return Err(Error::out_of_range(
+                "matryoshka groups:",
+                recipe.groups.len(),
+                format!("≤ {}", u16::MAX),
+            ));
         }
         let mut group_of = vec![0u16; s];
         let mut a = 0;

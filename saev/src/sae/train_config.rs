@@ -271,44 +271,41 @@ impl TrainConfig {
 
     /// Check every field against its valid range (errors name the field and the range).
     pub fn validate(&self) -> Result<()> {
-        let bad = |field: &str, msg: String| Err(Error::Invalid(format!("train: {field} {msg}")));
+        let bad = |field: &str, value: String, valid: &str| {
+            Err(Error::out_of_range(format!("train: {field}"), value, valid))
+        };
         if self.sweep.is_empty() {
-            return bad("sweep", "is empty (give at least one setting)".into());
+            return bad("sweep", "[] (empty)".into(), "at least one setting");
         }
         if !(1..=256).contains(&self.expansion) {
-            return bad("expansion", format!("{} (valid: 1..=256)", self.expansion));
+            return bad("expansion", self.expansion.to_string(), "1..=256");
         }
         if self.batch_size == 0 || self.batch_size > 1 << 20 {
-            return bad(
-                "batch_size",
-                format!("{} (valid: 1..=1048576)", self.batch_size),
-            );
+            return bad("batch_size", self.batch_size.to_string(), "1..=1048576");
         }
         if self.n_patches == 0 {
-            return bad("n_patches", "0 (valid: at least 1)".into());
+            return bad("n_patches", "0".into(), "at least 1");
         }
         let k_of = |a: TrainActivation| match a {
             TrainActivation::Relu => None,
             TrainActivation::TopK { k } | TrainActivation::BatchTopK { k } => Some(k),
         };
         if k_of(self.activation) == Some(0) {
-            return bad("activation.k", "0 (valid: at least 1)".into());
+            return bad("activation.k", "0".into(), "at least 1");
         }
         for (i, st) in self.sweep.iter().enumerate() {
             if !(st.lr.is_finite() && st.lr > 0.0 && st.lr < 10.0) {
-                return bad(
-                    &format!("sweep[{i}].lr"),
-                    format!("{} (valid: 0 < lr < 10)", st.lr),
-                );
+                return bad(&format!("sweep[{i}].lr"), st.lr.to_string(), "0 < lr < 10");
             }
             if !(st.lambda.is_finite() && st.lambda >= 0.0) {
                 return bad(
                     &format!("sweep[{i}].lambda"),
-                    format!("{} (valid: ≥ 0, finite)", st.lambda),
+                    st.lambda.to_string(),
+                    "≥ 0, finite",
                 );
             }
             if st.k == Some(0) {
-                return bad(&format!("sweep[{i}].k"), "0 (valid: at least 1)".into());
+                return bad(&format!("sweep[{i}].k"), "0".into(), "at least 1");
             }
         }
         for (field, v) in [
@@ -317,12 +314,12 @@ impl TrainConfig {
             ("dense_above", self.dense_above),
         ] {
             if !(v.is_finite() && v >= 0.0) {
-                return bad(field, format!("{v} (valid: ≥ 0, finite)"));
+                return bad(field, v.to_string(), "≥ 0, finite");
             }
         }
         if let Some(g) = self.max_grad_norm {
             if !(g.is_finite() && g > 0.0) {
-                return bad("max_grad_norm", format!("{g} (valid: > 0, finite)"));
+                return bad("max_grad_norm", g.to_string(), "> 0, finite");
             }
         }
         if let Some(f) = self
@@ -330,10 +327,7 @@ impl TrainConfig {
             .iter()
             .find(|&&f| !(f.is_finite() && f > 0.0 && f <= 1.0))
         {
-            return bad(
-                "matryoshka",
-                format!("holds {f} (valid: fractions in (0, 1])"),
-            );
+            return bad("matryoshka", f.to_string(), "fractions in (0, 1]");
         }
         Ok(())
     }
@@ -341,8 +335,11 @@ impl TrainConfig {
     pub(super) fn recipe(&self, setting: &Setting, d_model: usize, d_sae: usize) -> Result<Recipe> {
         let activation = match (self.activation, setting.k) {
             (TrainActivation::Relu, Some(_)) => {
-                return Err(Error::Invalid(
-                    "train: a sweep setting gives k, but the activation is relu".into(),
+                return Err(Error::mismatch(
+                    "train: sweep setting",
+                    "no k for the relu activation",
+                    "a k",
+                    "drop k or use a top_k / batch_top_k activation",
                 ))
             }
             (TrainActivation::TopK { .. }, Some(k)) => TrainActivation::TopK { k },

@@ -49,7 +49,7 @@ pub(super) fn history_frame(rows: &[Row]) -> Result<DataFrame> {
         col!("dense", |r: &Row| r.dense),
         col!("dense_kernels", |r: &Row| r.dense_kernels),
     ])
-    .map_err(|e| Error::Invalid(format!("history table: {e}")))
+    .map_err(|e| Error::render("history table", e))
 }
 
 pub(super) fn save_history(out: &Path, rows: &[Row]) -> Result<DataFrame> {
@@ -59,7 +59,7 @@ pub(super) fn save_history(out: &Path, rows: &[Row]) -> Result<DataFrame> {
     let file = std::fs::File::create(&tmp).with_path(&tmp)?;
     ParquetWriter::new(file)
         .finish(&mut df)
-        .map_err(|e| Error::Invalid(format!("{}: {e}", tmp.display())))?;
+        .map_err(|e| Error::render(tmp.display().to_string(), e))?;
     std::fs::rename(&tmp, &pq).with_path(&pq)?;
     let mut csv = String::from(
         "step,n_patches,setting,lr,lambda,loss,mse,nmse,l0,l1,aux,dead,dense,dense_kernels\n",

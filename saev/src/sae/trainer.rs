@@ -81,9 +81,11 @@ pub fn train_saes(
     let n_ex = store.n_examples();
     let holdout = cfg.holdout(n_ex);
     if holdout >= n_ex {
-        return Err(Error::Invalid(format!(
-            "train: {holdout} held-out examples leave none of the store's {n_ex} to train on"
-        )));
+        return Err(Error::out_of_range(
+            "train: holdout_examples",
+            holdout,
+            format!("0..{n_ex} (the store's examples; some must be left to train on)"),
+        ));
     }
     let norm = store.norm_stats(cfg.layer, cfg.tokens)?;
     let (mean, scalar) = (norm.mean.clone(), norm.scalar);
@@ -117,10 +119,11 @@ pub fn train_saes(
         .any(|c| out.join(c).exists());
     let foreign = !ours && std::fs::read_dir(out).is_ok_and(|mut d| d.next().is_some());
     if foreign {
-        return Err(Error::Invalid(format!(
-            "{} exists and holds files a saev training run did not write; choose a new or empty output directory",
-            out.display()
-        )));
+        return Err(Error::output_dir(
+            out,
+            "exists and holds files a saev training run did not write",
+            "choose a new or empty output directory",
+        ));
     }
     std::fs::create_dir_all(out).with_path(out)?;
     let store_id = store.dir().display().to_string();

@@ -123,22 +123,25 @@ impl Examples {
 
     /// The store example indices, ascending; an error when they are empty or out of range.
     pub fn ids(&self, n_examples: usize) -> Result<Vec<usize>> {
-        let bad = |what: String| Err(Error::Invalid(format!("examples: {what}")));
+        let bad =
+            |value: String, valid: String| Err(Error::out_of_range("examples:", value, valid));
         let ids: Vec<usize> = match *self {
             Examples::All => (0..n_examples).collect(),
             Examples::Range { start, end } => {
                 if start >= end || end > n_examples {
-                    return bad(format!(
-                        "{start}..{end} is not a non-empty part of the store's 0..{n_examples}"
-                    ));
+                    return bad(
+                        format!("{start}..{end}"),
+                        format!("a non-empty part of the store's 0..{n_examples}"),
+                    );
                 }
                 (start..end).collect()
             }
             Examples::HeldOut { n_held_out, seed } | Examples::Train { n_held_out, seed } => {
                 if n_held_out > n_examples {
-                    return bad(format!(
-                        "{n_held_out} held out of a store with {n_examples} examples"
-                    ));
+                    return bad(
+                        format!("{n_held_out} held out of a store with {n_examples} examples"),
+                        format!("at most {n_examples} held out"),
+                    );
                 }
                 let perm = Permutation::new(n_examples as u64, seed ^ SPLIT_SALT);
                 let mut held = vec![false; n_examples];
@@ -150,7 +153,10 @@ impl Examples {
             }
         };
         if ids.is_empty() {
-            return bad(format!("{self:?} selects none of the store's {n_examples}"));
+            return bad(
+                format!("{self:?}, which selects none of the store's {n_examples}"),
+                "a split that selects at least one example".into(),
+            );
         }
         Ok(ids)
     }
@@ -253,11 +259,22 @@ impl View {
             Tokens::Patches => (cls, store.n_patches()),
             Tokens::All => (0, store.tokens_per_example()),
             Tokens::Cls if cls == 1 => (0, 1),
-            Tokens::Cls => return Err(Error::Invalid("this store has no CLS token".into())),
+            Tokens::Cls => {
+                return Err(Error::missing(
+                    store.dir().display().to_string(),
+                    "no CLS token",
+                    "read `patches`",
+                ))
+            }
         };
-        let ids = examples
-            .ids(store.n_examples())
-            .map_err(|e| Error::Invalid(format!("{}: {e}", store.dir().display())))?;
+        let ids = examples.ids(store.n_examples()).map_err(|e| match e {
+            Error::OutOfRange { what, value, valid } => Error::OutOfRange {
+                what: format!("{}: {what}", store.dir().display()),
+                value,
+                valid,
+            },
+            e => e,
+        })?;
         Ok(Self {
             store: store.clone(),
             layer_pos,
@@ -437,7 +454,8 @@ impl ActivationStore {
             return self.read_norm(&path, layer, tokens);
         }
         let s = NormStats::compute(self, layer, tokens, 1 << 19, 0)?;
-        let text = serde_json::to_string(&s).map_err(|e| Error::Invalid(e.to_string()))?;
+        let text = serde_json::to_string(&s)
+            .map_err(|e| Error::Internal(format!("serialising JSON: {e}")))?;
         // The cache is an optimisation: an unwritable cache directory is not an error.
         if std::fs::create_dir_all(&dir).is_ok() {
             let tmp = path.with_extension(format!("tmp{}", std::process::id()));

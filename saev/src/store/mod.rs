@@ -281,20 +281,22 @@ impl ActivationStore {
             .iter()
             .position(|&l| l == layer)
             .ok_or_else(|| {
-                Error::Invalid(format!(
-                    "layer {layer} is not in this store (recorded: {:?})",
-                    self.layers()
-                ))
+                Error::out_of_range(
+                    format!("{}: layer", self.dir().display()),
+                    layer,
+                    format!("{:?}, the recorded layers", self.layers()),
+                )
             })
     }
 
     /// All floats of example `e`: `[n_layers, T, d]` row-major.
     pub fn example(&self, e: usize) -> Result<&[f32]> {
         if e >= self.n_examples() {
-            return Err(Error::Invalid(format!(
-                "example {e} out of range (store has {})",
-                self.n_examples()
-            )));
+            return Err(Error::out_of_range(
+                "example",
+                e,
+                format!("0..{}, the store's examples", self.n_examples()),
+            ));
         }
         let eps = self.inner.md.examples_per_shard();
         let n = self.inner.md.floats_per_example();
@@ -309,9 +311,11 @@ impl ActivationStore {
         let l = self.layer_position(layer)?;
         let t_n = self.tokens_per_example();
         if token >= t_n {
-            return Err(Error::Invalid(format!(
-                "token {token} out of range ({t_n} tokens per example)"
-            )));
+            return Err(Error::out_of_range(
+                "token",
+                token,
+                format!("0..{t_n}, the tokens per example"),
+            ));
         }
         let d = self.d_model();
         let off = (l * t_n + token) * d;
@@ -361,10 +365,11 @@ impl ActivationStore {
             return Ok(None);
         };
         if e >= self.n_examples() {
-            return Err(Error::Invalid(format!(
-                "example {e} out of range (store has {})",
-                self.n_examples()
-            )));
+            return Err(Error::out_of_range(
+                "example",
+                e,
+                format!("0..{}, the store's examples", self.n_examples()),
+            ));
         }
         let l = self.layer_position(layer)?;
         let per = r * self.d_model();

@@ -84,7 +84,8 @@ impl StoreWriter {
         std::fs::create_dir_all(&dir).with_path(&dir)?;
         write_atomic(&dir.join("metadata.json"), md.to_json().as_bytes())?;
         if let Some(p) = provenance {
-            let text = serde_json::to_vec(p).map_err(|e| Error::Invalid(e.to_string()))?;
+            let text = serde_json::to_vec(p)
+                .map_err(|e| Error::Internal(format!("serialising JSON: {e}")))?;
             write_atomic(&dir.join("provenance.json"), &text)?;
         }
         Ok(Self::reopen(dir, md, None))
@@ -116,8 +117,10 @@ impl StoreWriter {
     /// Write the register tokens of examples `first..` (`[n, n_layers, n_registers, d]` floats).
     pub fn write_registers(&mut self, first: usize, regs: &[f32]) -> Result<()> {
         let Some((r, _)) = self.registers else {
-            return Err(Error::Invalid(
-                "write_registers on a writer made without with_registers".into(),
+            return Err(Error::missing(
+                "write_registers",
+                "a writer made with with_registers",
+                "",
             ));
         };
         let per = self.md.layers.len() * r * self.md.d_model;
@@ -164,7 +167,7 @@ impl StoreWriter {
         }
         self.files[i]
             .as_ref()
-            .ok_or_else(|| Error::Invalid("shard file".into()))
+            .ok_or_else(|| Error::Internal(format!("shard file {i} is not open")))
     }
 
     /// Write examples `first..first + n` from `acts` (`[n, n_layers, T, d]` floats); updates
@@ -206,7 +209,8 @@ impl StoreWriter {
                 done / eps
             };
             let entries: Vec<_> = self.md.shard_entries().into_iter().take(k).collect();
-            let v = serde_json::to_value(&entries).map_err(|e| Error::Invalid(e.to_string()))?;
+            let v = serde_json::to_value(&entries)
+                .map_err(|e| Error::Internal(format!("serialising JSON: {e}")))?;
             write_atomic(
                 &self.dir.join("shards.json"),
                 ojson::dumps(&v, true, false).as_bytes(),
@@ -248,12 +252,12 @@ impl StoreWriter {
                 part: i,
                 n_parts: n,
             })
-            .map_err(|e| Error::Invalid(e.to_string()))?;
+            .map_err(|e| Error::Internal(format!("serialising JSON: {e}")))?;
             write_atomic(&self.dir.join(PART), &text)?;
             return Ok(self.dir);
         }
         let v = serde_json::to_value(self.md.shard_entries())
-            .map_err(|e| Error::Invalid(e.to_string()))?;
+            .map_err(|e| Error::Internal(format!("serialising JSON: {e}")))?;
         write_atomic(
             &self.dir.join("shards.json"),
             ojson::dumps(&v, true, false).as_bytes(),
@@ -267,7 +271,8 @@ fn write_registers_info(dir: &Path, n_registers: usize) -> Result<()> {
         version: super::REGISTERS_VERSION,
         n_registers,
     };
-    let text = serde_json::to_vec(&info).map_err(|e| Error::Invalid(e.to_string()))?;
+    let text =
+        serde_json::to_vec(&info).map_err(|e| Error::Internal(format!("serialising JSON: {e}")))?;
     write_atomic(&dir.join("registers.json"), &text)
 }
 
@@ -314,7 +319,7 @@ pub fn merge_parts(parts: &[PathBuf], root: impl AsRef<Path>) -> Result<PathBuf>
     let root = root.as_ref();
     let first = parts
         .first()
-        .ok_or_else(|| Error::Invalid("merge: no parts given".into()))?;
+        .ok_or_else(|| Error::out_of_range("merge: parts given:", 0, "≥ 1"))?;
     let md_text = std::fs::read_to_string(first.join("metadata.json"))
         .with_path(first.join("metadata.json"))?;
     let md: Metadata = serde_json::from_str(&md_text).map_err(|source| Error::Json {
@@ -354,9 +359,11 @@ pub fn merge_parts(parts: &[PathBuf], root: impl AsRef<Path>) -> Result<PathBuf>
             .any(|(k, (i, n, _))| *i != k || *n != n_parts)
     {
         let have: Vec<usize> = seen.iter().map(|s| s.0).collect();
-        return Err(Error::Invalid(format!(
-            "merge needs parts 0..{n_parts} exactly once, got {have:?}"
-        )));
+        return Err(Error::out_of_range(
+            "merge: parts",
+            format!("{have:?}"),
+            format!("0..{n_parts} exactly once each"),
+        ));
     }
     let dir = root.join(md.hash());
     if dir.join("metadata.json").exists() {
@@ -447,7 +454,8 @@ pub fn merge_parts(parts: &[PathBuf], root: impl AsRef<Path>) -> Result<PathBuf>
             .with_path(first.join("provenance.json"))?;
     }
     write_atomic(&dir.join("metadata.json"), md_text.as_bytes())?;
-    let v = serde_json::to_value(md.shard_entries()).map_err(|e| Error::Invalid(e.to_string()))?;
+    let v = serde_json::to_value(md.shard_entries())
+        .map_err(|e| Error::Internal(format!("serialising JSON: {e}")))?;
     write_atomic(
         &dir.join("shards.json"),
         ojson::dumps(&v, true, false).as_bytes(),
