@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, IoContext, Result};
-use crate::store::writer::part_examples;
+use crate::store::merge::part_examples;
 use crate::store::{
     ActivationStore, Metadata, Provenance, StoreWriter, PROTOCOL, PROVENANCE_VERSION,
 };

@@ -1,4 +1,5 @@
-//! IDX files (the MNIST / Fashion-MNIST format), gzipped or not.
+//! IDX files (the MNIST / Fashion-MNIST format), gzipped or not, and the IDX dataset kind
+//! (images + the sibling labels file; Fashion-MNIST class names when the path says so).
 //!
 //! Layout: big-endian magic `0x0000_08DD` (`08` = unsigned byte, `DD` = number of dims), then one
 //! big-endian u32 per dimension, then the bytes in C order.
@@ -10,6 +11,7 @@
 use std::io::Read;
 use std::path::Path;
 
+use super::{dataset_err, Source};
 use crate::error::{Error, IoContext, Result};
 
 fn bad(path: &Path, msg: impl Into<String>) -> Error {
@@ -69,6 +71,66 @@ pub(crate) fn read_idx_u8(path: &Path) -> Result<(Vec<usize>, Vec<u8>)> {
         ));
     }
     Ok((dims, bytes[header..].to_vec()))
+}
+
+/// Fashion-MNIST class names (the Debian package's data is Fashion-MNIST when the path says so).
+pub(super) const FASHION_MNIST: [&str; 10] = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+];
+
+pub(super) fn open_idx(path: &Path) -> Result<(Vec<String>, Source)> {
+    let (dims, pixels) = read_idx_u8(path)?;
+    if dims.len() != 3 || dims.contains(&0) {
+        return Err(dataset_err(
+            path,
+            format!("IDX images must be [n, rows, cols], none zero; got dims {dims:?}"),
+        ));
+    }
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    let label_path = path.with_file_name(name.replace("images-idx3", "labels-idx1"));
+    let labels = if label_path != path && label_path.exists() {
+        let (ldims, labels) = read_idx_u8(&label_path)?;
+        if ldims != [dims[0]] {
+            return Err(dataset_err(
+                &label_path,
+                format!("labels of dims {ldims:?} for {} images", dims[0]),
+            ));
+        }
+        Some(labels)
+    } else {
+        None
+    };
+    let fashion = path
+        .to_string_lossy()
+        .to_ascii_lowercase()
+        .contains("fashion");
+    let classes = match (&labels, fashion) {
+        (Some(_), true) => FASHION_MNIST.iter().map(|s| s.to_string()).collect(),
+        (Some(l), false) => (0..=l.iter().copied().max().unwrap_or(0))
+            .map(|c| c.to_string())
+            .collect(),
+        (None, _) => Vec::new(),
+    };
+    Ok((
+        classes,
+        Source::Idx {
+            side: (dims[1], dims[2]),
+            pixels,
+            labels,
+        },
+    ))
 }
 
 #[cfg(test)]

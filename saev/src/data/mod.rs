@@ -16,7 +16,9 @@
 //! # Ok::<(), saev::Error>(())
 //! ```
 
+mod ade20k;
 pub(crate) mod composite;
+mod folder;
 
 pub use composite::{composite_classes, composite_fashion_mnist};
 pub(crate) mod idx;
@@ -29,6 +31,9 @@ use image::{DynamicImage, GrayImage};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, IoContext, Result};
+use ade20k::open_ade20k;
+use folder::{drop_bad, is_image, open_labelled, walk};
+use idx::open_idx;
 
 /// The dataset layouts saev reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,7 +81,7 @@ pub struct Example {
 }
 
 #[derive(Debug)]
-enum Source {
+pub(super) enum Source {
     Files {
         paths: Vec<PathBuf>,
         labels: Option<Vec<u32>>,
@@ -105,61 +110,11 @@ struct Inner {
     source: Source,
 }
 
-const IMAGE_EXTS: [&str; 9] = [
-    "jpg", "jpeg", "png", "bmp", "gif", "webp", "tif", "tiff", "jfif",
-];
-
-fn is_image(p: &Path) -> bool {
-    p.extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| IMAGE_EXTS.contains(&e.to_ascii_lowercase().as_str()))
-}
-
-fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-    walk_once(dir, out, &mut std::collections::HashSet::new())
-}
-
-/// Depth-first, sorted; a directory reached twice (a symlink loop, or two links to one
-/// directory) is read once.
-fn walk_once(
-    dir: &Path,
-    out: &mut Vec<PathBuf>,
-    seen: &mut std::collections::HashSet<PathBuf>,
-) -> Result<()> {
-    let real = std::fs::canonicalize(dir).with_path(dir)?;
-    if !seen.insert(real) {
-        return Ok(());
-    }
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_path(dir)?
-        .map(|e| e.map(|e| e.path()))
-        .collect::<std::io::Result<_>>()
-        .with_path(dir)?;
-    entries.sort();
-    for p in entries {
-        if p.is_dir() {
-            walk_once(&p, out, seen)?;
-        } else if is_image(&p) {
-            out.push(p);
-        }
-    }
-    Ok(())
-}
-
-fn dataset_err(path: &Path, msg: impl Into<String>) -> Error {
+pub(super) fn dataset_err(path: &Path, msg: impl Into<String>) -> Error {
     Error::Dataset {
         path: path.to_path_buf(),
         msg: msg.into(),
     }
-}
-
-/// Header-only check that a file is a decodable image format with sane dimensions.
-fn header_ok(p: &Path) -> bool {
-    image::ImageReader::open(p)
-        .and_then(|r| r.with_guessed_format())
-        .ok()
-        .and_then(|r| r.into_dimensions().ok())
-        .is_some_and(|(w, h)| w > 0 && h > 0)
 }
 
 impl Dataset {
@@ -461,167 +416,6 @@ fn detect(path: &Path) -> Result<DatasetKind> {
     } else {
         DatasetKind::ImageFolder
     })
-}
-
-/// Fashion-MNIST class names (the Debian package's data is Fashion-MNIST when the path says so).
-const FASHION_MNIST: [&str; 10] = [
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-];
-
-fn open_idx(path: &Path) -> Result<(Vec<String>, Source)> {
-    let (dims, pixels) = idx::read_idx_u8(path)?;
-    if dims.len() != 3 || dims.contains(&0) {
-        return Err(dataset_err(
-            path,
-            format!("IDX images must be [n, rows, cols], none zero; got dims {dims:?}"),
-        ));
-    }
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or_default();
-    let label_path = path.with_file_name(name.replace("images-idx3", "labels-idx1"));
-    let labels = if label_path != path && label_path.exists() {
-        let (ldims, labels) = idx::read_idx_u8(&label_path)?;
-        if ldims != [dims[0]] {
-            return Err(dataset_err(
-                &label_path,
-                format!("labels of dims {ldims:?} for {} images", dims[0]),
-            ));
-        }
-        Some(labels)
-    } else {
-        None
-    };
-    let fashion = path
-        .to_string_lossy()
-        .to_ascii_lowercase()
-        .contains("fashion");
-    let classes = match (&labels, fashion) {
-        (Some(_), true) => FASHION_MNIST.iter().map(|s| s.to_string()).collect(),
-        (Some(l), false) => (0..=l.iter().copied().max().unwrap_or(0))
-            .map(|c| c.to_string())
-            .collect(),
-        (None, _) => Vec::new(),
-    };
-    Ok((
-        classes,
-        Source::Idx {
-            side: (dims[1], dims[2]),
-            pixels,
-            labels,
-        },
-    ))
-}
-
-fn open_labelled(root: &Path) -> Result<(Vec<String>, Source)> {
-    let mut class_dirs: Vec<PathBuf> = std::fs::read_dir(root)
-        .with_path(root)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_dir())
-        .collect();
-    class_dirs.sort();
-    let mut classes = Vec::new();
-    let mut paths = Vec::new();
-    let mut labels = Vec::new();
-    for (c, dir) in class_dirs.iter().enumerate() {
-        classes.push(
-            dir.file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-        );
-        let mut files = Vec::new();
-        walk(dir, &mut files)?;
-        labels.extend(std::iter::repeat_n(c as u32, files.len()));
-        paths.extend(files);
-    }
-    Ok((
-        classes,
-        Source::Files {
-            paths,
-            labels: Some(labels),
-            masks: None,
-        },
-    ))
-}
-
-fn open_ade20k(root: &Path) -> Result<(Vec<String>, Source)> {
-    let (img_root, ann_root) = (root.join("images"), root.join("annotations"));
-    let mut images = Vec::new();
-    walk(&img_root, &mut images)?;
-    let mut masks = Vec::with_capacity(images.len());
-    for img in &images {
-        // images/<split>/<name>.jpg ↔ annotations/<split>/<name>.png
-        let rel = img
-            .strip_prefix(&img_root)
-            .map_err(|_| dataset_err(img, "outside images/"))?;
-        let mask = ann_root.join(rel).with_extension("png");
-        if !mask.exists() {
-            return Err(dataset_err(
-                &mask,
-                format!("missing annotation for {}", img.display()),
-            ));
-        }
-        masks.push(mask);
-    }
-    Ok((
-        Vec::new(),
-        Source::Files {
-            paths: images,
-            labels: None,
-            masks: Some(masks),
-        },
-    ))
-}
-
-fn drop_bad(source: Source) -> Source {
-    match source {
-        Source::Files {
-            paths,
-            labels,
-            masks,
-        } => {
-            let keep: Vec<bool> = paths
-                .iter()
-                .enumerate()
-                .map(|(i, p)| {
-                    let ok = header_ok(p) && masks.as_ref().is_none_or(|m| header_ok(&m[i]));
-                    if !ok {
-                        eprintln!("skipping unreadable image {}", p.display());
-                    }
-                    ok
-                })
-                .collect();
-            let filter = |v: Vec<PathBuf>| -> Vec<PathBuf> {
-                v.into_iter()
-                    .zip(&keep)
-                    .filter(|(_, &k)| k)
-                    .map(|(p, _)| p)
-                    .collect()
-            };
-            Source::Files {
-                labels: labels.map(|l| {
-                    l.into_iter()
-                        .zip(&keep)
-                        .filter(|(_, &k)| k)
-                        .map(|(v, _)| v)
-                        .collect()
-                }),
-                masks: masks.map(filter),
-                paths: filter(paths),
-            }
-        }
-        other => other,
-    }
 }
 
 #[cfg(test)]

@@ -123,6 +123,20 @@ pub struct Scratch {
     dense: Vec<f32>,
 }
 
+/// What the encode phase of a step hands on.
+struct Encoded {
+    /// The batch centred by `b_dec`, `[n, d]`.
+    xc: Vec<f32>,
+    /// The active latents and their values.
+    f: Csr,
+    /// BatchTopK's smallest kept pre-activation.
+    min_kept: Option<f32>,
+    /// AuxK's selection among the dead latents.
+    aux: Option<Csr>,
+    /// Whether this batch uses the dense kernels.
+    dense: bool,
+}
+
 /// One SAE's weights (training layout), Adam moments and dead-latent counters.
 #[derive(Clone)]
 pub struct TrainState {
@@ -354,6 +368,9 @@ impl TrainState {
     }
 
     #[allow(clippy::type_complexity)]
+    /// Loss terms, gradients, per-latent fire counts and (BatchTopK) the smallest kept
+    /// pre-activation of one batch, phase by phase: encode and select, decode the groups'
+    /// errors, AuxK, the loss, then the gradients of the latents, of AuxK and of `b_dec`.
     fn gradients_inner(
         &self,
         x_nd: &[f32],
@@ -369,7 +386,244 @@ impl TrainState {
                 actual: vec![x_nd.len() / d.max(1), d],
             });
         }
-        // Encoder: pre = (x − b_dec) W_encᵀ + b_enc.
+        let Encoded {
+            xc,
+            f,
+            min_kept,
+            aux,
+            dense,
+        } = self.encode(x_nd, n, scratch);
+        let mut gs = self.group_errors(x_nd, n, &f, dense, scratch);
+        // Loss terms (f64 sums).
+        let sq_groups: Vec<f64> = (0..gn)
+            .map(|j| det_sum(&gs, gn * d, |g| sum_sq(&g[j * d..(j + 1) * d])))
+            .collect();
+        let n_el = (n * d) as f64;
+        let mse = sq_groups[gn - 1] / n_el;
+        let var = total_variance(x_nd, n, d);
+        let l1 = f.val.iter().map(|&v| f64::from(v)).sum::<f64>() / n as f64;
+        let l0 = f.nnz() as f64 / n as f64;
+        let uses_l1 = matches!(self.recipe.activation, TrainActivation::Relu);
+        let lambda = if uses_l1 { lambda } else { 0.0 };
+
+        let (aux_loss, g_aux) = match &aux {
+            Some(z) => self.aux_residual(z, &gs, n),
+            None => (0.0, Vec::new()),
+        };
+        let loss = sq_groups.iter().sum::<f64>() / (gn as f64 * n_el)
+            + lambda * l1
+            + self.recipe.aux_coef * aux_loss;
+
+        // dL/dx̂_j = 2 e_j / (G n d); suffix sums: gs[b, j] ← Σ_{j' ≥ j} dL/dx̂_j'.
+        let c = (2.0 / (gn as f64 * n_el)) as f32;
+        gs.par_chunks_mut(gn * d).for_each(|g| {
+            for j in (0..gn).rev() {
+                for t in 0..d {
+                    let above = if j + 1 < gn { g[(j + 1) * d + t] } else { 0.0 };
+                    g[j * d + t] = g[j * d + t] * c + above;
+                }
+            }
+        });
+
+        let (mut grads, _) = self.latent_grads(&f, &gs, &xc, n, lambda, dense, scratch);
+        if let Some(z) = &aux {
+            self.aux_grads(z, &g_aux, &xc, &mut grads);
+        }
+        self.b_dec_grad(&gs, n, &mut grads);
+        let mut fired = vec![0u32; s];
+        for &i in &f.idx {
+            fired[i as usize] += 1;
+        }
+        let stats = StepStats {
+            loss,
+            mse,
+            nmse: sq_groups[gn - 1] / var.max(1e-30),
+            l0,
+            l1,
+            aux: aux_loss,
+            lr: 0.0,
+            lambda,
+            dense,
+        };
+        Ok((stats, grads, fired, min_kept))
+    }
+
+    /// The latents' gradients: `∂L/∂pre` at the active entries (returned, per CSR entry) and
+    /// from it `W_enc`, `b_enc`, `W_dec` — dense GEMMs or the sparse kernels.
+    #[allow(clippy::too_many_arguments)]
+    fn latent_grads(
+        &self,
+        f: &Csr,
+        gs: &[f32],
+        xc: &[f32],
+        n: usize,
+        lambda: f64,
+        dense: bool,
+        scratch: &mut Scratch,
+    ) -> (Grads, Vec<f32>) {
+        let (d, s, gn) = (self.d, self.s, self.n_groups());
+        let ends = self.group_ends();
+        let pre = &mut scratch.pre;
+        // ∂L/∂pre at the active entries.
+        let l1_grad = (lambda / n as f64) as f32;
+        let mut grads = Grads {
+            w_enc: vec![0f32; s * d],
+            b_enc: vec![0f32; s],
+            w_dec: vec![0f32; s * d],
+            b_dec: vec![0f32; d],
+        };
+        let dpre: Vec<f32> = if dense {
+            // ∂L/∂f per group block: gs_j · W_dec[block]ᵀ into `pre` (no longer needed).
+            let mut a = 0;
+            for (j, &e) in ends.iter().enumerate() {
+                gemm(
+                    n,
+                    e - a,
+                    d,
+                    pre,
+                    a,
+                    s,
+                    Mat::rows(gs, gn * d).at(j * d),
+                    Mat::t(&self.w_dec, d).at(a * d),
+                    false,
+                );
+                // W_dec grad block: f[:, block]ᵀ · gs_j.
+                gemm(
+                    e - a,
+                    d,
+                    n,
+                    &mut grads.w_dec,
+                    a * d,
+                    d,
+                    Mat::t(&scratch.dense, s).at(a),
+                    Mat::rows(gs, gn * d).at(j * d),
+                    false,
+                );
+                a = e;
+            }
+            let pre_r: &[f32] = pre;
+            let dp = (0..f.n_rows())
+                .into_par_iter()
+                .flat_map_iter(|b| {
+                    let (ix, _) = f.row(b);
+                    let row = &pre_r[b * s..(b + 1) * s];
+                    ix.iter()
+                        .map(move |&i| row[i as usize] + l1_grad)
+                        .collect::<Vec<_>>()
+                })
+                .collect::<Vec<f32>>();
+            // Encoder weight grad: dHᵀ · xc with dH the dense ∂L/∂pre.
+            let dh = Csr {
+                ptr: f.ptr.clone(),
+                idx: f.idx.clone(),
+                val: dp.clone(),
+            };
+            scratch.dense.clear();
+            scratch.dense.extend(dh.to_dense(s));
+            gemm(
+                s,
+                d,
+                n,
+                &mut grads.w_enc,
+                0,
+                d,
+                Mat::t(&scratch.dense, s),
+                Mat::rows(xc, d),
+                false,
+            );
+            for row in scratch.dense.chunks_exact(s) {
+                axpy(1.0, row, &mut grads.b_enc);
+            }
+            dp
+        } else {
+            (0..f.n_rows())
+                .into_par_iter()
+                .flat_map_iter(|b| {
+                    let (ix, _) = f.row(b);
+                    let g = &gs[b * gn * d..(b + 1) * gn * d];
+                    ix.iter()
+                        .map(|&i| {
+                            let i = i as usize;
+                            let j = usize::from(self.group_of[i]);
+                            dot(&self.w_dec[i * d..(i + 1) * d], &g[j * d..(j + 1) * d]) + l1_grad
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        };
+        if !dense {
+            let t = f.transpose(s);
+            self.add_latent_grads(&t, &f.val, &dpre, xc, &mut grads, |b, i| {
+                let j = usize::from(self.group_of[i]);
+                &gs[(b * gn + j) * d..(b * gn + j + 1) * d]
+            });
+        }
+        (grads, dpre)
+    }
+
+    /// AuxK's gradients through the dead latents it selected (`z`), into `grads`.
+    fn aux_grads(&self, z: &Csr, g_aux: &[f32], xc: &[f32], grads: &mut Grads) {
+        let (d, s) = (self.d, self.s);
+        let dz: Vec<f32> = (0..z.n_rows())
+            .into_par_iter()
+            .flat_map_iter(|b| {
+                let (ix, _) = z.row(b);
+                let g = &g_aux[b * d..(b + 1) * d];
+                ix.iter()
+                    .map(|&i| dot(&self.w_dec[i as usize * d..(i as usize + 1) * d], g))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let t = z.transpose(s);
+        self.add_latent_grads(&t, &z.val, &dz, xc, grads, |b, _| {
+            &g_aux[b * d..(b + 1) * d]
+        });
+    }
+
+    /// `∂L/∂b_dec = Σ_b ∂L/∂x̂ − Σ_s ∂L/∂b_enc[s] · W_enc[s]` (x is centred by b_dec), then the
+    /// decoder's parallel-gradient removal (unit-norm rows).
+    fn b_dec_grad(&self, gs: &[f32], n: usize, grads: &mut Grads) {
+        let (d, gn) = (self.d, self.n_groups());
+        for b in 0..n {
+            axpy(1.0, &gs[b * gn * d..b * gn * d + d], &mut grads.b_dec);
+        }
+        // Fixed chunks reduced in order: deterministic.
+        let enc_part: Vec<f32> = grads
+            .b_enc
+            .par_chunks(256)
+            .zip(self.w_enc.par_chunks(256 * d))
+            .map(|(cs, ws)| {
+                let mut acc = vec![0f32; d];
+                for (&c, w) in cs.iter().zip(ws.chunks_exact(d)) {
+                    if c != 0.0 {
+                        axpy(c, w, &mut acc);
+                    }
+                }
+                acc
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .fold(vec![0f32; d], |mut a, p| {
+                axpy(1.0, &p, &mut a);
+                a
+            });
+        axpy(-1.0, &enc_part, &mut grads.b_dec);
+        if self.recipe.unit_norm_decoder {
+            grads
+                .w_dec
+                .par_chunks_mut(d)
+                .zip(self.w_dec.par_chunks(d))
+                .for_each(|(g, w)| {
+                    let par = dot(g, w);
+                    axpy(-par, w, g);
+                });
+        }
+    }
+
+    /// Encoder and selection: `pre = (x − b_dec) W_encᵀ + b_enc` (kept in `scratch.pre`), the
+    /// active latents `f`, the AuxK selection among dead latents, and the kernel choice.
+    fn encode(&self, x_nd: &[f32], n: usize, scratch: &mut Scratch) -> Encoded {
+        let (d, s) = (self.d, self.s);
         let mut xc = x_nd.to_vec();
         xc.par_chunks_mut(d)
             .for_each(|r| r.iter_mut().zip(&self.b_dec).for_each(|(v, b)| *v -= b));
@@ -409,9 +663,26 @@ impl TrainState {
             Kernels::Sparse => false,
             Kernels::Dense => true,
         };
-        let ends = self.group_ends();
+        Encoded {
+            xc,
+            f,
+            min_kept,
+            aux,
+            dense,
+        }
+    }
 
-        // Forward: raw errors e_j = x̂_j − x per group, `[n, G, d]`.
+    /// Forward: raw errors `e_j = x̂_j − x` of every Matryoshka group, `[n, G, d]`.
+    fn group_errors(
+        &self,
+        x_nd: &[f32],
+        n: usize,
+        f: &Csr,
+        dense: bool,
+        scratch: &mut Scratch,
+    ) -> Vec<f32> {
+        let (d, s, gn) = (self.d, self.s, self.n_groups());
+        let ends = self.group_ends();
         let mut gs = vec![0f32; n * gn * d];
         if dense {
             scratch.dense.clear();
@@ -463,218 +734,32 @@ impl TrainState {
                     }
                 });
         }
-        // Loss terms (f64 sums).
-        let sq_groups: Vec<f64> = (0..gn)
-            .map(|j| det_sum(&gs, gn * d, |g| sum_sq(&g[j * d..(j + 1) * d])))
-            .collect();
-        let n_el = (n * d) as f64;
-        let mse = sq_groups[gn - 1] / n_el;
-        let var = total_variance(x_nd, n, d);
-        let l1 = f.val.iter().map(|&v| f64::from(v)).sum::<f64>() / n as f64;
-        let l0 = f.nnz() as f64 / n as f64;
-        let uses_l1 = matches!(self.recipe.activation, TrainActivation::Relu);
-        let lambda = if uses_l1 { lambda } else { 0.0 };
+        gs
+    }
 
-        // AuxK: residual e = x − x̂_G = −(last group's error); ê = z W_dec.
-        let mut aux_loss = 0.0;
-        let mut g_aux: Vec<f32> = Vec::new();
-        if let Some(z) = &aux {
-            let mut resid = vec![0f32; n * d];
-            resid
-                .par_chunks_mut(d)
-                .zip(gs.par_chunks(gn * d))
-                .for_each(|(r, g)| {
-                    for t in 0..d {
-                        r[t] = -g[(gn - 1) * d + t];
-                    }
-                });
-            let z_var = total_variance(&resid, n, d).max(1e-30);
-            let mut e_hat = vec![0f32; n * d];
-            sparse_rows_times(z, &z.val, &self.w_dec, d, &mut e_hat);
-            // e_hat ← ê − e.
-            e_hat.par_iter_mut().zip(&resid).for_each(|(h, r)| *h -= r);
-            let sq = det_sum(&e_hat, 4096, sum_sq);
-            aux_loss = sq / z_var;
-            let c = (self.recipe.aux_coef * 2.0 / z_var) as f32;
-            e_hat.par_iter_mut().for_each(|v| *v *= c);
-            g_aux = e_hat;
-        }
-        let loss = sq_groups.iter().sum::<f64>() / (gn as f64 * n_el)
-            + lambda * l1
-            + self.recipe.aux_coef * aux_loss;
-
-        // dL/dx̂_j = 2 e_j / (G n d); suffix sums: gs[b, j] ← Σ_{j' ≥ j} dL/dx̂_j'.
-        let c = (2.0 / (gn as f64 * n_el)) as f32;
-        gs.par_chunks_mut(gn * d).for_each(|g| {
-            for j in (0..gn).rev() {
+    /// AuxK: the residual `e = x − x̂_G` against `ê = z W_dec`; returns the normalised loss and
+    /// its gradient `∂L/∂ê` (scaled by `aux_coef`), `[n, d]`.
+    fn aux_residual(&self, z: &Csr, gs: &[f32], n: usize) -> (f64, Vec<f32>) {
+        let (d, gn) = (self.d, self.n_groups());
+        let mut resid = vec![0f32; n * d];
+        resid
+            .par_chunks_mut(d)
+            .zip(gs.par_chunks(gn * d))
+            .for_each(|(r, g)| {
                 for t in 0..d {
-                    let above = if j + 1 < gn { g[(j + 1) * d + t] } else { 0.0 };
-                    g[j * d + t] = g[j * d + t] * c + above;
+                    r[t] = -g[(gn - 1) * d + t];
                 }
-            }
-        });
-
-        // ∂L/∂pre at the active entries.
-        let l1_grad = (lambda / n as f64) as f32;
-        let mut grads = Grads {
-            w_enc: vec![0f32; s * d],
-            b_enc: vec![0f32; s],
-            w_dec: vec![0f32; s * d],
-            b_dec: vec![0f32; d],
-        };
-        let dpre: Vec<f32> = if dense {
-            // ∂L/∂f per group block: gs_j · W_dec[block]ᵀ into `pre` (no longer needed).
-            let mut a = 0;
-            for (j, &e) in ends.iter().enumerate() {
-                gemm(
-                    n,
-                    e - a,
-                    d,
-                    pre,
-                    a,
-                    s,
-                    Mat::rows(&gs, gn * d).at(j * d),
-                    Mat::t(&self.w_dec, d).at(a * d),
-                    false,
-                );
-                // W_dec grad block: f[:, block]ᵀ · gs_j.
-                gemm(
-                    e - a,
-                    d,
-                    n,
-                    &mut grads.w_dec,
-                    a * d,
-                    d,
-                    Mat::t(&scratch.dense, s).at(a),
-                    Mat::rows(&gs, gn * d).at(j * d),
-                    false,
-                );
-                a = e;
-            }
-            let pre_r: &[f32] = pre;
-            let dp = (0..f.n_rows())
-                .into_par_iter()
-                .flat_map_iter(|b| {
-                    let (ix, _) = f.row(b);
-                    let row = &pre_r[b * s..(b + 1) * s];
-                    ix.iter()
-                        .map(move |&i| row[i as usize] + l1_grad)
-                        .collect::<Vec<_>>()
-                })
-                .collect::<Vec<f32>>();
-            // Encoder weight grad: dHᵀ · xc with dH the dense ∂L/∂pre.
-            let dh = Csr {
-                ptr: f.ptr.clone(),
-                idx: f.idx.clone(),
-                val: dp.clone(),
-            };
-            scratch.dense.clear();
-            scratch.dense.extend(dh.to_dense(s));
-            gemm(
-                s,
-                d,
-                n,
-                &mut grads.w_enc,
-                0,
-                d,
-                Mat::t(&scratch.dense, s),
-                Mat::rows(&xc, d),
-                false,
-            );
-            for row in scratch.dense.chunks_exact(s) {
-                axpy(1.0, row, &mut grads.b_enc);
-            }
-            dp
-        } else {
-            (0..f.n_rows())
-                .into_par_iter()
-                .flat_map_iter(|b| {
-                    let (ix, _) = f.row(b);
-                    let g = &gs[b * gn * d..(b + 1) * gn * d];
-                    ix.iter()
-                        .map(|&i| {
-                            let i = i as usize;
-                            let j = usize::from(self.group_of[i]);
-                            dot(&self.w_dec[i * d..(i + 1) * d], &g[j * d..(j + 1) * d]) + l1_grad
-                        })
-                        .collect::<Vec<_>>()
-                })
-                .collect()
-        };
-        if !dense {
-            let t = f.transpose(s);
-            self.add_latent_grads(&t, &f.val, &dpre, &xc, &mut grads, |b, i| {
-                let j = usize::from(self.group_of[i]);
-                &gs[(b * gn + j) * d..(b * gn + j + 1) * d]
             });
-        }
-        if let Some(z) = &aux {
-            let dz: Vec<f32> = (0..z.n_rows())
-                .into_par_iter()
-                .flat_map_iter(|b| {
-                    let (ix, _) = z.row(b);
-                    let g = &g_aux[b * d..(b + 1) * d];
-                    ix.iter()
-                        .map(|&i| dot(&self.w_dec[i as usize * d..(i as usize + 1) * d], g))
-                        .collect::<Vec<_>>()
-                })
-                .collect();
-            let t = z.transpose(s);
-            self.add_latent_grads(&t, &z.val, &dz, &xc, &mut grads, |b, _| {
-                &g_aux[b * d..(b + 1) * d]
-            });
-        }
-        // b_dec: Σ_b ∂L/∂x̂ (all groups) − Σ_s ∂L/∂b_enc[s] · W_enc[s] (x is centred by b_dec).
-        for b in 0..n {
-            axpy(1.0, &gs[b * gn * d..b * gn * d + d], &mut grads.b_dec);
-        }
-        // Fixed chunks reduced in order: deterministic.
-        let enc_part: Vec<f32> = grads
-            .b_enc
-            .par_chunks(256)
-            .zip(self.w_enc.par_chunks(256 * d))
-            .map(|(cs, ws)| {
-                let mut acc = vec![0f32; d];
-                for (&c, w) in cs.iter().zip(ws.chunks_exact(d)) {
-                    if c != 0.0 {
-                        axpy(c, w, &mut acc);
-                    }
-                }
-                acc
-            })
-            .collect::<Vec<_>>()
-            .into_iter()
-            .fold(vec![0f32; d], |mut a, p| {
-                axpy(1.0, &p, &mut a);
-                a
-            });
-        axpy(-1.0, &enc_part, &mut grads.b_dec);
-        if self.recipe.unit_norm_decoder {
-            grads
-                .w_dec
-                .par_chunks_mut(d)
-                .zip(self.w_dec.par_chunks(d))
-                .for_each(|(g, w)| {
-                    let par = dot(g, w);
-                    axpy(-par, w, g);
-                });
-        }
-        let mut fired = vec![0u32; s];
-        for &i in &f.idx {
-            fired[i as usize] += 1;
-        }
-        let stats = StepStats {
-            loss,
-            mse,
-            nmse: sq_groups[gn - 1] / var.max(1e-30),
-            l0,
-            l1,
-            aux: aux_loss,
-            lr: 0.0,
-            lambda,
-            dense,
-        };
-        Ok((stats, grads, fired, min_kept))
+        let z_var = total_variance(&resid, n, d).max(1e-30);
+        let mut e_hat = vec![0f32; n * d];
+        sparse_rows_times(z, &z.val, &self.w_dec, d, &mut e_hat);
+        // e_hat ← ê − e.
+        e_hat.par_iter_mut().zip(&resid).for_each(|(h, r)| *h -= r);
+        let sq = det_sum(&e_hat, 4096, sum_sq);
+        let aux_loss = sq / z_var;
+        let c = (self.recipe.aux_coef * 2.0 / z_var) as f32;
+        e_hat.par_iter_mut().for_each(|v| *v *= c);
+        (aux_loss, e_hat)
     }
 
     /// Per latent `s` (parallel, each row of the gradients written by one task):

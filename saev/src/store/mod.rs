@@ -21,6 +21,7 @@
 
 pub(crate) mod format;
 pub(crate) mod loader;
+pub(crate) mod merge;
 pub(crate) mod ojson;
 pub(crate) mod permute;
 pub(crate) mod writer;
@@ -36,7 +37,8 @@ use crate::error::{Error, IoContext, Result};
 use crate::util::files::read_json;
 pub use format::{Metadata, ShardEntry, PROTOCOL};
 pub use loader::{Batch, Examples, LoaderConfig, NormStats, ShuffledLoader, Tokens};
-pub use writer::{merge_parts, StoreWriter};
+pub use merge::merge_parts;
+pub use writer::StoreWriter;
 
 /// Per-example provenance saev writes beside the shards (`provenance.json`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
