@@ -63,6 +63,11 @@ pub mod io {
     };
 }
 
+/// Scale-out on a cluster scheduler (Slurm job arrays).
+pub mod cluster {
+    pub use crate::util::cluster::array_task;
+}
+
 /// Re-exports for notebooks and REPLs: `use saev::prelude::*;`.
 pub mod prelude {
     pub use crate::{

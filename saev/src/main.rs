@@ -79,6 +79,11 @@ struct TrainArgs {
     /// `OUT/run-N` (resuming one of this config and store) instead of refusing.
     #[arg(long)]
     fresh: bool,
+    /// Train only group I of N of the sweep (`--group 1/4`; `auto` in a Slurm job array) into
+    /// `OUT/group-I`; each setting keeps its seed and index, so the groups' SAEs are the whole
+    /// sweep's.
+    #[arg(long, value_parser = parse_part)]
+    group: Option<(usize, usize)>,
 }
 
 /// Arguments of `saev features`.
@@ -263,7 +268,8 @@ struct ActivationsArgs {
     /// Root directory; the store goes to <out>/<hash>/.
     #[arg(long, required = true)]
     out: Option<PathBuf>,
-    /// Write only part I of N (0-based, `--part 1/4`); join the parts with `activations merge`.
+    /// Write only part I of N (0-based, `--part 1/4`; `auto` in a Slurm job array); join the
+    /// parts with `activations merge`.
     #[arg(long, value_parser = parse_part)]
     part: Option<(usize, usize)>,
     /// Images per forward pass.
@@ -300,7 +306,10 @@ enum MergeCmd {
 }
 
 fn parse_part(s: &str) -> Result<(usize, usize), String> {
-    let (i, n) = s.split_once('/').ok_or("expected I/N, e.g. 0/4")?;
+    if s == "auto" {
+        return saev::cluster::array_task().map_err(|e| e.to_string());
+    }
+    let (i, n) = s.split_once('/').ok_or("expected I/N, e.g. 0/4, or auto")?;
     let (i, n) = (
         i.parse::<usize>().map_err(|e| e.to_string())?,
         n.parse::<usize>().map_err(|e| e.to_string())?,
@@ -515,6 +524,7 @@ fn train(
         out,
         n_patches,
         fresh,
+        group,
     }: TrainArgs,
 ) -> saev::Result<()> {
     let store = saev::ActivationStore::open(&store)?;
@@ -536,6 +546,13 @@ fn train(
     if let Some(n) = n_patches {
         cfg = cfg.with_n_patches(n);
     }
+    let out = match group {
+        Some((i, n)) => {
+            cfg = cfg.group(i, n)?;
+            out.join(format!("group-{i}"))
+        }
+        None => out,
+    };
     eprintln!(
         "{store:?}: training {} settings on {} patches",
         cfg.sweep.len(),

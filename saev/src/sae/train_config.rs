@@ -91,6 +91,11 @@ pub struct TrainConfig {
     pub log_every: usize,
     /// Checkpoint every this many steps (0 = only at the end). Default 500.
     pub ckpt_every: usize,
+    /// Index of this sweep's first setting in a larger sweep trained in groups
+    /// ([`TrainConfig::group`], `saev train --group`): each setting's initialisation is seeded,
+    /// its directory and history rows are named, by its index in the whole sweep, so a group's
+    /// SAEs are the whole sweep's. Default 0.
+    pub first_setting: usize,
     /// Stop (with a checkpoint) after this many steps in this call — for time-boxed jobs; a
     /// later call resumes. Not part of the run's identity.
     #[serde(skip)]
@@ -133,6 +138,7 @@ impl Default for TrainConfig {
             seed: 0,
             log_every: 10,
             ckpt_every: 500,
+            first_setting: 0,
             stop_after_steps: None,
         }
     }
@@ -230,6 +236,30 @@ impl TrainConfig {
     pub fn with_seed(mut self, s: u64) -> Self {
         self.seed = s;
         self
+    }
+
+    /// Group `i` of `n` of the sweep (contiguous, as even as the settings allow), for training
+    /// a large sweep as `n` jobs (one per GPU or Slurm array task) that each read the data once.
+    /// Each setting keeps its seed and index, so the groups' SAEs equal the whole sweep's.
+    pub fn group(&self, i: usize, n: usize) -> Result<Self> {
+        let len = self.sweep.len();
+        let per = len.div_ceil(n.max(1));
+        let (a, b) = ((i * per).min(len), ((i + 1) * per).min(len));
+        if n == 0 || i >= n || a >= b {
+            return Err(Error::out_of_range(
+                format!("train: group i of {n}:"),
+                i,
+                format!(
+                    "0..{} (non-empty groups of the {len} settings)",
+                    len.div_ceil(per.max(1))
+                ),
+            ));
+        }
+        Ok(Self {
+            sweep: self.sweep[a..b].to_vec(),
+            first_setting: self.first_setting + a,
+            ..self.clone()
+        })
     }
 
     /// The held-out examples of a store with `n_examples` examples (what the final

@@ -94,7 +94,7 @@ pub fn train_saes(
         .iter()
         .enumerate()
         .map(|(k, setting)| {
-            let seed = cfg.seed.wrapping_mul(1000) + 2 * k as u64;
+            let seed = cfg.seed.wrapping_mul(1000) + 2 * (cfg.first_setting + k) as u64;
             // W_enc is `[d, d_sae]` in the paper (fan-in d_sae); stored here as rows `[d_sae, d]`.
             let w = kaiming(d, s, seed);
             let mut w_enc = vec![0f32; s * d];
@@ -233,7 +233,7 @@ pub fn train_saes(
                 };
                 if let Some(what) = what {
                     return Err(Error::Diverged {
-                        setting: k,
+                        setting: cfg.first_setting + k,
                         detail: format!("{setting:?}"),
                         what,
                         step: ck.step,
@@ -249,7 +249,7 @@ pub fn train_saes(
                     ck.history.push(Row {
                         step: ck.step as u64,
                         n_patches: ck.seen + n as u64,
-                        setting: k as u32,
+                        setting: (cfg.first_setting + k) as u32,
                         lr,
                         lambda: stats.lambda,
                         loss: stats.loss,
@@ -302,6 +302,7 @@ pub fn train_saes(
     let mut saes = Vec::new();
     let mut evals = Vec::new();
     for (k, (st, setting)) in states.iter().zip(&cfg.sweep).enumerate() {
+        let k = cfg.first_setting + k;
         let sae = export(st, cfg, setting, store, &norm.mean, norm.scalar, ck.seen)?;
         let ev = if finished && holdout > 0 {
             let ev = sae.evaluate(store, cfg.layer, cfg.tokens, cfg.held_out(n_ex))?;

@@ -3,6 +3,7 @@
 
 pub(crate) mod cache;
 pub(crate) mod checkpoint;
+pub(crate) mod cluster;
 pub(crate) mod display;
 pub(crate) mod files;
 pub(crate) mod image_io;
