@@ -17,4 +17,4 @@ pub use eval::{Evaluation, ALMOST_DEAD_FREQ, DENSE_FREQ};
 pub use model::{Sae, SaeActivation, SaeConfig, SaeNorm, SAE_SCHEMA};
 pub use py_import::{import_python_sae, resolve_sae};
 pub use step::{Kernels, TrainActivation};
-pub use trainer::{fresh_run_dir, train_saes, LrSchedule, Setting, TrainConfig, TrainRun};
+pub use trainer::{fresh_run_dir, train_saes, Init, LrSchedule, Setting, TrainConfig, TrainRun};

@@ -39,6 +39,19 @@ pub enum LrSchedule {
     Cosine,
 }
 
+/// How an SAE's weights start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Init {
+    /// The paper's (saev 0.1.0): encoder and decoder drawn independently, torch's
+    /// `kaiming_uniform_`.
+    Kaiming,
+    /// The encoder as the decoder's transpose (Gao et al. 2024; the Python saev at HEAD,
+    /// sparsify): Kaiming-uniform directions, decoder rows at unit norm. Every latent starts
+    /// reading the direction it writes, so far fewer die.
+    Tied,
+}
+
 /// Training configuration (serde; documented defaults; presets and `with_*` setters).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -58,8 +71,13 @@ pub struct TrainConfig {
     pub aux_k: Option<usize>,
     /// AuxK coefficient. Default 1/32 (Gao et al.).
     pub aux_coef: f64,
-    /// A latent silent this many patches is dead. Default 2^20.
-    pub dead_window_patches: u64,
+    /// A latent silent this many patches is dead (AuxK revives it; counted in the history).
+    /// Default None = scaled to the run: `n_patches / 20`, at least one batch and at most 2^20
+    /// (a fixed 2^20 was half of the quickstart's whole budget, so latents died unrevived).
+    pub dead_window_patches: Option<u64>,
+    /// Weight initialisation. Default None = [`Init::Tied`] for TopK / BatchTopK,
+    /// [`Init::Kaiming`] (the paper's) for ReLU.
+    pub init: Option<Init>,
     /// Batch size. Default 4096.
     pub batch_size: usize,
     /// Patches to train on (epochs repeat as needed). Default 100M (the paper's).
@@ -122,7 +140,8 @@ impl Default for TrainConfig {
             matryoshka: Vec::new(),
             aux_k: None,
             aux_coef: 1.0 / 32.0,
-            dead_window_patches: 1 << 20,
+            dead_window_patches: None,
+            init: None,
             batch_size: 4096,
             n_patches: 100_000_000,
             sweep,
@@ -236,6 +255,23 @@ impl TrainConfig {
     pub fn with_seed(mut self, s: u64) -> Self {
         self.seed = s;
         self
+    }
+
+    /// The dead-latent window in patches ([`TrainConfig::dead_window_patches`] or its default).
+    pub fn dead_window(&self) -> u64 {
+        self.dead_window_patches.unwrap_or_else(|| {
+            (self.n_patches / 20)
+                .max(self.batch_size as u64)
+                .min(1 << 20)
+        })
+    }
+
+    /// The initialisation ([`TrainConfig::init`] or its default for the activation).
+    pub fn init(&self) -> Init {
+        self.init.unwrap_or(match self.activation {
+            TrainActivation::Relu => Init::Kaiming,
+            TrainActivation::TopK { .. } | TrainActivation::BatchTopK { .. } => Init::Tied,
+        })
     }
 
     /// Group `i` of `n` of the sweep (contiguous, as even as the settings allow), for training
@@ -393,7 +429,7 @@ impl TrainConfig {
                 self.aux_k.unwrap_or(d_model / 2)
             },
             aux_coef: self.aux_coef,
-            dead_window_patches: self.dead_window_patches,
+            dead_window_patches: self.dead_window(),
             unit_norm_decoder: self.unit_norm_decoder,
             max_grad_norm: self.max_grad_norm,
             kernels: self.kernels,

@@ -35,7 +35,7 @@ pub use super::train_checkpoint::fresh_run_dir;
 use super::train_checkpoint::{
     load_checkpoint, save_checkpoint, snapshot, tensor, CkptState, CKPT_VERSION,
 };
-pub use super::train_config::{LrSchedule, Setting, TrainConfig};
+pub use super::train_config::{Init, LrSchedule, Setting, TrainConfig};
 use super::train_history::{save_history, Row};
 use crate::error::{Error, IoContext, Result};
 use crate::store::{ActivationStore, Examples, LoaderConfig, Tokens};
@@ -95,18 +95,35 @@ pub fn train_saes(
         .enumerate()
         .map(|(k, setting)| {
             let seed = cfg.seed.wrapping_mul(1000) + 2 * (cfg.first_setting + k) as u64;
-            // W_enc is `[d, d_sae]` in the paper (fan-in d_sae); stored here as rows `[d_sae, d]`.
-            let w = kaiming(d, s, seed);
-            let mut w_enc = vec![0f32; s * d];
-            for (i, row) in w.chunks_exact(s).enumerate() {
-                for (j, &v) in row.iter().enumerate() {
-                    w_enc[j * d + i] = v;
+            let (w_enc, w_dec) = match cfg.init() {
+                Init::Kaiming => {
+                    // W_enc is `[d, d_sae]` in the paper (fan-in d_sae); stored here as rows
+                    // `[d_sae, d]`.
+                    let w = kaiming(d, s, seed);
+                    let mut w_enc = vec![0f32; s * d];
+                    for (i, row) in w.chunks_exact(s).enumerate() {
+                        for (j, &v) in row.iter().enumerate() {
+                            w_enc[j * d + i] = v;
+                        }
+                    }
+                    (w_enc, kaiming(s, d, seed + 1))
                 }
-            }
+                Init::Tied => {
+                    // Rows `[d_sae, d]` for both: the decoder's at unit norm, the encoder's the
+                    // same directions at Kaiming scale (its transpose, in the paper's layout).
+                    let w_enc = kaiming(s, d, seed + 1);
+                    let mut w_dec = w_enc.clone();
+                    for row in w_dec.chunks_exact_mut(d) {
+                        let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+                        row.iter_mut().for_each(|v| *v /= norm);
+                    }
+                    (w_enc, w_dec)
+                }
+            };
             TrainState::new(
                 w_enc,
                 vec![0.0; s],
-                kaiming(s, d, seed + 1),
+                w_dec,
                 vec![0.0; d],
                 cfg.recipe(setting, d, s)?,
             )
