@@ -46,6 +46,16 @@ fn run(script_name: &str, env: &[(&str, &Path)], args: &str, task: Option<(usize
     );
 }
 
+/// Run `c` (a `saev` command, progress off); fail the test when it fails.
+fn ok(c: &mut Command) {
+    let out = c.env("SAEV_PROGRESS", "off").output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
     let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
         .unwrap()
@@ -91,22 +101,14 @@ fn array_jobs_record_merge_and_train_like_one_run() {
     run("merge.sbatch", &[("OUT", arr.as_path())], "", None);
     // One run of the same command line, without --part.
     let single = dir.join("single");
-    let out = Command::new(bin())
-        .env("SAEV_PROGRESS", "off")
+    ok(Command::new(bin())
         .args(["activations", "--model"])
         .arg(&model)
         .arg("--data")
         .arg(&data)
         .arg("--out")
         .arg(&single)
-        .args(rec_args.split(' '))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .args(rec_args.split(' ')));
     let store_of = |root: &Path| -> PathBuf {
         std::fs::read_dir(root)
             .unwrap()
@@ -149,21 +151,13 @@ fn array_jobs_record_merge_and_train_like_one_run() {
         run("train.sbatch", &env, "", Some((i, 2)));
     }
     let all = dir.join("all");
-    let out = Command::new(bin())
-        .env("SAEV_PROGRESS", "off")
+    ok(Command::new(bin())
         .args(["train", "--store"])
         .arg(&merged)
         .arg("--sweep")
         .arg(&sweep)
         .arg("--out")
-        .arg(&all)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .arg(&all));
     for (group, k) in [(0, 0), (0, 1), (1, 2), (1, 3)] {
         let g = std::fs::read(runs.join(format!("group-{group}/{k}/sae.safetensors"))).unwrap();
         let w = std::fs::read(all.join(format!("{k}/sae.safetensors"))).unwrap();

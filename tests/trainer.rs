@@ -10,6 +10,25 @@ use common::TensorExt;
 use saev::candle_core::{Device, Tensor};
 use saev::{sae::Setting, store::Metadata, store::StoreWriter, ActivationStore, TrainConfig};
 
+/// Metadata of a synthetic store: `n` examples of a CLS + `content` tokens of width `d`.
+fn synthetic_metadata(name: &str, n: usize, content: usize, d: usize, shard: usize) -> Metadata {
+    Metadata {
+        family: "dinov2".into(),
+        ckpt: "synthetic".into(),
+        layers: vec![-2],
+        content_tokens_per_example: content,
+        cls_token: true,
+        d_model: d,
+        n_examples: n,
+        max_tokens_per_shard: shard,
+        data: name.into(),
+        dataset: name.into(),
+        pixel_agg: "majority".into(),
+        dtype: "float32".into(),
+        protocol: saev::store::PROTOCOL.into(),
+    }
+}
+
 fn planted_store(root: &std::path::Path) -> ActivationStore {
     planted_store_with(root, None)
 }
@@ -20,21 +39,7 @@ fn planted_store_with(
     poison: Option<(usize, usize, usize)>,
 ) -> ActivationStore {
     let (n, content, d) = (200usize, 8usize, 16usize);
-    let md = Metadata {
-        family: "dinov2".into(),
-        ckpt: "synthetic".into(),
-        layers: vec![-2],
-        content_tokens_per_example: content,
-        cls_token: true,
-        d_model: d,
-        n_examples: n,
-        max_tokens_per_shard: 2_000,
-        data: "planted".into(),
-        dataset: "planted".into(),
-        pixel_agg: "majority".into(),
-        dtype: "float32".into(),
-        protocol: saev::store::PROTOCOL.into(),
-    };
+    let md = synthetic_metadata("planted", n, content, d, 2_000);
     // 32 random unit atoms; each vector = 2 atoms with positive weights + an offset.
     let atoms: Vec<f32> = Tensor::randn(0f32, 1.0, (32, d), &Device::Cpu)
         .unwrap()
@@ -465,21 +470,7 @@ fn planted_atoms_store(
         let (wa, wb) = (1.0 + 2.0 * next() as f32, 1.0 + 2.0 * next() as f32);
         acts.extend((0..d).map(|j| wa * atoms[a][j] + wb * atoms[b][j]));
     }
-    let md = Metadata {
-        family: "dinov2".into(),
-        ckpt: "synthetic".into(),
-        layers: vec![-2],
-        content_tokens_per_example: content,
-        cls_token: true,
-        d_model: d,
-        n_examples: n,
-        max_tokens_per_shard: 9_000,
-        data: "planted-atoms".into(),
-        dataset: "planted-atoms".into(),
-        pixel_agg: "majority".into(),
-        dtype: "float32".into(),
-        protocol: saev::store::PROTOCOL.into(),
-    };
+    let md = synthetic_metadata("planted-atoms", n, content, d, 9_000);
     let mut w = StoreWriter::create(root, md, None).unwrap();
     w.write_examples(0, &acts).unwrap();
     (ActivationStore::open(w.finish().unwrap()).unwrap(), atoms)
