@@ -10,6 +10,29 @@ use common::TensorExt;
 use saev::candle_core::{Device, Tensor};
 use saev::{sae::Setting, store::Metadata, store::StoreWriter, ActivationStore, TrainConfig};
 
+/// Seeded uniforms in [0, 1) (splitmix64).
+fn uniforms(seed: u64) -> impl FnMut() -> f64 {
+    let mut s = seed;
+    move || {
+        s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = s;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// `n` seeded standard normals (Box–Muller).
+fn seeded_normals(n: usize, seed: u64) -> Vec<f32> {
+    let mut next = uniforms(seed);
+    (0..n)
+        .map(|_| {
+            let (u1, u2) = (next().max(1e-12), next());
+            ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+        })
+        .collect()
+}
+
 /// Metadata of a synthetic store: `n` examples of a CLS + `content` tokens of width `d`.
 fn synthetic_metadata(name: &str, n: usize, content: usize, d: usize, shard: usize) -> Metadata {
     Metadata {
@@ -41,9 +64,8 @@ fn planted_store_with(
     let (n, content, d) = (200usize, 8usize, 16usize);
     let md = synthetic_metadata("planted", n, content, d, 2_000);
     // 32 random unit atoms; each vector = 2 atoms with positive weights + an offset.
-    let atoms: Vec<f32> = Tensor::randn(0f32, 1.0, (32, d), &Device::Cpu)
-        .unwrap()
-        .flat();
+    // Seeded, so the test sees the same data every run.
+    let atoms: Vec<f32> = seeded_normals(32 * d, 0xa70b5);
     let mut acts = Vec::new();
     let mut s = 12345u64;
     let mut rnd = || {
@@ -442,17 +464,10 @@ fn planted_atoms_store(
     d: usize,
 ) -> (ActivationStore, Vec<Vec<f32>>) {
     let content = 8usize;
-    let mut s = 0x5eedu64;
-    let mut next = || {
-        s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = s;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    };
+    let mut next = uniforms(0x5eed);
     let atoms: Vec<Vec<f32>> = (0..n_atoms)
         .map(|_| {
-            // Box–Muller normals, normalised.
+            // Box–Muller normals from the same stream, normalised.
             let v: Vec<f32> = (0..d)
                 .map(|_| {
                     let (u1, u2) = (next().max(1e-12), next());
