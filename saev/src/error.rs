@@ -277,10 +277,14 @@ pub enum Error {
     },
 }
 
+/// The context of a candle error raised by a bare `?`, before a caller names what it was
+/// computing (see [`Computing`]).
+const UNNAMED_TENSOR_OP: &str = "tensor op";
+
 impl From<candle_core::Error> for Error {
     fn from(source: candle_core::Error) -> Self {
         Error::Candle {
-            context: "tensor op".into(),
+            context: UNNAMED_TENSOR_OP.into(),
             source,
         }
     }
@@ -374,6 +378,7 @@ impl<T> IoContext<T> for std::result::Result<T, std::io::Error> {
 /// Attach context to candle errors.
 pub(crate) trait CandleContext<T> {
     fn context(self, what: impl Into<String>) -> Result<T>;
+    fn with_context(self, what: impl FnOnce() -> String) -> Result<T>;
 }
 
 impl<T> CandleContext<T> for std::result::Result<T, candle_core::Error> {
@@ -381,6 +386,31 @@ impl<T> CandleContext<T> for std::result::Result<T, candle_core::Error> {
         self.map_err(|source| Error::Candle {
             context: what.into(),
             source,
+        })
+    }
+    fn with_context(self, what: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|source| Error::Candle {
+            context: what(),
+            source,
+        })
+    }
+}
+
+/// Name what a public entry point was computing on the candle errors its body raised with a
+/// bare `?` (errors that already say what failed keep their own words):
+/// `self.encode_inner(x).computing(|| format!("SAE encode of {:?}", x.dims()))`.
+pub(crate) trait Computing<T> {
+    fn computing(self, what: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T> Computing<T> for Result<T> {
+    fn computing(self, what: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|e| match e {
+            Error::Candle { context, source } if context == UNNAMED_TENSOR_OP => Error::Candle {
+                context: what(),
+                source,
+            },
+            e => e,
         })
     }
 }

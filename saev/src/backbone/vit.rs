@@ -770,19 +770,6 @@ impl Vit {
     }
 }
 
-trait WithContext<T> {
-    fn with_context(self, f: impl FnOnce() -> String) -> Result<T>;
-}
-
-impl<T> WithContext<T> for candle_core::Result<T> {
-    fn with_context(self, f: impl FnOnce() -> String) -> Result<T> {
-        self.map_err(|source| Error::Candle {
-            context: f(),
-            source,
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

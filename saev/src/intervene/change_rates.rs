@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::outcome::argmax;
 use super::{head, Edit, HeadKind, Intervention, Perturb};
-use crate::error::{Error, Result};
+use crate::error::{Computing, Error, Result};
 use crate::store::{ActivationStore, Examples, Tokens};
 use crate::util::display::emit_text;
 
@@ -31,8 +31,25 @@ impl Intervention {
         mult: f32,
         seed: u64,
     ) -> Result<ChangeRates> {
+        self.change_rates_unnamed(store, examples.into(), latent, target_class, mult, seed)
+            .computing(|| {
+                format!(
+                    "change rates of latent {latent} ×{mult} on {}",
+                    store.dir().display()
+                )
+            })
+    }
+
+    fn change_rates_unnamed(
+        &self,
+        store: &ActivationStore,
+        examples: Examples,
+        latent: usize,
+        target_class: u32,
+        mult: f32,
+        seed: u64,
+    ) -> Result<ChangeRates> {
         self.check(None, &[Edit::scale_max(latent, mult)])?;
-        let examples = examples.into();
         let ids = examples.ids(store.n_examples())?;
         let seg = self.head.kind() == HeadKind::Segmenter;
         let labels = store
@@ -96,7 +113,7 @@ impl Intervention {
         for (chunk, x) in store.ordered_examples(self.layer, Tokens::All, 8, examples)? {
             let n = x.len() / (t * d);
             let tokens = Tensor::from_vec(x, (n, t, d), &Device::Cpu)?;
-            let regs = head::recorded_registers(store, &chunk, self.layer, &Device::Cpu)?;
+            let regs = head::recorded_registers(store, self.layer, &chunk, &Device::Cpu)?;
             let before = self.heads_from_tokens(&tokens, regs.as_ref())?;
             let c_n = self.head.classes().len();
             let rows_per = if seg { p } else { 1 };

@@ -24,7 +24,7 @@ use candle_core::{DType, Device, Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use crate::backbone::{Backbone, Residual};
-use crate::error::{CandleContext, Error, Result};
+use crate::error::{CandleContext, Computing, Error, Result};
 use crate::store::{ActivationStore, Examples, Tokens};
 use crate::util::checkpoint;
 
@@ -227,8 +227,19 @@ impl Head {
 
     /// Class probabilities for inputs `[n, d]` → `[n, C]`.
     pub fn probs(&self, x_nd: &Tensor) -> Result<Tensor> {
-        let logits = x_nd.matmul(&self.w)?.broadcast_add(&self.b)?;
-        Ok(candle_nn::ops::softmax_last_dim(&logits)?)
+        (|| {
+            let logits = x_nd.matmul(&self.w)?.broadcast_add(&self.b)?;
+            Ok(candle_nn::ops::softmax_last_dim(&logits)?)
+        })()
+        .computing(|| {
+            format!(
+                "{:?} head on inputs {:?} {:?} (weights {:?})",
+                self.meta.kind,
+                x_nd.dims(),
+                x_nd.dtype(),
+                self.w.dims()
+            )
+        })
     }
 
     /// The head applied to a backbone output: probabilities `[B, C]` or `[B·P, C]`.
@@ -260,12 +271,18 @@ impl Head {
                 "record a labelled dataset",
             )
         })?;
-        let x = final_inputs(vit, store, layer, cfg.kind)?;
+        let x = final_inputs(vit, store, layer, cfg.kind).computing(|| {
+            format!(
+                "the final inputs of {} at layer {layer}",
+                store.dir().display()
+            )
+        })?;
         let y: Vec<Option<u32>> = (0..store.n_examples())
             .map(|e| prov.labels.get(e).copied().flatten())
             .collect();
         let split = Split::new(store.n_examples(), cfg)?;
         fit(x, y, &split, 1, prov.classes.clone(), vit.name(), cfg)
+            .computing(|| format!("fitting a {:?} probe", cfg.kind))
     }
 
     /// Train a patch segmenter on a store with per-patch labels (ADE20K layout); returns the
@@ -301,6 +318,7 @@ impl Head {
         let x = final_inputs(vit, store, layer, HeadKind::Segmenter)?;
         let split = Split::new(store.n_examples(), &cfg)?;
         fit(x, y, &split, p, classes, vit.name(), &cfg)
+            .computing(|| "fitting a patch segmenter".to_string())
     }
 
     /// Save as `<dir>/head.{safetensors,json}`.
@@ -413,7 +431,7 @@ fn final_inputs(
     for (ids, x) in store.ordered_examples(layer, Tokens::All, 16, Examples::All)? {
         let n = x.len() / (t * d);
         let tokens = Tensor::from_vec(x, (n, t, d), vit.device())?;
-        let regs = recorded_registers(store, &ids, layer, vit.device())?;
+        let regs = recorded_registers(store, layer, &ids, vit.device())?;
         let res = Residual::from_recorded(vit, layer, &tokens, regs.as_ref())?;
         let o = vit.forward_from(&res)?;
         out.extend(
@@ -427,15 +445,15 @@ fn final_inputs(
     Ok(out)
 }
 
-/// The register tokens `[n, R, D]` the store recorded for examples `ids` at `layer`, if any.
+/// The register tokens `[n, R, D]` the store recorded at `layer` for examples `ids`, if any.
 pub(crate) fn recorded_registers(
     store: &ActivationStore,
-    ids: &[usize],
     layer: i64,
+    ids: &[usize],
     device: &candle_core::Device,
 ) -> Result<Option<Tensor>> {
     let r = store.n_registers();
-    Ok(match store.registers_of(ids, layer)? {
+    Ok(match store.registers_of(layer, ids)? {
         Some(v) => Some(Tensor::from_vec(
             v,
             (ids.len(), r, store.d_model()),

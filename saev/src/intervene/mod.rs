@@ -33,7 +33,7 @@ use image::DynamicImage;
 use serde::{Deserialize, Serialize};
 
 use crate::backbone::{Backbone, Residual};
-use crate::error::{Error, Result};
+use crate::error::{Computing, Error, Result};
 use crate::explore::features::Features;
 use crate::sae::model::Sae;
 
@@ -278,8 +278,20 @@ impl Intervention {
         self.check(patches, edits)?;
         let pixels = self.vit.pixels(images)?;
         let tokens = self.vit.forward_to(&pixels, self.layer)?.tokens()?;
-        let edited = self.edit_tokens(&tokens, patches, &Perturb::Edits(edits))?;
+        let edited = self
+            .edit_tokens(&tokens, patches, &Perturb::Edits(edits))
+            .computing(|| self.edit_context(&tokens))?;
         Ok((tokens, edited))
+    }
+
+    /// What a failed edit was computing.
+    fn edit_context(&self, tokens: &Tensor) -> String {
+        format!(
+            "editing block {} tokens {:?} through the SAE (d_sae {})",
+            self.layer,
+            tokens.dims(),
+            self.sae.d_sae()
+        )
     }
 
     fn heads_from_tokens(&self, tokens: &Tensor, registers: Option<&Tensor>) -> Result<Vec<f32>> {
@@ -316,19 +328,22 @@ impl Intervention {
         let pixels = self.vit.pixels(images)?;
         let res = self.vit.forward_to(&pixels, self.layer)?;
         let tokens = res.tokens()?;
-        let edited = self.edit_tokens(&tokens, patches, &Perturb::Edits(edits))?;
+        let edited = self
+            .edit_tokens(&tokens, patches, &Perturb::Edits(edits))
+            .computing(|| self.edit_context(&tokens))?;
         let before = self.vit.forward_from(&res)?;
         let after = self.vit.forward_from(&res.with_tokens(&edited)?)?;
-        let pb: Vec<f32> = self
-            .head
-            .predict(&self.vit, &before)?
-            .flatten_all()?
-            .to_vec1()?;
-        let pa: Vec<f32> = self
-            .head
-            .predict(&self.vit, &after)?
-            .flatten_all()?
-            .to_vec1()?;
+        let predict = |out| -> Result<Vec<f32>> {
+            (|| {
+                Ok(self
+                    .head
+                    .predict(&self.vit, out)?
+                    .flatten_all()?
+                    .to_vec1()?)
+            })()
+            .computing(|| format!("the head's predictions ({})", self.vit.name()))
+        };
+        let (pb, pa) = (predict(&before)?, predict(&after)?);
         let per = pb.len() / images.len().max(1);
         let p = self.vit.n_patches();
         Ok(images

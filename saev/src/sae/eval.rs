@@ -20,7 +20,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::model::Sae;
-use crate::error::{Error, Result};
+use crate::error::{CandleContext, Computing, Error, Result};
 use crate::store::{ActivationStore, Examples, Tokens};
 
 /// Frequency below which a latent that fired at least once is "almost dead".
@@ -125,8 +125,15 @@ impl Sae {
             let xn = self.normalize(&xt)?;
             let f = self.encode(&xt)?;
             let xh = self.decode(&f)?;
-            let err: Vec<f32> = (&xh - &xn)?.flatten_all()?.to_vec1()?;
-            let xv: Vec<f32> = xn.flatten_all()?.to_vec1()?;
+            let to_host = || -> Result<(Vec<f32>, Vec<f32>)> {
+                Ok((
+                    (&xh - &xn)?.flatten_all()?.to_vec1()?,
+                    xn.flatten_all()?.to_vec1()?,
+                ))
+            };
+            let (err, xv) = to_host().computing(|| {
+                format!("SAE evaluation errors of examples {}.. [{n}, {d}]", ids[0])
+            })?;
             for (er, xr) in err.chunks_exact(d).zip(xv.chunks_exact(d)) {
                 for t in 0..d {
                     let (e, x) = (f64::from(er[t]), f64::from(xr[t]));
@@ -137,7 +144,8 @@ impl Sae {
                     sum_x2[t] += x * x;
                 }
             }
-            let fv: Vec<f32> = f.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            let fv: Vec<f32> = (|| f.to_dtype(DType::F32)?.flatten_all()?.to_vec1())()
+                .context("copying SAE codes to the host")?;
             for row in fv.chunks_exact(s) {
                 for (i, &v) in row.iter().enumerate() {
                     // != 0: imported Python TopK codes can be negative and still fire.

@@ -21,7 +21,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::{Computing, Error, Result};
 use crate::util::checkpoint::{self, Tensors};
 use crate::util::torch_load::read_torch_checkpoint;
 
@@ -252,9 +252,21 @@ impl Sae {
     /// Normalise raw inputs (`[n, d]`) the way the SAE expects.
     pub fn normalize(&self, x_nd: &Tensor) -> Result<Tensor> {
         match &self.norm_mean {
-            Some((m, s)) => Ok((x_nd.broadcast_sub(m)? / *s)?),
+            Some((m, s)) => (|| Ok((x_nd.broadcast_sub(m)? / *s)?))()
+                .computing(|| self.op_context("normalize", "x", x_nd)),
             None => Ok(x_nd.clone()),
         }
+    }
+
+    /// "SAE <op> of <name> [dims] <dtype> (d_model …, d_sae …)": what a failed tensor op was.
+    fn op_context(&self, op: &str, name: &str, t: &Tensor) -> String {
+        format!(
+            "SAE {op} of {name} {:?} {:?} (d_model {}, d_sae {})",
+            t.dims(),
+            t.dtype(),
+            self.d_model(),
+            self.d_sae()
+        )
     }
 
     /// Latent codes of raw inputs.
@@ -262,6 +274,11 @@ impl Sae {
     /// # Shapes
     /// `x_nd`: `[n, d_model]` → `[n, d_sae]`.
     pub fn encode(&self, x_nd: &Tensor) -> Result<Tensor> {
+        self.encode_unnamed(x_nd)
+            .computing(|| self.op_context("encode", "x", x_nd))
+    }
+
+    fn encode_unnamed(&self, x_nd: &Tensor) -> Result<Tensor> {
         let h = self
             .normalize(x_nd)?
             .matmul(&self.w_enc)?
@@ -289,7 +306,8 @@ impl Sae {
 
     /// Reconstruction in the normalised space (`[n, d_sae]` → `[n, d_model]`).
     pub fn decode(&self, f_ns: &Tensor) -> Result<Tensor> {
-        Ok(f_ns.matmul(&self.w_dec)?.broadcast_add(&self.b_dec)?)
+        (|| Ok(f_ns.matmul(&self.w_dec)?.broadcast_add(&self.b_dec)?))()
+            .computing(|| self.op_context("decode", "f", f_ns))
     }
 
     /// Save as `<dir>/sae.safetensors` + `<dir>/sae.json`.
@@ -354,5 +372,40 @@ impl fmt::Debug for Sae {
             self.cfg.activation,
             self.cfg.norm.is_some()
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny(d: usize, s: usize) -> Sae {
+        let cfg = SaeConfig {
+            schema: SAE_SCHEMA,
+            d_model: d,
+            d_sae: s,
+            activation: SaeActivation::Relu,
+            norm: None,
+            provenance: serde_json::Value::Null,
+        };
+        let z = |shape: &[usize]| Tensor::zeros(shape, DType::F32, &Device::Cpu).unwrap();
+        Sae::new(cfg, z(&[d, s]), z(&[s]), z(&[s, d]), z(&[d])).unwrap()
+    }
+
+    #[test]
+    fn a_failed_tensor_op_names_the_sae_call_and_its_input() {
+        let sae = tiny(4, 8);
+        let bad_dtype = Tensor::zeros((2, 4), DType::F64, &Device::Cpu).unwrap();
+        let msg = sae.encode(&bad_dtype).unwrap_err().to_string();
+        assert!(
+            msg.starts_with("SAE encode of x [2, 4] F64 (d_model 4, d_sae 8): "),
+            "{msg}"
+        );
+        let bad_width = Tensor::zeros((3, 5), DType::F32, &Device::Cpu).unwrap();
+        let msg = sae.decode(&bad_width).unwrap_err().to_string();
+        assert!(
+            msg.starts_with("SAE decode of f [3, 5] F32 (d_model 4, d_sae 8): "),
+            "{msg}"
+        );
     }
 }

@@ -14,7 +14,7 @@
 //! ```no_run
 //! use saev::ActivationStore;
 //! let store = ActivationStore::open("acts/1a2b3c4d")?;
-//! let v = store.patch(0, -2, 1)?;      // example 0, layer -2, token 1 (first patch): &[f32; d]
+//! let v = store.patch(-2, 0, 1)?;      // layer -2, example 0, token 1 (first patch): &[f32; d]
 //! let img = store.example(0)?;         // [n_layers · T · d] floats of example 0
 //! # Ok::<(), saev::Error>(())
 //! ```
@@ -308,8 +308,9 @@ impl ActivationStore {
         Ok(bytemuck_f32(bytes))
     }
 
-    /// The vector of (example, layer, token): `d_model` floats.
-    pub fn patch(&self, example: usize, layer: i64, token: usize) -> Result<&[f32]> {
+    /// The vector of (layer, example, token): `d_model` floats. Like every call that reads a
+    /// layer, `layer` comes first.
+    pub fn patch(&self, layer: i64, example: usize, token: usize) -> Result<&[f32]> {
         let l = self.layer_position(layer)?;
         let t_n = self.tokens_per_example();
         if token >= t_n {
@@ -360,9 +361,9 @@ impl ActivationStore {
         self.inner.registers.as_ref().map_or(0, |r| r.1)
     }
 
-    /// The register tokens of example `e` at `layer` (`[n_registers, d_model]` floats), or None
+    /// The register tokens at `layer` of example `e` (`[n_registers, d_model]` floats), or None
     /// when the store has none (a model without registers, or a store not recorded by saev).
-    pub fn registers(&self, e: usize, layer: i64) -> Result<Option<&[f32]>> {
+    pub fn registers(&self, layer: i64, e: usize) -> Result<Option<&[f32]>> {
         let Some((m, r)) = &self.inner.registers else {
             return Ok(None);
         };
@@ -379,15 +380,15 @@ impl ActivationStore {
         Ok(Some(bytemuck_f32(&m[start..start + per * 4])))
     }
 
-    /// The register tokens of examples `ids` at `layer`, concatenated (`[ids.len(),
+    /// The register tokens at `layer` of examples `ids`, concatenated (`[ids.len(),
     /// n_registers, d_model]` floats), or None when the store has none.
-    pub fn registers_of(&self, ids: &[usize], layer: i64) -> Result<Option<Vec<f32>>> {
+    pub fn registers_of(&self, layer: i64, ids: &[usize]) -> Result<Option<Vec<f32>>> {
         if self.inner.registers.is_none() {
             return Ok(None);
         }
         let mut out = Vec::with_capacity(ids.len() * self.n_registers() * self.d_model());
         for &e in ids {
-            out.extend_from_slice(self.registers(e, layer)?.unwrap_or(&[]));
+            out.extend_from_slice(self.registers(layer, e)?.unwrap_or(&[]));
         }
         Ok(Some(out))
     }
