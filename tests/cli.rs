@@ -3,6 +3,7 @@
 mod common;
 
 use common::copy_dir;
+use common::TestResult;
 use std::path::Path;
 use std::process::Command;
 
@@ -11,7 +12,7 @@ fn fixtures() -> std::path::PathBuf {
 }
 
 #[test]
-fn record_prints_shapes_and_norms() {
+fn record_prints_shapes_and_norms() -> TestResult {
     let out = Command::new(env!("CARGO_BIN_EXE_saev"))
         .arg("record")
         .arg("--model")
@@ -19,8 +20,7 @@ fn record_prints_shapes_and_norms() {
         .args(["--size", "16", "--layers", "-1,0"])
         .arg(fixtures().join("astronaut.png"))
         .arg(fixtures().join("chelsea.png"))
-        .output()
-        .unwrap();
+        .output()?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
@@ -31,24 +31,25 @@ fn record_prints_shapes_and_norms() {
         "{stdout}"
     );
     assert!(stderr.contains("registers=3 (dropped)"), "{stderr}");
+    Ok(())
 }
 
 #[test]
-fn bad_layer_is_a_clear_error_and_exit_code() {
+fn bad_layer_is_a_clear_error_and_exit_code() -> TestResult {
     let out = Command::new(env!("CARGO_BIN_EXE_saev"))
         .arg("record")
         .arg("--model")
         .arg(fixtures().join("tiny-dinov2"))
         .args(["--size", "16", "--layers", "9"])
         .arg(fixtures().join("astronaut.png"))
-        .output()
-        .unwrap();
+        .output()?;
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("error: layer 9 is out of range"),
         "{stderr}"
     );
+    Ok(())
 }
 
 /// `saev sae import` writes a saev SAE directory with the right activation and provenance,
@@ -56,18 +57,16 @@ fn bad_layer_is_a_clear_error_and_exit_code() {
 /// directly (imported once into the cache; a paper-era one normalised with the store's
 /// statistics).
 #[test]
-fn python_checkpoints_import_and_work_where_an_sae_is_taken() {
+fn python_checkpoints_import_and_work_where_an_sae_is_taken() -> TestResult {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
     let tmp = std::env::temp_dir().join(format!("saev-cli-import-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     // A copy of the Python-written 2.1 store (d_model 8): normalisation statistics are cached
     // beside it.
     let store = tmp.join("store");
-    let src = std::fs::read_dir(root.join("store/py21"))
-        .unwrap()
+    let src = std::fs::read_dir(root.join("store/py21"))?
         .next()
-        .unwrap()
-        .unwrap()
+        .unwrap()?
         .path();
     copy_dir(&src, &store);
     let saev = |args: &[&std::ffi::OsStr]| {
@@ -92,7 +91,7 @@ fn python_checkpoints_import_and_work_where_an_sae_is_taken() {
         String::from_utf8_lossy(&run.stderr)
     );
     let js: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("sae.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(out.join("sae.json"))?)?;
     assert_eq!(js["activation"]["kind"], "top_k");
     assert_eq!(js["activation"]["k"], 3);
     assert_eq!(js["activation"]["relu"], false);
@@ -140,7 +139,7 @@ fn python_checkpoints_import_and_work_where_an_sae_is_taken() {
         String::from_utf8_lossy(&run.stderr)
     );
     let js: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out2.join("sae.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(out2.join("sae.json"))?)?;
     assert_eq!(js["activation"]["kind"], "batch_top_k");
     assert!(js["activation"]["threshold"].as_f64().unwrap() > 0.5);
     assert_eq!(js["norm"]["mean"].as_array().unwrap().len(), 8);
@@ -163,26 +162,25 @@ fn python_checkpoints_import_and_work_where_an_sae_is_taken() {
     let dir = String::from_utf8_lossy(&run.stdout).trim().to_string();
     assert!(Path::new(&dir).join("features.json").exists(), "{dir}");
     let js: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(Path::new(&dir).join("sae.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(Path::new(&dir).join("sae.json"))?)?;
     assert!(js["norm"].is_object());
     let _ = std::fs::remove_dir_all(&tmp);
+    Ok(())
 }
 
 /// In a log (stderr not a terminal) long jobs print plain progress lines — done/total, rate,
 /// ETA — instead of nothing.
 #[test]
-fn progress_is_plain_lines_in_a_log() {
+fn progress_is_plain_lines_in_a_log() -> TestResult {
     let dir = std::env::temp_dir().join(format!("saev-cli-progress-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let imgs = dir.join("imgs");
-    std::fs::create_dir_all(&imgs).unwrap();
+    std::fs::create_dir_all(&imgs)?;
     for i in 0..4 {
         std::fs::copy(
             fixtures().join("chelsea.png"),
             imgs.join(format!("{i}.png")),
-        )
-        .unwrap();
+        )?;
     }
     let out = Command::new(env!("CARGO_BIN_EXE_saev"))
         .env("SAEV_PROGRESS_INTERVAL_S", "0")
@@ -200,12 +198,12 @@ fn progress_is_plain_lines_in_a_log() {
         .arg(&imgs)
         .arg("--out")
         .arg(dir.join("acts"))
-        .output()
-        .unwrap();
+        .output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let lines: Vec<&str> = stderr.lines().filter(|l| l.contains("/4 images")).collect();
     assert!(!lines.is_empty(), "no progress lines: {stderr}");
     assert!(lines.iter().all(|l| !l.contains('█')), "{lines:?}");
     let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
 }

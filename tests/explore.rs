@@ -16,6 +16,8 @@ use saev::{
     sae::SAE_SCHEMA, store::Metadata, store::Provenance, store::StoreWriter, ActivationStore,
     Explorer, Features, Sae,
 };
+mod common;
+use common::TestResult;
 
 const N: usize = 6;
 const P: usize = 4;
@@ -105,10 +107,10 @@ fn tmp(name: &str) -> PathBuf {
 }
 
 #[test]
-fn feature_pass_matches_the_closed_form() {
+fn feature_pass_matches_the_closed_form() -> TestResult {
     let root = tmp("pass");
     let (store, sae) = setup(&root);
-    let f = Features::compute(&sae, &store, -2, &FeatureConfig::default().with_top_k(3)).unwrap();
+    let f = Features::compute(&sae, &store, -2, &FeatureConfig::default().with_top_k(3))?;
     let close = |a: f64, b: f64| (a - b).abs() < 1e-6;
     assert!(close(f.freq()[0], 20.0 / 24.0) && close(f.mean_value()[0], 0.75));
     assert!(close(f.freq()[1], 0.25) && close(f.mean_value()[1], 3.5));
@@ -130,11 +132,11 @@ fn feature_pass_matches_the_closed_form() {
     assert_eq!(h[bin(6.0)], if bin(5.0) == bin(6.0) { 2 } else { 1 });
     // Heatmap values recomputed from the store: latent 1 on example 4 lights patch 0 with 5.
     assert_eq!(
-        f.heatmap_values(&sae, &store, 1, 4).unwrap(),
+        f.heatmap_values(&sae, &store, 1, 4)?,
         vec![5.0, 0.0, 0.0, 0.0]
     );
     assert_eq!(
-        f.heatmap_values(&sae, &store, 0, 2).unwrap(),
+        f.heatmap_values(&sae, &store, 0, 2)?,
         vec![0.2, 0.4, 0.6, 0.8]
     );
     // Purity: latent 0's top (5, 4, 3) have labels odd, even, odd.
@@ -142,14 +144,14 @@ fn feature_pass_matches_the_closed_form() {
     assert_eq!(lab, 1);
     assert!((q - 2.0 / 3.0).abs() < 1e-9);
     // The feature table.
-    let t = f.table(&store).unwrap();
+    let t = f.table(&store)?;
     assert_eq!(t.height(), 4);
-    let labels = t.column("label").unwrap().str().unwrap().clone();
+    let labels = t.column("label")?.str()?.clone();
     assert_eq!(labels.get(0), Some("odd & co"));
     // Saved and reopened identically.
     let dir = root.join("sae");
-    f.save(&dir).unwrap();
-    let g = Features::load(&dir).unwrap();
+    f.save(&dir)?;
+    let g = Features::load(&dir)?;
     assert_eq!(
         (g.freq(), g.mean_value(), g.max_value()),
         (f.freq(), f.mean_value(), f.max_value())
@@ -157,27 +159,26 @@ fn feature_pass_matches_the_closed_form() {
     assert_eq!(g.top(1), f.top(1));
     // Wrong width and bad versions are clear errors.
     let js = dir.join("features.json");
-    let text = std::fs::read_to_string(&js)
-        .unwrap()
-        .replace("\"version\": 1", "\"version\": 99");
-    std::fs::write(&js, text).unwrap();
+    let text = std::fs::read_to_string(&js)?.replace("\"version\": 1", "\"version\": 99");
+    std::fs::write(&js, text)?;
     let err = Features::load(&dir).err().unwrap();
     assert!(err.to_string().contains("version 99"), "{err}");
+    Ok(())
 }
 
 #[test]
-fn heatmaps_grids_and_the_browser_render() {
+fn heatmaps_grids_and_the_browser_render() -> TestResult {
     let root = tmp("pics");
     let (store, sae) = setup(&root);
-    let f = Features::compute(&sae, &store, -2, &FeatureConfig::default().with_top_k(3)).unwrap();
-    let ex = Explorer::new(sae, &store, f).unwrap();
+    let f = Features::compute(&sae, &store, -2, &FeatureConfig::default().with_top_k(3))?;
+    let ex = Explorer::new(sae, &store, f)?;
     assert_eq!(ex.patch_grid(), (2, 2));
     // The recorded image (40×40 file) vs the model-input view (28×28).
-    let orig = ex.image(4).unwrap().to_rgb8();
+    let orig = ex.image(4)?.to_rgb8();
     assert_eq!((orig.width(), orig.height()), (40, 40));
     assert_eq!(orig.get_pixel(0, 0).0, colour(4));
     // Latent 1 on example 4: patch 0 (top-left 14×14 of the 28×28 view) at 5 of upper 6.
-    let hm = ex.heatmap(1, 4).unwrap();
+    let hm = ex.heatmap(1, 4)?;
     let img = hm.overlay();
     assert_eq!((img.width(), img.height()), (28, 28));
     let (t, base) = (5.0f32 / 6.0, colour(4));
@@ -193,9 +194,9 @@ fn heatmaps_grids_and_the_browser_render() {
         "unlit patch keeps the image colour"
     );
     // The exemplar grid renders to a PNG with all three tiles.
-    let grid = ex.grid(0, 3).unwrap();
+    let grid = ex.grid(0, 3)?;
     assert_eq!(grid.tiles().len(), 3);
-    let png = grid.to_png().unwrap();
+    let png = grid.to_png()?;
     assert_eq!(&png[1..4], b"PNG");
     // Errors name what is wrong.
     assert!(ex
@@ -206,7 +207,7 @@ fn heatmaps_grids_and_the_browser_render() {
         .contains("latent 7"));
     // The static site, opened by headless Chromium.
     let site = root.join("site");
-    let index = saev::explore::write_browser(&ex, &site, &BrowseConfig::default()).unwrap();
+    let index = saev::explore::write_browser(&ex, &site, &BrowseConfig::default())?;
     for l in [0, 1, 3] {
         assert!(site.join(format!("latents/{l}.png")).exists());
     }
@@ -214,7 +215,7 @@ fn heatmaps_grids_and_the_browser_render() {
         !site.join("latents/2.html").exists(),
         "dead latents get no page"
     );
-    let html = std::fs::read_to_string(&index).unwrap();
+    let html = std::fs::read_to_string(&index)?;
     // Label text sits in the page only as JSON with `<`/`>` escaped (cannot end the script).
     assert!(
         !html.contains("<i>") && html.contains("even \\u003ci\\u003e"),
@@ -235,8 +236,7 @@ fn heatmaps_grids_and_the_browser_render() {
                 "--dump-dom",
             ])
             .arg(format!("file://{}", page.display()))
-            .output()
-            .unwrap();
+            .output()?;
         let dom = String::from_utf8_lossy(&out.stdout);
         let log = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "chromium failed: {log}");
@@ -257,4 +257,5 @@ fn heatmaps_grids_and_the_browser_render() {
             assert!(dom.contains("<img id=\"grid\" src=\"1.png\""), "{dom}");
         }
     }
+    Ok(())
 }

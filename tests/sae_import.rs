@@ -7,6 +7,7 @@ use common::TensorExt;
 
 use std::path::{Path, PathBuf};
 
+use common::TestResult;
 use saev::candle_core::Device;
 
 fn fixtures() -> PathBuf {
@@ -29,29 +30,31 @@ fn check(file: &str) -> saev::io::TorchCheckpoint {
 }
 
 #[test]
-fn paper_era_checkpoint() {
+fn paper_era_checkpoint() -> TestResult {
     let c = check("paper.pt");
     assert_eq!(c.header["d_vit"], 8);
     assert_eq!(c.header["exp_factor"], 4);
+    Ok(())
 }
 
 #[test]
-fn schema5_checkpoint_with_views_and_offsets() {
+fn schema5_checkpoint_with_views_and_offsets() -> TestResult {
     let c = check("schema5.pt");
     assert_eq!(c.header["schema"], 5);
     // The header as the Python saev writes it (this test used to pin an invented
     // `{"activation": {"key": "relu"}}` that the Python loader rejects).
     assert_eq!(c.header["cfg"]["activation"]["params"]["key"], "relu");
+    Ok(())
 }
 
 #[test]
-fn code_in_the_pickle_is_refused_not_run() {
+fn code_in_the_pickle_is_refused_not_run() -> TestResult {
     // Replace the tensor-rebuild global with os.system (same length keeps the zip valid).
-    let mut bytes = std::fs::read(fixtures().join("paper.pt")).unwrap();
+    let mut bytes = std::fs::read(fixtures().join("paper.pt"))?;
     let needle = b"torch._utils\n_rebuild_tensor_v2\n";
     let evil = "os\nsystem";
     let dir = std::env::temp_dir().join(format!("saev-evil-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(&dir)?;
     // data.pkl is stored uncompressed by torch, so the bytes are findable in the file.
     let at = bytes
         .windows(needle.len())
@@ -61,7 +64,7 @@ fn code_in_the_pickle_is_refused_not_run() {
     let replacement = format!("{evil}{}\n", " ".repeat(needle.len() - evil.len() - 1));
     bytes.splice(at..at + needle.len(), replacement.bytes());
     let path = dir.join("evil.pt");
-    std::fs::write(&path, &bytes).unwrap();
+    std::fs::write(&path, &bytes)?;
     let err = saev::io::read_torch_checkpoint(&path)
         .unwrap_err()
         .to_string();
@@ -72,41 +75,44 @@ fn code_in_the_pickle_is_refused_not_run() {
             || err.contains("checksum"),
         "{err}"
     );
+    Ok(())
 }
 
 #[test]
-fn truncated_or_foreign_files_are_named() {
+fn truncated_or_foreign_files_are_named() -> TestResult {
     let dir = std::env::temp_dir().join(format!("saev-badckpt-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let bytes = std::fs::read(fixtures().join("paper.pt")).unwrap();
+    std::fs::create_dir_all(&dir)?;
+    let bytes = std::fs::read(fixtures().join("paper.pt"))?;
     let p = dir.join("cut.pt");
-    std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
+    std::fs::write(&p, &bytes[..bytes.len() / 2])?;
     let e = saev::io::read_torch_checkpoint(&p).unwrap_err().to_string();
     assert!(e.contains("cut.pt"), "{e}");
     let p = dir.join("text.pt");
-    std::fs::write(&p, b"{\"a\": 1}\nnot a zip").unwrap();
+    std::fs::write(&p, b"{\"a\": 1}\nnot a zip")?;
     let e = saev::io::read_torch_checkpoint(&p).unwrap_err().to_string();
     assert!(e.contains("text.pt") && e.contains("zip"), "{e}");
+    Ok(())
 }
 
 /// Closed form of the paper-era encoder, computed here with plain loops from the torch tensors:
 /// f = relu((x − b_dec) W_enc + b_enc), x̂ = f W_dec + b_dec.
 #[test]
-fn imported_paper_sae_encodes_like_the_reference_formula() {
-    let want =
-        saev::candle_core::safetensors::load(fixtures().join("expected.safetensors"), &Device::Cpu)
-            .unwrap();
+fn imported_paper_sae_encodes_like_the_reference_formula() -> TestResult {
+    let want = saev::candle_core::safetensors::load(
+        fixtures().join("expected.safetensors"),
+        &Device::Cpu,
+    )?;
     let v = |n: &str| -> Vec<f32> { want[n].flat() };
     let (w_enc, b_enc, w_dec, b_dec) = (v("W_enc"), v("b_enc"), v("W_dec"), v("b_dec"));
     let (d, s) = (8usize, 32usize);
-    let sae = saev::Sae::from_torch(fixtures().join("paper.pt"), None).unwrap();
+    let sae = saev::Sae::from_torch(fixtures().join("paper.pt"), None)?;
     assert_eq!((sae.d_model(), sae.d_sae()), (d, s));
     let x: Vec<f32> = (0..3 * d)
         .map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.3)
         .collect();
-    let xt = saev::candle_core::Tensor::from_vec(x.clone(), (3, d), &Device::Cpu).unwrap();
-    let f: Vec<f32> = sae.encode(&xt).unwrap().flat();
-    let xh: Vec<f32> = sae.decode(&sae.encode(&xt).unwrap()).unwrap().flat();
+    let xt = saev::candle_core::Tensor::from_vec(x.clone(), (3, d), &Device::Cpu)?;
+    let f: Vec<f32> = sae.encode(&xt)?.flat();
+    let xh: Vec<f32> = sae.decode(&sae.encode(&xt)?)?.flat();
     for r in 0..3 {
         for j in 0..s {
             let mut h = b_enc[j];
@@ -125,43 +131,47 @@ fn imported_paper_sae_encodes_like_the_reference_formula() {
     }
     // Save / load round trip, and an unknown schema is refused.
     let dir = std::env::temp_dir().join(format!("saev-sae-rt-{}", std::process::id()));
-    sae.save(&dir).unwrap();
-    let back = saev::Sae::load(&dir).unwrap();
-    let f2: Vec<f32> = back.encode(&xt).unwrap().flat();
+    sae.save(&dir)?;
+    let back = saev::Sae::load(&dir)?;
+    let f2: Vec<f32> = back.encode(&xt)?.flat();
     assert_eq!(f, f2);
-    let js = std::fs::read_to_string(dir.join("sae.json"))
-        .unwrap()
-        .replacen("\"schema\": 1", "\"schema\": 99", 1);
-    std::fs::write(dir.join("sae.json"), js).unwrap();
+    let js = std::fs::read_to_string(dir.join("sae.json"))?.replacen(
+        "\"schema\": 1",
+        "\"schema\": 99",
+        1,
+    );
+    std::fs::write(dir.join("sae.json"), js)?;
     assert!(saev::Sae::load(&dir)
         .unwrap_err()
         .to_string()
         .contains("schema"));
+    Ok(())
 }
 
 #[test]
-fn topk_keeps_k_latents() {
-    let sae = saev::Sae::from_torch(fixtures().join("schema5.pt"), None).unwrap();
+fn topk_keeps_k_latents() -> TestResult {
+    let sae = saev::Sae::from_torch(fixtures().join("schema5.pt"), None)?;
     let cfg = saev::sae::SaeConfig {
         activation: saev::sae::SaeActivation::TopK { k: 3, relu: true },
         ..sae.config().clone()
     };
-    let want =
-        saev::candle_core::safetensors::load(fixtures().join("expected.safetensors"), &Device::Cpu)
-            .unwrap();
+    let want = saev::candle_core::safetensors::load(
+        fixtures().join("expected.safetensors"),
+        &Device::Cpu,
+    )?;
     let topk = saev::Sae::new(
         cfg,
         want["W_enc"].clone(),
         want["b_enc"].clone(),
         want["W_dec"].clone(),
         want["b_dec"].clone(),
-    )
-    .unwrap();
-    let x = saev::candle_core::Tensor::randn(0f32, 1.0, (5, 8), &Device::Cpu).unwrap();
-    let f: Vec<f32> = topk.encode(&x).unwrap().flat();
+    )?;
+    let x = saev::candle_core::Tensor::randn(0f32, 1.0, (5, 8), &Device::Cpu)?;
+    let f: Vec<f32> = topk.encode(&x)?.flat();
     for row in f.chunks(32) {
         assert!(row.iter().filter(|&&v| v > 0.0).count() <= 3);
     }
+    Ok(())
 }
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -182,14 +192,13 @@ fn run_sae(sae: &saev::Sae, x: &saev::candle_core::Tensor) -> (Vec<f32>, Vec<f32
 /// The Python saev's own checkpoints (written by its `dump` at HEAD, schema 5) and its own
 /// forward's outputs: the import reproduces `f_x` and `x_hat` within 1e-5.
 #[test]
-fn python_saev_head_checkpoints_reproduce_its_forward() {
+fn python_saev_head_checkpoints_reproduce_its_forward() -> TestResult {
     let dir = fixtures().join("../sae-head-schema5");
     let want =
-        saev::candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)
-            .unwrap();
+        saev::candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)?;
     let x = &want["x"];
     for name in ["relu", "topk", "batchtopk"] {
-        let sae = saev::Sae::from_torch(dir.join(format!("{name}.pt")), None).unwrap();
+        let sae = saev::Sae::from_torch(dir.join(format!("{name}.pt")), None)?;
         assert_eq!((sae.d_model(), sae.d_sae()), (16, 64), "{name}");
         let (f, xh) = run_sae(&sae, x);
         let df = max_diff(&f, &want[&format!("{name}.f_x")].flat());
@@ -204,12 +213,13 @@ fn python_saev_head_checkpoints_reproduce_its_forward() {
         // Provenance says where it came from; save/load keeps the activation.
         assert_eq!(sae.config().provenance["format"], "schema5");
         let out = std::env::temp_dir().join(format!("saev-imp-{name}-{}", std::process::id()));
-        sae.save(&out).unwrap();
-        let back = saev::Sae::load(&out).unwrap();
+        sae.save(&out)?;
+        let back = saev::Sae::load(&out)?;
         assert_eq!(back.config().activation, sae.config().activation);
         assert_eq!(run_sae(&back, x).0, f, "{name} after save/load");
         std::fs::remove_dir_all(&out).ok();
     }
+    Ok(())
 }
 
 /// Every header generation the Python saev has written (`scripts/make_sae_header_fixtures.py`,
@@ -218,14 +228,12 @@ fn python_saev_head_checkpoints_reproduce_its_forward() {
 /// forward where HEAD differs (paper-era `− b_dec`) or refuses the file — and refuses only what
 /// depends on the batch at inference.
 #[test]
-fn every_python_header_generation_imports_as_its_own_code_computed() {
+fn every_python_header_generation_imports_as_its_own_code_computed() -> TestResult {
     let dir = fixtures().join("../sae-headers");
     let head =
-        saev::candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)
-            .unwrap();
+        saev::candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)?;
     let era =
-        saev::candle_core::safetensors::load(dir.join("era-reference.safetensors"), &Device::Cpu)
-            .unwrap();
+        saev::candle_core::safetensors::load(dir.join("era-reference.safetensors"), &Device::Cpu)?;
     let x = &head["x"];
     // (file, reference: "head" | "era", generation)
     let cases = [
@@ -268,7 +276,7 @@ fn every_python_header_generation_imports_as_its_own_code_computed() {
         assert!(df <= 1e-5 && dx <= 1e-5, "{name}: f_x {df}, x_hat {dx}");
     }
     // The TopK of the Python saev keeps negative values (row 0 of x is zero: h = b_enc).
-    let topk = saev::Sae::from_torch(dir.join("schema5-topk.pt"), None).unwrap();
+    let topk = saev::Sae::from_torch(dir.join("schema5-topk.pt"), None)?;
     let (f, _) = run_sae(&topk, x);
     assert!(f[..32].iter().any(|&v| v < 0.0), "{:?}", &f[..32]);
     assert_eq!(f[..32].iter().filter(|&&v| v != 0.0).count(), 3);
@@ -280,16 +288,17 @@ fn every_python_header_generation_imports_as_its_own_code_computed() {
         e.contains("AbsBatchTopK") && e.contains("schema4-absbatchtopk.pt"),
         "{e}"
     );
+    Ok(())
 }
 
 /// Headers that are not what any Python saev wrote are clear errors naming the field.
 #[test]
-fn unknown_or_incomplete_headers_are_refused_by_field() {
-    let src = std::fs::read(fixtures().join("../sae-headers/schema5-topk.pt")).unwrap();
+fn unknown_or_incomplete_headers_are_refused_by_field() -> TestResult {
+    let src = std::fs::read(fixtures().join("../sae-headers/schema5-topk.pt"))?;
     let nl = src.iter().position(|&b| b == b'\n').unwrap();
-    let header: serde_json::Value = serde_json::from_slice(&src[..nl]).unwrap();
+    let header: serde_json::Value = serde_json::from_slice(&src[..nl])?;
     let dir = std::env::temp_dir().join(format!("saev-badhdr-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(&dir)?;
     let with = |h: serde_json::Value, file: &str| -> String {
         let p = dir.join(file);
         let mut bytes = serde_json::to_vec(&h).unwrap();
@@ -321,19 +330,19 @@ fn unknown_or_incomplete_headers_are_refused_by_field() {
     let e = with(h, "wide.pt");
     assert!(e.contains("W_enc") && e.contains("64"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
+    Ok(())
 }
 
 /// The checkpoint notebook 04 uses (Python saev HEAD `dump`, d_model 32 for the tiny register
 /// model): the import reproduces the Python forward after `load`.
 #[test]
-fn notebook_checkpoint_reproduces_its_python_forward() {
+fn notebook_checkpoint_reproduces_its_python_forward() -> TestResult {
     let dir = fixtures().join("../notebook");
     let want = saev::candle_core::safetensors::load(
         dir.join("topk-d32.reference.safetensors"),
         &Device::Cpu,
-    )
-    .unwrap();
-    let sae = saev::Sae::from_torch(dir.join("topk-d32.pt"), None).unwrap();
+    )?;
+    let sae = saev::Sae::from_torch(dir.join("topk-d32.pt"), None)?;
     assert_eq!((sae.d_model(), sae.d_sae()), (32, 128));
     let (f, xh) = run_sae(&sae, &want["x"]);
     let (df, dx) = (
@@ -341,4 +350,5 @@ fn notebook_checkpoint_reproduces_its_python_forward() {
         max_diff(&xh, &want["x_hat"].flat()),
     );
     assert!(df <= 1e-5 && dx <= 1e-5, "f_x {df}, x_hat {dx}");
+    Ok(())
 }

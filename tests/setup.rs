@@ -8,6 +8,8 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+mod common;
+use common::TestResult;
 
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("saev-setup-{name}-{}", std::process::id()));
@@ -76,7 +78,7 @@ fn import(cache: &Path, python: &Path) -> Output {
 }
 
 #[test]
-fn import_without_python_says_how_to_get_the_weights() {
+fn import_without_python_says_how_to_get_the_weights() -> TestResult {
     let dir = scratch("no-python");
     let out = import(&dir.join("cache"), &dir.join("no-such-python3"));
     assert_guidance(
@@ -89,10 +91,11 @@ fn import_without_python_says_how_to_get_the_weights() {
             "--from",
         ],
     );
+    Ok(())
 }
 
 #[test]
-fn import_with_a_python_without_pip_says_so() {
+fn import_with_a_python_without_pip_says_so() -> TestResult {
     let dir = scratch("no-pip");
     let python = python_without_site_packages(&dir);
     let probe = Command::new(&python)
@@ -111,10 +114,11 @@ fn import_with_a_python_without_pip_says_so() {
         &out,
         &["has no pip", "fix: install pip", "python3-pip", "--from"],
     );
+    Ok(())
 }
 
 #[test]
-fn import_into_an_unwritable_cache_names_the_directory_and_the_variable() {
+fn import_into_an_unwritable_cache_names_the_directory_and_the_variable() -> TestResult {
     let dir = scratch("cache");
     let cache = unwritable(&dir);
     // No Python needed: the cache is checked before anything is downloaded.
@@ -131,18 +135,18 @@ fn import_into_an_unwritable_cache_names_the_directory_and_the_variable() {
         let out = import(&ro, &dir.join("no-such-python3"));
         assert_guidance(&out, &["Permission denied", "fix: set SAEV_CACHE"]);
     }
+    Ok(())
 }
 
 #[test]
-fn quickstart_in_an_unwritable_directory_asks_for_another() {
+fn quickstart_in_an_unwritable_directory_asks_for_another() -> TestResult {
     let dir = scratch("quickstart");
     let out = Command::new(env!("CARGO_BIN_EXE_saev"))
         .arg("quickstart")
         .arg("--out")
         .arg(unwritable(&dir))
         .env("SAEV_CACHE", dir.join("cache"))
-        .output()
-        .unwrap();
+        .output()?;
     assert_guidance(
         &out,
         &[
@@ -150,6 +154,7 @@ fn quickstart_in_an_unwritable_directory_asks_for_another() {
             "fix: run it from a writable directory or pass one with `--out DIR`",
         ],
     );
+    Ok(())
 }
 
 /// Run `kernel/saev-kernel ARGS` in an empty home: no evcxr, no kernelspec, no build cache.
@@ -186,7 +191,7 @@ fn bare_path(dir: &Path) -> String {
 }
 
 #[test]
-fn kernel_check_lists_what_is_missing_with_the_command_to_fix_it() {
+fn kernel_check_lists_what_is_missing_with_the_command_to_fix_it() -> TestResult {
     let dir = scratch("kernel-check");
     let out = kernel(&dir, "/usr/bin:/bin", &["check"], &[]);
     let all = text(&out);
@@ -225,20 +230,21 @@ fn kernel_check_lists_what_is_missing_with_the_command_to_fix_it() {
     assert_eq!(out.status.code(), Some(1), "{all}");
     assert!(all.contains("MISS python3"), "{all}");
     assert!(all.contains("apt install python3 python3-pip"), "{all}");
+    Ok(())
 }
 
 #[test]
-fn kernel_install_without_cargo_or_write_access_says_what_to_do() {
+fn kernel_install_without_cargo_or_write_access_says_what_to_do() -> TestResult {
     let dir = scratch("kernel-install");
     let out = kernel(&dir, &bare_path(&dir), &["install"], &[]);
     assert_guidance(&out, &["needs cargo", "https://rustup.rs"]);
 
     // evcxr_jupyter present (a stand-in: install only checks it exists), config dir unwritable.
     let cargo_bin = dir.join("cargo/bin");
-    std::fs::create_dir_all(&cargo_bin).unwrap();
+    std::fs::create_dir_all(&cargo_bin)?;
     let stub = cargo_bin.join("evcxr_jupyter");
-    std::fs::write(&stub, "#!/bin/sh\nexit 0\n").unwrap();
-    std::fs::set_permissions(&stub, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(&stub, "#!/bin/sh\nexit 0\n")?;
+    std::fs::set_permissions(&stub, std::fs::Permissions::from_mode(0o755))?;
     let bad = unwritable(&dir);
     let out = kernel(
         &dir,
@@ -266,18 +272,18 @@ fn kernel_install_without_cargo_or_write_access_says_what_to_do() {
         &out,
         &["cannot write the kernelspec", "fix: set JUPYTER_DATA_DIR"],
     );
+    Ok(())
 }
 
 #[test]
-fn notebooks_without_nbconvert_name_the_pip_command() {
+fn notebooks_without_nbconvert_name_the_pip_command() -> TestResult {
     let dir = scratch("nbconvert");
     let python = python_without_site_packages(&dir);
     let out = Command::new("/bin/bash")
         .arg(repo().join("notebooks/run"))
         .env("SAEV_NOTEBOOK_PYTHON", &python)
         .env("SAEV_NOTEBOOK_WORKDIR", dir.join("work"))
-        .output()
-        .unwrap();
+        .output()?;
     assert_guidance(
         &out,
         &[
@@ -285,4 +291,5 @@ fn notebooks_without_nbconvert_name_the_pip_command() {
             "-m pip install --user nbconvert",
         ],
     );
+    Ok(())
 }

@@ -5,6 +5,7 @@
 
 mod common;
 
+use common::TestResult;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -73,18 +74,18 @@ fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
 }
 
 #[test]
-fn array_jobs_record_merge_and_train_like_one_run() {
+fn array_jobs_record_merge_and_train_like_one_run() -> TestResult {
     let dir = common::scratch("slurm");
     let fx = common::fixtures_root().join("backbone");
     let data = dir.join("images");
-    std::fs::create_dir_all(&data).unwrap();
+    std::fs::create_dir_all(&data)?;
     for i in 0..10 {
         let src = if i % 3 == 0 {
             "astronaut.png"
         } else {
             "chelsea.png"
         };
-        std::fs::copy(fx.join(src), data.join(format!("{i:02}.png"))).unwrap();
+        std::fs::copy(fx.join(src), data.join(format!("{i:02}.png")))?;
     }
     let model = fx.join("tiny-dinov2");
     // 17 tokens per example, 2 examples per shard: 5 shards over 3 parts.
@@ -139,8 +140,7 @@ fn array_jobs_record_merge_and_train_like_one_run() {
             "n_patches": 320, "n_lr_warmup": 2, "holdout_examples": 1, "ckpt_every": 5,
             "sweep": [{"lr": 1e-3, "lambda": 0}, {"lr": 3e-3, "lambda": 0},
                       {"lr": 1e-2, "lambda": 0}, {"lr": 3e-2, "lambda": 0}]}"#,
-    )
-    .unwrap();
+    )?;
     let runs = dir.join("runs");
     let env = [
         ("STORE", merged.as_path()),
@@ -159,8 +159,8 @@ fn array_jobs_record_merge_and_train_like_one_run() {
         .arg("--out")
         .arg(&all));
     for (group, k) in [(0, 0), (0, 1), (1, 2), (1, 3)] {
-        let g = std::fs::read(runs.join(format!("group-{group}/{k}/sae.safetensors"))).unwrap();
-        let w = std::fs::read(all.join(format!("{k}/sae.safetensors"))).unwrap();
+        let g = std::fs::read(runs.join(format!("group-{group}/{k}/sae.safetensors")))?;
+        let w = std::fs::read(all.join(format!("{k}/sae.safetensors")))?;
         assert!(
             g == w,
             "setting {k}: group {group}'s SAE differs from the whole sweep's"
@@ -175,12 +175,12 @@ fn array_jobs_record_merge_and_train_like_one_run() {
         .arg("--out")
         .arg(dir.join("x"))
         .args(["--group", "auto"])
-        .output()
-        .unwrap();
+        .output()?;
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("SLURM_ARRAY_TASK_ID") && err.contains("sbatch --array"),
         "{err}"
     );
+    Ok(())
 }

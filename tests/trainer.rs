@@ -7,6 +7,7 @@ mod common;
 
 use common::TensorExt;
 
+use common::TestResult;
 use saev::candle_core::{Device, Tensor};
 use saev::{sae::Setting, store::Metadata, store::StoreWriter, ActivationStore, TrainConfig};
 
@@ -93,7 +94,7 @@ fn planted_store_with(
 }
 
 #[test]
-fn sweep_trains_and_saves() {
+fn sweep_trains_and_saves() -> TestResult {
     let dir = std::env::temp_dir().join(format!("saev-train-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let store = planted_store(&dir.join("store"));
@@ -114,10 +115,10 @@ fn sweep_trains_and_saves() {
                 k: None,
             },
         ]);
-    let run = saev::train_saes(&store, &cfg, dir.join("run")).unwrap();
+    let run = saev::train_saes(&store, &cfg, dir.join("run"))?;
     let saes = run.saes;
     assert_eq!(saes.len(), 2);
-    let hist = std::fs::read_to_string(dir.join("run/history.csv")).unwrap();
+    let hist = std::fs::read_to_string(dir.join("run/history.csv"))?;
     let rows: Vec<Vec<f64>> = hist
         .lines()
         .skip(1)
@@ -169,36 +170,22 @@ fn sweep_trains_and_saves() {
     assert_eq!(ev.freq.len(), 64);
     assert!(dir.join("run/0/eval.json").exists());
     // Saved with the store's normalisation; reloads to the same codes on raw inputs.
-    let back = saev::Sae::load(dir.join("run/0")).unwrap();
+    let back = saev::Sae::load(dir.join("run/0"))?;
     assert_eq!(
         back.config().norm.as_ref().unwrap().scalar,
-        store
-            .norm_stats(-2, saev::store::Tokens::Patches)
-            .unwrap()
-            .scalar
+        store.norm_stats(-2, saev::store::Tokens::Patches)?.scalar
     );
-    let x = Tensor::from_vec(
-        store.patch(3, -2, 1).unwrap().to_vec(),
-        (1, 16),
-        &Device::Cpu,
-    )
-    .unwrap();
-    let a: Vec<f32> = saes[0].encode(&x).unwrap().flat();
-    let b: Vec<f32> = back.encode(&x).unwrap().flat();
+    let x = Tensor::from_vec(store.patch(-2, 3, 1)?.to_vec(), (1, 16), &Device::Cpu)?;
+    let a: Vec<f32> = saes[0].encode(&x)?.flat();
+    let b: Vec<f32> = back.encode(&x)?.flat();
     assert_eq!(a, b);
     // Reconstruction of a raw vector through normalise → encode → decode is close.
-    let xn = saes[0].normalize(&x).unwrap();
-    let xh = saes[0].decode(&saes[0].encode(&x).unwrap()).unwrap();
-    let err: f32 = (&xh - &xn)
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
-    let tot: f32 = xn.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
+    let xn = saes[0].normalize(&x)?;
+    let xh = saes[0].decode(&saes[0].encode(&x)?)?;
+    let err: f32 = (&xh - &xn)?.sqr()?.sum_all()?.to_scalar()?;
+    let tot: f32 = xn.sqr()?.sum_all()?.to_scalar()?;
     assert!(err < 0.5 * tot, "relative error {}", err / tot);
+    Ok(())
 }
 
 fn rows_of(csv: &str) -> Vec<String> {
@@ -206,7 +193,7 @@ fn rows_of(csv: &str) -> Vec<String> {
 }
 
 #[test]
-fn topk_batchtopk_and_matryoshka_train() {
+fn topk_batchtopk_and_matryoshka_train() -> TestResult {
     let dir = std::env::temp_dir().join(format!("saev-train-k-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let store = planted_store(&dir.join("store"));
@@ -228,15 +215,15 @@ fn topk_batchtopk_and_matryoshka_train() {
                 lambda: 0.0,
                 k: None,
             }]);
-        let run = saev::train_saes(&store, &cfg, dir.join(name)).unwrap();
+        let run = saev::train_saes(&store, &cfg, dir.join(name))?;
         let ev = run.evals[0].as_ref().unwrap();
         let h = &run.history;
-        let mse = h.column("mse").unwrap().f64().unwrap();
+        let mse = h.column("mse")?.f64()?;
         let (first, last) = (mse.get(0).unwrap(), mse.get(h.height() - 1).unwrap());
         eprintln!("{name}: MSE {first} -> {last}, held-out {ev}");
         assert!(last < 0.6 * first, "{name}: MSE {first} -> {last}");
         // Training rows keep exactly k (TopK) or k on average (BatchTopK) latents.
-        let l0 = h.column("l0").unwrap().f64().unwrap();
+        let l0 = h.column("l0")?.f64()?;
         let l0_last = l0.get(h.height() - 1).unwrap();
         assert!(
             (l0_last - 2.0).abs() < 1e-9,
@@ -256,10 +243,11 @@ fn topk_batchtopk_and_matryoshka_train() {
             ref a => panic!("{name}: {a:?}"),
         }
     }
+    Ok(())
 }
 
 #[test]
-fn killed_and_resumed_run_ends_with_the_same_weights() {
+fn killed_and_resumed_run_ends_with_the_same_weights() -> TestResult {
     let dir = std::env::temp_dir().join(format!("saev-train-resume-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let store = planted_store(&dir.join("store"));
@@ -281,7 +269,7 @@ fn killed_and_resumed_run_ends_with_the_same_weights() {
                 k: Some(2),
             },
         ]);
-    let full = saev::train_saes(&store, &cfg, dir.join("full")).unwrap();
+    let full = saev::train_saes(&store, &cfg, dir.join("full"))?;
     assert!(full.finished);
     // Stop after 13 steps (mid-epoch, between checkpoints: the last 1 step is redone), then 11
     // more, then finish.
@@ -290,22 +278,22 @@ fn killed_and_resumed_run_ends_with_the_same_weights() {
         let mut c = cfg.clone();
         c.stop_after_steps = stop;
         if stop == Some(13) {
-            let run = saev::train_saes(&store, &c, &out).unwrap();
+            let run = saev::train_saes(&store, &c, &out)?;
             assert!(!run.finished);
             // Simulate a kill after the last checkpoint: drop what a kill would lose.
             let _ = std::fs::remove_dir_all(out.join("0"));
             continue;
         }
-        saev::train_saes(&store, &c, &out).unwrap();
+        saev::train_saes(&store, &c, &out)?;
     }
     for k in ["0", "1"] {
-        let a = std::fs::read(dir.join("full").join(k).join("sae.safetensors")).unwrap();
-        let b = std::fs::read(out.join(k).join("sae.safetensors")).unwrap();
+        let a = std::fs::read(dir.join("full").join(k).join("sae.safetensors"))?;
+        let b = std::fs::read(out.join(k).join("sae.safetensors"))?;
         assert!(a == b, "setting {k}: resumed weights differ");
     }
     assert_eq!(
-        rows_of(&std::fs::read_to_string(dir.join("full/history.csv")).unwrap()),
-        rows_of(&std::fs::read_to_string(out.join("history.csv")).unwrap())
+        rows_of(&std::fs::read_to_string(dir.join("full/history.csv"))?),
+        rows_of(&std::fs::read_to_string(out.join("history.csv"))?)
     );
     // A different config on the same directory is refused, not mixed in.
     let other = cfg.clone().with_seed(9);
@@ -314,10 +302,11 @@ fn killed_and_resumed_run_ends_with_the_same_weights() {
         err.to_string().contains("different training config"),
         "{err}"
     );
+    Ok(())
 }
 
 #[test]
-fn bad_data_and_bad_checkpoints_are_clear_errors() {
+fn bad_data_and_bad_checkpoints_are_clear_errors() -> TestResult {
     let dir = std::env::temp_dir().join(format!("saev-train-bad-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     // A NaN in example 7, patch 2 (token 3 with the CLS first), dimension 5.
@@ -355,8 +344,7 @@ fn bad_data_and_bad_checkpoints_are_clear_errors() {
                 k: None,
             }]),
         dir.join("run-good"),
-    )
-    .unwrap();
+    )?;
     let wide = saev::Sae::new(
         saev::sae::SaeConfig {
             d_model: 8,
@@ -364,12 +352,11 @@ fn bad_data_and_bad_checkpoints_are_clear_errors() {
             norm: None,
             ..run.saes[0].config().clone()
         },
-        Tensor::zeros((8, 4), saev::candle_core::DType::F32, &Device::Cpu).unwrap(),
-        Tensor::zeros(4, saev::candle_core::DType::F32, &Device::Cpu).unwrap(),
-        Tensor::zeros((4, 8), saev::candle_core::DType::F32, &Device::Cpu).unwrap(),
-        Tensor::zeros(8, saev::candle_core::DType::F32, &Device::Cpu).unwrap(),
-    )
-    .unwrap();
+        Tensor::zeros((8, 4), saev::candle_core::DType::F32, &Device::Cpu)?,
+        Tensor::zeros(4, saev::candle_core::DType::F32, &Device::Cpu)?,
+        Tensor::zeros((4, 8), saev::candle_core::DType::F32, &Device::Cpu)?,
+        Tensor::zeros(8, saev::candle_core::DType::F32, &Device::Cpu)?,
+    )?;
     let err = wide
         .evaluate(&good, -2, saev::store::Tokens::Patches, (0, 10))
         .err()
@@ -380,17 +367,18 @@ fn bad_data_and_bad_checkpoints_are_clear_errors() {
     );
     // A truncated checkpoint names its file.
     let ck = dir.join("run-good/0/sae.safetensors");
-    let bytes = std::fs::read(&ck).unwrap();
-    std::fs::write(&ck, &bytes[..bytes.len() / 2]).unwrap();
+    let bytes = std::fs::read(&ck)?;
+    std::fs::write(&ck, &bytes[..bytes.len() / 2])?;
     let err = saev::Sae::load(dir.join("run-good/0")).err().unwrap();
     assert!(err.to_string().contains("sae.safetensors"), "{err}");
     // A corrupted training checkpoint is refused with its path.
     let st = dir.join("run-good/checkpoint/state.json");
-    std::fs::write(&st, "{\"version\": 1").unwrap();
+    std::fs::write(&st, "{\"version\": 1")?;
     let err = saev::train_saes(&good, &TrainConfig::new(-2), dir.join("run-good"))
         .err()
         .unwrap();
     assert!(err.to_string().contains("state.json"), "{err}");
+    Ok(())
 }
 
 /// A run that blows up mid-way (here a sparsity coefficient whose warm-up overflows the
@@ -398,7 +386,8 @@ fn bad_data_and_bad_checkpoints_are_clear_errors() {
 /// the setting, the step and the learning rate, and the last checkpoint on disk is the last
 /// good one — finite weights from before the failing step — which resumes.
 #[test]
-fn a_diverging_run_stops_naming_setting_and_step_and_keeps_the_last_good_checkpoint() {
+fn a_diverging_run_stops_naming_setting_and_step_and_keeps_the_last_good_checkpoint() -> TestResult
+{
     let dir = std::env::temp_dir().join(format!("saev-train-diverge-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let store = planted_store(&dir.join("store"));
@@ -439,20 +428,20 @@ fn a_diverging_run_stops_naming_setting_and_step_and_keeps_the_last_good_checkpo
     assert!(msg.contains("lr 1e-3"), "{msg}");
     // The checkpoint holds the state before the failing step, every weight finite.
     let state: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(run.join("checkpoint/state.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(run.join("checkpoint/state.json"))?)?;
     assert_eq!(state["step"], serde_json::json!(step), "{state}");
     let t = saev::candle_core::safetensors::load(
         run.join("checkpoint/state.safetensors"),
         &Device::Cpu,
-    )
-    .unwrap();
+    )?;
     for (name, x) in &t {
-        let v: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+        let v: Vec<f32> = x.flatten_all()?.to_vec1()?;
         assert!(v.iter().all(|x| x.is_finite()), "{name} is not finite");
     }
     // Resuming the same run meets the same wall (no silent success, nothing half-written).
     let again = saev::train_saes(&store, &cfg, &run).err().unwrap();
     assert_eq!(again.to_string(), msg);
+    Ok(())
 }
 
 /// A store of sums of planted atoms (seeded): `n` examples of 9 tokens, each token 2 of
@@ -537,7 +526,7 @@ fn planted_run(
 /// row at cosine ≥ 0.9; with exactly as many latents as atoms, ≤ 5% never fire on held-out data
 /// (a dead latent there is a missed atom) — where the paper's untied init leaves more dead.
 #[test]
-fn topk_recovers_a_planted_dictionary_without_dead_latents() {
+fn topk_recovers_a_planted_dictionary_without_dead_latents() -> TestResult {
     use saev::sae::Init;
     let dir = std::env::temp_dir().join(format!("saev-train-planted-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -554,4 +543,5 @@ fn topk_recovers_a_planted_dictionary_without_dead_latents() {
         dead < dead_kaiming,
         "tied {dead} dead, untied {dead_kaiming}"
     );
+    Ok(())
 }

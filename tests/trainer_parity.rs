@@ -8,13 +8,14 @@ use common::max_rel_diff;
 
 use std::path::Path;
 
+use common::TestResult;
 use saev::candle_core::Device;
 
 #[test]
-fn relu_step_matches_saev_010() {
+fn relu_step_matches_saev_010() -> TestResult {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../tests/fixtures/trainer/saev010-relu.safetensors");
-    let t = saev::candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    let t = saev::candle_core::safetensors::load(&path, &Device::Cpu)?;
     let settings = [(1e-3, 4e-4), (3e-3, 1.6e-2)];
     let batches = &t["batches"];
     for (k, (lr, lambda)) in settings.into_iter().enumerate() {
@@ -27,11 +28,10 @@ fn relu_step_matches_saev_010() {
             lr,
             lambda,
             3,
-        )
-        .unwrap();
+        )?;
         for s in 0..6 {
-            let x = batches.get(s).unwrap();
-            let terms = step.step(&x).unwrap();
+            let x = batches.get(s)?;
+            let terms = step.step(&x)?;
             for (name, got) in [
                 ("mse", terms.mse),
                 ("sparsity", terms.sparsity),
@@ -39,11 +39,7 @@ fn relu_step_matches_saev_010() {
                 ("l0", terms.l0),
                 ("l1", terms.l1),
             ] {
-                let want: f32 = t[&format!("s{k}.step{s}.{name}")]
-                    .get(0)
-                    .unwrap()
-                    .to_scalar()
-                    .unwrap();
+                let want: f32 = t[&format!("s{k}.step{s}.{name}")].get(0)?.to_scalar()?;
                 assert!(
                     (got - want).abs() <= 1e-4 * want.abs().max(1e-6),
                     "setting {k} step {s} {name}: {got} vs {want}"
@@ -61,14 +57,15 @@ fn relu_step_matches_saev_010() {
             eprintln!("setting {k} final {name}: max |diff| / max |ref| = {r:.2e}");
         }
     }
+    Ok(())
 }
 
 /// The fast trainer's step (sparse-aware kernels, both paths) on the same fixture.
 #[test]
-fn fast_step_matches_saev_010() {
+fn fast_step_matches_saev_010() -> TestResult {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../tests/fixtures/trainer/saev010-relu.safetensors");
-    let t = saev::candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    let t = saev::candle_core::safetensors::load(&path, &Device::Cpu)?;
     let settings = [(1e-3, 4e-4), (3e-3, 1.6e-2)];
     let batches = &t["batches"];
     let flat =
@@ -76,7 +73,7 @@ fn fast_step_matches_saev_010() {
     for kernels in [saev::sae::Kernels::Sparse, saev::sae::Kernels::Dense] {
         for (k, (lr, lambda)) in settings.into_iter().enumerate() {
             let w = |n: &str| t[&format!("s{k}.init.{n}")].clone();
-            let (d, s) = w("W_enc").dims2().unwrap();
+            let (d, s) = w("W_enc").dims2()?;
             let recipe = saev::__private::Recipe {
                 activation: saev::sae::TrainActivation::Relu,
                 groups: vec![],
@@ -89,20 +86,19 @@ fn fast_step_matches_saev_010() {
                 dense_above: 0.05,
             };
             let mut st = saev::__private::TrainState::new(
-                flat(&w("W_enc").t().unwrap()),
+                flat(&w("W_enc").t()?),
                 flat(&w("b_enc")),
                 flat(&w("W_dec")),
                 flat(&w("b_dec")),
                 recipe,
-            )
-            .unwrap();
+            )?;
             let mut scratch = saev::__private::Scratch::default();
             for step in 0..6 {
-                let x = batches.get(step).unwrap();
+                let x = batches.get(step)?;
                 let n = x.dims()[0];
                 // The paper's warm-up: lr grows linearly from 0 over 3 steps.
                 let lr_t = lr * (step as f64 / 3.0).min(1.0);
-                let (terms, _) = st.step(&flat(&x), n, lr_t, lambda, &mut scratch).unwrap();
+                let (terms, _) = st.step(&flat(&x), n, lr_t, lambda, &mut scratch)?;
                 for (name, got) in [
                     ("mse", terms.mse),
                     ("sparsity", terms.lambda * terms.l1),
@@ -110,11 +106,7 @@ fn fast_step_matches_saev_010() {
                     ("l0", terms.l0),
                     ("l1", terms.l1),
                 ] {
-                    let want: f32 = t[&format!("s{k}.step{step}.{name}")]
-                        .get(0)
-                        .unwrap()
-                        .to_scalar()
-                        .unwrap();
+                    let want: f32 = t[&format!("s{k}.step{step}.{name}")].get(0)?.to_scalar()?;
                     assert!(
                         (got as f32 - want).abs() <= 1e-4 * want.abs().max(1e-6),
                         "{kernels:?} setting {k} step {step} {name}: {got} vs {want}"
@@ -122,23 +114,21 @@ fn fast_step_matches_saev_010() {
                 }
             }
             let dev = Device::Cpu;
-            let got_enc = saev::candle_core::Tensor::from_vec(st.w_enc.clone(), (s, d), &dev)
-                .unwrap()
-                .t()
-                .unwrap();
+            let got_enc =
+                saev::candle_core::Tensor::from_vec(st.w_enc.clone(), (s, d), &dev)?.t()?;
             for (name, got) in [
                 ("W_enc", got_enc),
                 (
                     "b_enc",
-                    saev::candle_core::Tensor::from_vec(st.b_enc.clone(), s, &dev).unwrap(),
+                    saev::candle_core::Tensor::from_vec(st.b_enc.clone(), s, &dev)?,
                 ),
                 (
                     "W_dec",
-                    saev::candle_core::Tensor::from_vec(st.w_dec.clone(), (s, d), &dev).unwrap(),
+                    saev::candle_core::Tensor::from_vec(st.w_dec.clone(), (s, d), &dev)?,
                 ),
                 (
                     "b_dec",
-                    saev::candle_core::Tensor::from_vec(st.b_dec.clone(), d, &dev).unwrap(),
+                    saev::candle_core::Tensor::from_vec(st.b_dec.clone(), d, &dev)?,
                 ),
             ] {
                 let r = max_rel_diff(&got, &t[&format!("s{k}.final.{name}")]);
@@ -150,4 +140,5 @@ fn fast_step_matches_saev_010() {
             }
         }
     }
+    Ok(())
 }

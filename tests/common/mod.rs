@@ -78,3 +78,6 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 pub fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
     max_abs_diff(a, b) / b.max_abs()
 }
+
+/// What a test returns: any error fails it with its message (`?` instead of `unwrap()`).
+pub type TestResult = Result<(), Box<dyn std::error::Error>>;
