@@ -66,6 +66,9 @@ pub struct TrainRun {
     pub evals: Vec<Option<Evaluation>>,
     /// Whether training finished (false when stopped by `stop_after_steps`).
     pub finished: bool,
+    /// Per setting, what it trained ([`Setting::label`](crate::sae::Setting::label): activation,
+    /// k or λ, lr).
+    pub labels: Vec<String>,
 }
 
 /// Train the sweep on `store` into `out` (resuming a checkpoint there if one exists).
@@ -88,107 +91,8 @@ pub fn train_saes(
         ));
     }
     let norm = store.norm_stats(cfg.layer, cfg.tokens)?;
-    let (mean, scalar) = (norm.mean.clone(), norm.scalar);
-    let mut states = cfg
-        .sweep
-        .iter()
-        .enumerate()
-        .map(|(k, setting)| {
-            let seed = cfg.seed.wrapping_mul(1000) + 2 * (cfg.first_setting + k) as u64;
-            let (w_enc, w_dec) = match cfg.init() {
-                Init::Kaiming => {
-                    // W_enc is `[d, d_sae]` in the paper (fan-in d_sae); stored here as rows
-                    // `[d_sae, d]`.
-                    let w = kaiming(d, s, seed);
-                    let mut w_enc = vec![0f32; s * d];
-                    for (i, row) in w.chunks_exact(s).enumerate() {
-                        for (j, &v) in row.iter().enumerate() {
-                            w_enc[j * d + i] = v;
-                        }
-                    }
-                    (w_enc, kaiming(s, d, seed + 1))
-                }
-                Init::Tied => {
-                    // Rows `[d_sae, d]` for both: the decoder's at unit norm, the encoder's the
-                    // same directions at Kaiming scale (its transpose, in the paper's layout).
-                    let w_enc = kaiming(s, d, seed + 1);
-                    let mut w_dec = w_enc.clone();
-                    for row in w_dec.chunks_exact_mut(d) {
-                        let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
-                        row.iter_mut().for_each(|v| *v /= norm);
-                    }
-                    (w_enc, w_dec)
-                }
-            };
-            TrainState::new(
-                w_enc,
-                vec![0.0; s],
-                w_dec,
-                vec![0.0; d],
-                cfg.recipe(setting, d, s)?,
-            )
-        })
-        .collect::<Result<Vec<_>>>()?;
-    // Never write into a directory of someone else's files: an output directory is new, empty,
-    // or a run of saev's (it has a checkpoint).
-    let ours = ["checkpoint", "checkpoint.old", "checkpoint.tmp"]
-        .iter()
-        .any(|c| out.join(c).exists());
-    let foreign = !ours && std::fs::read_dir(out).is_ok_and(|mut d| d.next().is_some());
-    if foreign {
-        return Err(Error::output_dir(
-            out,
-            "exists and holds files a saev training run did not write",
-            "choose a new or empty output directory",
-        ));
-    }
-    std::fs::create_dir_all(out).with_path(out)?;
-    let store_id = store.dir().display().to_string();
-    let mut ck = match load_checkpoint(out, &mut states)? {
-        Some(ck) => {
-            let mut same = cfg.clone();
-            same.stop_after_steps = None;
-            if ck.config != same {
-                return Err(Error::Checkpoint {
-                    path: out.join("checkpoint/state.json"),
-                    msg: "it was made with a different training config; use a new output directory"
-                        .into(),
-                });
-            }
-            let fp = store.fingerprint();
-            if !ck.store_fingerprint.is_empty() && ck.store_fingerprint != fp {
-                return Err(Error::Checkpoint {
-                    path: out.join("checkpoint/state.json"),
-                    msg: format!(
-                        "it was made on another store ({}, fingerprint {}), not {} ({fp}); use a new output directory",
-                        ck.store,
-                        ck.store_fingerprint,
-                        store.dir().display()
-                    ),
-                });
-            }
-            ck
-        }
-        None => CkptState {
-            version: CKPT_VERSION,
-            config: TrainConfig {
-                stop_after_steps: None,
-                ..cfg.clone()
-            },
-            store: store_id.clone(),
-            store_fingerprint: store.fingerprint(),
-            step: 0,
-            seen: 0,
-            epoch: 0,
-            batch_in_epoch: 0,
-            adam_t: vec![0; cfg.sweep.len()],
-            threshold: vec![0.0; cfg.sweep.len()],
-            since_fired: vec![vec![0; s]; cfg.sweep.len()],
-            window_fired: vec![vec![0; s]; cfg.sweep.len()],
-            window_start: 0,
-            history: Vec::new(),
-        },
-    };
+    let mut states = initial_states(cfg, d, s)?;
+    let mut ck = open_run(out, store, cfg, s, &mut states)?;
     let bs = cfg.batch_size.max(1);
     let n_steps = cfg.n_patches.div_ceil(bs as u64) as usize;
     let loader_cfg = LoaderConfig::new(cfg.layer)
@@ -196,11 +100,6 @@ pub fn train_saes(
         .with_batch_size(bs)
         .with_seed(cfg.seed)
         .with_examples(Examples::train(holdout, cfg.seed));
-    let n_tok = match cfg.tokens {
-        Tokens::Patches => store.n_patches(),
-        Tokens::Cls => 1,
-        Tokens::All => store.tokens_per_example(),
-    } as u64;
     let bar = crate::util::progress::bar(cfg.n_patches, "patches");
     bar.set_position(ck.seen.min(cfg.n_patches));
     let mut scratch = Scratch::default();
@@ -216,79 +115,8 @@ pub fn train_saes(
                 break 'outer;
             }
             let n = batch.n;
-            let mut x = batch.acts_nd;
-            for (r, row) in x.chunks_exact_mut(d).enumerate() {
-                for (t, (v, m)) in row.iter_mut().zip(&mean).enumerate() {
-                    if !v.is_finite() {
-                        let ix = batch.index[r];
-                        return Err(Error::NonFinite {
-                            store: store.dir().to_path_buf(),
-                            step: ck.step,
-                            example: ix / n_tok,
-                            token: ix % n_tok,
-                            dim: t,
-                            value: *v,
-                        });
-                    }
-                    *v = (*v - m) / scalar;
-                }
-            }
-            let log = ck.step % cfg.log_every.max(1) == 0;
-            let mut first: Option<StepStats> = None;
-            for (k, (st, setting)) in states.iter_mut().zip(&cfg.sweep).enumerate() {
-                let lr = cfg.lr_at(setting.lr, ck.step, n_steps);
-                let lambda = cfg.lambda_at(setting.lambda, ck.step);
-                let (stats, fired) = st.step(&x, n, lr, lambda, &mut scratch)?;
-                // A non-finite loss, or weights an update made non-finite (its loss, computed
-                // before the update, can still be finite): the weights of this step are never
-                // saved, so the last checkpoint stays good.
-                let what = if stats.loss.is_finite() {
-                    st.first_non_finite()
-                        .map(|(name, i)| format!("{name}[{i}] is not finite after the update"))
-                } else {
-                    Some(format!("loss {}", stats.loss))
-                };
-                if let Some(what) = what {
-                    return Err(Error::Diverged {
-                        setting: cfg.first_setting + k,
-                        detail: format!("{setting:?}"),
-                        what,
-                        step: ck.step,
-                        lr,
-                        checkpoint: out.join("checkpoint"),
-                    });
-                }
-                for (w, f) in ck.window_fired[k].iter_mut().zip(&fired) {
-                    *w = w.saturating_add(*f);
-                }
-                if log {
-                    let window = (ck.seen + n as u64 - ck.window_start).max(1) as f64;
-                    ck.history.push(Row {
-                        step: ck.step as u64,
-                        n_patches: ck.seen + n as u64,
-                        setting: (cfg.first_setting + k) as u32,
-                        lr,
-                        lambda: stats.lambda,
-                        loss: stats.loss,
-                        mse: stats.mse,
-                        nmse: stats.nmse,
-                        l0: stats.l0,
-                        l1: stats.l1,
-                        aux: stats.aux,
-                        dead: st.dead_mask().iter().filter(|&&x| x).count() as u32,
-                        dense: ck.window_fired[k]
-                            .iter()
-                            .filter(|&&c| f64::from(c) / window > DENSE_FREQ)
-                            .count() as u32,
-                        dense_kernels: stats.dense,
-                    });
-                    ck.window_fired[k].iter_mut().for_each(|c| *c = 0);
-                }
-                first.get_or_insert(stats);
-            }
-            if log {
-                ck.window_start = ck.seen + n as u64;
-            }
+            let x = normalized(store, cfg, &norm.mean, norm.scalar, ck.step, batch)?;
+            let first = step_all(&mut states, &mut ck, cfg, &x, n, n_steps, out, &mut scratch)?;
             if let Some(f) = first {
                 bar.set_message(format!("loss {:.4} L0 {:.1}", f.loss, f.l0));
             }
@@ -340,7 +168,229 @@ pub fn train_saes(
         history,
         evals,
         finished,
+        labels: cfg.sweep.iter().map(|s| s.label(cfg.activation)).collect(),
     })
+}
+
+/// The sweep's starting weights ([`TrainConfig::init`]), seeded per global setting index so a
+/// group of a split sweep starts exactly as the whole sweep would.
+fn initial_states(cfg: &TrainConfig, d: usize, s: usize) -> Result<Vec<TrainState>> {
+    cfg.sweep
+        .iter()
+        .enumerate()
+        .map(|(k, setting)| {
+            let seed = cfg.seed.wrapping_mul(1000) + 2 * (cfg.first_setting + k) as u64;
+            let (w_enc, w_dec) = match cfg.init() {
+                Init::Kaiming => {
+                    // W_enc is `[d, d_sae]` in the paper (fan-in d_sae); stored here as rows
+                    // `[d_sae, d]`.
+                    let w = kaiming(d, s, seed);
+                    let mut w_enc = vec![0f32; s * d];
+                    for (i, row) in w.chunks_exact(s).enumerate() {
+                        for (j, &v) in row.iter().enumerate() {
+                            w_enc[j * d + i] = v;
+                        }
+                    }
+                    (w_enc, kaiming(s, d, seed + 1))
+                }
+                Init::Tied => {
+                    // Rows `[d_sae, d]` for both: the decoder's at unit norm, the encoder's the
+                    // same directions at Kaiming scale (its transpose, in the paper's layout).
+                    let w_enc = kaiming(s, d, seed + 1);
+                    let mut w_dec = w_enc.clone();
+                    for row in w_dec.chunks_exact_mut(d) {
+                        let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+                        row.iter_mut().for_each(|v| *v /= norm);
+                    }
+                    (w_enc, w_dec)
+                }
+            };
+            TrainState::new(
+                w_enc,
+                vec![0.0; s],
+                w_dec,
+                vec![0.0; d],
+                cfg.recipe(setting, d, s)?,
+            )
+        })
+        .collect()
+}
+
+/// The run's bookkeeping: resumed from `out`'s checkpoint (into `states`) when it holds one made
+/// with this config on this store, else fresh. Refuses a directory of someone else's files, a
+/// checkpoint of another config or another store.
+fn open_run(
+    out: &Path,
+    store: &ActivationStore,
+    cfg: &TrainConfig,
+    s: usize,
+    states: &mut [TrainState],
+) -> Result<CkptState> {
+    // Never write into a directory of someone else's files: an output directory is new, empty,
+    // or a run of saev's (it has a checkpoint).
+    let ours = ["checkpoint", "checkpoint.old", "checkpoint.tmp"]
+        .iter()
+        .any(|c| out.join(c).exists());
+    let foreign = !ours && std::fs::read_dir(out).is_ok_and(|mut d| d.next().is_some());
+    if foreign {
+        return Err(Error::output_dir(
+            out,
+            "exists and holds files a saev training run did not write",
+            "choose a new or empty output directory",
+        ));
+    }
+    std::fs::create_dir_all(out).with_path(out)?;
+    let Some(ck) = load_checkpoint(out, states)? else {
+        return Ok(CkptState {
+            version: CKPT_VERSION,
+            config: TrainConfig {
+                stop_after_steps: None,
+                ..cfg.clone()
+            },
+            store: store.dir().display().to_string(),
+            store_fingerprint: store.fingerprint(),
+            step: 0,
+            seen: 0,
+            epoch: 0,
+            batch_in_epoch: 0,
+            adam_t: vec![0; cfg.sweep.len()],
+            threshold: vec![0.0; cfg.sweep.len()],
+            since_fired: vec![vec![0; s]; cfg.sweep.len()],
+            window_fired: vec![vec![0; s]; cfg.sweep.len()],
+            window_start: 0,
+            history: Vec::new(),
+        });
+    };
+    let mut same = cfg.clone();
+    same.stop_after_steps = None;
+    if ck.config != same {
+        return Err(Error::Checkpoint {
+            path: out.join("checkpoint/state.json"),
+            msg: "it was made with a different training config; use a new output directory".into(),
+        });
+    }
+    let fp = store.fingerprint();
+    if !ck.store_fingerprint.is_empty() && ck.store_fingerprint != fp {
+        return Err(Error::Checkpoint {
+            path: out.join("checkpoint/state.json"),
+            msg: format!(
+                "it was made on another store ({}, fingerprint {}), not {} ({fp}); use a new output directory",
+                ck.store,
+                ck.store_fingerprint,
+                store.dir().display()
+            ),
+        });
+    }
+    Ok(ck)
+}
+
+/// A batch in the SAEs' input space, `(x − mean) / scalar`; a NaN or infinity is an error naming
+/// the example, token and dimension it came from.
+fn normalized(
+    store: &ActivationStore,
+    cfg: &TrainConfig,
+    mean: &[f32],
+    scalar: f32,
+    step: usize,
+    batch: crate::store::Batch,
+) -> Result<Vec<f32>> {
+    let d = store.d_model();
+    let n_tok = match cfg.tokens {
+        Tokens::Patches => store.n_patches(),
+        Tokens::Cls => 1,
+        Tokens::All => store.tokens_per_example(),
+    } as u64;
+    let mut x = batch.acts_nd;
+    for (r, row) in x.chunks_exact_mut(d).enumerate() {
+        for (t, (v, m)) in row.iter_mut().zip(mean).enumerate() {
+            if !v.is_finite() {
+                let ix = batch.index[r];
+                return Err(Error::NonFinite {
+                    store: store.dir().to_path_buf(),
+                    step,
+                    example: ix / n_tok,
+                    token: ix % n_tok,
+                    dim: t,
+                    value: *v,
+                });
+            }
+            *v = (*v - m) / scalar;
+        }
+    }
+    Ok(x)
+}
+
+/// One optimiser step of every setting on batch `x` (`n` rows): divergence checks, firing
+/// counts, and a history row per setting every `log_every` steps. Returns the first setting's
+/// statistics (for the progress line).
+#[allow(clippy::too_many_arguments)] // the loop's state, passed rather than bundled
+fn step_all(
+    states: &mut [TrainState],
+    ck: &mut CkptState,
+    cfg: &TrainConfig,
+    x: &[f32],
+    n: usize,
+    n_steps: usize,
+    out: &Path,
+    scratch: &mut Scratch,
+) -> Result<Option<StepStats>> {
+    let log = ck.step % cfg.log_every.max(1) == 0;
+    let mut first: Option<StepStats> = None;
+    for (k, (st, setting)) in states.iter_mut().zip(&cfg.sweep).enumerate() {
+        let lr = cfg.lr_at(setting.lr, ck.step, n_steps);
+        let lambda = cfg.lambda_at(setting.lambda, ck.step);
+        let (stats, fired) = st.step(x, n, lr, lambda, scratch)?;
+        // A non-finite loss, or weights an update made non-finite (its loss, computed before the
+        // update, can still be finite): the weights of this step are never saved, so the last
+        // checkpoint stays good.
+        let what = if stats.loss.is_finite() {
+            st.first_non_finite()
+                .map(|(name, i)| format!("{name}[{i}] is not finite after the update"))
+        } else {
+            Some(format!("loss {}", stats.loss))
+        };
+        if let Some(what) = what {
+            return Err(Error::Diverged {
+                setting: cfg.first_setting + k,
+                detail: format!("{setting:?}"),
+                what,
+                step: ck.step,
+                lr,
+                checkpoint: out.join("checkpoint"),
+            });
+        }
+        for (w, f) in ck.window_fired[k].iter_mut().zip(&fired) {
+            *w = w.saturating_add(*f);
+        }
+        if log {
+            let window = (ck.seen + n as u64 - ck.window_start).max(1) as f64;
+            ck.history.push(Row {
+                step: ck.step as u64,
+                n_patches: ck.seen + n as u64,
+                setting: (cfg.first_setting + k) as u32,
+                lr,
+                lambda: stats.lambda,
+                loss: stats.loss,
+                mse: stats.mse,
+                nmse: stats.nmse,
+                l0: stats.l0,
+                l1: stats.l1,
+                aux: stats.aux,
+                dead: st.dead_mask().iter().filter(|&&x| x).count() as u32,
+                dense: ck.window_fired[k]
+                    .iter()
+                    .filter(|&&c| f64::from(c) / window > DENSE_FREQ)
+                    .count() as u32,
+                dense_kernels: stats.dense,
+            });
+            ck.window_fired[k].iter_mut().for_each(|c| *c = 0);
+        }
+        first.get_or_insert(stats);
+    }
+    if log {
+        ck.window_start = ck.seen + n as u64;
+    }
+    Ok(first)
 }
 
 /// The inference-form [`Sae`] of a training state (`W_enc` transposed, `− b_dec W_enc` folded).
