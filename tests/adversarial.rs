@@ -269,6 +269,9 @@ fn runs_refuse_other_stores_and_foreign_directories() -> TestResult {
     );
     // Nothing was written into the store (the normalisation statistics are cached elsewhere).
     assert!(!store.join("norm--2-patches.json").exists());
+    // The held-out NMSE-vs-L0 chart of the sweep, beside its SAEs.
+    let svg = std::fs::read_to_string(run.join("frontier.svg"))?;
+    assert!(svg.contains("held-out NMSE vs L0 (1 SAE)"), "{svg}");
     // The same command on another store (one example's values changed size: another store).
     let other = dir.join("other");
     copy_dir(&store, &other);

@@ -592,6 +592,16 @@ fn train(
             );
         }
     }
+    if run.evals.iter().any(Option::is_some) {
+        let frontier = run.frontier();
+        frontier.save(out.join("frontier.svg"))?;
+        eprintln!(
+            "held-out NMSE vs L0: {} ({} of {} settings on the frontier)",
+            out.join("frontier.svg").display(),
+            frontier.pareto().len(),
+            frontier.points().len()
+        );
+    }
     println!("{}", out.display());
     Ok(())
 }

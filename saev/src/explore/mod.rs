@@ -13,12 +13,14 @@
 pub(crate) mod browse;
 pub(crate) mod charts;
 pub(crate) mod features;
+pub(crate) mod frontier;
 pub(crate) mod picture;
 pub(crate) mod search;
 
 pub use browse::{html_escape, write_browser, BrowseConfig};
 pub use charts::{FeatureScatter, HistoryPlot};
 pub use features::{FeatureConfig, Features};
+pub use frontier::{FrontierMetric, FrontierPlot, FrontierPoint};
 pub use picture::{plasma, ExemplarGrid, Heatmap};
 pub use search::SearchResult;
 

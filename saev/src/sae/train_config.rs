@@ -163,6 +163,20 @@ impl Default for TrainConfig {
     }
 }
 
+impl Setting {
+    /// A short label for charts and logs: `TopK k 32, lr 4e-4`, `ReLU λ 8e-4, lr 4e-4`.
+    pub fn label(&self, activation: TrainActivation) -> String {
+        let (name, k) = match activation {
+            TrainActivation::Relu => {
+                return format!("ReLU λ {:.0e}, lr {:.0e}", self.lambda, self.lr)
+            }
+            TrainActivation::TopK { k } => ("TopK", k),
+            TrainActivation::BatchTopK { k } => ("BatchTopK", k),
+        };
+        format!("{name} k {}, lr {:.0e}", self.k.unwrap_or(k), self.lr)
+    }
+}
+
 impl TrainConfig {
     /// The paper's ReLU recipe on `layer` (the default 3×3 lr × λ sweep).
     pub fn new(layer: i64) -> Self {
