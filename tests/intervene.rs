@@ -296,6 +296,69 @@ fn register_model_runs_heads_and_change_rates_from_a_store() -> TestResult {
     let iv = Intervention::new(&vit, -2, &sae, &h)?.with_features(&feats);
     let r = iv.change_rates(&store, h.held_out()?, latent, 0, -10.0, 1)?;
     assert!(r.totals[0] + r.totals[1] > 0, "{r}");
+
+    // Downstream fidelity. The clean score is the head's accuracy on the whole model's outputs,
+    // computed here image by image from pixels; an exact identity SAE (W_enc = [I, −I],
+    // W_dec = [I; −I]: relu(x) − relu(−x) = x) loses nothing.
+    let n = store.n_examples();
+    let prov = store.provenance().ok_or("no provenance")?;
+    let mut hits = 0;
+    for e in 0..n {
+        let out = vit.forward(&vit.pixels(&[ds.get(e)?.image])?)?;
+        let p: Vec<f32> = h.predict(&vit, &out)?.flatten_all()?.to_vec1()?;
+        let best = (0..p.len())
+            .max_by(|&a, &b| p[a].total_cmp(&p[b]))
+            .ok_or("no classes")?;
+        hits += usize::from(Some(best as u32) == prov.labels[e]);
+    }
+    let eye = Tensor::eye(d, DType::F32, &Device::Cpu)?;
+    let exact = Sae::new(
+        SaeConfig {
+            schema: saev::sae::SAE_SCHEMA,
+            d_model: d,
+            d_sae: 2 * d,
+            activation: SaeActivation::Relu,
+            norm: None,
+            provenance: serde_json::json!({"layer": -2}),
+        },
+        Tensor::cat(&[&eye, &eye.neg()?], 1)?,
+        Tensor::zeros(2 * d, DType::F32, &Device::Cpu)?,
+        Tensor::cat(&[&eye, &eye.neg()?], 0)?,
+        Tensor::zeros(d, DType::F32, &Device::Cpu)?,
+    )?;
+    let fid = Intervention::new(&vit, -2, &exact, &h)?.fidelity(&store, (0, n))?;
+    assert_eq!(fid.metric, "accuracy");
+    assert_eq!(fid.n_examples, n);
+    assert_eq!(fid.clean, hits as f64 / n as f64, "{fid}");
+    assert_eq!((fid.sae, fid.with_error), (fid.clean, fid.clean), "{fid}");
+    assert_eq!(fid.agreement, 1.0, "{fid}");
+    assert!((0.0..=1.0).contains(&fid.ablated), "{fid}");
+    // The other end: an SAE that always outputs the store's mean patch token (zero weights,
+    // b_dec = the mean) scores exactly what mean ablation scores, so it recovers 0.
+    let mean = store.norm_stats(-2, saev::store::Tokens::Patches)?.mean;
+    let zeros = |shape: &[usize]| Tensor::zeros(shape, DType::F32, &Device::Cpu);
+    let constant = Sae::new(
+        SaeConfig {
+            schema: saev::sae::SAE_SCHEMA,
+            d_model: d,
+            d_sae: 4,
+            activation: SaeActivation::Relu,
+            norm: None,
+            provenance: serde_json::json!({"layer": -2}),
+        },
+        zeros(&[d, 4])?,
+        zeros(&[4])?,
+        zeros(&[4, d])?,
+        Tensor::from_vec(mean, d, &Device::Cpu)?,
+    )?;
+    let floor = Intervention::new(&vit, -2, &constant, &h)?.fidelity(&store, (0, n))?;
+    assert_eq!(
+        (floor.clean, floor.with_error),
+        (fid.clean, fid.clean),
+        "{floor}"
+    );
+    assert_eq!(floor.sae, floor.ablated, "{floor}");
+    eprintln!("{fid}\n{floor}");
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

@@ -793,6 +793,12 @@ fn causal(
             valid: format!("0..{d_sae}, the SAE's latents"),
         });
     }
+    // The table's header: how much of the head's score survives the SAE at all.
+    let fid = iv.fidelity(&store, examples.clone())?;
+    println!(
+        "downstream fidelity of the SAE at layer {layer} ({} held-out examples): {} clean {:.4}, SAE {:.4}, SAE + error {:.4}, mean-ablated {:.4}; recovered {:.3}, agreement {:.3}",
+        fid.n_examples, fid.metric, fid.clean, fid.sae, fid.with_error, fid.ablated, fid.recovered(), fid.agreement
+    );
     for l in latents {
         let (class, purity) = match class {
             Some(c) => (c, f64::NAN),

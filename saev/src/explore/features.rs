@@ -145,6 +145,8 @@ pub struct Encoder {
     mean: Vec<f32>,
     scalar: f32,
     act: SaeActivation,
+    /// JumpReLU's per-latent thresholds (empty otherwise).
+    thresholds: Vec<f32>,
 }
 
 impl Encoder {
@@ -164,6 +166,10 @@ impl Encoder {
             mean,
             scalar,
             act: sae.config().activation.clone(),
+            thresholds: match sae.threshold() {
+                Some(t) => t.to_vec1()?,
+                None => Vec::new(),
+            },
         })
     }
 
@@ -192,6 +198,13 @@ impl Encoder {
         );
         match &self.act {
             SaeActivation::Relu => out.par_iter_mut().for_each(|v| *v = v.max(0.0)),
+            SaeActivation::JumpRelu => out.par_chunks_mut(s).for_each(|r| {
+                for (v, t) in r.iter_mut().zip(&self.thresholds) {
+                    if *v <= *t {
+                        *v = 0.0;
+                    }
+                }
+            }),
             SaeActivation::BatchTopK { threshold, .. } => {
                 let t = *threshold;
                 out.par_iter_mut()
@@ -224,14 +237,17 @@ impl Encoder {
 
 impl Encoder {
     /// Latent `j`'s values on raw vectors `x` `[n, d]` (normalised in place), without the
-    /// full code — exact for ReLU and BatchTopK; TopK needs the full row (None).
+    /// full code — exact for ReLU, JumpReLU and BatchTopK; TopK needs the full row (None).
     pub fn column(&self, x: &mut [f32], j: usize) -> Option<Vec<f32>> {
         let thr = match &self.act {
             SaeActivation::Relu => 0.0,
+            SaeActivation::JumpRelu => *self.thresholds.get(j)?,
             SaeActivation::BatchTopK { threshold, .. } => *threshold,
             SaeActivation::TopK { .. } => return None,
         };
         let (d, s) = (self.d, self.s);
+        // JumpReLU keeps values above θ (as `encode`); BatchTopK those at or above its threshold.
+        let strict = self.act == SaeActivation::JumpRelu;
         Some(
             x.chunks_exact_mut(d)
                 .map(|r| {
@@ -240,7 +256,8 @@ impl Encoder {
                         *v = (*v - self.mean[t]) / self.scalar;
                         h += *v * self.w_enc[t * s + j];
                     }
-                    if h >= thr && h > 0.0 {
+                    let keep = if strict { h > thr } else { h >= thr };
+                    if keep && h > 0.0 {
                         h
                     } else {
                         0.0

@@ -20,10 +20,12 @@
 //! ```
 
 mod change_rates;
+mod fidelity;
 pub(crate) mod head;
 mod outcome;
 
 pub use change_rates::ChangeRates;
+pub use fidelity::Fidelity;
 pub use outcome::Outcome;
 
 pub use head::{miou, Head, HeadConfig, HeadKind, HeadMeta};

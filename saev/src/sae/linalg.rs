@@ -209,6 +209,22 @@ pub(crate) fn select_above(pre: &[f32], s: usize, threshold: f32) -> Csr {
     Csr::from_rows(rows)
 }
 
+/// Per row, the latents whose value exceeds their own threshold (`thresholds[i]`, JumpReLU).
+pub(crate) fn select_above_each(pre: &[f32], s: usize, thresholds: &[f32]) -> Csr {
+    let rows = pre
+        .par_chunks(s)
+        .map(|row| {
+            row.iter()
+                .zip(thresholds)
+                .enumerate()
+                .filter(|(_, (&v, &t))| v > t)
+                .map(|(i, (&v, _))| (i as u32, v))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    Csr::from_rows(rows)
+}
+
 /// Top `k` of one row by value (ties: lower id first), as (id, value) sorted by id; only
 /// positive values are kept (TopK then ReLU). `mask`: only latents with `mask[i]` compete.
 fn topk_row(row: &[f32], k: usize, mask: Option<&[bool]>) -> Vec<(u32, f32)> {

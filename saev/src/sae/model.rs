@@ -48,6 +48,9 @@ pub enum SaeActivation {
         /// Inference threshold (EMA of the smallest kept value in training).
         threshold: f32,
     },
+    /// JumpReLU: `pre · H(pre − θ)` with a threshold θ per latent (the `threshold` tensor
+    /// `[d_sae]` in `sae.safetensors`, as SAELens stores it).
+    JumpRelu,
 }
 
 fn yes() -> bool {
@@ -96,11 +99,13 @@ pub struct Sae {
     b_enc: Tensor,
     w_dec: Tensor,
     b_dec: Tensor,
+    /// JumpReLU's per-latent thresholds `[d_sae]` (None for the other activations).
+    threshold: Option<Tensor>,
     norm_mean: Option<(Tensor, f64)>,
 }
 
 /// NaN or infinite SAE weights make every code NaN: refused where they enter, naming the tensor.
-fn check_finite(path: &Path, tensors: [(&str, &Tensor); 4]) -> Result<()> {
+fn check_finite<const N: usize>(path: &Path, tensors: [(&str, &Tensor); N]) -> Result<()> {
     for (name, x) in tensors {
         let bad = x
             .flatten_all()?
@@ -119,12 +124,59 @@ fn check_finite(path: &Path, tensors: [(&str, &Tensor); 4]) -> Result<()> {
 
 impl Sae {
     /// Build from weights (`W_enc [d, d_sae]`, `b_enc [d_sae]`, `W_dec [d_sae, d]`, `b_dec [d]`).
+    /// A JumpReLU SAE also needs its thresholds: [`Sae::new_jump_relu`].
     pub fn new(
         cfg: SaeConfig,
         w_enc: Tensor,
         b_enc: Tensor,
         w_dec: Tensor,
         b_dec: Tensor,
+    ) -> Result<Self> {
+        if cfg.activation == SaeActivation::JumpRelu {
+            return Err(Error::mismatch(
+                "Sae::new: activation",
+                "an activation without per-latent thresholds",
+                "jump_relu",
+                "use Sae::new_jump_relu with the thresholds",
+            ));
+        }
+        Self::build(cfg, w_enc, b_enc, w_dec, b_dec, None)
+    }
+
+    /// A JumpReLU SAE: the weights of [`Sae::new`] and `threshold` `[d_sae]` (θ ≥ 0 per latent).
+    pub fn new_jump_relu(
+        cfg: SaeConfig,
+        w_enc: Tensor,
+        b_enc: Tensor,
+        w_dec: Tensor,
+        b_dec: Tensor,
+        threshold: Tensor,
+    ) -> Result<Self> {
+        if cfg.activation != SaeActivation::JumpRelu {
+            return Err(Error::mismatch(
+                "Sae::new_jump_relu: activation",
+                "jump_relu",
+                format!("{:?}", cfg.activation),
+                "use Sae::new for activations without thresholds",
+            ));
+        }
+        if threshold.dims() != [cfg.d_sae] {
+            return Err(Error::Shape {
+                what: "threshold".into(),
+                expected: vec![cfg.d_sae],
+                actual: threshold.dims().to_vec(),
+            });
+        }
+        Self::build(cfg, w_enc, b_enc, w_dec, b_dec, Some(threshold))
+    }
+
+    fn build(
+        cfg: SaeConfig,
+        w_enc: Tensor,
+        b_enc: Tensor,
+        w_dec: Tensor,
+        b_dec: Tensor,
+        threshold: Option<Tensor>,
     ) -> Result<Self> {
         let (d, s) = (cfg.d_model, cfg.d_sae);
         for (name, t, shape) in [
@@ -161,6 +213,7 @@ impl Sae {
             b_enc,
             w_dec,
             b_dec,
+            threshold,
             norm_mean,
         })
     }
@@ -236,6 +289,11 @@ impl Sae {
         [&self.w_enc, &self.b_enc, &self.w_dec, &self.b_dec]
     }
 
+    /// JumpReLU's per-latent thresholds `[d_sae]` (None for the other activations).
+    pub fn threshold(&self) -> Option<&Tensor> {
+        self.threshold.as_ref()
+    }
+
     /// The versioned config.
     pub fn config(&self) -> &SaeConfig {
         &self.cfg
@@ -289,6 +347,13 @@ impl Sae {
                 let mask = h.ge(f64::from(*threshold))?.to_dtype(DType::F32)?;
                 (h.relu()? * mask)?
             }
+            SaeActivation::JumpRelu => {
+                let theta = self
+                    .threshold
+                    .as_ref()
+                    .ok_or_else(|| Error::Internal("a JumpReLU SAE without thresholds".into()))?;
+                (h.broadcast_gt(theta)?.to_dtype(DType::F32)? * h)?
+            }
             SaeActivation::TopK { k, relu } => {
                 let k = (*k).min(self.cfg.d_sae);
                 // The k-th largest value of each row; ties at it are all kept.
@@ -310,14 +375,29 @@ impl Sae {
             .computing(|| self.op_context("decode", "f", f_ns))
     }
 
+    /// The reconstruction of raw inputs in their own (raw) space: `decode(encode(x)) · scalar +
+    /// mean` (`[n, d_model]` → `[n, d_model]`) — what replaces a block's output when splicing
+    /// the SAE into the model.
+    pub fn reconstruct(&self, x_nd: &Tensor) -> Result<Tensor> {
+        let xh = self.decode(&self.encode(x_nd)?)?;
+        match &self.norm_mean {
+            Some((m, s)) => (|| Ok((xh * *s)?.broadcast_add(m)?))()
+                .computing(|| self.op_context("reconstruct", "x", x_nd)),
+            None => Ok(xh),
+        }
+    }
+
     /// Save as `<dir>/sae.safetensors` + `<dir>/sae.json`.
     pub fn save(&self, dir: impl AsRef<Path>) -> Result<()> {
-        let t = HashMap::from([
+        let mut t = HashMap::from([
             ("W_enc".to_string(), self.w_enc.clone()),
             ("b_enc".to_string(), self.b_enc.clone()),
             ("W_dec".to_string(), self.w_dec.clone()),
             ("b_dec".to_string(), self.b_dec.clone()),
         ]);
+        if let Some(theta) = &self.threshold {
+            t.insert("threshold".to_string(), theta.clone());
+        }
         checkpoint::save(dir.as_ref(), "sae", &t, &self.cfg)
     }
 
@@ -357,6 +437,11 @@ impl Sae {
                 path: js,
                 msg: "activation: k = 0 keeps no latent".into(),
             });
+        }
+        if cfg.activation == SaeActivation::JumpRelu {
+            let theta = t.get("threshold", &[s])?;
+            check_finite(&st, [("threshold", &theta)])?;
+            return Self::new_jump_relu(cfg, a, b, c, e, theta);
         }
         Self::new(cfg, a, b, c, e)
     }

@@ -22,8 +22,8 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::linalg::{
-    axpy, dot, gemm, select_above, select_batch_topk, select_topk, select_topk_masked,
-    sparse_rows_times, Csr, Mat, Transposed,
+    axpy, dot, gemm, select_above, select_above_each, select_batch_topk, select_topk,
+    select_topk_masked, sparse_rows_times, Csr, Mat, Transposed,
 };
 use crate::error::{Error, Result};
 
@@ -43,6 +43,42 @@ pub enum TrainActivation {
         /// Mean latents kept per row.
         k: usize,
     },
+    /// JumpReLU (Rajamanoharan et al. 2024, "Jumping Ahead"): `f = pre · H(pre − θ)` with a
+    /// learned threshold θ per latent, trained against an L0 penalty `λ · ‖f‖₀ / d_model` (the
+    /// paper's λ, whose MSE is summed over the d_model dimensions where saev's is averaged).
+    /// H has no gradient; θ learns through the paper's straight-through estimator, a rectangle
+    /// kernel of width `bandwidth` around it.
+    JumpRelu {
+        /// Width ε of the straight-through rectangle. Default 0.1 (see [`TrainActivation::jump_relu`]).
+        #[serde(default = "default_bandwidth")]
+        bandwidth: f32,
+        /// θ of every latent at the start. Default 0.1.
+        #[serde(default = "default_init_threshold")]
+        init_threshold: f32,
+    },
+}
+
+// The paper's 0.001 suits its activations' scale; saev's inputs have mean norm √d_model
+// (values O(1) per dimension, pre-activations O(1)), where a window of 0.001 catches so few
+// pre-activations that θ barely moves: on the planted-dictionary test θ stayed at its start and
+// L0 at 58 of 64 latents; 0.1 for both recovers every atom at the data's L0.
+fn default_bandwidth() -> f32 {
+    0.1
+}
+
+fn default_init_threshold() -> f32 {
+    0.1
+}
+
+impl TrainActivation {
+    /// JumpReLU with saev's defaults for its normalised inputs: bandwidth ε = 0.1, initial
+    /// θ = 0.1 (the paper's 0.001 for both is for its activations' scale).
+    pub fn jump_relu() -> Self {
+        TrainActivation::JumpRelu {
+            bandwidth: default_bandwidth(),
+            init_threshold: default_init_threshold(),
+        }
+    }
 }
 
 /// Which kernels compute the decoder side.
@@ -114,6 +150,8 @@ pub struct Grads {
     pub w_dec: Vec<f32>,
     /// `[d]`.
     pub b_dec: Vec<f32>,
+    /// `[d_sae]`: JumpReLU's log thresholds (empty for the other activations).
+    pub log_threshold: Vec<f32>,
 }
 
 /// Reusable big buffers, shared by all SAEs of a sweep.
@@ -152,10 +190,14 @@ pub struct TrainState {
     pub w_dec: Vec<f32>,
     /// `[d]`.
     pub b_dec: Vec<f32>,
-    /// Adam first and second moments, per parameter (w_enc, b_enc, w_dec, b_dec).
-    pub adam_m: [Vec<f32>; 4],
+    /// `[d_sae]`: JumpReLU's thresholds θ, as `ln θ` (so θ stays positive); empty for the other
+    /// activations.
+    pub log_threshold: Vec<f32>,
+    /// Adam first and second moments, per parameter (w_enc, b_enc, w_dec, b_dec,
+    /// log_threshold).
+    pub adam_m: [Vec<f32>; 5],
     /// See `adam_m`.
-    pub adam_v: [Vec<f32>; 4],
+    pub adam_v: [Vec<f32>; 5],
     /// Adam steps taken.
     pub t: u64,
     /// BatchTopK inference threshold (EMA of the smallest kept value; 0 before training).
@@ -176,8 +218,14 @@ impl TrainState {
     /// The first parameter or Adam moment (name, flat index) holding NaN or ±∞, if any (a
     /// diverged update; an overflowing squared gradient freezes Adam without one in the weights).
     pub fn first_non_finite(&self) -> Option<(String, usize)> {
-        const NAMES: [&str; 4] = ["W_enc", "b_enc", "W_dec", "b_dec"];
-        let weights = [&self.w_enc, &self.b_enc, &self.w_dec, &self.b_dec];
+        const NAMES: [&str; 5] = ["W_enc", "b_enc", "W_dec", "b_dec", "log_threshold"];
+        let weights = [
+            &self.w_enc,
+            &self.b_enc,
+            &self.w_dec,
+            &self.b_dec,
+            &self.log_threshold,
+        ];
         let named = NAMES.iter().zip(weights).map(|(n, v)| (n.to_string(), v));
         let moments = NAMES
             .iter()
@@ -237,16 +285,41 @@ impl TrainState {
             group_of[a..e].fill(j as u16);
             a = e;
         }
+        let log_threshold = match recipe.activation {
+            TrainActivation::JumpRelu {
+                init_threshold,
+                bandwidth,
+            } => {
+                if !(init_threshold.is_finite() && init_threshold > 0.0) {
+                    return Err(Error::out_of_range(
+                        "activation.init_threshold",
+                        init_threshold,
+                        "> 0 (JumpReLU learns ln θ)",
+                    ));
+                }
+                if !(bandwidth.is_finite() && bandwidth > 0.0) {
+                    return Err(Error::out_of_range(
+                        "activation.bandwidth",
+                        bandwidth,
+                        "> 0",
+                    ));
+                }
+                vec![init_threshold.ln(); s]
+            }
+            _ => Vec::new(),
+        };
         let zeros = |n: usize| vec![0f32; n];
+        let t_len = log_threshold.len();
         Ok(Self {
             d,
             s,
-            adam_m: [zeros(s * d), zeros(s), zeros(s * d), zeros(d)],
-            adam_v: [zeros(s * d), zeros(s), zeros(s * d), zeros(d)],
+            adam_m: [zeros(s * d), zeros(s), zeros(s * d), zeros(d), zeros(t_len)],
+            adam_v: [zeros(s * d), zeros(s), zeros(s * d), zeros(d), zeros(t_len)],
             w_enc,
             b_enc,
             w_dec,
             b_dec,
+            log_threshold,
             t: 0,
             threshold: 0.0,
             since_fired: vec![0; s],
@@ -295,14 +368,20 @@ impl TrainState {
         let (mut stats, mut g, fired, min_kept) = self.gradients_inner(x_nd, n, lambda, scratch)?;
         stats.lr = lr;
         if let Some(max) = self.recipe.max_grad_norm {
-            let sq: f64 = [&g.w_enc, &g.b_enc, &g.w_dec, &g.b_dec]
+            let sq: f64 = [&g.w_enc, &g.b_enc, &g.w_dec, &g.b_dec, &g.log_threshold]
                 .iter()
                 .map(|v| det_sum(v, 4096, sum_sq))
                 .sum();
             let norm = sq.sqrt();
             if norm > max {
                 let c = (max / norm) as f32;
-                for v in [&mut g.w_enc, &mut g.b_enc, &mut g.w_dec, &mut g.b_dec] {
+                for v in [
+                    &mut g.w_enc,
+                    &mut g.b_enc,
+                    &mut g.w_dec,
+                    &mut g.b_dec,
+                    &mut g.log_threshold,
+                ] {
                     v.par_iter_mut().for_each(|x| *x *= c);
                 }
             }
@@ -345,8 +424,9 @@ impl TrainState {
             &mut self.b_enc,
             &mut self.w_dec,
             &mut self.b_dec,
+            &mut self.log_threshold,
         ];
-        let grads = [&g.w_enc, &g.b_enc, &g.w_dec, &g.b_dec];
+        let grads = [&g.w_enc, &g.b_enc, &g.w_dec, &g.b_dec, &g.log_threshold];
         for (((p, gr), m), v) in params
             .into_iter()
             .zip(grads)
@@ -404,14 +484,19 @@ impl TrainState {
         let l1 = f.val.iter().map(|&v| f64::from(v)).sum::<f64>() / n as f64;
         let l0 = f.nnz() as f64 / n as f64;
         let uses_l1 = matches!(self.recipe.activation, TrainActivation::Relu);
-        let lambda = if uses_l1 { lambda } else { 0.0 };
+        let jump = matches!(self.recipe.activation, TrainActivation::JumpRelu { .. });
+        let lambda = if uses_l1 || jump { lambda } else { 0.0 };
+        // JumpReLU's penalty is on L0 (its λ is the paper's: per d_model dimensions of MSE).
+        let l0_coef = if jump { lambda / d as f64 } else { 0.0 };
+        let l1_coef = if uses_l1 { lambda } else { 0.0 };
 
         let (aux_loss, g_aux) = match &aux {
             Some(z) => self.aux_residual(z, &gs, n),
             None => (0.0, Vec::new()),
         };
         let loss = sq_groups.iter().sum::<f64>() / (gn as f64 * n_el)
-            + lambda * l1
+            + l1_coef * l1
+            + l0_coef * l0
             + self.recipe.aux_coef * aux_loss;
 
         // dL/dx̂_j = 2 e_j / (G n d); suffix sums: gs[b, j] ← Σ_{j' ≥ j} dL/dx̂_j'.
@@ -425,7 +510,16 @@ impl TrainState {
             }
         });
 
-        let (mut grads, _) = self.latent_grads(&f, &gs, &xc, n, lambda, dense, scratch);
+        // θ's straight-through gradient reads the pre-activations, which the dense kernels of
+        // `latent_grads` overwrite: first.
+        let g_threshold = match self.recipe.activation {
+            TrainActivation::JumpRelu { bandwidth, .. } => {
+                self.threshold_grads(&scratch.pre, &gs, n, l0_coef, bandwidth)
+            }
+            _ => Vec::new(),
+        };
+        let (mut grads, _) = self.latent_grads(&f, &gs, &xc, n, l1_coef, dense, scratch);
+        grads.log_threshold = g_threshold;
         if let Some(z) = &aux {
             self.aux_grads(z, &g_aux, &xc, &mut grads);
         }
@@ -471,6 +565,7 @@ impl TrainState {
             b_enc: vec![0f32; s],
             w_dec: vec![0f32; s * d],
             b_dec: vec![0f32; d],
+            log_threshold: Vec::new(),
         };
         let dpre: Vec<f32> = if dense {
             // ∂L/∂f per group block: gs_j · W_dec[block]ᵀ into `pre` (no longer needed).
@@ -561,6 +656,55 @@ impl TrainState {
         (grads, dpre)
     }
 
+    /// JumpReLU's thresholds θ = exp(ln θ), `[d_sae]`.
+    pub fn thresholds(&self) -> Vec<f32> {
+        self.log_threshold.iter().map(|v| v.exp()).collect()
+    }
+
+    /// `∂L/∂ln θ` by the paper's straight-through estimator: with `K` the rectangle of width
+    /// ε (`bandwidth`) around θ, each (row, latent) whose pre-activation falls in it adds
+    /// `−(θ/ε) ∂L/∂f` (the jump of `f` at θ) and `−(1/ε) · l0_coef / n` (the jump of `H`);
+    /// then `× θ` for the log parameterisation. `gs` holds `∂L/∂x̂` per group (suffix sums), so
+    /// `∂L/∂f_bi = W_dec[i] · gs[b, group(i)]`.
+    fn threshold_grads(
+        &self,
+        pre: &[f32],
+        gs: &[f32],
+        n: usize,
+        l0_coef: f64,
+        bandwidth: f32,
+    ) -> Vec<f32> {
+        let (d, s, gn) = (self.d, self.s, self.n_groups());
+        let theta = self.thresholds();
+        let half = bandwidth / 2.0;
+        let l0_jump = (l0_coef / n as f64) as f32;
+        // Per row, the window entries' contributions; reduced over rows in a fixed order
+        // (deterministic).
+        let per_row: Vec<Vec<(u32, f32)>> = pre
+            .par_chunks(s)
+            .enumerate()
+            .map(|(b, row)| {
+                let g = &gs[b * gn * d..(b + 1) * gn * d];
+                row.iter()
+                    .zip(&theta)
+                    .enumerate()
+                    .filter(|(_, (&p, &t))| (p - t).abs() < half)
+                    .map(|(i, (_, &t))| {
+                        let j = usize::from(self.group_of[i]);
+                        let df = dot(&self.w_dec[i * d..(i + 1) * d], &g[j * d..(j + 1) * d]);
+                        (i as u32, -(t * df + l0_jump) / bandwidth)
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut g_theta = vec![0f32; s];
+        for (i, v) in per_row.into_iter().flatten() {
+            g_theta[i as usize] += v;
+        }
+        g_theta.iter_mut().zip(&theta).for_each(|(g, t)| *g *= t);
+        g_theta
+    }
+
     /// AuxK's gradients through the dead latents it selected (`z`), into `grads`.
     fn aux_grads(&self, z: &Csr, g_aux: &[f32], xc: &[f32], grads: &mut Grads) {
         let (d, s) = (self.d, self.s);
@@ -648,6 +792,9 @@ impl TrainState {
             TrainActivation::BatchTopK { k } => {
                 let (f, m) = select_batch_topk(pre, s, k * n);
                 (f, Some(m))
+            }
+            TrainActivation::JumpRelu { .. } => {
+                (select_above_each(pre, s, &self.thresholds()), None)
             }
         };
         let dead = self.dead_mask();
@@ -886,10 +1033,19 @@ mod tests {
             .broadcast_add(be.as_tensor())
             .unwrap();
         let pre_v: Vec<f32> = pre.flatten_all().unwrap().to_vec1().unwrap();
-        let mask = match st.recipe.activation {
+        // JumpReLU: θ = exp(ln θ) as a variable; the paper's straight-through estimator written
+        // as a surrogate, (θ − sg(θ)) · c, whose value is 0 and whose θ-gradient is c.
+        let lt = Var::from_tensor(&t(&st.log_threshold, &[st.log_threshold.len()])).unwrap();
+        let theta_v = st.thresholds();
+        let mask: Vec<bool> = match st.recipe.activation {
             TrainActivation::Relu => pre_v.iter().map(|&v| v > 0.0).collect(),
             TrainActivation::TopK { k } => chosen(&pre_v, s, k, false, None),
             TrainActivation::BatchTopK { k } => chosen(&pre_v, s, k, true, None),
+            TrainActivation::JumpRelu { .. } => pre_v
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| v > theta_v[i % s])
+                .collect(),
         };
         let as_t = |m: &[bool]| {
             t(
@@ -899,7 +1055,38 @@ mod tests {
                 &[n, s],
             )
         };
-        let f = (&pre * as_t(&mask)).unwrap();
+        let mut f = (&pre * as_t(&mask)).unwrap();
+        let mut l0_surrogate = None;
+        if let TrainActivation::JumpRelu { bandwidth, .. } = st.recipe.activation {
+            // K((pre − θ)/ε)/ε: the rectangle of width ε around θ.
+            let k_v: Vec<f32> = pre_v
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| {
+                    if (v - theta_v[i % s]).abs() < bandwidth / 2.0 {
+                        1.0 / bandwidth
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let theta = lt.as_tensor().exp().unwrap();
+            let zero_with_grad = (&theta - theta.detach())
+                .unwrap()
+                .broadcast_as((n, s))
+                .unwrap();
+            let theta_b: Vec<f32> = (0..n * s).map(|i| theta_v[i % s]).collect();
+            // ∂f/∂θ = −θ K/ε; ∂H/∂θ = −K/ε.
+            let df_dtheta = (t(&k_v, &[n, s]) * t(&theta_b, &[n, s]))
+                .unwrap()
+                .neg()
+                .unwrap();
+            f = (f + (&zero_with_grad * df_dtheta).unwrap()).unwrap();
+            let dh_dtheta = t(&k_v, &[n, s]).neg().unwrap();
+            let count = mask.iter().filter(|&&m| m).count() as f64;
+            let l0 = ((zero_with_grad * dh_dtheta).unwrap().sum_all().unwrap() + count).unwrap();
+            l0_surrogate = Some((l0 / n as f64).unwrap());
+        }
         let ends = st.group_ends();
         let g = ends.len() as f64;
         let mut loss = Tensor::zeros((), candle_core::DType::F32, &dev).unwrap();
@@ -919,6 +1106,10 @@ mod tests {
         if matches!(st.recipe.activation, TrainActivation::Relu) {
             let l1 = (f.sum_all().unwrap() / n as f64).unwrap();
             loss = (loss + (l1 * lambda).unwrap()).unwrap();
+        }
+        if let Some(l0) = l0_surrogate {
+            // The paper's λ: L0 against MSE summed over d, so λ/d against saev's mean MSE.
+            loss = (loss + (l0 * (lambda / d as f64)).unwrap()).unwrap();
         }
         if st.recipe.aux_k > 0 {
             let resid = (&xt - last.unwrap()).unwrap().detach();
@@ -951,6 +1142,11 @@ mod tests {
             b_enc: get(&be),
             w_dec,
             b_dec: get(&bd),
+            log_threshold: if st.log_threshold.is_empty() {
+                Vec::new()
+            } else {
+                get(&lt)
+            },
         }
     }
 
@@ -969,6 +1165,22 @@ mod tests {
             (TrainActivation::TopK { k: 4 }, vec![8, 24], 2),
             (TrainActivation::BatchTopK { k: 3 }, vec![], 0),
             (TrainActivation::BatchTopK { k: 2 }, vec![4, 10, 24], 3),
+            (
+                TrainActivation::JumpRelu {
+                    bandwidth: 0.4,
+                    init_threshold: 0.1,
+                },
+                vec![],
+                0,
+            ),
+            (
+                TrainActivation::JumpRelu {
+                    bandwidth: 0.3,
+                    init_threshold: 0.2,
+                },
+                vec![6, 12, 24],
+                2,
+            ),
         ];
         for (ci, (act, groups, aux_k)) in cases.into_iter().enumerate() {
             let recipe = Recipe {
@@ -991,6 +1203,10 @@ mod tests {
             )
             .unwrap();
             st.normalise_decoder();
+            // Thresholds spread over 0.05..0.65, so the STE window catches some entries.
+            for (i, lt) in st.log_threshold.iter_mut().enumerate() {
+                *lt = (0.05 + 0.6 * ((i * 7) % s) as f32 / s as f32).ln();
+            }
             // Some latents dead, so AuxK has work.
             for i in (0..s).step_by(3) {
                 st.since_fired[i] = 1000;
@@ -1011,7 +1227,14 @@ mod tests {
                 ("b_enc", &gs.b_enc, &gd.b_enc, &gr.b_enc),
                 ("w_dec", &gs.w_dec, &gd.w_dec, &gr.w_dec),
                 ("b_dec", &gs.b_dec, &gd.b_dec, &gr.b_dec),
+                (
+                    "log_threshold",
+                    &gs.log_threshold,
+                    &gd.log_threshold,
+                    &gr.log_threshold,
+                ),
             ] {
+                assert_eq!((a.len(), b.len()), (r.len(), r.len()), "case {ci} {name}");
                 assert!(
                     rel(a, b) <= 1e-5,
                     "case {ci} {name}: sparse vs dense {}",
@@ -1025,6 +1248,12 @@ mod tests {
             }
             if aux_k > 0 {
                 assert!(ss.aux > 0.0, "case {ci}: AuxK had dead latents to use");
+            }
+            if !st.log_threshold.is_empty() {
+                assert!(
+                    gs.log_threshold.iter().filter(|&&g| g != 0.0).count() >= s / 4,
+                    "case {ci}: the STE window caught too few latents to test"
+                );
             }
         }
     }

@@ -56,9 +56,19 @@ pub(super) fn save_checkpoint(out: &Path, states: &[TrainState], st: &CkptState)
         t.insert(format!("{k}.b_enc"), tensor(&s.b_enc, &[n])?);
         t.insert(format!("{k}.w_dec"), tensor(&s.w_dec, &[n, d])?);
         t.insert(format!("{k}.b_dec"), tensor(&s.b_dec, &[d])?);
+        if !s.log_threshold.is_empty() {
+            t.insert(
+                format!("{k}.log_threshold"),
+                tensor(&s.log_threshold, &[n])?,
+            );
+        }
+        // m4/v4 (JumpReLU's thresholds) only where there are thresholds: checkpoints of the
+        // other activations read as before.
         for (j, (m, v)) in s.adam_m.iter().zip(&s.adam_v).enumerate() {
-            t.insert(format!("{k}.m{j}"), tensor(m, &[m.len()])?);
-            t.insert(format!("{k}.v{j}"), tensor(v, &[v.len()])?);
+            if j < 4 || !m.is_empty() {
+                t.insert(format!("{k}.m{j}"), tensor(m, &[m.len()])?);
+                t.insert(format!("{k}.v{j}"), tensor(v, &[v.len()])?);
+            }
         }
     }
     checkpoint::save(&tmp, "state", &t, st)?;
@@ -144,9 +154,15 @@ pub(super) fn load_checkpoint(out: &Path, states: &mut [TrainState]) -> Result<O
         s.b_enc = get(format!("{k}.b_enc"), n)?;
         s.w_dec = get(format!("{k}.w_dec"), n * d)?;
         s.b_dec = get(format!("{k}.b_dec"), d)?;
-        for (jj, len) in [n * d, n, n * d, d].into_iter().enumerate() {
-            s.adam_m[jj] = get(format!("{k}.m{jj}"), len)?;
-            s.adam_v[jj] = get(format!("{k}.v{jj}"), len)?;
+        let t_len = s.log_threshold.len();
+        if t_len > 0 {
+            s.log_threshold = get(format!("{k}.log_threshold"), t_len)?;
+        }
+        for (jj, len) in [n * d, n, n * d, d, t_len].into_iter().enumerate() {
+            if jj < 4 || len > 0 {
+                s.adam_m[jj] = get(format!("{k}.m{jj}"), len)?;
+                s.adam_v[jj] = get(format!("{k}.v{jj}"), len)?;
+            }
         }
         s.t = st.adam_t[k];
         s.threshold = st.threshold[k];

@@ -66,8 +66,8 @@ pub struct TrainConfig {
     pub activation: TrainActivation,
     /// Matryoshka prefix ends as fractions of d_sae (e.g. [0.0625, 0.25, 1.0]); empty = off.
     pub matryoshka: Vec<f64>,
-    /// AuxK latents per row on dead latents (TopK/BatchTopK; 0 = off). Default None =
-    /// d_model / 2 (Gao et al.'s choice).
+    /// AuxK latents per row on dead latents (TopK/BatchTopK/JumpReLU; 0 = off). Default None =
+    /// d_model / 2 (Gao et al.'s choice) for TopK and BatchTopK, off for JumpReLU.
     pub aux_k: Option<usize>,
     /// AuxK coefficient. Default 1/32 (Gao et al.).
     pub aux_coef: f64,
@@ -170,6 +170,9 @@ impl Setting {
             TrainActivation::Relu => {
                 return format!("ReLU λ {:.0e}, lr {:.0e}", self.lambda, self.lr)
             }
+            TrainActivation::JumpRelu { .. } => {
+                return format!("JumpReLU λ {:.0e}, lr {:.0e}", self.lambda, self.lr)
+            }
             TrainActivation::TopK { k } => ("TopK", k),
             TrainActivation::BatchTopK { k } => ("BatchTopK", k),
         };
@@ -199,6 +202,23 @@ impl TrainConfig {
                 })
                 .to_vec(),
             n_sparsity_warmup: 0,
+            ..Self::default()
+        }
+    }
+    /// JumpReLU (Rajamanoharan et al. 2024) with its L0 penalty: tied init, cosine lr decay, a
+    /// λ sweep at lr 1e-3 (λ is the paper's: the L0 penalty against MSE summed over d_model).
+    pub fn jump_relu(layer: i64) -> Self {
+        Self {
+            layer,
+            activation: TrainActivation::jump_relu(),
+            lr_schedule: LrSchedule::Cosine,
+            sweep: [0.3, 1.0, 3.0]
+                .map(|lambda| Setting {
+                    lr: 1e-3,
+                    lambda,
+                    k: None,
+                })
+                .to_vec(),
             ..Self::default()
         }
     }
@@ -284,7 +304,9 @@ impl TrainConfig {
     pub fn init(&self) -> Init {
         self.init.unwrap_or(match self.activation {
             TrainActivation::Relu => Init::Kaiming,
-            TrainActivation::TopK { .. } | TrainActivation::BatchTopK { .. } => Init::Tied,
+            TrainActivation::TopK { .. }
+            | TrainActivation::BatchTopK { .. }
+            | TrainActivation::JumpRelu { .. } => Init::Tied,
         })
     }
 
@@ -367,7 +389,7 @@ impl TrainConfig {
             return bad("n_patches", "0".into(), "at least 1");
         }
         let k_of = |a: TrainActivation| match a {
-            TrainActivation::Relu => None,
+            TrainActivation::Relu | TrainActivation::JumpRelu { .. } => None,
             TrainActivation::TopK { k } | TrainActivation::BatchTopK { k } => Some(k),
         };
         if k_of(self.activation) == Some(0) {
@@ -414,10 +436,10 @@ impl TrainConfig {
 
     pub(super) fn recipe(&self, setting: &Setting, d_model: usize, d_sae: usize) -> Result<Recipe> {
         let activation = match (self.activation, setting.k) {
-            (TrainActivation::Relu, Some(_)) => {
+            (TrainActivation::Relu | TrainActivation::JumpRelu { .. }, Some(_)) => {
                 return Err(Error::mismatch(
                     "train: sweep setting",
-                    "no k for the relu activation",
+                    "no k for the relu and jump_relu activations",
                     "a k",
                     "drop k or use a top_k / batch_top_k activation",
                 ))
@@ -437,10 +459,11 @@ impl TrainConfig {
         Ok(Recipe {
             activation,
             groups,
-            aux_k: if matches!(activation, TrainActivation::Relu) {
-                0
-            } else {
-                self.aux_k.unwrap_or(d_model / 2)
+            aux_k: match activation {
+                TrainActivation::Relu => 0,
+                // The paper trains JumpReLU without AuxK; on request it revives dead latents.
+                TrainActivation::JumpRelu { .. } => self.aux_k.unwrap_or(0),
+                _ => self.aux_k.unwrap_or(d_model / 2),
             },
             aux_coef: self.aux_coef,
             dead_window_patches: self.dead_window(),

@@ -414,6 +414,7 @@ fn export(
             k,
             threshold: st.threshold,
         },
+        TrainActivation::JumpRelu { .. } => SaeActivation::JumpRelu,
     };
     let sae_cfg = SaeConfig {
         schema: SAE_SCHEMA,
@@ -435,13 +436,13 @@ fn export(
             "n_patches_seen": seen,
         }),
     };
-    Sae::new(
-        sae_cfg,
-        w_enc_sd.t()?.contiguous()?,
-        b_enc,
-        tensor(&st.w_dec, &[s, d])?,
-        b_dec,
-    )
+    let (w_enc, w_dec) = (w_enc_sd.t()?.contiguous()?, tensor(&st.w_dec, &[s, d])?);
+    if st.log_threshold.is_empty() {
+        Sae::new(sae_cfg, w_enc, b_enc, w_dec, b_dec)
+    } else {
+        let theta = tensor(&st.thresholds(), &[s])?;
+        Sae::new_jump_relu(sae_cfg, w_enc, b_enc, w_dec, b_dec, theta)
+    }
 }
 
 #[cfg(test)]
