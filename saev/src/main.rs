@@ -284,6 +284,10 @@ struct ActivationsArgs {
     /// Skip files whose image header does not decode (otherwise they are an error).
     #[arg(long)]
     skip_bad: bool,
+    /// The split of an ADE20K root to record (`training`, `validation`); required when it holds
+    /// both.
+    #[arg(long)]
+    split: Option<String>,
     /// Shard capacity in vectors.
     #[arg(long, default_value_t = 2_400_000, value_parser = positive)]
     max_tokens_per_shard: usize,
@@ -495,7 +499,10 @@ fn activations(a: ActivationsArgs) -> saev::Result<()> {
         });
     };
     let vit = open_backbone(a.model, a.size)?;
-    let mut data = saev::Dataset::open(&data_path, a.kind, a.skip_bad)?;
+    let mut data = match &a.split {
+        Some(split) => saev::Dataset::ade20k(&data_path, split, a.skip_bad)?,
+        None => saev::Dataset::open(&data_path, a.kind, a.skip_bad)?,
+    };
     if let Some(n) = a.limit {
         data = data.take(n);
     }
@@ -716,9 +723,13 @@ fn probe(
     let store = saev::ActivationStore::open(&store)?;
     let vit = Backbone::open(model.unwrap_or_else(|| store.metadata().ckpt.clone()))?;
     if segment {
+        // Class names: --classes, else those the store recorded (ADE20K's objectInfo150).
         let names: Vec<String> = match classes {
             Some(p) => read_json(&p)?,
-            None => Vec::new(),
+            None => store
+                .provenance()
+                .map(|p| p.classes.clone())
+                .unwrap_or_default(),
         };
         let t0 = std::time::Instant::now();
         let (head, miou) = saev::Head::train_segmenter(

@@ -147,7 +147,7 @@ impl Dataset {
                 )
             }
             DatasetKind::LabelledFolder => open_labelled(path)?,
-            DatasetKind::Ade20k => open_ade20k(path)?,
+            DatasetKind::Ade20k => open_ade20k(path, None)?,
             DatasetKind::Parquet => {
                 let src = parquet::ParquetSource::open(path)?;
                 let classes = src
@@ -162,6 +162,28 @@ impl Dataset {
                 (classes, Source::Parquet(Arc::new(src)))
             }
         };
+        Self::from_source(path, kind, classes, source, skip_bad)
+    }
+
+    /// One split (`training`, `validation`) of an ADE20K root (`ADEChallengeData2016`), with
+    /// the class names of its `objectInfo150` table (`other` at 0).
+    pub fn ade20k(root: impl AsRef<Path>, split: &str, skip_bad: bool) -> Result<Self> {
+        let root = root.as_ref();
+        if !root.exists() {
+            return Err(dataset_err(root, "does not exist"));
+        }
+        let abs = std::path::absolute(root).with_path(root)?;
+        let (classes, source) = open_ade20k(&abs, Some(split))?;
+        Self::from_source(&abs, DatasetKind::Ade20k, classes, source, skip_bad)
+    }
+
+    fn from_source(
+        path: &Path,
+        kind: DatasetKind,
+        classes: Vec<String>,
+        source: Source,
+        skip_bad: bool,
+    ) -> Result<Self> {
         let source = if skip_bad { drop_bad(source) } else { source };
         let n = match &source {
             Source::Files { paths, .. } => paths.len(),
@@ -500,5 +522,53 @@ mod tests {
         std::fs::remove_file(d.join("annotations/training/x1.png")).unwrap();
         let err = Dataset::open(&d, None, false).unwrap_err().to_string();
         assert!(err.contains("missing annotation"), "{err}");
+    }
+
+    /// Both splits: refused unsplit, each split alone on request, class names from either
+    /// objectInfo150 format (the release's tab-separated .txt, the repository's .csv).
+    #[test]
+    fn ade20k_splits_and_class_names() {
+        let d = tmp("ade-splits");
+        for (split, n) in [("training", 3), ("validation", 2)] {
+            for i in 0..n {
+                png(&d.join(format!("images/{split}/ADE_{split}_{i}.png")), 1);
+                png(
+                    &d.join(format!("annotations/{split}/ADE_{split}_{i}.png")),
+                    2,
+                );
+            }
+        }
+        let err = Dataset::open(&d, None, false).unwrap_err().to_string();
+        assert!(
+            err.contains("[\"training\", \"validation\"]") && err.contains("--split"),
+            "{err}"
+        );
+        std::fs::write(
+            d.join("objectInfo150.txt"),
+            "Idx\tRatio\tTrain\tVal\tName\n1\t0.1576\t11664\t1172\twall\n2\t0.1072\t6046\t612\tbuilding;edifice\n",
+        )
+        .unwrap();
+        let tr = Dataset::ade20k(&d, "training", false).unwrap();
+        let va = Dataset::ade20k(&d, "validation", false).unwrap();
+        assert_eq!((tr.len(), va.len()), (3, 2));
+        assert_eq!(tr.class_names(), ["other", "wall", "building"]);
+        std::fs::remove_file(d.join("objectInfo150.txt")).unwrap();
+        std::fs::write(
+            d.join("objectInfo150.csv"),
+            "Idx,Ratio,Train,Val,Stuff,Name\n1,0.1576,11664,1172,1,wall\n2,0.1072,6046,612,1,\"building;edifice\"\n",
+        )
+        .unwrap();
+        let va = Dataset::ade20k(&d, "validation", false).unwrap();
+        assert_eq!(va.class_names(), ["other", "wall", "building"]);
+        let err = Dataset::ade20k(&d, "test", false).unwrap_err().to_string();
+        assert!(err.contains("no split `test`"), "{err}");
+        std::fs::write(d.join("objectInfo150.csv"), "Idx,Name\n2,wall\n").unwrap();
+        let err = Dataset::ade20k(&d, "training", false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("objectInfo150.csv") && err.contains("line 2"),
+            "{err}"
+        );
     }
 }
