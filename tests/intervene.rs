@@ -297,6 +297,53 @@ fn register_model_runs_heads_and_change_rates_from_a_store() -> TestResult {
     let r = iv.change_rates(&store, h.held_out()?, latent, 0, -10.0, 1)?;
     assert!(r.totals[0] + r.totals[1] > 0, "{r}");
 
+    // The §5 protocol over both classes. With the ReLU "SAE" above, latent i fires on a patch
+    // exactly where the recorded value x_i > 0: the F1 choice computed here from the raw store
+    // values must be the one the protocol made.
+    let (p, c) = (store.n_patches(), 1usize);
+    let labels = store.provenance().ok_or("no provenance")?.labels.clone();
+    for class in 0..2u32 {
+        let (mut best, mut best_f1) = (0usize, -1.0f64);
+        for i in 0..d {
+            let (mut tp, mut fired, mut support) = (0f64, 0f64, 0f64);
+            for (e, label) in labels.iter().enumerate() {
+                let x = store.example(e)?;
+                let fires = (0..p).any(|q| x[(c + q) * d + i] > 0.0);
+                let is = *label == Some(class);
+                tp += f64::from(u8::from(fires && is));
+                fired += f64::from(u8::from(fires));
+                support += f64::from(u8::from(is));
+            }
+            let f1 = 2.0 * tp / (fired + support);
+            if f1 > best_f1 {
+                (best, best_f1) = (i, f1);
+            }
+        }
+        let got = &iv.latent_f1(&store, saev::store::Examples::All)?[class as usize];
+        assert_eq!((got.class, got.latent), (class, best), "class {class}");
+        assert!(
+            (got.f1 - best_f1).abs() < 1e-12,
+            "class {class}: {} vs {best_f1}",
+            got.f1
+        );
+    }
+    let table = iv
+        .clone()
+        .with_group_by(saev::intervene::GroupBy::Predictions)
+        .protocol(&store, saev::store::Examples::All, h.held_out()?, 0.0, 3)?;
+    assert_eq!(table.rows.len(), 2, "{table}");
+    assert!(
+        table
+            .to_string()
+            .contains("grouped by the head's predictions"),
+        "{table}"
+    );
+    for row in &table.rows {
+        assert_eq!(row.rates.mult, 0.0);
+        assert!(row.rates.totals[0] + row.rates.totals[1] > 0, "{table}");
+    }
+    eprintln!("{table}");
+
     // Downstream fidelity. The clean score is the head's accuracy on the whole model's outputs,
     // computed here image by image from pixels; an exact identity SAE (W_enc = [I, −I],
     // W_dec = [I; −I]: relu(x) − relu(−x) = x) loses nothing.

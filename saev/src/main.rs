@@ -208,12 +208,22 @@ struct CausalArgs {
     /// Head directory (from `saev probe`).
     #[arg(long)]
     head: PathBuf,
-    /// Latents to test.
-    #[arg(long, value_delimiter = ',', required = true)]
+    /// Latents to test (or `--protocol`).
+    #[arg(long, value_delimiter = ',', required_unless_present = "protocol")]
     latents: Vec<usize>,
-    /// Edit: set to this multiple of the latent's max.
-    #[arg(long, allow_hyphen_values = true, default_value_t = -2.0, value_parser = finite)]
-    mult: f32,
+    /// The paper's §5 protocol over every class instead of given latents: `semseg` (a
+    /// segmentation head) or `classification` (a classifier): per class the latent of best F1
+    /// on the head's training examples, suppressed (`--mult`, default here 0) on its held-out
+    /// ones; per-class table and mean ± std.
+    #[arg(long, value_parser = ["semseg", "classification"])]
+    protocol: Option<String>,
+    /// Group images / patches into target and other by `predictions` (the head's before the
+    /// edit, as the paper) or `labels`. Default: predictions with --protocol, else labels.
+    #[arg(long)]
+    group_by: Option<saev::intervene::GroupBy>,
+    /// Edit: set to this multiple of the latent's max (default -2; 0 with --protocol).
+    #[arg(long, allow_hyphen_values = true, value_parser = finite)]
+    mult: Option<f32>,
     /// Store examples to test on, `START..END` (default: the head's held-out examples).
     #[arg(long, value_parser = parse_range)]
     examples: Option<(usize, usize)>,
@@ -770,6 +780,8 @@ fn causal(
         examples,
         class,
         model,
+        protocol,
+        group_by,
     }: CausalArgs,
 ) -> saev::Result<()> {
     let store = saev::ActivationStore::open(&store)?;
@@ -777,7 +789,13 @@ fn causal(
     let ex = saev::Explorer::open(sae_dir(&sae, &store)?, &store)?;
     let head = saev::Head::load(&head)?;
     let layer = ex.features().layer();
-    let iv = saev::Intervention::new(&vit, layer, ex.sae(), &head)?.with_features(ex.features());
+    let default_group = match protocol {
+        Some(_) => saev::intervene::GroupBy::Predictions,
+        None => saev::intervene::GroupBy::Labels,
+    };
+    let iv = saev::Intervention::new(&vit, layer, ex.sae(), &head)?
+        .with_features(ex.features())
+        .with_group_by(group_by.unwrap_or(default_group));
     let examples: saev::store::Examples = match examples {
         Some(r) => r.into(),
         None => head.held_out().map_err(|e| saev::Error::Missing {
@@ -810,6 +828,31 @@ fn causal(
         "downstream fidelity of the SAE at layer {layer} ({} held-out examples): {} clean {:.4}, SAE {:.4}, SAE + error {:.4}, mean-ablated {:.4}; recovered {:.3}, agreement {:.3}",
         fid.n_examples, fid.metric, fid.clean, fid.sae, fid.with_error, fid.ablated, fid.recovered(), fid.agreement
     );
+    if let Some(p) = protocol {
+        let seg = head.kind() == saev::intervene::HeadKind::Segmenter;
+        if seg != (p == "semseg") {
+            return Err(saev::Error::Mismatch {
+                what: "--protocol".into(),
+                expected: format!("a {} head", if seg { "classifier" } else { "segmentation" }),
+                found: format!("{p} with a {:?} head", head.kind()),
+                fix: format!(
+                    "use --protocol {}",
+                    if seg { "semseg" } else { "classification" }
+                ),
+            });
+        }
+        // Latents are chosen on the head's training examples, tested on its held-out ones.
+        let train = match head.held_out()? {
+            saev::store::Examples::HeldOut { n_held_out, seed } => {
+                saev::store::Examples::train(n_held_out, seed)
+            }
+            _ => saev::store::Examples::All,
+        };
+        let table = iv.protocol(&store, train, examples, mult.unwrap_or(0.0), 0)?;
+        println!("{table}");
+        return Ok(());
+    }
+    let mult = mult.unwrap_or(-2.0);
     for l in latents {
         let (class, purity) = match class {
             Some(c) => (c, f64::NAN),

@@ -9,7 +9,7 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::outcome::argmax;
-use super::{head, Edit, HeadKind, Intervention, Perturb};
+use super::{head, Edit, GroupBy, HeadKind, Intervention, Perturb};
 use crate::error::{Computing, Error, Result};
 use crate::store::{ActivationStore, Examples, Tokens};
 use crate::util::display::emit_text;
@@ -56,14 +56,15 @@ impl Intervention {
             .provenance()
             .map(|p| p.labels.clone())
             .unwrap_or_default();
-        if !seg && labels.iter().all(Option::is_none) {
+        let by_labels = self.group_by == GroupBy::Labels;
+        if by_labels && !seg && labels.iter().all(Option::is_none) {
             return Err(Error::missing(
                 store.dir().display().to_string(),
                 "no image labels",
                 "record a labelled dataset",
             ));
         }
-        if seg && store.patch_labels(ids[0]).is_none() {
+        if by_labels && seg && store.patch_labels(ids[0]).is_none() {
             return Err(Error::missing(
                 store.dir().display().to_string(),
                 "no per-patch labels for a segmentation head",
@@ -124,22 +125,28 @@ impl Intervention {
                     Some(r) => Some(r.narrow(0, i, 1)?),
                     None => None,
                 };
-                // Group of each counted unit (the image, or each patch): 0 target, 1 other.
-                let groups: Vec<usize> = if seg {
-                    let pl = store.patch_labels(chunk[i]).unwrap_or(&[]);
-                    pl.iter()
-                        .map(|&l| usize::from(u32::from(l) != target_class))
-                        .collect()
-                } else {
-                    match labels.get(chunk[i]).copied().flatten() {
+                let pred0 = preds(&before[i * rows_per * c_n..(i + 1) * rows_per * c_n]);
+                // Group of each counted unit (the image, or each patch): 0 target, 1 other — by
+                // label, or (the paper's grouping) by what the head saw before the edit.
+                let groups: Vec<usize> = match (self.group_by, seg) {
+                    (GroupBy::Predictions, _) => pred0
+                        .iter()
+                        .map(|&q| usize::from(q as u32 != target_class))
+                        .collect(),
+                    (GroupBy::Labels, true) => {
+                        let pl = store.patch_labels(chunk[i]).unwrap_or(&[]);
+                        pl.iter()
+                            .map(|&l| usize::from(u32::from(l) != target_class))
+                            .collect()
+                    }
+                    (GroupBy::Labels, false) => match labels.get(chunk[i]).copied().flatten() {
                         Some(lab) => vec![usize::from(lab != target_class)],
                         None => continue,
-                    }
+                    },
                 };
                 for &g in &groups {
                     r.totals[g] += 1;
                 }
-                let pred0 = preds(&before[i * rows_per * c_n..(i + 1) * rows_per * c_n]);
                 let active = |l: usize| -> Result<Vec<usize>> {
                     let xs = img.narrow(1, c, p)?.squeeze(0)?;
                     let f = self.sae.encode(&xs)?.narrow(1, l, 1)?.squeeze(1)?;

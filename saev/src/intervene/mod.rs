@@ -23,10 +23,12 @@ mod change_rates;
 mod fidelity;
 pub(crate) mod head;
 mod outcome;
+mod protocol;
 
 pub use change_rates::ChangeRates;
 pub use fidelity::Fidelity;
 pub use outcome::Outcome;
+pub use protocol::{best_f1_latents, ClassRow, LatentF1, ProtocolTable};
 
 pub use head::{miou, Head, HeadConfig, HeadKind, HeadMeta};
 
@@ -96,6 +98,26 @@ pub struct Intervention {
     max: Option<Vec<f32>>,
     w_dec: Vec<f32>,
     scalar: f32,
+    group_by: GroupBy,
+}
+
+/// How the change-rate experiments decide which images or patches are "the target class's".
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupBy {
+    /// The recorded labels (image labels, patch labels). The default.
+    #[default]
+    Labels,
+    /// The head's own predictions before the edit — the paper's §5 grouping, which needs no
+    /// labels and asks "did the model change its mind about what it saw as the class".
+    Predictions,
+}
+
+impl std::str::FromStr for GroupBy {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        crate::util::parse_name(s, &["labels", "predictions"])
+    }
 }
 
 /// What is added to the block-L output of the edited patches.
@@ -164,7 +186,15 @@ impl Intervention {
             max: None,
             w_dec: w_dec.flatten_all()?.to_vec1()?,
             scalar: sae.config().norm.as_ref().map_or(1.0, |n| n.scalar),
+            group_by: GroupBy::Labels,
         })
+    }
+
+    /// Group the change rates' images or patches by labels (default) or by the head's
+    /// predictions before the edit.
+    pub fn with_group_by(mut self, group_by: GroupBy) -> Self {
+        self.group_by = group_by;
+        self
     }
 
     /// Use the feature pass's max values for `*MaxTimes` edits.
