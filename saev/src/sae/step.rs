@@ -52,9 +52,14 @@ pub enum TrainActivation {
         /// Width ε of the straight-through rectangle. Default 0.1 (see [`TrainActivation::jump_relu`]).
         #[serde(default = "default_bandwidth")]
         bandwidth: f32,
-        /// θ of every latent at the start. Default 0.1.
+        /// θ of every latent at the start, when `init_density` is None. Default 0.1.
         #[serde(default = "default_init_threshold")]
         init_threshold: f32,
+        /// Start each latent's θ where it fires on this fraction of the first batch (its
+        /// `(1 − density)` quantile). Default 0.01 (L0 ≈ 1% of d_sae at the start); None =
+        /// `init_threshold` for every latent, as the paper.
+        #[serde(default = "default_init_density")]
+        init_density: Option<f32>,
     },
 }
 
@@ -70,6 +75,10 @@ fn default_init_threshold() -> f32 {
     0.1
 }
 
+fn default_init_density() -> Option<f32> {
+    Some(0.01)
+}
+
 impl TrainActivation {
     /// JumpReLU with saev's defaults for its normalised inputs: bandwidth ε = 0.1, initial
     /// θ = 0.1 (the paper's 0.001 for both is for its activations' scale).
@@ -77,6 +86,7 @@ impl TrainActivation {
         TrainActivation::JumpRelu {
             bandwidth: default_bandwidth(),
             init_threshold: default_init_threshold(),
+            init_density: default_init_density(),
         }
     }
 }
@@ -289,7 +299,15 @@ impl TrainState {
             TrainActivation::JumpRelu {
                 init_threshold,
                 bandwidth,
+                init_density,
             } => {
+                if init_density.is_some_and(|p| !(p > 0.0 && p < 1.0)) {
+                    return Err(Error::out_of_range(
+                        "activation.init_density",
+                        format!("{init_density:?}"),
+                        "a fraction in (0, 1), or null for init_threshold",
+                    ));
+                }
                 if !(init_threshold.is_finite() && init_threshold > 0.0) {
                     return Err(Error::out_of_range(
                         "activation.init_threshold",
@@ -364,6 +382,15 @@ impl TrainState {
     ) -> Result<(StepStats, Vec<u32>)> {
         if self.recipe.unit_norm_decoder {
             self.normalise_decoder();
+        }
+        if let TrainActivation::JumpRelu {
+            init_density: Some(density),
+            ..
+        } = self.recipe.activation
+        {
+            if self.t == 0 && n > 0 && x_nd.len() == n * self.d {
+                self.thresholds_from_batch(x_nd, n, density, &mut scratch.pre);
+            }
         }
         let (mut stats, mut g, fired, min_kept) = self.gradients_inner(x_nd, n, lambda, scratch)?;
         stats.lr = lr;
@@ -656,6 +683,49 @@ impl TrainState {
         (grads, dpre)
     }
 
+    /// `pre = (x − b_dec) W_encᵀ + b_enc` into `pre` (`[n, d_sae]`); returns the centred batch.
+    fn pre_activations(&self, x_nd: &[f32], n: usize, pre: &mut Vec<f32>) -> Vec<f32> {
+        let (d, s) = (self.d, self.s);
+        let mut xc = x_nd.to_vec();
+        xc.par_chunks_mut(d)
+            .for_each(|r| r.iter_mut().zip(&self.b_dec).for_each(|(v, b)| *v -= b));
+        pre.resize(n * s, 0.0);
+        pre.par_chunks_mut(s)
+            .for_each(|r| r.copy_from_slice(&self.b_enc));
+        gemm(
+            n,
+            s,
+            d,
+            pre,
+            0,
+            s,
+            Mat::rows(&xc, d),
+            Mat::t(&self.w_enc, d),
+            true,
+        );
+        xc
+    }
+
+    /// JumpReLU's data-driven start: each latent's θ at the `(1 − density)` quantile of its
+    /// pre-activations on this batch, so every latent starts firing on about `density` of the
+    /// patches (L0 ≈ density · d_sae) instead of on half of them (θ far below the
+    /// pre-activations: dense codes, slow steps, and an L0 penalty that takes thousands of
+    /// steps to bring it down). θ stays ≥ 1e-6 (it is learned as ln θ).
+    fn thresholds_from_batch(&mut self, x_nd: &[f32], n: usize, density: f32, pre: &mut Vec<f32>) {
+        let s = self.s;
+        self.pre_activations(x_nd, n, pre);
+        let rank = ((1.0 - f64::from(density).clamp(0.0, 1.0)) * (n - 1) as f64).round() as usize;
+        let pre_r: &[f32] = pre;
+        self.log_threshold = (0..s)
+            .into_par_iter()
+            .map(|i| {
+                let mut col: Vec<f32> = (0..n).map(|b| pre_r[b * s + i]).collect();
+                let (_, q, _) = col.select_nth_unstable_by(rank, f32::total_cmp);
+                q.max(1e-6).ln()
+            })
+            .collect();
+    }
+
     /// JumpReLU's thresholds θ = exp(ln θ), `[d_sae]`.
     pub fn thresholds(&self) -> Vec<f32> {
         self.log_threshold.iter().map(|v| v.exp()).collect()
@@ -767,25 +837,9 @@ impl TrainState {
     /// Encoder and selection: `pre = (x − b_dec) W_encᵀ + b_enc` (kept in `scratch.pre`), the
     /// active latents `f`, the AuxK selection among dead latents, and the kernel choice.
     fn encode(&self, x_nd: &[f32], n: usize, scratch: &mut Scratch) -> Encoded {
-        let (d, s) = (self.d, self.s);
-        let mut xc = x_nd.to_vec();
-        xc.par_chunks_mut(d)
-            .for_each(|r| r.iter_mut().zip(&self.b_dec).for_each(|(v, b)| *v -= b));
-        scratch.pre.resize(n * s, 0.0);
+        let s = self.s;
+        let xc = self.pre_activations(x_nd, n, &mut scratch.pre);
         let pre = &mut scratch.pre;
-        pre.par_chunks_mut(s)
-            .for_each(|r| r.copy_from_slice(&self.b_enc));
-        gemm(
-            n,
-            s,
-            d,
-            pre,
-            0,
-            s,
-            Mat::rows(&xc, d),
-            Mat::t(&self.w_enc, d),
-            true,
-        );
         let (f, min_kept) = match self.recipe.activation {
             TrainActivation::Relu => (select_above(pre, s, 0.0), None),
             TrainActivation::TopK { k } => (select_topk(pre, s, k), None),
@@ -1169,6 +1223,7 @@ mod tests {
                 TrainActivation::JumpRelu {
                     bandwidth: 0.4,
                     init_threshold: 0.1,
+                    init_density: None,
                 },
                 vec![],
                 0,
@@ -1177,6 +1232,7 @@ mod tests {
                 TrainActivation::JumpRelu {
                     bandwidth: 0.3,
                     init_threshold: 0.2,
+                    init_density: None,
                 },
                 vec![6, 12, 24],
                 2,
