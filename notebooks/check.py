@@ -1,14 +1,14 @@
 """Fail on any error output in a notebook, and on drawing cells without an image output.
 
 A drawing cell is a code cell whose last line builds a picture: `grid(`, `heatmap(`, `scatter(`,
-`HistoryPlot`, `search(`, `run(` on an intervention, or a backbone/store summary.
+`HistoryPlot`, `.frontier(`, `search(`, `run(` on an intervention, or a backbone/store summary.
 """
 
 import sys
 
 import nbformat
 
-DRAWS = ("grid(", "heatmap(", "scatter(", "HistoryPlot", ".plot(", ".search(", "iv.run(")
+DRAWS = ("grid(", "heatmap(", "scatter(", "HistoryPlot", ".plot(", ".frontier(", ".search(", "iv.run(")
 IMAGE = ("image/png", "image/svg+xml")
 
 bad = 0

@@ -42,6 +42,13 @@ notebook(
         'let cfg = TrainConfig::topk(-2, 32).with_expansion(8).with_n_patches(300_000).with_lrs(&[3e-3]);\n'
         'let run = train_saes(&store, &cfg, "nb-runs/topk")?;\n'
         "run.plot()?",
+        "md:The sparsity–fidelity frontier (the paper's Figure 4): a sweep over k trained in one pass "
+        "on the same batches, each SAE's held-out NMSE against its L0; the Pareto-optimal SAEs are "
+        "joined. `saev train` writes the same chart as `frontier.svg`.",
+        "use saev::sae::Setting;\n"
+        "let ks = [8, 16, 32, 64].map(|k| Setting { lr: 3e-3, lambda: 0.0, k: Some(k) }).to_vec();\n"
+        "let sweep = TrainConfig::topk(-2, 32).with_expansion(8).with_n_patches(200_000).with_sweep(ks);\n"
+        'train_saes(&store, &sweep, "nb-runs/topk-k")?.frontier()',
         "md:The feature pass (saved beside the SAE), its table (polars), and the purest latents.",
         'let ex = Explorer::open("nb-runs/topk/0", &store)?;\nex.table()?.head(Some(5))',
         "ex.purest(5)",
