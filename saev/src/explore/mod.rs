@@ -14,6 +14,7 @@ pub(crate) mod browse;
 pub(crate) mod charts;
 pub(crate) mod features;
 pub(crate) mod frontier;
+pub(crate) mod matching;
 pub(crate) mod picture;
 pub(crate) mod search;
 
@@ -21,6 +22,7 @@ pub use browse::{html_escape, write_browser, BrowseConfig};
 pub use charts::{FeatureScatter, HistoryPlot};
 pub use features::{FeatureConfig, Features};
 pub use frontier::{FrontierMetric, FrontierPlot, FrontierPoint};
+pub use matching::{max_weight_assignment, LatentMatching};
 pub use picture::{plasma, ExemplarGrid, Heatmap};
 pub use search::SearchResult;
 
