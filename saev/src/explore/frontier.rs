@@ -193,10 +193,14 @@ impl FrontierPlot {
         let (x_lo, x_hi) = pts.iter().fold((f64::INFINITY, 0.0f64), |(a, b), p| {
             (a.min(p.l0), b.max(p.l0))
         });
+        // Whole decades, so the log axis always has labelled ticks.
         let (x_lo, x_hi) = if pts.is_empty() {
             (1.0, 10.0)
         } else {
-            (x_lo / 1.5, x_hi * 1.5)
+            (
+                10f64.powf((x_lo / 1.2).log10().floor()),
+                10f64.powf((x_hi * 1.2).log10().ceil()),
+            )
         };
         let y_hi = pts
             .iter()
@@ -354,5 +358,14 @@ mod tests {
             svg.contains("\nTopK b\n") && svg.contains("\nReLU e\n"),
             "{svg}"
         );
+        // L0s within one decade (17–31) still get a labelled axis: it spans 10..100.
+        let narrow = FrontierPlot::new()
+            .with_point("JumpReLU a", &ev(31.3, 0.1, 0.088))
+            .with_point("JumpReLU b", &ev(17.4, 0.1, 0.11))
+            .to_svg()
+            .unwrap();
+        for tick in ["\n10\n", "\n20\n", "\n50\n"] {
+            assert!(narrow.contains(tick), "no tick {tick:?}: {narrow}");
+        }
     }
 }
