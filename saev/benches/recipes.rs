@@ -8,7 +8,7 @@
 //! Defaults: 2M patches, 16× (the quickstart's budget). Recipes: the paper's ReLU + L1
 //! (untied Kaiming init), TopK k 32 with the paper-era untied init and a fixed 2^20-patch dead
 //! window (saev's recipe before issue #16), TopK k 32 and BatchTopK k 32 with today's defaults
-//! (tied init, dead window scaled to the run, AuxK). Prints the processor too.
+//! (tied init, dead window scaled to the run, AuxK), and JumpReLU. Prints the processor too.
 
 use std::time::Instant;
 
@@ -67,11 +67,18 @@ fn main() -> saev::Result<()> {
         .with_sweep(vec![setting(1e-3, 8e-4)]);
     let mut batch_topk = topk.clone();
     batch_topk.activation = TrainActivation::BatchTopK { k: 32 };
+    // λ 0.3 lands near L0 32 on the quickstart store.
+    let jump = TrainConfig::jump_relu(-2)
+        .with_expansion(expansion)
+        .with_n_patches(n_patches)
+        .with_warmup(100, 100)
+        .with_sweep(vec![setting(1e-3, 0.3)]);
     let recipes = [
         ("ReLU + L1 (paper)", relu),
         ("TopK 32, untied init, 2^20 window (before)", old_topk),
         ("TopK 32 (tied init, scaled window)", topk),
         ("BatchTopK 32 (tied init, scaled window)", batch_topk),
+        ("JumpReLU λ 0.3 (first-batch thresholds)", jump),
     ];
     println!("\n| recipe | held-out NMSE | explained var. | L0 | dead | dense | time |\n|---|---|---|---|---|---|---|");
     let root = std::env::temp_dir().join(format!("saev-bench-recipes-{}", std::process::id()));
