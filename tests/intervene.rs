@@ -445,6 +445,56 @@ fn register_model_runs_heads_and_change_rates_from_a_store() -> TestResult {
     );
     assert_eq!(floor.sae, floor.ablated, "{floor}");
     eprintln!("{fid}\n{floor}");
+
+    // `saev train --head`: each trained SAE's fidelity on the head's held-out examples, with the
+    // backbone at the store's recorded size (16, not the model's own). The clean score is the
+    // head's accuracy from pixels on those examples, and SAE + error is the clean run.
+    let head_dir = dir.join("head");
+    h.save(&head_dir)?;
+    let sweep = dir.join("sweep.json");
+    std::fs::write(
+        &sweep,
+        r#"{"activation": {"kind": "top_k", "k": 4}, "expansion": 2, "batch_size": 16,
+            "n_patches": 320, "sweep": [{"lr": 1e-3}, {"lr": 3e-3}], "n_lr_warmup": 0}"#,
+    )?;
+    let run = dir.join("run");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_saev"))
+        .env("SAEV_CACHE", dir.join("cache"))
+        .arg("train")
+        .arg("--store")
+        .arg(store.dir())
+        .arg("--sweep")
+        .arg(&sweep)
+        .arg("--out")
+        .arg(&run)
+        .arg("--head")
+        .arg(&head_dir)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("input size 16"), "{stderr}");
+    let held = h.held_out()?.ids(n)?;
+    let hits_held = held
+        .iter()
+        .map(|&e| -> saev::Result<usize> {
+            let out = vit.forward(&vit.pixels(&[ds.get(e)?.image])?)?;
+            let p: Vec<f32> = h.predict(&vit, &out)?.flatten_all()?.to_vec1()?;
+            let best = (0..p.len()).max_by(|&a, &b| p[a].total_cmp(&p[b]));
+            Ok(usize::from(best.map(|b| b as u32) == prov.labels[e]))
+        })
+        .sum::<saev::Result<usize>>()?;
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(run.join("fidelity.json"))?)?;
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    for row in &rows {
+        assert_eq!(row["metric"], "accuracy");
+        assert_eq!(row["n_examples"], held.len());
+        let clean = row["clean"].as_f64().ok_or("clean")?;
+        assert_eq!(clean, hits_held as f64 / held.len() as f64, "{row}");
+        assert_eq!(row["with_error"].as_f64(), Some(clean), "{row}");
+        let agreement = row["agreement"].as_f64().ok_or("agreement")?;
+        assert!((0.0..=1.0).contains(&agreement), "{row}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

