@@ -84,6 +84,7 @@ fn fast_step_matches_saev_010() -> TestResult {
                 max_grad_norm: None,
                 kernels,
                 dense_above: 0.05,
+                relu_init_density: None,
             };
             let mut st = saev::__private::TrainState::new(
                 flat(&w("W_enc").t()?),

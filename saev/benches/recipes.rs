@@ -8,7 +8,8 @@
 //! Defaults: 2M patches, 16× (the quickstart's budget). Recipes: the paper's ReLU + L1
 //! (untied Kaiming init), TopK k 32 with the paper-era untied init and a fixed 2^20-patch dead
 //! window (saev's recipe before issue #16), TopK k 32 and BatchTopK k 32 with today's defaults
-//! (tied init, dead window scaled to the run, AuxK), and JumpReLU. Prints the processor too.
+//! (tied init, dead window scaled to the run, AuxK, batch 2048), and JumpReLU. Prints the
+//! processor too.
 
 use std::time::Instant;
 
@@ -56,8 +57,13 @@ fn main() -> saev::Result<()> {
         .with_expansion(expansion)
         .with_n_patches(n_patches)
         .with_warmup(100, 0)
+        .with_sweep(vec![setting(2e-3, 0.0)]);
+    // saev's TopK before issue #16: untied Kaiming init, a fixed 2^20-patch dead window,
+    // batch 4096 at lr 3e-3.
+    let mut old_topk = topk
+        .clone()
+        .with_batch_size(4096)
         .with_sweep(vec![setting(3e-3, 0.0)]);
-    let mut old_topk = topk.clone();
     old_topk.init = Some(Init::Kaiming);
     old_topk.dead_window_patches = Some(1 << 20);
     let relu = TrainConfig::new(-2)
@@ -75,7 +81,10 @@ fn main() -> saev::Result<()> {
         .with_sweep(vec![setting(1e-3, 0.3)]);
     let recipes = [
         ("ReLU + L1 (paper)", relu),
-        ("TopK 32, untied init, 2^20 window (before)", old_topk),
+        (
+            "TopK 32, untied init, 2^20 window, batch 4096 (before)",
+            old_topk,
+        ),
         ("TopK 32 (tied init, scaled window)", topk),
         ("BatchTopK 32 (tied init, scaled window)", batch_topk),
         ("JumpReLU λ 0.3 (first-batch thresholds)", jump),

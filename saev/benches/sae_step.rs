@@ -48,6 +48,7 @@ fn recipe(activation: TrainActivation, kernels: Kernels, aux_k: usize) -> Recipe
         max_grad_norm: None,
         kernels,
         dense_above: 0.05,
+        relu_init_density: None,
     }
 }
 

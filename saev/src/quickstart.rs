@@ -355,13 +355,14 @@ pub fn quickstart(cfg: &QuickstartConfig) -> Result<QuickstartSummary> {
         .with_n_patches(cfg.n_patches)
         .with_warmup(100, 0)
         .with_sweep(vec![Setting {
-            lr: 3e-3,
+            lr: 2e-3,
             lambda: 0.0,
             k: None,
         }]);
-    let run_dir = out
-        .join("runs")
-        .join(format!("topk32-x{}-{}", cfg.expansion, cfg.n_patches));
+    let run_dir = out.join("runs").join(format!(
+        "topk32-x{}-{}-b{}",
+        cfg.expansion, cfg.n_patches, train.batch_size
+    ));
     let run = train_saes(&store, &train, &run_dir)?;
     let sae_dir = run_dir.join("0");
     let ev = run.evals.first().cloned().flatten();

@@ -124,6 +124,10 @@ pub struct Recipe {
     pub kernels: Kernels,
     /// Density above which `Auto` uses dense GEMMs.
     pub dense_above: f64,
+    /// ReLU's data-driven start: at the first step each latent's `b_enc` is lowered by its
+    /// `(1 − p)` quantile of pre-activations on that batch, so it starts firing on a fraction
+    /// `p` of the patches (None: the paper's zero bias, half of the latents firing at first).
+    pub relu_init_density: Option<f32>,
 }
 
 /// Loss terms and statistics of one step (before the update).
@@ -383,13 +387,23 @@ impl TrainState {
         if self.recipe.unit_norm_decoder {
             self.normalise_decoder();
         }
-        if let TrainActivation::JumpRelu {
-            init_density: Some(density),
-            ..
-        } = self.recipe.activation
-        {
-            if self.t == 0 && n > 0 && x_nd.len() == n * self.d {
-                self.thresholds_from_batch(x_nd, n, density, &mut scratch.pre);
+        if self.t == 0 && n > 0 && x_nd.len() == n * self.d {
+            match (self.recipe.activation, self.recipe.relu_init_density) {
+                (
+                    TrainActivation::JumpRelu {
+                        init_density: Some(density),
+                        ..
+                    },
+                    _,
+                ) => {
+                    let q = self.quantiles_from_batch(x_nd, n, density, &mut scratch.pre);
+                    self.log_threshold = q.into_iter().map(|v| v.max(1e-6).ln()).collect();
+                }
+                (TrainActivation::Relu, Some(density)) => {
+                    let q = self.quantiles_from_batch(x_nd, n, density, &mut scratch.pre);
+                    self.b_enc.iter_mut().zip(q).for_each(|(b, v)| *b -= v);
+                }
+                _ => {}
             }
         }
         let (mut stats, mut g, fired, min_kept) = self.gradients_inner(x_nd, n, lambda, scratch)?;
@@ -706,24 +720,30 @@ impl TrainState {
         xc
     }
 
-    /// JumpReLU's data-driven start: each latent's θ at the `(1 − density)` quantile of its
-    /// pre-activations on this batch, so every latent starts firing on about `density` of the
-    /// patches (L0 ≈ density · d_sae) instead of on half of them (θ far below the
-    /// pre-activations: dense codes, slow steps, and an L0 penalty that takes thousands of
-    /// steps to bring it down). θ stays ≥ 1e-6 (it is learned as ln θ).
-    fn thresholds_from_batch(&mut self, x_nd: &[f32], n: usize, density: f32, pre: &mut Vec<f32>) {
+    /// Each latent's `(1 − density)` quantile of its pre-activations on this batch: the data-driven
+    /// start of JumpReLU's θ (and of ReLU's `b_enc`, lowered by it), so every latent starts
+    /// firing on about `density` of the patches (L0 ≈ density · d_sae) instead of on half of
+    /// them (dense codes, slow steps, and a sparsity penalty that takes thousands of steps to
+    /// bring L0 down). JumpReLU's θ stays ≥ 1e-6 (it is learned as ln θ).
+    fn quantiles_from_batch(
+        &self,
+        x_nd: &[f32],
+        n: usize,
+        density: f32,
+        pre: &mut Vec<f32>,
+    ) -> Vec<f32> {
         let s = self.s;
         self.pre_activations(x_nd, n, pre);
         let rank = ((1.0 - f64::from(density).clamp(0.0, 1.0)) * (n - 1) as f64).round() as usize;
         let pre_r: &[f32] = pre;
-        self.log_threshold = (0..s)
+        (0..s)
             .into_par_iter()
             .map(|i| {
                 let mut col: Vec<f32> = (0..n).map(|b| pre_r[b * s + i]).collect();
                 let (_, q, _) = col.select_nth_unstable_by(rank, f32::total_cmp);
-                q.max(1e-6).ln()
+                *q
             })
-            .collect();
+            .collect()
     }
 
     /// JumpReLU's thresholds θ = exp(ln θ), `[d_sae]`.
@@ -1249,6 +1269,7 @@ mod tests {
                 max_grad_norm: None,
                 kernels: Kernels::Sparse,
                 dense_above: 0.05,
+                relu_init_density: None,
             };
             let mut st = TrainState::new(
                 rnd(s * d, 1 + ci as u64, 0.4),
@@ -1314,6 +1335,48 @@ mod tests {
         }
     }
 
+    /// ReLU's first-batch start: with `b_enc` lowered by each latent's `(1 − p)` quantile (rank
+    /// `round((1 − p)(n − 1))` of `n` pre-activations), exactly the `n − 1 − rank` rows above it
+    /// fire on that batch — 20 of 201 at p = 0.1 — whatever the weights (21 when rounding leaves
+    /// the quantile's own row, now at 0, a hair above); without it, about half.
+    #[test]
+    fn relu_first_batch_start_fires_each_latent_on_its_density() {
+        let (d, s, n) = (6, 16, 201);
+        let recipe = |p: Option<f32>| Recipe {
+            activation: TrainActivation::Relu,
+            groups: vec![],
+            aux_k: 0,
+            aux_coef: 0.0,
+            dead_window_patches: 1 << 20,
+            unit_norm_decoder: true,
+            max_grad_norm: None,
+            kernels: Kernels::Auto,
+            dense_above: 0.05,
+            relu_init_density: p,
+        };
+        let x = rnd(n * d, 9, 1.0);
+        let mk = |p| {
+            TrainState::new(
+                rnd(s * d, 5, 0.5),
+                rnd(s, 6, 0.3),
+                rnd(s * d, 7, 0.5),
+                rnd(d, 8, 0.1),
+                recipe(p),
+            )
+            .unwrap()
+        };
+        let mut sc = Scratch::default();
+        let (_, fired) = mk(Some(0.1)).step(&x, n, 0.0, 0.0, &mut sc).unwrap();
+        assert!(fired.iter().all(|&c| c == 20 || c == 21), "{fired:?}");
+        assert!(
+            fired.iter().filter(|&&c| c == 20).count() > s / 2,
+            "{fired:?}"
+        );
+        let (_, fired) = mk(None).step(&x, n, 0.0, 0.0, &mut sc).unwrap();
+        let mean = fired.iter().sum::<u32>() as f64 / s as f64;
+        assert!(mean > 40.0, "{fired:?}");
+    }
+
     #[test]
     fn bad_groups_and_shapes_are_errors() {
         let recipe = Recipe {
@@ -1326,6 +1389,7 @@ mod tests {
             max_grad_norm: None,
             kernels: Kernels::Auto,
             dense_above: 0.05,
+            relu_init_density: None,
         };
         let mk = |r: Recipe| {
             TrainState::new(vec![0.0; 16], vec![0.0; 8], vec![0.0; 16], vec![0.0; 2], r)

@@ -79,7 +79,15 @@ pub struct TrainConfig {
     /// Weight initialisation. Default None = [`Init::Tied`] for TopK / BatchTopK,
     /// [`Init::Kaiming`] (the paper's) for ReLU.
     pub init: Option<Init>,
-    /// Batch size. Default 4096.
+    /// ReLU only: every latent's encoder bias starts where it fires on this fraction of the
+    /// first batch (its `(1 − p)` quantile of pre-activations, subtracted). Default None = the
+    /// paper's zero bias, where half the latents fire at first and training runs dense until the
+    /// L1 penalty brings L0 down (JumpReLU has the same start in its activation).
+    pub init_density: Option<f32>,
+    /// Batch size. Default 4096 (the TopK / BatchTopK / JumpReLU presets: 2048 — twice the
+    /// optimiser steps on a short budget: on the quickstart store, 2M patches, TopK-32 at 2048
+    /// and lr 2e-3 never fires 138 of 6,144 latents on held-out patches, 374 at 4096 and lr 3e-3,
+    /// at held-out NMSE 0.0693 vs 0.0718).
     pub batch_size: usize,
     /// Patches to train on (epochs repeat as needed). Default 100M (the paper's).
     pub n_patches: u64,
@@ -143,6 +151,7 @@ impl Default for TrainConfig {
             aux_coef: 1.0 / 32.0,
             dead_window_patches: None,
             init: None,
+            init_density: None,
             batch_size: 4096,
             n_patches: 100_000_000,
             sweep,
@@ -189,12 +198,14 @@ impl TrainConfig {
             ..Self::default()
         }
     }
-    /// TopK(k) with AuxK (k_aux = d_model / 2), cosine lr decay, no λ, an lr sweep of 3.
+    /// TopK(k) with AuxK (k_aux = d_model / 2), tied init, cosine lr decay, batch 2048, no λ,
+    /// an lr sweep of 3.
     pub fn topk(layer: i64, k: usize) -> Self {
         Self {
             layer,
             activation: TrainActivation::TopK { k },
             lr_schedule: LrSchedule::Cosine,
+            batch_size: 2048,
             sweep: [1e-4, 3e-4, 1e-3]
                 .map(|lr| Setting {
                     lr,
@@ -213,6 +224,7 @@ impl TrainConfig {
             layer,
             activation: TrainActivation::jump_relu(),
             lr_schedule: LrSchedule::Cosine,
+            batch_size: 2048,
             sweep: [0.3, 1.0, 3.0]
                 .map(|lambda| Setting {
                     lr: 1e-3,
@@ -420,6 +432,19 @@ impl TrainConfig {
                 return bad(field, v.to_string(), "≥ 0, finite");
             }
         }
+        if let Some(p) = self.init_density {
+            if !(p > 0.0 && p < 1.0) {
+                return bad("init_density", p.to_string(), "0 < p < 1");
+            }
+            if self.activation != TrainActivation::Relu {
+                return Err(Error::mismatch(
+                    "train: init_density",
+                    "the relu activation",
+                    format!("{:?}", self.activation),
+                    "drop it (JumpReLU takes activation.init_density; TopK needs none)",
+                ));
+            }
+        }
         if let Some(g) = self.max_grad_norm {
             if !(g.is_finite() && g > 0.0) {
                 return bad("max_grad_norm", g.to_string(), "> 0, finite");
@@ -472,6 +497,7 @@ impl TrainConfig {
             max_grad_norm: self.max_grad_norm,
             kernels: self.kernels,
             dense_above: self.dense_above,
+            relu_init_density: self.init_density,
         })
     }
 }
