@@ -83,6 +83,10 @@ notebook(
         "let latent = a.purest(1)[0].0;\nlet matches = a.compare(latent, &b, 3)?;\nmatches",
         "a.grid(latent, 8)?",
         "b.grid(matches[0].0, 8)?",
+        "md:All latents at once (the paper's CLIP-vs-DINOv2 comparison, here two learning rates): per-image "
+        "maxima of both SAEs in one pass each, the whole correlation matrix, each latent's best match and a "
+        "one-to-one (Hungarian) matching whose mean r says how alike the two dictionaries are.",
+        "a.match_latents(&b)?",
     ],
 )
 notebook(
