@@ -6,10 +6,10 @@
 //! cargo bench -p saev --bench recipes -- STORE [N_PATCHES] [EXPANSION]
 //! ```
 //! Defaults: 2M patches, 16× (the quickstart's budget). Recipes: the paper's ReLU + L1
-//! (untied Kaiming init), TopK k 32 with the paper-era untied init and a fixed 2^20-patch dead
-//! window (saev's recipe before issue #16), TopK k 32 and BatchTopK k 32 with today's defaults
-//! (tied init, dead window scaled to the run, AuxK, batch 2048), and JumpReLU. Prints the
-//! processor too.
+//! (untied Kaiming init), saev's sparse ReLU (tied init, first-batch bias start), TopK k 32
+//! with the paper-era untied init and a fixed 2^20-patch dead window (saev's recipe before
+//! issue #16), TopK k 32 and BatchTopK k 32 with today's defaults (tied init, dead window
+//! scaled to the run, AuxK, batch 2048), and JumpReLU. Prints the processor too.
 
 use std::time::Instant;
 
@@ -71,6 +71,10 @@ fn main() -> saev::Result<()> {
         .with_n_patches(n_patches)
         .with_warmup(100, 100)
         .with_sweep(vec![setting(1e-3, 8e-4)]);
+    let sparse_relu = TrainConfig::sparse_relu(-2)
+        .with_expansion(expansion)
+        .with_n_patches(n_patches)
+        .with_sweep(vec![setting(1e-3, 7e-3)]);
     let mut batch_topk = topk.clone();
     batch_topk.activation = TrainActivation::BatchTopK { k: 32 };
     // λ 0.3 lands near L0 32 on the quickstart store.
@@ -81,6 +85,10 @@ fn main() -> saev::Result<()> {
         .with_sweep(vec![setting(1e-3, 0.3)]);
     let recipes = [
         ("ReLU + L1 (paper)", relu),
+        (
+            "ReLU + L1 λ 7e-3 (sparse_relu: tied, first-batch bias)",
+            sparse_relu,
+        ),
         (
             "TopK 32, untied init, 2^20 window, batch 4096 (before)",
             old_topk,
