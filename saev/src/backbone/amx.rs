@@ -1,0 +1,462 @@
+//! bfloat16 GEMM for the backbone's linear layers: `C = A·B (+ bias)` with `A` and `B` rounded
+//! to bfloat16 (round to nearest even) and products summed in f32 — on Intel AMX tiles
+//! (`tdpbf16ps`, Sapphire Rapids and later) when the processor and the kernel allow it.
+//!
+//! Without AMX the same numbers come from an f32 GEMM on the rounded values (a bf16 × bf16
+//! product is exact in f32, so only the summation order differs): [`amx_available`] says
+//! which ran, and the backbone uses this module only where AMX is there.
+//!
+//! # Layout
+//! `B` (`[k, n]`, row-major, the weights) is packed once ([`PackedB::new`]) into 1 KiB tiles of
+//! 32 `k` × 16 `n` in AMX's VNNI order (pairs of consecutive `k` side by side), ordered
+//! `[n / 16][k / 32]`; `A` (`[m, k]`, the activations) is packed per call into 16 × 32 tiles
+//! ordered `[m / 16][k / 32]`. Edges are zero-padded to 32 rows / columns, so one kernel — a
+//! 32 × 32 block of `C` in four accumulator tiles — covers every shape.
+//!
+//! ```
+//! use saev::backbone::amx::{gemm_bf16, PackedB};
+//! let b = PackedB::new(&[1.0, 2.0, 3.0, 4.0], 2, 2); // [[1, 2], [3, 4]]
+//! let c = gemm_bf16(&[1.0, 1.0], 1, &b, Some(&[0.5, 0.0]));
+//! assert_eq!(c, vec![4.5, 6.0]);
+//! ```
+
+use rayon::prelude::*;
+
+/// bf16 elements per tile row (64 bytes), rows per tile.
+const TK: usize = 32;
+const TN: usize = 16;
+const TILE: usize = TK * TN; // 512 bf16 = 1 KiB
+
+/// Round to bfloat16, nearest even (NaN stays NaN).
+#[inline]
+fn to_bf16(x: f32) -> u16 {
+    if x.is_nan() {
+        return 0x7fc0;
+    }
+    let b = x.to_bits();
+    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+#[inline]
+fn from_bf16(h: u16) -> f32 {
+    f32::from_bits(u32::from(h) << 16)
+}
+
+/// `x` rounded to bfloat16 and back.
+pub fn round_bf16(x: f32) -> f32 {
+    from_bf16(to_bf16(x))
+}
+
+/// Whether this process runs [`gemm_bf16`] on AMX tiles: an x86-64 processor with AMX-TILE and
+/// AMX-BF16 whose kernel granted the tile data state (`arch_prctl(ARCH_REQ_XCOMP_PERM)`,
+/// Linux ≥ 5.16). Checked once.
+pub fn amx_available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(detect)
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+#[allow(unused_unsafe)] // cpuid is a safe fn from Rust 1.87, unsafe before
+fn detect() -> bool {
+    // SAFETY: cpuid leaf 7 exists on every x86-64 processor that reports max leaf ≥ 7.
+    let max = unsafe { std::arch::x86_64::__cpuid(0) }.eax;
+    if max < 7 {
+        return false;
+    }
+    let edx = unsafe { std::arch::x86_64::__cpuid_count(7, 0) }.edx;
+    let (bf16, tile) = (edx & (1 << 22) != 0, edx & (1 << 24) != 0);
+    if !(bf16 && tile) {
+        return false;
+    }
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: a plain syscall with integer arguments; it only changes this process's permission.
+    unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_REQ_XCOMP_PERM,
+            XFEATURE_XTILEDATA,
+        ) == 0
+    }
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn detect() -> bool {
+    false
+}
+
+/// `B` (`[k, n]`) rounded to bfloat16 and packed for [`gemm_bf16`] (see the module docs).
+#[derive(Clone)]
+pub struct PackedB {
+    k: usize,
+    n: usize,
+    /// k blocks of 32.
+    kb: usize,
+    /// n blocks of 16 (even).
+    nb: usize,
+    tiles: Vec<u16>,
+    /// The rounded `B` in f32, row-major, for the path without AMX.
+    rounded: Vec<f32>,
+}
+
+impl std::fmt::Debug for PackedB {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PackedB([{}, {}] bf16)", self.k, self.n)
+    }
+}
+
+impl PackedB {
+    /// Pack `b_kn` (`[k, n]`, row-major).
+    ///
+    /// # Panics
+    /// If `b_kn.len() != k * n` (a caller's bug; the backbone passes its own weights).
+    pub fn new(b_kn: &[f32], k: usize, n: usize) -> Self {
+        assert_eq!(b_kn.len(), k * n, "PackedB::new: [k, n] = [{k}, {n}]");
+        let kb = k.div_ceil(TK);
+        let nb = n.div_ceil(2 * TN) * 2;
+        let mut tiles = vec![0u16; nb * kb * TILE];
+        tiles
+            .par_chunks_mut(kb * TILE)
+            .enumerate()
+            .for_each(|(j, col)| {
+                for (p, tile) in col.chunks_mut(TILE).enumerate() {
+                    for r in 0..TK / 2 {
+                        for c in 0..TN {
+                            for h in 0..2 {
+                                let (kk, nn) = (p * TK + 2 * r + h, j * TN + c);
+                                if kk < k && nn < n {
+                                    tile[r * 2 * TN + 2 * c + h] = to_bf16(b_kn[kk * n + nn]);
+                                }
+                            }
+                        }
+                    }
+                }
+            });
+        Self {
+            k,
+            n,
+            kb,
+            nb,
+            tiles,
+            rounded: b_kn.iter().map(|&v| round_bf16(v)).collect(),
+        }
+    }
+
+    /// `[k, n]`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.k, self.n)
+    }
+}
+
+/// `A·B (+ bias)` for `a_mk` (`[m, k]`, row-major) against a packed `B`; returns `[m, n]`.
+///
+/// # Panics
+/// If `a_mk.len() != m * k` or `bias` is not `n` long (a caller's bug).
+pub fn gemm_bf16(a_mk: &[f32], m: usize, b: &PackedB, bias: Option<&[f32]>) -> Vec<f32> {
+    if let Some(bias) = bias {
+        assert_eq!(bias.len(), b.n, "gemm_bf16: bias is not [{}]", b.n);
+    }
+    let n = b.n;
+    gemm_bf16_then(a_mk, m, b, &|rows: &mut [f32]| {
+        if let Some(bias) = bias {
+            for row in rows.chunks_exact_mut(n) {
+                row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+            }
+        }
+    })
+}
+
+/// [`gemm_bf16`] with an epilogue run on each band of whole rows of `C` right after it is
+/// computed (while in cache): the backbone's bias + activation.
+pub(crate) fn gemm_bf16_then(
+    a_mk: &[f32],
+    m: usize,
+    b: &PackedB,
+    epilogue: &(dyn Fn(&mut [f32]) + Sync),
+) -> Vec<f32> {
+    let (k, n) = (b.k, b.n);
+    assert_eq!(a_mk.len(), m * k, "gemm_bf16: A is not [{m}, {k}]");
+    let mut c = vec![0f32; m * n];
+    if m == 0 || n == 0 {
+        return c;
+    }
+    if k > 0 && amx_available() {
+        amx_gemm(a_mk, m, b, &mut c, epilogue);
+    } else {
+        if k > 0 {
+            fallback_gemm(a_mk, m, b, &mut c);
+        }
+        c.par_chunks_mut(2 * TN * n).for_each(epilogue);
+    }
+    c
+}
+
+/// The same rounded products summed in f32 by the f32 GEMM.
+fn fallback_gemm(a_mk: &[f32], m: usize, b: &PackedB, c: &mut [f32]) {
+    let (k, n) = (b.k, b.n);
+    let a: Vec<f32> = a_mk.par_iter().map(|&v| round_bf16(v)).collect();
+    // SAFETY: the slices hold m·k, k·n and m·n elements with the strides given.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            1,
+            k as isize,
+            b.rounded.as_ptr(),
+            1,
+            n as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(0),
+        );
+    }
+}
+
+/// A packed into `[m_pad / 16][kb]` tiles of 16 rows × 32 bf16.
+fn pack_a(a_mk: &[f32], m: usize, k: usize, kb: usize) -> Vec<u16> {
+    let mb = m.div_ceil(2 * TN) * 2;
+    let mut tiles = vec![0u16; mb * kb * TILE];
+    tiles
+        .par_chunks_mut(kb * TILE)
+        .enumerate()
+        .for_each(|(i, rows)| {
+            for r in 0..TN {
+                let row = i * TN + r;
+                if row >= m {
+                    break;
+                }
+                let src = &a_mk[row * k..(row + 1) * k];
+                for (p, chunk) in src.chunks(TK).enumerate() {
+                    let dst = &mut rows[p * TILE + r * TK..p * TILE + r * TK + chunk.len()];
+                    dst.iter_mut()
+                        .zip(chunk)
+                        .for_each(|(d, &v)| *d = to_bf16(v));
+                }
+            }
+        });
+    tiles
+}
+
+/// 64-byte tile configuration (palette 1): tiles 0–7 all 16 rows × 64 bytes.
+#[repr(C, align(64))]
+struct TileConfig {
+    palette: u8,
+    start_row: u8,
+    reserved: [u8; 14],
+    colsb: [u16; 16],
+    rows: [u8; 16],
+}
+
+impl TileConfig {
+    fn all_16x64() -> Self {
+        let mut cfg = Self {
+            palette: 1,
+            start_row: 0,
+            reserved: [0; 14],
+            colsb: [0; 16],
+            rows: [0; 16],
+        };
+        for t in 0..8 {
+            cfg.colsb[t] = 64;
+            cfg.rows[t] = 16;
+        }
+        cfg
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn amx_gemm(
+    a_mk: &[f32],
+    m: usize,
+    b: &PackedB,
+    c: &mut [f32],
+    epilogue: &(dyn Fn(&mut [f32]) + Sync),
+) {
+    let (k, n, kb, nb) = (b.k, b.n, b.kb, b.nb);
+    let a = pack_a(a_mk, m, k, kb);
+    let n_pairs = nb / 2;
+    // One 32-row band of C per task: its A tiles (2 × kb KiB) stay in cache while every B
+    // column pair streams past.
+    c.par_chunks_mut(2 * TN * n)
+        .enumerate()
+        .for_each(|(band, c_rows)| {
+            let cfg = TileConfig::all_16x64();
+            let mut acc = [0f32; 4 * TN * TN];
+            let a0 = a[(2 * band) * kb * TILE..].as_ptr();
+            let a1 = a[(2 * band + 1) * kb * TILE..].as_ptr();
+            let rows = c_rows.len() / n;
+            // SAFETY: AMX is available (checked by the caller through amx_available, which
+            // also obtained the tile-data permission); the config is 64-byte aligned; every
+            // tile load reads 16 rows of 64 bytes inside `a` / `b.tiles` (kb tiles per band
+            // and column block, each 1 KiB), every store writes 1 KiB inside `acc`.
+            unsafe {
+                std::arch::asm!("ldtilecfg [{}]", in(reg) &cfg as *const TileConfig);
+                for q in 0..n_pairs {
+                    let b0 = b.tiles[(2 * q) * kb * TILE..].as_ptr();
+                    let b1 = b.tiles[(2 * q + 1) * kb * TILE..].as_ptr();
+                    std::arch::asm!(
+                        "tilezero tmm0",
+                        "tilezero tmm1",
+                        "tilezero tmm2",
+                        "tilezero tmm3",
+                        "2:",
+                        "tileloadd tmm4, [{a0} + {s}*1]",
+                        "tileloadd tmm6, [{b0} + {s}*1]",
+                        "tileloadd tmm5, [{a1} + {s}*1]",
+                        "tileloadd tmm7, [{b1} + {s}*1]",
+                        "tdpbf16ps tmm0, tmm4, tmm6",
+                        "tdpbf16ps tmm1, tmm4, tmm7",
+                        "tdpbf16ps tmm2, tmm5, tmm6",
+                        "tdpbf16ps tmm3, tmm5, tmm7",
+                        "add {a0}, 1024",
+                        "add {a1}, 1024",
+                        "add {b0}, 1024",
+                        "add {b1}, 1024",
+                        "dec {kb}",
+                        "jnz 2b",
+                        "tilestored [{acc} + {s}*1], tmm0",
+                        "add {acc}, 1024",
+                        "tilestored [{acc} + {s}*1], tmm1",
+                        "add {acc}, 1024",
+                        "tilestored [{acc} + {s}*1], tmm2",
+                        "add {acc}, 1024",
+                        "tilestored [{acc} + {s}*1], tmm3",
+                        a0 = inout(reg) a0 => _,
+                        a1 = inout(reg) a1 => _,
+                        b0 = inout(reg) b0 => _,
+                        b1 = inout(reg) b1 => _,
+                        kb = inout(reg) kb => _,
+                        acc = inout(reg) acc.as_mut_ptr() => _,
+                        s = in(reg) 64usize,
+                        options(nostack),
+                    );
+                    // acc tiles: [0] rows 0–15 × cols 0–15, [1] rows 0–15 × cols 16–31,
+                    // [2] rows 16–31 × cols 0–15, [3] rows 16–31 × cols 16–31.
+                    for (t, tile) in acc.chunks_exact(TN * TN).enumerate() {
+                        let (r0, c0) = ((t / 2) * TN, q * 2 * TN + (t % 2) * TN);
+                        if c0 >= n {
+                            continue;
+                        }
+                        let w = TN.min(n - c0);
+                        for r in 0..TN.min(rows.saturating_sub(r0)) {
+                            c_rows[(r0 + r) * n + c0..(r0 + r) * n + c0 + w]
+                                .copy_from_slice(&tile[r * TN..r * TN + w]);
+                        }
+                    }
+                }
+                std::arch::asm!("tilerelease");
+            }
+            epilogue(c_rows);
+        });
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn amx_gemm(
+    a_mk: &[f32],
+    m: usize,
+    b: &PackedB,
+    c: &mut [f32],
+    epilogue: &(dyn Fn(&mut [f32]) + Sync),
+) {
+    fallback_gemm(a_mk, m, b, c);
+    epilogue(c);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rnd(n: usize, seed: u64) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                let z = crate::util::rng::splitmix64(seed.wrapping_mul(1_000_003) + i as u64);
+                ((z >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32
+            })
+            .collect()
+    }
+
+    /// Against a plain triple loop over the bf16-rounded inputs in f64, on shapes with every
+    /// kind of edge (m, n, k not multiples of the tiles; one row; k below one tile).
+    #[test]
+    fn matches_the_rounded_product_on_every_edge() {
+        for (m, k, n) in [
+            (1, 3, 2),
+            (37, 70, 45),
+            (64, 384, 96),
+            (33, 32, 17),
+            (5, 1, 1),
+        ] {
+            let a = rnd(m * k, 1 + m as u64);
+            let b = rnd(k * n, 2 + n as u64);
+            let bias = rnd(n, 3);
+            let c = gemm_bf16(&a, m, &PackedB::new(&b, k, n), Some(&bias));
+            for i in 0..m {
+                for j in 0..n {
+                    let want: f64 = bias[j] as f64
+                        + (0..k)
+                            .map(|p| {
+                                round_bf16(a[i * k + p]) as f64 * round_bf16(b[p * n + j]) as f64
+                            })
+                            .sum::<f64>();
+                    let got = c[i * n + j] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-5 * (1.0 + want.abs()) * (k as f64).sqrt(),
+                        "[{m}, {k}, {n}] at ({i}, {j}): {got} vs {want} (amx {})",
+                        amx_available()
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rounding_is_to_nearest_even() {
+        // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties go to the even mantissa (1).
+        assert_eq!(round_bf16(1.0 + 1.0 / 256.0), 1.0);
+        assert_eq!(round_bf16(1.0 + 3.0 / 256.0), 1.0 + 4.0 / 256.0);
+        assert_eq!(round_bf16(-2.5), -2.5);
+        assert!(round_bf16(f32::NAN).is_nan());
+    }
+}
+
+#[cfg(test)]
+mod speed {
+    use super::*;
+    #[test]
+    #[ignore]
+    fn speed() {
+        let (m, k, n) = (2056, 384, 1536);
+        let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 * 0.1).collect();
+        let pb = PackedB::new(&b, k, n);
+        assert!(amx_available());
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            let mut c = vec![0f32; m * n];
+            for _ in 0..10 {
+                amx_gemm(&a, m, &pb, &mut c, &|_| {});
+            }
+            let dt = t.elapsed().as_secs_f64() / 10.0;
+            let t2 = std::time::Instant::now();
+            for _ in 0..10 {
+                fallback_gemm(&a, m, &pb, &mut c);
+            }
+            let dt2 = t2.elapsed().as_secs_f64() / 10.0;
+            let fl = 2.0 * (m * k * n) as f64;
+            eprintln!(
+                "amx {:.0} GFLOP/s, f32 gemm {:.0} GFLOP/s",
+                fl / dt / 1e9,
+                fl / dt2 / 1e9
+            );
+        }
+    }
+}
