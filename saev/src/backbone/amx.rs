@@ -427,36 +427,3 @@ mod tests {
         assert!(round_bf16(f32::NAN).is_nan());
     }
 }
-
-#[cfg(test)]
-mod speed {
-    use super::*;
-    #[test]
-    #[ignore]
-    fn speed() {
-        let (m, k, n) = (2056, 384, 1536);
-        let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
-        let b: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 * 0.1).collect();
-        let pb = PackedB::new(&b, k, n);
-        assert!(amx_available());
-        for _ in 0..3 {
-            let t = std::time::Instant::now();
-            let mut c = vec![0f32; m * n];
-            for _ in 0..10 {
-                amx_gemm(&a, m, &pb, &mut c, &|_| {});
-            }
-            let dt = t.elapsed().as_secs_f64() / 10.0;
-            let t2 = std::time::Instant::now();
-            for _ in 0..10 {
-                fallback_gemm(&a, m, &pb, &mut c);
-            }
-            let dt2 = t2.elapsed().as_secs_f64() / 10.0;
-            let fl = 2.0 * (m * k * n) as f64;
-            eprintln!(
-                "amx {:.0} GFLOP/s, f32 gemm {:.0} GFLOP/s",
-                fl / dt / 1e9,
-                fl / dt2 / 1e9
-            );
-        }
-    }
-}
