@@ -176,16 +176,14 @@ pub(crate) fn gemm_bf16_then(
 ) -> Vec<f32> {
     let (k, n) = (b.k, b.n);
     assert_eq!(a_mk.len(), m * k, "gemm_bf16: A is not [{m}, {k}]");
-    let mut c = vec![0f32; m * n];
-    if m == 0 || n == 0 {
-        return c;
+    if m > 0 && n > 0 && k > 0 && amx_available() {
+        return amx_gemm(a_mk, m, b, epilogue);
     }
-    if k > 0 && amx_available() {
-        amx_gemm(a_mk, m, b, &mut c, epilogue);
-    } else {
-        if k > 0 {
-            fallback_gemm(a_mk, m, b, &mut c);
-        }
+    let mut c = vec![0f32; m * n];
+    if m > 0 && n > 0 && k > 0 {
+        fallback_gemm(a_mk, m, b, &mut c);
+    }
+    if n > 0 {
         c.par_chunks_mut(2 * TN * n).for_each(epilogue);
     }
     c
@@ -278,31 +276,48 @@ fn amx_gemm(
     a_mk: &[f32],
     m: usize,
     b: &PackedB,
-    c: &mut [f32],
     epilogue: &(dyn Fn(&mut [f32]) + Sync),
-) {
+) -> Vec<f32> {
+    use std::mem::MaybeUninit;
     let (k, n, kb, nb) = (b.k, b.n, b.kb, b.nb);
     let a = pack_a(a_mk, m, k, kb);
     let n_pairs = nb / 2;
+    // C is written once, by the tile stores (no zeroing pass): uninitialised until then.
+    let mut c: Vec<MaybeUninit<f32>> = Vec::with_capacity(m * n);
+    // SAFETY: MaybeUninit needs no initialisation.
+    unsafe { c.set_len(m * n) };
     // One 32-row band of C per task: its A tiles (2 × kb KiB) stay in cache while every B
     // column pair streams past.
     c.par_chunks_mut(2 * TN * n)
         .enumerate()
         .for_each(|(band, c_rows)| {
             let cfg = TileConfig::all_16x64();
+            // A 32 × 32 block for the edges of C (its four tiles side by side, stride 128 B).
             let mut acc = [0f32; 4 * TN * TN];
             let a0 = a[(2 * band) * kb * TILE..].as_ptr();
             let a1 = a[(2 * band + 1) * kb * TILE..].as_ptr();
             let rows = c_rows.len() / n;
+            let cp = c_rows.as_mut_ptr() as *mut f32;
             // SAFETY: AMX is available (checked by the caller through amx_available, which
             // also obtained the tile-data permission); the config is 64-byte aligned; every
             // tile load reads 16 rows of 64 bytes inside `a` / `b.tiles` (kb tiles per band
-            // and column block, each 1 KiB), every store writes 1 KiB inside `acc`.
+            // and column block, each 1 KiB). A block wholly inside C is stored straight into
+            // its 32 rows × 32 columns (row stride 4n bytes); an edge block goes to `acc`
+            // (32 × 32, stride 128 bytes) and its part inside C is copied. Every element of
+            // the band is written before the epilogue reads it.
             unsafe {
                 std::arch::asm!("ldtilecfg [{}]", in(reg) &cfg as *const TileConfig);
                 for q in 0..n_pairs {
                     let b0 = b.tiles[(2 * q) * kb * TILE..].as_ptr();
                     let b1 = b.tiles[(2 * q + 1) * kb * TILE..].as_ptr();
+                    let c0 = q * 2 * TN;
+                    let inside = rows == 2 * TN && c0 + 2 * TN <= n;
+                    let (lo, hi, stride) = if inside {
+                        (cp.add(c0), cp.add(TN * n + c0), 4 * n)
+                    } else {
+                        let p = acc.as_mut_ptr();
+                        (p, p.add(TN * 2 * TN), 4 * 2 * TN)
+                    };
                     std::arch::asm!(
                         "tilezero tmm0",
                         "tilezero tmm1",
@@ -323,40 +338,39 @@ fn amx_gemm(
                         "add {b1}, 1024",
                         "dec {kb}",
                         "jnz 2b",
-                        "tilestored [{acc} + {s}*1], tmm0",
-                        "add {acc}, 1024",
-                        "tilestored [{acc} + {s}*1], tmm1",
-                        "add {acc}, 1024",
-                        "tilestored [{acc} + {s}*1], tmm2",
-                        "add {acc}, 1024",
-                        "tilestored [{acc} + {s}*1], tmm3",
+                        "tilestored [{lo} + {sc}*1], tmm0",
+                        "tilestored [{lo} + {sc}*1 + 64], tmm1",
+                        "tilestored [{hi} + {sc}*1], tmm2",
+                        "tilestored [{hi} + {sc}*1 + 64], tmm3",
                         a0 = inout(reg) a0 => _,
                         a1 = inout(reg) a1 => _,
                         b0 = inout(reg) b0 => _,
                         b1 = inout(reg) b1 => _,
                         kb = inout(reg) kb => _,
-                        acc = inout(reg) acc.as_mut_ptr() => _,
+                        lo = in(reg) lo,
+                        hi = in(reg) hi,
+                        sc = in(reg) stride,
                         s = in(reg) 64usize,
                         options(nostack),
                     );
-                    // acc tiles: [0] rows 0–15 × cols 0–15, [1] rows 0–15 × cols 16–31,
-                    // [2] rows 16–31 × cols 0–15, [3] rows 16–31 × cols 16–31.
-                    for (t, tile) in acc.chunks_exact(TN * TN).enumerate() {
-                        let (r0, c0) = ((t / 2) * TN, q * 2 * TN + (t % 2) * TN);
-                        if c0 >= n {
-                            continue;
-                        }
-                        let w = TN.min(n - c0);
-                        for r in 0..TN.min(rows.saturating_sub(r0)) {
-                            c_rows[(r0 + r) * n + c0..(r0 + r) * n + c0 + w]
-                                .copy_from_slice(&tile[r * TN..r * TN + w]);
+                    if !inside && c0 < n {
+                        let w = (2 * TN).min(n - c0);
+                        for r in 0..rows {
+                            std::ptr::copy_nonoverlapping(
+                                acc.as_ptr().add(r * 2 * TN),
+                                cp.add(r * n + c0),
+                                w,
+                            );
                         }
                     }
                 }
                 std::arch::asm!("tilerelease");
+                epilogue(std::slice::from_raw_parts_mut(cp, c_rows.len()));
             }
-            epilogue(c_rows);
         });
+    let mut c = std::mem::ManuallyDrop::new(c);
+    // SAFETY: every element was written above; MaybeUninit<f32> and f32 share their layout.
+    unsafe { Vec::from_raw_parts(c.as_mut_ptr() as *mut f32, c.len(), c.capacity()) }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -364,11 +378,12 @@ fn amx_gemm(
     a_mk: &[f32],
     m: usize,
     b: &PackedB,
-    c: &mut [f32],
     epilogue: &(dyn Fn(&mut [f32]) + Sync),
-) {
-    fallback_gemm(a_mk, m, b, c);
-    epilogue(c);
+) -> Vec<f32> {
+    let mut c = vec![0f32; m * b.n];
+    fallback_gemm(a_mk, m, b, &mut c);
+    epilogue(&mut c);
+    c
 }
 
 #[cfg(test)]
@@ -398,7 +413,17 @@ mod tests {
             let a = rnd(m * k, 1 + m as u64);
             let b = rnd(k * n, 2 + n as u64);
             let bias = rnd(n, 3);
-            let c = gemm_bf16(&a, m, &PackedB::new(&b, k, n), Some(&bias));
+            let packed = PackedB::new(&b, k, n);
+            let c = gemm_bf16(&a, m, &packed, Some(&bias));
+            // The path without AMX too (the one above ran on AMX where the processor has it).
+            let mut plain = vec![0f32; m * n];
+            fallback_gemm(&a, m, &packed, &mut plain);
+            for i in 0..m {
+                for j in 0..n {
+                    let (x, y) = (plain[i * n + j] + bias[j], c[i * n + j]);
+                    assert!((x - y).abs() <= 1e-5 * (1.0 + x.abs()) * (k as f32).sqrt());
+                }
+            }
             for i in 0..m {
                 for j in 0..n {
                     let want: f64 = bias[j] as f64

@@ -89,29 +89,72 @@ fn bias_act_rows<const F: bool>(o: &mut [f32], x: &[f32], b: &[f32], a: HiddenAc
     }
 }
 
+/// Lanes of the reductions below: independent accumulators, so the compiler vectorises them
+/// (one serial `max` / `+` chain would not be: float reassociation is not allowed).
+const LANES: usize = 16;
+
+/// Softmax of one row in place: max, `exp(x − max)` with its sum, scale — each a lane-wise pass.
+#[inline(always)]
+fn softmax_row<const F: bool>(row: &mut [f32]) {
+    let mut mx = [f32::NEG_INFINITY; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            mx[i] = mx[i].max(c[i]);
+        }
+    }
+    let m = chunks
+        .remainder()
+        .iter()
+        .chain(&mx)
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
+    let mut acc = [0f32; LANES];
+    let mut chunks = row.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            let e = exp_fast::<F>(c[i] - m);
+            c[i] = e;
+            acc[i] += e;
+        }
+    }
+    let mut sum = 0f32;
+    for v in chunks.into_remainder() {
+        *v = exp_fast::<F>(*v - m);
+        sum += *v;
+    }
+    for a in acc {
+        sum += a;
+    }
+    let inv = 1.0 / sum;
+    for v in row.iter_mut() {
+        *v *= inv;
+    }
+}
+
 #[inline(always)]
 fn softmax_rows<const F: bool>(o: &mut [f32], x: &[f32], n: usize) {
-    for (orow, xrow) in o.chunks_exact_mut(n).zip(x.chunks_exact(n)) {
-        let m = xrow.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
-        for (ov, &xv) in orow.iter_mut().zip(xrow) {
-            *ov = exp_fast::<F>(xv - m);
-            sum += *ov;
-        }
-        let inv = 1.0 / sum;
-        orow.iter_mut().for_each(|v| *v *= inv);
+    o.copy_from_slice(x);
+    for row in o.chunks_exact_mut(n) {
+        softmax_row::<F>(row);
     }
 }
 
 /// In place: `v = act(v + b)` over rows of `b.len()` (or `n`) values.
 #[inline(always)]
 fn epilogue_rows<const F: bool>(v: &mut [f32], n: usize, b: Option<&[f32]>, a: Option<HiddenAct>) {
+    // Plain loops, no closures: everything must inline into the caller's target features
+    // (a closure compiled without FMA turns each `mul_add` into a libm call).
     for row in v.chunks_exact_mut(n) {
         if let Some(b) = b {
-            row.iter_mut().zip(b).for_each(|(x, &bv)| *x += bv);
+            for (x, &bv) in row.iter_mut().zip(b) {
+                *x += bv;
+            }
         }
         if let Some(a) = a {
-            row.iter_mut().for_each(|x| *x = act::<F>(*x, a));
+            for x in row.iter_mut() {
+                *x = act::<F>(*x, a);
+            }
         }
     }
 }
@@ -122,8 +165,19 @@ fn epilogue_rows_avx2(v: &mut [f32], n: usize, b: Option<&[f32]>, a: Option<Hidd
     epilogue_rows::<true>(v, n, b, a)
 }
 
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn epilogue_rows_avx512(v: &mut [f32], n: usize, b: Option<&[f32]>, a: Option<HiddenAct>) {
+    epilogue_rows::<true>(v, n, b, a)
+}
+
 /// In place on whole rows of `n` values (the caller parallelises): add `bias`, apply `act`.
 pub(crate) fn bias_act_in_place(v: &mut [f32], n: usize, b: Option<&[f32]>, a: Option<HiddenAct>) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: the CPU supports AVX-512F, AVX2 and FMA (checked at run time).
+        return unsafe { epilogue_rows_avx512(v, n, b, a) };
+    }
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
         // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
@@ -149,6 +203,16 @@ fn has_avx2_fma() -> bool {
     {
         static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| is_x86_feature_detected!("avx512f") && has_avx2_fma())
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
@@ -263,31 +327,38 @@ pub(crate) fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
 /// Softmax of each row of `s` in place (rows of `n`).
 fn softmax_in_place(s: &mut [f32], n: usize) {
     #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: the CPU supports AVX-512F, AVX2 and FMA (checked at run time).
+        return unsafe { softmax_in_place_avx512(s, n) };
+    }
+    #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
         // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
         return unsafe { softmax_in_place_avx2(s, n) };
     }
-    softmax_in_place_rows::<false>(s, n)
-}
-
-#[inline(always)]
-fn softmax_in_place_rows<const F: bool>(s: &mut [f32], n: usize) {
     for row in s.chunks_exact_mut(n) {
-        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
-        for v in row.iter_mut() {
-            *v = exp_fast::<F>(*v - m);
-            sum += *v;
-        }
-        let inv = 1.0 / sum;
-        row.iter_mut().for_each(|v| *v *= inv);
+        softmax_row::<false>(row);
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn softmax_in_place_avx2(s: &mut [f32], n: usize) {
-    softmax_in_place_rows::<true>(s, n)
+    // A plain loop, not `for_each(softmax_row)`: the row function must inline here, where
+    // FMA is enabled (through a closure it is compiled without, and `mul_add` calls libm).
+    for row in s.chunks_exact_mut(n) {
+        softmax_row::<true>(row);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn softmax_in_place_avx512(s: &mut [f32], n: usize) {
+    // A plain loop, not `for_each(softmax_row)`: the row function must inline here, where
+    // FMA is enabled (through a closure it is compiled without, and `mul_add` calls libm).
+    for row in s.chunks_exact_mut(n) {
+        softmax_row::<true>(row);
+    }
 }
 
 /// Multi-head self-attention straight from the fused projection `qkv` (`[B, T, 3·D]`, the
