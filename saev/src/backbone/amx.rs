@@ -30,11 +30,15 @@ const TILE: usize = TK * TN; // 512 bf16 = 1 KiB
 /// Round to bfloat16, nearest even (NaN stays NaN).
 #[inline]
 fn to_bf16(x: f32) -> u16 {
-    if x.is_nan() {
-        return 0x7fc0;
-    }
+    // Branch-free (a select), so the packing loops vectorise.
     let b = x.to_bits();
-    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+    let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
+    let nan = (b & 0x7fff_ffff) > 0x7f80_0000;
+    if nan {
+        0x7fc0
+    } else {
+        rounded
+    }
 }
 
 #[inline]
@@ -114,7 +118,8 @@ impl PackedB {
         assert_eq!(b_kn.len(), k * n, "PackedB::new: [k, n] = [{k}, {n}]");
         let kb = k.div_ceil(TK);
         let nb = n.div_ceil(2 * TN) * 2;
-        let mut tiles = vec![0u16; nb * kb * TILE];
+        // One spare zero tile at the end: the kernel's pipelined loads read one past.
+        let mut tiles = vec![0u16; (nb * kb + 1) * TILE];
         tiles
             .par_chunks_mut(kb * TILE)
             .enumerate()
@@ -222,7 +227,8 @@ fn fallback_gemm(a_mk: &[f32], m: usize, b: &PackedB, c: &mut [f32]) {
 /// A packed into `[m_pad / 16][kb]` tiles of 16 rows × 32 bf16.
 fn pack_a(a_mk: &[f32], m: usize, k: usize, kb: usize) -> Vec<u16> {
     let mb = m.div_ceil(2 * TN) * 2;
-    let mut tiles = vec![0u16; mb * kb * TILE];
+    // One spare zero tile at the end: the kernel's pipelined loads read one past.
+    let mut tiles = vec![0u16; (mb * kb + 1) * TILE];
     tiles
         .par_chunks_mut(kb * TILE)
         .enumerate()
@@ -318,24 +324,32 @@ fn amx_gemm(
                         let p = acc.as_mut_ptr();
                         (p, p.add(TN * 2 * TN), 4 * 2 * TN)
                     };
+                    // Software-pipelined: each operand tile is reloaded (for the next k
+                    // block) as soon as the products reading it have issued, so loads overlap
+                    // the tile multiplies. The last round's loads read one tile past the
+                    // operands: both buffers carry a spare tile at their end.
                     std::arch::asm!(
+                        "tileloadd tmm4, [{a0} + {s}*1]",
+                        "tileloadd tmm6, [{b0} + {s}*1]",
+                        "tileloadd tmm5, [{a1} + {s}*1]",
+                        "tileloadd tmm7, [{b1} + {s}*1]",
                         "tilezero tmm0",
                         "tilezero tmm1",
                         "tilezero tmm2",
                         "tilezero tmm3",
                         "2:",
-                        "tileloadd tmm4, [{a0} + {s}*1]",
-                        "tileloadd tmm6, [{b0} + {s}*1]",
-                        "tileloadd tmm5, [{a1} + {s}*1]",
-                        "tileloadd tmm7, [{b1} + {s}*1]",
-                        "tdpbf16ps tmm0, tmm4, tmm6",
-                        "tdpbf16ps tmm1, tmm4, tmm7",
-                        "tdpbf16ps tmm2, tmm5, tmm6",
-                        "tdpbf16ps tmm3, tmm5, tmm7",
                         "add {a0}, 1024",
                         "add {a1}, 1024",
                         "add {b0}, 1024",
                         "add {b1}, 1024",
+                        "tdpbf16ps tmm0, tmm4, tmm6",
+                        "tdpbf16ps tmm1, tmm4, tmm7",
+                        "tileloadd tmm4, [{a0} + {s}*1]",
+                        "tdpbf16ps tmm2, tmm5, tmm6",
+                        "tileloadd tmm6, [{b0} + {s}*1]",
+                        "tdpbf16ps tmm3, tmm5, tmm7",
+                        "tileloadd tmm5, [{a1} + {s}*1]",
+                        "tileloadd tmm7, [{b1} + {s}*1]",
                         "dec {kb}",
                         "jnz 2b",
                         "tilestored [{lo} + {sc}*1], tmm0",
