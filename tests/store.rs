@@ -526,3 +526,87 @@ fn parts_merge_into_the_same_store() -> TestResult {
     ActivationStore::open(&merged)?;
     Ok(())
 }
+
+/// A backbone in bf16 records into `<hash>-bf16`, beside (never instead of) the f32 store of
+/// the same metadata; its vectors stay within cosine 0.999 of the f32 ones; its parts merge
+/// into `<hash>-bf16` byte for byte; a bf16 part among f32 parts is refused by name.
+#[test]
+fn bf16_stores_live_beside_f32_ones_and_merge_as_themselves() -> TestResult {
+    use saev::backbone::Precision;
+    let dir = tmp("bf16");
+    let (vit, ds, f32_dir) = record(&dir);
+    let bf16 = vit.clone().with_precision(Precision::Bf16)?;
+    let cfg = WriterConfig::default()
+        .with_layers(vec![-1, 0])
+        .with_batch_size(3)
+        .with_max_tokens_per_shard(100);
+    let single = saev::record::record_activations(&bf16, &ds, dir.join("acts"), &cfg)?;
+    let name = single.file_name().ok_or("no name")?.to_string_lossy();
+    assert_eq!(
+        name,
+        format!(
+            "{}-bf16",
+            f32_dir.file_name().ok_or("no name")?.to_string_lossy()
+        )
+    );
+    let (a, b) = (
+        ActivationStore::open(&f32_dir)?,
+        ActivationStore::open(&single)?,
+    );
+    let d = a.d_model();
+    let mut worst = 1f64;
+    for e in 0..a.n_examples() {
+        for (x, y) in a.example(e)?.chunks(d).zip(b.example(e)?.chunks(d)) {
+            let dot: f64 = x
+                .iter()
+                .zip(y)
+                .map(|(p, q)| f64::from(*p) * f64::from(*q))
+                .sum();
+            let nx: f64 = x.iter().map(|p| f64::from(*p).powi(2)).sum::<f64>().sqrt();
+            let ny: f64 = y.iter().map(|p| f64::from(*p).powi(2)).sum::<f64>().sqrt();
+            worst = worst.min(dot / (nx * ny));
+        }
+    }
+    assert!(worst >= 0.999, "worst token cosine {worst}");
+    assert!(
+        std::fs::read(f32_dir.join("acts000000.bin"))?
+            != std::fs::read(single.join("acts000000.bin"))?,
+        "the bf16 store holds the f32 numbers"
+    );
+    let parts: Vec<PathBuf> = (0..3)
+        .map(|i| {
+            saev::record::record_activations(
+                &bf16,
+                &ds,
+                dir.join("parts"),
+                &cfg.clone().with_part(i, 3),
+            )
+        })
+        .collect::<saev::Result<_>>()?;
+    let f32_part = saev::record::record_activations(
+        &vit,
+        &ds,
+        dir.join("f32parts"),
+        &cfg.clone().with_part(2, 3),
+    )?;
+    let mixed = [parts[0].clone(), parts[1].clone(), f32_part];
+    let err = saev::store::merge_parts(&mixed, dir.join("merged"))
+        .err()
+        .ok_or("mixed parts merged")?
+        .to_string();
+    assert!(err.contains("precision"), "{err}");
+    let merged = saev::store::merge_parts(&parts, dir.join("merged"))?;
+    assert_eq!(merged.file_name(), single.file_name());
+    for f in [
+        "metadata.json",
+        "acts000000.bin",
+        "acts000005.bin",
+        "registers.bin",
+    ] {
+        assert!(
+            std::fs::read(single.join(f))? == std::fs::read(merged.join(f))?,
+            "{f}"
+        );
+    }
+    Ok(())
+}

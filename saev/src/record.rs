@@ -24,8 +24,10 @@ use std::sync::mpsc;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::backbone::Precision;
 use crate::error::{Error, IoContext, Result};
 use crate::store::merge::part_examples;
+use crate::store::BF16_TAG;
 use crate::store::{
     ActivationStore, Metadata, Provenance, StoreWriter, PROTOCOL, PROVENANCE_VERSION,
 };
@@ -205,7 +207,8 @@ fn provenance(ds: &Dataset) -> Provenance {
     }
 }
 
-/// Record `backbone`'s activations over `dataset` into `<root>/<hash>/`; returns that directory.
+/// Record `backbone`'s activations over `dataset` into `<root>/<hash>/` (`<hash>-bf16/` for a
+/// backbone in [`Precision::Bf16`]); returns that directory.
 /// Resumes an interrupted run; returns a complete store as it is.
 pub fn record_activations(
     backbone: &Backbone,
@@ -234,10 +237,17 @@ pub fn record_activations(
         protocol: PROTOCOL.into(),
     };
     md.validate(Path::new("<writer config>"))?;
+    // A store recorded with bf16 linear layers holds other numbers than the f32 one of the
+    // same metadata (which stays the Python saev's, field for field): its directory says so,
+    // so neither is ever reused or resumed as the other.
+    let tag = match backbone.precision() {
+        Precision::F32 => "",
+        Precision::Bf16 => BF16_TAG,
+    };
     let (dir, range) = match cfg.part {
-        None => (root.join(md.hash()), 0..md.n_examples),
+        None => (root.join(format!("{}{tag}", md.hash())), 0..md.n_examples),
         Some((i, n)) if i < n => (
-            root.join(format!("{}.part-{i}-of-{n}", md.hash())),
+            root.join(format!("{}{tag}.part-{i}-of-{n}", md.hash())),
             part_examples(&md, i, n),
         ),
         Some((i, n)) => {
@@ -254,7 +264,7 @@ pub fn record_activations(
         .map_err(|e| Error::Internal(format!("serialising JSON: {e}")))?;
     let fingerprint = format!(
         "{:x}",
-        Sha256::digest(format!("{prov_text}|{h}x{w}").as_bytes())
+        Sha256::digest(format!("{prov_text}|{h}x{w}{tag}").as_bytes())
     );
 
     let mut n_done = range.start;

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use super::format::Metadata;
 use super::ojson;
 use super::writer::{open_at_least, write_registers_info};
+use super::BF16_TAG;
 use crate::error::{Error, IoContext, Result};
 use crate::util::files::{read_json, write_atomic};
 
@@ -109,7 +110,23 @@ pub fn merge_parts(parts: &[PathBuf], root: impl AsRef<Path>) -> Result<PathBuf>
             format!("0..{n_parts} exactly once each"),
         ));
     }
-    let dir = root.join(md.hash());
+    // Parts recorded in bf16 (`<hash>-bf16.part-…`) merge into `<hash>-bf16`; mixed parts are
+    // two stores.
+    let is_bf16 = |p: &PathBuf| {
+        p.file_name()
+            .is_some_and(|n| n.to_string_lossy().contains(&format!("{BF16_TAG}.part-")))
+    };
+    let tag = if is_bf16(first) { BF16_TAG } else { "" };
+    if let Some(odd) = parts.iter().find(|p| is_bf16(p) != is_bf16(first)) {
+        return Err(Error::Store {
+            path: odd.clone(),
+            msg: format!(
+                "recorded in another precision than {} (one is a `{BF16_TAG}` part): parts of different stores",
+                first.display()
+            ),
+        });
+    }
+    let dir = root.join(format!("{}{tag}", md.hash()));
     if dir.join("metadata.json").exists() {
         return Err(Error::Store {
             path: dir,

@@ -53,6 +53,11 @@ pub struct Provenance {
     pub labels: Vec<Option<u32>>,
 }
 
+/// The suffix of a store directory recorded with bfloat16 linear layers (`<hash>-bf16`, parts
+/// `<hash>-bf16.part-I-of-N`): the metadata stays the Python saev's, the name keeps the two
+/// kinds of store apart.
+pub const BF16_TAG: &str = "-bf16";
+
 /// Current `provenance.json` version.
 pub(crate) const PROVENANCE_VERSION: u32 = 1;
 
