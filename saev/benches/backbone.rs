@@ -6,8 +6,8 @@
 //! token over every recorded block). Set `SAEV_BENCH_TORCH_PYTHON=/path/to/python` (with torch
 //! and transformers) to time HF transformers' `Dinov2Model` on the same weights in the same
 //! run — float32 with flush-to-zero set, and the model and inputs cast to bfloat16: torch at its
-//! best on the machine — for the ratios. `SAEV_BENCH_PRECISION=bf16` times only the bf16 path
-//! (to run under a profiler).
+//! best on the machine — for the ratios. `SAEV_BENCH_PRECISION=bf16` (or `f32`) times only that
+//! path (to run under a profiler).
 
 use std::process::Command;
 use std::time::Instant;
@@ -75,11 +75,11 @@ fn main() -> saev::Result<()> {
             .map(|n| n.get())
             .unwrap_or(1)
     );
-    if std::env::var("SAEV_BENCH_PRECISION").as_deref() == Ok("bf16") {
-        // Only the bf16 path (for a profiler).
-        let bf16 = vit.with_precision(Precision::Bf16)?;
-        let (ips, best, _) = time(&bf16, &pixels, &layers)?;
-        println!("saev  bf16 linear layers: {ips:.1} images/s (best {best:.1})");
+    if let Ok(p) = std::env::var("SAEV_BENCH_PRECISION") {
+        // Only one path (for a profiler).
+        let p: Precision = p.parse().map_err(saev::Error::Internal)?;
+        let (ips, best, _) = time(&vit.with_precision(p)?, &pixels, &layers)?;
+        println!("saev  {}: {ips:.1} images/s (best {best:.1})", p.as_str());
         return Ok(());
     }
     // The MLP's first GEMM at this batch (8 × 257 rows, 384 → 1536): GFLOP/s.
