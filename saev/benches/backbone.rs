@@ -109,6 +109,41 @@ fn main() -> saev::Result<()> {
         })?;
         println!("GEMM [{m}×{k}]·[{k}×{n}]: bf16 {bf:.0} GFLOP/s, candle f32 {f:.0} GFLOP/s");
     }
+    // Denormals: the same architecture with freshly initialised weights (N(0, 0.02), as HF
+    // initialises a ViT), where torch float32 slows down ~5× without flush-to-zero.
+    {
+        let weights = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)?;
+        let mut random = std::collections::HashMap::new();
+        for (k, t) in weights {
+            let r = if k.contains("norm") || k.contains("layer_scale") {
+                t.ones_like()?
+            } else {
+                (t.randn_like(0.0, 1.0)? * 0.02)?
+            };
+            random.insert(k, r);
+        }
+        let rdir = std::env::temp_dir().join(format!("saev-bench-random-{}", std::process::id()));
+        std::fs::create_dir_all(&rdir).map_err(|e| saev::Error::Io {
+            path: rdir.clone(),
+            source: e,
+        })?;
+        std::fs::copy(dir.join("config.json"), rdir.join("config.json")).map_err(|e| {
+            saev::Error::Io {
+                path: rdir.join("config.json"),
+                source: e,
+            }
+        })?;
+        candle_core::safetensors::save(&random, rdir.join("model.safetensors"))?;
+        let rvit = Backbone::from_dir(&rdir, &Device::Cpu)?;
+        let (r_ips, _, r_acts) = time(&rvit, &pixels, &layers)?;
+        let v: Vec<f32> = r_acts.flatten_all()?.to_vec1()?;
+        let tiny = v.iter().filter(|x| x.is_subnormal()).count();
+        println!(
+            "saev  f32  random-init weights: {r_ips:.1} images/s; {tiny} of {} recorded values subnormal",
+            v.len()
+        );
+        let _ = std::fs::remove_dir_all(&rdir);
+    }
     let (f32_ips, f32_best, f32_acts) = time(&vit, &pixels, &layers)?;
     println!(
         "saev  f32  DINOv2-S/14 224px batch {BATCH}, all 12 blocks recorded: {f32_ips:.1} images/s (median of {ITERS}; best {f32_best:.1})"
