@@ -162,7 +162,7 @@ pub fn gemm_bf16(a_mk: &[f32], m: usize, b: &PackedB, bias: Option<&[f32]>) -> V
         assert_eq!(bias.len(), b.n, "gemm_bf16: bias is not [{}]", b.n);
     }
     let n = b.n;
-    gemm_bf16_then(a_mk, m, b, &|rows: &mut [f32]| {
+    gemm_bf16_then(a_mk, m, b, &|_, rows: &mut [f32]| {
         if let Some(bias) = bias {
             for row in rows.chunks_exact_mut(n) {
                 row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
@@ -172,12 +172,13 @@ pub fn gemm_bf16(a_mk: &[f32], m: usize, b: &PackedB, bias: Option<&[f32]>) -> V
 }
 
 /// [`gemm_bf16`] with an epilogue run on each band of whole rows of `C` right after it is
-/// computed (while in cache): the backbone's bias + activation.
+/// computed (while in cache), given the band's first row: the backbone's bias, activation and
+/// residual add.
 pub(crate) fn gemm_bf16_then(
     a_mk: &[f32],
     m: usize,
     b: &PackedB,
-    epilogue: &(dyn Fn(&mut [f32]) + Sync),
+    epilogue: &(dyn Fn(usize, &mut [f32]) + Sync),
 ) -> Vec<f32> {
     let (k, n) = (b.k, b.n);
     assert_eq!(a_mk.len(), m * k, "gemm_bf16: A is not [{m}, {k}]");
@@ -189,7 +190,9 @@ pub(crate) fn gemm_bf16_then(
         fallback_gemm(a_mk, m, b, &mut c);
     }
     if n > 0 {
-        c.par_chunks_mut(2 * TN * n).for_each(epilogue);
+        c.par_chunks_mut(2 * TN * n)
+            .enumerate()
+            .for_each(|(i, rows)| epilogue(i * 2 * TN, rows));
     }
     c
 }
@@ -282,7 +285,7 @@ fn amx_gemm(
     a_mk: &[f32],
     m: usize,
     b: &PackedB,
-    epilogue: &(dyn Fn(&mut [f32]) + Sync),
+    epilogue: &(dyn Fn(usize, &mut [f32]) + Sync),
 ) -> Vec<f32> {
     use std::mem::MaybeUninit;
     let (k, n, kb, nb) = (b.k, b.n, b.kb, b.nb);
@@ -379,7 +382,10 @@ fn amx_gemm(
                     }
                 }
                 std::arch::asm!("tilerelease");
-                epilogue(std::slice::from_raw_parts_mut(cp, c_rows.len()));
+                epilogue(
+                    band * 2 * TN,
+                    std::slice::from_raw_parts_mut(cp, c_rows.len()),
+                );
             }
         });
     let mut c = std::mem::ManuallyDrop::new(c);
@@ -392,11 +398,11 @@ fn amx_gemm(
     a_mk: &[f32],
     m: usize,
     b: &PackedB,
-    epilogue: &(dyn Fn(&mut [f32]) + Sync),
+    epilogue: &(dyn Fn(usize, &mut [f32]) + Sync),
 ) -> Vec<f32> {
     let mut c = vec![0f32; m * b.n];
     fallback_gemm(a_mk, m, b, &mut c);
-    epilogue(&mut c);
+    epilogue(0, &mut c);
     c
 }
 

@@ -324,6 +324,62 @@ pub(crate) fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
     candle_nn::ops::softmax_last_dim(x)
 }
 
+/// `C = A·B` (`a_mk` `[m, k]`, `b_kn` `[k, n]`, row-major, f32) by the f32 GEMM written into a
+/// fresh buffer (no zeroing pass), then `epilogue(first_row, rows)` on bands of 32 rows in
+/// parallel: the backbone's bias, activation and residual add in one pass over `C`.
+pub(crate) fn gemm_f32_then(
+    a_mk: &[f32],
+    m: usize,
+    b_kn: &[f32],
+    n: usize,
+    epilogue: &(dyn Fn(usize, &mut [f32]) + Sync),
+) -> Vec<f32> {
+    let k = if m == 0 { 0 } else { a_mk.len() / m };
+    if m == 0 || n == 0 || k == 0 || b_kn.len() != k * n {
+        let mut c = vec![0f32; m * n];
+        if n > 0 {
+            c.par_chunks_mut(32 * n)
+                .enumerate()
+                .for_each(|(i, rows)| epilogue(i * 32, rows));
+        }
+        return c;
+    }
+    let mut c: Vec<std::mem::MaybeUninit<f32>> = Vec::with_capacity(m * n);
+    // SAFETY: MaybeUninit needs no initialisation; the GEMM below writes every element of the
+    // m × n destination (read_dst false: it is never read), through a raw pointer; the inputs
+    // hold m·k and k·n elements with the strides given.
+    let mut c = unsafe {
+        c.set_len(m * n);
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr() as *mut f32,
+            1,
+            n as isize,
+            false,
+            a_mk.as_ptr(),
+            1,
+            k as isize,
+            b_kn.as_ptr(),
+            1,
+            n as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(0),
+        );
+        let mut c = std::mem::ManuallyDrop::new(c);
+        Vec::from_raw_parts(c.as_mut_ptr() as *mut f32, c.len(), c.capacity())
+    };
+    c.par_chunks_mut(32 * n)
+        .enumerate()
+        .for_each(|(i, rows)| epilogue(i * 32, rows));
+    c
+}
+
 /// Softmax of each row of `s` in place (rows of `n`).
 fn softmax_in_place(s: &mut [f32], n: usize) {
     #[cfg(target_arch = "x86_64")]

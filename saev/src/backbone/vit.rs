@@ -25,7 +25,9 @@ use candle_nn::{LayerNorm, LayerNormConfig, VarBuilder};
 
 use super::amx::{gemm_bf16_then, PackedB};
 use super::config::{Family, HiddenAct, PosInterp, VitConfig};
-use super::kernels::{bias_act, bias_act_in_place, self_attention_qkv, softmax_last_dim};
+use super::kernels::{
+    bias_act, bias_act_in_place, gemm_f32_then, self_attention_qkv, softmax_last_dim,
+};
 use super::resample::{interp_matrix, interp_matrix_scaled, Kernel};
 use crate::error::{CandleContext, Error, Result};
 
@@ -56,48 +58,91 @@ impl Linear {
         })
     }
 
-    /// The bfloat16 path when this layer has one and `x` is an f32 CPU tensor:
-    /// `act(x Wᵀ (+ b))`, bias and activation applied to each band of rows as it is computed.
-    fn bf16_forward(
+    /// The fused CPU path for an f32 CPU tensor `x`: `act(x Wᵀ (+ b)) (+ residual)` in one GEMM
+    /// and one pass over its output (bias, activation and residual applied to each band of rows
+    /// as it is computed) — in bfloat16 on AMX when the layer has packed weights, else the f32
+    /// GEMM. None on other devices and dtypes (candle's ops run there).
+    fn fused_forward(
         &self,
         x: &Tensor,
         with_bias: bool,
         act: Option<HiddenAct>,
+        residual: Option<&Tensor>,
     ) -> candle_core::Result<Option<Tensor>> {
-        let Some(w) = &self.bf16 else {
-            return Ok(None);
-        };
         if !x.device().is_cpu() || x.dtype() != DType::F32 {
             return Ok(None);
         }
         let dims = x.dims();
         let d_in = dims[dims.len() - 1];
         let rows = x.elem_count() / d_in;
-        let bias = match (&self.b, with_bias) {
-            (Some(b), true) => Some(b.to_vec1::<f32>()?),
-            _ => None,
-        };
-        let n = w.dims().1;
-        let epilogue = |c: &mut [f32]| bias_act_in_place(c, n, bias.as_deref(), act);
-        // The input is read in place when it is a contiguous CPU tensor (no copy).
-        let y = {
-            let (storage, layout) = x.storage_and_layout();
-            match (&*storage, layout.contiguous_offsets()) {
-                (Storage::Cpu(CpuStorage::F32(v)), Some((s, e))) => {
-                    gemm_bf16_then(&v[s..e], rows, w, &epilogue)
-                }
-                _ => {
-                    drop(storage);
-                    let a: Vec<f32> = x.flatten_all()?.to_vec1()?;
-                    gemm_bf16_then(&a, rows, w, &epilogue)
-                }
-            }
-        };
+        let n = self.w_t.dim(1)?;
         let mut out_dims = dims.to_vec();
         if let Some(last) = out_dims.last_mut() {
             *last = n;
         }
+        let residual = match residual {
+            Some(r) if r.dims() == out_dims.as_slice() && r.dtype() == DType::F32 => {
+                Some(r.flatten_all()?.contiguous()?)
+            }
+            Some(_) => return Ok(None),
+            None => None,
+        };
+        let bias = match (&self.b, with_bias) {
+            (Some(b), true) => Some(b.to_vec1::<f32>()?),
+            _ => None,
+        };
+        let res_guard = residual.as_ref().map(|r| r.storage_and_layout());
+        let res: Option<&[f32]> = match &res_guard {
+            Some((st, l)) => match (&**st, l.contiguous_offsets()) {
+                (Storage::Cpu(CpuStorage::F32(v)), Some((s0, s1))) => Some(&v[s0..s1]),
+                _ => return Ok(None),
+            },
+            None => None,
+        };
+        let epilogue = |row0: usize, c: &mut [f32]| {
+            bias_act_in_place(c, n, bias.as_deref(), act);
+            if let Some(r) = res {
+                for (v, &a) in c.iter_mut().zip(&r[row0 * n..]) {
+                    *v += a;
+                }
+            }
+        };
+        let gemm = |a: &[f32]| -> candle_core::Result<Vec<f32>> {
+            match &self.bf16 {
+                Some(w) => Ok(gemm_bf16_then(a, rows, w, &epilogue)),
+                None => {
+                    let (st, l) = self.w_t.storage_and_layout();
+                    match (&*st, l.contiguous_offsets()) {
+                        (Storage::Cpu(CpuStorage::F32(w)), Some((s0, s1))) => {
+                            Ok(gemm_f32_then(a, rows, &w[s0..s1], n, &epilogue))
+                        }
+                        _ => candle_core::bail!("fused linear: weights not on the CPU"),
+                    }
+                }
+            }
+        };
+        // The input is read in place when it is contiguous (no copy).
+        let y = {
+            let (storage, layout) = x.storage_and_layout();
+            match (&*storage, layout.contiguous_offsets()) {
+                (Storage::Cpu(CpuStorage::F32(v)), Some((s0, s1))) => gemm(&v[s0..s1])?,
+                _ => {
+                    drop(storage);
+                    let a: Vec<f32> = x.flatten_all()?.to_vec1()?;
+                    gemm(&a)?
+                }
+            }
+        };
+        drop(res_guard);
         Tensor::from_vec(y, out_dims, x.device()).map(Some)
+    }
+
+    /// `x Wᵀ + b + residual` (the block's output projections).
+    fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> candle_core::Result<Tensor> {
+        if let Some(y) = self.fused_forward(x, true, None, Some(residual))? {
+            return Ok(y);
+        }
+        residual + self.forward(x)?
     }
 
     fn new(vb: &VarBuilder, d_in: usize, d_out: usize, bias: bool) -> candle_core::Result<Self> {
@@ -129,8 +174,10 @@ impl Linear {
 
     /// `x Wᵀ` without the bias, as one 2-D GEMM over all leading axes.
     fn matmul(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if let Some(y) = self.bf16_forward(x, false, None)? {
-            return Ok(y);
+        if self.bf16.is_some() {
+            if let Some(y) = self.fused_forward(x, false, None, None)? {
+                return Ok(y);
+            }
         }
         let dims = x.dims();
         let d_in = dims[dims.len() - 1];
@@ -144,7 +191,7 @@ impl Linear {
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if let Some(y) = self.bf16_forward(x, true, None)? {
+        if let Some(y) = self.fused_forward(x, true, None, None)? {
             return Ok(y);
         }
         let y = self.matmul(x)?;
@@ -156,7 +203,7 @@ impl Linear {
 
     /// `act(x Wᵀ + b)` with bias and activation fused in one pass.
     fn forward_act(&self, x: &Tensor, act: HiddenAct) -> candle_core::Result<Tensor> {
-        if let Some(y) = self.bf16_forward(x, true, Some(act))? {
+        if let Some(y) = self.fused_forward(x, true, Some(act), None)? {
             return Ok(y);
         }
         let y = self.matmul(x)?;
@@ -449,14 +496,13 @@ impl Block {
             let v = qkv.narrow(2, 2 * d, d)?;
             attention_rope(&q, &k, &v, self.n_heads, rope)?
         };
-        let a = self.out.forward(&att)?;
-        let x = (x_btd + a)?;
+        let x = self.out.forward_residual(&att, x_btd)?;
         let h = self.norm2.forward(&x)?;
         let h = match &self.gate {
             None => self.fc1.forward_act(&h, self.act)?,
             Some(g) => (g.forward_act(&h, self.act)? * self.fc1.forward(&h)?)?,
         };
-        x + self.fc2.forward(&h)?
+        self.fc2.forward_residual(&h, &x)
     }
 }
 
