@@ -334,7 +334,7 @@ pub(crate) fn gemm_f32_then(
     n: usize,
     epilogue: &(dyn Fn(usize, &mut [f32]) + Sync),
 ) -> Vec<f32> {
-    let k = if m == 0 { 0 } else { a_mk.len() / m };
+    let k = a_mk.len().checked_div(m).unwrap_or(0);
     if m == 0 || n == 0 || k == 0 || b_kn.len() != k * n {
         let mut c = vec![0f32; m * n];
         if n > 0 {
