@@ -444,6 +444,18 @@ fn parse_range(s: &str) -> Result<(usize, usize), String> {
     Ok((num(a)?, num(b)?))
 }
 
+/// Write `value` as pretty JSON to `path`; errors name the file.
+fn write_json<T: serde::Serialize>(path: &std::path::Path, value: &T) -> saev::Result<()> {
+    let text = serde_json::to_string_pretty(value).map_err(|source| saev::Error::Json {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    std::fs::write(path, text).map_err(|source| saev::Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
 /// Read and parse a JSON file; errors name the file.
 fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> saev::Result<T> {
     let text = std::fs::read_to_string(path).map_err(|source| saev::Error::Io {
@@ -546,14 +558,7 @@ fn match_saes(
                 fix: "choose a new file for --out".into(),
             });
         }
-        let text = serde_json::to_string_pretty(&m).map_err(|source| saev::Error::Json {
-            path: path.clone(),
-            source,
-        })?;
-        std::fs::write(&path, text).map_err(|source| saev::Error::Io {
-            path: path.clone(),
-            source,
-        })?;
+        write_json(&path, &m)?;
         eprintln!("written: {}", path.display());
     }
     Ok(())
@@ -744,14 +749,7 @@ fn train(
             }));
         }
         let path = out.join("fidelity.json");
-        let text = serde_json::to_string_pretty(&rows).map_err(|source| saev::Error::Json {
-            path: path.clone(),
-            source,
-        })?;
-        std::fs::write(&path, text).map_err(|source| saev::Error::Io {
-            path: path.clone(),
-            source,
-        })?;
+        write_json(&path, &rows)?;
         eprintln!("downstream fidelity: {}", path.display());
     }
     if run.evals.iter().any(Option::is_some) {

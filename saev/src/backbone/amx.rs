@@ -185,46 +185,18 @@ pub(crate) fn gemm_bf16_then(
     if m > 0 && n > 0 && k > 0 && amx_available() {
         return amx_gemm(a_mk, m, b, epilogue);
     }
-    let mut c = vec![0f32; m * n];
-    if m > 0 && n > 0 && k > 0 {
-        fallback_gemm(a_mk, m, b, &mut c);
-    }
-    if n > 0 {
-        c.par_chunks_mut(2 * TN * n)
-            .enumerate()
-            .for_each(|(i, rows)| epilogue(i * 2 * TN, rows));
-    }
-    c
+    fallback_gemm(a_mk, m, b, epilogue)
 }
 
-/// The same rounded products summed in f32 by the f32 GEMM.
-fn fallback_gemm(a_mk: &[f32], m: usize, b: &PackedB, c: &mut [f32]) {
-    let (k, n) = (b.k, b.n);
+/// The same rounded products summed in f32 by the f32 GEMM, then the epilogue.
+fn fallback_gemm(
+    a_mk: &[f32],
+    m: usize,
+    b: &PackedB,
+    epilogue: &(dyn Fn(usize, &mut [f32]) + Sync),
+) -> Vec<f32> {
     let a: Vec<f32> = a_mk.par_iter().map(|&v| round_bf16(v)).collect();
-    // SAFETY: the slices hold m·k, k·n and m·n elements with the strides given.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.as_ptr(),
-            1,
-            k as isize,
-            b.rounded.as_ptr(),
-            1,
-            n as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::Rayon(0),
-        );
-    }
+    super::kernels::gemm_f32_then(&a, m, &b.rounded, b.n, epilogue)
 }
 
 /// A packed into `[m_pad / 16][kb]` tiles of 16 rows × 32 bf16.
@@ -400,10 +372,7 @@ fn amx_gemm(
     b: &PackedB,
     epilogue: &(dyn Fn(usize, &mut [f32]) + Sync),
 ) -> Vec<f32> {
-    let mut c = vec![0f32; m * b.n];
-    fallback_gemm(a_mk, m, b, &mut c);
-    epilogue(0, &mut c);
-    c
+    fallback_gemm(a_mk, m, b, epilogue)
 }
 
 #[cfg(test)]
@@ -436,8 +405,7 @@ mod tests {
             let packed = PackedB::new(&b, k, n);
             let c = gemm_bf16(&a, m, &packed, Some(&bias));
             // The path without AMX too (the one above ran on AMX where the processor has it).
-            let mut plain = vec![0f32; m * n];
-            fallback_gemm(&a, m, &packed, &mut plain);
+            let plain = fallback_gemm(&a, m, &packed, &|_, _| {});
             for i in 0..m {
                 for j in 0..n {
                     let (x, y) = (plain[i * n + j] + bias[j], c[i * n + j]);
