@@ -90,6 +90,7 @@ pub mod __private {
     pub use crate::backbone::weights;
     pub use crate::explore::features::Encoder;
     pub use crate::import::onnx;
+    pub use crate::sae::device_step::{topk_rows, DeviceState};
     pub use crate::sae::paper_step::{LossTerms, PaperReluStep};
     pub use crate::sae::step::{Grads, Recipe, Scratch, StepStats, TrainState};
     pub use crate::util::torch_load::parse_pickle;

@@ -2,6 +2,7 @@
 //! the Python saev's `sae.pt` checkpoints ([`py_import`], read by `util::torch_load`). The
 //! trainer builds on these (#4).
 
+pub(crate) mod device_step;
 pub(crate) mod eval;
 pub(crate) mod linalg;
 pub(crate) mod model;

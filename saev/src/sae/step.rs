@@ -223,10 +223,10 @@ pub struct TrainState {
     group_of: Vec<u16>,
 }
 
-const BETA1: f64 = 0.9;
-const BETA2: f64 = 0.999;
-const EPS: f64 = 1e-8;
-const THRESHOLD_RATE: f32 = 0.01;
+pub(crate) const BETA1: f64 = 0.9;
+pub(crate) const BETA2: f64 = 0.999;
+pub(crate) const EPS: f64 = 1e-8;
+pub(crate) const THRESHOLD_RATE: f32 = 0.01;
 
 impl TrainState {
     /// The first parameter or Adam moment (name, flat index) holding NaN or ±∞, if any (a
