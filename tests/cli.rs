@@ -52,6 +52,53 @@ fn bad_layer_is_a_clear_error_and_exit_code() -> TestResult {
     Ok(())
 }
 
+/// `--device` (and `SAEV_DEVICE`): `cpu` runs and says so; a GPU on a build without the `cuda`
+/// feature, or a device spec that means nothing, is a clear error naming what is valid.
+#[test]
+fn device_flag_and_env_are_clear() -> TestResult {
+    let run = |flag: Option<&str>, env: Option<&str>| -> std::io::Result<std::process::Output> {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_saev"));
+        c.arg("record")
+            .arg("--model")
+            .arg(fixtures().join("tiny-dinov2"))
+            .args(["--size", "16", "--layers", "-1"])
+            .arg(fixtures().join("astronaut.png"))
+            .env_remove("SAEV_DEVICE");
+        if let Some(f) = flag {
+            c.args(["--device", f]);
+        }
+        if let Some(e) = env {
+            c.env("SAEV_DEVICE", e);
+        }
+        c.output()
+    };
+    let ok = run(Some("cpu"), Some("tpu"))?;
+    let stderr = String::from_utf8_lossy(&ok.stderr);
+    assert!(
+        ok.status.success() && stderr.contains("device: cpu"),
+        "{stderr}"
+    );
+    let bad = run(None, Some("tpu"))?;
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        !bad.status.success() && stderr.contains("cuda:N"),
+        "{stderr}"
+    );
+    if !cfg!(feature = "cuda") {
+        let gpu = run(Some("cuda:0"), None)?;
+        let stderr = String::from_utf8_lossy(&gpu.stderr);
+        assert!(!gpu.status.success(), "{stderr}");
+        assert!(stderr.contains("built without GPU support"), "{stderr}");
+        let auto = run(Some("auto"), None)?;
+        let stderr = String::from_utf8_lossy(&auto.stderr);
+        assert!(
+            auto.status.success() && stderr.contains("device: cpu"),
+            "{stderr}"
+        );
+    }
+    Ok(())
+}
+
 /// `saev sae import` writes a saev SAE directory with the right activation and provenance,
 /// reuses it on a re-run, refuses to write over anything else; `--sae` takes a `sae.pt`
 /// directly (imported once into the cache; a paper-era one normalised with the store's

@@ -121,9 +121,16 @@ fn assert_equivalent(name: &str, recipe: Recipe, lambda: f64) {
         assert!(diff < 1e-4, "{name}: {what} differs by {diff}");
     }
     // The weights did move (a test that cannot pass by doing nothing).
-    assert!(max_diff(&cpu0.w_dec, &host.w_dec) > 1e-4, "{name}: no update");
+    assert!(
+        max_diff(&cpu0.w_dec, &host.w_dec) > 1e-4,
+        "{name}: no update"
+    );
     assert_eq!(cpu.t, host.t);
-    assert_eq!(aux_seen, cpu0.recipe.aux_k > 0, "{name}: AuxK ran iff asked");
+    assert_eq!(
+        aux_seen,
+        cpu0.recipe.aux_k > 0,
+        "{name}: AuxK ran iff asked"
+    );
     if !cpu0.log_threshold.is_empty() {
         assert!(max_diff(&cpu0.log_threshold, &host.log_threshold) > 1e-3);
     }
@@ -157,7 +164,11 @@ fn topk_and_auxk_match_the_cpu_kernels() {
 
 #[test]
 fn batch_topk_matches_the_cpu_kernels() {
-    assert_equivalent("batch_topk", recipe(TrainActivation::BatchTopK { k: 6 }), 0.0);
+    assert_equivalent(
+        "batch_topk",
+        recipe(TrainActivation::BatchTopK { k: 6 }),
+        0.0,
+    );
 }
 
 #[test]

@@ -603,3 +603,86 @@ fn jump_relu_recovers_a_planted_dictionary_at_the_datas_sparsity() -> TestResult
 
 /// The planted test's L0 penalty (the paper's λ).
 const JUMP_LAMBDA: f64 = 10.0;
+
+/// The device-generic trainer (candle ops, what runs on a GPU), run on the CPU, against the CPU
+/// kernels: the same history and weights within 1e-4 for a TopK+AuxK and a ReLU sweep, and a run
+/// stopped on one engine resumes on the other (the checkpoints are the same files).
+#[test]
+fn device_generic_training_matches_the_cpu_kernels_and_resumes_across_them() -> TestResult {
+    use saev::sae::Compute;
+    let dir = std::env::temp_dir().join(format!("saev-train-dev-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let store = planted_store(&dir.join("store"));
+    let sweep = |k: Option<usize>, lambda: f64| {
+        vec![
+            Setting {
+                lr: 3e-3,
+                lambda,
+                k,
+            },
+            Setting {
+                lr: 1e-3,
+                lambda,
+                k,
+            },
+        ]
+    };
+    for (name, cfg) in [
+        (
+            "topk",
+            TrainConfig::topk(-2, 2).with_sweep(sweep(None, 0.0)),
+        ),
+        ("relu", TrainConfig::new(-2).with_sweep(sweep(None, 4e-3))),
+    ] {
+        let cfg = cfg
+            .with_expansion(4)
+            .with_batch_size(128)
+            .with_n_patches(128 * 30)
+            .with_warmup(5, 3);
+        let cpu = saev::sae::train_saes_with(
+            &store,
+            &cfg,
+            dir.join(format!("{name}-cpu")),
+            &Compute::CpuKernels,
+        )?;
+        let candle = Compute::Candle(Device::Cpu);
+        let dev =
+            saev::sae::train_saes_with(&store, &cfg, dir.join(format!("{name}-dev")), &candle)?;
+        let (a, b) = (
+            cpu.history.column("loss")?.f64()?,
+            dev.history.column("loss")?.f64()?,
+        );
+        assert_eq!(a.len(), b.len());
+        for (i, (p, q)) in a.iter().zip(b.iter()).enumerate() {
+            let (p, q) = (p.unwrap(), q.unwrap());
+            assert!(
+                (p - q).abs() <= 1e-4 * p.abs().max(1e-3),
+                "{name}, row {i}: loss {p} vs {q}"
+            );
+        }
+        for (x, y) in cpu.saes.iter().zip(&dev.saes) {
+            for (i, (p, q)) in x.weights().iter().zip(y.weights()).enumerate() {
+                let diff = common::max_abs_diff(p, q);
+                assert!(
+                    diff < 1e-4,
+                    "{name}: weight {i} (W_enc, b_enc, W_dec, b_dec) differs by {diff}"
+                );
+            }
+        }
+        assert!(cpu.evals[0].is_some() && dev.evals[0].is_some());
+        // Stop on the device engine after 10 steps, finish on the CPU kernels.
+        let out = dir.join(format!("{name}-mixed"));
+        let mut first = cfg.clone();
+        first.stop_after_steps = Some(10);
+        let part = saev::sae::train_saes_with(&store, &first, &out, &candle)?;
+        assert!(!part.finished);
+        let rest = saev::sae::train_saes_with(&store, &cfg, &out, &Compute::CpuKernels)?;
+        assert!(rest.finished);
+        let diff = common::max_abs_diff(rest.saes[1].weights()[2], cpu.saes[1].weights()[2]);
+        assert!(
+            diff < 1e-4,
+            "{name}: resumed across engines, W_dec differs by {diff}"
+        );
+    }
+    Ok(())
+}

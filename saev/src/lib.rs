@@ -63,6 +63,11 @@ pub mod io {
     };
 }
 
+/// Where computations run: `cpu`, `cuda[:N]`, `auto` (and `SAEV_DEVICE`).
+pub mod device {
+    pub use crate::util::device::{device_from_env, device_name, parse_device, DEVICE_ENV};
+}
+
 /// Scale-out on a cluster scheduler (Slurm job arrays).
 pub mod cluster {
     pub use crate::util::cluster::array_task;

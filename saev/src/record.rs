@@ -27,10 +27,10 @@ use sha2::{Digest, Sha256};
 use crate::backbone::Precision;
 use crate::error::{Error, IoContext, Result};
 use crate::store::merge::part_examples;
-use crate::store::BF16_TAG;
 use crate::store::{
     ActivationStore, Metadata, Provenance, StoreWriter, PROTOCOL, PROVENANCE_VERSION,
 };
+use crate::store::{BF16_TAG, F16_TAG};
 use crate::util::files::read_json;
 use crate::util::files::write_atomic;
 use crate::{Backbone, Dataset, Preprocess};
@@ -243,6 +243,7 @@ pub fn record_activations(
     let tag = match backbone.precision() {
         Precision::F32 => "",
         Precision::Bf16 => BF16_TAG,
+        Precision::F16 => F16_TAG,
     };
     let (dir, range) = match cfg.part {
         None => (root.join(format!("{}{tag}", md.hash())), 0..md.n_examples),

@@ -37,7 +37,7 @@ pub use preprocess::{
     Filter, Preprocess, Resize, CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD,
 };
 pub use source::{hf_hub_cache, resolve_model};
-pub use vit::{Block, Vit, VitOutput};
+pub use vit::{Block, LinearMode, Vit, VitOutput};
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -74,10 +74,14 @@ pub enum Precision {
     /// float32 throughout (the reference).
     #[default]
     F32,
-    /// Linear layers on bfloat16-rounded weights and inputs with f32 accumulation, on AMX tiles
-    /// where the processor has them (Intel Sapphire Rapids and later; elsewhere the same
-    /// numbers at f32 speed). Hidden states stay within cosine 0.999 of f32 per token.
+    /// Linear layers on bfloat16-rounded weights and inputs with f32 accumulation: on the CPU
+    /// through AMX tiles where the processor has them (Intel Sapphire Rapids and later;
+    /// elsewhere the same numbers at f32 speed), on a GPU through cuBLAS (which also rounds the
+    /// outputs to bf16). Hidden states stay within cosine 0.999 of f32 per token.
     Bf16,
+    /// Linear layers in float16 (weights and inputs cast, f32 outputs): for GPUs (tensor
+    /// cores); on the CPU it runs through candle's slow f16 kernels.
+    F16,
 }
 
 impl Precision {
@@ -86,6 +90,7 @@ impl Precision {
         match self {
             Precision::F32 => "f32",
             Precision::Bf16 => "bf16",
+            Precision::F16 => "f16",
         }
     }
 }
@@ -93,7 +98,7 @@ impl Precision {
 impl std::str::FromStr for Precision {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        crate::util::parse_name(s, &["f32", "bf16"])
+        crate::util::parse_name(s, &["f32", "bf16", "f16"])
     }
 }
 
@@ -320,22 +325,27 @@ impl Backbone {
         })
     }
 
-    /// The same model computing its linear layers in `precision` (see [`Precision`]); packs the
-    /// weights once (bf16: ~1/2 of the f32 weights' memory more). CPU only: on another device it
-    /// is an error naming the device.
+    /// The same model computing its linear layers in `precision` (see [`Precision`]): bf16 on
+    /// the CPU packs the weights once for AMX (~1/2 of the f32 weights' memory more); on a GPU,
+    /// and for f16, the weights are cast for candle's matmul (cuBLAS).
     pub fn with_precision(self, precision: Precision) -> Result<Self> {
         if precision == self.inner.precision {
             return Ok(self);
         }
-        if !self.device().is_cpu() {
-            return Err(Error::mismatch(
-                "Backbone::with_precision",
-                "a model on the CPU",
-                format!("{} on {:?}", self.name(), self.device()),
-                "bf16 runs on the CPU's AMX tiles; keep f32 on other devices",
-            ));
-        }
-        let vit = self.inner.vit.with_bf16(precision == Precision::Bf16)?;
+        let mode = match (precision, self.device().is_cpu()) {
+            (Precision::F32, _) => LinearMode::F32,
+            (Precision::Bf16, true) => LinearMode::PackedBf16,
+            (Precision::Bf16, false) => LinearMode::Cast(candle_core::DType::BF16),
+            (Precision::F16, _) => LinearMode::Cast(candle_core::DType::F16),
+        };
+        self.with_linear_mode(precision, mode)
+    }
+
+    /// [`Backbone::with_precision`] with the linear layers' code chosen by the caller: e.g. the
+    /// GPU's cast-to-bf16 path on the CPU, to check it against the AMX path.
+    #[doc(hidden)]
+    pub fn with_linear_mode(self, precision: Precision, mode: LinearMode) -> Result<Self> {
+        let vit = self.inner.vit.with_linear_mode(mode)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 vit,
@@ -617,8 +627,13 @@ impl fmt::Debug for Backbone {
                 Precision::F32 => String::new(),
                 Precision::Bf16 => format!(
                     ", bf16 linear layers{}",
-                    if amx::amx_available() { " (AMX)" } else { "" }
+                    if self.device().is_cpu() && amx::amx_available() {
+                        " (AMX)"
+                    } else {
+                        ""
+                    }
                 ),
+                Precision::F16 => ", f16 linear layers".into(),
             }
         )
     }

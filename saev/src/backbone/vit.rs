@@ -39,21 +39,41 @@ struct Linear {
     /// The weights packed for [`super::amx`]'s bfloat16 GEMM: set by [`Linear::to_bf16`], used
     /// on CPU inputs.
     bf16: Option<Arc<PackedB>>,
+    /// The weights cast to a low-precision dtype for candle's matmul (GPUs; see
+    /// [`LinearMode::Cast`]): inputs are cast to it, outputs back to f32.
+    w_low: Option<Tensor>,
+}
+
+/// How a [`Vit`]'s linear layers compute (norms, attention scores, softmax and the residual
+/// stream stay f32 in every mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinearMode {
+    /// f32.
+    F32,
+    /// bfloat16 weights packed for the CPU's AMX tiles ([`super::amx`]), f32 accumulation.
+    PackedBf16,
+    /// Weights and inputs cast to this dtype (bf16, f16) for candle's matmul — cuBLAS on a GPU,
+    /// candle's own kernels on the CPU; outputs cast back to f32.
+    Cast(DType),
 }
 
 impl Linear {
-    /// The same layer computing in bfloat16 (f32 accumulation) through [`super::amx`] (`on`),
-    /// or in f32.
-    fn with_bf16(&self, on: bool) -> candle_core::Result<Self> {
-        let bf16 = if on {
+    /// The same layer computing in `mode`.
+    fn with_mode(&self, mode: LinearMode) -> candle_core::Result<Self> {
+        let bf16 = if mode == LinearMode::PackedBf16 {
             let (d_in, d_out) = self.w_t.dims2()?;
             let w: Vec<f32> = self.w_t.flatten_all()?.to_vec1()?;
             Some(Arc::new(PackedB::new(&w, d_in, d_out)))
         } else {
             None
         };
+        let w_low = match mode {
+            LinearMode::Cast(dt) => Some(self.w_t.to_dtype(dt)?),
+            _ => None,
+        };
         Ok(Self {
             bf16,
+            w_low,
             ..self.clone()
         })
     }
@@ -69,7 +89,7 @@ impl Linear {
         act: Option<HiddenAct>,
         residual: Option<&Tensor>,
     ) -> candle_core::Result<Option<Tensor>> {
-        if !x.device().is_cpu() || x.dtype() != DType::F32 {
+        if !x.device().is_cpu() || x.dtype() != DType::F32 || self.w_low.is_some() {
             return Ok(None);
         }
         let dims = x.dims();
@@ -160,6 +180,7 @@ impl Linear {
             w_t: w_oi.t()?.contiguous()?,
             b,
             bf16: None,
+            w_low: None,
         })
     }
 
@@ -169,6 +190,7 @@ impl Linear {
             w_t: self.w_t.broadcast_mul(s)?,
             b: self.b.map(|b| b.mul(s)).transpose()?,
             bf16: None,
+            w_low: None,
         })
     }
 
@@ -182,7 +204,14 @@ impl Linear {
         let dims = x.dims();
         let d_in = dims[dims.len() - 1];
         let rows = x.elem_count() / d_in;
-        let y = x.reshape((rows, d_in))?.matmul(&self.w_t)?;
+        let y = match &self.w_low {
+            Some(w) => x
+                .reshape((rows, d_in))?
+                .to_dtype(w.dtype())?
+                .matmul(w)?
+                .to_dtype(DType::F32)?,
+            None => x.reshape((rows, d_in))?.matmul(&self.w_t)?,
+        };
         let mut out_dims = dims.to_vec();
         if let Some(last) = out_dims.last_mut() {
             *last = self.w_t.dim(1)?;
@@ -459,14 +488,14 @@ impl Block {
         })
     }
 
-    /// The same block with its linear layers in bfloat16 or f32 (see [`Vit::with_bf16`]).
-    fn with_bf16(&self, on: bool) -> candle_core::Result<Self> {
+    /// The same block with its linear layers in `mode` (see [`Vit::with_linear_mode`]).
+    fn with_mode(&self, mode: LinearMode) -> candle_core::Result<Self> {
         Ok(Self {
-            qkv: self.qkv.with_bf16(on)?,
-            out: self.out.with_bf16(on)?,
-            fc1: self.fc1.with_bf16(on)?,
-            fc2: self.fc2.with_bf16(on)?,
-            gate: self.gate.as_ref().map(|g| g.with_bf16(on)).transpose()?,
+            qkv: self.qkv.with_mode(mode)?,
+            out: self.out.with_mode(mode)?,
+            fc1: self.fc1.with_mode(mode)?,
+            fc2: self.fc2.with_mode(mode)?,
+            gate: self.gate.as_ref().map(|g| g.with_mode(mode)).transpose()?,
             ..self.clone()
         })
     }
@@ -540,13 +569,13 @@ impl MapHead {
         })
     }
 
-    fn with_bf16(&self, on: bool) -> candle_core::Result<Self> {
+    fn with_mode(&self, mode: LinearMode) -> candle_core::Result<Self> {
         Ok(Self {
-            q: self.q.with_bf16(on)?,
-            kv: self.kv.with_bf16(on)?,
-            out: self.out.with_bf16(on)?,
-            fc1: self.fc1.with_bf16(on)?,
-            fc2: self.fc2.with_bf16(on)?,
+            q: self.q.with_mode(mode)?,
+            kv: self.kv.with_mode(mode)?,
+            out: self.out.with_mode(mode)?,
+            fc1: self.fc1.with_mode(mode)?,
+            fc2: self.fc2.with_mode(mode)?,
             ..self.clone()
         })
     }
@@ -798,26 +827,27 @@ impl Vit {
     }
 
     /// The same model with every linear layer (patch embedding, q/k/v, attention output, MLP,
-    /// pooling head) computing in bfloat16 with f32 accumulation on CPU inputs (`on`) — AMX
-    /// tiles where the processor has them ([`super::amx`]) — or all in f32 again. Attention
-    /// scores, softmax, norms, activations and the residual stream stay f32.
-    pub fn with_bf16(&self, on: bool) -> Result<Self> {
+    /// pooling head) computing in `mode`: bfloat16 with f32 accumulation on the CPU's AMX tiles
+    /// where the processor has them ([`super::amx`]), weights cast to bf16/f16 for candle's
+    /// matmul (GPUs), or all in f32 again. Attention scores, softmax, norms, activations and the
+    /// residual stream stay f32.
+    pub fn with_linear_mode(&self, mode: LinearMode) -> Result<Self> {
         let f = || -> candle_core::Result<Self> {
             Ok(Self {
                 embeddings: Embeddings {
-                    patch: self.embeddings.patch.with_bf16(on)?,
+                    patch: self.embeddings.patch.with_mode(mode)?,
                     ..self.embeddings.clone()
                 },
                 blocks: self
                     .blocks
                     .iter()
-                    .map(|b| b.with_bf16(on))
+                    .map(|b| b.with_mode(mode))
                     .collect::<candle_core::Result<_>>()?,
-                head: self.head.as_ref().map(|h| h.with_bf16(on)).transpose()?,
+                head: self.head.as_ref().map(|h| h.with_mode(mode)).transpose()?,
                 ..self.clone()
             })
         };
-        f().context("packing the ViT's weights in bfloat16")
+        f().with_context(|| format!("converting the ViT's linear layers to {mode:?}"))
     }
 
     /// The transformer blocks, in order.

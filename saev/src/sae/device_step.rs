@@ -67,11 +67,21 @@ impl DeviceState {
     pub fn new(st: &TrainState, device: &Device) -> Result<Self> {
         let (s, d) = (st.s, st.d);
         let put = |v: &[f32], shape: &[usize]| -> Result<Tensor> {
-            let shape = if v.is_empty() { vec![0] } else { shape.to_vec() };
+            let shape = if v.is_empty() {
+                vec![0]
+            } else {
+                shape.to_vec()
+            };
             Tensor::from_slice(v, shape, device).context("copying SAE weights to the device")
         };
         let shapes: [&[usize]; 5] = [&[s, d], &[s], &[s, d], &[d], &[s]];
-        let host = [&st.w_enc, &st.b_enc, &st.w_dec, &st.b_dec, &st.log_threshold];
+        let host = [
+            &st.w_enc,
+            &st.b_enc,
+            &st.w_dec,
+            &st.b_dec,
+            &st.log_threshold,
+        ];
         let mut params = Vec::new();
         let mut m = Vec::new();
         let mut v = Vec::new();
@@ -276,7 +286,10 @@ impl DeviceState {
         let aux = if st.recipe.aux_k > 0 && dead.iter().any(|&v| v > 0.0) {
             let dead = Tensor::from_vec(dead, (1, s), &self.device)?;
             let ninf = Tensor::full(f32::NEG_INFINITY, (n, s), &self.device)?;
-            let masked = dead.broadcast_as((n, s))?.gt(0.0)?.where_cond(&pre, &ninf)?;
+            let masked = dead
+                .broadcast_as((n, s))?
+                .gt(0.0)?
+                .where_cond(&pre, &ninf)?;
             let zmask = topk_mask(&masked, st.recipe.aux_k.min(s))?.to_dtype(DType::F32)?;
             Some(((&pre * &zmask)?, zmask))
         } else {
@@ -388,8 +401,8 @@ impl DeviceState {
             g_b_enc = (g_b_enc + dz.sum(0)?)?;
         }
         // ∂L/∂b_dec = Σ_b ∂L/∂x̂ − ∂L/∂b_enc · W_enc (x is centred by b_dec).
-        let g_b_dec = (gs[0].sum(0)?
-            - g_b_enc.unsqueeze(0)?.matmul(&self.params[0])?.squeeze(0)?)?;
+        let g_b_dec =
+            (gs[0].sum(0)? - g_b_enc.unsqueeze(0)?.matmul(&self.params[0])?.squeeze(0)?)?;
         if st.recipe.unit_norm_decoder {
             let par = (&g_w_dec * w_dec)?.sum_keepdim(1)?;
             g_w_dec = (g_w_dec - w_dec.broadcast_mul(&par)?)?;
@@ -406,10 +419,7 @@ impl DeviceState {
             lambda,
             dense: true,
         };
-        Ok((
-            stats,
-            [g_w_enc, g_b_enc, g_w_dec, g_b_dec, g_log_threshold],
-        ))
+        Ok((stats, [g_w_enc, g_b_enc, g_w_dec, g_b_dec, g_log_threshold]))
     }
 
     /// Global gradient-norm clipping (the recipe's `max_grad_norm`).
@@ -494,9 +504,13 @@ pub fn topk_rows(x: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {
         x.contiguous()?
     };
     let rows = padded.reshape((n * nc, chunk))?;
-    let local = rows.arg_sort_last_dim(false)?.narrow(1, 0, k)?.contiguous()?;
+    let local = rows
+        .arg_sort_last_dim(false)?
+        .narrow(1, 0, k)?
+        .contiguous()?;
     let vals = rows.gather(&local, 1)?.reshape((n, nc * k))?;
-    let offs = Tensor::arange_step(0u32, (nc * chunk) as u32, chunk as u32, dev)?.reshape((1, nc, 1))?;
+    let offs =
+        Tensor::arange_step(0u32, (nc * chunk) as u32, chunk as u32, dev)?.reshape((1, nc, 1))?;
     let global = local
         .reshape((n, nc, k))?
         .broadcast_add(&offs)?
@@ -518,7 +532,11 @@ fn topk_mask(pre: &Tensor, k: usize) -> Result<Tensor> {
 /// of positive floats (monotone in value).
 fn batch_topk_mask(pre: &Tensor, k_total: usize) -> Result<(Tensor, f32)> {
     let count_ge = |t: f32| -> Result<u64> {
-        let c = pre.ge(t)?.to_dtype(DType::U32)?.sum_all()?.to_scalar::<u32>()?;
+        let c = pre
+            .ge(t)?
+            .to_dtype(DType::U32)?
+            .sum_all()?
+            .to_scalar::<u32>()?;
         Ok(u64::from(c))
     };
     let pos = pre.gt(0.0)?;

@@ -18,4 +18,7 @@ pub use eval::{Evaluation, ALMOST_DEAD_FREQ, DENSE_FREQ};
 pub use model::{Sae, SaeActivation, SaeConfig, SaeNorm, SAE_SCHEMA};
 pub use py_import::{import_python_sae, resolve_sae};
 pub use step::{Kernels, TrainActivation};
-pub use trainer::{fresh_run_dir, train_saes, Init, LrSchedule, Setting, TrainConfig, TrainRun};
+pub use trainer::{
+    fresh_run_dir, train_saes, train_saes_on, train_saes_with, Compute, Init, LrSchedule, Setting,
+    TrainConfig, TrainRun,
+};

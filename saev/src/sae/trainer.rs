@@ -26,8 +26,10 @@
 
 use std::path::Path;
 
+use candle_core::{Device, Tensor};
 use polars::prelude::*;
 
+use super::device_step::DeviceState;
 use super::eval::{Evaluation, DENSE_FREQ};
 use super::model::{Sae, SaeActivation, SaeConfig, SaeNorm, SAE_SCHEMA};
 use super::step::{Scratch, StepStats, TrainActivation, TrainState};
@@ -37,7 +39,7 @@ use super::train_checkpoint::{
 };
 pub use super::train_config::{Init, LrSchedule, Setting, TrainConfig};
 use super::train_history::{save_history, Row};
-use crate::error::{Error, IoContext, Result};
+use crate::error::{CandleContext, Error, IoContext, Result};
 use crate::store::{ActivationStore, Examples, LoaderConfig, Tokens};
 use crate::util::files::write_json;
 use crate::util::rng::splitmix64;
@@ -71,11 +73,54 @@ pub struct TrainRun {
     pub labels: Vec<String>,
 }
 
-/// Train the sweep on `store` into `out` (resuming a checkpoint there if one exists).
+/// Which code computes the SAE steps.
+#[derive(Debug, Clone)]
+pub enum Compute {
+    /// saev's CPU kernels (sparse decoder and gradients when the codes are sparse): the fastest
+    /// on a CPU, and the default.
+    CpuKernels,
+    /// The device-generic step on candle ops ([`super::device_step`]), on this device: a GPU, or
+    /// the CPU to check it against [`Compute::CpuKernels`].
+    Candle(Device),
+}
+
+impl Compute {
+    /// The best code for `device`: the CPU kernels on the CPU, candle's ops elsewhere.
+    pub fn for_device(device: &Device) -> Self {
+        if device.is_cpu() {
+            Compute::CpuKernels
+        } else {
+            Compute::Candle(device.clone())
+        }
+    }
+}
+
+/// Train the sweep on `store` into `out` (resuming a checkpoint there if one exists), on the CPU.
 pub fn train_saes(
     store: &ActivationStore,
     cfg: &TrainConfig,
     out: impl AsRef<Path>,
+) -> Result<TrainRun> {
+    train_saes_with(store, cfg, out, &Compute::CpuKernels)
+}
+
+/// [`train_saes`] on a chosen device (`Device::new_cuda(0)?`; the CPU uses its own kernels).
+/// Checkpoints are the same files whichever device wrote them, so a run may resume elsewhere.
+pub fn train_saes_on(
+    store: &ActivationStore,
+    cfg: &TrainConfig,
+    out: impl AsRef<Path>,
+    device: &Device,
+) -> Result<TrainRun> {
+    train_saes_with(store, cfg, out, &Compute::for_device(device))
+}
+
+/// [`train_saes`] with the step computed by `compute`.
+pub fn train_saes_with(
+    store: &ActivationStore,
+    cfg: &TrainConfig,
+    out: impl AsRef<Path>,
+    compute: &Compute,
 ) -> Result<TrainRun> {
     let out = out.as_ref();
     cfg.validate()?;
@@ -93,6 +138,15 @@ pub fn train_saes(
     let norm = store.norm_stats(cfg.layer, cfg.tokens)?;
     let mut states = initial_states(cfg, d, s)?;
     let mut ck = open_run(out, store, cfg, s, &mut states)?;
+    // On a device, the weights and moments live there from here on (written back before every
+    // checkpoint and at the end).
+    let mut devs = match compute {
+        Compute::CpuKernels => Vec::new(),
+        Compute::Candle(dev) => states
+            .iter()
+            .map(|st| DeviceState::new(st, dev))
+            .collect::<Result<Vec<_>>>()?,
+    };
     let bs = cfg.batch_size.max(1);
     let n_steps = cfg.n_patches.div_ceil(bs as u64) as usize;
     let loader_cfg = LoaderConfig::new(cfg.layer)
@@ -116,7 +170,11 @@ pub fn train_saes(
             }
             let n = batch.n;
             let x = normalized(store, cfg, &norm.mean, norm.scalar, ck.step, batch)?;
-            let first = step_all(&mut states, &mut ck, cfg, &x, n, n_steps, out, &mut scratch)?;
+            let mut stepper = Stepper {
+                scratch: &mut scratch,
+                devs: &mut devs,
+            };
+            let first = step_all(&mut states, &mut ck, cfg, &x, n, n_steps, out, &mut stepper)?;
             if let Some(f) = first {
                 bar.set_message(format!("loss {:.4} L0 {:.1}", f.loss, f.l0));
             }
@@ -126,6 +184,7 @@ pub fn train_saes(
             steps_this_call += 1;
             bar.set_position(ck.seen.min(cfg.n_patches));
             if cfg.ckpt_every > 0 && ck.step % cfg.ckpt_every == 0 && ck.seen < cfg.n_patches {
+                write_back(&devs, &mut states)?;
                 snapshot(&mut ck, &states);
                 save_checkpoint(out, &states, &ck)?;
                 save_history(out, &ck.history)?;
@@ -141,6 +200,7 @@ pub fn train_saes(
         }
     }
     bar.finish_and_clear();
+    write_back(&devs, &mut states)?;
     snapshot(&mut ck, &states);
     save_checkpoint(out, &states, &ck)?;
     let history = save_history(out, &ck.history)?;
@@ -320,6 +380,59 @@ fn normalized(
     Ok(x)
 }
 
+/// Copy the device states' weights into the host states (no-op on the CPU kernels).
+fn write_back(devs: &[DeviceState], states: &mut [TrainState]) -> Result<()> {
+    for (d, st) in devs.iter().zip(states) {
+        d.write_back(st)?;
+    }
+    Ok(())
+}
+
+/// What computes one setting's step: the CPU kernels (with their scratch buffers) or the
+/// settings' device states.
+struct Stepper<'a> {
+    scratch: &'a mut Scratch,
+    devs: &'a mut [DeviceState],
+}
+
+impl Stepper<'_> {
+    /// Setting `k`'s step on `x` (the batch on the device, copied once per step, when `x_dev`).
+    #[allow(clippy::too_many_arguments)]
+    fn step(
+        &mut self,
+        k: usize,
+        st: &mut TrainState,
+        x: &[f32],
+        x_dev: Option<&Tensor>,
+        n: usize,
+        lr: f64,
+        lambda: f64,
+    ) -> Result<(StepStats, Vec<u32>, Option<(String, usize)>)> {
+        match (self.devs.get_mut(k), x_dev) {
+            (Some(dev), Some(xt)) => {
+                let (stats, fired) = dev.step(st, xt, lr, lambda)?;
+                // An exact host check only when the device's sums say something is off.
+                let bad = if stats.loss.is_finite() && !dev.all_finite()? {
+                    dev.write_back(st)?;
+                    st.first_non_finite()
+                } else {
+                    None
+                };
+                Ok((stats, fired, bad))
+            }
+            _ => {
+                let (stats, fired) = st.step(x, n, lr, lambda, self.scratch)?;
+                let bad = if stats.loss.is_finite() {
+                    st.first_non_finite()
+                } else {
+                    None
+                };
+                Ok((stats, fired, bad))
+            }
+        }
+    }
+}
+
 /// One optimiser step of every setting on batch `x` (`n` rows): divergence checks, firing
 /// counts, and a history row per setting every `log_every` steps. Returns the first setting's
 /// statistics (for the progress line).
@@ -332,20 +445,26 @@ fn step_all(
     n: usize,
     n_steps: usize,
     out: &Path,
-    scratch: &mut Scratch,
+    stepper: &mut Stepper<'_>,
 ) -> Result<Option<StepStats>> {
     let log = ck.step % cfg.log_every.max(1) == 0;
     let mut first: Option<StepStats> = None;
+    let x_dev = match stepper.devs.first() {
+        Some(dev) => Some(
+            Tensor::from_slice(x, (n, x.len() / n.max(1)), dev.device())
+                .context("copying the training batch to the device")?,
+        ),
+        None => None,
+    };
     for (k, (st, setting)) in states.iter_mut().zip(&cfg.sweep).enumerate() {
         let lr = cfg.lr_at(setting.lr, ck.step, n_steps);
         let lambda = cfg.lambda_at(setting.lambda, ck.step);
-        let (stats, fired) = st.step(x, n, lr, lambda, scratch)?;
+        let (stats, fired, bad) = stepper.step(k, st, x, x_dev.as_ref(), n, lr, lambda)?;
         // A non-finite loss, or weights an update made non-finite (its loss, computed before the
         // update, can still be finite): the weights of this step are never saved, so the last
         // checkpoint stays good.
         let what = if stats.loss.is_finite() {
-            st.first_non_finite()
-                .map(|(name, i)| format!("{name}[{i}] is not finite after the update"))
+            bad.map(|(name, i)| format!("{name}[{i}] is not finite after the update"))
         } else {
             Some(format!("loss {}", stats.loss))
         };

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use super::format::Metadata;
 use super::ojson;
 use super::writer::{open_at_least, write_registers_info};
-use super::BF16_TAG;
+use super::{BF16_TAG, F16_TAG};
 use crate::error::{Error, IoContext, Result};
 use crate::util::files::{read_json, write_atomic};
 
@@ -110,19 +110,26 @@ pub fn merge_parts(parts: &[PathBuf], root: impl AsRef<Path>) -> Result<PathBuf>
             format!("0..{n_parts} exactly once each"),
         ));
     }
-    // Parts recorded in bf16 (`<hash>-bf16.part-…`) merge into `<hash>-bf16`; mixed parts are
-    // two stores.
-    let is_bf16 = |p: &PathBuf| {
-        p.file_name()
-            .is_some_and(|n| n.to_string_lossy().contains(&format!("{BF16_TAG}.part-")))
+    // Parts recorded in bf16 / f16 (`<hash>-bf16.part-…`) merge into `<hash>-bf16`; mixed parts
+    // are two stores.
+    let tag_of = |p: &PathBuf| -> &'static str {
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        [BF16_TAG, F16_TAG]
+            .into_iter()
+            .find(|t| name.contains(&format!("{t}.part-")))
+            .unwrap_or("")
     };
-    let tag = if is_bf16(first) { BF16_TAG } else { "" };
-    if let Some(odd) = parts.iter().find(|p| is_bf16(p) != is_bf16(first)) {
+    let tag = tag_of(first);
+    if let Some(odd) = parts.iter().find(|p| tag_of(p) != tag) {
         return Err(Error::Store {
             path: odd.clone(),
             msg: format!(
-                "recorded in another precision than {} (one is a `{BF16_TAG}` part): parts of different stores",
-                first.display()
+                "recorded in another precision than {} (`{}` against `{tag}`): parts of different stores",
+                first.display(),
+                tag_of(odd)
             ),
         });
     }

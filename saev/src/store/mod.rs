@@ -58,6 +58,9 @@ pub struct Provenance {
 /// kinds of store apart.
 pub const BF16_TAG: &str = "-bf16";
 
+/// The suffix of a store recorded with float16 linear layers (GPUs), as [`BF16_TAG`].
+pub const F16_TAG: &str = "-f16";
+
 /// Current `provenance.json` version.
 pub(crate) const PROVENANCE_VERSION: u32 = 1;
 

@@ -4,6 +4,7 @@
 pub(crate) mod cache;
 pub(crate) mod checkpoint;
 pub(crate) mod cluster;
+pub(crate) mod device;
 pub(crate) mod display;
 pub(crate) mod files;
 pub(crate) mod image_io;
