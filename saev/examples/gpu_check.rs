@@ -1,0 +1,329 @@
+//! GPU checks and figures (issue #15), in one run: CUDA against the CPU on the same inputs, then
+//! throughput. Build it where Rust is (`scripts/gpu-check --build`), run it on the GPU machine
+//! (`scripts/gpu-check`); `cargo run --release --example gpu_check -- cpu` runs the same checks
+//! with candle's ops on the CPU (slow, for trying the program itself).
+//!
+//! 1. Backbones (the tiny DINOv2 ± registers / CLIP / SigLIP fixtures): every block's hidden
+//!    states on the device within 1e-3 relative of the CPU's in f32; bf16 and f16 within cosine
+//!    0.999 per token.
+//! 2. SAE training: 20 steps of the device-generic step (TopK + AuxK, ReLU + L1) against the
+//!    CPU kernels from the same start: the loss curves within 1e-3 relative.
+//! 3. Throughput: DINOv2-S/14 (random weights, 224², batch 64) images/s in f32, bf16, f16;
+//!    SAE steps at d = 768, d_sae = 24,576, batch 16,384 (TopK k = 32 and ReLU): steps/s and
+//!    patches/s.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use saev::__private::{DeviceState, Recipe, Scratch, TrainState};
+use saev::backbone::Precision;
+use saev::candle_core::{DType, Device, Tensor};
+use saev::sae::{Kernels, TrainActivation};
+use saev::{Backbone, Error, Result};
+
+fn fixtures() -> PathBuf {
+    std::env::var_os("SAEV_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures"))
+}
+
+fn sync(dev: &Device) -> Result<()> {
+    dev.synchronize()
+        .map_err(|e| Error::Internal(format!("device synchronize: {e}")))
+}
+
+fn lcg(seed: u64, n: usize, scale: f32) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * scale
+        })
+        .collect()
+}
+
+fn worst_cosine(a: &Tensor, b: &Tensor) -> Result<f32> {
+    let d = a.dim(a.rank() - 1)?;
+    let (a, b) = (a.reshape(((), d))?, b.reshape(((), d))?);
+    let dot = (&a * &b)?.sum(1)?;
+    let n = (a.sqr()?.sum(1)?.sqrt()? * b.sqr()?.sum(1)?.sqrt()?)?;
+    let cos: Vec<f32> = (dot / n)?.to_vec1()?;
+    Ok(cos.into_iter().fold(f32::INFINITY, f32::min))
+}
+
+fn rel_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    let scale = a.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-12);
+    Ok(diff / scale)
+}
+
+/// Check 1: backbones on the device against the CPU.
+fn backbones(dev: &Device) -> Result<bool> {
+    let root = fixtures().join("backbone");
+    let images = [
+        saev::load_image(root.join("astronaut.png"))?,
+        saev::load_image(root.join("chelsea.png"))?,
+    ];
+    let mut ok = true;
+    for name in ["tiny-dinov2", "tiny-dinov2-reg", "tiny-clip", "tiny-siglip"] {
+        let cpu = Backbone::from_dir(root.join(name), &Device::Cpu)?;
+        let px = cpu.pixels(&images)?;
+        let want = cpu.hidden_states(&px)?;
+        let on_dev = Backbone::from_dir(root.join(name), dev)?;
+        let px_dev = px.to_device(dev)?;
+        let mut worst = 0f32;
+        for (a, b) in want.iter().zip(on_dev.hidden_states(&px_dev)?) {
+            worst = worst.max(rel_diff(a, &b.to_device(&Device::Cpu)?)?);
+        }
+        let mut line = format!("backbone {name:<16} f32 max rel diff {worst:.2e}");
+        ok &= worst <= 1e-3;
+        for p in [Precision::Bf16, Precision::F16] {
+            let low = on_dev.clone().with_precision(p)?;
+            let mut cos = 1f32;
+            for (a, b) in want.iter().zip(low.hidden_states(&px_dev)?) {
+                cos = cos.min(worst_cosine(a, &b.to_device(&Device::Cpu)?)?);
+            }
+            ok &= cos >= 0.999;
+            line += &format!(", {} worst cosine {cos:.6}", p.as_str());
+        }
+        println!("{line}");
+    }
+    Ok(ok)
+}
+
+fn recipe(activation: TrainActivation, aux_k: usize) -> Recipe {
+    Recipe {
+        activation,
+        groups: Vec::new(),
+        aux_k,
+        aux_coef: 1.0 / 32.0,
+        dead_window_patches: 1024,
+        unit_norm_decoder: true,
+        max_grad_norm: None,
+        kernels: Kernels::Auto,
+        dense_above: 0.05,
+        relu_init_density: None,
+    }
+}
+
+fn state(recipe: Recipe, d: usize, s: usize) -> Result<TrainState> {
+    let bound = 1.0 / (d as f32).sqrt();
+    TrainState::new(
+        lcg(1, s * d, bound),
+        vec![0.0; s],
+        lcg(2, s * d, bound),
+        vec![0.0; d],
+        recipe,
+    )
+}
+
+/// Check 2: 20 training steps on the device against the CPU kernels.
+fn training(dev: &Device) -> Result<bool> {
+    let (d, s, n) = (64, 512, 256);
+    let mut ok = true;
+    for (name, r, lambda) in [
+        (
+            "topk k=8 + auxk",
+            recipe(TrainActivation::TopK { k: 8 }, 32),
+            0.0,
+        ),
+        ("relu + l1", recipe(TrainActivation::Relu, 0), 4e-3),
+    ] {
+        let mut cpu = state(r, d, s)?;
+        let mut host = cpu.clone();
+        let mut gpu = DeviceState::new(&host, dev)?;
+        let mut scratch = Scratch::default();
+        let mut worst = 0f64;
+        for step in 0..20u64 {
+            let x = lcg(100 + step, n * d, 1.0);
+            let (a, _) = cpu.step(&x, n, 1e-3, lambda, &mut scratch)?;
+            let xt = Tensor::from_slice(&x, (n, d), dev)?;
+            let (b, _) = gpu.step(&mut host, &xt, 1e-3, lambda)?;
+            worst = worst.max((a.loss - b.loss).abs() / a.loss.abs().max(1e-9));
+        }
+        println!("training {name:<16} 20 steps: worst loss rel diff {worst:.2e}");
+        ok &= worst <= 1e-3;
+    }
+    Ok(ok)
+}
+
+/// DINOv2-S/14 with N(0, 0.02) weights in the HF layout, written to a temporary directory.
+fn random_dinov2_s() -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("saev-gpu-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| Error::Io {
+        path: dir.clone(),
+        source: e,
+    })?;
+    let tiny = fixtures().join("backbone/tiny-dinov2");
+    let cfg_path = tiny.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::Io {
+        path: cfg_path.clone(),
+        source: e,
+    })?;
+    let mut cfg: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Json {
+        path: cfg_path.clone(),
+        source: e,
+    })?;
+    for (k, v) in [
+        ("hidden_size", 384),
+        ("num_attention_heads", 6),
+        ("num_hidden_layers", 12),
+        ("mlp_ratio", 4),
+        ("patch_size", 14),
+        ("image_size", 518),
+    ] {
+        cfg[k] = v.into();
+    }
+    let cfg_out = dir.join("config.json");
+    std::fs::write(&cfg_out, cfg.to_string()).map_err(|e| Error::Io {
+        path: cfg_out,
+        source: e,
+    })?;
+    let (d, l, p) = (384usize, 12usize, 14usize);
+    let mut w = std::collections::HashMap::new();
+    let cpu = Device::Cpu;
+    let mut put = |k: String, shape: Vec<usize>, ones: bool| -> Result<()> {
+        let t = if ones {
+            Tensor::ones(shape, DType::F32, &cpu)?
+        } else {
+            (Tensor::randn(0f32, 1f32, shape, &cpu)? * 0.02)?
+        };
+        w.insert(k, t);
+        Ok(())
+    };
+    put("embeddings.cls_token".into(), vec![1, 1, d], false)?;
+    put("embeddings.mask_token".into(), vec![1, d], false)?;
+    put(
+        "embeddings.position_embeddings".into(),
+        vec![1, 37 * 37 + 1, d],
+        false,
+    )?;
+    put(
+        "embeddings.patch_embeddings.projection.weight".into(),
+        vec![d, 3, p, p],
+        false,
+    )?;
+    put(
+        "embeddings.patch_embeddings.projection.bias".into(),
+        vec![d],
+        false,
+    )?;
+    for i in 0..l {
+        let b = format!("encoder.layer.{i}");
+        for n in ["norm1", "norm2"] {
+            put(format!("{b}.{n}.weight"), vec![d], true)?;
+            put(format!("{b}.{n}.bias"), vec![d], false)?;
+        }
+        for q in ["query", "key", "value"] {
+            put(
+                format!("{b}.attention.attention.{q}.weight"),
+                vec![d, d],
+                false,
+            )?;
+            put(format!("{b}.attention.attention.{q}.bias"), vec![d], false)?;
+        }
+        put(
+            format!("{b}.attention.output.dense.weight"),
+            vec![d, d],
+            false,
+        )?;
+        put(format!("{b}.attention.output.dense.bias"), vec![d], false)?;
+        put(format!("{b}.layer_scale1.lambda1"), vec![d], true)?;
+        put(format!("{b}.layer_scale2.lambda1"), vec![d], true)?;
+        put(format!("{b}.mlp.fc1.weight"), vec![4 * d, d], false)?;
+        put(format!("{b}.mlp.fc1.bias"), vec![4 * d], false)?;
+        put(format!("{b}.mlp.fc2.weight"), vec![d, 4 * d], false)?;
+        put(format!("{b}.mlp.fc2.bias"), vec![d], false)?;
+    }
+    put("layernorm.weight".into(), vec![d], true)?;
+    put("layernorm.bias".into(), vec![d], false)?;
+    saev::candle_core::safetensors::save(&w, dir.join("model.safetensors"))?;
+    Ok(dir)
+}
+
+/// Check 3: throughput.
+fn throughput(dev: &Device) -> Result<()> {
+    let dir = random_dinov2_s()?;
+    let vit = Backbone::from_dir(&dir, dev)?;
+    let (h, w) = vit.input_size();
+    let batch: usize = std::env::var("SAEV_GPU_CHECK_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64);
+    let px = Tensor::randn(0f32, 1f32, (batch, 3, h, w), dev)?;
+    for p in [Precision::F32, Precision::Bf16, Precision::F16] {
+        let v = vit.clone().with_precision(p)?;
+        v.record(&px, &[-2])?;
+        sync(dev)?;
+        let t0 = Instant::now();
+        let reps = 5;
+        for _ in 0..reps {
+            std::hint::black_box(v.record(&px, &[-2])?.to_device(&Device::Cpu)?);
+        }
+        sync(dev)?;
+        let ips = (reps * batch) as f64 / t0.elapsed().as_secs_f64();
+        println!(
+            "DINOv2-S/14 {h}x{w} batch {batch} {:<4}: {ips:.0} images/s",
+            p.as_str()
+        );
+    }
+    if std::env::var_os("SAEV_GPU_CHECK_SKIP_SAE").is_some() {
+        return Ok(());
+    }
+    let (d, s, n) = (768, 24_576, 16_384);
+    let x = Tensor::randn(0f32, 1f32, (n, d), dev)?;
+    for (name, r) in [
+        (
+            "topk k=32 + auxk",
+            recipe(TrainActivation::TopK { k: 32 }, 384),
+        ),
+        ("relu + l1", recipe(TrainActivation::Relu, 0)),
+    ] {
+        let mut host = state(r, d, s)?;
+        let mut gpu = DeviceState::new(&host, dev)?;
+        for _ in 0..2 {
+            gpu.step(&mut host, &x, 1e-4, 4e-3)?;
+        }
+        sync(dev)?;
+        let t0 = Instant::now();
+        let reps = 10;
+        for _ in 0..reps {
+            gpu.step(&mut host, &x, 1e-4, 4e-3)?;
+        }
+        sync(dev)?;
+        let dt = t0.elapsed().as_secs_f64() / reps as f64;
+        println!(
+            "SAE step d={d} d_sae={s} batch {n} {name:<16}: {:.2} steps/s, {:.0} patches/s",
+            1.0 / dt,
+            n as f64 / dt
+        );
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let spec = std::env::args().nth(1).unwrap_or_else(|| "cuda".into());
+    let dev = saev::device::parse_device(&spec)?;
+    println!("saev gpu-check on {}", saev::device::device_name(&dev));
+    let t0 = Instant::now();
+    let ok_b = backbones(&dev)?;
+    let ok_t = training(&dev)?;
+    println!(
+        "equivalence: backbones {}, training {} ({:.1} s)",
+        if ok_b { "PASS" } else { "FAIL" },
+        if ok_t { "PASS" } else { "FAIL" },
+        t0.elapsed().as_secs_f64()
+    );
+    if std::env::var_os("SAEV_GPU_CHECK_SKIP_THROUGHPUT").is_none() {
+        throughput(&dev)?;
+    }
+    if ok_b && ok_t {
+        Ok(())
+    } else {
+        Err(Error::Internal(
+            "a GPU equivalence check failed (see above)".into(),
+        ))
+    }
+}
