@@ -3,20 +3,8 @@
 //! for every recipe. Plus the exact chunked top-k against a plain sort.
 
 use candle_core::{Device, Tensor};
-use saev::__private::{topk_rows, DeviceState, Recipe, Scratch, TrainState};
+use saev::__private::{topk_rows, uniforms, DeviceState, Recipe, Scratch, TrainState};
 use saev::sae::{Kernels, TrainActivation};
-
-fn lcg(seed: u64, n: usize, scale: f32) -> Vec<f32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * scale
-        })
-        .collect()
-}
 
 fn recipe(activation: TrainActivation) -> Recipe {
     Recipe {
@@ -35,17 +23,17 @@ fn recipe(activation: TrainActivation) -> Recipe {
 
 /// A small SAE and a few batches with structure (sparse combinations of planted atoms + noise).
 fn setup(recipe: Recipe, d: usize, s: usize) -> (TrainState, Vec<Vec<f32>>) {
-    let w_enc = lcg(1, s * d, 1.0 / (d as f32).sqrt());
-    let w_dec = lcg(2, s * d, 1.0 / (d as f32).sqrt());
-    let b_enc = lcg(3, s, 0.05);
-    let b_dec = lcg(4, d, 0.05);
+    let w_enc = uniforms(1, s * d, 1.0 / (d as f32).sqrt());
+    let w_dec = uniforms(2, s * d, 1.0 / (d as f32).sqrt());
+    let b_enc = uniforms(3, s, 0.05);
+    let b_dec = uniforms(4, d, 0.05);
     let st = TrainState::new(w_enc, b_enc, w_dec, b_dec, recipe).expect("valid state");
-    let atoms = lcg(5, 16 * d, 1.0);
+    let atoms = uniforms(5, 16 * d, 1.0);
     let batches = (0..5u64)
         .map(|b| {
             let n = 48;
-            let mut x = lcg(100 + b, n * d, 0.1);
-            let pick = lcg(200 + b, n * 3, 1.0);
+            let mut x = uniforms(100 + b, n * d, 0.1);
+            let pick = uniforms(200 + b, n * 3, 1.0);
             for r in 0..n {
                 for j in 0..3 {
                     let a = ((pick[r * 3 + j] + 1.0) * 7.99) as usize % 16;
@@ -188,7 +176,7 @@ fn matryoshka_groups_match_the_cpu_kernels() {
 fn chunked_topk_is_exact() {
     // Wider than a sort chunk (4096), with a ragged last chunk.
     let (n, s, k) = (3, 9000, 40);
-    let v = lcg(9, n * s, 1.0);
+    let v = uniforms(9, n * s, 1.0);
     let x = Tensor::from_slice(&v, (n, s), &Device::Cpu).expect("tensor");
     let (vals, idx) = topk_rows(&x, k).expect("topk");
     let vals: Vec<Vec<f32>> = vals.to_vec2().expect("vals");

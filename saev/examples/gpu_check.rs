@@ -15,7 +15,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use saev::__private::{DeviceState, Recipe, Scratch, TrainState};
+use saev::__private::{uniforms, DeviceState, Recipe, Scratch, TrainState};
 use saev::backbone::Precision;
 use saev::candle_core::{DType, Device, Tensor};
 use saev::sae::{Kernels, TrainActivation};
@@ -30,18 +30,6 @@ fn fixtures() -> PathBuf {
 fn sync(dev: &Device) -> Result<()> {
     dev.synchronize()
         .map_err(|e| Error::Internal(format!("device synchronize: {e}")))
-}
-
-fn lcg(seed: u64, n: usize, scale: f32) -> Vec<f32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * scale
-        })
-        .collect()
 }
 
 fn worst_cosine(a: &Tensor, b: &Tensor) -> Result<f32> {
@@ -111,9 +99,9 @@ fn recipe(activation: TrainActivation, aux_k: usize) -> Recipe {
 fn state(recipe: Recipe, d: usize, s: usize) -> Result<TrainState> {
     let bound = 1.0 / (d as f32).sqrt();
     TrainState::new(
-        lcg(1, s * d, bound),
+        uniforms(1, s * d, bound),
         vec![0.0; s],
-        lcg(2, s * d, bound),
+        uniforms(2, s * d, bound),
         vec![0.0; d],
         recipe,
     )
@@ -137,7 +125,7 @@ fn training(dev: &Device) -> Result<bool> {
         let mut scratch = Scratch::default();
         let mut worst = 0f64;
         for step in 0..20u64 {
-            let x = lcg(100 + step, n * d, 1.0);
+            let x = uniforms(100 + step, n * d, 1.0);
             let (a, _) = cpu.step(&x, n, 1e-3, lambda, &mut scratch)?;
             let xt = Tensor::from_slice(&x, (n, d), dev)?;
             let (b, _) = gpu.step(&mut host, &xt, 1e-3, lambda)?;

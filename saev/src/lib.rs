@@ -98,6 +98,7 @@ pub mod __private {
     pub use crate::sae::device_step::{topk_rows, DeviceState};
     pub use crate::sae::paper_step::{LossTerms, PaperReluStep};
     pub use crate::sae::step::{Grads, Recipe, Scratch, StepStats, TrainState};
+    pub use crate::util::rng::uniforms;
     pub use crate::util::torch_load::parse_pickle;
 }
 
