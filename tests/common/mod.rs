@@ -74,6 +74,15 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b).unwrap().max_abs()
 }
 
+/// max |a − b| over two slices of equal length.
+pub fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
 /// max |a − b| / max |b|.
 pub fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
     max_abs_diff(a, b) / b.max_abs()
