@@ -106,11 +106,8 @@ fn tmp(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("saev-explore-{name}-{}", std::process::id()))
 }
 
-#[test]
-fn feature_pass_matches_the_closed_form() -> TestResult {
-    let root = tmp("pass");
-    let (store, sae) = setup(&root);
-    let f = Features::compute(&sae, &store, -2, &FeatureConfig::default().with_top_k(3))?;
+/// The closed-form statistics, top images and histogram of the hand-built store (module doc).
+fn assert_closed_form(f: &Features) {
     let close = |a: f64, b: f64| (a - b).abs() < 1e-6;
     assert!(close(f.freq()[0], 20.0 / 24.0) && close(f.mean_value()[0], 0.75));
     assert!(close(f.freq()[1], 0.25) && close(f.mean_value()[1], 3.5));
@@ -130,6 +127,101 @@ fn feature_pass_matches_the_closed_form() -> TestResult {
     let bin = |v: f32| ((v.log10() - lo) / w).floor() as usize;
     assert_eq!(h[bin(1.0)], 1);
     assert_eq!(h[bin(6.0)], if bin(5.0) == bin(6.0) { 2 } else { 1 });
+}
+
+/// The device pass (candle's ops: what runs on a GPU), run on the CPU: the same closed form, and
+/// on a random store with a TopK SAE the same top images as the CPU pass, statistics within
+/// float rounding.
+#[test]
+fn device_feature_pass_matches_the_closed_form_and_the_cpu_pass() -> TestResult {
+    let root = tmp("pass-device");
+    let (store, sae) = setup(&root);
+    let cfg = FeatureConfig::default().with_top_k(3);
+    assert_closed_form(&Features::compute_candle(
+        &sae,
+        &store,
+        -2,
+        &cfg,
+        &Device::Cpu,
+    )?);
+    // `compute_on` the CPU is the CPU pass.
+    let on = Features::compute_on(&sae, &store, -2, &cfg, &Device::Cpu)?;
+    assert_closed_form(&on);
+
+    let (n, p, d, s) = (40usize, 16usize, 8usize, 64usize);
+    let md = Metadata {
+        n_examples: n,
+        content_tokens_per_example: p,
+        d_model: d,
+        ..store.metadata().clone()
+    };
+    let acts = saev::__private::uniforms(7, n * (p + 1) * d, 2.0);
+    let mut w = StoreWriter::create(root.join("random"), md, None)?;
+    w.write_examples(0, &acts)?;
+    let store = ActivationStore::open(w.finish()?)?;
+    let t = |v: Vec<f32>, shape: &[usize]| Tensor::from_vec(v, shape, &Device::Cpu);
+    let sae = Sae::new(
+        SaeConfig {
+            schema: SAE_SCHEMA,
+            d_model: d,
+            d_sae: s,
+            activation: SaeActivation::TopK { k: 4, relu: true },
+            norm: None,
+            provenance: serde_json::json!({"layer": -2}),
+        },
+        t(saev::__private::uniforms(8, d * s, 0.5), &[d, s])?,
+        t(saev::__private::uniforms(9, s, 0.1), &[s])?,
+        t(saev::__private::uniforms(10, s * d, 0.5), &[s, d])?,
+        t(vec![0.0; d], &[d])?,
+    )?;
+    let cfg = FeatureConfig::default()
+        .with_top_k(5)
+        .with_rows_per_batch(100);
+    let cpu = Features::compute(&sae, &store, -2, &cfg)?;
+    let dev = Features::compute_candle(&sae, &store, -2, &cfg, &Device::Cpu)?;
+    assert!(
+        cpu.live().len() > s / 2,
+        "a test SAE with most latents alive"
+    );
+    for l in 0..s {
+        let (a, b) = (cpu.top(l), dev.top(l));
+        let ids = |t: &[(usize, f32)]| t.iter().map(|x| x.0).collect::<Vec<_>>();
+        assert_eq!(ids(&a), ids(&b), "latent {l}: top images");
+        for (x, y) in a.iter().zip(&b) {
+            assert!(
+                (x.1 - y.1).abs() <= 1e-5 * x.1.abs().max(1.0),
+                "latent {l}: {x:?} vs {y:?}"
+            );
+        }
+        assert!(
+            (cpu.freq()[l] - dev.freq()[l]).abs() < 1e-12,
+            "latent {l}: freq"
+        );
+        assert!(
+            (cpu.mean_value()[l] - dev.mean_value()[l]).abs()
+                <= 1e-5 * cpu.mean_value()[l].abs().max(1.0)
+        );
+        assert_eq!(cpu.max_value()[l], dev.max_value()[l], "latent {l}: max");
+        let (hc, hd) = (cpu.histogram(l).0, dev.histogram(l).0);
+        assert_eq!(
+            hc.iter().sum::<u32>(),
+            hd.iter().sum::<u32>(),
+            "latent {l}: histogram total"
+        );
+        // Bin edges are computed two ways (log10 of the value, or the value against 10^edge):
+        // a value on an edge may land one bin over.
+        let moved: u32 = hc.iter().zip(hd).map(|(a, b)| a.abs_diff(*b)).sum();
+        assert!(moved <= 2, "latent {l}: histograms {hc:?} vs {hd:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn feature_pass_matches_the_closed_form() -> TestResult {
+    let root = tmp("pass");
+    let (store, sae) = setup(&root);
+    let f = Features::compute(&sae, &store, -2, &FeatureConfig::default().with_top_k(3))?;
+    assert_closed_form(&f);
     // Heatmap values recomputed from the store: latent 1 on example 4 lights patch 0 with 5.
     assert_eq!(
         f.heatmap_values(&sae, &store, 1, 4)?,

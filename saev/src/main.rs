@@ -129,6 +129,8 @@ struct FeaturesArgs {
     /// Top images kept per latent.
     #[arg(long, default_value_t = 16, value_parser = positive)]
     top_k: usize,
+    #[command(flatten)]
+    device: DeviceArg,
 }
 
 /// Arguments of `saev match`.
@@ -796,8 +798,16 @@ fn train(
     Ok(())
 }
 
-fn features(FeaturesArgs { sae, store, top_k }: FeaturesArgs) -> saev::Result<()> {
+fn features(
+    FeaturesArgs {
+        sae,
+        store,
+        top_k,
+        device,
+    }: FeaturesArgs,
+) -> saev::Result<()> {
     let store = saev::ActivationStore::open(&store)?;
+    let device = device.open()?;
     let sae = sae_dir(&sae, &store)?;
     let model = saev::Sae::load(&sae)?;
     let layer = model
@@ -808,7 +818,7 @@ fn features(FeaturesArgs { sae, store, top_k }: FeaturesArgs) -> saev::Result<()
         .unwrap_or(-2);
     let t0 = std::time::Instant::now();
     let cfg = saev::explore::FeatureConfig::default().with_top_k(top_k);
-    let feats = saev::Features::compute(&model, &store, layer, &cfg)?;
+    let feats = saev::Features::compute_on(&model, &store, layer, &cfg, &device)?;
     let dt = t0.elapsed().as_secs_f64();
     feats.save(&sae)?;
     let n = (store.n_examples() * store.n_patches()) as f64;

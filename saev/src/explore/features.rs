@@ -27,7 +27,7 @@ use polars::prelude::*;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::{Computing, Error, Result};
 use crate::sae::linalg::{gemm, topk_keep_mask, Mat};
 use crate::sae::model::{Sae, SaeActivation};
 use crate::store::{ActivationStore, Tokens};
@@ -132,6 +132,35 @@ struct Block {
 }
 
 const BLOCK: usize = 64;
+
+impl Block {
+    /// Accumulators for latents `first..first + n`.
+    fn new(first: usize, n: usize, nb: usize, k: usize) -> Self {
+        Block {
+            first,
+            count: vec![0; n],
+            sum: vec![0.0; n],
+            max: vec![0.0; n],
+            hist: vec![0; n * nb],
+            ex_max: vec![0.0; n],
+            top: vec![Vec::with_capacity(k + 1); n],
+        }
+    }
+
+    /// Latent `j`'s max `v` on `example`: the running max and, when it ranks, the top `k`.
+    fn offer(&mut self, j: usize, v: f32, example: u32, k: usize) {
+        if v <= 0.0 {
+            return;
+        }
+        self.max[j] = self.max[j].max(v);
+        let top = &mut self.top[j];
+        if top.len() < k || v > top[top.len() - 1].0 {
+            let at = top.partition_point(|&(t, _)| t >= v);
+            top.insert(at, (v, example));
+            top.truncate(k);
+        }
+    }
+}
 
 /// The SAE's encoder as plain slices (GEMM through the `gemm` crate), its activation applied
 /// in place. Internal; public for benchmarks.
@@ -280,6 +309,92 @@ fn check_width(sae: &Sae, store: &ActivationStore) -> Result<()> {
 }
 
 impl Features {
+    /// [`Features::compute`] with the encoding and the per-latent reductions on `device` (a
+    /// GPU): the CPU uses its own kernels. Each batch's codes stay on the device; only per-latent
+    /// sums, counts, histogram counts and per-image maxima come back. The top images are chosen
+    /// on the host from the per-image maxima, as on the CPU.
+    pub fn compute_on(
+        sae: &Sae,
+        store: &ActivationStore,
+        layer: i64,
+        cfg: &FeatureConfig,
+        device: &Device,
+    ) -> Result<Self> {
+        if device.is_cpu() {
+            return Self::compute(sae, store, layer, cfg);
+        }
+        Self::compute_candle(sae, store, layer, cfg, device)
+    }
+
+    /// The device pass in candle's ops (public for the equivalence test, which runs it on the
+    /// CPU).
+    #[doc(hidden)]
+    pub fn compute_candle(
+        sae: &Sae,
+        store: &ActivationStore,
+        layer: i64,
+        cfg: &FeatureConfig,
+        device: &Device,
+    ) -> Result<Self> {
+        check_width(sae, store)?;
+        let sae_d = sae.to_device(device)?;
+        let (d, s, p) = (sae.d_model(), sae.d_sae(), store.n_patches());
+        let (k, nb) = (cfg.top_k.max(1), cfg.n_bins.max(1));
+        let bin_w = f64::from(cfg.hist_hi - cfg.hist_lo) / nb as f64;
+        // Bin b ≥ 1 starts at 10^(lo + b·w): a value's bin = how many starts it reaches.
+        let starts: Vec<f64> = (1..nb)
+            .map(|b| 10f64.powf(f64::from(cfg.hist_lo) + b as f64 * bin_w))
+            .collect();
+        let mut all = Block::new(0, s, nb, k);
+        let per = (cfg.rows_per_batch / p.max(1)).max(1);
+        let bar = crate::util::progress::bar((store.n_examples() * p) as u64, "patches");
+        let per_latent = |t: Tensor| -> Result<Vec<f32>> { Ok(t.to_vec1::<f32>()?) };
+        for (e0, x) in store.ordered(layer, Tokens::Patches, per)? {
+            let n_ex = x.len() / d / p;
+            let pass = || -> Result<()> {
+                let xt = Tensor::from_vec(x, (n_ex * p, d), device)?;
+                let codes = sae_d.encode(&xt)?;
+                let pos = codes.gt(0.0)?.to_dtype(DType::F32)?;
+                let count = per_latent(pos.sum(0)?)?;
+                let sum = per_latent(codes.relu()?.sum(0)?)?;
+                // reached[b][i]: codes of latent i at or above bin b + 1's start.
+                let reached = starts
+                    .iter()
+                    .map(|&t| Ok(codes.ge(t)?.to_dtype(DType::F32)?.sum(0)?))
+                    .collect::<Result<Vec<_>>>()?;
+                let reached: Vec<Vec<f32>> = if reached.is_empty() {
+                    Vec::new()
+                } else {
+                    Tensor::stack(&reached, 0)?.to_vec2()?
+                };
+                let ex_max: Vec<Vec<f32>> = codes.reshape((n_ex, p, s))?.max(1)?.to_vec2()?;
+                for i in 0..s {
+                    let c = count[i].round() as u64;
+                    all.count[i] += c;
+                    all.sum[i] += f64::from(sum[i]);
+                    let mut below = c;
+                    for b in 0..nb {
+                        let above = reached.get(b).map_or(0, |r| r[i].round() as u64);
+                        all.hist[i * nb + b] += (below - above.min(below)) as u32;
+                        below = above.min(below);
+                    }
+                }
+                for (e, row) in ex_max.iter().enumerate() {
+                    for (i, &v) in row.iter().enumerate() {
+                        all.offer(i, v, (e0 + e) as u32, k);
+                    }
+                }
+                Ok(())
+            };
+            pass().computing(|| {
+                format!("feature pass on {device:?}, examples {e0}..{}", e0 + n_ex)
+            })?;
+            bar.inc((n_ex * p) as u64);
+        }
+        bar.finish_and_clear();
+        Ok(Self::from_blocks(&[all], s, layer, store, cfg))
+    }
+
     /// One ordered pass over the patches of `layer` in `store`.
     pub fn compute(
         sae: &Sae,
@@ -293,18 +408,7 @@ impl Features {
         let (k, nb) = (cfg.top_k.max(1), cfg.n_bins.max(1));
         let bin_w = (cfg.hist_hi - cfg.hist_lo) / nb as f32;
         let mut blocks: Vec<Block> = (0..s.div_ceil(BLOCK))
-            .map(|b| {
-                let n = BLOCK.min(s - b * BLOCK);
-                Block {
-                    first: b * BLOCK,
-                    count: vec![0; n],
-                    sum: vec![0.0; n],
-                    max: vec![0.0; n],
-                    hist: vec![0; n * nb],
-                    ex_max: vec![0.0; n],
-                    top: vec![Vec::with_capacity(k + 1); n],
-                }
-            })
+            .map(|b| Block::new(b * BLOCK, BLOCK.min(s - b * BLOCK), nb, k))
             .collect();
         let per = (cfg.rows_per_batch / p.max(1)).max(1);
         let bar = crate::util::progress::bar((store.n_examples() * p) as u64, "patches");
@@ -333,23 +437,26 @@ impl Features {
                         }
                     }
                     for j in 0..nl {
-                        let v = bl.ex_max[j];
-                        if v <= 0.0 {
-                            continue;
-                        }
-                        bl.max[j] = bl.max[j].max(v);
-                        let top = &mut bl.top[j];
-                        if top.len() < k || v > top[top.len() - 1].0 {
-                            let at = top.partition_point(|&(t, _)| t >= v);
-                            top.insert(at, (v, (e0 + e) as u32));
-                            top.truncate(k);
-                        }
+                        bl.offer(j, bl.ex_max[j], (e0 + e) as u32, k);
                     }
                 }
             });
             bar.inc((n_ex * p) as u64);
         }
         bar.finish_and_clear();
+        Ok(Self::from_blocks(&blocks, s, layer, store, cfg))
+    }
+
+    /// The finished pass from its accumulators.
+    fn from_blocks(
+        blocks: &[Block],
+        s: usize,
+        layer: i64,
+        store: &ActivationStore,
+        cfg: &FeatureConfig,
+    ) -> Self {
+        let (k, nb) = (cfg.top_k.max(1), cfg.n_bins.max(1));
+        let p = store.n_patches();
         let n_vec = (store.n_examples() * p) as u64;
         let mut freq = vec![0f64; s];
         let mut mean = vec![0f64; s];
@@ -357,7 +464,7 @@ impl Features {
         let mut hist = vec![0u32; s * nb];
         let mut top_values = vec![0f32; s * k];
         let mut top_examples = vec![-1i64; s * k];
-        for bl in &blocks {
+        for bl in blocks {
             for j in 0..bl.count.len() {
                 let i = bl.first + j;
                 freq[i] = bl.count[j] as f64 / n_vec.max(1) as f64;
@@ -374,7 +481,7 @@ impl Features {
                 }
             }
         }
-        Ok(Self {
+        Self {
             inner: Arc::new(Inner {
                 h: Header {
                     version: VERSION,
@@ -398,7 +505,7 @@ impl Features {
                 top_values,
                 top_examples,
             }),
-        })
+        }
     }
 
     /// Dictionary size.

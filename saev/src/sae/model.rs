@@ -302,6 +302,34 @@ impl Sae {
     pub fn d_model(&self) -> usize {
         self.cfg.d_model
     }
+
+    /// Where the weights live.
+    pub fn device(&self) -> &Device {
+        self.w_enc.device()
+    }
+
+    /// The same SAE with its weights on `device` (a clone when they are there already).
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        if self.device().same_device(device) {
+            return Ok(self.clone());
+        }
+        let mv = |t: &Tensor| t.to_device(device);
+        (|| -> Result<Self> {
+            Ok(Self {
+                cfg: self.cfg.clone(),
+                w_enc: mv(&self.w_enc)?,
+                b_enc: mv(&self.b_enc)?,
+                w_dec: mv(&self.w_dec)?,
+                b_dec: mv(&self.b_dec)?,
+                threshold: self.threshold.as_ref().map(mv).transpose()?,
+                norm_mean: match &self.norm_mean {
+                    Some((m, s)) => Some((mv(m)?, *s)),
+                    None => None,
+                },
+            })
+        })()
+        .computing(|| format!("moving the SAE (d_sae {}) to {device:?}", self.d_sae()))
+    }
     /// Dictionary size.
     pub fn d_sae(&self) -> usize {
         self.cfg.d_sae
@@ -356,8 +384,11 @@ impl Sae {
             }
             SaeActivation::TopK { k, relu } => {
                 let k = (*k).min(self.cfg.d_sae);
-                // The k-th largest value of each row; ties at it are all kept.
-                let kth = h.sort_last_dim(false)?.0.narrow(1, k - 1, 1)?;
+                // The k-th largest value of each row; ties at it are all kept. (The chunked
+                // top-k: candle's GPU sort cannot hold a whole wide row.)
+                let kth = super::device_step::topk_rows(&h, k)?
+                    .0
+                    .narrow(1, k - 1, 1)?;
                 let mask = h.broadcast_ge(&kth)?.to_dtype(DType::F32)?;
                 if *relu {
                     (h.relu()? * mask)?
