@@ -8,7 +8,10 @@
 //!    0.999 per token.
 //! 2. SAE training: 20 steps of the device-generic step (TopK + AuxK, ReLU + L1) against the
 //!    CPU kernels from the same start: the loss curves within 1e-3 relative.
-//! 3. Throughput: DINOv2-S/14 (random weights, 224², batch 64) images/s in f32, bf16, f16;
+//! 3. The feature pass (random store and SAEs, ReLU and TopK): the same top images as the CPU.
+//! 4. An intervention (tiny DINOv2, random SAE and segmentation head, edits on every patch):
+//!    the same predictions before and after as on the CPU.
+//! 5. Throughput: DINOv2-S/14 (random weights, 224², batch 64) images/s in f32, bf16, f16;
 //!    SAE steps at d = 768, d_sae = 24,576, batch 16,384 (TopK k = 32 and ReLU): steps/s and
 //!    patches/s.
 
@@ -18,8 +21,11 @@ use std::time::Instant;
 use saev::__private::{uniforms, DeviceState, Recipe, Scratch, TrainState};
 use saev::backbone::Precision;
 use saev::candle_core::{DType, Device, Tensor};
-use saev::sae::{Kernels, TrainActivation};
-use saev::{Backbone, Error, Result};
+use saev::explore::FeatureConfig;
+use saev::intervene::HeadKind;
+use saev::sae::{Kernels, SaeActivation, SaeConfig, TrainActivation, SAE_SCHEMA};
+use saev::store::{Metadata, StoreWriter};
+use saev::{ActivationStore, Backbone, Edit, Error, Features, Head, Intervention, Result, Sae};
 
 fn fixtures() -> PathBuf {
     std::env::var_os("SAEV_FIXTURES")
@@ -135,6 +141,122 @@ fn training(dev: &Device) -> Result<bool> {
         ok &= worst <= 1e-3;
     }
     Ok(ok)
+}
+
+/// A random SAE on `d` inputs (ReLU, or TopK k) recorded as trained on block `layer`.
+fn random_sae(d: usize, s: usize, topk: Option<usize>, layer: i64, ckpt: &str) -> Result<Sae> {
+    let t = |v: Vec<f32>, shape: &[usize]| Tensor::from_vec(v, shape, &Device::Cpu);
+    Sae::new(
+        SaeConfig {
+            schema: SAE_SCHEMA,
+            d_model: d,
+            d_sae: s,
+            activation: match topk {
+                Some(k) => SaeActivation::TopK { k, relu: true },
+                None => SaeActivation::Relu,
+            },
+            norm: None,
+            provenance: serde_json::json!({"layer": layer, "ckpt": ckpt}),
+        },
+        t(uniforms(8, d * s, 0.5), &[d, s])?,
+        t(uniforms(9, s, 0.1), &[s])?,
+        t(uniforms(10, s * d, 0.5), &[s, d])?,
+        t(vec![0.0; d], &[d])?,
+    )
+}
+
+/// Check 3: the feature pass on the device against the CPU pass (identical top images).
+fn feature_pass(dev: &Device) -> Result<bool> {
+    let root = std::env::temp_dir().join(format!("saev-gpu-check-store-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let (n, p, d, s) = (64usize, 256usize, 64usize, 6144usize);
+    let md = Metadata {
+        family: "dinov2".into(),
+        ckpt: "random".into(),
+        layers: vec![-2],
+        content_tokens_per_example: p,
+        cls_token: true,
+        d_model: d,
+        n_examples: n,
+        max_tokens_per_shard: 100_000,
+        data: "random".into(),
+        dataset: "random".into(),
+        pixel_agg: "majority".into(),
+        dtype: "float32".into(),
+        protocol: saev::store::PROTOCOL.into(),
+    };
+    let mut w = StoreWriter::create(&root, md, None)?;
+    w.write_examples(0, &uniforms(7, n * (p + 1) * d, 2.0))?;
+    let store = ActivationStore::open(w.finish()?)?;
+    let mut ok = true;
+    for (name, topk) in [("relu", None), ("topk k=32", Some(32))] {
+        let sae = random_sae(d, s, topk, -2, "random")?;
+        let cfg = FeatureConfig::default().with_top_k(8);
+        let cpu = Features::compute(&sae, &store, -2, &cfg)?;
+        let on = Features::compute_on(&sae, &store, -2, &cfg, dev)?;
+        let same_top = (0..s).all(|l| {
+            cpu.top(l).iter().map(|t| t.0).collect::<Vec<_>>()
+                == on.top(l).iter().map(|t| t.0).collect::<Vec<_>>()
+        });
+        let freq_gap = cpu
+            .freq()
+            .iter()
+            .zip(on.freq())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        println!(
+            "feature pass {name:<10} {n} images × {p} patches, d_sae {s}: top images {}, max freq gap {freq_gap:.2e}",
+            if same_top { "identical" } else { "DIFFER" }
+        );
+        ok &= same_top && freq_gap < 1e-4;
+    }
+    Ok(ok)
+}
+
+/// Check 4: an intervention (suppress a latent on every patch, tiny DINOv2 + a random SAE and
+/// segmentation head) on the device against the CPU: the same predictions before and after.
+fn interventions(dev: &Device) -> Result<bool> {
+    let root = fixtures().join("backbone");
+    let images = [
+        saev::load_image(root.join("astronaut.png"))?,
+        saev::load_image(root.join("chelsea.png"))?,
+    ];
+    let dir = root.join("tiny-dinov2");
+    let mut worst = 0f32;
+    let mut same = true;
+    let run = |device: &Device| -> Result<Vec<saev::intervene::Outcome>> {
+        let vit = Backbone::from_dir(&dir, device)?;
+        let d = vit.d_model();
+        let sae = random_sae(d, 8 * d, None, -2, &dir.display().to_string())?;
+        let head = Head::from_weights(
+            HeadKind::Segmenter,
+            Tensor::from_vec(uniforms(11, d * 3, 1.0), (d, 3), &Device::Cpu)?,
+            Tensor::zeros(3, DType::F32, &Device::Cpu)?,
+            vec!["a".into(), "b".into(), "c".into()],
+            "random",
+        )?;
+        let iv = Intervention::new(&vit, -2, &sae, &head)?;
+        iv.run_batch(&images, None, &[Edit::set(3, 0.0), Edit::add(5, 2.0)])
+    };
+    let (a, b) = (run(&Device::Cpu)?, run(dev)?);
+    for (x, y) in a.iter().zip(&b) {
+        for (p, q) in [(&x.before, &y.before), (&x.after, &y.after)] {
+            for (u, v) in p.chunks(3).zip(q.chunks(3)) {
+                let am = |w: &[f32]| (0..3).fold(0, |m, i| if w[i] > w[m] { i } else { m });
+                same &= am(u) == am(v);
+                worst = u
+                    .iter()
+                    .zip(v)
+                    .map(|(s, t)| (s - t).abs())
+                    .fold(worst, f32::max);
+            }
+        }
+    }
+    println!(
+        "intervention (tiny DINOv2, 2 images, every patch): predictions {}, max prob gap {worst:.2e}",
+        if same { "identical" } else { "DIFFER" }
+    );
+    Ok(same && worst < 1e-3)
 }
 
 /// DINOv2-S/14 with N(0, 0.02) weights in the HF layout, written to a temporary directory.
@@ -298,16 +420,21 @@ fn main() -> Result<()> {
     let t0 = Instant::now();
     let ok_b = backbones(&dev)?;
     let ok_t = training(&dev)?;
+    let ok_f = feature_pass(&dev)?;
+    let ok_i = interventions(&dev)?;
+    let verdict = |ok: bool| if ok { "PASS" } else { "FAIL" };
     println!(
-        "equivalence: backbones {}, training {} ({:.1} s)",
-        if ok_b { "PASS" } else { "FAIL" },
-        if ok_t { "PASS" } else { "FAIL" },
+        "equivalence: backbones {}, training {}, feature pass {}, interventions {} ({:.1} s)",
+        verdict(ok_b),
+        verdict(ok_t),
+        verdict(ok_f),
+        verdict(ok_i),
         t0.elapsed().as_secs_f64()
     );
     if std::env::var_os("SAEV_GPU_CHECK_SKIP_THROUGHPUT").is_none() {
         throughput(&dev)?;
     }
-    if ok_b && ok_t {
+    if ok_b && ok_t && ok_f && ok_i {
         Ok(())
     } else {
         Err(Error::Internal(

@@ -247,6 +247,8 @@ struct ProbeArgs {
     /// Model directory (default: the store's checkpoint).
     #[arg(long)]
     model: Option<String>,
+    #[command(flatten)]
+    device: DeviceArg,
 }
 
 /// Arguments of `saev causal`.
@@ -287,6 +289,8 @@ struct CausalArgs {
     /// Model directory (default: the store's checkpoint).
     #[arg(long)]
     model: Option<String>,
+    #[command(flatten)]
+    device: DeviceArg,
 }
 
 /// Arguments of `saev record`.
@@ -497,8 +501,15 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> saev::Re
 /// The backbone that recorded `store` (`--model`, default the store's checkpoint), at the input
 /// size the store was recorded at: a store of g × g patches recorded at another size than the
 /// model's own (`activations --size`) gets g × patch size, said on stderr.
-fn store_backbone(model: Option<String>, store: &saev::ActivationStore) -> saev::Result<Backbone> {
-    let vit = Backbone::open(model.unwrap_or_else(|| store.metadata().ckpt.clone()))?;
+fn store_backbone(
+    model: Option<String>,
+    store: &saev::ActivationStore,
+    device: &Device,
+) -> saev::Result<Backbone> {
+    let vit = Backbone::open_on(
+        model.unwrap_or_else(|| store.metadata().ckpt.clone()),
+        device,
+    )?;
     let n = store.metadata().content_tokens_per_example;
     let g = (n as f64).sqrt().round() as usize;
     if n == vit.n_patches() || g * g != n {
@@ -688,7 +699,7 @@ fn train(
     let judge = match head {
         Some(dir) => {
             let head = saev::Head::load(&dir)?;
-            let vit = store_backbone(model, &store)?;
+            let vit = store_backbone(model, &store, &device)?;
             let examples = head.held_out().map_err(|e| saev::Error::Missing {
                 what: format!("--head {}", dir.display()),
                 missing: e.to_string(),
@@ -911,10 +922,11 @@ fn probe(
         segment,
         classes,
         model,
+        device,
     }: ProbeArgs,
 ) -> saev::Result<()> {
     let store = saev::ActivationStore::open(&store)?;
-    let vit = store_backbone(model, &store)?;
+    let vit = store_backbone(model, &store, &device.open()?)?;
     if segment {
         // Class names: --classes, else those the store recorded (ADE20K's objectInfo150).
         let names: Vec<String> = match classes {
@@ -965,10 +977,11 @@ fn causal(
         model,
         protocol,
         group_by,
+        device,
     }: CausalArgs,
 ) -> saev::Result<()> {
     let store = saev::ActivationStore::open(&store)?;
-    let vit = store_backbone(model, &store)?;
+    let vit = store_backbone(model, &store, &device.open()?)?;
     let ex = saev::Explorer::open(sae_dir(&sae, &store)?, &store)?;
     let head = saev::Head::load(&head)?;
     let layer = ex.features().layer();

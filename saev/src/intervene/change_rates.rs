@@ -5,7 +5,7 @@
 
 use std::fmt;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::outcome::argmax;
@@ -113,8 +113,8 @@ impl Intervention {
         let bar = crate::util::progress::bar(ids.len() as u64, "images");
         for (chunk, x) in store.ordered_examples(self.layer, Tokens::All, 8, examples)? {
             let n = x.len() / (t * d);
-            let tokens = Tensor::from_vec(x, (n, t, d), &Device::Cpu)?;
-            let regs = head::recorded_registers(store, self.layer, &chunk, &Device::Cpu)?;
+            let tokens = Tensor::from_vec(x, (n, t, d), self.vit.device())?;
+            let regs = head::recorded_registers(store, self.layer, &chunk, self.vit.device())?;
             let before = self.heads_from_tokens(&tokens, regs.as_ref())?;
             let c_n = self.head.classes().len();
             let rows_per = if seg { p } else { 1 };

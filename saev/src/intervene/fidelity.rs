@@ -25,7 +25,7 @@
 
 use std::fmt;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::head::{self, miou, HeadKind};
@@ -151,14 +151,14 @@ impl Intervention {
             ));
         }
         let mean = store.norm_stats(self.layer, Tokens::Patches)?.mean;
-        let mean_t = Tensor::from_vec(mean, (1, d), &Device::Cpu)?;
+        let mean_t = Tensor::from_vec(mean, (1, d), self.vit.device())?;
         let n_classes = self.head.classes().len();
         let mut tally = Tally::default();
         let bar = crate::util::progress::bar(ids.len() as u64, "fidelity");
         for (chunk, x) in store.ordered_examples(self.layer, Tokens::All, 8, examples)? {
             let n = x.len() / (t * d);
-            let tokens = Tensor::from_vec(x, (n, t, d), &Device::Cpu)?;
-            let regs = head::recorded_registers(store, self.layer, &chunk, &Device::Cpu)?;
+            let tokens = Tensor::from_vec(x, (n, t, d), self.vit.device())?;
+            let regs = head::recorded_registers(store, self.layer, &chunk, self.vit.device())?;
             // Patch tokens as rows, their reconstruction, and the three spliced variants.
             let patches = tokens.narrow(1, c, t - c)?.reshape((n * (t - c), d))?;
             let xh = self.sae.reconstruct(&patches)?;

@@ -225,6 +225,15 @@ impl Head {
         self.meta.kind
     }
 
+    /// The same head with its weights on `device`.
+    pub fn to_device(&self, device: &candle_core::Device) -> Result<Self> {
+        Ok(Self {
+            meta: self.meta.clone(),
+            w: self.w.to_device(device).context("moving the head's W")?,
+            b: self.b.to_device(device).context("moving the head's b")?,
+        })
+    }
+
     /// Class probabilities for inputs `[n, d]` → `[n, C]`.
     pub fn probs(&self, x_nd: &Tensor) -> Result<Tensor> {
         (|| {

@@ -32,7 +32,7 @@ pub use protocol::{best_f1_latents, ClassRow, LatentF1, ProtocolTable};
 
 pub use head::{miou, Head, HeadConfig, HeadKind, HeadMeta};
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use image::DynamicImage;
 use serde::{Deserialize, Serialize};
 
@@ -181,8 +181,9 @@ impl Intervention {
         Ok(Self {
             vit: vit.clone(),
             layer,
-            sae: sae.clone(),
-            head: head.clone(),
+            // The SAE and the head compute where the backbone does.
+            sae: sae.to_device(vit.device())?,
+            head: head.to_device(vit.device())?,
             max: None,
             w_dec: w_dec.flatten_all()?.to_vec1()?,
             scalar: sae.config().norm.as_ref().map_or(1.0, |n| n.scalar),
@@ -271,7 +272,7 @@ impl Intervention {
                 .iter()
                 .flat_map(|&o| x[o..o + d].to_vec())
                 .collect();
-            let xt = Tensor::from_vec(xs, (patch_rows.len(), d), &Device::Cpu)?;
+            let xt = Tensor::from_vec(xs, (patch_rows.len(), d), self.vit.device())?;
             let f: Vec<f32> = self.sae.encode(&xt)?.flatten_all()?.to_vec1()?;
             for (r, &o) in patch_rows.iter().enumerate() {
                 let mut delta = vec![0f32; d];
@@ -296,7 +297,7 @@ impl Intervention {
                 }
             }
         }
-        Ok(Tensor::from_vec(x, (b, t, d), &Device::Cpu)?)
+        Ok(Tensor::from_vec(x, (b, t, d), self.vit.device())?)
     }
 
     /// The block-`layer` tokens `[B, T, D]` (CLS first) before and after the edit, without running

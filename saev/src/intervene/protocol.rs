@@ -25,7 +25,7 @@
 
 use std::fmt;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::{ChangeRates, GroupBy, HeadKind, Intervention};
@@ -228,7 +228,7 @@ impl Intervention {
         let mut units: Vec<(Vec<u32>, u32)> = Vec::new();
         for (ids, x) in store.ordered_examples(self.layer, Tokens::Patches, 16, examples)? {
             let n = x.len() / d;
-            let xt = Tensor::from_vec(x, (n, d), &Device::Cpu)?;
+            let xt = Tensor::from_vec(x, (n, d), self.vit.device())?;
             let f: Vec<f32> = self.sae.encode(&xt)?.flatten_all()?.to_vec1()?;
             let s = self.sae.d_sae();
             for (j, &e) in ids.iter().enumerate() {
