@@ -53,7 +53,8 @@ pub enum LinearMode {
     /// bfloat16 weights packed for the CPU's AMX tiles ([`super::amx`]), f32 accumulation.
     PackedBf16,
     /// Weights and inputs cast to this dtype (bf16, f16) for candle's matmul — cuBLAS on a GPU,
-    /// candle's own kernels on the CPU; outputs cast back to f32.
+    /// candle's own kernels on the CPU; outputs cast back to f32. Attention runs on candle's
+    /// ops too: `Cast(F32)` on the CPU is the GPU's f32 code path, for checking it.
     Cast(DType),
 }
 
@@ -517,7 +518,10 @@ impl Block {
         let d = x_btd.dim(2)?;
         let h = self.norm1.forward(x_btd)?;
         let qkv = self.qkv.forward(&h)?;
-        let att = if rope.is_none() && qkv.device().is_cpu() && qkv.dtype() == DType::F32 {
+        // saev's CPU attention kernel; candle's ops on other devices and in the cast modes (so
+        // `LinearMode::Cast(F32)` runs the GPU's code path on the CPU).
+        let cpu_kernel = qkv.device().is_cpu() && self.qkv.w_low.is_none();
+        let att = if rope.is_none() && cpu_kernel && qkv.dtype() == DType::F32 {
             self_attention_qkv(&qkv.contiguous()?, self.n_heads)?
         } else {
             let q = qkv.narrow(2, 0, d)?;
