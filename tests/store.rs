@@ -170,6 +170,70 @@ fn shuffled_loader_visits_every_vector_once_per_epoch() -> TestResult {
     Ok(())
 }
 
+/// The block shuffle (a store larger than RAM): every vector once per epoch, seeded, each batch
+/// of `window · block` vectors drawn from at most `window` runs of `block` consecutive vectors;
+/// resuming mid-epoch gives the rest of the same order (global shuffle too); the trainer's config
+/// carries it.
+#[test]
+fn block_shuffle_reads_runs_and_still_visits_every_vector_once() -> TestResult {
+    use saev::store::Shuffle;
+    let dir = tmp("block-shuffle");
+    let (_, _, store_dir) = record(&dir);
+    let store = ActivationStore::open(&store_dir)?;
+    let (block, window) = (8u64, 3u64);
+    let cfg = LoaderConfig::new(0)
+        .with_batch_size((block * window) as usize)
+        .with_seed(5)
+        .with_shuffle(Shuffle::Blocks { block, window });
+    let mut orders = Vec::new();
+    for epoch in 0..2 {
+        let mut seen = HashSet::new();
+        let mut order = Vec::new();
+        for b in store.shuffled(&cfg, epoch)? {
+            for (row, &v) in b.acts_nd.chunks(32).zip(&b.index) {
+                let (e, t) = ((v / 16) as usize, (v % 16) as usize);
+                assert_eq!(row, store.patch(0, e, 1 + t)?, "row of vector {v}");
+                assert!(seen.insert(v), "vector {v} twice");
+                order.push(v);
+            }
+            let runs: HashSet<u64> = b.index.iter().map(|v| v / block).collect();
+            assert!(
+                runs.len() as u64 <= window,
+                "a batch from {} runs",
+                runs.len()
+            );
+        }
+        assert_eq!(seen.len(), 11 * 16, "every patch vector once");
+        orders.push(order);
+    }
+    assert_ne!(orders[0], orders[1], "epochs differ");
+    // Not the runs in store order: the runs are shuffled.
+    let firsts: Vec<u64> = orders[0].chunks(24).map(|c| c[0] / block).collect();
+    assert!(firsts.windows(2).any(|w| w[0] > w[1]), "{firsts:?}");
+    for c in [cfg.clone(), cfg.clone().with_shuffle(Shuffle::Global)] {
+        let all: Vec<u64> = store.shuffled(&c, 0)?.flat_map(|b| b.index).collect();
+        let rest: Vec<u64> = store
+            .shuffled_from(&c, 0, 2)?
+            .flat_map(|b| b.index)
+            .collect();
+        assert_eq!(rest, all[48..], "resumed at batch 2 ({:?})", c.shuffle);
+    }
+    let t: saev::TrainConfig =
+        serde_json::from_str(r#"{"shuffle": {"kind": "blocks", "block": 256, "window": 64}}"#)?;
+    assert_eq!(
+        t.shuffle,
+        Shuffle::Blocks {
+            block: 256,
+            window: 64
+        }
+    );
+    assert!(serde_json::from_str::<saev::TrainConfig>(
+        r#"{"shuffle": {"kind": "blocks", "blok": 2}}"#
+    )
+    .is_err());
+    Ok(())
+}
+
 #[test]
 fn record_handle_is_record_activations_with_the_defaults() -> TestResult {
     let dir = tmp("record-handle");

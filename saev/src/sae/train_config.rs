@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::step::{Kernels, Recipe, TrainActivation};
 use crate::error::{Error, Result};
-use crate::store::{Examples, Tokens};
+use crate::store::{Examples, Shuffle, Tokens};
 
 /// One sweep setting.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -115,6 +115,9 @@ pub struct TrainConfig {
     pub holdout_examples: Option<usize>,
     /// Seed for init and shuffling. Default 0.
     pub seed: u64,
+    /// The loader's order: [`Shuffle::Global`] (default), or [`Shuffle::blocks`] for a store
+    /// larger than RAM read from disk.
+    pub shuffle: Shuffle,
     /// Metrics every this many steps. Default 10.
     pub log_every: usize,
     /// Checkpoint every this many steps (0 = only at the end). Default 500.
@@ -166,6 +169,7 @@ impl Default for TrainConfig {
             dense_above: 0.05,
             holdout_examples: None,
             seed: 0,
+            shuffle: Shuffle::Global,
             log_every: 10,
             ckpt_every: 500,
             first_setting: 0,
@@ -327,6 +331,11 @@ impl TrainConfig {
     /// Set the seed.
     pub fn with_seed(mut self, s: u64) -> Self {
         self.seed = s;
+        self
+    }
+    /// Set the loader's order (see [`TrainConfig::shuffle`]).
+    pub fn with_shuffle(mut self, shuffle: Shuffle) -> Self {
+        self.shuffle = shuffle;
         self
     }
 

@@ -153,6 +153,7 @@ pub fn train_saes_with(
         .with_tokens(cfg.tokens)
         .with_batch_size(bs)
         .with_seed(cfg.seed)
+        .with_shuffle(cfg.shuffle)
         .with_examples(Examples::train(holdout, cfg.seed));
     let bar = crate::util::progress::bar(cfg.n_patches, "patches");
     bar.set_position(ck.seen.min(cfg.n_patches));

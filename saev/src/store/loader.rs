@@ -25,6 +25,7 @@ use super::permute::Permutation;
 use super::ActivationStore;
 use crate::error::{Error, Result};
 use crate::util::files::read_json;
+use crate::util::rng::splitmix64;
 
 /// Which tokens of each example a loader yields.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -165,6 +166,112 @@ impl Examples {
 /// Keeps split permutations apart from the shuffles drawn with the same seed.
 const SPLIT_SALT: u64 = 0x5eed_0000_0000_0001;
 
+/// How the shuffled loader orders an epoch. Serde: `{"kind": "global"}` or
+/// `{"kind": "blocks", "block": 256, "window": 256}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Shuffle {
+    /// Every vector anywhere in the store (the default): random reads of one vector each, best
+    /// when the store is in RAM or the page cache.
+    #[default]
+    Global,
+    /// For a store larger than RAM, read from disk: runs of `block` consecutive vectors (one
+    /// read each, sequential on disk) in a seeded random order, `window` runs at a time shuffled
+    /// together; every vector still once per epoch. A batch mixes `window` places of the store
+    /// instead of `batch_size` (with `block` = patches per image: `window` images).
+    Blocks {
+        /// Consecutive vectors per run (default 256: one DINOv2 image at 224²).
+        block: u64,
+        /// Runs shuffled together (default 256).
+        window: u64,
+    },
+}
+
+impl Shuffle {
+    /// [`Shuffle::Blocks`] with its defaults (256 runs of 256 vectors).
+    pub fn blocks() -> Self {
+        Shuffle::Blocks {
+            block: 256,
+            window: 256,
+        }
+    }
+}
+
+/// The order of one epoch: view vector at each position.
+enum Order {
+    Global(Permutation),
+    Blocks {
+        n: u64,
+        block: u64,
+        window: u64,
+        n_blocks: u64,
+        runs: Permutation,
+        seed: u64,
+    },
+}
+
+impl Order {
+    fn new(n: u64, shuffle: Shuffle, seed: u64) -> Self {
+        match shuffle {
+            Shuffle::Global => Order::Global(Permutation::new(n, seed)),
+            Shuffle::Blocks { block, window } => {
+                let (block, window) = (block.max(1), window.max(1));
+                let n_blocks = n.div_ceil(block);
+                Order::Blocks {
+                    n,
+                    block,
+                    window,
+                    n_blocks,
+                    runs: Permutation::new(n_blocks, seed),
+                    seed,
+                }
+            }
+        }
+    }
+
+    /// The view indices of the epoch in order, from the `skip`-th on. `prefetch(first, len)` is
+    /// called with the runs of each window and of the next one as a window starts (blocks).
+    fn indices(
+        self,
+        skip: u64,
+        prefetch: impl Fn(u64, u64) + Send + Clone + 'static,
+    ) -> Box<dyn Iterator<Item = u64> + Send> {
+        match self {
+            Order::Global(perm) => {
+                let n = perm.len();
+                Box::new((skip..n).map(move |i| perm.apply(i)))
+            }
+            Order::Blocks {
+                n,
+                block,
+                window,
+                n_blocks,
+                runs,
+                seed,
+            } => {
+                let n_windows = n_blocks.div_ceil(window);
+                let it = (0..n_windows).flat_map(move |w| {
+                    let first = w * window;
+                    let k = window.min(n_blocks - first);
+                    let local = Permutation::new(k * block, splitmix64(seed ^ (w + 1)));
+                    let runs = runs.clone();
+                    // This window's runs (the first may wait on them) and the next window's.
+                    for r in first..(first + 2 * window).min(n_blocks) {
+                        let v = runs.apply(r) * block;
+                        prefetch(v, block.min(n - v));
+                    }
+                    (0..k * block).filter_map(move |j| {
+                        let l = local.apply(j);
+                        let v = runs.apply(first + l / block) * block + l % block;
+                        (v < n).then_some(v)
+                    })
+                });
+                Box::new(it.skip(skip as usize))
+            }
+        }
+    }
+}
+
 /// Loader settings. Defaults: layer as given, patches, batch 4096, seed 0, 4 batches prefetched.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LoaderConfig {
@@ -181,6 +288,9 @@ pub struct LoaderConfig {
     /// Which examples (training and held-out splits). Default all.
     #[serde(default)]
     pub examples: Examples,
+    /// The epoch's order. Default [`Shuffle::Global`].
+    #[serde(default)]
+    pub shuffle: Shuffle,
 }
 
 impl LoaderConfig {
@@ -193,7 +303,13 @@ impl LoaderConfig {
             seed: 0,
             prefetch: 4,
             examples: Examples::All,
+            shuffle: Shuffle::Global,
         }
+    }
+    /// Set the epoch's order ([`Shuffle::blocks`] for a store larger than RAM).
+    pub fn with_shuffle(mut self, shuffle: Shuffle) -> Self {
+        self.shuffle = shuffle;
+        self
     }
     /// Only these examples (a range `(start, end)` or an [`Examples`] split).
     pub fn with_examples(mut self, examples: impl Into<Examples>) -> Self {
@@ -309,6 +425,21 @@ impl View {
         }
     }
 
+    /// Start reading view vectors `first..first + len` (see [`ActivationStore::prefetch`]).
+    fn prefetch(&self, first: u64, len: u64) {
+        let n_tok = self.n_tok as u64;
+        let d = self.store.d_model();
+        let base = self.layer_pos * self.store.tokens_per_example() + self.first_token;
+        let mut v = first;
+        while v < first + len && v < self.n_vectors() {
+            let (i, t) = ((v / n_tok) as usize, (v % n_tok) as usize);
+            let take = (n_tok - t as u64).min(first + len - v) as usize;
+            self.store
+                .prefetch(self.ids[i], (base + t) * d..(base + t + take) * d);
+            v += take as u64;
+        }
+    }
+
     fn gather(&self, idx: &[u64]) -> Vec<f32> {
         let d = self.store.d_model();
         let mut out = vec![0f32; idx.len() * d];
@@ -363,14 +494,20 @@ impl ActivationStore {
         let n = view.n_vectors();
         let bs = cfg.batch_size.max(1) as u64;
         let n_batches = n.div_ceil(bs) as usize;
-        let perm = Permutation::new(n, cfg.seed ^ epoch.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let order = Order::new(
+            n,
+            cfg.shuffle,
+            cfg.seed ^ epoch.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+        );
         let (tx, rx) = mpsc::sync_channel(cfg.prefetch.max(1));
+        let skip = (first_batch as u64).saturating_mul(bs).min(n);
+        let ahead = view.clone();
+        let prefetch = move |first: u64, len: u64| ahead.prefetch(first, len);
         std::thread::spawn(move || {
-            for b in first_batch as u64..n_batches as u64 {
+            let mut indices = order.indices(skip, prefetch);
+            for _ in first_batch as u64..n_batches as u64 {
                 // Sorted view indices are sorted store indices too (ids ascend): reads stay local.
-                let mut idx: Vec<u64> = (b * bs..((b + 1) * bs).min(n))
-                    .map(|i| perm.apply(i))
-                    .collect();
+                let mut idx: Vec<u64> = indices.by_ref().take(bs as usize).collect();
                 idx.sort_unstable();
                 let acts_nd = view.gather(&idx);
                 let batch = Batch {

@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, IoContext, Result};
 use crate::util::files::read_json;
 pub use format::{Metadata, ShardEntry, PROTOCOL};
-pub use loader::{Batch, Examples, LoaderConfig, NormStats, ShuffledLoader, Tokens};
+pub use loader::{Batch, Examples, LoaderConfig, NormStats, Shuffle, ShuffledLoader, Tokens};
 pub use merge::merge_parts;
 pub use writer::StoreWriter;
 
@@ -314,6 +314,23 @@ impl ActivationStore {
         let start = (e % eps) * n * 4;
         let bytes = &m[start..start + n * 4];
         Ok(bytemuck_f32(bytes))
+    }
+
+    /// Ask the kernel to start reading floats `range` of example `e` now (`madvise(WILLNEED)`),
+    /// so reads of several places overlap instead of waiting on one page fault at a time. A
+    /// hint: out-of-range requests and refusals are ignored.
+    pub(crate) fn prefetch(&self, e: usize, range: std::ops::Range<usize>) {
+        let eps = self.inner.md.examples_per_shard();
+        let n = self.inner.md.floats_per_example();
+        if e >= self.n_examples() || range.end > n || range.is_empty() {
+            return;
+        }
+        let m = &self.inner.maps[e / eps];
+        let start = ((e % eps) * n + range.start) * 4;
+        #[cfg(unix)]
+        let _ = m.advise_range(memmap2::Advice::WillNeed, start, range.len() * 4);
+        #[cfg(not(unix))]
+        let _ = (m, start);
     }
 
     /// The vector of (layer, example, token): `d_model` floats. Like every call that reads a

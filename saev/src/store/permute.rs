@@ -47,6 +47,11 @@ impl Permutation {
         (l << self.half_bits) | r
     }
 
+    /// `n`.
+    pub(crate) fn len(&self) -> u64 {
+        self.n
+    }
+
     /// The image of `i` (`i < n`).
     pub(crate) fn apply(&self, i: u64) -> u64 {
         debug_assert!(i < self.n);
