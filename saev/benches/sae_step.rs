@@ -6,6 +6,7 @@
 //! kernels; TopK k = 32 (plain and with AuxK on 1,024 dead latents); BatchTopK k = 32. Set
 //! `SAEV_BENCH_TORCH_PYTHON=/path/to/python` (torch + saev 0.1.0) to time saev 0.1.0's ReLU
 //! step and a dense torch TopK step on the same sizes in the same run, and print the ratios.
+//! `SAEV_BENCH_ONLY=<part of a name>` times only the matching cases (to profile one).
 
 use std::process::Command;
 use std::time::Instant;
@@ -85,7 +86,12 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn time(name: &str, mut st: TrainState, x: &[f32]) -> f64 {
+fn time(name: &str, st: impl FnOnce() -> TrainState, x: &[f32]) -> f64 {
+    // `SAEV_BENCH_ONLY=auxk`: only the cases whose name holds it (for profiling one).
+    if std::env::var("SAEV_BENCH_ONLY").is_ok_and(|o| !name.contains(&o)) {
+        return f64::NAN;
+    }
+    let mut st = st();
     let mut scratch = Scratch::default();
     let mut ts = Vec::new();
     let mut l0 = 0.0;
@@ -111,56 +117,68 @@ fn main() {
     let x = rnd(B * D, 7, 2.0);
     let relu_sparse = time(
         "relu L0≈1% sparse kernels",
-        state(
-            recipe(TrainActivation::Relu, Kernels::Auto, 0),
-            &x,
-            Some(61.0),
-        ),
+        || {
+            state(
+                recipe(TrainActivation::Relu, Kernels::Auto, 0),
+                &x,
+                Some(61.0),
+            )
+        },
         &x,
     );
     time(
         "relu L0≈1% dense kernels",
-        state(
-            recipe(TrainActivation::Relu, Kernels::Dense, 0),
-            &x,
-            Some(61.0),
-        ),
+        || {
+            state(
+                recipe(TrainActivation::Relu, Kernels::Dense, 0),
+                &x,
+                Some(61.0),
+            )
+        },
         &x,
     );
     time(
         "relu L0≈10% (auto → dense)",
-        state(
-            recipe(TrainActivation::Relu, Kernels::Auto, 0),
-            &x,
-            Some(614.0),
-        ),
+        || {
+            state(
+                recipe(TrainActivation::Relu, Kernels::Auto, 0),
+                &x,
+                Some(614.0),
+            )
+        },
         &x,
     );
     let topk = time(
         "topk k=32",
-        state(
-            recipe(TrainActivation::TopK { k: 32 }, Kernels::Auto, 0),
-            &x,
-            None,
-        ),
+        || {
+            state(
+                recipe(TrainActivation::TopK { k: 32 }, Kernels::Auto, 0),
+                &x,
+                None,
+            )
+        },
         &x,
     );
     time(
         "topk k=32 + auxk 192 (1,024 dead)",
-        state(
-            recipe(TrainActivation::TopK { k: 32 }, Kernels::Auto, 192),
-            &x,
-            None,
-        ),
+        || {
+            state(
+                recipe(TrainActivation::TopK { k: 32 }, Kernels::Auto, 192),
+                &x,
+                None,
+            )
+        },
         &x,
     );
     time(
         "batchtopk k=32",
-        state(
-            recipe(TrainActivation::BatchTopK { k: 32 }, Kernels::Auto, 0),
-            &x,
-            None,
-        ),
+        || {
+            state(
+                recipe(TrainActivation::BatchTopK { k: 32 }, Kernels::Auto, 0),
+                &x,
+                None,
+            )
+        },
         &x,
     );
     if let Ok(python) = std::env::var("SAEV_BENCH_TORCH_PYTHON") {

@@ -189,6 +189,16 @@ struct Encoded {
     dense: bool,
 }
 
+/// AuxK's selection densified over the dead latents (see `TrainState::dead_block`).
+struct DeadBlock {
+    /// The dead latents, ascending.
+    ids: Vec<usize>,
+    /// `[n, n_dead]`: the selected pre-activations, 0 elsewhere.
+    z: Vec<f32>,
+    /// `[n_dead, d]`: their decoder rows.
+    w: Vec<f32>,
+}
+
 /// One SAE's weights (training layout), Adam moments and dead-latent counters.
 #[derive(Clone)]
 pub struct TrainState {
@@ -531,8 +541,9 @@ impl TrainState {
         let l0_coef = if jump { lambda / d as f64 } else { 0.0 };
         let l1_coef = if uses_l1 { lambda } else { 0.0 };
 
+        let dead_block = aux.as_ref().and_then(|z| self.dead_block(z, n));
         let (aux_loss, g_aux) = match &aux {
-            Some(z) => self.aux_residual(z, &gs, n),
+            Some(z) => self.aux_residual(z, dead_block.as_ref(), &gs, n),
             None => (0.0, Vec::new()),
         };
         let loss = sq_groups.iter().sum::<f64>() / (gn as f64 * n_el)
@@ -562,7 +573,10 @@ impl TrainState {
         let (mut grads, _) = self.latent_grads(&f, &gs, &xc, n, l1_coef, dense, scratch);
         grads.log_threshold = g_threshold;
         if let Some(z) = &aux {
-            self.aux_grads(z, &g_aux, &xc, &mut grads);
+            match &dead_block {
+                Some(blk) => self.aux_grads_dense(blk, &g_aux, &xc, n, &mut grads),
+                None => self.aux_grads(z, &g_aux, &xc, &mut grads),
+            }
         }
         self.b_dec_grad(&gs, n, &mut grads);
         let mut fired = vec![0u32; s];
@@ -795,6 +809,113 @@ impl TrainState {
         g_theta
     }
 
+    /// AuxK's selection as a dense `[n, n_dead]` block over the dead latents, and their decoder
+    /// rows `[n_dead, d]`, when the kernels say dense: AuxK picks `aux_k` of the dead latents per
+    /// row (often a large share of them), and the sparse kernels then gather a row of
+    /// `d` floats per entry from all over memory, where four GEMMs stream.
+    fn dead_block(&self, z: &Csr, n: usize) -> Option<DeadBlock> {
+        let (d, s) = (self.d, self.s);
+        let dead = self.dead_mask();
+        let ids: Vec<usize> = (0..s).filter(|&i| dead[i]).collect();
+        let nd = ids.len();
+        let density = z.nnz() as f64 / (n * nd).max(1) as f64;
+        let dense = match self.recipe.kernels {
+            Kernels::Auto => density > self.recipe.dense_above,
+            Kernels::Sparse => false,
+            Kernels::Dense => true,
+        };
+        if !dense || nd == 0 {
+            return None;
+        }
+        let mut col = vec![usize::MAX; s];
+        for (c, &i) in ids.iter().enumerate() {
+            col[i] = c;
+        }
+        let mut zd = vec![0f32; n * nd];
+        zd.par_chunks_mut(nd).enumerate().for_each(|(b, row)| {
+            let (ix, vs) = z.row(b);
+            for (&i, &v) in ix.iter().zip(vs) {
+                row[col[i as usize]] = v;
+            }
+        });
+        let mut w = Vec::with_capacity(nd * d);
+        for &i in &ids {
+            w.extend_from_slice(&self.w_dec[i * d..(i + 1) * d]);
+        }
+        Some(DeadBlock { ids, z: zd, w })
+    }
+
+    /// [`TrainState::aux_grads`] with dense GEMMs over the dead latents' block.
+    fn aux_grads_dense(
+        &self,
+        blk: &DeadBlock,
+        g_aux: &[f32],
+        xc: &[f32],
+        n: usize,
+        grads: &mut Grads,
+    ) {
+        let (d, nd) = (self.d, blk.ids.len());
+        // ∂L/∂z = g_aux · W_deadᵀ at the selected entries.
+        let mut dz = vec![0f32; n * nd];
+        gemm(
+            n,
+            nd,
+            d,
+            &mut dz,
+            0,
+            nd,
+            Mat::rows(g_aux, d),
+            Mat::t(&blk.w, d),
+            false,
+        );
+        dz.par_iter_mut().zip(&blk.z).for_each(|(g, &v)| {
+            if v == 0.0 {
+                *g = 0.0;
+            }
+        });
+        let mut gw = vec![0f32; nd * d];
+        gemm(
+            nd,
+            d,
+            n,
+            &mut gw,
+            0,
+            d,
+            Mat::t(&blk.z, nd),
+            Mat::rows(g_aux, d),
+            false,
+        );
+        let mut ge = vec![0f32; nd * d];
+        gemm(
+            nd,
+            d,
+            n,
+            &mut ge,
+            0,
+            d,
+            Mat::t(&dz, nd),
+            Mat::rows(xc, d),
+            false,
+        );
+        let mut gb = vec![0f32; nd];
+        for row in dz.chunks_exact(nd) {
+            axpy(1.0, row, &mut gb);
+        }
+        for (c, &i) in blk.ids.iter().enumerate() {
+            axpy(
+                1.0,
+                &gw[c * d..(c + 1) * d],
+                &mut grads.w_dec[i * d..(i + 1) * d],
+            );
+            axpy(
+                1.0,
+                &ge[c * d..(c + 1) * d],
+                &mut grads.w_enc[i * d..(i + 1) * d],
+            );
+            grads.b_enc[i] += gb[c];
+        }
+    }
+
     /// AuxK's gradients through the dead latents it selected (`z`), into `grads`.
     fn aux_grads(&self, z: &Csr, g_aux: &[f32], xc: &[f32], grads: &mut Grads) {
         let (d, s) = (self.d, self.s);
@@ -960,7 +1081,13 @@ impl TrainState {
 
     /// AuxK: the residual `e = x − x̂_G` against `ê = z W_dec`; returns the normalised loss and
     /// its gradient `∂L/∂ê` (scaled by `aux_coef`), `[n, d]`.
-    fn aux_residual(&self, z: &Csr, gs: &[f32], n: usize) -> (f64, Vec<f32>) {
+    fn aux_residual(
+        &self,
+        z: &Csr,
+        blk: Option<&DeadBlock>,
+        gs: &[f32],
+        n: usize,
+    ) -> (f64, Vec<f32>) {
         let (d, gn) = (self.d, self.n_groups());
         let mut resid = vec![0f32; n * d];
         resid
@@ -973,7 +1100,23 @@ impl TrainState {
             });
         let z_var = total_variance(&resid, n, d).max(1e-30);
         let mut e_hat = vec![0f32; n * d];
-        sparse_rows_times(z, &z.val, &self.w_dec, d, &mut e_hat);
+        match blk {
+            Some(b) => {
+                let nd = b.ids.len();
+                gemm(
+                    n,
+                    d,
+                    nd,
+                    &mut e_hat,
+                    0,
+                    d,
+                    Mat::rows(&b.z, nd),
+                    Mat::rows(&b.w, d),
+                    false,
+                );
+            }
+            None => sparse_rows_times(z, &z.val, &self.w_dec, d, &mut e_hat),
+        }
         // e_hat ← ê − e.
         e_hat.par_iter_mut().zip(&resid).for_each(|(h, r)| *h -= r);
         let sq = det_sum(&e_hat, 4096, sum_sq);
