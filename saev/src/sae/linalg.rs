@@ -294,7 +294,66 @@ pub(crate) fn select_topk_masked(pre: &[f32], s: usize, k: usize, mask: &[bool])
 
 /// Batch top-k: the `k_total` largest positive values of the whole `[n, s]` matrix (ties at
 /// the boundary kept by lowest flat index). Returns them and the smallest kept value.
+///
+/// One pass in the common case: a strided sample of the values gives a threshold low enough
+/// that (with a wide margin) more than `k_total` values reach it; one pass collects those per
+/// row, and the exact cut is chosen among them. When the sample misjudges (fewer than
+/// `k_total` reach it), the exact radix selection runs: the result is the same either way.
 pub(crate) fn select_batch_topk(pre: &[f32], s: usize, k_total: usize) -> (Csr, f32) {
+    const STRIDE: usize = 61;
+    if k_total == 0 || pre.len() < 64 * STRIDE {
+        return select_batch_topk_exact(pre, s, k_total);
+    }
+    let mut sample: Vec<f32> = pre
+        .iter()
+        .step_by(STRIDE)
+        .copied()
+        .filter(|&v| v > 0.0)
+        .collect();
+    // The sample rank of the k_total-th value, with a margin of 25% + 4σ + 16.
+    let expect = k_total as f64 * pre.len().div_ceil(STRIDE) as f64 / pre.len() as f64;
+    let rank = (expect * 1.25 + 4.0 * expect.sqrt() + 16.0) as usize;
+    if rank >= sample.len() {
+        return select_batch_topk_exact(pre, s, k_total);
+    }
+    let (_, t_lo, _) = sample.select_nth_unstable_by(rank, |a, b| b.total_cmp(a));
+    let t_lo = *t_lo;
+    let rows: Vec<Vec<(u32, f32)>> = pre
+        .par_chunks(s)
+        .map(|row| {
+            row.iter()
+                .enumerate()
+                .filter(|(_, &v)| v >= t_lo && v > 0.0)
+                .map(|(i, &v)| (i as u32, v))
+                .collect()
+        })
+        .collect();
+    let total: usize = rows.iter().map(Vec::len).sum();
+    if total < k_total {
+        return select_batch_topk_exact(pre, s, k_total);
+    }
+    // The exact cut among the candidates: value descending, then flat index ascending.
+    let mut cand: Vec<(f32, usize)> = rows
+        .iter()
+        .enumerate()
+        .flat_map(|(r, row)| row.iter().map(move |&(i, v)| (v, r * s + i as usize)))
+        .collect();
+    let by = |a: &(f32, usize), b: &(f32, usize)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+    let (_, &mut (cut_v, cut_i), _) = cand.select_nth_unstable_by(k_total - 1, by);
+    let rows = rows
+        .into_par_iter()
+        .enumerate()
+        .map(|(r, row)| {
+            row.into_iter()
+                .filter(|&(i, v)| v > cut_v || (v == cut_v && r * s + i as usize <= cut_i))
+                .collect()
+        })
+        .collect();
+    (Csr::from_rows(rows), cut_v)
+}
+
+/// [`select_batch_topk`] by radix selection on the values' bit patterns (three passes).
+fn select_batch_topk_exact(pre: &[f32], s: usize, k_total: usize) -> (Csr, f32) {
     // Radix select on the bit patterns of positive floats (monotone in value): histogram the
     // top 16 bits, find the bin holding the k-th largest, then resolve inside that bin.
     const BINS: usize = 1 << 16;
@@ -466,6 +525,24 @@ mod tests {
         // Ties at the boundary: lowest flat index wins.
         let (f, thr) = select_batch_topk(&[1.0, 1.0, 1.0, 2.0], 2, 2);
         assert_eq!((f.idx, thr), (vec![0, 1], 1.0));
+        // The sampled one-pass selection against the exact radix selection, on a matrix big
+        // enough for the sample (with ties, negatives and a heavy tail).
+        let (n, s_w) = (300, 257);
+        let big: Vec<f32> = (0..n * s_w)
+            .map(|i| {
+                let h = (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40;
+                ((h % 2000) as f32 - 1000.0) / 100.0 * if h % 7 == 0 { 3.0 } else { 1.0 }
+            })
+            .collect();
+        for k in [1, 3, 32, 100, 5000] {
+            let (a, ta) = select_batch_topk(&big, s_w, k);
+            let (b, tb) = select_batch_topk_exact(&big, s_w, k);
+            assert_eq!(
+                (a.ptr, a.idx, a.val, ta),
+                (b.ptr, b.idx, b.val, tb),
+                "k {k}"
+            );
+        }
         let f = select_topk_masked(&pre, 4, 1, &[true, true, false, true]);
         assert_eq!(f.idx, vec![3, 3]);
         // The large-k path (selection) agrees with the small-k path (insertion).
