@@ -151,12 +151,8 @@ fn main() -> saev::Result<()> {
     let bf16 = vit.clone().with_precision(Precision::Bf16)?;
     let (bf_ips, bf_best, bf_acts) = time(&bf16, &pixels, &layers)?;
     println!(
-        "saev  bf16 linear layers{}: {bf_ips:.1} images/s (best {bf_best:.1}); {:.2}× saev f32",
-        if saev::backbone::amx::amx_available() {
-            " on AMX"
-        } else {
-            " (no AMX here: f32 GEMM on rounded values)"
-        },
+        "saev  bf16 linear layers, kernel {:?} (SAEV_BF16_KERNEL=amx|avx512bf16|f32): {bf_ips:.1} images/s (best {bf_best:.1}); {:.2}× saev f32",
+        saev::backbone::amx::bf16_kernel(),
         bf_ips / f32_ips
     );
     // Accuracy: cosine between the bf16 and f32 hidden states, per token, every block.

@@ -344,7 +344,7 @@ pub(crate) fn check_heads(cfg: VitConfig, path: &Path) -> Result<VitConfig> {
             ),
         ));
     }
-    if cfg.hidden_size % cfg.num_attention_heads != 0 {
+    if !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
         return Err(config_err(
             path,
             "num_attention_heads",
@@ -517,7 +517,7 @@ fn dinov3(json: &Value, path: &Path) -> Result<VitConfig> {
         key_bias: get_bool(json, path, "key_bias", false)?,
         prefix: String::new(),
     };
-    if cfg.head_dim() % 4 != 0 {
+    if !cfg.head_dim().is_multiple_of(4) {
         return Err(config_err(
             path,
             "num_attention_heads",

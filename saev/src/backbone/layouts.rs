@@ -241,14 +241,14 @@ fn grid(n: usize, path: &Path, key: &str) -> Result<usize> {
 
 fn heads_for(d: usize, given: Option<usize>, path: &Path) -> Result<usize> {
     match given {
-        Some(h) if h > 0 && d % h == 0 => Ok(h),
+        Some(h) if h > 0 && d.is_multiple_of(h) => Ok(h),
         Some(h) => Err(cfg_err(
             path,
             "num_heads",
             format!("{h} does not divide width {d}"),
         )),
         // Every released DINOv2 / ViT-S/B/L has 64-wide heads.
-        None if d % 64 == 0 => Ok(d / 64),
+        None if d.is_multiple_of(64) => Ok(d / 64),
         None => Err(cfg_err(
             path,
             "num_heads",

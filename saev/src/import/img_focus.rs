@@ -324,7 +324,7 @@ fn write_model_dir(tensors: &BTreeMap<String, Owned>, out: &Path) -> Result<()> 
         .count();
     let mlp = tensors["encoder.layer.0.mlp.fc1.weight"].dims[0];
     // transformers >= 5 validates `mlp_ratio` as an int when it is one.
-    let mlp_ratio = if mlp % d == 0 {
+    let mlp_ratio = if mlp.is_multiple_of(d) {
         serde_json::json!(mlp / d)
     } else {
         serde_json::json!(mlp as f64 / d as f64)

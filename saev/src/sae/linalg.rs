@@ -531,7 +531,7 @@ mod tests {
         let big: Vec<f32> = (0..n * s_w)
             .map(|i| {
                 let h = (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40;
-                ((h % 2000) as f32 - 1000.0) / 100.0 * if h % 7 == 0 { 3.0 } else { 1.0 }
+                ((h % 2000) as f32 - 1000.0) / 100.0 * if h.is_multiple_of(7) { 3.0 } else { 1.0 }
             })
             .collect();
         for k in [1, 3, 32, 100, 5000] {

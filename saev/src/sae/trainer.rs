@@ -451,7 +451,7 @@ fn step_all(
     out: &Path,
     stepper: &mut Stepper<'_>,
 ) -> Result<Option<StepStats>> {
-    let log = ck.step % cfg.log_every.max(1) == 0;
+    let log = ck.step.is_multiple_of(cfg.log_every.max(1));
     let mut first: Option<StepStats> = None;
     let x_dev = match stepper.devs.first() {
         Some(dev) => Some(

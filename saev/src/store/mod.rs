@@ -525,7 +525,7 @@ fn bytemuck_f32(bytes: &[u8]) -> &[f32] {
     // and its length is a multiple of 4; f32 has no invalid bit patterns; x86/ARM are little
     // endian like the format.
     assert!(
-        bytes.as_ptr() as usize % 4 == 0 && bytes.len() % 4 == 0,
+        (bytes.as_ptr() as usize).is_multiple_of(4) && bytes.len().is_multiple_of(4),
         "misaligned f32 view"
     );
     unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<f32>(), bytes.len() / 4) }

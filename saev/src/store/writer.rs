@@ -122,7 +122,7 @@ impl StoreWriter {
             ));
         };
         let per = self.md.layers.len() * r * self.md.d_model;
-        if regs.len() % per != 0 || first + regs.len() / per > self.md.n_examples {
+        if !regs.len().is_multiple_of(per) || first + regs.len() / per > self.md.n_examples {
             return Err(Error::Shape {
                 what: format!("register tokens for examples from {first}"),
                 expected: vec![regs.len() / per, self.md.layers.len(), r, self.md.d_model],
@@ -172,7 +172,7 @@ impl StoreWriter {
     /// `shards.json` when a shard becomes complete.
     pub fn write_examples(&mut self, first: usize, acts: &[f32]) -> Result<()> {
         let per = self.md.floats_per_example();
-        if acts.len() % per != 0 || first + acts.len() / per > self.md.n_examples {
+        if !acts.len().is_multiple_of(per) || first + acts.len() / per > self.md.n_examples {
             return Err(Error::Shape {
                 what: format!("activations for examples from {first}"),
                 expected: vec![
