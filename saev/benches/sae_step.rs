@@ -6,7 +6,7 @@
 //! kernels; TopK k = 32 (plain and with AuxK on 1,024 dead latents); BatchTopK k = 32. Set
 //! `SAEV_BENCH_TORCH_PYTHON=/path/to/python` (torch + saev 0.1.0) to time saev 0.1.0's ReLU
 //! step and a dense torch TopK step on the same sizes in the same run, and print the ratios.
-//! `SAEV_BENCH_ONLY=<part of a name>` times only the matching cases (to profile one).
+//! `SAEV_BENCH_ONLY=<a case's name>` (or `<prefix>*`) times only that case (to profile one).
 
 use std::process::Command;
 use std::time::Instant;
@@ -87,8 +87,13 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn time(name: &str, st: impl FnOnce() -> TrainState, x: &[f32]) -> f64 {
-    // `SAEV_BENCH_ONLY=auxk`: only the cases whose name holds it (for profiling one).
-    if std::env::var("SAEV_BENCH_ONLY").is_ok_and(|o| !name.contains(&o)) {
+    // `SAEV_BENCH_ONLY="topk k=32"`: only the case of that name ("topk*": every case whose
+    // name starts so), for profiling one.
+    let wanted = |o: &str| match o.strip_suffix('*') {
+        Some(prefix) => name.starts_with(prefix),
+        None => name == o,
+    };
+    if std::env::var("SAEV_BENCH_ONLY").is_ok_and(|o| !wanted(&o)) {
         return f64::NAN;
     }
     let mut st = st();

@@ -14,6 +14,8 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::util::simd::{has_avx2_fma, has_avx512};
+
 use super::config::HiddenAct;
 
 const ROWS_PER_TASK: usize = 16;
@@ -196,26 +198,6 @@ fn bias_act_rows_avx2(o: &mut [f32], x: &[f32], b: &[f32], a: HiddenAct) {
 #[target_feature(enable = "avx2,fma")]
 fn softmax_rows_avx2(o: &mut [f32], x: &[f32], n: usize) {
     softmax_rows::<true>(o, x, n)
-}
-
-fn has_avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
-}
-
-fn has_avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *HAS.get_or_init(|| is_x86_feature_detected!("avx512f") && has_avx2_fma())
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
 }
 
 fn bias_act_dispatch(o: &mut [f32], x: &[f32], b: &[f32], a: HiddenAct) {

@@ -12,6 +12,8 @@
 
 use rayon::prelude::*;
 
+use crate::util::simd::{has_avx2_fma, has_avx512};
+
 /// A matrix operand: `data[off + i·rs + j·cs]` is element `(i, j)`.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Mat<'a> {
@@ -249,6 +251,11 @@ fn topk_row(row: &[f32], k: usize, mask: Option<&[bool]>) -> Vec<(u32, f32)> {
         cand.sort_unstable_by_key(|&(i, _)| i);
         return cand;
     }
+    #[cfg(target_arch = "x86_64")]
+    if mask.is_none() && has_avx512() {
+        // SAFETY: the processor has AVX-512F (checked at run time).
+        return unsafe { topk_row_avx512(row, k) };
+    }
     // Kept sorted descending by value; `thr` is the smallest kept value once full.
     let mut best: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
     let mut thr = f32::NEG_INFINITY;
@@ -263,6 +270,49 @@ fn topk_row(row: &[f32], k: usize, mask: Option<&[bool]>) -> Vec<(u32, f32)> {
         }
         if best.len() == k {
             thr = best[k - 1].1;
+        }
+    }
+    best.sort_unstable_by_key(|&(i, _)| i);
+    best
+}
+
+/// [`topk_row`] without a mask, 16 values at a time: a chunk is skipped unless one of its values
+/// beats the current cut (after the first few chunks, almost none does); its candidates are
+/// inserted in id order, as the scalar loop does, so ties resolve the same way.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn topk_row_avx512(row: &[f32], k: usize) -> Vec<(u32, f32)> {
+    use std::arch::x86_64::*;
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
+    // Kept iff v > cut: cut = max(smallest kept value once full, 0).
+    let mut cut = 0f32;
+    let mut offer = |i: usize, v: f32, cut: &mut f32| {
+        let at = best.partition_point(|&(_, b)| b >= v);
+        best.insert(at, (i as u32, v));
+        if best.len() > k {
+            best.pop();
+        }
+        if best.len() == k {
+            *cut = best[k - 1].1.max(0.0);
+        }
+    };
+    let chunks = row.chunks_exact(16);
+    let tail = chunks.remainder();
+    for (c, ch) in chunks.enumerate() {
+        // SAFETY: `ch` holds 16 floats; unaligned load.
+        let x = unsafe { _mm512_loadu_ps(ch.as_ptr()) };
+        let mut m = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, _mm512_set1_ps(cut));
+        while m != 0 {
+            let j = m.trailing_zeros() as usize;
+            offer(c * 16 + j, ch[j], &mut cut);
+            // The later lanes that still beat the (possibly raised) cut.
+            m &= m.wrapping_sub(1) & _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, _mm512_set1_ps(cut));
+        }
+    }
+    let base = row.len() - tail.len();
+    for (j, &v) in tail.iter().enumerate() {
+        if v > cut {
+            offer(base + j, v, &mut cut);
         }
     }
     best.sort_unstable_by_key(|&(i, _)| i);
@@ -442,14 +492,47 @@ pub(crate) fn sparse_rows_times(f: &Csr, vals: &[f32], w: &[f32], d: usize, out:
 /// `y += a · x`.
 #[inline]
 pub(crate) fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: the processor has AVX-512F (checked at run time).
+        return unsafe { axpy_avx512(a, x, y) };
+    }
+    axpy_plain(a, x, y)
+}
+
+#[inline(always)]
+fn axpy_plain(a: f32, x: &[f32], y: &mut [f32]) {
     for (y, x) in y.iter_mut().zip(x) {
         *y += a * x;
     }
 }
 
-/// `x · y`, accumulated in 8 lanes (vectorises; fixed order, deterministic).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn axpy_avx512(a: f32, x: &[f32], y: &mut [f32]) {
+    axpy_plain(a, x, y)
+}
+
+/// `x · y`, accumulated in 8 lanes (vectorises; fixed order, deterministic: the same sums
+/// whichever instruction set runs them).
 #[inline]
 pub(crate) fn dot(x: &[f32], y: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the processor has AVX2 and FMA (checked at run time).
+        return unsafe { dot_avx2(x, y) };
+    }
+    dot_plain(x, y)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn dot_avx2(x: &[f32], y: &[f32]) -> f32 {
+    dot_plain(x, y)
+}
+
+#[inline(always)]
+fn dot_plain(x: &[f32], y: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (xc, yc) = (x.chunks_exact(8), y.chunks_exact(8));
     let (xr, yr) = (xc.remainder(), yc.remainder());
@@ -545,6 +628,23 @@ mod tests {
         }
         let f = select_topk_masked(&pre, 4, 1, &[true, true, false, true]);
         assert_eq!(f.idx, vec![3, 3]);
+        // Every path (AVX-512 where the processor has it) against sorting: value descending, id
+        // ascending among ties, positive values only; rows with ragged tails and many ties.
+        for (len, k) in [(6144, 32), (100, 7), (37, 48), (15, 3), (16, 16)] {
+            let row: Vec<f32> = (0..len)
+                .map(|i| ((i * 7919 + len) % 41) as f32 - 20.0)
+                .collect();
+            let mut want: Vec<(u32, f32)> = row
+                .iter()
+                .enumerate()
+                .filter(|(_, &v)| v > 0.0)
+                .map(|(i, &v)| (i as u32, v))
+                .collect();
+            want.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            want.truncate(k);
+            want.sort_unstable_by_key(|&(i, _)| i);
+            assert_eq!(topk_row(&row, k, None), want, "len {len}, k {k}");
+        }
         // The large-k path (selection) agrees with the small-k path (insertion).
         let row: Vec<f32> = (0..500)
             .map(|i| ((i * 7919) % 503) as f32 - 100.0)

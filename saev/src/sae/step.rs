@@ -489,11 +489,7 @@ impl TrainState {
                 .zip(m.par_chunks_mut(4096))
                 .zip(v.par_chunks_mut(4096))
                 .for_each(|(((p, g), m), v)| {
-                    for i in 0..p.len() {
-                        m[i] = b1 * m[i] + (1.0 - b1) * g[i];
-                        v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
-                        p[i] -= step * m[i] / (v[i].sqrt() / bc2_sqrt + eps);
-                    }
+                    adam_chunk(p, g, m, v, [b1, b2, step, bc2_sqrt, eps]);
                 });
         }
     }
@@ -1163,6 +1159,34 @@ impl TrainState {
         } else {
             self.recipe.groups.clone()
         }
+    }
+}
+
+/// One chunk of Adam's update; `h` = [β1, β2, lr / (1 − β1^t), √(1 − β2^t), ε].
+fn adam_chunk(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], h: [f32; 5]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::util::simd::has_avx512() {
+        // SAFETY: the processor has AVX-512F (checked at run time).
+        return unsafe { adam_chunk_avx512(p, g, m, v, h) };
+    }
+    adam_chunk_plain(p, g, m, v, h)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn adam_chunk_avx512(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], h: [f32; 5]) {
+    adam_chunk_plain(p, g, m, v, h)
+}
+
+#[inline(always)]
+fn adam_chunk_plain(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], h: [f32; 5]) {
+    let [b1, b2, step, bc2_sqrt, eps] = h;
+    let n = p.len().min(g.len()).min(m.len()).min(v.len());
+    let (p, g, m, v) = (&mut p[..n], &g[..n], &mut m[..n], &mut v[..n]);
+    for i in 0..n {
+        m[i] = b1 * m[i] + (1.0 - b1) * g[i];
+        v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
+        p[i] -= step * m[i] / (v[i].sqrt() / bc2_sqrt + eps);
     }
 }
 

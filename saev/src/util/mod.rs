@@ -11,6 +11,7 @@ pub(crate) mod image_io;
 pub(crate) mod paths;
 pub(crate) mod progress;
 pub(crate) mod rng;
+pub(crate) mod simd;
 pub(crate) mod torch_load;
 
 /// Parse `s` as the serde name of a unit enum variant (what the CLI's `FromStr` impls use); the
