@@ -386,27 +386,93 @@ fn fallback_gemm(
 /// A packed into `[m_pad / 16][kb]` tiles of 16 rows × 32 bf16.
 fn pack_a(a_mk: &[f32], m: usize, k: usize, kb: usize) -> Vec<u16> {
     let mb = m.div_ceil(2 * TN) * 2;
-    // One spare zero tile at the end: the kernel's pipelined loads read one past.
-    let mut tiles = vec![0u16; (mb * kb + 1) * TILE];
-    tiles
-        .par_chunks_mut(kb * TILE)
+    // One spare zero tile at the end: the kernel's pipelined loads read one past. Every element
+    // is written below (values, padding zeros, the spare tile): no zeroing pass first.
+    let len = (mb * kb + 1) * TILE;
+    let mut tiles: Vec<std::mem::MaybeUninit<u16>> = Vec::with_capacity(len);
+    // SAFETY: MaybeUninit needs no initialisation.
+    unsafe { tiles.set_len(len) };
+    let (body, spare) = tiles.split_at_mut(mb * kb * TILE);
+    spare.fill(std::mem::MaybeUninit::new(0));
+    body.par_chunks_mut(kb * TILE)
         .enumerate()
         .for_each(|(i, rows)| {
             for r in 0..TN {
                 let row = i * TN + r;
-                if row >= m {
-                    break;
-                }
-                let src = &a_mk[row * k..(row + 1) * k];
-                for (p, chunk) in src.chunks(TK).enumerate() {
-                    let dst = &mut rows[p * TILE + r * TK..p * TILE + r * TK + chunk.len()];
-                    dst.iter_mut()
-                        .zip(chunk)
-                        .for_each(|(d, &v)| *d = to_bf16(v));
+                for p in 0..kb {
+                    let dst = &mut rows[p * TILE + r * TK..p * TILE + (r + 1) * TK];
+                    if row < m {
+                        let (k0, k1) = (p * TK, ((p + 1) * TK).min(k));
+                        round_into(&a_mk[row * k + k0..row * k + k1], dst);
+                    } else {
+                        dst.fill(std::mem::MaybeUninit::new(0));
+                    }
                 }
             }
         });
-    tiles
+    let mut tiles = std::mem::ManuallyDrop::new(tiles);
+    // SAFETY: every element was written above; MaybeUninit<u16> and u16 share their layout.
+    unsafe { Vec::from_raw_parts(tiles.as_mut_ptr() as *mut u16, len, tiles.capacity()) }
+}
+
+/// `dst[i] = to_bf16(src[i])`, zeros after `src` (`src.len() ≤ dst.len() = 32`).
+fn round_into(src: &[f32], dst: &mut [std::mem::MaybeUninit<u16>]) {
+    debug_assert!(src.len() <= TK && dst.len() == TK);
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512_bw() {
+        // SAFETY: AVX-512F/BW are present; 32 u16 are written at dst, src.len() f32 read.
+        return unsafe { round_32_avx512(src, dst.as_mut_ptr() as *mut u16) };
+    }
+    for (i, d) in dst.iter_mut().enumerate() {
+        *d = std::mem::MaybeUninit::new(src.get(i).map_or(0, |&v| to_bf16(v)));
+    }
+}
+
+/// AVX-512F and AVX-512BW (every processor with AMX or AVX-512-BF16 has both).
+fn has_avx512_bw() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// [`to_bf16`] on 32 values at once (the same bits: round to nearest even, NaN → 0x7fc0),
+/// zeros past `src.len()`.
+///
+/// # Safety
+/// AVX-512F and AVX-512BW are available; `dst` is valid for 32 u16 writes; `src.len() ≤ 32`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn round_32_avx512(src: &[f32], dst: *mut u16) {
+    use std::arch::x86_64::*;
+    let n = src.len();
+    let round = |x: __m512i| {
+        let lsb = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
+        let r = _mm512_srli_epi32(
+            _mm512_add_epi32(x, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))),
+            16,
+        );
+        let nan = _mm512_cmpgt_epi32_mask(
+            _mm512_and_si512(x, _mm512_set1_epi32(0x7fff_ffff)),
+            _mm512_set1_epi32(0x7f80_0000),
+        );
+        _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, r, _mm512_set1_epi32(0x7fc0)))
+    };
+    let mask = |lo: usize| -> __mmask16 {
+        let c = n.saturating_sub(lo).min(16);
+        ((1u32 << c) - 1) as __mmask16
+    };
+    let p = src.as_ptr() as *const i32;
+    let lo = _mm512_maskz_loadu_epi32(mask(0), p);
+    let hi = _mm512_maskz_loadu_epi32(mask(16), p.wrapping_add(16));
+    _mm256_storeu_si256(dst as *mut __m256i, round(lo));
+    _mm256_storeu_si256(dst.add(16) as *mut __m256i, round(hi));
 }
 
 /// 64-byte tile configuration (palette 1): tiles 0–7 all 16 rows × 64 bytes.
@@ -618,6 +684,41 @@ mod tests {
                         amx_available()
                     );
                 }
+            }
+        }
+    }
+
+    /// The vector rounding gives the scalar one's bits on every kind of value (ties, NaN,
+    /// infinities, subnormals, the largest finite) and zeros past a short source.
+    #[test]
+    fn vector_rounding_is_the_scalar_rounding() {
+        let mut vals: Vec<f32> = vec![
+            1.0 + 1.0 / 256.0,
+            1.0 + 3.0 / 256.0,
+            -2.5,
+            f32::NAN,
+            -f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MAX,
+            f32::MIN_POSITIVE,
+            1e-40,
+            -1e-42,
+            0.0,
+            -0.0,
+            f32::from_bits(0x7f80_0001),
+            f32::from_bits(0x3f80_8000),
+            f32::from_bits(0x3f81_8000),
+        ];
+        vals.extend(rnd(300, 9).iter().map(|v| v * 1e3));
+        for chunk in vals.chunks(TK).chain([&vals[..7], &vals[3..20]]) {
+            let mut got = [std::mem::MaybeUninit::new(0xffffu16); TK];
+            round_into(chunk, &mut got);
+            for (i, g) in got.iter().enumerate() {
+                // SAFETY: round_into writes all 32.
+                let g = unsafe { g.assume_init() };
+                let want = chunk.get(i).map_or(0, |&v| to_bf16(v));
+                assert_eq!(g, want, "{:?}", chunk.get(i));
             }
         }
     }

@@ -24,6 +24,8 @@ pub mod amx;
 pub(crate) mod config;
 pub(crate) mod kernels;
 pub(crate) mod layouts;
+#[doc(hidden)]
+pub mod norm;
 pub(crate) mod preprocess;
 #[doc(hidden)]
 pub mod resample;

@@ -21,13 +21,14 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, DType, Device, Module, Storage, Tensor};
-use candle_nn::{LayerNorm, LayerNormConfig, VarBuilder};
+use candle_nn::VarBuilder;
 
 use super::amx::{gemm_bf16_then, PackedB};
 use super::config::{Family, HiddenAct, PosInterp, VitConfig};
 use super::kernels::{
     bias_act, bias_act_in_place, gemm_f32_then, self_attention_qkv, softmax_last_dim,
 };
+use super::norm::Norm;
 use super::resample::{interp_matrix, interp_matrix_scaled, Kernel};
 use crate::error::{CandleContext, Error, Result};
 
@@ -244,8 +245,8 @@ impl Linear {
     }
 }
 
-fn layer_norm(vb: VarBuilder, d: usize, eps: f64) -> candle_core::Result<LayerNorm> {
-    candle_nn::layer_norm(d, LayerNormConfig::from(eps), vb)
+fn layer_norm(vb: VarBuilder, d: usize, eps: f64) -> candle_core::Result<Norm> {
+    Norm::load(vb, d, eps)
 }
 
 fn activate(x: &Tensor, act: HiddenAct) -> candle_core::Result<Tensor> {
@@ -368,10 +369,10 @@ fn attention_rope(
 /// One pre-norm transformer block (attention + MLP, optional LayerScale).
 #[derive(Debug, Clone)]
 pub struct Block {
-    norm1: LayerNorm,
+    norm1: Norm,
     qkv: Linear,
     out: Linear,
-    norm2: LayerNorm,
+    norm2: Norm,
     fc1: Linear,
     fc2: Linear,
     /// DINOv3's gated MLP: `fc2(act(gate x) ⊙ fc1 x)` (`fc1` = `up_proj`).
@@ -546,7 +547,7 @@ struct MapHead {
     q: Linear,
     kv: Linear,
     out: Linear,
-    norm: LayerNorm,
+    norm: Norm,
     fc1: Linear,
     fc2: Linear,
     n_heads: usize,
@@ -608,7 +609,7 @@ struct Embeddings {
     /// `[g, g, D]`; None with rotary embeddings (DINOv3).
     pos_grid: Option<Tensor>,
     registers: Option<Tensor>,
-    pre_norm: Option<LayerNorm>,
+    pre_norm: Option<Norm>,
 }
 
 impl Embeddings {
@@ -786,7 +787,7 @@ pub struct Vit {
     cfg: VitConfig,
     embeddings: Embeddings,
     blocks: Vec<Block>,
-    final_norm: LayerNorm,
+    final_norm: Norm,
     head: Option<MapHead>,
 }
 
