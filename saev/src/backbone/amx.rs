@@ -24,13 +24,13 @@
 use rayon::prelude::*;
 
 /// bf16 elements per tile row (64 bytes), rows per tile.
-const TK: usize = 32;
-const TN: usize = 16;
-const TILE: usize = TK * TN; // 512 bf16 = 1 KiB
+pub(super) const TK: usize = 32;
+pub(super) const TN: usize = 16;
+pub(super) const TILE: usize = TK * TN; // 512 bf16 = 1 KiB
 
 /// Round to bfloat16, nearest even (NaN stays NaN).
 #[inline]
-fn to_bf16(x: f32) -> u16 {
+pub(super) fn to_bf16(x: f32) -> u16 {
     // Branch-free (a select), so the packing loops vectorise.
     let b = x.to_bits();
     let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
@@ -397,6 +397,11 @@ fn pack_a(a_mk: &[f32], m: usize, k: usize, kb: usize) -> Vec<u16> {
     body.par_chunks_mut(kb * TILE)
         .enumerate()
         .for_each(|(i, rows)| {
+            #[cfg(target_arch = "x86_64")]
+            if has_avx512_bw() {
+                // SAFETY: AVX-512F/BW are present; rows holds kb tiles of 16 rows × 32.
+                return unsafe { pack_band_avx512(a_mk, i, m, k, kb, rows) };
+            }
             for r in 0..TN {
                 let row = i * TN + r;
                 for p in 0..kb {
@@ -415,13 +420,41 @@ fn pack_a(a_mk: &[f32], m: usize, k: usize, kb: usize) -> Vec<u16> {
     unsafe { Vec::from_raw_parts(tiles.as_mut_ptr() as *mut u16, len, tiles.capacity()) }
 }
 
+/// [`pack_a`]'s band `i` (rows `16i..16i + 16`) on AVX-512.
+///
+/// # Safety
+/// AVX-512F and AVX-512BW are available; `rows` holds `kb` tiles.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn pack_band_avx512(
+    a_mk: &[f32],
+    i: usize,
+    m: usize,
+    k: usize,
+    kb: usize,
+    rows: &mut [std::mem::MaybeUninit<u16>],
+) {
+    debug_assert_eq!(rows.len(), kb * TILE);
+    let dst = rows.as_mut_ptr() as *mut u16;
+    for r in 0..TN {
+        let row = i * TN + r;
+        let src: &[f32] = if row < m {
+            &a_mk[row * k..(row + 1) * k]
+        } else {
+            &[]
+        };
+        // SAFETY: row r of each of the kb tiles lies inside `rows`.
+        unsafe { round_row_avx512(src, 1.0, kb, dst.add(r * TK)) };
+    }
+}
+
 /// `dst[i] = to_bf16(src[i])`, zeros after `src` (`src.len() ≤ dst.len() = 32`).
-fn round_into(src: &[f32], dst: &mut [std::mem::MaybeUninit<u16>]) {
+pub(super) fn round_into(src: &[f32], dst: &mut [std::mem::MaybeUninit<u16>]) {
     debug_assert!(src.len() <= TK && dst.len() == TK);
     #[cfg(target_arch = "x86_64")]
     if has_avx512_bw() {
         // SAFETY: AVX-512F/BW are present; 32 u16 are written at dst, src.len() f32 read.
-        return unsafe { round_32_avx512(src, dst.as_mut_ptr() as *mut u16) };
+        return unsafe { round_32_avx512(src, 1.0, dst.as_mut_ptr() as *mut u16) };
     }
     for (i, d) in dst.iter_mut().enumerate() {
         *d = std::mem::MaybeUninit::new(src.get(i).map_or(0, |&v| to_bf16(v)));
@@ -429,7 +462,7 @@ fn round_into(src: &[f32], dst: &mut [std::mem::MaybeUninit<u16>]) {
 }
 
 /// AVX-512F and AVX-512BW (every processor with AMX or AVX-512-BF16 has both).
-fn has_avx512_bw() -> bool {
+pub(super) fn has_avx512_bw() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -442,37 +475,97 @@ fn has_avx512_bw() -> bool {
     false
 }
 
-/// [`to_bf16`] on 32 values at once (the same bits: round to nearest even, NaN → 0x7fc0),
-/// zeros past `src.len()`.
-///
-/// # Safety
-/// AVX-512F and AVX-512BW are available; `dst` is valid for 32 u16 writes; `src.len() ≤ 32`.
+/// [`to_bf16`] of 16 lanes (the same bits: round to nearest even, NaN → 0x7fc0), each in the
+/// low half of its 32-bit lane.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn round_32_avx512(src: &[f32], dst: *mut u16) {
+#[inline]
+fn round_lanes(x: std::arch::x86_64::__m512i) -> std::arch::x86_64::__m512i {
     use std::arch::x86_64::*;
-    let n = src.len();
-    let round = |x: __m512i| {
-        let lsb = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
-        let r = _mm512_srli_epi32(
-            _mm512_add_epi32(x, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))),
-            16,
-        );
-        let nan = _mm512_cmpgt_epi32_mask(
-            _mm512_and_si512(x, _mm512_set1_epi32(0x7fff_ffff)),
-            _mm512_set1_epi32(0x7f80_0000),
-        );
-        _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, r, _mm512_set1_epi32(0x7fc0)))
-    };
-    let mask = |lo: usize| -> __mmask16 {
-        let c = n.saturating_sub(lo).min(16);
-        ((1u32 << c) - 1) as __mmask16
-    };
-    let p = src.as_ptr() as *const i32;
-    let lo = _mm512_maskz_loadu_epi32(mask(0), p);
-    let hi = _mm512_maskz_loadu_epi32(mask(16), p.wrapping_add(16));
-    _mm256_storeu_si256(dst as *mut __m256i, round(lo));
-    _mm256_storeu_si256(dst.add(16) as *mut __m256i, round(hi));
+    let lsb = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
+    let r = _mm512_srli_epi32(
+        _mm512_add_epi32(x, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))),
+        16,
+    );
+    let nan = _mm512_cmpgt_epi32_mask(
+        _mm512_and_si512(x, _mm512_set1_epi32(0x7fff_ffff)),
+        _mm512_set1_epi32(0x7f80_0000),
+    );
+    _mm512_mask_blend_epi32(nan, r, _mm512_set1_epi32(0x7fc0))
+}
+
+/// `scale · src[lo..lo + 16]` as 32-bit lanes, zeros past the end of `src`.
+///
+/// # Safety
+/// AVX-512F is available.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+unsafe fn load_scaled(src: &[f32], lo: usize, scale: f32) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
+    let c = src.len().saturating_sub(lo).min(16);
+    let mask = ((1u32 << c) - 1) as __mmask16;
+    // SAFETY: masked-off lanes are not read; the others lie inside `src`.
+    let v = unsafe { _mm512_maskz_loadu_ps(mask, src.as_ptr().wrapping_add(lo)) };
+    _mm512_castps_si512(if scale == 1.0 {
+        v
+    } else {
+        _mm512_mul_ps(v, _mm512_set1_ps(scale))
+    })
+}
+
+/// `to_bf16(scale · src[i])` into 32 u16 at `dst`, zeros past `src.len() ≤ 32`.
+///
+/// # Safety
+/// AVX-512F and AVX-512BW are available; `dst` is valid for 32 u16 writes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+pub(super) unsafe fn round_32_avx512(src: &[f32], scale: f32, dst: *mut u16) {
+    use std::arch::x86_64::*;
+    // SAFETY: as the caller guarantees.
+    unsafe {
+        let lo = _mm512_cvtepi32_epi16(round_lanes(load_scaled(src, 0, scale)));
+        let hi = _mm512_cvtepi32_epi16(round_lanes(load_scaled(src, 16, scale)));
+        _mm256_storeu_si256(dst as *mut __m256i, lo);
+        _mm256_storeu_si256(dst.add(16) as *mut __m256i, hi);
+    }
+}
+
+/// Two rows' 16 values rounded and interleaved (`a[0], b[0], a[1], b[1], …`: one row of a
+/// VNNI B tile) into 32 u16 at `dst`; zeros past either's end (`≤ 16` each).
+///
+/// # Safety
+/// AVX-512F and AVX-512BW are available; `dst` is valid for 32 u16 writes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+pub(super) unsafe fn round_pair_avx512(a: &[f32], b: &[f32], dst: *mut u16) {
+    use std::arch::x86_64::*;
+    // SAFETY: as the caller guarantees.
+    unsafe {
+        let ra = round_lanes(load_scaled(a, 0, 1.0));
+        let rb = round_lanes(load_scaled(b, 0, 1.0));
+        let both = _mm512_or_si512(ra, _mm512_slli_epi32(rb, 16));
+        _mm512_storeu_si512(dst as *mut _, both);
+    }
+}
+
+/// One row of A into its tiles: chunk `p` of 32 values to `dst + p · TILE`, `kb` chunks
+/// (zeros past the row).
+///
+/// # Safety
+/// AVX-512F and AVX-512BW are available; `dst` is valid for 32 u16 writes at each of the
+/// `kb` offsets.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+pub(super) unsafe fn round_row_avx512(row: &[f32], scale: f32, kb: usize, dst: *mut u16) {
+    for p in 0..kb {
+        let src = &row[(p * TK).min(row.len())..((p + 1) * TK).min(row.len())];
+        // SAFETY: as the caller guarantees.
+        unsafe { round_32_avx512(src, scale, dst.add(p * TILE)) };
+    }
 }
 
 /// 64-byte tile configuration (palette 1): tiles 0–7 all 16 rows × 64 bytes.
@@ -502,6 +595,96 @@ impl TileConfig {
     }
 }
 
+/// The AMX tile configuration of this thread (eight 16 × 64-byte tiles) while it lives; the
+/// tile state is released when it drops.
+#[cfg(target_arch = "x86_64")]
+pub(super) struct Tiles(());
+
+#[cfg(target_arch = "x86_64")]
+impl Tiles {
+    /// # Safety
+    /// [`amx_available`] returned true in this process (it obtained the tile-data permission).
+    pub(super) unsafe fn configure() -> Self {
+        let cfg = TileConfig::all_16x64();
+        // SAFETY: the caller guarantees AMX; the config is 64-byte aligned and lives across
+        // the instruction.
+        unsafe { std::arch::asm!("ldtilecfg [{}]", in(reg) &cfg as *const TileConfig) };
+        Self(())
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Drop for Tiles {
+    fn drop(&mut self) {
+        // SAFETY: the tiles were configured by `configure` on this thread.
+        unsafe { std::arch::asm!("tilerelease") };
+    }
+}
+
+/// One 32 × 32 block of `C = A·B` on AMX tiles: `kb` steps over two 16-row A tile columns
+/// (`a[0]`, `a[1]`, each `kb` consecutive 1 KiB tiles) and two 16-column B tile rows (`b[0]`,
+/// `b[1]`); rows 0–15 are stored at `c[0]`, rows 16–31 at `c[1]`, columns 0–15 then 16–31,
+/// with a row stride of `stride` bytes.
+///
+/// # Safety
+/// A [`Tiles`] configuration is live on this thread; `kb ≥ 1`; each operand pointer is valid
+/// for `kb + 1` tiles of reads (the pipelined loads read one tile past: the buffers carry a
+/// spare tile); each `c[i]` is valid for 16 rows of 32 f32 writes at `stride` bytes.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+pub(super) unsafe fn block_32x32(
+    a: [*const u16; 2],
+    b: [*const u16; 2],
+    kb: usize,
+    c: [*mut f32; 2],
+    stride: usize,
+) {
+    // Software-pipelined: each operand tile is reloaded (for the next k block) as soon as the
+    // products reading it have issued, so loads overlap the tile multiplies.
+    // SAFETY: as the caller guarantees.
+    unsafe {
+        std::arch::asm!(
+            "tileloadd tmm4, [{a0} + {s}*1]",
+            "tileloadd tmm6, [{b0} + {s}*1]",
+            "tileloadd tmm5, [{a1} + {s}*1]",
+            "tileloadd tmm7, [{b1} + {s}*1]",
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            "2:",
+            "add {a0}, 1024",
+            "add {a1}, 1024",
+            "add {b0}, 1024",
+            "add {b1}, 1024",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tileloadd tmm4, [{a0} + {s}*1]",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tileloadd tmm6, [{b0} + {s}*1]",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            "tileloadd tmm5, [{a1} + {s}*1]",
+            "tileloadd tmm7, [{b1} + {s}*1]",
+            "dec {kb}",
+            "jnz 2b",
+            "tilestored [{lo} + {sc}*1], tmm0",
+            "tilestored [{lo} + {sc}*1 + 64], tmm1",
+            "tilestored [{hi} + {sc}*1], tmm2",
+            "tilestored [{hi} + {sc}*1 + 64], tmm3",
+            a0 = inout(reg) a[0] => _,
+            a1 = inout(reg) a[1] => _,
+            b0 = inout(reg) b[0] => _,
+            b1 = inout(reg) b[1] => _,
+            kb = inout(reg) kb => _,
+            lo = in(reg) c[0],
+            hi = in(reg) c[1],
+            sc = in(reg) stride,
+            s = in(reg) 64usize,
+            options(nostack),
+        );
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 fn amx_gemm(
     a_mk: &[f32],
@@ -522,7 +705,6 @@ fn amx_gemm(
     c.par_chunks_mut(2 * TN * n)
         .enumerate()
         .for_each(|(band, c_rows)| {
-            let cfg = TileConfig::all_16x64();
             // A 32 × 32 block for the edges of C (its four tiles side by side, stride 128 B).
             let mut acc = [0f32; 4 * TN * TN];
             let a0 = a[(2 * band) * kb * TILE..].as_ptr();
@@ -530,14 +712,14 @@ fn amx_gemm(
             let rows = c_rows.len() / n;
             let cp = c_rows.as_mut_ptr() as *mut f32;
             // SAFETY: AMX is available (checked by the caller through amx_available, which
-            // also obtained the tile-data permission); the config is 64-byte aligned; every
-            // tile load reads 16 rows of 64 bytes inside `a` / `b.tiles` (kb tiles per band
-            // and column block, each 1 KiB). A block wholly inside C is stored straight into
+            // also obtained the tile-data permission). Every tile load reads whole tiles
+            // inside `a` / `b.tiles` (kb tiles per band and column block, each 1 KiB, plus the
+            // spare tile at the end of both). A block wholly inside C is stored straight into
             // its 32 rows × 32 columns (row stride 4n bytes); an edge block goes to `acc`
             // (32 × 32, stride 128 bytes) and its part inside C is copied. Every element of
             // the band is written before the epilogue reads it.
             unsafe {
-                std::arch::asm!("ldtilecfg [{}]", in(reg) &cfg as *const TileConfig);
+                let _tiles = Tiles::configure();
                 for q in 0..n_pairs {
                     let b0 = b.tiles[(2 * q) * kb * TILE..].as_ptr();
                     let b1 = b.tiles[(2 * q + 1) * kb * TILE..].as_ptr();
@@ -549,49 +731,7 @@ fn amx_gemm(
                         let p = acc.as_mut_ptr();
                         (p, p.add(TN * 2 * TN), 4 * 2 * TN)
                     };
-                    // Software-pipelined: each operand tile is reloaded (for the next k
-                    // block) as soon as the products reading it have issued, so loads overlap
-                    // the tile multiplies. The last round's loads read one tile past the
-                    // operands: both buffers carry a spare tile at their end.
-                    std::arch::asm!(
-                        "tileloadd tmm4, [{a0} + {s}*1]",
-                        "tileloadd tmm6, [{b0} + {s}*1]",
-                        "tileloadd tmm5, [{a1} + {s}*1]",
-                        "tileloadd tmm7, [{b1} + {s}*1]",
-                        "tilezero tmm0",
-                        "tilezero tmm1",
-                        "tilezero tmm2",
-                        "tilezero tmm3",
-                        "2:",
-                        "add {a0}, 1024",
-                        "add {a1}, 1024",
-                        "add {b0}, 1024",
-                        "add {b1}, 1024",
-                        "tdpbf16ps tmm0, tmm4, tmm6",
-                        "tdpbf16ps tmm1, tmm4, tmm7",
-                        "tileloadd tmm4, [{a0} + {s}*1]",
-                        "tdpbf16ps tmm2, tmm5, tmm6",
-                        "tileloadd tmm6, [{b0} + {s}*1]",
-                        "tdpbf16ps tmm3, tmm5, tmm7",
-                        "tileloadd tmm5, [{a1} + {s}*1]",
-                        "tileloadd tmm7, [{b1} + {s}*1]",
-                        "dec {kb}",
-                        "jnz 2b",
-                        "tilestored [{lo} + {sc}*1], tmm0",
-                        "tilestored [{lo} + {sc}*1 + 64], tmm1",
-                        "tilestored [{hi} + {sc}*1], tmm2",
-                        "tilestored [{hi} + {sc}*1 + 64], tmm3",
-                        a0 = inout(reg) a0 => _,
-                        a1 = inout(reg) a1 => _,
-                        b0 = inout(reg) b0 => _,
-                        b1 = inout(reg) b1 => _,
-                        kb = inout(reg) kb => _,
-                        lo = in(reg) lo,
-                        hi = in(reg) hi,
-                        sc = in(reg) stride,
-                        s = in(reg) 64usize,
-                        options(nostack),
-                    );
+                    block_32x32([a0, a1], [b0, b1], kb, [lo, hi], stride);
                     if !inside && c0 < n {
                         let w = (2 * TN).min(n - c0);
                         for r in 0..rows {
@@ -603,7 +743,7 @@ fn amx_gemm(
                         }
                     }
                 }
-                std::arch::asm!("tilerelease");
+                drop(_tiles);
                 epilogue(
                     band * 2 * TN,
                     std::slice::from_raw_parts_mut(cp, c_rows.len()),

@@ -363,7 +363,7 @@ pub(crate) fn gemm_f32_then(
 }
 
 /// Softmax of each row of `s` in place (rows of `n`).
-fn softmax_in_place(s: &mut [f32], n: usize) {
+pub(super) fn softmax_in_place(s: &mut [f32], n: usize) {
     #[cfg(target_arch = "x86_64")]
     if has_avx512() {
         // SAFETY: the CPU supports AVX-512F, AVX2 and FMA (checked at run time).

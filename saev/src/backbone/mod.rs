@@ -21,6 +21,7 @@
 //! ```
 
 pub mod amx;
+pub(crate) mod amx_attention;
 pub(crate) mod config;
 pub(crate) mod kernels;
 pub(crate) mod layouts;

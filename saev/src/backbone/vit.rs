@@ -24,6 +24,7 @@ use candle_core::{CpuStorage, DType, Device, Module, Storage, Tensor};
 use candle_nn::VarBuilder;
 
 use super::amx::{gemm_bf16_then, PackedB};
+use super::amx_attention;
 use super::config::{Family, HiddenAct, PosInterp, VitConfig};
 use super::kernels::{
     bias_act, bias_act_in_place, gemm_f32_then, self_attention_qkv, softmax_last_dim,
@@ -523,7 +524,12 @@ impl Block {
         // `LinearMode::Cast(F32)` runs the GPU's code path on the CPU).
         let cpu_kernel = qkv.device().is_cpu() && self.qkv.w_low.is_none();
         let att = if rope.is_none() && cpu_kernel && qkv.dtype() == DType::F32 {
-            self_attention_qkv(&qkv.contiguous()?, self.n_heads)?
+            // In the bf16 mode on AMX, attention in bf16 too (as torch's bf16 model computes it).
+            if self.qkv.bf16.is_some() && amx_attention::available() {
+                amx_attention::self_attention_qkv_bf16(&qkv.contiguous()?, self.n_heads)?
+            } else {
+                self_attention_qkv(&qkv.contiguous()?, self.n_heads)?
+            }
         } else {
             let q = qkv.narrow(2, 0, d)?;
             let k = qkv.narrow(2, d, d)?;
