@@ -373,7 +373,7 @@ fn dpbf16_gemm(
 }
 
 /// The same rounded products summed in f32 by the f32 GEMM, then the epilogue.
-fn fallback_gemm(
+pub(super) fn fallback_gemm(
     a_mk: &[f32],
     m: usize,
     b: &PackedB,
@@ -384,7 +384,7 @@ fn fallback_gemm(
 }
 
 /// A packed into `[m_pad / 16][kb]` tiles of 16 rows × 32 bf16.
-fn pack_a(a_mk: &[f32], m: usize, k: usize, kb: usize) -> Vec<u16> {
+pub(super) fn pack_a(a_mk: &[f32], m: usize, k: usize, kb: usize) -> Vec<u16> {
     let mb = m.div_ceil(2 * TN) * 2;
     // One spare zero tile at the end: the kernel's pipelined loads read one past. Every element
     // is written below (values, padding zeros, the spare tile): no zeroing pass first.
@@ -458,6 +458,26 @@ pub(super) fn round_into(src: &[f32], dst: &mut [std::mem::MaybeUninit<u16>]) {
     }
     for (i, d) in dst.iter_mut().enumerate() {
         *d = std::mem::MaybeUninit::new(src.get(i).map_or(0, |&v| to_bf16(v)));
+    }
+}
+
+/// One row of A into its tiles: chunk `p` of 32 values (rounded, zeros past the row) to
+/// `dst + p · TILE`, for `p < kb`.
+///
+/// # Safety
+/// `dst` is valid for 32 u16 writes at each of the `kb` offsets.
+pub(super) unsafe fn round_row(row: &[f32], kb: usize, dst: *mut u16) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512_bw() {
+        // SAFETY: AVX-512F/BW are present; the caller vouches for dst.
+        return unsafe { round_row_avx512(row, 1.0, kb, dst) };
+    }
+    for p in 0..kb {
+        for i in 0..TK {
+            let v = row.get(p * TK + i).map_or(0, |&v| to_bf16(v));
+            // SAFETY: the caller vouches for dst.
+            unsafe { dst.add(p * TILE + i).write(v) };
+        }
     }
 }
 
@@ -693,57 +713,22 @@ fn amx_gemm(
     epilogue: &(dyn Fn(usize, &mut [f32]) + Sync),
 ) -> Vec<f32> {
     use std::mem::MaybeUninit;
-    let (k, n, kb, nb) = (b.k, b.n, b.kb, b.nb);
+    let (k, n, kb) = (b.k, b.n, b.kb);
     let a = pack_a(a_mk, m, k, kb);
-    let n_pairs = nb / 2;
     // C is written once, by the tile stores (no zeroing pass): uninitialised until then.
     let mut c: Vec<MaybeUninit<f32>> = Vec::with_capacity(m * n);
     // SAFETY: MaybeUninit needs no initialisation.
     unsafe { c.set_len(m * n) };
-    // One 32-row band of C per task: its A tiles (2 × kb KiB) stay in cache while every B
-    // column pair streams past.
     c.par_chunks_mut(2 * TN * n)
         .enumerate()
         .for_each(|(band, c_rows)| {
-            // A 32 × 32 block for the edges of C (its four tiles side by side, stride 128 B).
-            let mut acc = [0f32; 4 * TN * TN];
-            let a0 = a[(2 * band) * kb * TILE..].as_ptr();
-            let a1 = a[(2 * band + 1) * kb * TILE..].as_ptr();
             let rows = c_rows.len() / n;
             let cp = c_rows.as_mut_ptr() as *mut f32;
-            // SAFETY: AMX is available (checked by the caller through amx_available, which
-            // also obtained the tile-data permission). Every tile load reads whole tiles
-            // inside `a` / `b.tiles` (kb tiles per band and column block, each 1 KiB, plus the
-            // spare tile at the end of both). A block wholly inside C is stored straight into
-            // its 32 rows × 32 columns (row stride 4n bytes); an edge block goes to `acc`
-            // (32 × 32, stride 128 bytes) and its part inside C is copied. Every element of
+            // SAFETY: AMX is available (the caller checked amx_available); `a` holds the
+            // band's 2 × kb tiles and the spare; c_rows is `rows` rows of n. Every element of
             // the band is written before the epilogue reads it.
             unsafe {
-                let _tiles = Tiles::configure();
-                for q in 0..n_pairs {
-                    let b0 = b.tiles[(2 * q) * kb * TILE..].as_ptr();
-                    let b1 = b.tiles[(2 * q + 1) * kb * TILE..].as_ptr();
-                    let c0 = q * 2 * TN;
-                    let inside = rows == 2 * TN && c0 + 2 * TN <= n;
-                    let (lo, hi, stride) = if inside {
-                        (cp.add(c0), cp.add(TN * n + c0), 4 * n)
-                    } else {
-                        let p = acc.as_mut_ptr();
-                        (p, p.add(TN * 2 * TN), 4 * 2 * TN)
-                    };
-                    block_32x32([a0, a1], [b0, b1], kb, [lo, hi], stride);
-                    if !inside && c0 < n {
-                        let w = (2 * TN).min(n - c0);
-                        for r in 0..rows {
-                            std::ptr::copy_nonoverlapping(
-                                acc.as_ptr().add(r * 2 * TN),
-                                cp.add(r * n + c0),
-                                w,
-                            );
-                        }
-                    }
-                }
-                drop(_tiles);
+                amx_band(&a, b, band, cp, rows);
                 epilogue(
                     band * 2 * TN,
                     std::slice::from_raw_parts_mut(cp, c_rows.len()),
@@ -753,6 +738,52 @@ fn amx_gemm(
     let mut c = std::mem::ManuallyDrop::new(c);
     // SAFETY: every element was written above; MaybeUninit<f32> and f32 share their layout.
     unsafe { Vec::from_raw_parts(c.as_mut_ptr() as *mut f32, c.len(), c.capacity()) }
+}
+
+/// One 32-row band of `C = A·B` on AMX: A's tile rows `2·band` and `2·band + 1` (`kb` tiles
+/// each, `a` packed as [`pack_a`] packs) against every B column pair, into `c` (`rows ≤ 32`
+/// rows of `n`). The band's A tiles (2 × kb KiB) stay in cache while B streams past.
+///
+/// # Safety
+/// [`amx_available`] returned true; `a` holds at least `2·band + 2` tile rows of `b.kb` tiles
+/// plus the spare tile; `c` is valid for `rows · n` f32 writes.
+#[cfg(target_arch = "x86_64")]
+pub(super) unsafe fn amx_band(a: &[u16], b: &PackedB, band: usize, c: *mut f32, rows: usize) {
+    let (n, kb) = (b.n, b.kb);
+    // A 32 × 32 block for the edges of C (its four tiles side by side, stride 128 B).
+    let mut acc = [0f32; 4 * TN * TN];
+    let a0 = a[(2 * band) * kb * TILE..].as_ptr();
+    let a1 = a[(2 * band + 1) * kb * TILE..].as_ptr();
+    // SAFETY: every tile load reads whole tiles inside `a` / `b.tiles` (kb tiles per band and
+    // column block, each 1 KiB, plus the spare tile at the end of both). A block wholly inside
+    // C is stored straight into its 32 rows × 32 columns (row stride 4n bytes); an edge block
+    // goes to `acc` (32 × 32, stride 128 bytes) and its part inside C is copied.
+    unsafe {
+        let _tiles = Tiles::configure();
+        for q in 0..b.nb / 2 {
+            let b0 = b.tiles[(2 * q) * kb * TILE..].as_ptr();
+            let b1 = b.tiles[(2 * q + 1) * kb * TILE..].as_ptr();
+            let c0 = q * 2 * TN;
+            let inside = rows == 2 * TN && c0 + 2 * TN <= n;
+            let (lo, hi, stride) = if inside {
+                (c.add(c0), c.add(TN * n + c0), 4 * n)
+            } else {
+                let p = acc.as_mut_ptr();
+                (p, p.add(TN * 2 * TN), 4 * 2 * TN)
+            };
+            block_32x32([a0, a1], [b0, b1], kb, [lo, hi], stride);
+            if !inside && c0 < n {
+                let w = (2 * TN).min(n - c0);
+                for r in 0..rows {
+                    std::ptr::copy_nonoverlapping(
+                        acc.as_ptr().add(r * 2 * TN),
+                        c.add(r * n + c0),
+                        w,
+                    );
+                }
+            }
+        }
+    }
 }
 
 #[cfg(not(target_arch = "x86_64"))]

@@ -20,7 +20,7 @@ use candle_core::{CpuStorage, Storage, Tensor};
 use rayon::prelude::*;
 
 use super::amx::{TILE, TK, TN};
-use super::kernels::softmax_in_place;
+use super::kernels::exp_row;
 
 /// Whether [`self_attention_qkv_bf16`] runs here: AMX tiles (and the AVX-512BW the packing
 /// uses, which every AMX processor has).
@@ -202,8 +202,8 @@ unsafe fn attend_head(x: &[f32], g: Geometry, sc: &mut Scratch, out: *mut f32) {
                 let dst = sc.p.as_mut_ptr().add((r / TN) * kp * TILE + (r % TN) * TK);
                 if n < t {
                     let srow = &mut sc.s[r * tp..r * tp + t];
-                    softmax_in_place(srow, t);
-                    round_row_avx512(srow, 1.0, kp, dst);
+                    let sum = exp_row::<true>(srow);
+                    round_row_avx512(srow, 1.0 / sum, kp, dst);
                 } else {
                     round_row_avx512(&[], 1.0, kp, dst);
                 }

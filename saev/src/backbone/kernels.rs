@@ -98,6 +98,16 @@ const LANES: usize = 16;
 /// Softmax of one row in place: max, `exp(x − max)` with its sum, scale — each a lane-wise pass.
 #[inline(always)]
 fn softmax_row<const F: bool>(row: &mut [f32]) {
+    let inv = 1.0 / exp_row::<F>(row);
+    for v in row.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// The unnormalised softmax of one row in place, `exp(x − max(x))`; returns its sum (a caller
+/// that rounds the row anyway folds the `1 / sum` into that pass).
+#[inline(always)]
+pub(super) fn exp_row<const F: bool>(row: &mut [f32]) -> f32 {
     let mut mx = [f32::NEG_INFINITY; LANES];
     let mut chunks = row.chunks_exact(LANES);
     for c in &mut chunks {
@@ -128,10 +138,7 @@ fn softmax_row<const F: bool>(row: &mut [f32]) {
     for a in acc {
         sum += a;
     }
-    let inv = 1.0 / sum;
-    for v in row.iter_mut() {
-        *v *= inv;
-    }
+    sum
 }
 
 #[inline(always)]
@@ -363,7 +370,7 @@ pub(crate) fn gemm_f32_then(
 }
 
 /// Softmax of each row of `s` in place (rows of `n`).
-pub(super) fn softmax_in_place(s: &mut [f32], n: usize) {
+fn softmax_in_place(s: &mut [f32], n: usize) {
     #[cfg(target_arch = "x86_64")]
     if has_avx512() {
         // SAFETY: the CPU supports AVX-512F, AVX2 and FMA (checked at run time).

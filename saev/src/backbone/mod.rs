@@ -22,6 +22,7 @@
 
 pub mod amx;
 pub(crate) mod amx_attention;
+pub(crate) mod amx_packed;
 pub(crate) mod config;
 pub(crate) mod kernels;
 pub(crate) mod layouts;

@@ -20,6 +20,7 @@ use candle_core::{CpuStorage, DType, Module, Storage, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
+use super::amx_packed::PackedA;
 use crate::util::simd::{has_avx2_fma, has_avx512};
 
 /// LayerNorm with an affine weight and bias.
@@ -41,7 +42,12 @@ impl Norm {
         Ok(Self::new(vb.get(d, "weight")?, vb.get(d, "bias")?, eps))
     }
 
-    fn forward_cpu(&self, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    /// `f(rows, weight, bias, d)` on an f32 CPU tensor's rows read in place; None elsewhere.
+    fn on_cpu_rows<R>(
+        &self,
+        x: &Tensor,
+        f: impl FnOnce(&[f32], &[f32], &[f32], usize) -> R,
+    ) -> candle_core::Result<Option<R>> {
         if !x.device().is_cpu() || x.dtype() != DType::F32 || !x.is_contiguous() {
             return Ok(None);
         }
@@ -57,25 +63,43 @@ impl Norm {
         else {
             return Ok(None);
         };
-        let src = &v[s0..s1];
-        let mut out = vec![0f32; src.len()];
+        Ok(Some(f(&v[s0..s1], &w, &b, d)))
+    }
+
+    fn forward_cpu(&self, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let eps = self.eps as f32;
-        // Bands of rows per task (a row of 384 floats is too little work for one).
-        let band = 16 * d;
-        out.par_chunks_mut(band)
-            .zip(src.par_chunks(band))
-            .for_each(|(o, s)| norm_rows(o, s, &w, &b, eps));
-        drop(storage);
-        Tensor::from_vec(out, x.shape(), x.device()).map(Some)
+        let out = self.on_cpu_rows(x, |src, w, b, d| {
+            let mut out = vec![0f32; src.len()];
+            // Bands of rows per task (a row of 384 floats is too little work for one).
+            out.par_chunks_mut(16 * d)
+                .zip(src.par_chunks(16 * d))
+                .for_each(|(o, s)| norm_rows(o, s, w, b, eps));
+            out
+        })?;
+        out.map(|out| Tensor::from_vec(out, x.shape(), x.device()))
+            .transpose()
+    }
+
+    /// The normalised rows of an f32 CPU tensor rounded straight into bf16 A tiles (the input
+    /// of the GEMM after the norm in the bf16 mode); None elsewhere.
+    pub(crate) fn pack(&self, x: &Tensor) -> candle_core::Result<Option<PackedA>> {
+        let eps = self.eps as f32;
+        self.on_cpu_rows(x, |src, w, b, d| {
+            PackedA::from_fn(src.len() / d, d, &|row0, band| {
+                norm_rows(band, &src[row0 * d..row0 * d + band.len()], w, b, eps)
+            })
+        })
     }
 }
 
 impl Module for Norm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if let Some(y) = self.forward_cpu(x)? {
+        // Both kernels read rows in place (a no-op for a contiguous tensor).
+        let x = x.contiguous()?;
+        if let Some(y) = self.forward_cpu(&x)? {
             return Ok(y);
         }
-        candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps as f32)
+        candle_nn::ops::layer_norm(&x, &self.weight, &self.bias, self.eps as f32)
     }
 }
 

@@ -25,6 +25,7 @@ use candle_nn::VarBuilder;
 
 use super::amx::{gemm_bf16_then, PackedB};
 use super::amx_attention;
+use super::amx_packed::{gemm_packed, gemm_to_packed, PackedA};
 use super::config::{Family, HiddenAct, PosInterp, VitConfig};
 use super::kernels::{
     bias_act, bias_act_in_place, gemm_f32_then, self_attention_qkv, softmax_last_dim,
@@ -103,8 +104,49 @@ impl Linear {
         if let Some(last) = out_dims.last_mut() {
             *last = n;
         }
+        let y = self.with_epilogue(&out_dims, with_bias, act, residual, |epilogue| {
+            let gemm = |a: &[f32]| -> candle_core::Result<Vec<f32>> {
+                match &self.bf16 {
+                    Some(w) => Ok(gemm_bf16_then(a, rows, w, epilogue)),
+                    None => {
+                        let (st, l) = self.w_t.storage_and_layout();
+                        match (&*st, l.contiguous_offsets()) {
+                            (Storage::Cpu(CpuStorage::F32(w)), Some((s0, s1))) => {
+                                Ok(gemm_f32_then(a, rows, &w[s0..s1], n, epilogue))
+                            }
+                            _ => candle_core::bail!("fused linear: weights not on the CPU"),
+                        }
+                    }
+                }
+            };
+            // The input is read in place when it is contiguous (no copy).
+            let (storage, layout) = x.storage_and_layout();
+            match (&*storage, layout.contiguous_offsets()) {
+                (Storage::Cpu(CpuStorage::F32(v)), Some((s0, s1))) => gemm(&v[s0..s1]),
+                _ => {
+                    drop(storage);
+                    let a: Vec<f32> = x.flatten_all()?.to_vec1()?;
+                    gemm(&a)
+                }
+            }
+        })?;
+        y.map(|y| Tensor::from_vec(y, out_dims, x.device()))
+            .transpose()
+    }
+
+    /// Run `f` with the epilogue `act(· (+ b)) (+ residual)` for outputs of shape `out_dims`
+    /// (None when the residual is not an f32 CPU tensor of that shape).
+    fn with_epilogue<R>(
+        &self,
+        out_dims: &[usize],
+        with_bias: bool,
+        act: Option<HiddenAct>,
+        residual: Option<&Tensor>,
+        f: impl FnOnce(&(dyn Fn(usize, &mut [f32]) + Sync)) -> candle_core::Result<R>,
+    ) -> candle_core::Result<Option<R>> {
+        let n = self.w_t.dim(1)?;
         let residual = match residual {
-            Some(r) if r.dims() == out_dims.as_slice() && r.dtype() == DType::F32 => {
+            Some(r) if r.dims() == out_dims && r.dtype() == DType::F32 => {
                 Some(r.flatten_all()?.contiguous()?)
             }
             Some(_) => return Ok(None),
@@ -130,34 +172,37 @@ impl Linear {
                 }
             }
         };
-        let gemm = |a: &[f32]| -> candle_core::Result<Vec<f32>> {
-            match &self.bf16 {
-                Some(w) => Ok(gemm_bf16_then(a, rows, w, &epilogue)),
-                None => {
-                    let (st, l) = self.w_t.storage_and_layout();
-                    match (&*st, l.contiguous_offsets()) {
-                        (Storage::Cpu(CpuStorage::F32(w)), Some((s0, s1))) => {
-                            Ok(gemm_f32_then(a, rows, &w[s0..s1], n, &epilogue))
-                        }
-                        _ => candle_core::bail!("fused linear: weights not on the CPU"),
-                    }
-                }
-            }
+        f(&epilogue).map(Some)
+    }
+
+    /// `act(a Wᵀ + b) (+ residual)` from activations already packed in bf16 tiles (the layer
+    /// has packed weights): `[rows, n]` with the leading dims of `out_dims`.
+    fn packed_forward(
+        &self,
+        a: &PackedA,
+        out_dims: &[usize],
+        act: Option<HiddenAct>,
+        residual: Option<&Tensor>,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let Some(w) = &self.bf16 else {
+            return Ok(None);
         };
-        // The input is read in place when it is contiguous (no copy).
-        let y = {
-            let (storage, layout) = x.storage_and_layout();
-            match (&*storage, layout.contiguous_offsets()) {
-                (Storage::Cpu(CpuStorage::F32(v)), Some((s0, s1))) => gemm(&v[s0..s1])?,
-                _ => {
-                    drop(storage);
-                    let a: Vec<f32> = x.flatten_all()?.to_vec1()?;
-                    gemm(&a)?
-                }
-            }
+        let y = self.with_epilogue(out_dims, true, act, residual, |e| Ok(gemm_packed(a, w, e)))?;
+        y.map(|y| Tensor::from_vec(y, out_dims, &Device::Cpu))
+            .transpose()
+    }
+
+    /// `act(a Wᵀ + b)` from packed activations into the packed input of the next layer.
+    fn packed_to_packed(
+        &self,
+        a: &PackedA,
+        act: Option<HiddenAct>,
+    ) -> candle_core::Result<Option<PackedA>> {
+        let Some(w) = &self.bf16 else {
+            return Ok(None);
         };
-        drop(res_guard);
-        Tensor::from_vec(y, out_dims, x.device()).map(Some)
+        let out_dims = [a.dims().0, self.w_t.dim(1)?];
+        self.with_epilogue(&out_dims, true, act, None, |e| Ok(gemm_to_packed(a, w, e)))
     }
 
     /// `x Wᵀ + b + residual` (the block's output projections).
@@ -511,12 +556,51 @@ impl Block {
         self.forward_rope(x_btd, None)
     }
 
+    /// The bf16 mode on AMX: each LayerNorm writes the packed input of the GEMM after it, the
+    /// MLP's first GEMM the packed input of its second, attention runs on tiles. None where
+    /// that path does not apply (other modes, devices, gated MLPs, no AMX).
+    fn forward_packed(&self, x_btd: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let packed = [&self.qkv, &self.out, &self.fc1, &self.fc2]
+            .iter()
+            .all(|l| l.bf16.is_some());
+        if !packed
+            || self.gate.is_some()
+            || !x_btd.device().is_cpu()
+            || x_btd.dtype() != DType::F32
+            || !amx_attention::available()
+        {
+            return Ok(None);
+        }
+        let (b, t, d) = x_btd.dims3()?;
+        let x = x_btd.contiguous()?;
+        let Some(h) = self.norm1.pack(&x)? else {
+            return Ok(None);
+        };
+        let Some(qkv) = self.qkv.packed_forward(&h, &[b, t, 3 * d], None, None)? else {
+            return Ok(None);
+        };
+        let att = amx_attention::self_attention_qkv_bf16(&qkv, self.n_heads)?;
+        let x = self.out.forward_residual(&att, &x)?;
+        let Some(h) = self.norm2.pack(&x)? else {
+            return Ok(None);
+        };
+        let Some(a) = self.fc1.packed_to_packed(&h, Some(self.act))? else {
+            return Ok(None);
+        };
+        self.fc2.packed_forward(&a, &[b, t, d], None, Some(&x))
+    }
+
     /// Run the block with rotary embeddings on the patch tokens (DINOv3).
     pub(crate) fn forward_rope(
         &self,
         x_btd: &Tensor,
         rope: Option<&Rope>,
     ) -> candle_core::Result<Tensor> {
+        if rope.is_none() {
+            if let Some(y) = self.forward_packed(x_btd)? {
+                return Ok(y);
+            }
+        }
         let d = x_btd.dim(2)?;
         let h = self.norm1.forward(x_btd)?;
         let qkv = self.qkv.forward(&h)?;

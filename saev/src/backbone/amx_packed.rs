@@ -1,0 +1,213 @@
+//! Activations kept in bfloat16 A tiles between the backbone's layers on AMX: a LayerNorm
+//! writes its rows straight into the tiles of the GEMM that reads them, and the MLP's first
+//! GEMM rounds each finished band (bias and activation applied, in cache) into the tiles of the
+//! second — no f32 copy of `[B·T, 4·D]` written, read back and packed again.
+//!
+//! The tiles and their padding are [`super::amx`]'s (`[m_pad / 16][k / 32]` of 16 × 32 bf16,
+//! zeros past `m` and `k`, one spare tile); the values are exactly what
+//! [`super::amx::gemm_bf16`] would round them to, so the results are the same numbers.
+//!
+//! ```text
+//! let h = norm.pack(&x)?;                                  // PackedA [B·T, D]
+//! let a = gemm_to_packed(&h, &fc1, &|row0, band| gelu);   // PackedA [B·T, 4·D]
+//! let y = gemm_packed(&a, &fc2, &|row0, band| residual);  // Vec<f32> [B·T, D]
+//! ```
+
+use rayon::prelude::*;
+
+use super::amx::{bf16_kernel, fallback_gemm, round_row, Bf16Kernel, PackedB, TILE, TK, TN};
+
+/// `[m, k]` activations rounded to bf16 in A tiles.
+pub(crate) struct PackedA {
+    m: usize,
+    k: usize,
+    tiles: Vec<u16>,
+}
+
+impl std::fmt::Debug for PackedA {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PackedA([{}, {}] bf16)", self.m, self.k)
+    }
+}
+
+type Epilogue<'a> = &'a (dyn Fn(usize, &mut [f32]) + Sync);
+
+impl PackedA {
+    /// Rows made band by band: `fill(first_row, band)` writes up to 32 rows of `k` values into
+    /// `band` (a per-thread scratch, in cache), which are then rounded into their tiles.
+    pub(crate) fn from_fn(m: usize, k: usize, fill: Epilogue<'_>) -> Self {
+        let kb = k.div_ceil(TK);
+        let mb = m.div_ceil(2 * TN) * 2;
+        let len = (mb * kb + 1) * TILE;
+        let mut tiles: Vec<std::mem::MaybeUninit<u16>> = Vec::with_capacity(len);
+        // SAFETY: MaybeUninit needs no initialisation; every element is written below (each
+        // band's 32 tile rows, values or zeros, and the spare tile).
+        unsafe { tiles.set_len(len) };
+        let (body, spare) = tiles.split_at_mut(mb * kb * TILE);
+        spare.fill(std::mem::MaybeUninit::new(0));
+        body.par_chunks_mut(2 * kb * TILE)
+            .enumerate()
+            .for_each_init(
+                || vec![0f32; 2 * TN * k],
+                |scratch, (band, tiles)| {
+                    let rows = (m - 2 * TN * band).min(2 * TN);
+                    fill(2 * TN * band, &mut scratch[..rows * k]);
+                    let dst = tiles.as_mut_ptr() as *mut u16;
+                    for r in 0..2 * TN {
+                        let src: &[f32] = if r < rows {
+                            &scratch[r * k..(r + 1) * k]
+                        } else {
+                            &[]
+                        };
+                        // SAFETY: row r % 16 of tile row r / 16 of this band: kb tiles inside
+                        // `tiles` (2 · kb tiles long).
+                        unsafe {
+                            round_row(src, kb, dst.add((r / TN) * kb * TILE + (r % TN) * TK))
+                        };
+                    }
+                },
+            );
+        let mut tiles = std::mem::ManuallyDrop::new(tiles);
+        // SAFETY: every element was written; MaybeUninit<u16> and u16 share their layout.
+        let tiles =
+            unsafe { Vec::from_raw_parts(tiles.as_mut_ptr() as *mut u16, len, tiles.capacity()) };
+        Self { m, k, tiles }
+    }
+
+    /// `[m, k]`.
+    pub(crate) fn dims(&self) -> (usize, usize) {
+        (self.m, self.k)
+    }
+
+    /// The rounded values, `[m, k]` row-major (the path without AMX, and tests).
+    pub(crate) fn to_f32(&self) -> Vec<f32> {
+        let kb = self.k.div_ceil(TK);
+        let mut out = vec![0f32; self.m * self.k];
+        for (i, row) in out.chunks_exact_mut(self.k.max(1)).enumerate() {
+            for (c, v) in row.iter_mut().enumerate() {
+                let at = ((i / TN) * kb + c / TK) * TILE + (i % TN) * TK + c % TK;
+                *v = f32::from_bits(u32::from(self.tiles[at]) << 16);
+            }
+        }
+        out
+    }
+}
+
+/// `A·B`, then `epilogue(first_row, band)` on each band of 32 rows while in cache: `[m, n]`.
+///
+/// # Panics
+/// If `A`'s `k` is not `B`'s (a caller's bug).
+pub(crate) fn gemm_packed(a: &PackedA, b: &PackedB, epilogue: Epilogue<'_>) -> Vec<f32> {
+    let (k, n) = b.dims();
+    assert_eq!(a.k, k, "gemm_packed: A is [{}, {}], B [{k}, {n}]", a.m, a.k);
+    let m = a.m;
+    if bf16_kernel() != Bf16Kernel::Amx || m == 0 || n == 0 || k == 0 {
+        return fallback_gemm(&a.to_f32(), m, b, epilogue);
+    }
+    let mut c: Vec<std::mem::MaybeUninit<f32>> = Vec::with_capacity(m * n);
+    // SAFETY: MaybeUninit needs no initialisation; amx_band writes every element of each band.
+    unsafe { c.set_len(m * n) };
+    c.par_chunks_mut(2 * TN * n)
+        .enumerate()
+        .for_each(|(band, rows)| {
+            let cp = rows.as_mut_ptr() as *mut f32;
+            // SAFETY: AMX is available (bf16_kernel); `a.tiles` holds every band's tiles and
+            // the spare; the band is rows.len() / n rows of n, written before the epilogue.
+            unsafe {
+                amx_band_dispatch(a, b, band, cp, rows.len() / n);
+                epilogue(
+                    band * 2 * TN,
+                    std::slice::from_raw_parts_mut(cp, rows.len()),
+                );
+            }
+        });
+    let mut c = std::mem::ManuallyDrop::new(c);
+    // SAFETY: every element was written; MaybeUninit<f32> and f32 share their layout.
+    unsafe { Vec::from_raw_parts(c.as_mut_ptr() as *mut f32, m * n, c.capacity()) }
+}
+
+/// [`gemm_packed`] whose bands (after the epilogue) go straight into the A tiles of the next
+/// GEMM: `[m, n]` packed.
+pub(crate) fn gemm_to_packed(a: &PackedA, b: &PackedB, epilogue: Epilogue<'_>) -> PackedA {
+    let (k, n) = b.dims();
+    assert_eq!(
+        a.k, k,
+        "gemm_to_packed: A is [{}, {}], B [{k}, {n}]",
+        a.m, a.k
+    );
+    if bf16_kernel() != Bf16Kernel::Amx || a.m == 0 || n == 0 || k == 0 {
+        let c = gemm_packed(a, b, epilogue);
+        return PackedA::from_fn(a.m, n, &|row0, band| {
+            band.copy_from_slice(&c[row0 * n..row0 * n + band.len()])
+        });
+    }
+    PackedA::from_fn(a.m, n, &|row0, band| {
+        // SAFETY: AMX is available (bf16_kernel); the band is band.len() / n rows of n.
+        unsafe { amx_band_dispatch(a, b, row0 / (2 * TN), band.as_mut_ptr(), band.len() / n) };
+        epilogue(row0, band);
+    })
+}
+
+/// # Safety
+/// As [`super::amx::amx_band`]'s.
+unsafe fn amx_band_dispatch(a: &PackedA, b: &PackedB, band: usize, c: *mut f32, rows: usize) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: as the caller guarantees.
+    unsafe {
+        super::amx::amx_band(&a.tiles, b, band, c, rows)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("AMX on a processor that is not x86-64: {a:?} {b:?} {band} {c:?} {rows}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backbone::amx::{gemm_bf16, round_bf16};
+
+    fn rnd(n: usize, seed: u64) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                let z = crate::util::rng::splitmix64(seed.wrapping_mul(7_919) + i as u64);
+                ((z >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32
+            })
+            .collect()
+    }
+
+    /// Packed once and chained (norm-like fill → GEMM → packed → GEMM), the numbers are those
+    /// of the unpacked path, on shapes off the tile edges.
+    #[test]
+    fn chained_packed_gemms_give_the_unpacked_numbers() {
+        for (m, k, n1, n2) in [(37, 70, 45, 19), (64, 384, 96, 32), (1, 3, 2, 5)] {
+            let x = rnd(m * k, m as u64);
+            let a = PackedA::from_fn(m, k, &|row0, band| {
+                band.copy_from_slice(&x[row0 * k..row0 * k + band.len()])
+            });
+            assert_eq!(a.dims(), (m, k));
+            let rounded: Vec<f32> = x.iter().map(|&v| round_bf16(v)).collect();
+            assert_eq!(a.to_f32(), rounded);
+            let (w1, w2) = (rnd(k * n1, 5), rnd(n1 * n2, 6));
+            let (b1, b2) = (PackedB::new(&w1, k, n1), PackedB::new(&w2, n1, n2));
+            let relu = |_: usize, band: &mut [f32]| band.iter_mut().for_each(|v| *v = v.max(0.0));
+            let h = gemm_to_packed(&a, &b1, &relu);
+            let mut want_h = gemm_bf16(&x, m, &b1, None);
+            relu(0, &mut want_h);
+            let want_h_rounded: Vec<f32> = want_h.iter().map(|&v| round_bf16(v)).collect();
+            let got_h = h.to_f32();
+            for (g, w) in got_h.iter().zip(&want_h_rounded) {
+                // Summation order may move a value across a rounding boundary (1 bf16 ulp).
+                assert!((g - w).abs() <= w.abs() / 128.0 + 1e-6, "{g} vs {w}");
+            }
+            let y = gemm_packed(&h, &b2, &|row0, band| {
+                band.iter_mut()
+                    .enumerate()
+                    .for_each(|(i, v)| *v += (row0 * n2 + i) as f32)
+            });
+            let want_y = gemm_bf16(&got_h, m, &b2, None);
+            for (i, (g, w)) in y.iter().zip(&want_y).enumerate() {
+                let w = w + i as f32;
+                assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "{i}: {g} vs {w}");
+            }
+        }
+    }
+}
