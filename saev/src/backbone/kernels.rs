@@ -149,20 +149,44 @@ fn softmax_rows<const F: bool>(o: &mut [f32], x: &[f32], n: usize) {
     }
 }
 
-/// In place: `v = act(v + b)` over rows of `b.len()` (or `n`) values.
+/// In place: `v = act(v + b) + r` over rows of `b.len()` (or `n`) values (`r`, the residual,
+/// as long as `v`).
 #[inline(always)]
-fn epilogue_rows<const F: bool>(v: &mut [f32], n: usize, b: Option<&[f32]>, a: Option<HiddenAct>) {
+fn epilogue_rows<const F: bool>(
+    v: &mut [f32],
+    n: usize,
+    b: Option<&[f32]>,
+    a: Option<HiddenAct>,
+    r: Option<&[f32]>,
+) {
     // Plain loops, no closures: everything must inline into the caller's target features
     // (a closure compiled without FMA turns each `mul_add` into a libm call).
-    for row in v.chunks_exact_mut(n) {
+    for (i, row) in v.chunks_exact_mut(n).enumerate() {
         if let Some(b) = b {
             for (x, &bv) in row.iter_mut().zip(b) {
                 *x += bv;
             }
         }
-        if let Some(a) = a {
-            for x in row.iter_mut() {
-                *x = act::<F>(*x, a);
+        // One loop per activation (the match hoisted by hand: with it inside, the loop body is
+        // too big for the compiler to unswitch, and it stays scalar).
+        match a {
+            Some(HiddenAct::Gelu) => row
+                .iter_mut()
+                .for_each(|x| *x = act::<F>(*x, HiddenAct::Gelu)),
+            Some(HiddenAct::GeluTanh) => row
+                .iter_mut()
+                .for_each(|x| *x = act::<F>(*x, HiddenAct::GeluTanh)),
+            Some(HiddenAct::QuickGelu) => row
+                .iter_mut()
+                .for_each(|x| *x = act::<F>(*x, HiddenAct::QuickGelu)),
+            Some(HiddenAct::Silu) => row
+                .iter_mut()
+                .for_each(|x| *x = act::<F>(*x, HiddenAct::Silu)),
+            None => {}
+        }
+        if let Some(r) = r {
+            for (x, &rv) in row.iter_mut().zip(&r[i * n..(i + 1) * n]) {
+                *x += rv;
             }
         }
     }
@@ -170,29 +194,48 @@ fn epilogue_rows<const F: bool>(v: &mut [f32], n: usize, b: Option<&[f32]>, a: O
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn epilogue_rows_avx2(v: &mut [f32], n: usize, b: Option<&[f32]>, a: Option<HiddenAct>) {
-    epilogue_rows::<true>(v, n, b, a)
+fn epilogue_rows_avx2(
+    v: &mut [f32],
+    n: usize,
+    b: Option<&[f32]>,
+    a: Option<HiddenAct>,
+    r: Option<&[f32]>,
+) {
+    epilogue_rows::<true>(v, n, b, a, r)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-fn epilogue_rows_avx512(v: &mut [f32], n: usize, b: Option<&[f32]>, a: Option<HiddenAct>) {
-    epilogue_rows::<true>(v, n, b, a)
+fn epilogue_rows_avx512(
+    v: &mut [f32],
+    n: usize,
+    b: Option<&[f32]>,
+    a: Option<HiddenAct>,
+    r: Option<&[f32]>,
+) {
+    epilogue_rows::<true>(v, n, b, a, r)
 }
 
-/// In place on whole rows of `n` values (the caller parallelises): add `bias`, apply `act`.
-pub(crate) fn bias_act_in_place(v: &mut [f32], n: usize, b: Option<&[f32]>, a: Option<HiddenAct>) {
+/// In place on whole rows of `n` values (the caller parallelises): add `bias`, apply `act`,
+/// add the residual `r` (the same rows of the residual stream, as long as `v`).
+pub(crate) fn bias_act_in_place(
+    v: &mut [f32],
+    n: usize,
+    b: Option<&[f32]>,
+    a: Option<HiddenAct>,
+    r: Option<&[f32]>,
+) {
     #[cfg(target_arch = "x86_64")]
     if has_avx512() {
         // SAFETY: the CPU supports AVX-512F, AVX2 and FMA (checked at run time).
-        return unsafe { epilogue_rows_avx512(v, n, b, a) };
+        return unsafe { epilogue_rows_avx512(v, n, b, a, r) };
     }
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
         // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
-        return unsafe { epilogue_rows_avx2(v, n, b, a) };
+        return unsafe { epilogue_rows_avx2(v, n, b, a, r) };
     }
-    epilogue_rows::<false>(v, n, b, a)
+    epilogue_rows::<false>(v, n, b, a, r)
 }
 
 #[cfg(target_arch = "x86_64")]

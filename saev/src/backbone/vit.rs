@@ -165,12 +165,8 @@ impl Linear {
             None => None,
         };
         let epilogue = |row0: usize, c: &mut [f32]| {
-            bias_act_in_place(c, n, bias.as_deref(), act);
-            if let Some(r) = res {
-                for (v, &a) in c.iter_mut().zip(&r[row0 * n..]) {
-                    *v += a;
-                }
-            }
+            let r = res.map(|r| &r[row0 * n..row0 * n + c.len()]);
+            bias_act_in_place(c, n, bias.as_deref(), act, r);
         };
         f(&epilogue).map(Some)
     }
