@@ -5,7 +5,8 @@
 //! ReLU + L1 with L0 ≈ 1% of d_sae (b_enc shifted so, as in a trained SAE), sparse and dense
 //! kernels; TopK k = 32 (plain and with AuxK on 1,024 dead latents); BatchTopK k = 32. Set
 //! `SAEV_BENCH_TORCH_PYTHON=/path/to/python` (torch + saev 0.1.0) to time saev 0.1.0's ReLU
-//! step and a dense torch TopK step on the same sizes in the same run, and print the ratios.
+//! step and dense torch TopK, TopK + AuxK and BatchTopK steps on the same sizes in the same
+//! run, and print the ratios.
 //! `SAEV_BENCH_ONLY=<a case's name>` (or `<prefix>*`) times only that case (to profile one).
 
 use std::process::Command;
@@ -164,7 +165,7 @@ fn main() {
         },
         &x,
     );
-    time(
+    let auxk = time(
         "topk k=32 + auxk 192 (1,024 dead)",
         || {
             state(
@@ -175,7 +176,7 @@ fn main() {
         },
         &x,
     );
-    time(
+    let batch_topk = time(
         "batchtopk k=32",
         || {
             state(
@@ -205,8 +206,14 @@ fn main() {
         if let Some(t) = rate("relu step") {
             println!("ratio relu (L0≈1%) vs saev 0.1.0: {:.2}×", relu_sparse / t);
         }
-        if let Some(t) = rate("dense topk") {
+        if let Some(t) = rate("dense topk k=32 step") {
             println!("ratio topk k=32 vs dense torch topk: {:.2}×", topk / t);
+        }
+        if let Some(t) = rate("+ auxk") {
+            println!("ratio topk + auxk vs dense torch topk + auxk: {:.2}×", auxk / t);
+        }
+        if let Some(t) = rate("dense batchtopk") {
+            println!("ratio batchtopk vs dense torch batchtopk: {:.2}×", batch_topk / t);
         }
     }
 }
