@@ -284,8 +284,10 @@ fn topk_row(row: &[f32], k: usize, mask: Option<&[bool]>) -> Vec<(u32, f32)> {
 fn topk_row_avx512(row: &[f32], k: usize) -> Vec<(u32, f32)> {
     use std::arch::x86_64::*;
     let mut best: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
-    // Kept iff v > cut: cut = max(smallest kept value once full, 0).
-    let mut cut = 0f32;
+    // Kept iff v > cut: cut = max(smallest kept value once full, 0). It starts just below a
+    // lower bound of the k-th largest value (so almost only the final winners are offered,
+    // instead of every new maximum of the first chunks).
+    let mut cut = topk_lower_bound_avx512(row, k).map_or(0.0, |b| next_down(b).max(0.0));
     let mut offer = |i: usize, v: f32, cut: &mut f32| {
         let at = best.partition_point(|&(_, b)| b >= v);
         best.insert(at, (i as u32, v));
@@ -317,6 +319,42 @@ fn topk_row_avx512(row: &[f32], k: usize) -> Vec<(u32, f32)> {
     }
     best.sort_unstable_by_key(|&(i, _)| i);
     best
+}
+
+/// A value ≤ the `k`-th largest of `row`: the lanes of each of `g` runs of 16-value chunks
+/// are `16·g` disjoint sets, and the `k`-th largest of their maxima has at least `k` values of
+/// the row at or above it. None when the row is too short for `16·g ≥ 4k` sets.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn topk_lower_bound_avx512(row: &[f32], k: usize) -> Option<f32> {
+    use std::arch::x86_64::*;
+    let chunks = row.len() / 16;
+    let g = (4 * k).div_ceil(16).max(1);
+    if k == 0 || chunks < 2 * g {
+        return None;
+    }
+    let mut maxima = vec![f32::NEG_INFINITY; 16 * g];
+    for (run, out) in maxima.chunks_exact_mut(16).enumerate() {
+        let (c0, c1) = (run * chunks / g, (run + 1) * chunks / g);
+        let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
+        for c in c0..c1 {
+            // SAFETY: chunk c < row.len() / 16 lies inside the row; unaligned load.
+            m = _mm512_max_ps(m, unsafe { _mm512_loadu_ps(row.as_ptr().add(16 * c)) });
+        }
+        // SAFETY: `out` holds 16 floats.
+        unsafe { _mm512_storeu_ps(out.as_mut_ptr(), m) };
+    }
+    let (_, kth, _) = maxima.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+    Some(*kth)
+}
+
+/// The largest float below `x` (finite `x`); `x` itself otherwise.
+fn next_down(x: f32) -> f32 {
+    if !x.is_finite() || x == 0.0 {
+        return if x == 0.0 { -f32::from_bits(1) } else { x };
+    }
+    let b = x.to_bits();
+    f32::from_bits(if x > 0.0 { b - 1 } else { b + 1 })
 }
 
 /// Which entries of `row` a TopK(k) code keeps (top k positive values, ties by lower id).
@@ -630,9 +668,25 @@ mod tests {
         assert_eq!(f.idx, vec![3, 3]);
         // Every path (AVX-512 where the processor has it) against sorting: value descending, id
         // ascending among ties, positive values only; rows with ragged tails and many ties.
-        for (len, k) in [(6144, 32), (100, 7), (37, 48), (15, 3), (16, 16)] {
+        // (The first chunks' lower bound of the k-th value is exercised by the long rows: on
+        // ties, on distinct values, and where it is ≤ 0.)
+        let rows = [
+            (6144, 32, 0),
+            (100, 7, 0),
+            (37, 48, 0),
+            (15, 3, 0),
+            (16, 16, 0),
+        ]
+        .into_iter()
+        .chain([(6144, 32, 1), (3000, 20, 1), (6144, 32, 2), (6144, 32, 3)]);
+        for (len, k, kind) in rows {
             let row: Vec<f32> = (0..len)
-                .map(|i| ((i * 7919 + len) % 41) as f32 - 20.0)
+                .map(|i| match kind {
+                    0 => ((i * 7919 + len) % 41) as f32 - 20.0,
+                    1 => (i as f32 * 0.618).sin() * (1.0 + (i % 7) as f32),
+                    2 => -1.0 - (i % 13) as f32,
+                    _ => ((i * 31) % 97) as f32 / 97.0 - 0.995,
+                })
                 .collect();
             let mut want: Vec<(u32, f32)> = row
                 .iter()
@@ -643,7 +697,11 @@ mod tests {
             want.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
             want.truncate(k);
             want.sort_unstable_by_key(|&(i, _)| i);
-            assert_eq!(topk_row(&row, k, None), want, "len {len}, k {k}");
+            assert_eq!(
+                topk_row(&row, k, None),
+                want,
+                "len {len}, k {k}, kind {kind}"
+            );
         }
         // The large-k path (selection) agrees with the small-k path (insertion).
         let row: Vec<f32> = (0..500)

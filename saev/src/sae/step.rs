@@ -566,7 +566,7 @@ impl TrainState {
             }
             _ => Vec::new(),
         };
-        let (mut grads, _) = self.latent_grads(&f, &gs, &xc, n, l1_coef, dense, scratch);
+        let mut grads = self.latent_grads(&f, &gs, &xc, n, l1_coef, dense, scratch);
         grads.log_threshold = g_threshold;
         if let Some(z) = &aux {
             match &dead_block {
@@ -593,8 +593,8 @@ impl TrainState {
         Ok((stats, grads, fired, min_kept))
     }
 
-    /// The latents' gradients: `∂L/∂pre` at the active entries (returned, per CSR entry) and
-    /// from it `W_enc`, `b_enc`, `W_dec` — dense GEMMs or the sparse kernels.
+    /// The latents' gradients: `∂L/∂pre` at the active entries and from it `W_enc`, `b_enc`,
+    /// `W_dec` — dense GEMMs or the sparse kernels.
     #[allow(clippy::too_many_arguments)]
     fn latent_grads(
         &self,
@@ -605,7 +605,7 @@ impl TrainState {
         lambda: f64,
         dense: bool,
         scratch: &mut Scratch,
-    ) -> (Grads, Vec<f32>) {
+    ) -> Grads {
         let (d, s, gn) = (self.d, self.s, self.n_groups());
         let ends = self.group_ends();
         let pre = &mut scratch.pre;
@@ -618,7 +618,7 @@ impl TrainState {
             b_dec: vec![0f32; d],
             log_threshold: Vec::new(),
         };
-        let dpre: Vec<f32> = if dense {
+        if dense {
             // ∂L/∂f per group block: gs_j · W_dec[block]ᵀ into `pre` (no longer needed).
             let mut a = 0;
             for (j, &e) in ends.iter().enumerate() {
@@ -680,31 +680,17 @@ impl TrainState {
             for row in scratch.dense.chunks_exact(s) {
                 axpy(1.0, row, &mut grads.b_enc);
             }
-            dp
         } else {
-            (0..f.n_rows())
-                .into_par_iter()
-                .flat_map_iter(|b| {
-                    let (ix, _) = f.row(b);
-                    let g = &gs[b * gn * d..(b + 1) * gn * d];
-                    ix.iter()
-                        .map(|&i| {
-                            let i = i as usize;
-                            let j = usize::from(self.group_of[i]);
-                            dot(&self.w_dec[i * d..(i + 1) * d], &g[j * d..(j + 1) * d]) + l1_grad
-                        })
-                        .collect::<Vec<_>>()
-                })
-                .collect()
-        };
-        if !dense {
+            // Latent by latent: ∂L/∂pre = W_dec[i] · gs_b (+ λ/n) computed where it is used,
+            // with W_dec[i] and the two gradient rows in cache across the latent's patches
+            // (a batch-major pass would fetch a random decoder row per active entry).
             let t = f.transpose(s);
-            self.add_latent_grads(&t, &f.val, &dpre, xc, &mut grads, |b, i| {
+            self.add_latent_grads_fused(&t, &f.val, xc, &mut grads, l1_grad, |b, i| {
                 let j = usize::from(self.group_of[i]);
                 &gs[(b * gn + j) * d..(b * gn + j + 1) * d]
             });
         }
-        (grads, dpre)
+        grads
     }
 
     /// `pre = (x − b_dec) W_encᵀ + b_enc` into `pre` (`[n, d_sae]`); returns the centred batch.
@@ -1149,6 +1135,39 @@ impl TrainState {
                     axpy(vals[p], vec_of(b, i), gd);
                     axpy(dpre[p], &xc[b * d..(b + 1) * d], ge);
                     *gb += dpre[p];
+                }
+            });
+    }
+
+    /// [`TrainState::add_latent_grads`] with `∂L/∂pre = W_dec[i] · vec_of(b, i) + l1_grad`
+    /// computed in the same pass, per latent.
+    fn add_latent_grads_fused<'a, V>(
+        &self,
+        t: &Transposed,
+        vals: &[f32],
+        xc: &[f32],
+        grads: &mut Grads,
+        l1_grad: f32,
+        vec_of: V,
+    ) where
+        V: Fn(usize, usize) -> &'a [f32] + Sync,
+    {
+        let d = self.d;
+        grads
+            .w_dec
+            .par_chunks_mut(d)
+            .zip(grads.w_enc.par_chunks_mut(d))
+            .zip(grads.b_enc.par_iter_mut())
+            .enumerate()
+            .for_each(|(i, ((gd, ge), gb))| {
+                let w = &self.w_dec[i * d..(i + 1) * d];
+                for q in t.cptr[i]..t.cptr[i + 1] {
+                    let (b, p) = (t.rows[q] as usize, t.pos[q] as usize);
+                    let v = vec_of(b, i);
+                    let dp = dot(w, v) + l1_grad;
+                    axpy(vals[p], v, gd);
+                    axpy(dp, &xc[b * d..(b + 1) * d], ge);
+                    *gb += dp;
                 }
             });
     }
