@@ -211,6 +211,80 @@ pub(crate) fn select_above(pre: &[f32], s: usize, threshold: f32) -> Csr {
     Csr::from_rows(rows)
 }
 
+/// [`select_above`] (threshold 0) of `pre + bias` per row, for a `pre` computed without the
+/// encoder bias: the bias is added as the rows are scanned, 16 values at a time.
+pub(crate) fn select_above_biased(pre: &[f32], s: usize, bias: &[f32]) -> Csr {
+    let rows = pre
+        .par_chunks(s)
+        .map(|row| {
+            #[cfg(target_arch = "x86_64")]
+            if has_avx512() {
+                // SAFETY: the processor has AVX-512F (checked at run time).
+                return unsafe { above_zero_biased_avx512(row, bias) };
+            }
+            row.iter()
+                .zip(bias)
+                .enumerate()
+                .map(|(i, (&v, &b))| (i as u32, v + b))
+                .filter(|&(_, v)| v > 0.0)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    Csr::from_rows(rows)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn above_zero_biased_avx512(row: &[f32], bias: &[f32]) -> Vec<(u32, f32)> {
+    use std::arch::x86_64::*;
+    let mut out = Vec::new();
+    let n = row.len().min(bias.len());
+    for c in 0..n / 16 {
+        // SAFETY: 16 values from 16c lie inside both slices; unaligned loads.
+        let x = unsafe {
+            _mm512_add_ps(
+                _mm512_loadu_ps(row.as_ptr().add(16 * c)),
+                _mm512_loadu_ps(bias.as_ptr().add(16 * c)),
+            )
+        };
+        let mut m = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, _mm512_setzero_ps());
+        if m != 0 {
+            let mut lanes = [0f32; 16];
+            // SAFETY: `lanes` holds 16 floats.
+            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), x) };
+            while m != 0 {
+                let j = m.trailing_zeros() as usize;
+                out.push(((16 * c + j) as u32, lanes[j]));
+                m &= m - 1;
+            }
+        }
+    }
+    for i in n / 16 * 16..n {
+        let v = row[i] + bias[i];
+        if v > 0.0 {
+            out.push((i as u32, v));
+        }
+    }
+    out
+}
+
+/// [`select_topk`] of `pre + bias` per row (see [`select_above_biased`]).
+pub(crate) fn select_topk_biased(pre: &[f32], s: usize, k: usize, bias: &[f32]) -> Csr {
+    Csr::from_rows(
+        pre.par_chunks(s)
+            .map(|r| {
+                #[cfg(target_arch = "x86_64")]
+                if k <= 48 && has_avx512() && bias.len() == r.len() {
+                    // SAFETY: the processor has AVX-512F (checked at run time).
+                    return unsafe { topk_row_avx512(r, Some(bias), k) };
+                }
+                let biased: Vec<f32> = r.iter().zip(bias).map(|(v, b)| v + b).collect();
+                topk_row(&biased, k, None)
+            })
+            .collect(),
+    )
+}
+
 /// Per row, the latents whose value exceeds their own threshold (`thresholds[i]`, JumpReLU).
 pub(crate) fn select_above_each(pre: &[f32], s: usize, thresholds: &[f32]) -> Csr {
     let rows = pre
@@ -254,7 +328,7 @@ fn topk_row(row: &[f32], k: usize, mask: Option<&[bool]>) -> Vec<(u32, f32)> {
     #[cfg(target_arch = "x86_64")]
     if mask.is_none() && has_avx512() {
         // SAFETY: the processor has AVX-512F (checked at run time).
-        return unsafe { topk_row_avx512(row, k) };
+        return unsafe { topk_row_avx512(row, None, k) };
     }
     // Kept sorted descending by value; `thr` is the smallest kept value once full.
     let mut best: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
@@ -281,13 +355,26 @@ fn topk_row(row: &[f32], k: usize, mask: Option<&[bool]>) -> Vec<(u32, f32)> {
 /// inserted in id order, as the scalar loop does, so ties resolve the same way.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-fn topk_row_avx512(row: &[f32], k: usize) -> Vec<(u32, f32)> {
+fn topk_row_avx512(row: &[f32], bias: Option<&[f32]>, k: usize) -> Vec<(u32, f32)> {
     use std::arch::x86_64::*;
+    // The values are `row + bias` (the encoder's b_enc added here instead of in the GEMM).
+    let load = |at: usize| {
+        // SAFETY: callers pass 16 values from `at` inside the row (and the bias, as long).
+        unsafe {
+            let x = _mm512_loadu_ps(row.as_ptr().add(at));
+            match bias {
+                Some(b) => _mm512_add_ps(x, _mm512_loadu_ps(b.as_ptr().add(at))),
+                None => x,
+            }
+        }
+    };
+    let value = |i: usize| row[i] + bias.map_or(0.0, |b| b[i]);
     let mut best: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
     // Kept iff v > cut: cut = max(smallest kept value once full, 0). It starts just below a
     // lower bound of the k-th largest value (so almost only the final winners are offered,
     // instead of every new maximum of the first chunks).
-    let mut cut = topk_lower_bound_avx512(row, k).map_or(0.0, |b| next_down(b).max(0.0));
+    let mut cut =
+        topk_lower_bound_avx512(row.len(), &load, k).map_or(0.0, |b| next_down(b).max(0.0));
     let mut offer = |i: usize, v: f32, cut: &mut f32| {
         let at = best.partition_point(|&(_, b)| b >= v);
         best.insert(at, (i as u32, v));
@@ -298,37 +385,44 @@ fn topk_row_avx512(row: &[f32], k: usize) -> Vec<(u32, f32)> {
             *cut = best[k - 1].1.max(0.0);
         }
     };
-    let chunks = row.chunks_exact(16);
-    let tail = chunks.remainder();
-    for (c, ch) in chunks.enumerate() {
-        // SAFETY: `ch` holds 16 floats; unaligned load.
-        let x = unsafe { _mm512_loadu_ps(ch.as_ptr()) };
+    let base = row.len() / 16 * 16;
+    for c in 0..row.len() / 16 {
+        let x = load(16 * c);
         let mut m = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, _mm512_set1_ps(cut));
-        while m != 0 {
-            let j = m.trailing_zeros() as usize;
-            offer(c * 16 + j, ch[j], &mut cut);
-            // The later lanes that still beat the (possibly raised) cut.
-            m &= m.wrapping_sub(1) & _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, _mm512_set1_ps(cut));
+        if m != 0 {
+            let mut lanes = [0f32; 16];
+            // SAFETY: `lanes` holds 16 floats.
+            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), x) };
+            while m != 0 {
+                let j = m.trailing_zeros() as usize;
+                offer(c * 16 + j, lanes[j], &mut cut);
+                // The later lanes that still beat the (possibly raised) cut.
+                m &= m.wrapping_sub(1) & _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, _mm512_set1_ps(cut));
+            }
         }
     }
-    let base = row.len() - tail.len();
-    for (j, &v) in tail.iter().enumerate() {
+    for i in base..row.len() {
+        let v = value(i);
         if v > cut {
-            offer(base + j, v, &mut cut);
+            offer(i, v, &mut cut);
         }
     }
     best.sort_unstable_by_key(|&(i, _)| i);
     best
 }
 
-/// A value ≤ the `k`-th largest of `row`: the lanes of each of `g` runs of 16-value chunks
+/// A value ≤ the `k`-th largest of a row of `len` values (`load(at)`: the 16 from `at`): the lanes of each of `g` runs of 16-value chunks
 /// are `16·g` disjoint sets, and the `k`-th largest of their maxima has at least `k` values of
 /// the row at or above it. None when the row is too short for `16·g ≥ 4k` sets.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-fn topk_lower_bound_avx512(row: &[f32], k: usize) -> Option<f32> {
+fn topk_lower_bound_avx512(
+    len: usize,
+    load: &impl Fn(usize) -> std::arch::x86_64::__m512,
+    k: usize,
+) -> Option<f32> {
     use std::arch::x86_64::*;
-    let chunks = row.len() / 16;
+    let chunks = len / 16;
     let g = (4 * k).div_ceil(16).max(1);
     if k == 0 || chunks < 2 * g {
         return None;
@@ -338,8 +432,7 @@ fn topk_lower_bound_avx512(row: &[f32], k: usize) -> Option<f32> {
         let (c0, c1) = (run * chunks / g, (run + 1) * chunks / g);
         let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
         for c in c0..c1 {
-            // SAFETY: chunk c < row.len() / 16 lies inside the row; unaligned load.
-            m = _mm512_max_ps(m, unsafe { _mm512_loadu_ps(row.as_ptr().add(16 * c)) });
+            m = _mm512_max_ps(m, load(16 * c));
         }
         // SAFETY: `out` holds 16 floats.
         unsafe { _mm512_storeu_ps(out.as_mut_ptr(), m) };
@@ -717,6 +810,26 @@ mod tests {
         assert!((0..500)
             .filter(|&i| mask[i] && !big.iter().any(|e| e.0 == i as u32))
             .all(|i| row[i] <= min_kept));
+    }
+
+    /// The selections that add the encoder bias while scanning give the selections of the
+    /// biased matrix, on every path (ties, ragged tails, k above the insertion path's).
+    #[test]
+    fn biased_selections_are_the_selections_of_the_sum() {
+        for (n, s, k) in [(5, 6144, 32), (7, 100, 7), (3, 37, 60), (4, 15, 3)] {
+            let pre: Vec<f32> = (0..n * s)
+                .map(|i| ((i * 7919) % 83) as f32 / 10.0 - 4.0)
+                .collect();
+            let bias: Vec<f32> = (0..s).map(|i| ((i * 31) % 17) as f32 / 20.0 - 0.5).collect();
+            let sum: Vec<f32> = pre
+                .chunks_exact(s)
+                .flat_map(|r| r.iter().zip(&bias).map(|(v, b)| v + b))
+                .collect();
+            let (a, b) = (select_topk_biased(&pre, s, k, &bias), select_topk(&sum, s, k));
+            assert_eq!((a.ptr, a.idx, a.val), (b.ptr, b.idx, b.val), "topk [{n}, {s}] k {k}");
+            let (a, b) = (select_above_biased(&pre, s, &bias), select_above(&sum, s, 0.0));
+            assert_eq!((a.ptr, a.idx, a.val), (b.ptr, b.idx, b.val), "above [{n}, {s}]");
+        }
     }
 
     #[test]
