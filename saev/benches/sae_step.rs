@@ -210,10 +210,16 @@ fn main() {
             println!("ratio topk k=32 vs dense torch topk: {:.2}×", topk / t);
         }
         if let Some(t) = rate("+ auxk") {
-            println!("ratio topk + auxk vs dense torch topk + auxk: {:.2}×", auxk / t);
+            println!(
+                "ratio topk + auxk vs dense torch topk + auxk: {:.2}×",
+                auxk / t
+            );
         }
         if let Some(t) = rate("dense batchtopk") {
-            println!("ratio batchtopk vs dense torch batchtopk: {:.2}×", batch_topk / t);
+            println!(
+                "ratio batchtopk vs dense torch batchtopk: {:.2}×",
+                batch_topk / t
+            );
         }
     }
 }

@@ -820,15 +820,31 @@ mod tests {
             let pre: Vec<f32> = (0..n * s)
                 .map(|i| ((i * 7919) % 83) as f32 / 10.0 - 4.0)
                 .collect();
-            let bias: Vec<f32> = (0..s).map(|i| ((i * 31) % 17) as f32 / 20.0 - 0.5).collect();
+            let bias: Vec<f32> = (0..s)
+                .map(|i| ((i * 31) % 17) as f32 / 20.0 - 0.5)
+                .collect();
             let sum: Vec<f32> = pre
                 .chunks_exact(s)
                 .flat_map(|r| r.iter().zip(&bias).map(|(v, b)| v + b))
                 .collect();
-            let (a, b) = (select_topk_biased(&pre, s, k, &bias), select_topk(&sum, s, k));
-            assert_eq!((a.ptr, a.idx, a.val), (b.ptr, b.idx, b.val), "topk [{n}, {s}] k {k}");
-            let (a, b) = (select_above_biased(&pre, s, &bias), select_above(&sum, s, 0.0));
-            assert_eq!((a.ptr, a.idx, a.val), (b.ptr, b.idx, b.val), "above [{n}, {s}]");
+            let (a, b) = (
+                select_topk_biased(&pre, s, k, &bias),
+                select_topk(&sum, s, k),
+            );
+            assert_eq!(
+                (a.ptr, a.idx, a.val),
+                (b.ptr, b.idx, b.val),
+                "topk [{n}, {s}] k {k}"
+            );
+            let (a, b) = (
+                select_above_biased(&pre, s, &bias),
+                select_above(&sum, s, 0.0),
+            );
+            assert_eq!(
+                (a.ptr, a.idx, a.val),
+                (b.ptr, b.idx, b.val),
+                "above [{n}, {s}]"
+            );
         }
     }
 
