@@ -386,14 +386,8 @@ pub(super) fn fallback_gemm(
 /// A packed into `[m_pad / 16][kb]` tiles of 16 rows × 32 bf16.
 pub(super) fn pack_a(a_mk: &[f32], m: usize, k: usize, kb: usize) -> Vec<u16> {
     let mb = m.div_ceil(2 * TN) * 2;
-    // One spare zero tile at the end: the kernel's pipelined loads read one past. Every element
-    // is written below (values, padding zeros, the spare tile): no zeroing pass first.
-    let len = (mb * kb + 1) * TILE;
-    let mut tiles: Vec<std::mem::MaybeUninit<u16>> = Vec::with_capacity(len);
-    // SAFETY: MaybeUninit needs no initialisation.
-    unsafe { tiles.set_len(len) };
-    let (body, spare) = tiles.split_at_mut(mb * kb * TILE);
-    spare.fill(std::mem::MaybeUninit::new(0));
+    let mut tiles = uninit_tiles(mb * kb);
+    let body = &mut tiles[..mb * kb * TILE];
     body.par_chunks_mut(kb * TILE)
         .enumerate()
         .for_each(|(i, rows)| {
@@ -415,9 +409,37 @@ pub(super) fn pack_a(a_mk: &[f32], m: usize, k: usize, kb: usize) -> Vec<u16> {
                 }
             }
         });
+    // SAFETY: every tile was written above (values and padding zeros).
+    unsafe { assume_written(tiles) }
+}
+
+/// A buffer for `n_tiles` tiles and one spare zero tile after them (the kernel's pipelined
+/// loads read one past): the tiles uninitialised, for a packer that writes every element of
+/// them (values and padding zeros) — no zeroing pass first.
+pub(super) fn uninit_tiles(n_tiles: usize) -> Vec<std::mem::MaybeUninit<u16>> {
+    let len = (n_tiles + 1) * TILE;
+    let mut tiles: Vec<std::mem::MaybeUninit<u16>> = Vec::with_capacity(len);
+    // SAFETY: MaybeUninit needs no initialisation.
+    unsafe { tiles.set_len(len) };
+    tiles[n_tiles * TILE..].fill(std::mem::MaybeUninit::new(0));
+    tiles
+}
+
+/// The tiles of [`uninit_tiles`] once written.
+///
+/// # Safety
+/// Every element has been written.
+pub(super) unsafe fn assume_written(tiles: Vec<std::mem::MaybeUninit<u16>>) -> Vec<u16> {
     let mut tiles = std::mem::ManuallyDrop::new(tiles);
-    // SAFETY: every element was written above; MaybeUninit<u16> and u16 share their layout.
-    unsafe { Vec::from_raw_parts(tiles.as_mut_ptr() as *mut u16, len, tiles.capacity()) }
+    // SAFETY: every element was written (the caller's promise); MaybeUninit<u16> and u16
+    // share their layout, so the allocation is the same.
+    unsafe {
+        Vec::from_raw_parts(
+            tiles.as_mut_ptr() as *mut u16,
+            tiles.len(),
+            tiles.capacity(),
+        )
+    }
 }
 
 /// [`pack_a`]'s band `i` (rows `16i..16i + 16`) on AVX-512.
@@ -797,10 +819,11 @@ fn amx_gemm(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn rnd(n: usize, seed: u64) -> Vec<f32> {
+    /// Uniform values in [-1, 1), reproducible from `seed`.
+    pub(crate) fn rnd(n: usize, seed: u64) -> Vec<f32> {
         (0..n)
             .map(|i| {
                 let z = crate::util::rng::splitmix64(seed.wrapping_mul(1_000_003) + i as u64);

@@ -15,7 +15,10 @@
 
 use rayon::prelude::*;
 
-use super::amx::{bf16_kernel, fallback_gemm, round_row, Bf16Kernel, PackedB, TILE, TK, TN};
+use super::amx::{
+    assume_written, bf16_kernel, fallback_gemm, round_row, uninit_tiles, Bf16Kernel, PackedB, TILE,
+    TK, TN,
+};
 
 /// `[m, k]` activations rounded to bf16 in A tiles.
 pub(crate) struct PackedA {
@@ -38,13 +41,8 @@ impl PackedA {
     pub(crate) fn from_fn(m: usize, k: usize, fill: Epilogue<'_>) -> Self {
         let kb = k.div_ceil(TK);
         let mb = m.div_ceil(2 * TN) * 2;
-        let len = (mb * kb + 1) * TILE;
-        let mut tiles: Vec<std::mem::MaybeUninit<u16>> = Vec::with_capacity(len);
-        // SAFETY: MaybeUninit needs no initialisation; every element is written below (each
-        // band's 32 tile rows, values or zeros, and the spare tile).
-        unsafe { tiles.set_len(len) };
-        let (body, spare) = tiles.split_at_mut(mb * kb * TILE);
-        spare.fill(std::mem::MaybeUninit::new(0));
+        let mut tiles = uninit_tiles(mb * kb);
+        let body = &mut tiles[..mb * kb * TILE];
         body.par_chunks_mut(2 * kb * TILE)
             .enumerate()
             .for_each_init(
@@ -67,10 +65,8 @@ impl PackedA {
                     }
                 },
             );
-        let mut tiles = std::mem::ManuallyDrop::new(tiles);
-        // SAFETY: every element was written; MaybeUninit<u16> and u16 share their layout.
-        let tiles =
-            unsafe { Vec::from_raw_parts(tiles.as_mut_ptr() as *mut u16, len, tiles.capacity()) };
+        // SAFETY: every band's 32 tile rows were written (values or zeros).
+        let tiles = unsafe { assume_written(tiles) };
         Self { m, k, tiles }
     }
 
@@ -163,16 +159,8 @@ unsafe fn amx_band_dispatch(a: &PackedA, b: &PackedB, band: usize, c: *mut f32, 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backbone::amx::tests::rnd;
     use crate::backbone::amx::{gemm_bf16, round_bf16};
-
-    fn rnd(n: usize, seed: u64) -> Vec<f32> {
-        (0..n)
-            .map(|i| {
-                let z = crate::util::rng::splitmix64(seed.wrapping_mul(7_919) + i as u64);
-                ((z >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32
-            })
-            .collect()
-    }
 
     /// Packed once and chained (norm-like fill → GEMM → packed → GEMM), the numbers are those
     /// of the unpacked path, on shapes off the tile edges.

@@ -685,9 +685,12 @@ impl TrainState {
             // with W_dec[i] and the two gradient rows in cache across the latent's patches
             // (a batch-major pass would fetch a random decoder row per active entry).
             let t = f.transpose(s);
-            self.add_latent_grads_fused(&t, &f.val, xc, &mut grads, l1_grad, |b, i| {
+            let vec_of = |b: usize, i: usize| {
                 let j = usize::from(self.group_of[i]);
                 &gs[(b * gn + j) * d..(b * gn + j + 1) * d]
+            };
+            self.add_latent_grads(&t, &f.val, xc, &mut grads, vec_of, |w, v| {
+                dot(w, v) + l1_grad
             });
         }
         grads
@@ -910,20 +913,9 @@ impl TrainState {
     /// AuxK's gradients through the dead latents it selected (`z`), into `grads`.
     fn aux_grads(&self, z: &Csr, g_aux: &[f32], xc: &[f32], grads: &mut Grads) {
         let (d, s) = (self.d, self.s);
-        let dz: Vec<f32> = (0..z.n_rows())
-            .into_par_iter()
-            .flat_map_iter(|b| {
-                let (ix, _) = z.row(b);
-                let g = &g_aux[b * d..(b + 1) * d];
-                ix.iter()
-                    .map(|&i| dot(&self.w_dec[i as usize * d..(i as usize + 1) * d], g))
-                    .collect::<Vec<_>>()
-            })
-            .collect();
         let t = z.transpose(s);
-        self.add_latent_grads(&t, &z.val, &dz, xc, grads, |b, _| {
-            &g_aux[b * d..(b + 1) * d]
-        });
+        let vec_of = |b: usize, _: usize| &g_aux[b * d..(b + 1) * d];
+        self.add_latent_grads(&t, &z.val, xc, grads, vec_of, dot);
     }
 
     /// `∂L/∂b_dec = Σ_b ∂L/∂x̂ − Σ_s ∂L/∂b_enc[s] · W_enc[s]` (x is centred by b_dec), then the
@@ -1133,48 +1125,20 @@ impl TrainState {
     }
 
     /// Per latent `s` (parallel, each row of the gradients written by one task):
-    /// `∂W_dec[s] += Σ f · v(b, s)`, `∂W_enc[s] += Σ ∂pre · xc[b]`, `∂b_enc[s] += Σ ∂pre`.
-    #[allow(clippy::too_many_arguments)]
-    fn add_latent_grads<'a, V>(
-        &self,
-        t: &Transposed,
-        vals: &[f32],
-        dpre: &[f32],
-        xc: &[f32],
-        grads: &mut Grads,
-        vec_of: V,
-    ) where
-        V: Fn(usize, usize) -> &'a [f32] + Sync,
-    {
-        let d = self.d;
-        grads
-            .w_dec
-            .par_chunks_mut(d)
-            .zip(grads.w_enc.par_chunks_mut(d))
-            .zip(grads.b_enc.par_iter_mut())
-            .enumerate()
-            .for_each(|(i, ((gd, ge), gb))| {
-                for q in t.cptr[i]..t.cptr[i + 1] {
-                    let (b, p) = (t.rows[q] as usize, t.pos[q] as usize);
-                    axpy(vals[p], vec_of(b, i), gd);
-                    axpy(dpre[p], &xc[b * d..(b + 1) * d], ge);
-                    *gb += dpre[p];
-                }
-            });
-    }
-
-    /// [`TrainState::add_latent_grads`] with `∂L/∂pre = W_dec[i] · vec_of(b, i) + l1_grad`
-    /// computed in the same pass, per latent.
-    fn add_latent_grads_fused<'a, V>(
+    /// `∂W_dec[s] += Σ f · v(b, s)`, `∂W_enc[s] += Σ ∂pre · xc[b]`, `∂b_enc[s] += Σ ∂pre`, with
+    /// `∂pre = dpre_of(W_dec[s], v(b, s))` computed here, where both are in cache (a
+    /// batch-major pass would fetch a random decoder row per active entry).
+    fn add_latent_grads<'a, V, P>(
         &self,
         t: &Transposed,
         vals: &[f32],
         xc: &[f32],
         grads: &mut Grads,
-        l1_grad: f32,
         vec_of: V,
+        dpre_of: P,
     ) where
         V: Fn(usize, usize) -> &'a [f32] + Sync,
+        P: Fn(&[f32], &[f32]) -> f32 + Sync,
     {
         let d = self.d;
         grads
@@ -1188,7 +1152,7 @@ impl TrainState {
                 for q in t.cptr[i]..t.cptr[i + 1] {
                     let (b, p) = (t.rows[q] as usize, t.pos[q] as usize);
                     let v = vec_of(b, i);
-                    let dp = dot(w, v) + l1_grad;
+                    let dp = dpre_of(w, v);
                     axpy(vals[p], v, gd);
                     axpy(dp, &xc[b * d..(b + 1) * d], ge);
                     *gb += dp;
