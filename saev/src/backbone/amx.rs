@@ -392,6 +392,11 @@ pub(super) fn pack_a(a_mk: &[f32], m: usize, k: usize, kb: usize) -> Vec<u16> {
         .enumerate()
         .for_each(|(i, rows)| {
             #[cfg(target_arch = "x86_64")]
+            if has_avx512_bf16() {
+                // SAFETY: AVX-512F/BW/BF16 are present; rows holds kb tiles of 16 rows × 32.
+                return unsafe { pack_band_cvt(a_mk, i, m, k, kb, rows) };
+            }
+            #[cfg(target_arch = "x86_64")]
             if has_avx512_bw() {
                 // SAFETY: AVX-512F/BW are present; rows holds kb tiles of 16 rows × 32.
                 return unsafe { pack_band_avx512(a_mk, i, m, k, kb, rows) };
@@ -470,6 +475,34 @@ unsafe fn pack_band_avx512(
     }
 }
 
+/// [`pack_band_avx512`] by the processor's conversion ([`round_32_cvt`]).
+///
+/// # Safety
+/// AVX-512F/BW and AVX-512-BF16 are available; `rows` holds `kb` tiles.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn pack_band_cvt(
+    a_mk: &[f32],
+    i: usize,
+    m: usize,
+    k: usize,
+    kb: usize,
+    rows: &mut [std::mem::MaybeUninit<u16>],
+) {
+    debug_assert_eq!(rows.len(), kb * TILE);
+    let dst = rows.as_mut_ptr() as *mut u16;
+    for r in 0..TN {
+        let row = i * TN + r;
+        let src: &[f32] = if row < m {
+            &a_mk[row * k..(row + 1) * k]
+        } else {
+            &[]
+        };
+        // SAFETY: row r of each of the kb tiles lies inside `rows`.
+        unsafe { round_row_cvt(src, 1.0, kb, dst.add(r * TK)) };
+    }
+}
+
 /// `dst[i] = to_bf16(src[i])`, zeros after `src` (`src.len() ≤ dst.len() = 32`).
 pub(super) fn round_into(src: &[f32], dst: &mut [std::mem::MaybeUninit<u16>]) {
     debug_assert!(src.len() <= TK && dst.len() == TK);
@@ -490,6 +523,11 @@ pub(super) fn round_into(src: &[f32], dst: &mut [std::mem::MaybeUninit<u16>]) {
 /// `dst` is valid for 32 u16 writes at each of the `kb` offsets.
 pub(super) unsafe fn round_row(row: &[f32], kb: usize, dst: *mut u16) {
     #[cfg(target_arch = "x86_64")]
+    if has_avx512_bf16() {
+        // SAFETY: AVX-512F/BW/BF16 are present; the caller vouches for dst.
+        return unsafe { round_row_cvt(row, 1.0, kb, dst) };
+    }
+    #[cfg(target_arch = "x86_64")]
     if has_avx512_bw() {
         // SAFETY: AVX-512F/BW are present; the caller vouches for dst.
         return unsafe { round_row_avx512(row, 1.0, kb, dst) };
@@ -501,6 +539,17 @@ pub(super) unsafe fn round_row(row: &[f32], kb: usize, dst: *mut u16) {
             unsafe { dst.add(p * TILE + i).write(v) };
         }
     }
+}
+
+/// AVX-512-BF16 with AVX-512F/BW (every processor with AMX has it; AMD from Zen 4).
+pub(super) fn has_avx512_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| has_avx512_bw() && std::arch::is_x86_feature_detected!("avx512bf16"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// AVX-512F and AVX-512BW (every processor with AMX or AVX-512-BF16 has both).
@@ -545,10 +594,15 @@ fn round_lanes(x: std::arch::x86_64::__m512i) -> std::arch::x86_64::__m512i {
 #[inline]
 unsafe fn load_scaled(src: &[f32], lo: usize, scale: f32) -> std::arch::x86_64::__m512i {
     use std::arch::x86_64::*;
-    let c = src.len().saturating_sub(lo).min(16);
-    let mask = ((1u32 << c) - 1) as __mmask16;
-    // SAFETY: masked-off lanes are not read; the others lie inside `src`.
-    let v = unsafe { _mm512_maskz_loadu_ps(mask, src.as_ptr().wrapping_add(lo)) };
+    let v = if src.len() >= lo + 16 {
+        // SAFETY: the 16 values from `lo` lie inside `src`.
+        unsafe { _mm512_loadu_ps(src.as_ptr().add(lo)) }
+    } else {
+        let c = src.len().saturating_sub(lo);
+        let mask = ((1u32 << c) - 1) as __mmask16;
+        // SAFETY: masked-off lanes are not read; the others lie inside `src`.
+        unsafe { _mm512_maskz_loadu_ps(mask, src.as_ptr().wrapping_add(lo)) }
+    };
     _mm512_castps_si512(if scale == 1.0 {
         v
     } else {
@@ -574,25 +628,6 @@ pub(super) unsafe fn round_32_avx512(src: &[f32], scale: f32, dst: *mut u16) {
     }
 }
 
-/// Two rows' 16 values rounded and interleaved (`a[0], b[0], a[1], b[1], …`: one row of a
-/// VNNI B tile) into 32 u16 at `dst`; zeros past either's end (`≤ 16` each).
-///
-/// # Safety
-/// AVX-512F and AVX-512BW are available; `dst` is valid for 32 u16 writes.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
-#[inline]
-pub(super) unsafe fn round_pair_avx512(a: &[f32], b: &[f32], dst: *mut u16) {
-    use std::arch::x86_64::*;
-    // SAFETY: as the caller guarantees.
-    unsafe {
-        let ra = round_lanes(load_scaled(a, 0, 1.0));
-        let rb = round_lanes(load_scaled(b, 0, 1.0));
-        let both = _mm512_or_si512(ra, _mm512_slli_epi32(rb, 16));
-        _mm512_storeu_si512(dst as *mut _, both);
-    }
-}
-
 /// One row of A into its tiles: chunk `p` of 32 values to `dst + p · TILE`, `kb` chunks
 /// (zeros past the row).
 ///
@@ -607,6 +642,66 @@ pub(super) unsafe fn round_row_avx512(row: &[f32], scale: f32, kb: usize, dst: *
         let src = &row[(p * TK).min(row.len())..((p + 1) * TK).min(row.len())];
         // SAFETY: as the caller guarantees.
         unsafe { round_32_avx512(src, scale, dst.add(p * TILE)) };
+    }
+}
+
+/// [`round_32_avx512`] by the processor's own conversion (`vcvtne2ps2bf16`: round to nearest
+/// even like [`to_bf16`], one instruction for 32 values, but subnormal inputs become ±0 and a
+/// NaN keeps its sign and payload — neither occurs in a ViT's activations).
+///
+/// # Safety
+/// AVX-512F/BW and AVX-512-BF16 are available; `dst` is valid for 32 u16 writes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+#[inline]
+pub(super) unsafe fn round_32_cvt(src: &[f32], scale: f32, dst: *mut u16) {
+    use std::arch::x86_64::*;
+    // SAFETY: as the caller guarantees.
+    unsafe {
+        let lo = _mm512_castsi512_ps(load_scaled(src, 0, scale));
+        let hi = _mm512_castsi512_ps(load_scaled(src, 16, scale));
+        let both: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+        _mm512_storeu_si512(dst as *mut _, both);
+    }
+}
+
+/// Two rows' 16 values rounded and interleaved (`a[0], b[0], a[1], b[1], …`: one row of a
+/// VNNI B tile) into 32 u16 at `dst`, zeros past either's end (`≤ 16` each), by the
+/// processor's conversion (see [`round_32_cvt`]).
+///
+/// # Safety
+/// AVX-512F/BW and AVX-512-BF16 are available; `dst` is valid for 32 u16 writes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+#[inline]
+pub(super) unsafe fn round_pair_cvt(a: &[f32], b: &[f32], dst: *mut u16) {
+    use std::arch::x86_64::*;
+    // SAFETY: as the caller guarantees.
+    unsafe {
+        let lo = _mm512_castsi512_ps(load_scaled(a, 0, 1.0));
+        let hi = _mm512_castsi512_ps(load_scaled(b, 0, 1.0));
+        // [a0 … a15 | b0 … b15] → a0 b0 a1 b1 …
+        let both: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+        let idx = _mm512_set_epi16(
+            31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20,
+            4, 19, 3, 18, 2, 17, 1, 16, 0,
+        );
+        _mm512_storeu_si512(dst as *mut _, _mm512_permutexvar_epi16(idx, both));
+    }
+}
+
+/// [`round_row_avx512`] by [`round_32_cvt`].
+///
+/// # Safety
+/// As [`round_32_cvt`]'s, at each of the `kb` offsets.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+#[inline]
+pub(super) unsafe fn round_row_cvt(row: &[f32], scale: f32, kb: usize, dst: *mut u16) {
+    for p in 0..kb {
+        let src = &row[(p * TK).min(row.len())..((p + 1) * TK).min(row.len())];
+        // SAFETY: as the caller guarantees.
+        unsafe { round_32_cvt(src, scale, dst.add(p * TILE)) };
     }
 }
 
@@ -914,6 +1009,63 @@ pub(crate) mod tests {
                 let want = chunk.get(i).map_or(0, |&v| to_bf16(v));
                 assert_eq!(g, want, "{:?}", chunk.get(i));
             }
+        }
+    }
+
+    /// The processor's conversion gives the scalar rounding's bits on normal values, zeros and
+    /// infinities (ties included), ±0 for subnormals, a NaN for a NaN.
+    #[test]
+    fn the_processors_conversion_rounds_the_same() {
+        if !has_avx512_bf16() {
+            eprintln!("no AVX-512-BF16 here: the conversion does not run on this processor");
+            return;
+        }
+        let mut vals: Vec<f32> = vec![
+            1.0 + 1.0 / 256.0,
+            1.0 + 3.0 / 256.0,
+            -2.5,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MAX,
+            f32::MIN_POSITIVE,
+            0.0,
+            -0.0,
+            f32::from_bits(0x3f80_8000),
+            f32::from_bits(0x3f81_8000),
+            f32::from_bits(0x3f80_7fff),
+            1e-40,
+            -1e-42,
+            f32::NAN,
+        ];
+        vals.extend(rnd(300, 11).iter().map(|v| v * 3e4));
+        for chunk in vals.chunks(TK).chain([&vals[..7], &vals[3..20]]) {
+            let mut got = [0xffffu16; TK];
+            // SAFETY: AVX-512-BF16 was detected; `got` holds 32.
+            unsafe { round_32_cvt(chunk, 1.0, got.as_mut_ptr()) };
+            for (i, &g) in got.iter().enumerate() {
+                match chunk.get(i) {
+                    None => assert_eq!(g, 0),
+                    Some(v) if v.is_nan() => assert!(from_bf16(g).is_nan()),
+                    Some(v) if v.is_subnormal() => assert_eq!(g & 0x7fff, 0, "{v:e}"),
+                    Some(&v) => assert_eq!(g, to_bf16(v), "{v:e}"),
+                }
+            }
+        }
+    }
+
+    /// The interleaving conversion puts each row's rounded values in the VNNI pair order.
+    #[test]
+    fn pair_conversion_interleaves() {
+        if !has_avx512_bf16() {
+            return;
+        }
+        let (a, b) = (rnd(16, 21), rnd(11, 22));
+        let mut got = [0xffffu16; TK];
+        // SAFETY: AVX-512-BF16 (and so F/BW) was detected; `got` holds 32.
+        unsafe { round_pair_cvt(&a, &b, got.as_mut_ptr()) };
+        for c in 0..TN {
+            assert_eq!(got[2 * c], a.get(c).map_or(0, |&v| to_bf16(v)));
+            assert_eq!(got[2 * c + 1], b.get(c).map_or(0, |&v| to_bf16(v)));
         }
     }
 

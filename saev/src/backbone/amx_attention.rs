@@ -22,10 +22,10 @@ use rayon::prelude::*;
 use super::amx::{TILE, TK, TN};
 use super::kernels::exp_row;
 
-/// Whether [`self_attention_qkv_bf16`] runs here: AMX tiles (and the AVX-512BW the packing
-/// uses, which every AMX processor has).
+/// Whether [`self_attention_qkv_bf16`] runs here: AMX tiles (and the AVX-512-BF16 conversion
+/// the packing uses, which every AMX processor has).
 pub(crate) fn available() -> bool {
-    super::amx::bf16_kernel() == super::amx::Bf16Kernel::Amx && super::amx::has_avx512_bw()
+    super::amx::bf16_kernel() == super::amx::Bf16Kernel::Amx && super::amx::has_avx512_bf16()
 }
 
 /// Per-thread buffers for one (image, head) task; their padding stays zero across tasks.
@@ -135,12 +135,12 @@ pub(crate) fn self_attention_qkv_bf16(qkv: &Tensor, n_heads: usize) -> candle_co
 /// stride `3·D`, `k` at `+D`, `v` at `+2·D`); the output goes to `out` (row stride `D`).
 ///
 /// # Safety
-/// AMX (with the tile-data permission), AVX-512F/BW, AVX2 and FMA are available; `x` holds
+/// AMX (with the tile-data permission), AVX-512F/BW/BF16, AVX2 and FMA are available; `x` holds
 /// the image's `T` rows; `out` is valid for `T` rows of `hd` writes at stride `D`.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma")]
 unsafe fn attend_head(x: &[f32], g: Geometry, sc: &mut Scratch, out: *mut f32) {
-    use super::amx::{block_32x32, round_32_avx512, round_pair_avx512, round_row_avx512, Tiles};
+    use super::amx::{block_32x32, round_32_cvt, round_pair_cvt, round_row_cvt, Tiles};
     let Geometry {
         t,
         d,
@@ -158,11 +158,11 @@ unsafe fn attend_head(x: &[f32], g: Geometry, sc: &mut Scratch, out: *mut f32) {
         // q / √hd and k, rounded (pads stay zero from the scratch's creation).
         for n in 0..t {
             let at = ((n / TN) * kq) * TILE + (n % TN) * TK;
-            round_row_avx512(row(n, 0), scale, kq, sc.q.as_mut_ptr().add(at));
+            round_row_cvt(row(n, 0), scale, kq, sc.q.as_mut_ptr().add(at));
             let k = row(n, 1);
             for p in 0..kq {
                 let src = &k[p * TK..((p + 1) * TK).min(hd)];
-                round_32_avx512(src, 1.0, sc.k_rows.as_mut_ptr().add(n * hdp + p * TK));
+                round_32_cvt(src, 1.0, sc.k_rows.as_mut_ptr().add(n * hdp + p * TK));
             }
         }
         transpose_k(&sc.k_rows, &mut sc.k_t, tp, kq);
@@ -180,7 +180,7 @@ unsafe fn attend_head(x: &[f32], g: Geometry, sc: &mut Scratch, out: *mut f32) {
                     } else {
                         &[]
                     };
-                    round_pair_avx512(a, b, tile.add(r * TK));
+                    round_pair_cvt(a, b, tile.add(r * TK));
                 }
             }
         }
@@ -203,9 +203,9 @@ unsafe fn attend_head(x: &[f32], g: Geometry, sc: &mut Scratch, out: *mut f32) {
                 if n < t {
                     let srow = &mut sc.s[r * tp..r * tp + t];
                     let sum = exp_row::<true>(srow);
-                    round_row_avx512(srow, 1.0 / sum, kp, dst);
+                    round_row_cvt(srow, 1.0 / sum, kp, dst);
                 } else {
-                    round_row_avx512(&[], 1.0, kp, dst);
+                    round_row_cvt(&[], 1.0, kp, dst);
                 }
             }
             let (p, o) = (sc.p.as_ptr(), sc.o.as_mut_ptr());
