@@ -391,27 +391,16 @@ pub(super) fn pack_a(a_mk: &[f32], m: usize, k: usize, kb: usize) -> Vec<u16> {
     body.par_chunks_mut(kb * TILE)
         .enumerate()
         .for_each(|(i, rows)| {
-            #[cfg(target_arch = "x86_64")]
-            if has_avx512_bf16() {
-                // SAFETY: AVX-512F/BW/BF16 are present; rows holds kb tiles of 16 rows × 32.
-                return unsafe { pack_band_cvt(a_mk, i, m, k, kb, rows) };
-            }
-            #[cfg(target_arch = "x86_64")]
-            if has_avx512_bw() {
-                // SAFETY: AVX-512F/BW are present; rows holds kb tiles of 16 rows × 32.
-                return unsafe { pack_band_avx512(a_mk, i, m, k, kb, rows) };
-            }
+            let dst = rows.as_mut_ptr() as *mut u16;
             for r in 0..TN {
                 let row = i * TN + r;
-                for p in 0..kb {
-                    let dst = &mut rows[p * TILE + r * TK..p * TILE + (r + 1) * TK];
-                    if row < m {
-                        let (k0, k1) = (p * TK, ((p + 1) * TK).min(k));
-                        round_into(&a_mk[row * k + k0..row * k + k1], dst);
-                    } else {
-                        dst.fill(std::mem::MaybeUninit::new(0));
-                    }
-                }
+                let src: &[f32] = if row < m {
+                    &a_mk[row * k..(row + 1) * k]
+                } else {
+                    &[]
+                };
+                // SAFETY: row r of each of the band's kb tiles lies inside `rows`.
+                unsafe { round_row(src, kb, dst.add(r * TK)) };
             }
         });
     // SAFETY: every tile was written above (values and padding zeros).
@@ -444,75 +433,6 @@ pub(super) unsafe fn assume_written(tiles: Vec<std::mem::MaybeUninit<u16>>) -> V
             tiles.len(),
             tiles.capacity(),
         )
-    }
-}
-
-/// [`pack_a`]'s band `i` (rows `16i..16i + 16`) on AVX-512.
-///
-/// # Safety
-/// AVX-512F and AVX-512BW are available; `rows` holds `kb` tiles.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn pack_band_avx512(
-    a_mk: &[f32],
-    i: usize,
-    m: usize,
-    k: usize,
-    kb: usize,
-    rows: &mut [std::mem::MaybeUninit<u16>],
-) {
-    debug_assert_eq!(rows.len(), kb * TILE);
-    let dst = rows.as_mut_ptr() as *mut u16;
-    for r in 0..TN {
-        let row = i * TN + r;
-        let src: &[f32] = if row < m {
-            &a_mk[row * k..(row + 1) * k]
-        } else {
-            &[]
-        };
-        // SAFETY: row r of each of the kb tiles lies inside `rows`.
-        unsafe { round_row_avx512(src, 1.0, kb, dst.add(r * TK)) };
-    }
-}
-
-/// [`pack_band_avx512`] by the processor's conversion ([`round_32_cvt`]).
-///
-/// # Safety
-/// AVX-512F/BW and AVX-512-BF16 are available; `rows` holds `kb` tiles.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn pack_band_cvt(
-    a_mk: &[f32],
-    i: usize,
-    m: usize,
-    k: usize,
-    kb: usize,
-    rows: &mut [std::mem::MaybeUninit<u16>],
-) {
-    debug_assert_eq!(rows.len(), kb * TILE);
-    let dst = rows.as_mut_ptr() as *mut u16;
-    for r in 0..TN {
-        let row = i * TN + r;
-        let src: &[f32] = if row < m {
-            &a_mk[row * k..(row + 1) * k]
-        } else {
-            &[]
-        };
-        // SAFETY: row r of each of the kb tiles lies inside `rows`.
-        unsafe { round_row_cvt(src, 1.0, kb, dst.add(r * TK)) };
-    }
-}
-
-/// `dst[i] = to_bf16(src[i])`, zeros after `src` (`src.len() ≤ dst.len() = 32`).
-pub(super) fn round_into(src: &[f32], dst: &mut [std::mem::MaybeUninit<u16>]) {
-    debug_assert!(src.len() <= TK && dst.len() == TK);
-    #[cfg(target_arch = "x86_64")]
-    if has_avx512_bw() {
-        // SAFETY: AVX-512F/BW are present; 32 u16 are written at dst, src.len() f32 read.
-        return unsafe { round_32_avx512(src, 1.0, dst.as_mut_ptr() as *mut u16) };
-    }
-    for (i, d) in dst.iter_mut().enumerate() {
-        *d = std::mem::MaybeUninit::new(src.get(i).map_or(0, |&v| to_bf16(v)));
     }
 }
 
@@ -639,9 +559,8 @@ pub(super) unsafe fn round_32_avx512(src: &[f32], scale: f32, dst: *mut u16) {
 #[inline]
 pub(super) unsafe fn round_row_avx512(row: &[f32], scale: f32, kb: usize, dst: *mut u16) {
     for p in 0..kb {
-        let src = &row[(p * TK).min(row.len())..((p + 1) * TK).min(row.len())];
         // SAFETY: as the caller guarantees.
-        unsafe { round_32_avx512(src, scale, dst.add(p * TILE)) };
+        unsafe { round_32_avx512(tile_chunk(row, p), scale, dst.add(p * TILE)) };
     }
 }
 
@@ -699,10 +618,15 @@ pub(super) unsafe fn round_pair_cvt(a: &[f32], b: &[f32], dst: *mut u16) {
 #[inline]
 pub(super) unsafe fn round_row_cvt(row: &[f32], scale: f32, kb: usize, dst: *mut u16) {
     for p in 0..kb {
-        let src = &row[(p * TK).min(row.len())..((p + 1) * TK).min(row.len())];
         // SAFETY: as the caller guarantees.
-        unsafe { round_32_cvt(src, scale, dst.add(p * TILE)) };
+        unsafe { round_32_cvt(tile_chunk(row, p), scale, dst.add(p * TILE)) };
     }
+}
+
+/// The up-to-32 values of `row` in k tile `p` (empty past its end).
+#[inline(always)]
+fn tile_chunk(row: &[f32], p: usize) -> &[f32] {
+    &row[(p * TK).min(row.len())..((p + 1) * TK).min(row.len())]
 }
 
 /// 64-byte tile configuration (palette 1): tiles 0–7 all 16 rows × 64 bytes.
@@ -1000,12 +924,15 @@ pub(crate) mod tests {
             f32::from_bits(0x3f81_8000),
         ];
         vals.extend(rnd(300, 9).iter().map(|v| v * 1e3));
+        if !has_avx512_bw() {
+            eprintln!("no AVX-512BW here: the vector rounding does not run on this processor");
+            return;
+        }
         for chunk in vals.chunks(TK).chain([&vals[..7], &vals[3..20]]) {
-            let mut got = [std::mem::MaybeUninit::new(0xffffu16); TK];
-            round_into(chunk, &mut got);
-            for (i, g) in got.iter().enumerate() {
-                // SAFETY: round_into writes all 32.
-                let g = unsafe { g.assume_init() };
+            let mut got = [0xffffu16; TK];
+            // SAFETY: AVX-512F/BW were detected; `got` holds 32.
+            unsafe { round_32_avx512(chunk, 1.0, got.as_mut_ptr()) };
+            for (i, &g) in got.iter().enumerate() {
                 let want = chunk.get(i).map_or(0, |&v| to_bf16(v));
                 assert_eq!(g, want, "{:?}", chunk.get(i));
             }
