@@ -210,7 +210,7 @@ pub enum Bf16Kernel {
 pub fn bf16_kernel() -> Bf16Kernel {
     static KERNEL: std::sync::OnceLock<Bf16Kernel> = std::sync::OnceLock::new();
     *KERNEL.get_or_init(|| {
-        let dp = avx512bf16_available();
+        let dp = has_avx512_bf16();
         // VDPBF16PS does twice the flops of an f32 FMA per cycle on AMD Zen 4 (one 512-bit
         // instruction per cycle either way), but half of the two FMA ports' on Intel cores
         // (measured: 212 against 385 GFLOP/s on a Sapphire Rapids, 2 threads): there, without
@@ -244,17 +244,6 @@ fn is_amd() -> bool {
 
 #[cfg(not(target_arch = "x86_64"))]
 fn is_amd() -> bool {
-    false
-}
-
-#[cfg(target_arch = "x86_64")]
-fn avx512bf16_available() -> bool {
-    std::arch::is_x86_feature_detected!("avx512f")
-        && std::arch::is_x86_feature_detected!("avx512bf16")
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-fn avx512bf16_available() -> bool {
     false
 }
 
@@ -447,11 +436,7 @@ pub(super) unsafe fn round_row(row: &[f32], kb: usize, dst: *mut u16) {
         // SAFETY: AVX-512F/BW/BF16 are present; the caller vouches for dst.
         return unsafe { round_row_cvt(row, 1.0, kb, dst) };
     }
-    #[cfg(target_arch = "x86_64")]
-    if has_avx512_bw() {
-        // SAFETY: AVX-512F/BW are present; the caller vouches for dst.
-        return unsafe { round_row_avx512(row, 1.0, kb, dst) };
-    }
+    // (Every processor that packs A on a hot path — AMX, AVX-512-BF16 — has the conversion.)
     for p in 0..kb {
         for i in 0..TK {
             let v = row.get(p * TK + i).map_or(0, |&v| to_bf16(v));
@@ -461,58 +446,30 @@ pub(super) unsafe fn round_row(row: &[f32], kb: usize, dst: *mut u16) {
     }
 }
 
-/// AVX-512-BF16 with AVX-512F/BW (every processor with AMX has it; AMD from Zen 4).
+/// AVX-512-BF16 with AVX-512F/BW (every processor with AMX has it; AMD from Zen 4): the
+/// `vdpbf16ps` GEMM and the packing's conversion. Checked once.
 pub(super) fn has_avx512_bf16() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *HAS.get_or_init(|| has_avx512_bw() && std::arch::is_x86_feature_detected!("avx512bf16"))
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
-}
-
-/// AVX-512F and AVX-512BW (every processor with AMX or AVX-512-BF16 has both).
-pub(super) fn has_avx512_bw() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         *HAS.get_or_init(|| {
             std::arch::is_x86_feature_detected!("avx512f")
                 && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512bf16")
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
 }
 
-/// [`to_bf16`] of 16 lanes (the same bits: round to nearest even, NaN → 0x7fc0), each in the
-/// low half of its 32-bit lane.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
-#[inline]
-fn round_lanes(x: std::arch::x86_64::__m512i) -> std::arch::x86_64::__m512i {
-    use std::arch::x86_64::*;
-    let lsb = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
-    let r = _mm512_srli_epi32(
-        _mm512_add_epi32(x, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))),
-        16,
-    );
-    let nan = _mm512_cmpgt_epi32_mask(
-        _mm512_and_si512(x, _mm512_set1_epi32(0x7fff_ffff)),
-        _mm512_set1_epi32(0x7f80_0000),
-    );
-    _mm512_mask_blend_epi32(nan, r, _mm512_set1_epi32(0x7fc0))
-}
-
-/// `scale · src[lo..lo + 16]` as 32-bit lanes, zeros past the end of `src`.
+/// `scale · src[lo..lo + 16]`, zeros past the end of `src`.
 ///
 /// # Safety
 /// AVX-512F is available.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
 #[inline]
-unsafe fn load_scaled(src: &[f32], lo: usize, scale: f32) -> std::arch::x86_64::__m512i {
+unsafe fn load_scaled(src: &[f32], lo: usize, scale: f32) -> std::arch::x86_64::__m512 {
     use std::arch::x86_64::*;
     let v = if src.len() >= lo + 16 {
         // SAFETY: the 16 values from `lo` lie inside `src`.
@@ -523,49 +480,16 @@ unsafe fn load_scaled(src: &[f32], lo: usize, scale: f32) -> std::arch::x86_64::
         // SAFETY: masked-off lanes are not read; the others lie inside `src`.
         unsafe { _mm512_maskz_loadu_ps(mask, src.as_ptr().wrapping_add(lo)) }
     };
-    _mm512_castps_si512(if scale == 1.0 {
+    if scale == 1.0 {
         v
     } else {
         _mm512_mul_ps(v, _mm512_set1_ps(scale))
-    })
-}
-
-/// `to_bf16(scale · src[i])` into 32 u16 at `dst`, zeros past `src.len() ≤ 32`.
-///
-/// # Safety
-/// AVX-512F and AVX-512BW are available; `dst` is valid for 32 u16 writes.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
-#[inline]
-pub(super) unsafe fn round_32_avx512(src: &[f32], scale: f32, dst: *mut u16) {
-    use std::arch::x86_64::*;
-    // SAFETY: as the caller guarantees.
-    unsafe {
-        let lo = _mm512_cvtepi32_epi16(round_lanes(load_scaled(src, 0, scale)));
-        let hi = _mm512_cvtepi32_epi16(round_lanes(load_scaled(src, 16, scale)));
-        _mm256_storeu_si256(dst as *mut __m256i, lo);
-        _mm256_storeu_si256(dst.add(16) as *mut __m256i, hi);
     }
 }
 
-/// One row of A into its tiles: chunk `p` of 32 values to `dst + p · TILE`, `kb` chunks
-/// (zeros past the row).
-///
-/// # Safety
-/// AVX-512F and AVX-512BW are available; `dst` is valid for 32 u16 writes at each of the
-/// `kb` offsets.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
-#[inline]
-pub(super) unsafe fn round_row_avx512(row: &[f32], scale: f32, kb: usize, dst: *mut u16) {
-    for p in 0..kb {
-        // SAFETY: as the caller guarantees.
-        unsafe { round_32_avx512(tile_chunk(row, p), scale, dst.add(p * TILE)) };
-    }
-}
-
-/// [`round_32_avx512`] by the processor's own conversion (`vcvtne2ps2bf16`: round to nearest
-/// even like [`to_bf16`], one instruction for 32 values, but subnormal inputs become ±0 and a
+/// `to_bf16(scale · src[i])` into 32 u16 at `dst`, zeros past `src.len() ≤ 32`, by the
+/// processor's own conversion (`vcvtne2ps2bf16`: round to nearest even like [`to_bf16`], one
+/// instruction for 32 values, but subnormal inputs become ±0 and a
 /// NaN keeps its sign and payload — neither occurs in a ViT's activations).
 ///
 /// # Safety
@@ -577,8 +501,8 @@ pub(super) unsafe fn round_32_cvt(src: &[f32], scale: f32, dst: *mut u16) {
     use std::arch::x86_64::*;
     // SAFETY: as the caller guarantees.
     unsafe {
-        let lo = _mm512_castsi512_ps(load_scaled(src, 0, scale));
-        let hi = _mm512_castsi512_ps(load_scaled(src, 16, scale));
+        let lo = load_scaled(src, 0, scale);
+        let hi = load_scaled(src, 16, scale);
         let both: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
         _mm512_storeu_si512(dst as *mut _, both);
     }
@@ -597,8 +521,8 @@ pub(super) unsafe fn round_pair_cvt(a: &[f32], b: &[f32], dst: *mut u16) {
     use std::arch::x86_64::*;
     // SAFETY: as the caller guarantees.
     unsafe {
-        let lo = _mm512_castsi512_ps(load_scaled(a, 0, 1.0));
-        let hi = _mm512_castsi512_ps(load_scaled(b, 0, 1.0));
+        let lo = load_scaled(a, 0, 1.0);
+        let hi = load_scaled(b, 0, 1.0);
         // [a0 … a15 | b0 … b15] → a0 b0 a1 b1 …
         let both: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
         let idx = _mm512_set_epi16(
@@ -609,7 +533,8 @@ pub(super) unsafe fn round_pair_cvt(a: &[f32], b: &[f32], dst: *mut u16) {
     }
 }
 
-/// [`round_row_avx512`] by [`round_32_cvt`].
+/// One row of A into its tiles by [`round_32_cvt`]: chunk `p` of 32 values to
+/// `dst + p · TILE`, `kb` chunks (zeros past the row).
 ///
 /// # Safety
 /// As [`round_32_cvt`]'s, at each of the `kb` offsets.
@@ -870,7 +795,7 @@ pub(crate) mod tests {
             // The path without AMX too (the one above ran on AMX where the processor has it),
             // and AVX-512-BF16's where the processor has it.
             let plain = fallback_gemm(&a, m, &packed, &|_, _| {});
-            if avx512bf16_available() {
+            if has_avx512_bf16() {
                 let dp = dpbf16_gemm(&a, m, &packed, &|_, _| {});
                 for (x, y) in plain.iter().zip(&dp) {
                     assert!((x - y).abs() <= 1e-5 * (1.0 + x.abs()) * (k as f32).sqrt());
@@ -897,44 +822,6 @@ pub(crate) mod tests {
                         amx_available()
                     );
                 }
-            }
-        }
-    }
-
-    /// The vector rounding gives the scalar one's bits on every kind of value (ties, NaN,
-    /// infinities, subnormals, the largest finite) and zeros past a short source.
-    #[test]
-    fn vector_rounding_is_the_scalar_rounding() {
-        let mut vals: Vec<f32> = vec![
-            1.0 + 1.0 / 256.0,
-            1.0 + 3.0 / 256.0,
-            -2.5,
-            f32::NAN,
-            -f32::NAN,
-            f32::INFINITY,
-            f32::NEG_INFINITY,
-            f32::MAX,
-            f32::MIN_POSITIVE,
-            1e-40,
-            -1e-42,
-            0.0,
-            -0.0,
-            f32::from_bits(0x7f80_0001),
-            f32::from_bits(0x3f80_8000),
-            f32::from_bits(0x3f81_8000),
-        ];
-        vals.extend(rnd(300, 9).iter().map(|v| v * 1e3));
-        if !has_avx512_bw() {
-            eprintln!("no AVX-512BW here: the vector rounding does not run on this processor");
-            return;
-        }
-        for chunk in vals.chunks(TK).chain([&vals[..7], &vals[3..20]]) {
-            let mut got = [0xffffu16; TK];
-            // SAFETY: AVX-512F/BW were detected; `got` holds 32.
-            unsafe { round_32_avx512(chunk, 1.0, got.as_mut_ptr()) };
-            for (i, &g) in got.iter().enumerate() {
-                let want = chunk.get(i).map_or(0, |&v| to_bf16(v));
-                assert_eq!(g, want, "{:?}", chunk.get(i));
             }
         }
     }
