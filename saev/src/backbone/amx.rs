@@ -148,6 +148,49 @@ impl PackedB {
         }
     }
 
+    /// Pack `B = w_nkᵀ` from `w_nk` (`[n, k]`, row-major: a linear layer's `[out, in]` weight,
+    /// an SAE's `W_enc`) — the tiles of [`PackedB::new`] on the transpose, without making it.
+    /// [`pack_a`] lays `w_nk` out as 16 rows × 16 bf16 pairs per tile; a B tile holds the same
+    /// pairs with rows and pair columns swapped, so each tile is transposed as 16 × 16 `u32`.
+    ///
+    /// # Panics
+    /// If `w_nk.len() != n * k` (a caller's bug).
+    pub fn from_rows(w_nk: &[f32], n: usize, k: usize) -> Self {
+        assert_eq!(w_nk.len(), n * k, "PackedB::from_rows: [n, k] = [{n}, {k}]");
+        let kb = k.div_ceil(TK);
+        let nb = n.div_ceil(2 * TN) * 2;
+        let mut tiles = pack_a(w_nk, n, k, kb);
+        tiles[..nb * kb * TILE].par_chunks_mut(TILE).for_each(|t| {
+            for r in 0..TN {
+                for c in r + 1..TN {
+                    let (a, b) = (2 * (r * TN + c), 2 * (c * TN + r));
+                    t.swap(a, b);
+                    t.swap(a + 1, b + 1);
+                }
+            }
+        });
+        // Only the f32 kernel reads the rounded copy.
+        let rounded = if bf16_kernel() == Bf16Kernel::F32 {
+            let mut r = vec![0f32; k * n];
+            for (j, row) in w_nk.chunks_exact(k.max(1)).enumerate() {
+                for (t, &v) in row.iter().enumerate() {
+                    r[t * n + j] = round_bf16(v);
+                }
+            }
+            r
+        } else {
+            Vec::new()
+        };
+        Self {
+            k,
+            n,
+            kb,
+            nb,
+            tiles,
+            rounded,
+        }
+    }
+
     /// `[k, n]`.
     pub fn dims(&self) -> (usize, usize) {
         (self.k, self.n)
@@ -191,6 +234,46 @@ pub(crate) fn gemm_bf16_then(
         }
     }
     fallback_gemm(a_mk, m, b, epilogue)
+}
+
+/// `f(first_row, band)` on each band of up to 32 whole rows of `C = A·B` (`a_mk`: `[m, k]`),
+/// in order; returns the results. On AMX each band is computed into a per-thread scratch that
+/// is reused while in cache, so `C` (`[m, n]`) is never stored: a consumer that reduces each
+/// band (a selection) pays no `m · n` array. Elsewhere `C` is computed whole, then mapped.
+///
+/// # Panics
+/// If `a_mk.len() != m * k` (a caller's bug).
+pub(crate) fn map_bands<T: Send>(
+    a_mk: &[f32],
+    m: usize,
+    b: &PackedB,
+    f: &(dyn Fn(usize, &mut [f32]) -> T + Sync),
+) -> Vec<T> {
+    let (k, n) = (b.k, b.n);
+    assert_eq!(a_mk.len(), m * k, "map_bands: A is not [{m}, {k}]");
+    let band_rows = 2 * TN;
+    #[cfg(target_arch = "x86_64")]
+    if bf16_kernel() == Bf16Kernel::Amx && n > 0 && k > 0 {
+        let a = pack_a(a_mk, m, k, b.kb);
+        return (0..m.div_ceil(band_rows))
+            .into_par_iter()
+            .map_init(
+                || vec![0f32; band_rows * n],
+                |scratch, band| {
+                    let rows = (m - band * band_rows).min(band_rows);
+                    // SAFETY: AMX is available (bf16_kernel); `a` holds the band's 2 × kb
+                    // tiles and the spare; `scratch` is 32 rows of n.
+                    unsafe { amx_band(&a, b, band, scratch.as_mut_ptr(), rows) };
+                    f(band * band_rows, &mut scratch[..rows * n])
+                },
+            )
+            .collect();
+    }
+    let mut c = gemm_bf16_then(a_mk, m, b, &|_, _| {});
+    c.par_chunks_mut((band_rows * n).max(1))
+        .enumerate()
+        .map(|(band, rows)| f(band * band_rows, rows))
+        .collect()
 }
 
 /// Which code computes [`gemm_bf16`] in this process.
@@ -774,6 +857,39 @@ pub(crate) mod tests {
                 ((z >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32
             })
             .collect()
+    }
+
+    /// Packing `[n, k]` rows gives the tiles of packing their transpose, and the bands of
+    /// `map_bands` are the rows of the GEMM, in order.
+    #[test]
+    fn packed_rows_and_bands_are_the_transposes_and_the_product() {
+        for (m, k, n) in [(37, 70, 45), (64, 384, 96), (5, 1, 1), (70, 33, 130)] {
+            let w = rnd(n * k, 5 + k as u64);
+            let mut w_t = vec![0f32; k * n];
+            for j in 0..n {
+                for t in 0..k {
+                    w_t[t * n + j] = w[j * k + t];
+                }
+            }
+            let (from_rows, new) = (PackedB::from_rows(&w, n, k), PackedB::new(&w_t, k, n));
+            assert_eq!(from_rows.tiles, new.tiles, "[{n}, {k}]");
+            let a = rnd(m * k, 9);
+            let want = gemm_bf16(&a, m, &new, None);
+            let bands = map_bands(&a, m, &from_rows, &|row0, band: &mut [f32]| {
+                (row0, band.to_vec())
+            });
+            let mut at = 0;
+            for (row0, band) in bands {
+                assert_eq!(row0 * n, at);
+                assert_eq!(
+                    band,
+                    want[at..at + band.len()],
+                    "[{m}, {k}, {n}] from row {row0}"
+                );
+                at += band.len();
+            }
+            assert_eq!(at, m * n);
+        }
     }
 
     /// Against a plain triple loop over the bf16-rounded inputs in f64, on shapes with every

@@ -135,7 +135,7 @@ impl Csr {
     }
 
     /// Build from per-row lists (already sorted by latent id).
-    fn from_rows(rows: Vec<Vec<(u32, f32)>>) -> Self {
+    pub(crate) fn from_rows(rows: Vec<Vec<(u32, f32)>>) -> Self {
         let mut ptr = Vec::with_capacity(rows.len() + 1);
         ptr.push(0);
         let nnz: usize = rows.iter().map(Vec::len).sum();
@@ -214,31 +214,35 @@ pub(crate) fn select_above(pre: &[f32], s: usize, threshold: f32) -> Csr {
 /// [`select_above`] (threshold 0) of `pre + bias` per row, for a `pre` computed without the
 /// encoder bias: the bias is added as the rows are scanned, 16 values at a time.
 pub(crate) fn select_above_biased(pre: &[f32], s: usize, bias: &[f32]) -> Csr {
-    let rows = pre
-        .par_chunks(s)
-        .map(|row| {
-            #[cfg(target_arch = "x86_64")]
-            if has_avx512() {
-                // SAFETY: the processor has AVX-512F (checked at run time).
-                return unsafe { above_zero_biased_avx512(row, bias) };
-            }
-            row.iter()
-                .zip(bias)
-                .enumerate()
-                .map(|(i, (&v, &b))| (i as u32, v + b))
-                .filter(|&(_, v)| v > 0.0)
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    Csr::from_rows(rows)
+    Csr::from_rows(
+        pre.par_chunks(s)
+            .map(|row| above_row_biased(row, bias, 0.0))
+            .collect(),
+    )
+}
+
+/// The `(id, row[i] + bias[i])` of one row whose value exceeds `threshold`, by id.
+pub(crate) fn above_row_biased(row: &[f32], bias: &[f32], threshold: f32) -> Vec<(u32, f32)> {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: the processor has AVX-512F (checked at run time).
+        return unsafe { above_biased_avx512(row, bias, threshold) };
+    }
+    row.iter()
+        .zip(bias)
+        .enumerate()
+        .map(|(i, (&v, &b))| (i as u32, v + b))
+        .filter(|&(_, v)| v > threshold)
+        .collect()
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-fn above_zero_biased_avx512(row: &[f32], bias: &[f32]) -> Vec<(u32, f32)> {
+fn above_biased_avx512(row: &[f32], bias: &[f32], threshold: f32) -> Vec<(u32, f32)> {
     use std::arch::x86_64::*;
     let mut out = Vec::new();
     let n = row.len().min(bias.len());
+    let thr = _mm512_set1_ps(threshold);
     for c in 0..n / 16 {
         // SAFETY: 16 values from 16c lie inside both slices; unaligned loads.
         let x = unsafe {
@@ -247,7 +251,7 @@ fn above_zero_biased_avx512(row: &[f32], bias: &[f32]) -> Vec<(u32, f32)> {
                 _mm512_loadu_ps(bias.as_ptr().add(16 * c)),
             )
         };
-        let mut m = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, _mm512_setzero_ps());
+        let mut m = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, thr);
         if m != 0 {
             let mut lanes = [0f32; 16];
             // SAFETY: `lanes` holds 16 floats.
@@ -261,7 +265,7 @@ fn above_zero_biased_avx512(row: &[f32], bias: &[f32]) -> Vec<(u32, f32)> {
     }
     for i in n / 16 * 16..n {
         let v = row[i] + bias[i];
-        if v > 0.0 {
+        if v > threshold {
             out.push((i as u32, v));
         }
     }
@@ -272,17 +276,20 @@ fn above_zero_biased_avx512(row: &[f32], bias: &[f32]) -> Vec<(u32, f32)> {
 pub(crate) fn select_topk_biased(pre: &[f32], s: usize, k: usize, bias: &[f32]) -> Csr {
     Csr::from_rows(
         pre.par_chunks(s)
-            .map(|r| {
-                #[cfg(target_arch = "x86_64")]
-                if k <= 48 && has_avx512() && bias.len() == r.len() {
-                    // SAFETY: the processor has AVX-512F (checked at run time).
-                    return unsafe { topk_row_avx512(r, Some(bias), k) };
-                }
-                let biased: Vec<f32> = r.iter().zip(bias).map(|(v, b)| v + b).collect();
-                topk_row(&biased, k, None)
-            })
+            .map(|r| topk_row_biased(r, bias, k))
             .collect(),
     )
+}
+
+/// The top `k` positive values of one row of `row + bias` (as [`topk_row`]).
+pub(crate) fn topk_row_biased(row: &[f32], bias: &[f32], k: usize) -> Vec<(u32, f32)> {
+    #[cfg(target_arch = "x86_64")]
+    if k <= 48 && has_avx512() && bias.len() == row.len() {
+        // SAFETY: the processor has AVX-512F (checked at run time).
+        return unsafe { topk_row_avx512(row, Some(bias), k) };
+    }
+    let biased: Vec<f32> = row.iter().zip(bias).map(|(v, b)| v + b).collect();
+    topk_row(&biased, k, None)
 }
 
 /// Per row, the latents whose value exceeds their own threshold (`thresholds[i]`, JumpReLU).

@@ -25,6 +25,7 @@ use super::linalg::{
     axpy, dot, gemm, select_above, select_above_biased, select_above_each, select_batch_topk,
     select_topk, select_topk_biased, select_topk_masked, sparse_rows_times, Csr, Mat, Transposed,
 };
+use super::screen;
 use crate::error::{Error, Result};
 
 /// The sparsifying non-linearity being trained.
@@ -706,9 +707,7 @@ impl TrainState {
         with_bias: bool,
     ) -> Vec<f32> {
         let (d, s) = (self.d, self.s);
-        let mut xc = x_nd.to_vec();
-        xc.par_chunks_mut(d)
-            .for_each(|r| r.iter_mut().zip(&self.b_dec).for_each(|(v, b)| *v -= b));
+        let xc = self.centred(x_nd);
         pre.resize(n * s, 0.0);
         if with_bias {
             pre.par_chunks_mut(s)
@@ -725,6 +724,14 @@ impl TrainState {
             Mat::t(&self.w_enc, d),
             with_bias,
         );
+        xc
+    }
+
+    /// `x − b_dec`, `[n, d]`.
+    fn centred(&self, x_nd: &[f32]) -> Vec<f32> {
+        let mut xc = x_nd.to_vec();
+        xc.par_chunks_mut(self.d)
+            .for_each(|r| r.iter_mut().zip(&self.b_dec).for_each(|(v, b)| *v -= b));
         xc
     }
 
@@ -973,6 +980,22 @@ impl TrainState {
                 self.recipe.activation,
                 TrainActivation::Relu | TrainActivation::TopK { .. }
             );
+        // Their selection from a bf16 screen where that is faster (exact: `screen`).
+        let rule = match self.recipe.activation {
+            TrainActivation::Relu => Some(screen::Rule::Positive),
+            TrainActivation::TopK { k } => Some(screen::Rule::TopK(k)),
+            _ => None,
+        };
+        if let Some(rule) = rule.filter(|_| {
+            bias_in_selection && self.recipe.kernels != Kernels::Dense && screen::pays(n, self.d, s)
+        }) {
+            let xc = self.centred(x_nd);
+            if let Some(f) = screen::select(&xc, n, &self.w_enc, &self.b_enc, rule) {
+                // The dense kernels' scratch (the screen needs none).
+                scratch.pre.resize(n * s, 0.0);
+                return self.encoded(xc, f, None, None, n);
+            }
+        }
         let xc = self.pre_activations(x_nd, n, &mut scratch.pre, !bias_in_selection);
         let pre = &mut scratch.pre;
         let (f, min_kept) = match self.recipe.activation {
@@ -997,6 +1020,19 @@ impl TrainState {
         } else {
             None
         };
+        self.encoded(xc, f, min_kept, aux, n)
+    }
+
+    /// The kernel choice for a selection `f`, with the rest of [`Self::encode`]'s result.
+    fn encoded(
+        &self,
+        xc: Vec<f32>,
+        f: Csr,
+        min_kept: Option<f32>,
+        aux: Option<Csr>,
+        n: usize,
+    ) -> Encoded {
+        let s = self.s;
         let density = f.nnz() as f64 / (n * s) as f64;
         let dense = match self.recipe.kernels {
             Kernels::Auto => density > self.recipe.dense_above,
@@ -1504,6 +1540,59 @@ mod tests {
                 assert!(
                     gs.log_threshold.iter().filter(|&&g| g != 0.0).count() >= s / 4,
                     "case {ci}: the STE window caught too few latents to test"
+                );
+            }
+        }
+    }
+
+    /// The encoder of a TopK / ReLU step at sizes where the bf16 screen runs (on processors with
+    /// AMX or AVX-512-BF16; elsewhere both sides are the f32 path) selects what the f32 GEMM's
+    /// pre-activations select, with their values up to f32 rounding.
+    #[test]
+    fn the_screened_encoder_selects_what_the_f32_encoder_selects() {
+        let (n, d, s) = (600, 64, 1024);
+        let x = rnd(n * d, 7, 1.0);
+        for act in [TrainActivation::TopK { k: 16 }, TrainActivation::Relu] {
+            let recipe = Recipe {
+                activation: act,
+                groups: vec![],
+                aux_k: 0,
+                aux_coef: 0.0,
+                dead_window_patches: 100,
+                unit_norm_decoder: true,
+                max_grad_norm: None,
+                kernels: Kernels::Auto,
+                dense_above: 0.05,
+                relu_init_density: None,
+            };
+            // b_enc −0.7: a ReLU keeps about 2% (pre-activations have std ≈ 0.33).
+            let st = TrainState::new(
+                rnd(s * d, 1, 0.125),
+                vec![-0.7; s],
+                rnd(s * d, 3, 0.125),
+                rnd(d, 4, 0.1),
+                recipe,
+            )
+            .unwrap();
+            let mut scratch = Scratch::default();
+            let got = st.encode(&x, n, &mut scratch).f;
+            let mut pre = Vec::new();
+            st.pre_activations(&x, n, &mut pre, true);
+            let keep = match act {
+                TrainActivation::TopK { k } => chosen(&pre, s, k, false, None),
+                _ => pre.iter().map(|&v| v > 0.0).collect(),
+            };
+            let want: Vec<usize> = (0..n * s).filter(|&i| keep[i]).collect();
+            let got_at: Vec<usize> = (0..n)
+                .flat_map(|r| got.row(r).0.iter().map(move |&j| r * s + j as usize))
+                .collect();
+            assert_eq!(got_at, want, "{act:?}");
+            assert!(want.len() > n, "{act:?}: {} selected", want.len());
+            for (&at, &v) in got_at.iter().zip(&got.val) {
+                assert!(
+                    (v - pre[at]).abs() <= 1e-5,
+                    "{act:?} at {at}: {v} vs {}",
+                    pre[at]
                 );
             }
         }

@@ -1,0 +1,399 @@
+//! The encoder's selection (TopK, ReLU) from a bfloat16 screen, exact: a bf16 GEMM finds the
+//! few entries of each row that could be selected, and only those are computed in f32.
+//!
+//! The encoder pass `pre = (x − b_dec)·W_encᵀ + b_enc` is the one dense GEMM of a sparse SAE
+//! step — half of a TopK step at d_sae = 16·d. Only its selection is used: the top `k` positive
+//! entries of each row (TopK) or its positive entries (ReLU). Where the processor multiplies
+//! bfloat16 faster than f32 (AMX: ~3×; AVX-512-BF16 on AMD Zen 4: 2×), the GEMM runs on the
+//! operands rounded to bf16, and each estimate `ê` is within a proven bound of the exact
+//! `e = x·w` (Higham, *Accuracy and Stability of Numerical Algorithms*, §3.1):
+//!
+//! ```text
+//! |e − ê| ≤ (2u + u² + 2γ_d) Σ_t |x_t w_t| + (d + 2 + ‖x‖₁ + ‖w‖₁) 2⁻¹²⁶,
+//! u = 2⁻⁹ (bf16, round to nearest), γ_d = d 2⁻²⁴ / (1 − d 2⁻²⁴) (each side's f32 sum),
+//! Σ_t |x_t w_t| ≤ min(‖x‖₂ max‖w‖₂, ‖x‖₁ max‖w‖∞, ‖x‖∞ max‖w‖₁)   (Hölder),
+//! ```
+//!
+//! the last term covering the subnormals that AMX flushes. With `B` that bound for a row (plus
+//! the f32 roundings of the bias additions), an entry can be among the exact top `k` only if
+//! its estimate is within `2B` of the `k`-th largest estimate, and can be positive only if its
+//! estimate exceeds `−B`. Those candidates — about 1.5 k per row on the benchmark's data — are
+//! recomputed in f32 and the selection runs on them, so the result is the selection of the
+//! f32 pre-activations for every input: no tolerance, no sampling. A band of 32 rows with more
+//! candidates than 1/8 of its entries (a dense ReLU early in training) is computed by the f32
+//! GEMM instead. On AMX the estimates of a band are selected while in cache and never stored.
+//!
+//! ```text
+//! let f = screen::select(&xc, n, &w_enc, &b_enc, Rule::TopK(32)); // Some(Csr) where it pays
+//! ```
+
+use rayon::prelude::*;
+
+use super::linalg::{above_row_biased, gemm, topk_row_biased, Csr, Mat};
+use crate::backbone::amx::{bf16_kernel, map_bands, Bf16Kernel, PackedB};
+
+/// Which entries of a row the encoder keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Rule {
+    /// The `k` largest positive values (ties: lower id first).
+    TopK(usize),
+    /// Every positive value.
+    Positive,
+}
+
+/// Whether [`select`] runs on this machine for these sizes: a bf16 kernel faster than the f32
+/// GEMM (AMX, or AVX-512-BF16 where it is the default), and a GEMM big enough to repay packing
+/// `W_enc`. `SAEV_SAE_SCREEN=off` turns it off (to compare).
+pub(crate) fn pays(n: usize, d: usize, s: usize) -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let off = *OFF.get_or_init(|| std::env::var("SAEV_SAE_SCREEN").as_deref() == Ok("off"));
+    !off && matches!(bf16_kernel(), Bf16Kernel::Amx | Bf16Kernel::Avx512Bf16)
+        && d >= 64
+        && n >= 256
+        && s >= 512
+}
+
+/// The rows of `xc·W_encᵀ + b_enc` selected by `rule`, each as (id, f32 value) by id; `xc` is
+/// `[n, d]`, `w_enc` `[s, d]`. None when an input is not finite (the caller's f32 path then
+/// meets it as usual).
+pub(crate) fn select(
+    xc: &[f32],
+    n: usize,
+    w_enc: &[f32],
+    b_enc: &[f32],
+    rule: Rule,
+) -> Option<Csr> {
+    let s = b_enc.len();
+    let d = w_enc.len() / s.max(1);
+    assert_eq!(xc.len(), n * d, "screen::select: xc is not [{n}, {d}]");
+    let bounds = row_bounds(xc, d, w_enc)?;
+    let packed = PackedB::from_rows(w_enc, s, d);
+    let bands = map_bands(xc, n, &packed, &|row0, est: &mut [f32]| {
+        screen_band(xc, d, w_enc, b_enc, rule, row0, est, &bounds)
+    });
+    let rows: Vec<Screened> = bands.into_iter().flatten().collect();
+    let cands: Vec<&[u32]> = rows
+        .iter()
+        .map(|r| match r {
+            Screened::Candidates(ids) => ids.as_slice(),
+            Screened::Selected(_) => &[],
+        })
+        .collect();
+    let values = exact_values(xc, d, w_enc, &cands);
+    Some(Csr::from_rows(
+        rows.into_par_iter()
+            .zip(values)
+            .map(|(row, vals)| match row {
+                Screened::Candidates(ids) => {
+                    let cand = ids
+                        .iter()
+                        .zip(vals)
+                        .map(|(&j, v)| (j, v + b_enc[j as usize]))
+                        .collect();
+                    keep(cand, rule)
+                }
+                Screened::Selected(selected) => selected,
+            })
+            .collect(),
+    ))
+}
+
+/// A row after the screen.
+enum Screened {
+    /// The latents that could be selected (their f32 values decide).
+    Candidates(Vec<u32>),
+    /// The selection itself (a band too dense to screen went through the f32 GEMM).
+    Selected(Vec<(u32, f32)>),
+}
+
+/// Rows whose candidates are computed together, latent by latent: their `x` rows (768 KiB at
+/// d = 384) stay in L2 while each candidate latent's `W_enc` row is read once per group, where
+/// row by row it would be fetched once per candidate (≈ 50 × 1.5 KiB per row from L3).
+const GROUP_ROWS: usize = 512;
+
+/// `xc[i] · w_enc[j]` for each candidate `j` of each row `i` (see [`GROUP_ROWS`]).
+fn exact_values(xc: &[f32], d: usize, w_enc: &[f32], cands: &[&[u32]]) -> Vec<Vec<f32>> {
+    let s = w_enc.len() / d.max(1);
+    cands
+        .par_chunks(GROUP_ROWS)
+        .enumerate()
+        .flat_map_iter(|(g, rows)| {
+            let x = &xc[g * GROUP_ROWS * d..];
+            // Counting sort of the group's (row, slot) pairs by latent.
+            let mut start = vec![0u32; s + 1];
+            for &j in rows.iter().copied().flatten() {
+                start[j as usize + 1] += 1;
+            }
+            for j in 0..s {
+                start[j + 1] += start[j];
+            }
+            let mut next = start.clone();
+            let mut pairs = vec![(0u32, 0u32); start[s] as usize];
+            for (r, row) in rows.iter().enumerate() {
+                for (slot, &j) in row.iter().enumerate() {
+                    pairs[next[j as usize] as usize] = (r as u32, slot as u32);
+                    next[j as usize] += 1;
+                }
+            }
+            let mut vals: Vec<Vec<f32>> = rows.iter().map(|r| vec![0f32; r.len()]).collect();
+            for j in 0..s {
+                let w = &w_enc[j * d..(j + 1) * d];
+                for &(r, slot) in &pairs[start[j] as usize..start[j + 1] as usize] {
+                    let r = r as usize;
+                    vals[r][slot as usize] = exact(&x[r * d..(r + 1) * d], w);
+                }
+            }
+            vals
+        })
+        .collect()
+}
+
+/// One band of rows: each row's candidates, from the estimates `est` (`[rows, s]`, no bias) —
+/// or, for a band too dense to screen, its selection on the f32 GEMM's values.
+#[allow(clippy::too_many_arguments)]
+fn screen_band(
+    xc: &[f32],
+    d: usize,
+    w_enc: &[f32],
+    b_enc: &[f32],
+    rule: Rule,
+    row0: usize,
+    est: &mut [f32],
+    bounds: &[f32],
+) -> Vec<Screened> {
+    let s = b_enc.len();
+    let rows = est.len() / s;
+    let candidates: Vec<Vec<u32>> = (0..rows)
+        .map(|r| {
+            let (row, b) = (&est[r * s..(r + 1) * s], bounds[row0 + r]);
+            above_row_biased(row, b_enc, threshold(row, b_enc, b, rule))
+                .into_iter()
+                .map(|e| e.0)
+                .collect()
+        })
+        .collect();
+    if candidates.iter().map(Vec::len).sum::<usize>() * 8 <= rows * s {
+        return candidates.into_iter().map(Screened::Candidates).collect();
+    }
+    let x_rows = &xc[row0 * d..(row0 + rows) * d];
+    gemm(
+        rows,
+        s,
+        d,
+        est,
+        0,
+        s,
+        Mat::rows(x_rows, d),
+        Mat::t(w_enc, d),
+        false,
+    );
+    (0..rows)
+        .map(|r| {
+            let row = &est[r * s..(r + 1) * s];
+            Screened::Selected(match rule {
+                Rule::TopK(k) => topk_row_biased(row, b_enc, k),
+                Rule::Positive => above_row_biased(row, b_enc, 0.0),
+            })
+        })
+        .collect()
+}
+
+/// The estimate (with bias) an entry must exceed to be a candidate of its row.
+fn threshold(est: &[f32], b_enc: &[f32], bound: f32, rule: Rule) -> f32 {
+    // −B − (its f32 rounding): below it an entry is ≤ 0 exactly.
+    let floor = -bound * (1.0 + 2f32.powi(-20));
+    let t = match rule {
+        Rule::Positive => floor,
+        Rule::TopK(k) => {
+            let top = topk_row_biased(est, b_enc, k);
+            match top.iter().map(|e| e.1).reduce(f32::min) {
+                // k positive estimates: an entry more than 2B below the k-th is below k others
+                // exactly (the bias additions' roundings: 2⁻²⁰ of the values' size).
+                Some(kth) if top.len() == k => {
+                    (kth - 2.0 * bound - (kth.abs() + 2.0 * bound) * 2f32.powi(-20)).max(floor)
+                }
+                // Fewer than k: the k-th largest estimate is ≤ 0, so only positivity decides.
+                _ => floor,
+            }
+        }
+    };
+    // Candidates are the values strictly above: one ulp below keeps ties with `t`.
+    t.next_down()
+}
+
+/// The selection among a row's candidates (by id, with their f32 values).
+fn keep(mut cand: Vec<(u32, f32)>, rule: Rule) -> Vec<(u32, f32)> {
+    cand.retain(|&(_, v)| v > 0.0);
+    if let Rule::TopK(k) = rule {
+        if cand.len() > k {
+            cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            cand.truncate(k);
+            cand.sort_unstable_by_key(|&(i, _)| i);
+        }
+    }
+    cand
+}
+
+/// Each row's bound `B` on |estimate − exact| (see the module docs), rounded up; None when an
+/// input or a bound is not finite.
+fn row_bounds(xc: &[f32], d: usize, w_enc: &[f32]) -> Option<Vec<f32>> {
+    // (‖·‖₂, ‖·‖₁, ‖·‖∞) of a vector: f32 sums in 16 lanes (they vectorise), each within
+    // γ_d of its value — covered by the rounding up below.
+    let norms = |v: &[f32]| {
+        let (mut l2, mut l1, mut inf) = ([0f32; 16], [0f32; 16], [0f32; 16]);
+        let chunks = v.chunks_exact(16);
+        let tail = chunks.remainder();
+        for c in chunks {
+            for t in 0..16 {
+                let a = c[t].abs();
+                l2[t] += a * a;
+                l1[t] += a;
+                inf[t] = if a > inf[t] { a } else { inf[t] };
+            }
+        }
+        for (t, &x) in tail.iter().enumerate() {
+            let a = x.abs();
+            l2[t] += a * a;
+            l1[t] += a;
+            inf[t] = inf[t].max(a);
+        }
+        let sum = |l: [f32; 16]| l.iter().map(|&v| f64::from(v)).sum::<f64>();
+        // NaN anywhere makes ‖·‖₁ NaN (the max alone would skip it).
+        [
+            sum(l2).sqrt(),
+            sum(l1),
+            inf.iter().fold(0f64, |m, &v| m.max(f64::from(v))),
+        ]
+    };
+    let w_max = w_enc
+        .par_chunks(d)
+        .map(|w| {
+            // A NaN row must not vanish in the max: it makes the maxima infinite.
+            let n = norms(w);
+            if n.iter().all(|v| v.is_finite()) {
+                n
+            } else {
+                [f64::INFINITY; 3]
+            }
+        })
+        .reduce(
+            || [0.0; 3],
+            |a, b| [a[0].max(b[0]), a[1].max(b[1]), a[2].max(b[2])],
+        );
+    let (u, eps) = (2f64.powi(-9), 2f64.powi(-24));
+    let gamma = d as f64 * eps / (1.0 - d as f64 * eps);
+    let c = 2.0 * u + u * u + 2.0 * gamma;
+    let tiny = 2f64.powi(-126);
+    let bounds: Vec<f32> = xc
+        .par_chunks(d)
+        .map(|x| {
+            let [l2, l1, inf] = norms(x);
+            let sum_abs = (l2 * w_max[0]).min(l1 * w_max[2]).min(inf * w_max[1]);
+            let b = c * sum_abs + (d as f64 + 2.0 + l1 + w_max[1]) * tiny;
+            // Rounded up past the f32 sums' error (≤ γ_d each) and the cast.
+            (b * (1.0 + (d as f64 + 2.0) * 2f64.powi(-22))) as f32
+        })
+        .collect();
+    (w_max.iter().all(|v| v.is_finite())
+        && bounds.iter().all(|b| b.is_finite() && *b * 8.0 < f32::MAX))
+    .then_some(bounds)
+}
+
+/// `x · w` in f32 (linalg's fixed-order dot): the value a candidate is selected on.
+fn exact(x: &[f32], w: &[f32]) -> f32 {
+    super::linalg::dot(x, w)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backbone::amx::tests::rnd;
+
+    /// The selection of every entry computed as the screen computes a candidate.
+    fn reference(xc: &[f32], n: usize, w: &[f32], b: &[f32], rule: Rule) -> Vec<Vec<(u32, f32)>> {
+        let (s, d) = (b.len(), xc.len() / n);
+        (0..n)
+            .map(|i| {
+                let all: Vec<(u32, f32)> = (0..s)
+                    .map(|j| {
+                        (
+                            j as u32,
+                            exact(&xc[i * d..(i + 1) * d], &w[j * d..(j + 1) * d]) + b[j],
+                        )
+                    })
+                    .collect();
+                keep(all, rule)
+            })
+            .collect()
+    }
+
+    fn rows(c: &Csr) -> Vec<Vec<(u32, f32)>> {
+        (0..c.n_rows())
+            .map(|r| {
+                let (i, v) = c.row(r);
+                i.iter().copied().zip(v.iter().copied()).collect()
+            })
+            .collect()
+    }
+
+    /// Equal to the selection of all entries, bit for bit — on random rows, and on latents made
+    /// near-duplicates of one another (their values closer than the bf16 error, so the order
+    /// among them is decided only by the f32 values), whatever kernel this processor runs.
+    #[test]
+    fn selects_what_the_exact_values_select() {
+        let (n, d, s) = (600, 96, 640);
+        let xc = rnd(n * d, 1);
+        let mut w = rnd(s * d, 2);
+        // Latents 0..160: 16 clusters of 10 near-copies, 1e-4 apart (bf16 resolves 4e-3).
+        for j in 0..160 {
+            let (base, twin) = (j / 10 * 10, j % 10);
+            for t in 0..d {
+                w[j * d + t] = w[base * d + t] * (1.0 + 1e-4 * twin as f32);
+            }
+        }
+        let b: Vec<f32> = rnd(s, 3).iter().map(|v| v * 0.5).collect();
+        // (Values have std ≈ 3.3: ReLU with b − 6 keeps about 3% of them.)
+        let b_sparse: Vec<f32> = b.iter().map(|v| v - 6.0).collect();
+        for (rule, b) in [
+            (Rule::TopK(32), &b),
+            (Rule::TopK(5), &b),
+            (Rule::TopK(1), &b_sparse),
+            (Rule::Positive, &b_sparse),
+        ] {
+            let got = select(&xc, n, &w, b, rule).expect("finite inputs");
+            let want = reference(&xc, n, &w, b, rule);
+            assert_eq!(rows(&got), want, "{rule:?}");
+            assert!(want.iter().any(|r| !r.is_empty()));
+        }
+        // A ReLU row band too dense to screen (bias +3: most entries positive) goes through
+        // the f32 GEMM: the same selection up to its own f32 rounding.
+        let b_dense = vec![3f32; s];
+        let got = rows(&select(&xc, n, &w, &b_dense, Rule::Positive).expect("finite inputs"));
+        let want = reference(&xc, n, &w, &b_dense, Rule::Positive);
+        for (g, w) in got.iter().zip(&want) {
+            let (g, w): (
+                std::collections::HashMap<u32, f32>,
+                std::collections::HashMap<_, _>,
+            ) = (g.iter().copied().collect(), w.iter().copied().collect());
+            // Entries within f32 rounding (≈1e-6 of the terms, |x·w| ≲ 20) of zero may differ;
+            // every other one is the same.
+            for (j, v) in w.iter().filter(|e| *e.1 > 1e-4) {
+                assert!((g[j] - v).abs() <= 1e-4, "latent {j}: {} vs {v}", g[j]);
+            }
+            assert!(g.iter().all(|(j, v)| *v <= 1e-4 || w.contains_key(j)));
+            assert!(g.len() * 2 > s);
+        }
+    }
+
+    #[test]
+    fn non_finite_inputs_are_left_to_the_f32_path() {
+        let (n, d, s) = (4, 64, 32);
+        let (xc, w) = (rnd(n * d, 1), rnd(s * d, 2));
+        assert!(select(&xc, n, &w, &vec![0.0; s], Rule::Positive).is_some());
+        for (at_x, v) in [(true, f32::NAN), (false, f32::NAN), (true, f32::INFINITY)] {
+            let (mut xc, mut w) = (xc.clone(), w.clone());
+            *if at_x { &mut xc[5] } else { &mut w[70] } = v;
+            assert!(select(&xc, n, &w, &vec![0.0; s], Rule::Positive).is_none());
+        }
+    }
+}
