@@ -8,6 +8,8 @@
 //! step and dense torch TopK, TopK + AuxK and BatchTopK steps on the same sizes in the same
 //! run, and print the ratios.
 //! `SAEV_BENCH_ONLY=<a case's name>` (or `<prefix>*`) times only that case (to profile one).
+//! On AMX, TopK and ReLU select from an exact bf16 screen of the encoder (`sae::screen`);
+//! `SAEV_SAE_SCREEN=off` times them on the f32 encoder GEMM instead (to compare).
 
 use std::process::Command;
 use std::time::Instant;

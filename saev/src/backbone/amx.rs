@@ -237,9 +237,9 @@ pub(crate) fn gemm_bf16_then(
 }
 
 /// `f(first_row, band)` on each band of up to 32 whole rows of `C = A·B` (`a_mk`: `[m, k]`),
-/// in order; returns the results. On AMX each band is computed into a per-thread scratch that
-/// is reused while in cache, so `C` (`[m, n]`) is never stored: a consumer that reduces each
-/// band (a selection) pays no `m · n` array. Elsewhere `C` is computed whole, then mapped.
+/// in order; returns the results. Each band is computed into a per-thread scratch that is
+/// reused while in cache, so `C` (`[m, n]`) is never stored: a consumer that reduces each band
+/// (a selection) pays no `m · n` array. (The f32 kernel computes `C` whole, then maps it.)
 ///
 /// # Panics
 /// If `a_mk.len() != m * k` (a caller's bug).
@@ -253,17 +253,30 @@ pub(crate) fn map_bands<T: Send>(
     assert_eq!(a_mk.len(), m * k, "map_bands: A is not [{m}, {k}]");
     let band_rows = 2 * TN;
     #[cfg(target_arch = "x86_64")]
-    if bf16_kernel() == Bf16Kernel::Amx && n > 0 && k > 0 {
+    if bf16_kernel() != Bf16Kernel::F32 && n > 0 && k > 0 {
         let a = pack_a(a_mk, m, k, b.kb);
+        let amx = bf16_kernel() == Bf16Kernel::Amx;
         return (0..m.div_ceil(band_rows))
             .into_par_iter()
             .map_init(
                 || vec![0f32; band_rows * n],
                 |scratch, band| {
                     let rows = (m - band * band_rows).min(band_rows);
-                    // SAFETY: AMX is available (bf16_kernel); `a` holds the band's 2 × kb
-                    // tiles and the spare; `scratch` is 32 rows of n.
-                    unsafe { amx_band(&a, b, band, scratch.as_mut_ptr(), rows) };
+                    let c = scratch.as_mut_ptr();
+                    // SAFETY: the kernel's instructions are present (bf16_kernel); `a` holds
+                    // the band's 2 × kb tiles and the spare; `scratch` is 32 rows of n, the
+                    // second tile row's 16 from row 16.
+                    unsafe {
+                        if amx {
+                            amx_band(&a, b, band, c, rows);
+                        } else {
+                            let tiles = &a[2 * band * b.kb * TILE..];
+                            dpbf16_band(tiles, b, c, rows.min(TN));
+                            if rows > TN {
+                                dpbf16_band(&tiles[b.kb * TILE..], b, c.add(TN * n), rows - TN);
+                            }
+                        }
+                    }
                     f(band * band_rows, &mut scratch[..rows * n])
                 },
             )
@@ -339,7 +352,7 @@ fn dpbf16_gemm(
     b: &PackedB,
     epilogue: &(dyn Fn(usize, &mut [f32]) + Sync),
 ) -> Vec<f32> {
-    let (k, n, kb, nb) = (b.k, b.n, b.kb, b.nb);
+    let (k, n, kb) = (b.k, b.n, b.kb);
     let a = pack_a(a_mk, m, k, kb);
     let mut c = vec![0f32; m * n];
     // One 16-row band of C (one row of A tiles) per task.
@@ -347,39 +360,51 @@ fn dpbf16_gemm(
         .enumerate()
         .for_each(|(band, c_rows)| {
             let rows = c_rows.len() / n;
-            let a_band = &a[band * kb * TILE..];
-            for q in 0..nb / 2 {
-                let c0 = q * 2 * TN;
-                if c0 >= n {
-                    break;
-                }
-                let cols = (2 * TN).min(n - c0);
-                for half in 0..2 {
-                    let r0 = half * 8;
-                    if r0 >= rows {
-                        break;
-                    }
-                    // SAFETY: avx512bf16 was detected (bf16_kernel); the pointers address whole
-                    // tiles inside `a` (kb tiles per band) and `b.tiles` (kb per column block),
-                    // rows r0..r0 + 8 of a 16-row tile; C's block is rows r0.. of this band,
-                    // columns c0..c0 + cols, bounded by `rows` and `cols`.
-                    unsafe {
-                        dpbf16_block(
-                            a_band[r0 * TK..].as_ptr(),
-                            b.tiles[(2 * q) * kb * TILE..].as_ptr(),
-                            b.tiles[(2 * q + 1) * kb * TILE..].as_ptr(),
-                            kb,
-                            c_rows[r0 * n + c0..].as_mut_ptr(),
-                            n,
-                            (rows - r0).min(8),
-                            cols,
-                        );
-                    }
-                }
-            }
+            // SAFETY: avx512bf16 was detected (bf16_kernel); `a` holds the band's kb tiles;
+            // c_rows is `rows` rows of n.
+            unsafe { dpbf16_band(&a[band * kb * TILE..], b, c_rows.as_mut_ptr(), rows) };
             epilogue(band * TN, c_rows);
         });
     c
+}
+
+/// One band of `rows ≤ 16` rows of `C = A·B` on AVX-512-BF16: one row of A tiles (`a`, `kb`
+/// tiles) against every B column pair, into `c` (`rows` rows of n).
+///
+/// # Safety
+/// The processor has AVX-512F and AVX-512-BF16; `a` holds `b.kb` tiles; `c` is valid for
+/// `rows · n` f32 writes.
+#[cfg(target_arch = "x86_64")]
+unsafe fn dpbf16_band(a: &[u16], b: &PackedB, c: *mut f32, rows: usize) {
+    let (n, kb, nb) = (b.n, b.kb, b.nb);
+    for q in 0..nb / 2 {
+        let c0 = q * 2 * TN;
+        if c0 >= n {
+            break;
+        }
+        let cols = (2 * TN).min(n - c0);
+        for half in 0..2 {
+            let r0 = half * 8;
+            if r0 >= rows {
+                break;
+            }
+            // SAFETY: the pointers address whole tiles inside `a` (kb tiles) and `b.tiles` (kb
+            // per column block), rows r0..r0 + 8 of a 16-row tile; C's block is rows r0.. of
+            // this band, columns c0..c0 + cols, bounded by `rows` and `cols`.
+            unsafe {
+                dpbf16_block(
+                    a[r0 * TK..].as_ptr(),
+                    b.tiles[(2 * q) * kb * TILE..].as_ptr(),
+                    b.tiles[(2 * q + 1) * kb * TILE..].as_ptr(),
+                    kb,
+                    c.add(r0 * n + c0),
+                    n,
+                    (rows - r0).min(8),
+                    cols,
+                );
+            }
+        }
+    }
 }
 
 /// `C[rows, cols] = Σ_k-blocks A·B` for 8 rows of an A tile band and two B column tiles.
