@@ -318,12 +318,7 @@ fn topk_row(row: &[f32], k: usize, mask: Option<&[bool]>) -> Vec<(u32, f32)> {
     if k > 48 {
         // Large k (AuxK): select among the candidates, then order by id. The comparator is a
         // total order (value desc, id asc), so the result is deterministic.
-        let mut cand: Vec<(u32, f32)> = row
-            .iter()
-            .enumerate()
-            .filter(|&(i, &v)| v > 0.0 && allowed(i))
-            .map(|(i, &v)| (i as u32, v))
-            .collect();
+        let mut cand = positive_allowed(row, mask);
         let by = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         if cand.len() > k {
             cand.select_nth_unstable_by(k - 1, by);
@@ -355,6 +350,60 @@ fn topk_row(row: &[f32], k: usize, mask: Option<&[bool]>) -> Vec<(u32, f32)> {
     }
     best.sort_unstable_by_key(|&(i, _)| i);
     best
+}
+
+/// The `(id, value)` of a row's positive values (among `mask`'s latents), by id.
+fn positive_allowed(row: &[f32], mask: Option<&[bool]>) -> Vec<(u32, f32)> {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() && mask.is_none_or(|m| m.len() == row.len()) {
+        // SAFETY: the processor has AVX-512F (checked at run time); the mask is as long.
+        return unsafe { positive_allowed_avx512(row, mask) };
+    }
+    row.iter()
+        .enumerate()
+        .filter(|&(i, &v)| v > 0.0 && mask.is_none_or(|m| m[i]))
+        .map(|(i, &v)| (i as u32, v))
+        .collect()
+}
+
+/// [`positive_allowed`] 16 values at a time, without branches: each chunk's kept lanes are
+/// compressed into the output (the scalar filter mispredicts on every other value of a row
+/// whose signs are random, as AuxK's dead latents' are).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn positive_allowed_avx512(row: &[f32], mask: Option<&[bool]>) -> Vec<(u32, f32)> {
+    use std::arch::x86_64::*;
+    let len = row.len();
+    let (mut ids, mut vals) = (vec![0u32; len + 16], vec![0f32; len + 16]);
+    let mut m = 0;
+    let iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for c in 0..len / 16 {
+        // SAFETY: 16 values (and mask bytes) from 16c lie inside the row (and the mask); the
+        // stores write at most 16 values from m ≤ 16c inside the len + 16 buffers.
+        unsafe {
+            let x = _mm512_loadu_ps(row.as_ptr().add(16 * c));
+            let mut keep = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, _mm512_setzero_ps());
+            if let Some(mask) = mask {
+                let bytes = _mm_loadu_si128(mask.as_ptr().add(16 * c) as *const __m128i);
+                keep &= _mm512_test_epi32_mask(_mm512_cvtepu8_epi32(bytes), _mm512_set1_epi32(1));
+            }
+            let at = _mm512_add_epi32(iota, _mm512_set1_epi32((16 * c) as i32));
+            _mm512_mask_compressstoreu_ps(vals.as_mut_ptr().add(m) as *mut _, keep, x);
+            _mm512_mask_compressstoreu_epi32(ids.as_mut_ptr().add(m) as *mut _, keep, at);
+            m += keep.count_ones() as usize;
+        }
+    }
+    for i in len / 16 * 16..len {
+        if row[i] > 0.0 && mask.is_none_or(|mk| mk[i]) {
+            (ids[m], vals[m]) = (i as u32, row[i]);
+            m += 1;
+        }
+    }
+    ids[..m]
+        .iter()
+        .copied()
+        .zip(vals[..m].iter().copied())
+        .collect()
 }
 
 /// [`topk_row`] without a mask, 16 values at a time: a chunk is skipped unless one of its values
@@ -802,6 +851,22 @@ mod tests {
                 want,
                 "len {len}, k {k}, kind {kind}"
             );
+        }
+        // The large-k path (AuxK's: compressed positive candidates, then a selection) against
+        // sorting, with a mask, ragged tails and ties.
+        for (len, k) in [(6144, 192), (1000, 60), (37, 50), (70, 49)] {
+            let row: Vec<f32> = (0..len)
+                .map(|i| ((i * 7919 + len) % 211) as f32 / 10.0 - 10.0)
+                .collect();
+            let mask: Vec<bool> = (0..len).map(|i| i % 3 != 1).collect();
+            let mut want: Vec<(u32, f32)> = (0..len)
+                .filter(|&i| row[i] > 0.0 && mask[i])
+                .map(|i| (i as u32, row[i]))
+                .collect();
+            want.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            want.truncate(k);
+            want.sort_unstable_by_key(|&(i, _)| i);
+            assert_eq!(topk_row(&row, k, Some(&mask)), want, "len {len}, k {k}");
         }
         // The large-k path (selection) agrees with the small-k path (insertion).
         let row: Vec<f32> = (0..500)
