@@ -980,20 +980,22 @@ impl TrainState {
                 self.recipe.activation,
                 TrainActivation::Relu | TrainActivation::TopK { .. }
             );
-        // Their selection from a bf16 screen where that is faster (exact: `screen`).
+        // TopK's and ReLU's selections from a bf16 screen where that is faster (exact:
+        // `screen`); AuxK's then from the f32 pre-activations of the dead latents only.
         let rule = match self.recipe.activation {
             TrainActivation::Relu => Some(screen::Rule::Positive),
             TrainActivation::TopK { k } => Some(screen::Rule::TopK(k)),
             _ => None,
         };
-        if let Some(rule) = rule.filter(|_| {
-            bias_in_selection && self.recipe.kernels != Kernels::Dense && screen::pays(n, self.d, s)
-        }) {
+        if let Some(rule) =
+            rule.filter(|_| self.recipe.kernels != Kernels::Dense && screen::pays(n, self.d, s))
+        {
             let xc = self.centred(x_nd);
             if let Some(f) = screen::select(&xc, n, &self.w_enc, &self.b_enc, rule) {
+                let aux = with_aux.then(|| self.aux_among_dead(&xc, n, &dead));
                 // The dense kernels' scratch (the screen needs none).
                 scratch.pre.resize(n * s, 0.0);
-                return self.encoded(xc, f, None, None, n);
+                return self.encoded(xc, f, None, aux, n);
             }
         }
         let xc = self.pre_activations(x_nd, n, &mut scratch.pre, !bias_in_selection);
@@ -1021,6 +1023,41 @@ impl TrainState {
             None
         };
         self.encoded(xc, f, min_kept, aux, n)
+    }
+
+    /// AuxK's selection (the top `aux_k` positive pre-activations of the dead latents) from
+    /// the f32 GEMM of the dead latents' columns alone: what `select_topk_masked` keeps of the
+    /// whole pre-activations (the dead latents in id order, so ties resolve the same way).
+    fn aux_among_dead(&self, xc: &[f32], n: usize, dead: &[bool]) -> Csr {
+        let d = self.d;
+        let ids: Vec<u32> = (0..self.s as u32).filter(|&i| dead[i as usize]).collect();
+        let nd = ids.len();
+        let mut w = Vec::with_capacity(nd * d);
+        for &i in &ids {
+            w.extend_from_slice(&self.w_enc[i as usize * d..(i as usize + 1) * d]);
+        }
+        let mut pre = vec![0f32; n * nd];
+        pre.par_chunks_mut(nd.max(1)).for_each(|r| {
+            for (v, &i) in r.iter_mut().zip(&ids) {
+                *v = self.b_enc[i as usize];
+            }
+        });
+        gemm(
+            n,
+            nd,
+            d,
+            &mut pre,
+            0,
+            nd,
+            Mat::rows(xc, d),
+            Mat::t(&w, d),
+            true,
+        );
+        let mut z = select_topk(&pre, nd.max(1), self.recipe.aux_k);
+        for j in z.idx.iter_mut() {
+            *j = ids[*j as usize];
+        }
+        z
     }
 
     /// The kernel choice for a selection `f`, with the rest of [`Self::encode`]'s result.
@@ -1545,19 +1582,24 @@ mod tests {
         }
     }
 
-    /// The encoder of a TopK / ReLU step at sizes where the bf16 screen runs (on processors with
+    /// The encoder of a TopK / ReLU / TopK + AuxK step at sizes where the bf16 screen runs (on processors with
     /// AMX or AVX-512-BF16; elsewhere both sides are the f32 path) selects what the f32 GEMM's
     /// pre-activations select, with their values up to f32 rounding.
     #[test]
     fn the_screened_encoder_selects_what_the_f32_encoder_selects() {
         let (n, d, s) = (600, 64, 1024);
         let x = rnd(n * d, 7, 1.0);
-        for act in [TrainActivation::TopK { k: 16 }, TrainActivation::Relu] {
+        let cases = [
+            (TrainActivation::TopK { k: 16 }, 0),
+            (TrainActivation::Relu, 0),
+            (TrainActivation::TopK { k: 16 }, 4),
+        ];
+        for (act, aux_k) in cases {
             let recipe = Recipe {
                 activation: act,
                 groups: vec![],
-                aux_k: 0,
-                aux_coef: 0.0,
+                aux_k,
+                aux_coef: 1.0 / 32.0,
                 dead_window_patches: 100,
                 unit_norm_decoder: true,
                 max_grad_norm: None,
@@ -1566,7 +1608,7 @@ mod tests {
                 relu_init_density: None,
             };
             // b_enc −0.7: a ReLU keeps about 2% (pre-activations have std ≈ 0.33).
-            let st = TrainState::new(
+            let mut st = TrainState::new(
                 rnd(s * d, 1, 0.125),
                 vec![-0.7; s],
                 rnd(s * d, 3, 0.125),
@@ -1574,8 +1616,13 @@ mod tests {
                 recipe,
             )
             .unwrap();
+            // A third of the latents dead, for AuxK.
+            for c in st.since_fired.iter_mut().step_by(3) {
+                *c = 1000;
+            }
             let mut scratch = Scratch::default();
-            let got = st.encode(&x, n, &mut scratch).f;
+            let enc = st.encode(&x, n, &mut scratch);
+            let got = enc.f;
             let mut pre = Vec::new();
             st.pre_activations(&x, n, &mut pre, true);
             let keep = match act {
@@ -1594,6 +1641,16 @@ mod tests {
                     "{act:?} at {at}: {v} vs {}",
                     pre[at]
                 );
+            }
+            let dead = st.dead_mask();
+            assert_eq!(enc.aux.is_some(), aux_k > 0);
+            if let Some(aux) = enc.aux {
+                let want = select_topk_masked(&pre, s, aux_k, &dead);
+                assert_eq!((&aux.ptr, &aux.idx), (&want.ptr, &want.idx), "AuxK");
+                assert!(aux.idx.iter().all(|&j| dead[j as usize]) && aux.nnz() > n);
+                for (a, b) in aux.val.iter().zip(&want.val) {
+                    assert!((a - b).abs() <= 1e-5, "AuxK: {a} vs {b}");
+                }
             }
         }
     }
