@@ -10,7 +10,7 @@
 //!
 //! ```text
 //! |e − ê| ≤ (2u + u² + 2γ_d) Σ_t |x_t w_t| + (d + 2 + ‖x‖₁ + ‖w‖₁) 2⁻¹²⁶,
-//! u = 2⁻⁹ (bf16, round to nearest), γ_d = d 2⁻²⁴ / (1 − d 2⁻²⁴) (each side's f32 sum),
+//! u = 2⁻⁸ (bf16's unit roundoff), γ_d = d 2⁻²⁴ / (1 − d 2⁻²⁴) (each side's f32 sum),
 //! Σ_t |x_t w_t| ≤ min(‖x‖₂ max‖w‖₂, ‖x‖₁ max‖w‖∞, ‖x‖∞ max‖w‖₁)   (Hölder),
 //! ```
 //!
@@ -75,7 +75,7 @@ pub(crate) fn select(
     let s = b_enc.len();
     let d = w_enc.len() / s.max(1);
     assert_eq!(xc.len(), n * d, "screen::select: xc is not [{n}, {d}]");
-    let bounds = row_bounds(xc, d, w_enc)?;
+    let bounds = bounds(xc, d, w_enc)?;
     let packed = PackedB::from_rows(w_enc, s, d);
     let bands = map_bands(xc, n, &packed, &|row0, est: &mut [f32]| {
         screen_band(xc, d, w_enc, b_enc, rule, row0, est, &bounds)
@@ -168,14 +168,16 @@ fn screen_band(
     rule: Rule,
     row0: usize,
     est: &mut [f32],
-    bounds: &[f32],
+    bounds: &Bounds,
 ) -> Vec<Screened> {
     let s = b_enc.len();
     let rows = est.len() / s;
+    let (mut lo, mut hi) = (vec![0f32; s], vec![0f32; s]);
     let candidates: Vec<Vec<u32>> = (0..rows)
         .map(|r| {
-            let (row, b) = (&est[r * s..(r + 1) * s], bounds[row0 + r]);
-            above_row_biased(row, b_enc, threshold(row, b_enc, b, rule))
+            let row = &est[r * s..(r + 1) * s];
+            bounds.fill(row0 + r, b_enc, &mut lo, &mut hi);
+            above_row_biased(row, &hi, threshold(row, &lo, rule))
                 .into_iter()
                 .map(|e| e.0)
                 .collect()
@@ -207,27 +209,24 @@ fn screen_band(
         .collect()
 }
 
-/// The estimate (with bias) an entry must exceed to be a candidate of its row.
-fn threshold(est: &[f32], b_enc: &[f32], bound: f32, rule: Rule) -> f32 {
-    // −B − (its f32 rounding): below it an entry is ≤ 0 exactly.
-    let floor = -bound * (1.0 + 2f32.powi(-20));
-    let t = match rule {
+/// The value an entry's upper bound (`est + hi`) must exceed to be a candidate of its row,
+/// given the lower bounds `est + lo`.
+fn threshold(est: &[f32], lo: &[f32], rule: Rule) -> f32 {
+    // An entry whose upper bound is < 0 is ≤ 0 exactly: never kept.
+    let floor = -f32::MIN_POSITIVE;
+    match rule {
         Rule::Positive => floor,
         Rule::TopK(k) => {
-            let top = topk_row_biased(est, b_enc, k);
+            let top = topk_row_biased(est, lo, k);
             match top.iter().map(|e| e.1).reduce(f32::min) {
-                // k positive estimates: an entry more than 2B below the k-th is below k others
-                // exactly (the bias additions' roundings: 2⁻²⁰ of the values' size).
-                Some(kth) if top.len() == k => {
-                    (kth - 2.0 * bound - (kth.abs() + 2.0 * bound) * 2f32.powi(-20)).max(floor)
-                }
-                // Fewer than k: the k-th largest estimate is ≤ 0, so only positivity decides.
+                // k lower bounds ≥ kth > 0: an entry whose upper bound is below kth is below k
+                // others exactly (2⁻¹⁹: the roundings of the two sums).
+                Some(kth) if top.len() == k => kth * (1.0 - 2f32.powi(-19)),
+                // Fewer than k: the k-th largest value may be ≤ 0, so positivity decides.
                 _ => floor,
             }
         }
-    };
-    // Candidates are the values strictly above: one ulp below keeps ties with `t`.
-    t.next_down()
+    }
 }
 
 /// The selection among a row's candidates (by id, with their f32 values).
@@ -243,9 +242,51 @@ fn keep(mut cand: Vec<(u32, f32)>, rule: Rule) -> Vec<(u32, f32)> {
     cand
 }
 
-/// Each row's bound `B` on |estimate − exact| (see the module docs), rounded up; None when an
-/// input or a bound is not finite.
-fn row_bounds(xc: &[f32], d: usize, w_enc: &[f32]) -> Option<Vec<f32>> {
+/// The bound of the module docs for row `i` and latent `j`: `B_ij = min(a_i‖w_j‖₂ + t_i, B_i)`
+/// — Cauchy–Schwarz with the latent's own norm (a trained SAE's encoder rows differ by 3×,
+/// so the row-wide bound alone admits twice the candidates), or the row's best Hölder bound
+/// over all latents; `t_i` the subnormals' term. All rounded up.
+struct Bounds {
+    /// `‖w_j‖₂` per latent.
+    w_l2: Vec<f32>,
+    /// `[a_i, t_i, B_i]` per row.
+    rows: Vec<[f32; 3]>,
+}
+
+impl Bounds {
+    /// `lo_j = b_j − B_ij`, `hi_j = b_j + B_ij` for row `i`, each widened by the f32 roundings of the
+    /// additions (2⁻²⁰ of the bound, 2⁻²² of the bias).
+    fn fill(&self, i: usize, bias: &[f32], lo: &mut [f32], hi: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if crate::util::simd::has_avx512() {
+            // SAFETY: the processor has AVX-512F (checked at run time).
+            return unsafe { self.fill_avx512(i, bias, lo, hi) };
+        }
+        self.fill_plain(i, bias, lo, hi)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    fn fill_avx512(&self, i: usize, bias: &[f32], lo: &mut [f32], hi: &mut [f32]) {
+        self.fill_plain(i, bias, lo, hi)
+    }
+
+    #[inline(always)]
+    fn fill_plain(&self, i: usize, bias: &[f32], lo: &mut [f32], hi: &mut [f32]) {
+        let [a, t, b_row] = self.rows[i];
+        let it = lo.iter_mut().zip(hi.iter_mut()).zip(bias).zip(&self.w_l2);
+        for (((l, h), &b), &w) in it {
+            let cs = a * w + t;
+            let bij = if cs < b_row { cs } else { b_row };
+            let bij = bij * (1.0 + 2f32.powi(-20)) + b.abs() * 2f32.powi(-22);
+            (*l, *h) = (b - bij, b + bij);
+        }
+    }
+}
+
+/// The [`Bounds`] of `xc` (`[n, d]`) against `w_enc` (`[s, d]`); None when an input or a
+/// bound is not finite.
+fn bounds(xc: &[f32], d: usize, w_enc: &[f32]) -> Option<Bounds> {
     // (‖·‖₂, ‖·‖₁, ‖·‖∞) of a vector: f32 sums in 16 lanes (they vectorise), each within
     // γ_d of its value — covered by the rounding up below.
     let norms = |v: &[f32]| {
@@ -274,38 +315,38 @@ fn row_bounds(xc: &[f32], d: usize, w_enc: &[f32]) -> Option<Vec<f32>> {
             inf.iter().fold(0f64, |m, &v| m.max(f64::from(v))),
         ]
     };
-    let w_max = w_enc
-        .par_chunks(d)
-        .map(|w| {
-            // A NaN row must not vanish in the max: it makes the maxima infinite.
-            let n = norms(w);
-            if n.iter().all(|v| v.is_finite()) {
-                n
-            } else {
-                [f64::INFINITY; 3]
-            }
-        })
-        .reduce(
-            || [0.0; 3],
-            |a, b| [a[0].max(b[0]), a[1].max(b[1]), a[2].max(b[2])],
-        );
-    let (u, eps) = (2f64.powi(-9), 2f64.powi(-24));
+    let w_norms: Vec<[f64; 3]> = w_enc.par_chunks(d).map(norms).collect();
+    // A NaN row must not vanish in the max: the check below sees it.
+    let finite = w_norms.iter().flatten().all(|v| v.is_finite());
+    let w_max = w_norms.iter().fold([0f64; 3], |a, b| {
+        [a[0].max(b[0]), a[1].max(b[1]), a[2].max(b[2])]
+    });
+    // bf16 keeps 8 significant bits: round to nearest errs by at most 2⁻⁸ relative.
+    let (u, eps) = (2f64.powi(-8), 2f64.powi(-24));
     let gamma = d as f64 * eps / (1.0 - d as f64 * eps);
     let c = 2.0 * u + u * u + 2.0 * gamma;
     let tiny = 2f64.powi(-126);
-    let bounds: Vec<f32> = xc
+    // Past the f32 sums' error (≤ γ_d each, x's and w's) and the casts.
+    let up = 1.0 + 2.0 * (d as f64 + 2.0) * 2f64.powi(-22);
+    let rows: Vec<[f32; 3]> = xc
         .par_chunks(d)
         .map(|x| {
             let [l2, l1, inf] = norms(x);
             let sum_abs = (l2 * w_max[0]).min(l1 * w_max[2]).min(inf * w_max[1]);
-            let b = c * sum_abs + (d as f64 + 2.0 + l1 + w_max[1]) * tiny;
-            // Rounded up past the f32 sums' error (≤ γ_d each) and the cast.
-            (b * (1.0 + (d as f64 + 2.0) * 2f64.powi(-22))) as f32
+            let t = (d as f64 + 2.0 + l1 + w_max[1]) * tiny;
+            [
+                (c * l2 * up) as f32,
+                (t * up) as f32,
+                ((c * sum_abs + t) * up) as f32,
+            ]
         })
         .collect();
-    (w_max.iter().all(|v| v.is_finite())
-        && bounds.iter().all(|b| b.is_finite() && *b * 8.0 < f32::MAX))
-    .then_some(bounds)
+    let w_l2 = w_norms.iter().map(|n| (n[0] * up) as f32).collect();
+    (finite
+        && rows
+            .iter()
+            .all(|r| r.iter().all(|v| v.is_finite() && *v * 8.0 < f32::MAX)))
+    .then_some(Bounds { w_l2, rows })
 }
 
 /// `x · w` in f32 (linalg's fixed-order dot): the value a candidate is selected on.
@@ -392,6 +433,27 @@ mod tests {
             assert!(g.iter().all(|(j, v)| *v <= 1e-4 || w.contains_key(j)));
             assert!(g.len() * 2 > s);
         }
+    }
+
+    /// Where every operand rounds down by almost half a bf16 step (x = w = 1 + 2⁻⁸ − 2⁻²⁰ all
+    /// become 1), the estimate's error reaches 2⁻⁷ Σ|x w|: the bound covers it, and is attained
+    /// to within 1% (a bound built on half of bf16's unit roundoff would fail here).
+    #[test]
+    fn the_bound_covers_errors_that_all_align() {
+        let d = 64;
+        let v = 1.0 + 2f32.powi(-8) - 2f32.powi(-20);
+        let (xc, mut w) = (vec![v; d], vec![v; 2 * d]);
+        w[d..].fill(0.5);
+        let b = bounds(&xc, d, &w).expect("finite");
+        let packed = PackedB::from_rows(&w, 2, d);
+        let est = map_bands(&xc, 1, &packed, &|_, band: &mut [f32]| band[0]);
+        let exact = d as f64 * f64::from(v) * f64::from(v);
+        let err = (exact - f64::from(est[0])).abs();
+        let (mut lo, mut hi) = (vec![0f32; 2], vec![0f32; 2]);
+        b.fill(0, &[0.0, 0.0], &mut lo, &mut hi);
+        let bound = f64::from(hi[0]);
+        assert!(err <= bound, "error {err} above the bound {bound}");
+        assert!(err >= 0.99 * bound, "error {err}, bound {bound}");
     }
 
     #[test]
