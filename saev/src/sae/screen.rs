@@ -4,25 +4,27 @@
 //! The encoder pass `pre = (x − b_dec)·W_encᵀ + b_enc` is the one dense GEMM of a sparse SAE
 //! step — half of a TopK step at d_sae = 16·d. Only its selection is used: the top `k` positive
 //! entries of each row (TopK) or its positive entries (ReLU). On AMX, which multiplies bfloat16
-//! at ~3× the f32 rate here, the GEMM runs on the operands rounded to bf16, and each estimate
-//! `ê` is within a proven bound of the exact
-//! `e = x·w` (Higham, *Accuracy and Stability of Numerical Algorithms*, §3.1):
+//! at ~3× the f32 rate here, the GEMM runs on the operands rounded to bf16 (`x̃`, `w̃`), and
+//! each estimate `ê` is within a proven bound `B` of the exact `e = x·w` (Higham, *Accuracy
+//! and Stability of Numerical Algorithms*, §3.1), the smaller of ([`Bounds`]):
 //!
 //! ```text
-//! |e − ê| ≤ (2u + u² + 2γ_d) Σ_t |x_t w_t| + (d + 2 + ‖x‖₁ + ‖w‖₁) 2⁻¹²⁶,
+//! ‖x − x̃‖₂‖w‖₂ + ‖x̃‖₂‖w − w̃‖₂ + 2γ_d‖x̃‖₂‖w̃‖₂     (x·w − x̃·w̃ = (x − x̃)·w + x̃·(w − w̃)),
+//! (2u + u² + 2γ_d) min(‖x‖₂ max‖w‖₂, ‖x‖₁ max‖w‖∞, ‖x‖∞ max‖w‖₁)   (worst-case rounding),
 //! u = 2⁻⁸ (bf16's unit roundoff), γ_d = d 2⁻²⁴ / (1 − d 2⁻²⁴) (each side's f32 sum),
-//! Σ_t |x_t w_t| ≤ min(‖x‖₂ max‖w‖₂, ‖x‖₁ max‖w‖∞, ‖x‖∞ max‖w‖₁)   (Hölder),
 //! ```
 //!
-//! the last term covering the subnormals that AMX flushes. With `B` that bound for a row (plus
-//! the f32 roundings of the bias additions), an entry can be among the exact top `k` only if
-//! its estimate is within `2B` of the `k`-th largest estimate, and can be positive only if its
-//! estimate exceeds `−B`. Those candidates — 53 per row for k = 32 and 79 for a ReLU at
-//! L0 ≈ 61 on the benchmark's data — are recomputed in f32 (`linalg::dot`, a fixed order), and
-//! the selection runs on them: the result is the selection of the pre-activations computed in
-//! f32, for every input — no tolerance, no sampling. A band of 32 rows with more candidates
-//! than 1/8 of its entries (a dense ReLU early in training) is computed by the f32 GEMM
-//! instead. The estimates of a band are screened while in cache and never stored.
+//! per row and latent (the first with the latent's own norms and the operands' actual rounding
+//! residuals), plus `(d + 2 + ‖x‖₁ + ‖w‖₁) 2⁻¹²⁶` for the subnormals that AMX flushes and the
+//! f32 roundings of the bias additions. An entry can be among the exact top `k` only if its
+//! upper bound `ê + b + B` reaches the `k`-th largest lower bound `ê + b − B` of its row, and
+//! can be positive only if its upper bound is. Those candidates — 48.5 per row for k = 32 and
+//! 98.6 for k = 64 on the quickstart's trained TopK SAE (d 384, d_sae 6144; 95 and 169 with
+//! the worst-case bound alone) — are recomputed in f32 (`linalg::dot`, a fixed order), and the
+//! selection runs on them: the result is the selection of the pre-activations computed in f32,
+//! for every input — no tolerance, no sampling. A band of 32 rows with more candidates than
+//! 1/8 of its entries (a dense ReLU early in training) is computed by the f32 GEMM instead.
+//! The estimates of a band are screened while in cache and never stored.
 //!
 //! ```text
 //! let f = screen::select(&xc, n, &w_enc, &b_enc, Rule::TopK(32)); // Some(Csr) where it pays
@@ -42,8 +44,9 @@ pub(crate) enum Rule {
     Positive,
 }
 
-/// Whether [`select`] runs on this machine for these sizes: on AMX (measured: TopK step
-/// +35–45%, ReLU +45–50% at d 384, d_sae 6144, batch 4096), and a GEMM big enough to repay
+/// Whether [`select`] runs on this machine for these sizes: on AMX (measured, alternating in
+/// one sitting: TopK step +28–43%, ReLU +26–39% at d 384, d_sae 6144, batch 4096), and a GEMM
+/// big enough to repay
 /// packing `W_enc`. `SAEV_SAE_SCREEN=off` turns it off (to compare); `SAEV_SAE_SCREEN=on` also
 /// runs it on AVX-512-BF16 (AMD Zen 4's bf16 kernel: twice the f32 rate there, but the screen's
 /// gain is not measured on one yet; on Intel cores that path is slower than the f32 GEMM).
@@ -242,20 +245,26 @@ fn keep(mut cand: Vec<(u32, f32)>, rule: Rule) -> Vec<(u32, f32)> {
     cand
 }
 
-/// The bound of the module docs for row `i` and latent `j`: `B_ij = min(a_i‖w_j‖₂ + t_i, B_i)`
-/// — Cauchy–Schwarz with the latent's own norm (a trained SAE's encoder rows differ by 3×,
-/// so the row-wide bound alone admits twice the candidates), or the row's best Hölder bound
-/// over all latents; `t_i` the subnormals' term. All rounded up.
+/// The bound for row `i` and latent `j`, the smaller of two:
+/// - from the operands' actual rounding residuals (`x − x̃` and `w − w̃` are known):
+///   `x·w − x̃·w̃ = (x − x̃)·w + x̃·(w − w̃)`, so by Cauchy–Schwarz
+///   `|e − ê| ≤ ‖x − x̃‖‖w‖ + ‖x̃‖‖w − w̃‖` (plus both f32 sums' `γ_d ‖x̃‖‖w̃‖`) — per latent,
+///   and about half the worst case, as residuals are not all half a step;
+/// - the module docs' row-wide bound (worst-case rounding, the best Hölder pair over all
+///   latents).
+///
+/// With `t_i` the subnormals' term; all rounded up. (On a trained SAE, whose encoder rows
+/// differ 3× in norm, the per-latent form admits half the candidates of the row-wide one.)
 struct Bounds {
-    /// `‖w_j‖₂` per latent.
-    w_l2: Vec<f32>,
-    /// `[a_i, t_i, B_i]` per row.
-    rows: Vec<[f32; 3]>,
+    /// `[‖w_j‖₂, ‖w_j − w̃_j‖₂]` per latent.
+    cols: Vec<[f32; 2]>,
+    /// `[‖x − x̃‖ + 2γ_d‖x̃‖(1 + 2⁻⁸), ‖x̃‖, t, row-wide B]` per row.
+    rows: Vec<[f32; 4]>,
 }
 
 impl Bounds {
-    /// `lo_j = b_j − B_ij`, `hi_j = b_j + B_ij` for row `i`, each widened by the f32 roundings of the
-    /// additions (2⁻²⁰ of the bound, 2⁻²² of the bias).
+    /// `lo_j = b_j − B_ij`, `hi_j = b_j + B_ij` for row `i`, each widened by the f32 roundings
+    /// of the additions (2⁻²⁰ of the bound, 2⁻²² of the bias).
     fn fill(&self, i: usize, bias: &[f32], lo: &mut [f32], hi: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         if crate::util::simd::has_avx512() {
@@ -273,10 +282,10 @@ impl Bounds {
 
     #[inline(always)]
     fn fill_plain(&self, i: usize, bias: &[f32], lo: &mut [f32], hi: &mut [f32]) {
-        let [a, t, b_row] = self.rows[i];
-        let it = lo.iter_mut().zip(hi.iter_mut()).zip(bias).zip(&self.w_l2);
-        for (((l, h), &b), &w) in it {
-            let cs = a * w + t;
+        let [dx, xt, t, b_row] = self.rows[i];
+        let it = lo.iter_mut().zip(hi.iter_mut()).zip(bias).zip(&self.cols);
+        for (((l, h), &b), &[w, dw]) in it {
+            let cs = dx * w + xt * dw + t;
             let bij = if cs < b_row { cs } else { b_row };
             let bij = bij * (1.0 + 2f32.powi(-20)) + b.abs() * 2f32.powi(-22);
             (*l, *h) = (b - bij, b + bij);
@@ -287,35 +296,7 @@ impl Bounds {
 /// The [`Bounds`] of `xc` (`[n, d]`) against `w_enc` (`[s, d]`); None when an input or a
 /// bound is not finite.
 fn bounds(xc: &[f32], d: usize, w_enc: &[f32]) -> Option<Bounds> {
-    // (‖·‖₂, ‖·‖₁, ‖·‖∞) of a vector: f32 sums in 16 lanes (they vectorise), each within
-    // γ_d of its value — covered by the rounding up below.
-    let norms = |v: &[f32]| {
-        let (mut l2, mut l1, mut inf) = ([0f32; 16], [0f32; 16], [0f32; 16]);
-        let chunks = v.chunks_exact(16);
-        let tail = chunks.remainder();
-        for c in chunks {
-            for t in 0..16 {
-                let a = c[t].abs();
-                l2[t] += a * a;
-                l1[t] += a;
-                inf[t] = if a > inf[t] { a } else { inf[t] };
-            }
-        }
-        for (t, &x) in tail.iter().enumerate() {
-            let a = x.abs();
-            l2[t] += a * a;
-            l1[t] += a;
-            inf[t] = inf[t].max(a);
-        }
-        let sum = |l: [f32; 16]| l.iter().map(|&v| f64::from(v)).sum::<f64>();
-        // NaN anywhere makes ‖·‖₁ NaN (the max alone would skip it).
-        [
-            sum(l2).sqrt(),
-            sum(l1),
-            inf.iter().fold(0f64, |m, &v| m.max(f64::from(v))),
-        ]
-    };
-    let w_norms: Vec<[f64; 3]> = w_enc.par_chunks(d).map(norms).collect();
+    let w_norms: Vec<[f64; 4]> = w_enc.par_chunks(d).map(norms).collect();
     // A NaN row must not vanish in the max: the check below sees it.
     let finite = w_norms.iter().flatten().all(|v| v.is_finite());
     let w_max = w_norms.iter().fold([0f64; 3], |a, b| {
@@ -328,25 +309,78 @@ fn bounds(xc: &[f32], d: usize, w_enc: &[f32]) -> Option<Bounds> {
     let tiny = 2f64.powi(-126);
     // Past the f32 sums' error (≤ γ_d each, x's and w's) and the casts.
     let up = 1.0 + 2.0 * (d as f64 + 2.0) * 2f64.powi(-22);
-    let rows: Vec<[f32; 3]> = xc
+    let rows: Vec<[f32; 4]> = xc
         .par_chunks(d)
         .map(|x| {
-            let [l2, l1, inf] = norms(x);
+            let [l2, l1, inf, res] = norms(x);
             let sum_abs = (l2 * w_max[0]).min(l1 * w_max[2]).min(inf * w_max[1]);
             let t = (d as f64 + 2.0 + l1 + w_max[1]) * tiny;
+            let xt = l2 + res;
             [
-                (c * l2 * up) as f32,
+                ((res + 2.0 * gamma * xt * (1.0 + u)) * up) as f32,
+                (xt * up) as f32,
                 (t * up) as f32,
                 ((c * sum_abs + t) * up) as f32,
             ]
         })
         .collect();
-    let w_l2 = w_norms.iter().map(|n| (n[0] * up) as f32).collect();
+    let cols = w_norms
+        .iter()
+        .map(|n| [(n[0] * up) as f32, (n[3] * up) as f32])
+        .collect();
     (finite
         && rows
             .iter()
             .all(|r| r.iter().all(|v| v.is_finite() && *v * 8.0 < f32::MAX)))
-    .then_some(Bounds { w_l2, rows })
+    .then_some(Bounds { cols, rows })
+}
+
+/// `(‖v‖₂, ‖v‖₁, ‖v‖∞, ‖v − ṽ‖₂)` with `ṽ` = `v` rounded to bf16: f32 sums in 16 lanes,
+/// each within `γ_d` of its value (covered by [`bounds`]' rounding up). NaN anywhere makes
+/// `‖v‖₁` NaN (the max alone would skip it).
+fn norms(v: &[f32]) -> [f64; 4] {
+    #[cfg(target_arch = "x86_64")]
+    if crate::util::simd::has_avx512() {
+        // SAFETY: the processor has AVX-512F (checked at run time).
+        return unsafe { norms_avx512(v) };
+    }
+    norms_plain(v)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn norms_avx512(v: &[f32]) -> [f64; 4] {
+    norms_plain(v)
+}
+
+#[inline(always)]
+fn norms_plain(v: &[f32]) -> [f64; 4] {
+    let (mut l2, mut l1, mut inf, mut res) = ([0f32; 16], [0f32; 16], [0f32; 16], [0f32; 16]);
+    let mut lanes = |c: &[f32]| {
+        for t in 0..c.len() {
+            let (x, a) = (c[t], c[t].abs());
+            // Round to nearest even on the bits, as the packing rounds.
+            let b = x.to_bits();
+            let r = f32::from_bits(b.wrapping_add(0x7fff + ((b >> 16) & 1)) & 0xffff_0000);
+            l2[t] += a * a;
+            l1[t] += a;
+            inf[t] = if a > inf[t] { a } else { inf[t] };
+            res[t] += (x - r) * (x - r);
+        }
+    };
+    let chunks = v.chunks_exact(16);
+    let tail = chunks.remainder();
+    for c in chunks {
+        lanes(c);
+    }
+    lanes(tail);
+    let sum = |l: [f32; 16]| l.iter().map(|&v| f64::from(v)).sum::<f64>();
+    [
+        sum(l2).sqrt(),
+        sum(l1),
+        inf.iter().fold(0f64, |m, &v| m.max(f64::from(v))),
+        sum(res).sqrt(),
+    ]
 }
 
 /// `x · w` in f32 (linalg's fixed-order dot): the value a candidate is selected on.
