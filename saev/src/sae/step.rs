@@ -620,7 +620,9 @@ impl TrainState {
             log_threshold: Vec::new(),
         };
         if dense {
-            // ∂L/∂f per group block: gs_j · W_dec[block]ᵀ into `pre` (no longer needed).
+            // ∂L/∂f per group block: gs_j · W_dec[block]ᵀ into `pre` (no longer needed; sized
+            // here when the screen, which needs none, selected).
+            pre.resize(n * s, 0.0);
             let mut a = 0;
             for (j, &e) in ends.iter().enumerate() {
                 gemm(
@@ -993,8 +995,6 @@ impl TrainState {
             let xc = self.centred(x_nd);
             if let Some(f) = screen::select(&xc, n, &self.w_enc, &self.b_enc, rule) {
                 let aux = with_aux.then(|| self.aux_among_dead(&xc, n, &dead));
-                // The dense kernels' scratch (the screen needs none).
-                scratch.pre.resize(n * s, 0.0);
                 return self.encoded(xc, f, None, aux, n);
             }
         }
@@ -1582,9 +1582,9 @@ mod tests {
         }
     }
 
-    /// The encoder of a TopK / ReLU / TopK + AuxK step at sizes where the bf16 screen runs (on processors with
-    /// AMX or AVX-512-BF16; elsewhere both sides are the f32 path) selects what the f32 GEMM's
-    /// pre-activations select, with their values up to f32 rounding.
+    /// The encoder of a TopK / ReLU / TopK + AuxK step at sizes where the bf16 screen runs (on
+    /// AMX; elsewhere both sides are the f32 path) selects what the f32 GEMM's pre-activations
+    /// select, with their values up to f32 rounding.
     #[test]
     fn the_screened_encoder_selects_what_the_f32_encoder_selects() {
         let (n, d, s) = (600, 64, 1024);
