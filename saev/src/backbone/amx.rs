@@ -18,10 +18,13 @@
 //! use saev::backbone::amx::{gemm_bf16, PackedB};
 //! let b = PackedB::new(&[1.0, 2.0, 3.0, 4.0], 2, 2); // [[1, 2], [3, 4]]
 //! let c = gemm_bf16(&[1.0, 1.0], 1, &b, Some(&[0.5, 0.0]));
-//! assert_eq!(c, vec![4.5, 6.0]);
+//! assert_eq!(&*c, &[4.5, 6.0]);
 //! ```
 
 use rayon::prelude::*;
+
+use super::aligned::Aligned;
+pub use super::aligned::AlignedVec;
 
 /// bf16 elements per tile row (64 bytes), rows per tile.
 pub(super) const TK: usize = 32;
@@ -99,7 +102,7 @@ pub struct PackedB {
     kb: usize,
     /// n blocks of 16 (even).
     nb: usize,
-    tiles: Vec<u16>,
+    tiles: Aligned<u16>,
     /// The rounded `B` in f32, row-major, for the path without AMX.
     rounded: Vec<f32>,
 }
@@ -120,7 +123,7 @@ impl PackedB {
         let kb = k.div_ceil(TK);
         let nb = n.div_ceil(2 * TN) * 2;
         // One spare zero tile at the end: the kernel's pipelined loads read one past.
-        let mut tiles = vec![0u16; (nb * kb + 1) * TILE];
+        let mut tiles = Aligned::filled((nb * kb + 1) * TILE, 0u16);
         tiles
             .par_chunks_mut(kb * TILE)
             .enumerate()
@@ -197,11 +200,12 @@ impl PackedB {
     }
 }
 
-/// `A·B (+ bias)` for `a_mk` (`[m, k]`, row-major) against a packed `B`; returns `[m, n]`.
+/// `A·B (+ bias)` for `a_mk` (`[m, k]`, row-major) against a packed `B`; returns `[m, n]`
+/// (on a 64-byte boundary, as the tiles store it; `into_vec` for a `Vec`).
 ///
 /// # Panics
 /// If `a_mk.len() != m * k` or `bias` is not `n` long (a caller's bug).
-pub fn gemm_bf16(a_mk: &[f32], m: usize, b: &PackedB, bias: Option<&[f32]>) -> Vec<f32> {
+pub fn gemm_bf16(a_mk: &[f32], m: usize, b: &PackedB, bias: Option<&[f32]>) -> AlignedVec {
     if let Some(bias) = bias {
         assert_eq!(bias.len(), b.n, "gemm_bf16: bias is not [{}]", b.n);
     }
@@ -223,17 +227,19 @@ pub(crate) fn gemm_bf16_then(
     m: usize,
     b: &PackedB,
     epilogue: &(dyn Fn(usize, &mut [f32]) + Sync),
-) -> Vec<f32> {
+) -> AlignedVec {
     let (k, n) = (b.k, b.n);
     assert_eq!(a_mk.len(), m * k, "gemm_bf16: A is not [{m}, {k}]");
     if m > 0 && n > 0 && k > 0 {
         match bf16_kernel() {
             Bf16Kernel::Amx => return amx_gemm(a_mk, m, b, epilogue),
-            Bf16Kernel::Avx512Bf16 => return dpbf16_gemm(a_mk, m, b, epilogue),
+            Bf16Kernel::Avx512Bf16 => {
+                return AlignedVec::from_vec(dpbf16_gemm(a_mk, m, b, epilogue))
+            }
             Bf16Kernel::F32 => {}
         }
     }
-    fallback_gemm(a_mk, m, b, epilogue)
+    AlignedVec::from_vec(fallback_gemm(a_mk, m, b, epilogue))
 }
 
 /// `f(first_row, band)` on each band of up to 32 whole rows of `C = A·B` (`a_mk`: `[m, k]`),
@@ -259,7 +265,7 @@ pub(crate) fn map_bands<T: Send>(
         return (0..m.div_ceil(band_rows))
             .into_par_iter()
             .map_init(
-                || vec![0f32; band_rows * n],
+                || Aligned::filled(band_rows * n, 0f32),
                 |scratch, band| {
                     let rows = (m - band * band_rows).min(band_rows);
                     let c = scratch.as_mut_ptr();
@@ -465,8 +471,8 @@ fn dpbf16_gemm(
     m: usize,
     b: &PackedB,
     epilogue: &(dyn Fn(usize, &mut [f32]) + Sync),
-) -> Vec<f32> {
-    fallback_gemm(a_mk, m, b, epilogue)
+) -> AlignedVec {
+    AlignedVec::from_vec(fallback_gemm(a_mk, m, b, epilogue))
 }
 
 /// The same rounded products summed in f32 by the f32 GEMM, then the epilogue.
@@ -481,7 +487,7 @@ pub(super) fn fallback_gemm(
 }
 
 /// A packed into `[m_pad / 16][kb]` tiles of 16 rows × 32 bf16.
-pub(super) fn pack_a(a_mk: &[f32], m: usize, k: usize, kb: usize) -> Vec<u16> {
+pub(super) fn pack_a(a_mk: &[f32], m: usize, k: usize, kb: usize) -> Aligned<u16> {
     let mb = m.div_ceil(2 * TN) * 2;
     let mut tiles = uninit_tiles(mb * kb);
     let body = &mut tiles[..mb * kb * TILE];
@@ -507,11 +513,8 @@ pub(super) fn pack_a(a_mk: &[f32], m: usize, k: usize, kb: usize) -> Vec<u16> {
 /// A buffer for `n_tiles` tiles and one spare zero tile after them (the kernel's pipelined
 /// loads read one past): the tiles uninitialised, for a packer that writes every element of
 /// them (values and padding zeros) — no zeroing pass first.
-pub(super) fn uninit_tiles(n_tiles: usize) -> Vec<std::mem::MaybeUninit<u16>> {
-    let len = (n_tiles + 1) * TILE;
-    let mut tiles: Vec<std::mem::MaybeUninit<u16>> = Vec::with_capacity(len);
-    // SAFETY: MaybeUninit needs no initialisation.
-    unsafe { tiles.set_len(len) };
+pub(super) fn uninit_tiles(n_tiles: usize) -> Aligned<std::mem::MaybeUninit<u16>> {
+    let mut tiles = Aligned::<u16>::uninit((n_tiles + 1) * TILE);
     tiles[n_tiles * TILE..].fill(std::mem::MaybeUninit::new(0));
     tiles
 }
@@ -520,17 +523,9 @@ pub(super) fn uninit_tiles(n_tiles: usize) -> Vec<std::mem::MaybeUninit<u16>> {
 ///
 /// # Safety
 /// Every element has been written.
-pub(super) unsafe fn assume_written(tiles: Vec<std::mem::MaybeUninit<u16>>) -> Vec<u16> {
-    let mut tiles = std::mem::ManuallyDrop::new(tiles);
-    // SAFETY: every element was written (the caller's promise); MaybeUninit<u16> and u16
-    // share their layout, so the allocation is the same.
-    unsafe {
-        Vec::from_raw_parts(
-            tiles.as_mut_ptr() as *mut u16,
-            tiles.len(),
-            tiles.capacity(),
-        )
-    }
+pub(super) unsafe fn assume_written(tiles: Aligned<std::mem::MaybeUninit<u16>>) -> Aligned<u16> {
+    // SAFETY: the caller's promise.
+    unsafe { tiles.assume_init() }
 }
 
 /// One row of A into its tiles: chunk `p` of 32 values (rounded, zeros past the row) to
@@ -785,33 +780,29 @@ fn amx_gemm(
     m: usize,
     b: &PackedB,
     epilogue: &(dyn Fn(usize, &mut [f32]) + Sync),
-) -> Vec<f32> {
-    use std::mem::MaybeUninit;
+) -> AlignedVec {
     let (k, n, kb) = (b.k, b.n, b.kb);
     let a = pack_a(a_mk, m, k, kb);
-    // C is written once, by the tile stores (no zeroing pass): uninitialised until then.
-    let mut c: Vec<MaybeUninit<f32>> = Vec::with_capacity(m * n);
-    // SAFETY: MaybeUninit needs no initialisation.
-    unsafe { c.set_len(m * n) };
-    c.par_chunks_mut(2 * TN * n)
-        .enumerate()
-        .for_each(|(band, c_rows)| {
-            let rows = c_rows.len() / n;
-            let cp = c_rows.as_mut_ptr() as *mut f32;
-            // SAFETY: AMX is available (the caller checked amx_available); `a` holds the
-            // band's 2 × kb tiles and the spare; c_rows is `rows` rows of n. Every element of
-            // the band is written before the epilogue reads it.
-            unsafe {
-                amx_band(&a, b, band, cp, rows);
-                epilogue(
-                    band * 2 * TN,
-                    std::slice::from_raw_parts_mut(cp, c_rows.len()),
-                );
-            }
-        });
-    let mut c = std::mem::ManuallyDrop::new(c);
-    // SAFETY: every element was written above; MaybeUninit<f32> and f32 share their layout.
-    unsafe { Vec::from_raw_parts(c.as_mut_ptr() as *mut f32, c.len(), c.capacity()) }
+    let write = |c: &mut [std::mem::MaybeUninit<f32>]| {
+        c.par_chunks_mut(2 * TN * n)
+            .enumerate()
+            .for_each(|(band, c_rows)| {
+                let rows = c_rows.len() / n;
+                let cp = c_rows.as_mut_ptr() as *mut f32;
+                // SAFETY: AMX is available (the caller checked amx_available); `a` holds the
+                // band's 2 × kb tiles and the spare; c_rows is `rows` rows of n. Every element
+                // of the band is written before the epilogue reads it.
+                unsafe {
+                    amx_band(&a, b, band, cp, rows);
+                    epilogue(
+                        band * 2 * TN,
+                        std::slice::from_raw_parts_mut(cp, c_rows.len()),
+                    );
+                }
+            })
+    };
+    // SAFETY: C is written once, by the tile stores (no zeroing pass): every band, whole.
+    unsafe { AlignedVec::new_with(m * n, write) }
 }
 
 /// One 32-row band of `C = A·B` on AMX: A's tile rows `2·band` and `2·band + 1` (`kb` tiles
@@ -825,7 +816,10 @@ fn amx_gemm(
 pub(super) unsafe fn amx_band(a: &[u16], b: &PackedB, band: usize, c: *mut f32, rows: usize) {
     let (n, kb) = (b.n, b.kb);
     // A 32 × 32 block for the edges of C (its four tiles side by side, stride 128 B).
-    let mut acc = [0f32; 4 * TN * TN];
+    #[repr(C, align(64))]
+    struct Block([f32; 4 * TN * TN]);
+    let mut acc = Block([0f32; 4 * TN * TN]);
+    let acc = &mut acc.0;
     let a0 = a[(2 * band) * kb * TILE..].as_ptr();
     let a1 = a[(2 * band + 1) * kb * TILE..].as_ptr();
     // SAFETY: every tile load reads whole tiles inside `a` / `b.tiles` (kb tiles per band and
@@ -866,8 +860,8 @@ fn amx_gemm(
     m: usize,
     b: &PackedB,
     epilogue: &(dyn Fn(usize, &mut [f32]) + Sync),
-) -> Vec<f32> {
-    fallback_gemm(a_mk, m, b, epilogue)
+) -> AlignedVec {
+    AlignedVec::from_vec(fallback_gemm(a_mk, m, b, epilogue))
 }
 
 #[cfg(test)]
@@ -897,7 +891,7 @@ pub(crate) mod tests {
                 }
             }
             let (from_rows, new) = (PackedB::from_rows(&w, n, k), PackedB::new(&w_t, k, n));
-            assert_eq!(from_rows.tiles, new.tiles, "[{n}, {k}]");
+            assert_eq!(&*from_rows.tiles, &*new.tiles, "[{n}, {k}]");
             let a = rnd(m * k, 9);
             let want = gemm_bf16(&a, m, &new, None);
             let bands = map_bands(&a, m, &from_rows, &|row0, band: &mut [f32]| {

@@ -19,6 +19,7 @@
 use candle_core::{CpuStorage, Storage, Tensor};
 use rayon::prelude::*;
 
+use super::aligned::Aligned;
 use super::amx::{TILE, TK, TN};
 use super::kernels::exp_row;
 
@@ -31,19 +32,19 @@ pub(crate) fn available() -> bool {
 /// Per-thread buffers for one (image, head) task; their padding stays zero across tasks.
 struct Scratch {
     /// `q / √hd` as A tiles, `[T_pad / 16][kq]`.
-    q: Vec<u16>,
+    q: Aligned<u16>,
     /// `k` rounded, `[T_pad, hd_pad]` row-major.
     k_rows: Vec<u16>,
     /// `kᵀ` as B tiles, `[T_pad / 16][kq]`.
-    k_t: Vec<u16>,
+    k_t: Aligned<u16>,
     /// One block of 32 query rows of scores, `[32, T_pad]`.
-    s: Vec<f32>,
+    s: Aligned<f32>,
     /// Their probabilities as A tiles, `[2][kp]`.
-    p: Vec<u16>,
+    p: Aligned<u16>,
     /// `v` as B tiles, `[hd_pad / 16][kp]`.
-    v: Vec<u16>,
+    v: Aligned<u16>,
     /// The block's output, `[32, hd_pad]`.
-    o: Vec<f32>,
+    o: Aligned<f32>,
 }
 
 /// Sizes shared by every task of one call.
@@ -102,13 +103,13 @@ pub(crate) fn self_attention_qkv_bf16(qkv: &Tensor, n_heads: usize) -> candle_co
     (0..b * n_heads).into_par_iter().for_each_init(
         || Scratch {
             // One spare tile at the end of each tile buffer: the pipelined loads read one past.
-            q: vec![0; (tp / TN * kq + 1) * TILE],
+            q: Aligned::filled((tp / TN * kq + 1) * TILE, 0),
             k_rows: vec![0; tp * g.hdp],
-            k_t: vec![0; (tp / TN * kq + 1) * TILE],
-            s: vec![0.0; 2 * TN * tp],
-            p: vec![0; (2 * g.kp + 1) * TILE],
-            v: vec![0; (g.hdp / TN * g.kp + 1) * TILE],
-            o: vec![0.0; 2 * TN * g.hdp],
+            k_t: Aligned::filled((tp / TN * kq + 1) * TILE, 0),
+            s: Aligned::filled(2 * TN * tp, 0.0),
+            p: Aligned::filled((2 * g.kp + 1) * TILE, 0),
+            v: Aligned::filled((g.hdp / TN * g.kp + 1) * TILE, 0),
+            o: Aligned::filled(2 * TN * g.hdp, 0.0),
         },
         |sc, task| {
             let (img, h) = (task / n_heads, task % n_heads);

@@ -10,11 +10,12 @@
 //! ```text
 //! let h = norm.pack(&x)?;                                  // PackedA [B·T, D]
 //! let a = gemm_to_packed(&h, &fc1, &|row0, band| gelu);   // PackedA [B·T, 4·D]
-//! let y = gemm_packed(&a, &fc2, &|row0, band| residual);  // Vec<f32> [B·T, D]
+//! let y = gemm_packed(&a, &fc2, &|row0, band| residual);  // AlignedVec [B·T, D]
 //! ```
 
 use rayon::prelude::*;
 
+use super::aligned::{Aligned, AlignedVec};
 use super::amx::{
     assume_written, bf16_kernel, fallback_gemm, round_row, uninit_tiles, Bf16Kernel, PackedB, TILE,
     TK, TN,
@@ -24,7 +25,7 @@ use super::amx::{
 pub(crate) struct PackedA {
     m: usize,
     k: usize,
-    tiles: Vec<u16>,
+    tiles: Aligned<u16>,
 }
 
 impl std::fmt::Debug for PackedA {
@@ -46,7 +47,7 @@ impl PackedA {
         body.par_chunks_mut(2 * kb * TILE)
             .enumerate()
             .for_each_init(
-                || vec![0f32; 2 * TN * k],
+                || Aligned::filled(2 * TN * k, 0f32),
                 |scratch, (band, tiles)| {
                     let rows = (m - 2 * TN * band).min(2 * TN);
                     fill(2 * TN * band, &mut scratch[..rows * k]);
@@ -93,33 +94,32 @@ impl PackedA {
 ///
 /// # Panics
 /// If `A`'s `k` is not `B`'s (a caller's bug).
-pub(crate) fn gemm_packed(a: &PackedA, b: &PackedB, epilogue: Epilogue<'_>) -> Vec<f32> {
+pub(crate) fn gemm_packed(a: &PackedA, b: &PackedB, epilogue: Epilogue<'_>) -> AlignedVec {
     let (k, n) = b.dims();
     assert_eq!(a.k, k, "gemm_packed: A is [{}, {}], B [{k}, {n}]", a.m, a.k);
     let m = a.m;
     if bf16_kernel() != Bf16Kernel::Amx || m == 0 || n == 0 || k == 0 {
-        return fallback_gemm(&a.to_f32(), m, b, epilogue);
+        return AlignedVec::from_vec(fallback_gemm(&a.to_f32(), m, b, epilogue));
     }
-    let mut c: Vec<std::mem::MaybeUninit<f32>> = Vec::with_capacity(m * n);
-    // SAFETY: MaybeUninit needs no initialisation; amx_band writes every element of each band.
-    unsafe { c.set_len(m * n) };
-    c.par_chunks_mut(2 * TN * n)
-        .enumerate()
-        .for_each(|(band, rows)| {
-            let cp = rows.as_mut_ptr() as *mut f32;
-            // SAFETY: AMX is available (bf16_kernel); `a.tiles` holds every band's tiles and
-            // the spare; the band is rows.len() / n rows of n, written before the epilogue.
-            unsafe {
-                amx_band_dispatch(a, b, band, cp, rows.len() / n);
-                epilogue(
-                    band * 2 * TN,
-                    std::slice::from_raw_parts_mut(cp, rows.len()),
-                );
-            }
-        });
-    let mut c = std::mem::ManuallyDrop::new(c);
-    // SAFETY: every element was written; MaybeUninit<f32> and f32 share their layout.
-    unsafe { Vec::from_raw_parts(c.as_mut_ptr() as *mut f32, m * n, c.capacity()) }
+    let write = |c: &mut [std::mem::MaybeUninit<f32>]| {
+        c.par_chunks_mut(2 * TN * n)
+            .enumerate()
+            .for_each(|(band, rows)| {
+                let cp = rows.as_mut_ptr() as *mut f32;
+                // SAFETY: AMX is available (bf16_kernel); `a.tiles` holds every band's tiles
+                // and the spare; the band is rows.len() / n rows of n, written before the
+                // epilogue.
+                unsafe {
+                    amx_band_dispatch(a, b, band, cp, rows.len() / n);
+                    epilogue(
+                        band * 2 * TN,
+                        std::slice::from_raw_parts_mut(cp, rows.len()),
+                    );
+                }
+            })
+    };
+    // SAFETY: amx_band writes every element of each band.
+    unsafe { AlignedVec::new_with(m * n, write) }
 }
 
 /// [`gemm_packed`] whose bands (after the epilogue) go straight into the A tiles of the next
@@ -192,7 +192,7 @@ mod tests {
                     .for_each(|(i, v)| *v += (row0 * n2 + i) as f32)
             });
             let want_y = gemm_bf16(&got_h, m, &b2, None);
-            for (i, (g, w)) in y.iter().zip(&want_y).enumerate() {
+            for (i, (g, w)) in y.iter().zip(want_y.iter()).enumerate() {
                 let w = w + i as f32;
                 assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "{i}: {g} vs {w}");
             }

@@ -20,6 +20,7 @@
 //! # Ok::<(), saev::Error>(())
 //! ```
 
+pub(crate) mod aligned;
 pub mod amx;
 pub(crate) mod amx_attention;
 pub(crate) mod amx_packed;

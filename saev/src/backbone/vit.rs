@@ -23,7 +23,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, DType, Device, Module, Storage, Tensor};
 use candle_nn::VarBuilder;
 
-use super::amx::{gemm_bf16_then, PackedB};
+use super::amx::{gemm_bf16_then, AlignedVec, PackedB};
 use super::amx_attention;
 use super::amx_packed::{gemm_packed, gemm_to_packed, PackedA};
 use super::config::{Family, HiddenAct, PosInterp, VitConfig};
@@ -105,14 +105,20 @@ impl Linear {
             *last = n;
         }
         let y = self.with_epilogue(&out_dims, with_bias, act, residual, |epilogue| {
-            let gemm = |a: &[f32]| -> candle_core::Result<Vec<f32>> {
+            let gemm = |a: &[f32]| -> candle_core::Result<AlignedVec> {
                 match &self.bf16 {
                     Some(w) => Ok(gemm_bf16_then(a, rows, w, epilogue)),
                     None => {
                         let (st, l) = self.w_t.storage_and_layout();
                         match (&*st, l.contiguous_offsets()) {
                             (Storage::Cpu(CpuStorage::F32(w)), Some((s0, s1))) => {
-                                Ok(gemm_f32_then(a, rows, &w[s0..s1], n, epilogue))
+                                Ok(AlignedVec::from_vec(gemm_f32_then(
+                                    a,
+                                    rows,
+                                    &w[s0..s1],
+                                    n,
+                                    epilogue,
+                                )))
                             }
                             _ => candle_core::bail!("fused linear: weights not on the CPU"),
                         }
@@ -130,8 +136,7 @@ impl Linear {
                 }
             }
         })?;
-        y.map(|y| Tensor::from_vec(y, out_dims, x.device()))
-            .transpose()
+        y.map(|y| y.into_tensor(&out_dims, x.device())).transpose()
     }
 
     /// Run `f` with the epilogue `act(· (+ b)) (+ residual)` for outputs of shape `out_dims`
@@ -184,8 +189,7 @@ impl Linear {
             return Ok(None);
         };
         let y = self.with_epilogue(out_dims, true, act, residual, |e| Ok(gemm_packed(a, w, e)))?;
-        y.map(|y| Tensor::from_vec(y, out_dims, &Device::Cpu))
-            .transpose()
+        y.map(|y| y.into_tensor(out_dims, &Device::Cpu)).transpose()
     }
 
     /// `act(a Wᵀ + b)` from packed activations into the packed input of the next layer.
