@@ -82,32 +82,43 @@ fn main() -> saev::Result<()> {
         println!("saev  {}: {ips:.1} images/s (best {best:.1})", p.as_str());
         return Ok(());
     }
-    // The MLP's first GEMM at this batch (8 × 257 rows, 384 → 1536): GFLOP/s.
+    // The block's four GEMMs at this batch (8 × 257 rows): GFLOP/s, A's packing included.
     {
         use saev::backbone::amx::{gemm_bf16, PackedB};
-        let (m, k, n) = (BATCH * 257, 384, 1536);
-        let a: Vec<f32> = Tensor::randn(0f32, 1.0, m * k, &Device::Cpu)?.to_vec1()?;
-        let w = Tensor::randn(0f32, 1.0, (k, n), &Device::Cpu)?;
-        let packed = PackedB::new(&w.flatten_all()?.to_vec1::<f32>()?, k, n);
-        let x = Tensor::from_slice(&a, (m, k), &Device::Cpu)?;
-        let flops = 2.0 * (m * k * n) as f64;
-        let rate = |f: &mut dyn FnMut() -> saev::Result<()>| -> saev::Result<f64> {
-            f()?;
-            let t0 = Instant::now();
-            for _ in 0..20 {
+        let m = BATCH * 257;
+        let mut line = Vec::new();
+        for (name, k, n) in [
+            ("qkv", 384, 1152),
+            ("proj", 384, 384),
+            ("fc1", 384, 1536),
+            ("fc2", 1536, 384),
+        ] {
+            let a: Vec<f32> = Tensor::randn(0f32, 1.0, m * k, &Device::Cpu)?.to_vec1()?;
+            let w = Tensor::randn(0f32, 1.0, (k, n), &Device::Cpu)?;
+            let packed = PackedB::new(&w.flatten_all()?.to_vec1::<f32>()?, k, n);
+            let x = Tensor::from_slice(&a, (m, k), &Device::Cpu)?;
+            let flops = 2.0 * (m * k * n) as f64;
+            let rate = |f: &mut dyn FnMut() -> saev::Result<()>| -> saev::Result<f64> {
                 f()?;
-            }
-            Ok(flops * 20.0 / t0.elapsed().as_secs_f64() / 1e9)
-        };
-        let bf = rate(&mut || {
-            std::hint::black_box(gemm_bf16(&a, m, &packed, None));
-            Ok(())
-        })?;
-        let f = rate(&mut || {
-            std::hint::black_box(x.matmul(&w)?);
-            Ok(())
-        })?;
-        println!("GEMM [{m}×{k}]·[{k}×{n}]: bf16 {bf:.0} GFLOP/s, candle f32 {f:.0} GFLOP/s");
+                let t0 = Instant::now();
+                for _ in 0..20 {
+                    f()?;
+                }
+                Ok(flops * 20.0 / t0.elapsed().as_secs_f64() / 1e9)
+            };
+            let bf = rate(&mut || {
+                std::hint::black_box(gemm_bf16(&a, m, &packed, None));
+                Ok(())
+            })?;
+            let f = rate(&mut || {
+                std::hint::black_box(x.matmul(&w)?);
+                Ok(())
+            })?;
+            line.push(format!(
+                "{name} [{m}×{k}]·[{k}×{n}] bf16 {bf:.0}, candle f32 {f:.0}"
+            ));
+        }
+        println!("GEMM GFLOP/s: {}", line.join("; "));
     }
     // Denormals: the same architecture with freshly initialised weights (N(0, 0.02), as HF
     // initialises a ViT), where torch float32 slows down ~5× without flush-to-zero.
