@@ -387,7 +387,8 @@ mod tests {
                         // As torch's CPU flash attention computes it: the unnormalised e_j
                         // rounded to bf16, the output divided by Σ e_j (torch 2.15's bf16
                         // `scaled_dot_product_attention` matched this model in 86–95% of its
-                        // outputs bit for bit, the one rounding the normalised p_j in ~50%).
+                        // outputs bit for bit, the one rounding the normalised p_j in ~50%:
+                        // scripts/check_torch_sdpa_rounding.py).
                         let e_rounded: Vec<f64> =
                             e.iter().map(|&v| round_bf16(v as f32) as f64).collect();
                         for c in 0..hd {
