@@ -248,8 +248,9 @@ unsafe fn attend_head(x: &[f32], g: Geometry, sc: &mut Scratch, out: *mut f32) {
 /// its row of the probabilities' A tiles (`kp` tiles of 32 keys at `dst + p · TILE`, zeros
 /// past `T`); returns `Σ e_j` of the unrounded values. `e = 2^y`, `y = (s − max)·log₂e`
 /// split as `n + f` (`n` an integer, `|f| ≤ ½`): `2^f` by its degree-5 Taylor polynomial
-/// (relative error ≤ 2.4e-6, far below bf16's 2⁻⁹), scaled by `2^n` (`vscalefps`); `y` is
-/// clamped at −126, below which `e` is under 2⁻¹²⁶ and rounds away next to the maximum's 1.
+/// (relative error ≤ 2.4e-6, far below bf16's 2⁻⁹), scaled by `2^n` (`vscalefps`); below
+/// `y = −100` `e` is taken as zero (next to the maximum's 1 it is lost in any f32 sum, and no
+/// subnormal is ever made: each costs a microcode assist without flush-to-zero).
 ///
 /// # Safety
 /// AVX-512F/BW/BF16 are available; `dst` is valid for 32 u16 writes at each of the `kp` tile
@@ -277,7 +278,7 @@ unsafe fn exp_row_to_tiles(s: &[f32], kp: usize, dst: *mut u16) -> f32 {
         let max = _mm512_reduce_max_ps(mx);
         let log2e = _mm512_set1_ps(std::f32::consts::LOG2_E);
         let shift = _mm512_set1_ps(-max * std::f32::consts::LOG2_E);
-        let floor = _mm512_set1_ps(-126.0);
+        let floor = _mm512_set1_ps(-100.0);
         // ln2^k / k!
         let c = [
             1.0f32,
@@ -297,14 +298,16 @@ unsafe fn exp_row_to_tiles(s: &[f32], kp: usize, dst: *mut u16) -> f32 {
                     continue;
                 }
                 let x = _mm512_maskz_loadu_ps(m, s.as_ptr().add(i));
-                let y = _mm512_max_ps(_mm512_fmadd_ps(x, log2e, shift), floor);
+                let y = _mm512_fmadd_ps(x, log2e, shift);
+                let live = m & _mm512_cmp_ps_mask::<_CMP_GE_OQ>(y, floor);
+                let y = _mm512_max_ps(y, floor);
                 let n = _mm512_roundscale_ps::<NO_EXC>(y);
                 let f = _mm512_sub_ps(y, n);
                 let mut q = _mm512_set1_ps(c[5]);
                 for &ck in c[..5].iter().rev() {
                     q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(ck));
                 }
-                *e = _mm512_maskz_scalef_ps(m, q, n);
+                *e = _mm512_maskz_scalef_ps(live, q, n);
                 sum = _mm512_add_ps(sum, *e);
             }
             let both: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(half[1], half[0]));
@@ -348,9 +351,15 @@ mod tests {
             eprintln!("no AMX here: the bf16 attention does not run on this processor");
             return;
         }
-        for (b, t, heads, hd) in [(2, 37, 2, 40), (1, 257, 2, 64), (1, 5, 1, 16)] {
+        // The last shape's scores spread over hundreds: most e_j fall below the 2⁻¹⁰⁰ floor.
+        for (b, t, heads, hd, amp) in [
+            (2, 37, 2, 40, 1.0f32),
+            (1, 257, 2, 64, 1.0),
+            (1, 5, 1, 16, 1.0),
+            (1, 45, 1, 32, 6.0),
+        ] {
             let d = heads * hd;
-            let qkv = Tensor::randn(0f32, 1.0, (b, t, 3 * d), &Device::Cpu).unwrap();
+            let qkv = Tensor::randn(0f32, amp, (b, t, 3 * d), &Device::Cpu).unwrap();
             let got: Vec<f32> = self_attention_qkv_bf16(&qkv, heads)
                 .unwrap()
                 .flatten_all()
@@ -404,7 +413,9 @@ mod tests {
                                 "[{b}, {t}, {heads}×{hd}] img {img} head {h} row {i} col {c}: {g} vs {want}"
                             );
                             let f = f32_att[idx] as f64;
-                            assert!((g - f).abs() < 3e-2, "vs f32: {g} vs {f}");
+                            // (At amp 6 bf16's rounding of q and k moves scores by more than
+                            // 1, so f32 attention is no reference there.)
+                            assert!(amp > 1.0 || (g - f).abs() < 3e-2, "vs f32: {g} vs {f}");
                         }
                     }
                 }
