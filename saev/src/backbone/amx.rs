@@ -854,6 +854,39 @@ pub(super) unsafe fn amx_band(a: &[u16], b: &PackedB, band: usize, c: *mut f32, 
     }
 }
 
+/// [`amx_band`] handing each 32 × 32 block of the band to `f(first_column, block)` (32 rows of
+/// 32 at stride 32, in an L1-resident buffer) instead of storing it into `C`: an epilogue that
+/// turns blocks into something else (the next GEMM's bf16 tiles) never writes or re-reads an
+/// f32 band.
+///
+/// # Safety
+/// As [`amx_band`]'s for `a`.
+#[cfg(target_arch = "x86_64")]
+pub(super) unsafe fn amx_band_blocks(
+    a: &[u16],
+    b: &PackedB,
+    band: usize,
+    f: &mut dyn FnMut(usize, &mut [f32]),
+) {
+    let kb = b.kb;
+    #[repr(C, align(64))]
+    struct Block([f32; 4 * TN * TN]);
+    let mut blk = Block([0f32; 4 * TN * TN]);
+    let a0 = a[(2 * band) * kb * TILE..].as_ptr();
+    let a1 = a[(2 * band + 1) * kb * TILE..].as_ptr();
+    // SAFETY: as in amx_band; the block buffer is 32 × 32 at stride 128 bytes.
+    unsafe {
+        let _tiles = Tiles::configure();
+        for q in 0..b.nb / 2 {
+            let b0 = b.tiles[(2 * q) * kb * TILE..].as_ptr();
+            let b1 = b.tiles[(2 * q + 1) * kb * TILE..].as_ptr();
+            let p = blk.0.as_mut_ptr();
+            block_32x32([a0, a1], [b0, b1], kb, [p, p.add(TN * 2 * TN)], 4 * 2 * TN);
+            f(q * 2 * TN, &mut blk.0);
+        }
+    }
+}
+
 #[cfg(not(target_arch = "x86_64"))]
 fn amx_gemm(
     a_mk: &[f32],

@@ -1,7 +1,7 @@
 //! Activations kept in bfloat16 A tiles between the backbone's layers on AMX: a LayerNorm
 //! writes its rows straight into the tiles of the GEMM that reads them, and the MLP's first
-//! GEMM rounds each finished band (bias and activation applied, in cache) into the tiles of the
-//! second — no f32 copy of `[B·T, 4·D]` written, read back and packed again.
+//! GEMM rounds each finished 32 × 32 block (bias and activation applied, in L1) into the tiles
+//! of the second — no f32 copy of `[B·T, 4·D]` written, read back and packed again.
 //!
 //! The tiles and their padding are [`super::amx`]'s (`[m_pad / 16][k / 32]` of 16 × 32 bf16,
 //! zeros past `m` and `k`, one spare tile); the values are exactly what
@@ -9,7 +9,7 @@
 //!
 //! ```text
 //! let h = norm.pack(&x)?;                                  // PackedA [B·T, D]
-//! let a = gemm_to_packed(&h, &fc1, &|row0, band| gelu);   // PackedA [B·T, 4·D]
+//! let a = gemm_to_packed(&h, &fc1, &|col0, block| gelu);  // PackedA [B·T, 4·D]
 //! let y = gemm_packed(&a, &fc2, &|row0, band| residual);  // AlignedVec [B·T, D]
 //! ```
 
@@ -72,6 +72,7 @@ impl PackedA {
     }
 
     /// `[m, k]`.
+    #[cfg(test)]
     pub(crate) fn dims(&self) -> (usize, usize) {
         (self.m, self.k)
     }
@@ -122,26 +123,98 @@ pub(crate) fn gemm_packed(a: &PackedA, b: &PackedB, epilogue: Epilogue<'_>) -> A
     unsafe { AlignedVec::new_with(m * n, write) }
 }
 
-/// [`gemm_packed`] whose bands (after the epilogue) go straight into the A tiles of the next
-/// GEMM: `[m, n]` packed.
-pub(crate) fn gemm_to_packed(a: &PackedA, b: &PackedB, epilogue: Epilogue<'_>) -> PackedA {
+/// A block epilogue: `f(first_column, block)` on a 32 × 32 block of `C` (rows of 32, columns
+/// `first_column..first_column + 32`, those past `n` zero).
+pub(crate) type BlockEpilogue<'a> = &'a (dyn Fn(usize, &mut [f32]) + Sync);
+
+/// `A·B` with `epilogue` on each 32 × 32 block of `C` while it is in L1, each block then rounded
+/// straight into the A tiles of the next GEMM: `[m, n]` packed. No f32 `C` is stored, not even
+/// a band (the MLP's `[B·T, 4·D]` activations: their band was 196 KB, in L2, written, re-read
+/// by the activation and read again by the rounding).
+///
+/// # Panics
+/// If `A`'s `k` is not `B`'s (a caller's bug).
+pub(crate) fn gemm_to_packed(a: &PackedA, b: &PackedB, epilogue: BlockEpilogue<'_>) -> PackedA {
     let (k, n) = b.dims();
     assert_eq!(
         a.k, k,
         "gemm_to_packed: A is [{}, {}], B [{k}, {n}]",
         a.m, a.k
     );
-    if bf16_kernel() != Bf16Kernel::Amx || a.m == 0 || n == 0 || k == 0 {
-        let c = gemm_packed(a, b, epilogue);
-        return PackedA::from_fn(a.m, n, &|row0, band| {
-            band.copy_from_slice(&c[row0 * n..row0 * n + band.len()])
+    let m = a.m;
+    let blk = 2 * TN;
+    // The epilogue's output with the padding contract of PackedA restored: zeros past n and m.
+    let finish = |c0: usize, rows: usize, block: &mut [f32]| {
+        epilogue(c0, block);
+        let w = (n - c0).min(blk);
+        for (r, row) in block.chunks_exact_mut(blk).enumerate() {
+            if r >= rows {
+                row.fill(0.0);
+            } else {
+                row[w..].fill(0.0);
+            }
+        }
+    };
+    if bf16_kernel() != Bf16Kernel::Amx || m == 0 || n == 0 || k == 0 {
+        let c = gemm_packed(a, b, &|_, _| {});
+        return PackedA::from_fn(m, n, &|row0, band| {
+            let rows = band.len() / n.max(1);
+            let mut block = vec![0f32; blk * blk];
+            for c0 in (0..n).step_by(blk) {
+                let w = (n - c0).min(blk);
+                for r in 0..rows {
+                    block[r * blk..r * blk + w]
+                        .copy_from_slice(&c[(row0 + r) * n + c0..(row0 + r) * n + c0 + w]);
+                }
+                finish(c0, rows, &mut block);
+                for r in 0..rows {
+                    band[r * n + c0..r * n + c0 + w].copy_from_slice(&block[r * blk..r * blk + w]);
+                }
+            }
         });
     }
-    PackedA::from_fn(a.m, n, &|row0, band| {
-        // SAFETY: AMX is available (bf16_kernel); the band is band.len() / n rows of n.
-        unsafe { amx_band_dispatch(a, b, row0 / (2 * TN), band.as_mut_ptr(), band.len() / n) };
-        epilogue(row0, band);
-    })
+    let kb = n.div_ceil(TK);
+    let mb = m.div_ceil(blk) * 2;
+    let mut tiles = uninit_tiles(mb * kb);
+    tiles[..mb * kb * TILE]
+        .par_chunks_mut(2 * kb * TILE)
+        .enumerate()
+        .for_each(|(band, out)| {
+            let rows = (m - blk * band).min(blk);
+            let dst = out.as_mut_ptr() as *mut u16;
+            // SAFETY: AMX is available (bf16_kernel); `a.tiles` holds every band's tiles and the
+            // spare. Block `c0` of row r goes to row r % 16 of k tile c0 / 32 of tile row r / 16
+            // of this band: inside `out` (2 · kb tiles), each of its 32 · 32 values written once.
+            unsafe {
+                amx_band_blocks_dispatch(a, b, band, &mut |c0, block| {
+                    finish(c0, rows, block);
+                    for (r, row) in block.chunks_exact(blk).enumerate() {
+                        let at = ((r / TN) * kb + c0 / TK) * TILE + (r % TN) * TK;
+                        round_row(row, 1, dst.add(at));
+                    }
+                });
+            }
+        });
+    // SAFETY: every tile of every band was written (values and padding zeros).
+    let tiles = unsafe { assume_written(tiles) };
+    PackedA { m, k: n, tiles }
+}
+
+/// # Safety
+/// As [`super::amx::amx_band_blocks`]'s.
+unsafe fn amx_band_blocks_dispatch(
+    a: &PackedA,
+    b: &PackedB,
+    band: usize,
+    f: &mut dyn FnMut(usize, &mut [f32]),
+) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: as the caller guarantees.
+    unsafe {
+        super::amx::amx_band_blocks(&a.tiles, b, band, f)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("AMX on a processor that is not x86-64: {a:?} {b:?} {band} {f:?}")
 }
 
 /// # Safety
@@ -185,6 +258,29 @@ mod tests {
             for (g, w) in got_h.iter().zip(&want_h_rounded) {
                 // Summation order may move a value across a rounding boundary (1 bf16 ulp).
                 assert!((g - w).abs() <= w.abs() / 128.0 + 1e-6, "{g} vs {w}");
+            }
+            // Each block's epilogue gets its first column; the padding past m and n1 stays zero
+            // whatever the epilogue makes of it.
+            let plain = gemm_bf16(&x, m, &b1, None);
+            let shift = |c0: usize, block: &mut [f32]| {
+                for (i, v) in block.iter_mut().enumerate() {
+                    *v += (c0 + i % 32) as f32;
+                }
+            };
+            let hs = gemm_to_packed(&a, &b1, &shift);
+            for (i, g) in hs.to_f32().iter().enumerate() {
+                let w = round_bf16(plain[i] + (i % n1) as f32);
+                assert!((g - w).abs() <= w.abs() / 128.0 + 1e-6, "{i}: {g} vs {w}");
+            }
+            let kb1 = n1.div_ceil(TK);
+            for (at, &v) in hs.tiles.iter().enumerate() {
+                let tile = at / TILE;
+                let row = (tile / kb1) * TN + (at % TILE) / TK;
+                let col = (tile % kb1) * TK + at % TK;
+                assert!(
+                    row < m && col < n1 || v == 0,
+                    "padding [{row}, {col}] = {v:#x}"
+                );
             }
             let y = gemm_packed(&h, &b2, &|row0, band| {
                 band.iter_mut()

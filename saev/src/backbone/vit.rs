@@ -201,8 +201,16 @@ impl Linear {
         let Some(w) = &self.bf16 else {
             return Ok(None);
         };
-        let out_dims = [a.dims().0, self.w_t.dim(1)?];
-        self.with_epilogue(&out_dims, true, act, None, |e| Ok(gemm_to_packed(a, w, e)))
+        let n = self.w_t.dim(1)?;
+        // The bias per 32-column block, zeros past n.
+        let mut bias = vec![0f32; n.div_ceil(32) * 32];
+        if let Some(b) = &self.b {
+            bias[..n].copy_from_slice(&b.to_vec1::<f32>()?);
+        }
+        let epilogue = |c0: usize, block: &mut [f32]| {
+            bias_act_in_place(block, 32, Some(&bias[c0..c0 + 32]), act, None);
+        };
+        Ok(Some(gemm_to_packed(a, w, &epilogue)))
     }
 
     /// `x Wᵀ + b + residual` (the block's output projections).
