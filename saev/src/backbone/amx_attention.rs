@@ -1,9 +1,10 @@
 //! Multi-head self-attention in bfloat16 on AMX tiles, for the backbone's bf16 mode
 //! ([`super::LinearMode::PackedBf16`]): `softmax(q kᵀ / √hd) v` per (image, head), straight
 //! from the fused `[B, T, 3·D]` projection, as torch's bfloat16 `scaled_dot_product_attention`
-//! computes it on the CPU (its flash-attention kernel) — `q / √hd`, `k`, `v` and the
-//! unnormalised probabilities `exp(s − max s)` rounded to bfloat16, products summed in f32, each
-//! output row divided by the f32 sum of its exponentials.
+//! computes it on the CPU (its flash-attention kernel) — `q`, `k`, `v` rounded to bfloat16, the
+//! scores `q·k` summed in f32 and scaled by `1/√hd` in f32, the unnormalised probabilities
+//! `exp(s − max s)` rounded to bfloat16, each output row divided by the f32 sum of its
+//! exponentials.
 //!
 //! # Layout
 //! Per task, the operands are packed into [`super::amx`]'s tiles, zero-padded to `T_pad`
@@ -31,7 +32,7 @@ pub(crate) fn available() -> bool {
 
 /// Per-thread buffers for one (image, head) task; their padding stays zero across tasks.
 struct Scratch {
-    /// `q / √hd` as A tiles, `[T_pad / 16][kq]`.
+    /// `q` as A tiles, `[T_pad / 16][kq]`.
     q: Aligned<u16>,
     /// `k` rounded, `[T_pad, hd_pad]` row-major.
     k_rows: Vec<u16>,
@@ -156,7 +157,8 @@ unsafe fn attend_head(x: &[f32], g: Geometry, sc: &mut Scratch, out: *mut f32) {
     // SAFETY (the whole body): the tile buffers hold their documented tile counts plus a spare
     // tile, every write below stays inside its buffer, and AMX is configured by `_tiles`.
     unsafe {
-        // q / √hd and k, rounded (pads stay zero from the scratch's creation). The rows are
+        // q and k, rounded (pads stay zero from the scratch's creation); 1/√hd scales the f32
+        // scores, as torch's flash kernel does. The rows are
         // 3·D apart (past a page at D = 384, where the hardware prefetcher stops): q, k and v
         // of the row 8 ahead are prefetched, so v's packing below finds them in cache too.
         for n in 0..t {
@@ -171,7 +173,7 @@ unsafe fn attend_head(x: &[f32], g: Geometry, sc: &mut Scratch, out: *mut f32) {
                 }
             }
             let at = ((n / TN) * kq) * TILE + (n % TN) * TK;
-            round_row_cvt(row(n, 0), scale, kq, sc.q.as_mut_ptr().add(at));
+            round_row_cvt(row(n, 0), 1.0, kq, sc.q.as_mut_ptr().add(at));
             let k = row(n, 1);
             for p in 0..kq {
                 let src = &k[p * TK..((p + 1) * TK).min(hd)];
@@ -217,7 +219,7 @@ unsafe fn attend_head(x: &[f32], g: Geometry, sc: &mut Scratch, out: *mut f32) {
                 let n = 32 * bi + r;
                 let dst = sc.p.as_mut_ptr().add((r / TN) * kp * TILE + (r % TN) * TK);
                 if n < t {
-                    *inv = 1.0 / exp_row_to_tiles(&sc.s[r * tp..r * tp + t], kp, dst);
+                    *inv = 1.0 / exp_row_to_tiles(&sc.s[r * tp..r * tp + t], scale, kp, dst);
                 } else {
                     round_row_cvt(&[], 1.0, kp, dst);
                 }
@@ -244,9 +246,10 @@ unsafe fn attend_head(x: &[f32], g: Geometry, sc: &mut Scratch, out: *mut f32) {
     }
 }
 
-/// `e_j = exp(s_j − max s)` for the scores `s` of one query (`T` of them), rounded to bf16 into
+/// `e_j = exp((s_j − max s)·scale)` for the raw scores `s` of one query (`T` of them; `scale`
+/// `= 1/√hd > 0`, applied here in f32 as torch applies it), rounded to bf16 into
 /// its row of the probabilities' A tiles (`kp` tiles of 32 keys at `dst + p · TILE`, zeros
-/// past `T`); returns `Σ e_j` of the unrounded values. `e = 2^y`, `y = (s − max)·log₂e`
+/// past `T`); returns `Σ e_j` of the unrounded values. `e = 2^y`, `y = (s − max)·scale·log₂e`
 /// split as `n + f` (`n` an integer, `|f| ≤ ½`): `2^f` by its degree-5 Taylor polynomial
 /// (relative error ≤ 2.4e-6, far below bf16's 2⁻⁹), scaled by `2^n` (`vscalefps`); below
 /// `y = −100` `e` is taken as zero (next to the maximum's 1 it is lost in any f32 sum, and no
@@ -257,7 +260,7 @@ unsafe fn attend_head(x: &[f32], g: Geometry, sc: &mut Scratch, out: *mut f32) {
 /// offsets; `kp · 32 ≥ T`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn exp_row_to_tiles(s: &[f32], kp: usize, dst: *mut u16) -> f32 {
+unsafe fn exp_row_to_tiles(s: &[f32], scale: f32, kp: usize, dst: *mut u16) -> f32 {
     use std::arch::x86_64::*;
     const NO_EXC: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
     let t = s.len();
@@ -276,8 +279,8 @@ unsafe fn exp_row_to_tiles(s: &[f32], kp: usize, dst: *mut u16) -> f32 {
             );
         }
         let max = _mm512_reduce_max_ps(mx);
-        let log2e = _mm512_set1_ps(std::f32::consts::LOG2_E);
-        let shift = _mm512_set1_ps(-max * std::f32::consts::LOG2_E);
+        let log2e = _mm512_set1_ps(scale * std::f32::consts::LOG2_E);
+        let shift = _mm512_set1_ps(-max * scale * std::f32::consts::LOG2_E);
         let floor = _mm512_set1_ps(-100.0);
         // ln2^k / k!
         let c = [
@@ -342,7 +345,7 @@ mod tests {
     use crate::backbone::amx::round_bf16;
     use candle_core::Device;
 
-    /// Against attention in f64 on the bf16-rounded `q / √hd`, `k`, `v` and probabilities, on
+    /// Against attention in f64 on the bf16-rounded `q`, `k`, `v` and probabilities, on
     /// shapes off every tile edge (T not a multiple of 16 or 32, hd not a multiple of 32), and
     /// against saev's f32 attention within bf16's precision.
     #[test]
@@ -380,14 +383,17 @@ mod tests {
                         x[img * t * 3 * d + n * 3 * d + part * d + h * hd + c]
                     };
                     for i in 0..t {
+                        // Scores from the bf16 q and k, scaled by 1/√hd afterwards (torch's
+                        // flash kernel scales the f32 scores, not q).
                         let s: Vec<f64> = (0..t)
                             .map(|j| {
                                 (0..hd)
                                     .map(|c| {
-                                        round_bf16(at(i, 0, c) * scale) as f64
+                                        round_bf16(at(i, 0, c)) as f64
                                             * round_bf16(at(j, 1, c)) as f64
                                     })
-                                    .sum()
+                                    .sum::<f64>()
+                                    * scale as f64
                             })
                             .collect();
                         let max = s.iter().cloned().fold(f64::MIN, f64::max);
@@ -407,9 +413,10 @@ mod tests {
                                 / z;
                             let idx = img * t * d + i * d + h * hd + c;
                             let g = got[idx] as f64;
-                            // An e_j may round the other way from f32 (1 bf16 ulp).
+                            // An e_j may round the other way from f32 (1 bf16 ulp, times a
+                            // value v_j, which scales with amp).
                             assert!(
-                                (g - want).abs() < 1e-3 + 4e-3 * want.abs(),
+                                (g - want).abs() < 1e-3 * amp as f64 + 4e-3 * want.abs(),
                                 "[{b}, {t}, {heads}×{hd}] img {img} head {h} row {i} col {c}: {g} vs {want}"
                             );
                             let f = f32_att[idx] as f64;
