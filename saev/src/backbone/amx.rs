@@ -814,23 +814,15 @@ fn amx_gemm(
 /// plus the spare tile; `c` is valid for `rows · n` f32 writes.
 #[cfg(target_arch = "x86_64")]
 pub(super) unsafe fn amx_band(a: &[u16], b: &PackedB, band: usize, c: *mut f32, rows: usize) {
-    let (n, kb) = (b.n, b.kb);
+    let n = b.n;
     // A 32 × 32 block for the edges of C (its four tiles side by side, stride 128 B).
-    #[repr(C, align(64))]
-    struct Block([f32; 4 * TN * TN]);
-    let mut acc = Block([0f32; 4 * TN * TN]);
+    let mut acc = Block32([0f32; 4 * TN * TN]);
     let acc = &mut acc.0;
-    let a0 = a[(2 * band) * kb * TILE..].as_ptr();
-    let a1 = a[(2 * band + 1) * kb * TILE..].as_ptr();
-    // SAFETY: every tile load reads whole tiles inside `a` / `b.tiles` (kb tiles per band and
-    // column block, each 1 KiB, plus the spare tile at the end of both). A block wholly inside
-    // C is stored straight into its 32 rows × 32 columns (row stride 4n bytes); an edge block
-    // goes to `acc` (32 × 32, stride 128 bytes) and its part inside C is copied.
+    // SAFETY: the operands are as for_each_pair documents. A block wholly inside C is stored
+    // straight into its 32 rows × 32 columns (row stride 4n bytes); an edge block goes to
+    // `acc` (32 × 32, stride 128 bytes) and its part inside C is copied.
     unsafe {
-        let _tiles = Tiles::configure();
-        for q in 0..b.nb / 2 {
-            let b0 = b.tiles[(2 * q) * kb * TILE..].as_ptr();
-            let b1 = b.tiles[(2 * q + 1) * kb * TILE..].as_ptr();
+        for_each_pair(a, b, band, &mut |q, a_pair, b_pair| {
             let c0 = q * 2 * TN;
             let inside = rows == 2 * TN && c0 + 2 * TN <= n;
             let (lo, hi, stride) = if inside {
@@ -839,7 +831,7 @@ pub(super) unsafe fn amx_band(a: &[u16], b: &PackedB, band: usize, c: *mut f32, 
                 let p = acc.as_mut_ptr();
                 (p, p.add(TN * 2 * TN), 4 * 2 * TN)
             };
-            block_32x32([a0, a1], [b0, b1], kb, [lo, hi], stride);
+            block_32x32(a_pair, b_pair, b.kb, [lo, hi], stride);
             if !inside && c0 < n {
                 let w = (2 * TN).min(n - c0);
                 for r in 0..rows {
@@ -850,7 +842,41 @@ pub(super) unsafe fn amx_band(a: &[u16], b: &PackedB, band: usize, c: *mut f32, 
                     );
                 }
             }
-        }
+        });
+    }
+}
+
+/// A 32 × 32 block of f32 on a cache line (tile stores into it are whole lines).
+#[cfg(target_arch = "x86_64")]
+#[repr(C, align(64))]
+struct Block32([f32; 4 * TN * TN]);
+
+/// With this thread's tiles configured, `f(q, a, b)` for each column pair `q` of `B`: the
+/// band's two A tile rows and the pair's two B tile columns (`kb` tiles each, plus the spare).
+///
+/// # Safety
+/// [`amx_available`] returned true; `a` holds at least `2·band + 2` tile rows of `b.kb` tiles
+/// plus the spare tile.
+#[cfg(target_arch = "x86_64")]
+unsafe fn for_each_pair(
+    a: &[u16],
+    b: &PackedB,
+    band: usize,
+    f: &mut dyn FnMut(usize, [*const u16; 2], [*const u16; 2]),
+) {
+    let kb = b.kb;
+    let a_pair = [
+        a[(2 * band) * kb * TILE..].as_ptr(),
+        a[(2 * band + 1) * kb * TILE..].as_ptr(),
+    ];
+    // SAFETY: the caller guarantees AMX (the tiles stay configured while `f` runs).
+    let _tiles = unsafe { Tiles::configure() };
+    for q in 0..b.nb / 2 {
+        let b_pair = [
+            b.tiles[(2 * q) * kb * TILE..].as_ptr(),
+            b.tiles[(2 * q + 1) * kb * TILE..].as_ptr(),
+        ];
+        f(q, a_pair, b_pair);
     }
 }
 
@@ -868,22 +894,14 @@ pub(super) unsafe fn amx_band_blocks(
     band: usize,
     f: &mut dyn FnMut(usize, &mut [f32]),
 ) {
-    let kb = b.kb;
-    #[repr(C, align(64))]
-    struct Block([f32; 4 * TN * TN]);
-    let mut blk = Block([0f32; 4 * TN * TN]);
-    let a0 = a[(2 * band) * kb * TILE..].as_ptr();
-    let a1 = a[(2 * band + 1) * kb * TILE..].as_ptr();
+    let mut blk = Block32([0f32; 4 * TN * TN]);
     // SAFETY: as in amx_band; the block buffer is 32 × 32 at stride 128 bytes.
     unsafe {
-        let _tiles = Tiles::configure();
-        for q in 0..b.nb / 2 {
-            let b0 = b.tiles[(2 * q) * kb * TILE..].as_ptr();
-            let b1 = b.tiles[(2 * q + 1) * kb * TILE..].as_ptr();
+        for_each_pair(a, b, band, &mut |q, a_pair, b_pair| {
             let p = blk.0.as_mut_ptr();
-            block_32x32([a0, a1], [b0, b1], kb, [p, p.add(TN * 2 * TN)], 4 * 2 * TN);
+            block_32x32(a_pair, b_pair, b.kb, [p, p.add(TN * 2 * TN)], 4 * 2 * TN);
             f(q * 2 * TN, &mut blk.0);
-        }
+        });
     }
 }
 

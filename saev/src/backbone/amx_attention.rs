@@ -250,10 +250,8 @@ unsafe fn attend_head(x: &[f32], g: Geometry, sc: &mut Scratch, out: *mut f32) {
 /// `= 1/√hd > 0`, applied here in f32 as torch applies it), rounded to bf16 into
 /// its row of the probabilities' A tiles (`kp` tiles of 32 keys at `dst + p · TILE`, zeros
 /// past `T`); returns `Σ e_j` of the unrounded values. `e = 2^y`, `y = (s − max)·scale·log₂e`
-/// split as `n + f` (`n` an integer, `|f| ≤ ½`): `2^f` by its degree-5 Taylor polynomial
-/// (relative error ≤ 2.4e-6, far below bf16's 2⁻⁹), scaled by `2^n` (`vscalefps`); below
-/// `y = −100` `e` is taken as zero (next to the maximum's 1 it is lost in any f32 sum, and no
-/// subnormal is ever made: each costs a microcode assist without flush-to-zero).
+/// by [`super::kernels::exp2_avx512`] (relative error ≤ 1.2e-7, far below bf16's 2⁻⁹; zero
+/// below `y = −100`, where next to the maximum's 1 it is lost in any f32 sum).
 ///
 /// # Safety
 /// AVX-512F/BW/BF16 are available; `dst` is valid for 32 u16 writes at each of the `kp` tile
@@ -262,7 +260,6 @@ unsafe fn attend_head(x: &[f32], g: Geometry, sc: &mut Scratch, out: *mut f32) {
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 unsafe fn exp_row_to_tiles(s: &[f32], scale: f32, kp: usize, dst: *mut u16) -> f32 {
     use std::arch::x86_64::*;
-    const NO_EXC: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
     let t = s.len();
     let lanes = |i: usize| -> __mmask16 {
         let n = t.saturating_sub(i).min(16);
@@ -281,16 +278,6 @@ unsafe fn exp_row_to_tiles(s: &[f32], scale: f32, kp: usize, dst: *mut u16) -> f
         let max = _mm512_reduce_max_ps(mx);
         let log2e = _mm512_set1_ps(scale * std::f32::consts::LOG2_E);
         let shift = _mm512_set1_ps(-max * scale * std::f32::consts::LOG2_E);
-        let floor = _mm512_set1_ps(-100.0);
-        // ln2^k / k!
-        let c = [
-            1.0f32,
-            std::f32::consts::LN_2,
-            0.240_226_5,
-            0.055_504_11,
-            0.009_618_129,
-            0.001_333_355_8,
-        ];
         let mut sum = _mm512_setzero_ps();
         for p in 0..kp {
             let mut half = [_mm512_setzero_ps(); 2];
@@ -301,16 +288,7 @@ unsafe fn exp_row_to_tiles(s: &[f32], scale: f32, kp: usize, dst: *mut u16) -> f
                     continue;
                 }
                 let x = _mm512_maskz_loadu_ps(m, s.as_ptr().add(i));
-                let y = _mm512_fmadd_ps(x, log2e, shift);
-                let live = m & _mm512_cmp_ps_mask::<_CMP_GE_OQ>(y, floor);
-                let y = _mm512_max_ps(y, floor);
-                let n = _mm512_roundscale_ps::<NO_EXC>(y);
-                let f = _mm512_sub_ps(y, n);
-                let mut q = _mm512_set1_ps(c[5]);
-                for &ck in c[..5].iter().rev() {
-                    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(ck));
-                }
-                *e = _mm512_maskz_scalef_ps(live, q, n);
+                *e = super::kernels::exp2_avx512(m, _mm512_fmadd_ps(x, log2e, shift));
                 sum = _mm512_add_ps(sum, *e);
             }
             let both: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(half[1], half[0]));

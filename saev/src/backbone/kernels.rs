@@ -232,6 +232,45 @@ fn epilogue_rows_avx512(
     }
 }
 
+/// `2^y` in the lanes of `keep` where `y ≥ −100`, zero elsewhere: `y = n + f` (`n` an integer,
+/// `|f| ≤ ½`), `2^f` by its degree-6 Taylor polynomial (relative error ≤ 1.2e-7), scaled by
+/// `2^n` with `vscalefps`. Below 2⁻¹⁰⁰ the callers' terms are lost next to theirs of order 1,
+/// and no subnormal is ever made (each one a microcode assist without flush-to-zero, which
+/// saev does not impose).
+///
+/// # Safety
+/// AVX-512F is available.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(super) unsafe fn exp2_avx512(
+    keep: std::arch::x86_64::__mmask16,
+    y: std::arch::x86_64::__m512,
+) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    // ln2^k / k!, k = 0..=6
+    const C: [f32; 7] = [
+        1.0,
+        std::f32::consts::LN_2,
+        0.240_226_5,
+        0.055_504_11,
+        0.009_618_129,
+        0.001_333_355_8,
+        0.000_154_035_3,
+    ];
+    let floor = _mm512_set1_ps(-100.0);
+    let live = keep & _mm512_cmp_ps_mask::<_CMP_GE_OQ>(y, floor);
+    let y = _mm512_max_ps(y, floor);
+    let n = _mm512_roundscale_ps::<NEAREST>(y);
+    let f = _mm512_sub_ps(y, n);
+    let mut q = _mm512_set1_ps(C[6]);
+    for &ck in C[..6].iter().rev() {
+        q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(ck));
+    }
+    _mm512_maskz_scalef_ps(live, q, n)
+}
+
 /// `row = gelu(row + bias)` with the exact (erf) GELU, 16 lanes at a time: `erf` by Abramowitz
 /// & Stegun 7.1.26 as [`erf_fast`] (`1 − poly(t)·e^{−a²}`, `t = 1 / (1 + p·a)`), the reciprocal
 /// by `vrcp14ps` and one Newton step (relative error ~2⁻²⁸, no division), `e^{−a²}` as `2^y`
@@ -243,7 +282,6 @@ fn epilogue_rows_avx512(
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn bias_gelu_row_avx512(row: &mut [f32], bias: Option<&[f32]>) {
     use std::arch::x86_64::*;
-    const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
     let n = row.len();
     let one = _mm512_set1_ps(1.0);
     let two = _mm512_set1_ps(2.0);
@@ -257,18 +295,7 @@ unsafe fn bias_gelu_row_avx512(row: &mut [f32], bias: Option<&[f32]>) {
         -0.284_496_74,
         0.254_829_6,
     ];
-    // ln2^k / k!, k = 0..=6
-    let c = [
-        1.0f32,
-        std::f32::consts::LN_2,
-        0.240_226_5,
-        0.055_504_11,
-        0.009_618_129,
-        0.001_333_355_8,
-        0.000_154_035_3,
-    ];
     let neg_log2e = _mm512_set1_ps(-std::f32::consts::LOG2_E);
-    let floor = _mm512_set1_ps(-100.0);
     let mut i = 0;
     while i < n {
         let m: __mmask16 = ((1u32 << (n - i).min(16)) - 1) as __mmask16;
@@ -288,19 +315,9 @@ unsafe fn bias_gelu_row_avx512(row: &mut [f32], bias: Option<&[f32]>) {
             }
             y = _mm512_mul_ps(y, t);
             // e^{-a²} = 2^{-a²·log2 e}
-            let e2 = _mm512_mul_ps(_mm512_mul_ps(a, a), neg_log2e);
-            // Below 2⁻¹⁰⁰ the tail is zero here (so no subnormal is ever made: each one costs
-            // a microcode assist without flush-to-zero, which saev does not impose).
-            let live = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(e2, floor);
-            let e2 = _mm512_max_ps(e2, floor);
-            let k = _mm512_roundscale_ps::<NEAREST>(e2);
-            let f = _mm512_sub_ps(e2, k);
-            let mut q = _mm512_set1_ps(c[6]);
-            for &ck in c[..6].iter().rev() {
-                q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(ck));
-            }
+            let e = exp2_avx512(0xffff, _mm512_mul_ps(_mm512_mul_ps(a, a), neg_log2e));
             // 1 − erf(|z|) = y·e^{−a²}; Φ = 1 − ½(1 − erf) for x ≥ 0, ½(1 − erf) below.
-            let h = _mm512_mul_ps(half, _mm512_mul_ps(y, _mm512_maskz_scalef_ps(live, q, k)));
+            let h = _mm512_mul_ps(half, _mm512_mul_ps(y, e));
             let neg = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, _mm512_setzero_ps());
             let phi = _mm512_mask_blend_ps(neg, _mm512_sub_ps(one, h), h);
             _mm512_mask_storeu_ps(row.as_mut_ptr().add(i), m, _mm512_mul_ps(x, phi));
