@@ -281,8 +281,9 @@ fn drop_registers(x_btd: &Tensor, n_registers: usize, has_cls: bool) -> Result<T
 /// The tokens `ranges` (`[start, end)` along T) of each block output in `xs` (each
 /// `[B, T, D]`), side by side: `[B, xs.len(), Σ ranges, D]` — `record`'s stack of the recorded
 /// blocks. On the CPU the rows are copied once, in parallel over (image, block): candle's
-/// `Tensor::stack` copies them on one thread, which cost a bf16 DINOv2-S/14 forward 7% of its
-/// time here (38 MB a batch of 8 with every block recorded); elsewhere candle's ops.
+/// `Tensor::stack` copied them on one thread (38 MB a batch of 8 with every block recorded;
+/// 7% of a bf16 DINOv2-S/14 forward's profile, +3% images/s once parallel); elsewhere
+/// candle's ops.
 fn gather_tokens(xs: &[Tensor], ranges: &[(usize, usize)]) -> candle_core::Result<Tensor> {
     use candle_core::{CpuStorage, DType, Storage};
     use rayon::prelude::*;
