@@ -121,7 +121,7 @@ impl<T: Copy> std::fmt::Debug for Aligned<T> {
 
 /// `len` f32 kept in a `Vec` but starting on a 64-byte boundary inside it (up to 15 zeros
 /// before and after them): a GEMM's `C`, which the tile stores write on whole cache lines and
-/// which becomes a candle tensor without a copy ([`AlignedVec::into_tensor`]).
+/// which becomes a candle tensor without a copy.
 pub struct AlignedVec {
     vec: Vec<f32>,
     offset: usize,
