@@ -44,6 +44,17 @@ fn python_without_site_packages(dir: &Path) -> PathBuf {
     let python = dir.join("python-no-site");
     std::fs::write(&python, "#!/bin/sh\nexec python3 -S \"$@\"\n").unwrap();
     std::fs::set_permissions(&python, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // A child forked by a parallel test between our open and close holds the written file
+    // open until it execs: running the script in that window fails with ETXTBSY ("text file
+    // busy"). Wait until it runs (the window is microseconds to milliseconds).
+    for _ in 0..200 {
+        match Command::new(&python).args(["-c", "pass"]).output() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                std::thread::sleep(std::time::Duration::from_millis(10))
+            }
+            _ => break,
+        }
+    }
     python
 }
 
