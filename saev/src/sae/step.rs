@@ -242,6 +242,18 @@ pub(crate) const BETA1: f64 = 0.9;
 pub(crate) const BETA2: f64 = 0.999;
 pub(crate) const EPS: f64 = 1e-8;
 pub(crate) const THRESHOLD_RATE: f32 = 0.01;
+/// Bytes of batch rows (`v` and `xc`) the latent-major gradient pass reads per pass: well inside
+/// a core's L2 (1–2 MiB), next to the gradient rows it streams.
+const CHUNK_BYTES: usize = 768 << 10;
+
+/// Batch rows per pass of the latent-major gradient pass at width `d`.
+fn chunk_rows(d: usize) -> usize {
+    #[cfg(test)]
+    if let Some(rows) = tests::CHUNK_ROWS.get() {
+        return rows;
+    }
+    (CHUNK_BYTES / (2 * d * size_of::<f32>()).max(1)).max(1)
+}
 
 impl TrainState {
     /// The first parameter or Adam moment (name, flat index) holding NaN or ±∞, if any (a
@@ -1208,6 +1220,11 @@ impl TrainState {
     /// `∂W_dec[s] += Σ f · v(b, s)`, `∂W_enc[s] += Σ ∂pre · xc[b]`, `∂b_enc[s] += Σ ∂pre`, with
     /// `∂pre = dpre_of(W_dec[s], v(b, s))` computed here, where both are in cache (a
     /// batch-major pass would fetch a random decoder row per active entry).
+    ///
+    /// The batch is taken in chunks of rows whose `v` and `xc` rows fit in L2 together: each
+    /// pass over the latents reads only that chunk's rows, each latent resuming its (row-sorted)
+    /// entries where the last pass stopped — the sums run in the same order, so the result is
+    /// the one-pass result bit for bit, with random row fetches from L2 instead of L3.
     fn add_latent_grads<'a, V, P>(
         &self,
         t: &Transposed,
@@ -1221,23 +1238,31 @@ impl TrainState {
         P: Fn(&[f32], &[f32]) -> f32 + Sync,
     {
         let d = self.d;
-        grads
-            .w_dec
-            .par_chunks_mut(d)
-            .zip(grads.w_enc.par_chunks_mut(d))
-            .zip(grads.b_enc.par_iter_mut())
-            .enumerate()
-            .for_each(|(i, ((gd, ge), gb))| {
-                let w = &self.w_dec[i * d..(i + 1) * d];
-                for q in t.cptr[i]..t.cptr[i + 1] {
-                    let (b, p) = (t.rows[q] as usize, t.pos[q] as usize);
-                    let v = vec_of(b, i);
-                    let dp = dpre_of(w, v);
-                    axpy(vals[p], v, gd);
-                    axpy(dp, &xc[b * d..(b + 1) * d], ge);
-                    *gb += dp;
-                }
-            });
+        let n = xc.len() / d.max(1);
+        let chunk = chunk_rows(d);
+        let mut next: Vec<usize> = t.cptr[..t.cptr.len() - 1].to_vec();
+        for r1 in (1..=n.div_ceil(chunk)).map(|c| (c * chunk).min(n)) {
+            grads
+                .w_dec
+                .par_chunks_mut(d)
+                .zip(grads.w_enc.par_chunks_mut(d))
+                .zip(grads.b_enc.par_iter_mut())
+                .zip(next.par_iter_mut())
+                .enumerate()
+                .for_each(|(i, (((gd, ge), gb), q))| {
+                    let end = t.cptr[i + 1];
+                    let w = &self.w_dec[i * d..(i + 1) * d];
+                    while *q < end && (t.rows[*q] as usize) < r1 {
+                        let (b, p) = (t.rows[*q] as usize, t.pos[*q] as usize);
+                        let v = vec_of(b, i);
+                        let dp = dpre_of(w, v);
+                        axpy(vals[p], v, gd);
+                        axpy(dp, &xc[b * d..(b + 1) * d], ge);
+                        *gb += dp;
+                        *q += 1;
+                    }
+                });
+        }
     }
 
     fn group_ends(&self) -> Vec<usize> {
@@ -1481,6 +1506,70 @@ mod tests {
     fn rel(a: &[f32], b: &[f32]) -> f32 {
         let m = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
         a.iter().zip(b).fold(0f32, |x, (p, q)| x.max((p - q).abs())) / m
+    }
+
+    thread_local! {
+        /// Rows per pass of the latent-major gradient pass, for tests on small batches.
+        pub(super) static CHUNK_ROWS: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+    }
+
+    /// The latent-major gradient pass taken in chunks of rows gives the one-pass gradients bit
+    /// for bit (the sums per latent keep their order), for chunk sizes that do and do not
+    /// divide the batch — with AuxK and groups, whose passes share the code.
+    #[test]
+    fn chunked_gradient_passes_give_the_one_pass_result() {
+        let (n, d, s) = (23, 8, 24);
+        for (ci, (act, groups, aux_k)) in [
+            (TrainActivation::Relu, vec![], 0),
+            (TrainActivation::TopK { k: 4 }, vec![8, 24], 2),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let recipe = Recipe {
+                activation: act,
+                groups,
+                aux_k,
+                aux_coef: 1.0 / 32.0,
+                dead_window_patches: 100,
+                unit_norm_decoder: true,
+                max_grad_norm: None,
+                kernels: Kernels::Sparse,
+                dense_above: 0.05,
+                relu_init_density: None,
+            };
+            let mut st = TrainState::new(
+                rnd(s * d, 11 + ci as u64, 0.4),
+                rnd(s, 12, 0.1),
+                rnd(s * d, 13, 0.4),
+                rnd(d, 14, 0.2),
+                recipe,
+            )
+            .unwrap();
+            for i in (0..s).step_by(3) {
+                st.since_fired[i] = 1000;
+            }
+            let x = rnd(n * d, 15 + ci as u64, 1.5);
+            let mut scratch = Scratch::default();
+            let (_, one) = st.gradients(&x, n, 0.05, &mut scratch).unwrap();
+            assert!(
+                chunk_rows(d) >= n,
+                "the default takes this batch in one pass"
+            );
+            for rows in [1, 5, 22] {
+                CHUNK_ROWS.set(Some(rows));
+                let (_, g) = st.gradients(&x, n, 0.05, &mut scratch).unwrap();
+                CHUNK_ROWS.set(None);
+                for (name, a, b) in [
+                    ("w_enc", &g.w_enc, &one.w_enc),
+                    ("b_enc", &g.b_enc, &one.b_enc),
+                    ("w_dec", &g.w_dec, &one.w_dec),
+                ] {
+                    assert!(a.iter().any(|&v| v != 0.0), "case {ci} {name}: all zero");
+                    assert_eq!(a, b, "case {ci} {name}, chunks of {rows} rows");
+                }
+            }
+        }
     }
 
     #[test]
