@@ -1508,6 +1508,42 @@ mod tests {
         a.iter().zip(b).fold(0f32, |x, (p, q)| x.max((p - q).abs())) / m
     }
 
+    /// A sparse-kernel state of `(d, s)` with random weights (`seed` for the encoder, fixed
+    /// seeds for the rest) and every third latent dead, so AuxK has work.
+    fn test_state(
+        activation: TrainActivation,
+        groups: Vec<usize>,
+        aux_k: usize,
+        unit_norm_decoder: bool,
+        (d, s): (usize, usize),
+        seed: u64,
+    ) -> TrainState {
+        let recipe = Recipe {
+            activation,
+            groups,
+            aux_k,
+            aux_coef: 1.0 / 32.0,
+            dead_window_patches: 100,
+            unit_norm_decoder,
+            max_grad_norm: None,
+            kernels: Kernels::Sparse,
+            dense_above: 0.05,
+            relu_init_density: None,
+        };
+        let mut st = TrainState::new(
+            rnd(s * d, seed, 0.4),
+            rnd(s, 2, 0.1),
+            rnd(s * d, 3, 0.4),
+            rnd(d, 4, 0.2),
+            recipe,
+        )
+        .unwrap();
+        for i in (0..s).step_by(3) {
+            st.since_fired[i] = 1000;
+        }
+        st
+    }
+
     thread_local! {
         /// Rows per pass of the latent-major gradient pass, for tests on small batches.
         pub(super) static CHUNK_ROWS: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
@@ -1526,29 +1562,7 @@ mod tests {
         .into_iter()
         .enumerate()
         {
-            let recipe = Recipe {
-                activation: act,
-                groups,
-                aux_k,
-                aux_coef: 1.0 / 32.0,
-                dead_window_patches: 100,
-                unit_norm_decoder: true,
-                max_grad_norm: None,
-                kernels: Kernels::Sparse,
-                dense_above: 0.05,
-                relu_init_density: None,
-            };
-            let mut st = TrainState::new(
-                rnd(s * d, 11 + ci as u64, 0.4),
-                rnd(s, 12, 0.1),
-                rnd(s * d, 13, 0.4),
-                rnd(d, 14, 0.2),
-                recipe,
-            )
-            .unwrap();
-            for i in (0..s).step_by(3) {
-                st.since_fired[i] = 1000;
-            }
+            let st = test_state(act, groups, aux_k, true, (d, s), 11 + ci as u64);
             let x = rnd(n * d, 15 + ci as u64, 1.5);
             let mut scratch = Scratch::default();
             let (_, one) = st.gradients(&x, n, 0.05, &mut scratch).unwrap();
@@ -1602,34 +1616,11 @@ mod tests {
             ),
         ];
         for (ci, (act, groups, aux_k)) in cases.into_iter().enumerate() {
-            let recipe = Recipe {
-                activation: act,
-                groups,
-                aux_k,
-                aux_coef: 1.0 / 32.0,
-                dead_window_patches: 100,
-                unit_norm_decoder: ci % 2 == 0,
-                max_grad_norm: None,
-                kernels: Kernels::Sparse,
-                dense_above: 0.05,
-                relu_init_density: None,
-            };
-            let mut st = TrainState::new(
-                rnd(s * d, 1 + ci as u64, 0.4),
-                rnd(s, 2, 0.1),
-                rnd(s * d, 3, 0.4),
-                rnd(d, 4, 0.2),
-                recipe,
-            )
-            .unwrap();
+            let mut st = test_state(act, groups, aux_k, ci % 2 == 0, (d, s), 1 + ci as u64);
             st.normalise_decoder();
             // Thresholds spread over 0.05..0.65, so the STE window catches some entries.
             for (i, lt) in st.log_threshold.iter_mut().enumerate() {
                 *lt = (0.05 + 0.6 * ((i * 7) % s) as f32 / s as f32).ln();
-            }
-            // Some latents dead, so AuxK has work.
-            for i in (0..s).step_by(3) {
-                st.since_fired[i] = 1000;
             }
             let x = rnd(n * d, 5 + ci as u64, 1.5);
             let mut scratch = Scratch::default();
