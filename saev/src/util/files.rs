@@ -35,6 +35,17 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).with_path(path)
 }
 
+/// A fresh name beside `path` to write it whole before renaming it into place:
+/// `.<name>.tmp-<pid>-<n>`, unique across processes and across threads of this one (two
+/// imports into one cache, as parallel tests or array jobs run them, never share one).
+pub(crate) fn unique_sibling(path: &Path) -> std::path::PathBuf {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("out");
+    let parent = path.parent().unwrap_or(Path::new("."));
+    parent.join(format!(".{name}.tmp-{}-{n}", std::process::id()))
+}
+
 /// `<path>.tmp` (the extension appended, so `a.json` and `a.safetensors` never share one).
 pub(crate) fn tmp_path(path: &Path) -> std::path::PathBuf {
     let mut s = path.as_os_str().to_owned();
