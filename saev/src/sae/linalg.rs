@@ -12,6 +12,7 @@
 
 use rayon::prelude::*;
 
+use super::row_select::{above_row_biased, topk_row, topk_row_biased};
 use crate::util::simd::{has_avx2_fma, has_avx512};
 
 /// A matrix operand: `data[off + i·rs + j·cs]` is element `(i, j)`.
@@ -221,57 +222,6 @@ pub(crate) fn select_above_biased(pre: &[f32], s: usize, bias: &[f32]) -> Csr {
     )
 }
 
-/// The `(id, row[i] + bias[i])` of one row whose value exceeds `threshold`, by id.
-pub(crate) fn above_row_biased(row: &[f32], bias: &[f32], threshold: f32) -> Vec<(u32, f32)> {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx512() {
-        // SAFETY: the processor has AVX-512F (checked at run time).
-        return unsafe { above_biased_avx512(row, bias, threshold) };
-    }
-    row.iter()
-        .zip(bias)
-        .enumerate()
-        .map(|(i, (&v, &b))| (i as u32, v + b))
-        .filter(|&(_, v)| v > threshold)
-        .collect()
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn above_biased_avx512(row: &[f32], bias: &[f32], threshold: f32) -> Vec<(u32, f32)> {
-    use std::arch::x86_64::*;
-    let mut out = Vec::new();
-    let n = row.len().min(bias.len());
-    let thr = _mm512_set1_ps(threshold);
-    for c in 0..n / 16 {
-        // SAFETY: 16 values from 16c lie inside both slices; unaligned loads.
-        let x = unsafe {
-            _mm512_add_ps(
-                _mm512_loadu_ps(row.as_ptr().add(16 * c)),
-                _mm512_loadu_ps(bias.as_ptr().add(16 * c)),
-            )
-        };
-        let mut m = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, thr);
-        if m != 0 {
-            let mut lanes = [0f32; 16];
-            // SAFETY: `lanes` holds 16 floats.
-            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), x) };
-            while m != 0 {
-                let j = m.trailing_zeros() as usize;
-                out.push(((16 * c + j) as u32, lanes[j]));
-                m &= m - 1;
-            }
-        }
-    }
-    for i in n / 16 * 16..n {
-        let v = row[i] + bias[i];
-        if v > threshold {
-            out.push((i as u32, v));
-        }
-    }
-    out
-}
-
 /// [`select_topk`] of `pre + bias` per row (see [`select_above_biased`]).
 pub(crate) fn select_topk_biased(pre: &[f32], s: usize, k: usize, bias: &[f32]) -> Csr {
     Csr::from_rows(
@@ -279,17 +229,6 @@ pub(crate) fn select_topk_biased(pre: &[f32], s: usize, k: usize, bias: &[f32]) 
             .map(|r| topk_row_biased(r, bias, k))
             .collect(),
     )
-}
-
-/// The top `k` positive values of one row of `row + bias` (as [`topk_row`]).
-pub(crate) fn topk_row_biased(row: &[f32], bias: &[f32], k: usize) -> Vec<(u32, f32)> {
-    #[cfg(target_arch = "x86_64")]
-    if k <= 48 && has_avx512() && bias.len() == row.len() {
-        // SAFETY: the processor has AVX-512F (checked at run time).
-        return unsafe { topk_row_avx512(row, Some(bias), k) };
-    }
-    let biased: Vec<f32> = row.iter().zip(bias).map(|(v, b)| v + b).collect();
-    topk_row(&biased, k, None)
 }
 
 /// Per row, the latents whose value exceeds their own threshold (`thresholds[i]`, JumpReLU).
@@ -306,204 +245,6 @@ pub(crate) fn select_above_each(pre: &[f32], s: usize, thresholds: &[f32]) -> Cs
         })
         .collect();
     Csr::from_rows(rows)
-}
-
-/// Top `k` of one row by value (ties: lower id first), as (id, value) sorted by id; only
-/// positive values are kept (TopK then ReLU). `mask`: only latents with `mask[i]` compete.
-fn topk_row(row: &[f32], k: usize, mask: Option<&[bool]>) -> Vec<(u32, f32)> {
-    if k == 0 {
-        return Vec::new();
-    }
-    let allowed = |i: usize| mask.is_none_or(|m| m[i]);
-    if k > 48 {
-        // Large k (AuxK): select among the candidates, then order by id. The comparator is a
-        // total order (value desc, id asc), so the result is deterministic.
-        let mut cand = positive_allowed(row, mask);
-        let by = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-        if cand.len() > k {
-            cand.select_nth_unstable_by(k - 1, by);
-            cand.truncate(k);
-        }
-        cand.sort_unstable_by_key(|&(i, _)| i);
-        return cand;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if mask.is_none() && has_avx512() {
-        // SAFETY: the processor has AVX-512F (checked at run time).
-        return unsafe { topk_row_avx512(row, None, k) };
-    }
-    // Kept sorted descending by value; `thr` is the smallest kept value once full.
-    let mut best: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
-    let mut thr = f32::NEG_INFINITY;
-    for (i, &v) in row.iter().enumerate() {
-        if v <= thr || v <= 0.0 || !allowed(i) {
-            continue;
-        }
-        let at = best.partition_point(|&(_, b)| b >= v);
-        best.insert(at, (i as u32, v));
-        if best.len() > k {
-            best.pop();
-        }
-        if best.len() == k {
-            thr = best[k - 1].1;
-        }
-    }
-    best.sort_unstable_by_key(|&(i, _)| i);
-    best
-}
-
-/// The `(id, value)` of a row's positive values (among `mask`'s latents), by id.
-fn positive_allowed(row: &[f32], mask: Option<&[bool]>) -> Vec<(u32, f32)> {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx512() && mask.is_none_or(|m| m.len() == row.len()) {
-        // SAFETY: the processor has AVX-512F (checked at run time); the mask is as long.
-        return unsafe { positive_allowed_avx512(row, mask) };
-    }
-    row.iter()
-        .enumerate()
-        .filter(|&(i, &v)| v > 0.0 && mask.is_none_or(|m| m[i]))
-        .map(|(i, &v)| (i as u32, v))
-        .collect()
-}
-
-/// [`positive_allowed`] 16 values at a time, without branches: each chunk's kept lanes are
-/// compressed into the output (the scalar filter mispredicts on every other value of a row
-/// whose signs are random, as AuxK's dead latents' are).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn positive_allowed_avx512(row: &[f32], mask: Option<&[bool]>) -> Vec<(u32, f32)> {
-    use std::arch::x86_64::*;
-    let len = row.len();
-    let (mut ids, mut vals) = (vec![0u32; len + 16], vec![0f32; len + 16]);
-    let mut m = 0;
-    let iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    for c in 0..len / 16 {
-        // SAFETY: 16 values (and mask bytes) from 16c lie inside the row (and the mask); the
-        // stores write at most 16 values from m ≤ 16c inside the len + 16 buffers.
-        unsafe {
-            let x = _mm512_loadu_ps(row.as_ptr().add(16 * c));
-            let mut keep = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, _mm512_setzero_ps());
-            if let Some(mask) = mask {
-                let bytes = _mm_loadu_si128(mask.as_ptr().add(16 * c) as *const __m128i);
-                keep &= _mm512_test_epi32_mask(_mm512_cvtepu8_epi32(bytes), _mm512_set1_epi32(1));
-            }
-            let at = _mm512_add_epi32(iota, _mm512_set1_epi32((16 * c) as i32));
-            _mm512_mask_compressstoreu_ps(vals.as_mut_ptr().add(m) as *mut _, keep, x);
-            _mm512_mask_compressstoreu_epi32(ids.as_mut_ptr().add(m) as *mut _, keep, at);
-            m += keep.count_ones() as usize;
-        }
-    }
-    for i in len / 16 * 16..len {
-        if row[i] > 0.0 && mask.is_none_or(|mk| mk[i]) {
-            (ids[m], vals[m]) = (i as u32, row[i]);
-            m += 1;
-        }
-    }
-    ids[..m]
-        .iter()
-        .copied()
-        .zip(vals[..m].iter().copied())
-        .collect()
-}
-
-/// [`topk_row`] without a mask, 16 values at a time: a chunk is skipped unless one of its values
-/// beats the current cut (after the first few chunks, almost none does); its candidates are
-/// inserted in id order, as the scalar loop does, so ties resolve the same way.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn topk_row_avx512(row: &[f32], bias: Option<&[f32]>, k: usize) -> Vec<(u32, f32)> {
-    use std::arch::x86_64::*;
-    // The values are `row + bias` (the encoder's b_enc added here instead of in the GEMM).
-    let load = |at: usize| {
-        // SAFETY: callers pass 16 values from `at` inside the row (and the bias, as long).
-        unsafe {
-            let x = _mm512_loadu_ps(row.as_ptr().add(at));
-            match bias {
-                Some(b) => _mm512_add_ps(x, _mm512_loadu_ps(b.as_ptr().add(at))),
-                None => x,
-            }
-        }
-    };
-    let value = |i: usize| row[i] + bias.map_or(0.0, |b| b[i]);
-    let mut best: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
-    // Kept iff v > cut: cut = max(smallest kept value once full, 0). It starts just below a
-    // lower bound of the k-th largest value (so almost only the final winners are offered,
-    // instead of every new maximum of the first chunks).
-    let mut cut =
-        topk_lower_bound_avx512(row.len(), &load, k).map_or(0.0, |b| next_down(b).max(0.0));
-    let mut offer = |i: usize, v: f32, cut: &mut f32| {
-        let at = best.partition_point(|&(_, b)| b >= v);
-        best.insert(at, (i as u32, v));
-        if best.len() > k {
-            best.pop();
-        }
-        if best.len() == k {
-            *cut = best[k - 1].1.max(0.0);
-        }
-    };
-    let base = row.len() / 16 * 16;
-    for c in 0..row.len() / 16 {
-        let x = load(16 * c);
-        let mut m = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, _mm512_set1_ps(cut));
-        if m != 0 {
-            let mut lanes = [0f32; 16];
-            // SAFETY: `lanes` holds 16 floats.
-            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), x) };
-            while m != 0 {
-                let j = m.trailing_zeros() as usize;
-                offer(c * 16 + j, lanes[j], &mut cut);
-                // The later lanes that still beat the (possibly raised) cut.
-                m &= m.wrapping_sub(1) & _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, _mm512_set1_ps(cut));
-            }
-        }
-    }
-    for i in base..row.len() {
-        let v = value(i);
-        if v > cut {
-            offer(i, v, &mut cut);
-        }
-    }
-    best.sort_unstable_by_key(|&(i, _)| i);
-    best
-}
-
-/// A value ≤ the `k`-th largest of a row of `len` values (`load(at)`: the 16 from `at`): the lanes of each of `g` runs of 16-value chunks
-/// are `16·g` disjoint sets, and the `k`-th largest of their maxima has at least `k` values of
-/// the row at or above it. None when the row is too short for `16·g ≥ 4k` sets.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn topk_lower_bound_avx512(
-    len: usize,
-    load: &impl Fn(usize) -> std::arch::x86_64::__m512,
-    k: usize,
-) -> Option<f32> {
-    use std::arch::x86_64::*;
-    let chunks = len / 16;
-    let g = (4 * k).div_ceil(16).max(1);
-    if k == 0 || chunks < 2 * g {
-        return None;
-    }
-    let mut maxima = vec![f32::NEG_INFINITY; 16 * g];
-    for (run, out) in maxima.chunks_exact_mut(16).enumerate() {
-        let (c0, c1) = (run * chunks / g, (run + 1) * chunks / g);
-        let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
-        for c in c0..c1 {
-            m = _mm512_max_ps(m, load(16 * c));
-        }
-        // SAFETY: `out` holds 16 floats.
-        unsafe { _mm512_storeu_ps(out.as_mut_ptr(), m) };
-    }
-    let (_, kth, _) = maxima.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
-    Some(*kth)
-}
-
-/// The largest float below `x` (finite `x`); `x` itself otherwise.
-fn next_down(x: f32) -> f32 {
-    if !x.is_finite() || x == 0.0 {
-        return if x == 0.0 { -f32::from_bits(1) } else { x };
-    }
-    let b = x.to_bits();
-    f32::from_bits(if x > 0.0 { b - 1 } else { b + 1 })
 }
 
 /// Which entries of `row` a TopK(k) code keeps (top k positive values, ties by lower id).
@@ -684,6 +425,11 @@ pub(crate) fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
         // SAFETY: the processor has AVX-512F (checked at run time).
         return unsafe { axpy_avx512(a, x, y) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the processor has AVX2 and FMA (checked at run time).
+        return unsafe { axpy_avx2(a, x, y) };
+    }
     axpy_plain(a, x, y)
 }
 
@@ -697,6 +443,12 @@ fn axpy_plain(a: f32, x: &[f32], y: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 fn axpy_avx512(a: f32, x: &[f32], y: &mut [f32]) {
+    axpy_plain(a, x, y)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn axpy_avx2(a: f32, x: &[f32], y: &mut [f32]) {
     axpy_plain(a, x, y)
 }
 

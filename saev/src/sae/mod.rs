@@ -8,6 +8,7 @@ pub(crate) mod linalg;
 pub(crate) mod model;
 pub(crate) mod paper_step;
 pub(crate) mod py_import;
+pub(crate) mod row_select;
 pub(crate) mod screen;
 pub(crate) mod step;
 pub(crate) mod train_checkpoint;

@@ -32,7 +32,8 @@
 
 use rayon::prelude::*;
 
-use super::linalg::{above_row_biased, gemm, topk_row_biased, Csr, Mat};
+use super::linalg::{gemm, Csr, Mat};
+use super::row_select::{above_row_biased, topk_row_biased};
 use crate::backbone::amx::{bf16_kernel, map_bands, Bf16Kernel, PackedB};
 
 /// Which entries of a row the encoder keeps.

@@ -1281,6 +1281,17 @@ fn adam_chunk(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], h: [f32; 5
         // SAFETY: the processor has AVX-512F (checked at run time).
         return unsafe { adam_chunk_avx512(p, g, m, v, h) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if crate::util::simd::has_avx2_fma() {
+        // SAFETY: the processor has AVX2 and FMA (checked at run time).
+        return unsafe { adam_chunk_avx2(p, g, m, v, h) };
+    }
+    adam_chunk_plain(p, g, m, v, h)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn adam_chunk_avx2(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], h: [f32; 5]) {
     adam_chunk_plain(p, g, m, v, h)
 }
 
