@@ -589,18 +589,9 @@ mod tests {
                     _ => ((i * 31) % 97) as f32 / 97.0 - 0.995,
                 })
                 .collect();
-            let mut want: Vec<(u32, f32)> = row
-                .iter()
-                .enumerate()
-                .filter(|(_, &v)| v > 0.0)
-                .map(|(i, &v)| (i as u32, v))
-                .collect();
-            want.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-            want.truncate(k);
-            want.sort_unstable_by_key(|&(i, _)| i);
             assert_eq!(
                 topk_row(&row, k, None),
-                want,
+                crate::sae::row_select::tests::topk_by_sorting(&row, k),
                 "len {len}, k {k}, kind {kind}"
             );
         }

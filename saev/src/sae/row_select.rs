@@ -552,8 +552,23 @@ mod x86 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// The top `k` positive values by sorting (value descending, id ascending among ties), by
+    /// id: the reference every top-k path is held to.
+    pub(crate) fn topk_by_sorting(row: &[f32], k: usize) -> Vec<(u32, f32)> {
+        let mut want: Vec<(u32, f32)> = row
+            .iter()
+            .enumerate()
+            .filter(|(_, &v)| v > 0.0)
+            .map(|(i, &v)| (i as u32, v))
+            .collect();
+        want.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        want.truncate(k);
+        want.sort_unstable_by_key(|&(i, _)| i);
+        want
+    }
 
     /// Rows with ties, negatives, long runs below the cut, ragged tails and special values.
     fn rows() -> Vec<Vec<f32>> {
@@ -634,18 +649,9 @@ mod tests {
     fn the_scalar_top_k_is_the_sorted_prefix() {
         for row in rows() {
             for k in [1, 7, 32] {
-                let mut want: Vec<(u32, f32)> = row
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, &v)| v > 0.0)
-                    .map(|(i, &v)| (i as u32, v))
-                    .collect();
-                want.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-                want.truncate(k);
-                want.sort_unstable_by_key(|&(i, _)| i);
                 assert_eq!(
                     topk_plain(&row, None, k, None),
-                    want,
+                    topk_by_sorting(&row, k),
                     "len {}, k {k}",
                     row.len()
                 );
