@@ -1,7 +1,7 @@
 //! One SAE under training on any candle device (CUDA, or the CPU for equivalence tests): the
 //! same objective, gradients and Adam as [`super::step`]'s CPU kernels, written as dense candle
 //! ops — dense encode, selection by exact top-k, dense decode, explicit gradients (no autograd
-//! graph: the gradients are the closed forms `step.rs` documents), Adam, unit-norm decoder
+//! graph: the gradients are the closed forms `step` documents), Adam, unit-norm decoder
 //! rows and parallel-gradient removal. Every recipe: ReLU + L1 (with the data-driven start),
 //! TopK, BatchTopK (with its inference-threshold EMA), JumpReLU (straight-through θ), AuxK over
 //! dead latents, Matryoshka prefixes, gradient clipping.
