@@ -6,11 +6,15 @@
 //! token over every recorded block). Set `SAEV_BENCH_TORCH_PYTHON=/path/to/python` (with torch
 //! and transformers) to time HF transformers' `Dinov2Model` on the same weights in the same
 //! run — float32 with flush-to-zero set, and the model and inputs cast to bfloat16: torch at its
-//! best on the machine — for the ratios. `SAEV_BENCH_PRECISION=bf16` (or `f32`) times only that
-//! path (to run under a profiler); `SAEV_BENCH_GEMM_ONLY=1` stops after the GEMM rates (saev's
-//! bf16 GEMM and candle's f32 matmul on the block's four shapes).
+//! best on the machine — for the ratios. The ratios come from paired rounds: saev's batch, then
+//! torch's (a resident `scripts/bench_torch_dinov2.py --serve`), alternating, and the median of
+//! the per-round ratios, so that a shared machine's slow minutes weigh on both sides alike.
+//! `SAEV_BENCH_PRECISION=bf16` (or `f32`) times only that path (to run under a profiler);
+//! `SAEV_BENCH_GEMM_ONLY=1` stops after the GEMM rates (saev's bf16 GEMM and candle's f32
+//! matmul on the block's four shapes).
 
-use std::process::Command;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use saev::backbone::Precision;
@@ -61,6 +65,79 @@ fn time(vit: &Backbone, pixels: &Tensor, layers: &[i64]) -> saev::Result<(f64, f
     let best = times.iter().copied().fold(f64::INFINITY, f64::min);
     let acts = last.ok_or_else(|| saev::Error::Internal("no timed iterations".into()))?;
     Ok((BATCH as f64 / median(times), BATCH as f64 / best, acts))
+}
+
+/// A resident torch (`scripts/bench_torch_dinov2.py --serve`) that times one batch on request.
+struct Torch {
+    child: std::process::Child,
+    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
+    /// Its version line.
+    about: String,
+}
+
+impl Torch {
+    fn start(python: &str, model_dir: &std::path::Path) -> saev::Result<Self> {
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../scripts/bench_torch_dinov2.py"
+        );
+        let err = |msg: String| saev::Error::Command {
+            cmd: format!("{python} {script} --serve"),
+            msg,
+        };
+        let mut child = Command::new(python)
+            .arg(script)
+            .arg(model_dir)
+            .args(["--batch", &BATCH.to_string(), "--serve"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| err(e.to_string()))?;
+        let stdout = child.stdout.take().ok_or_else(|| err("no stdout".into()))?;
+        let mut lines = BufReader::new(stdout).lines();
+        let mut about = String::new();
+        for line in lines.by_ref() {
+            let line = line.map_err(|e| err(e.to_string()))?;
+            if line == "ready" {
+                return Ok(Self {
+                    child,
+                    lines,
+                    about,
+                });
+            }
+            about = line;
+        }
+        Err(err("exited before `ready` (its stderr is above)".into()))
+    }
+
+    /// Seconds of one torch batch in `precision` ("f32" or "bf16").
+    fn batch_s(&mut self, precision: &str) -> saev::Result<f64> {
+        let err = |msg: String| saev::Error::Command {
+            cmd: "bench_torch_dinov2.py --serve".into(),
+            msg,
+        };
+        let stdin = self
+            .child
+            .stdin
+            .as_mut()
+            .ok_or_else(|| err("no stdin".into()))?;
+        writeln!(stdin, "{precision}").map_err(|e| err(e.to_string()))?;
+        let line = self
+            .lines
+            .next()
+            .ok_or_else(|| err("exited (its stderr is above)".into()))?
+            .map_err(|e| err(e.to_string()))?;
+        line.trim()
+            .parse()
+            .map_err(|e| err(format!("answered {line:?}: {e}")))
+    }
+}
+
+impl Drop for Torch {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
 }
 
 fn main() -> saev::Result<()> {
@@ -196,37 +273,39 @@ fn main() -> saev::Result<()> {
         sum / n as f64
     );
     if let Ok(python) = std::env::var("SAEV_BENCH_TORCH_PYTHON") {
-        let script = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../scripts/bench_torch_dinov2.py"
-        );
-        let out = Command::new(python)
-            .arg(script)
-            .arg(&dir)
-            .args(["--batch", &BATCH.to_string(), "--iters", &ITERS.to_string()])
-            .output()
-            .map_err(|e| saev::Error::Command {
-                cmd: script.into(),
-                msg: e.to_string(),
-            })?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        print!("{text}");
-        let value = |key: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(key))
-                .and_then(|v| v.trim().parse::<f64>().ok())
-        };
-        match (
-            value("torch_images_per_s="),
-            value("torch_bf16_images_per_s="),
-        ) {
-            (Some(t32), Some(t16)) => println!(
-                "ratio saev / torch: f32 {:.2}, bf16 {:.2}",
-                f32_ips / t32,
-                bf_ips / t16
-            ),
-            _ => eprintln!("torch run failed: {}", String::from_utf8_lossy(&out.stderr)),
+        let mut torch = Torch::start(&python, &dir)?;
+        println!("{}", torch.about);
+        let mut ratios = [Vec::new(), Vec::new()];
+        let mut torch_times = [Vec::new(), Vec::new()];
+        for i in 0..WARMUP + ITERS {
+            for (p, (model, name)) in [(&vit, "f32"), (&bf16, "bf16")].into_iter().enumerate() {
+                let t0 = Instant::now();
+                model.record(&pixels, &layers)?;
+                let ours = t0.elapsed().as_secs_f64();
+                let theirs = torch.batch_s(name)?;
+                if i >= WARMUP {
+                    ratios[p].push(theirs / ours);
+                    torch_times[p].push(theirs);
+                }
+            }
         }
+        let t32 = BATCH as f64 / median(torch_times[0].clone());
+        let t16 = BATCH as f64 / median(torch_times[1].clone());
+        println!(
+            "torch float32 {t32:.1} images/s, bfloat16 {t16:.1} images/s (median of {ITERS}, each batch right after saev's)"
+        );
+        println!("torch_images_per_s={t32:.3}");
+        println!("torch_bf16_images_per_s={t16:.3}");
+        let spread = |r: &[f64]| {
+            let lo = r.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = r.iter().copied().fold(0.0, f64::max);
+            format!("{:.2} (rounds {lo:.2}–{hi:.2})", median(r.to_vec()))
+        };
+        println!(
+            "ratio saev / torch, median of {ITERS} paired rounds: f32 {}, bf16 {}",
+            spread(&ratios[0]),
+            spread(&ratios[1])
+        );
     }
     Ok(())
 }
