@@ -132,3 +132,82 @@ fn our_writer_reproduces_the_python_store_byte_for_byte() -> TestResult {
     assert!(StoreWriter::create(&root, md, None).is_err());
     Ok(())
 }
+
+/// The layouts the Python saev wrote between June and October 2025 (`scripts/make_store_fixtures.py`
+/// names the commits): protocol 1.0.0 and 1.1 (the paper era's names with
+/// `max_patches_per_shard` and `shards.json`; 1.1 without a CLS token and with patch labels
+/// here), 2.0 (`data` a JSON object) and the 2.1 of 13–14 October (`pixel_agg` null).
+#[test]
+fn stores_of_the_2025_protocols_read_identically() -> TestResult {
+    use saev::store::Layout;
+    let (acts, labels) = raw();
+    for (dir, layout, cls) in [
+        ("v100", Layout::V1, true),
+        ("v11", Layout::V1, false),
+        ("py20", Layout::V20, true),
+        ("py21null", Layout::V21, true),
+    ] {
+        let store = ActivationStore::open(only_dir(&fixtures().join(dir)))?;
+        assert_eq!(store.layout(), layout, "{dir}");
+        assert!(!store.is_paper_era());
+        assert_eq!(store.metadata().family, "dinov2", "{dir}");
+        let t = 4 + usize::from(cls);
+        assert_eq!(
+            (store.n_examples(), store.tokens_per_example(), store.d_model()),
+            (7, t, 8),
+            "{dir}"
+        );
+        for e in 0..7 {
+            let got = store.example(e)?;
+            for l in 0..2 {
+                // The fixture's tokens are [CLS, 4 patches]; without CLS the store has the 4.
+                let want = &acts[e * 80 + l * 40 + (5 - t) * 8..e * 80 + (l + 1) * 40];
+                assert_eq!(&got[l * t * 8..(l + 1) * t * 8], want, "{dir} example {e}");
+            }
+        }
+        if dir == "v11" {
+            for e in 0..7 {
+                assert_eq!(store.patch_labels(e).unwrap(), &labels[e * 4..(e + 1) * 4]);
+            }
+        } else {
+            assert!(store.patch_labels(0).is_none(), "{dir}");
+        }
+        assert!(format!("{store:?}").contains(layout.name()) || layout == Layout::V21);
+    }
+    // A null pixel_agg is written back as null: the directory name is still the metadata's hash.
+    let dir = only_dir(&fixtures().join("py21null"));
+    let store = ActivationStore::open(&dir)?;
+    assert_eq!(store.metadata().pixel_agg, "");
+    assert_eq!(
+        dir.file_name().unwrap().to_str().unwrap(),
+        store.metadata().hash()
+    );
+    Ok(())
+}
+
+/// A protocol this reader does not know is refused by name, in either family of field names.
+#[test]
+fn unknown_protocols_are_refused_by_name() -> TestResult {
+    for (src, from, to) in [
+        ("v100", "\"1.0.0\"", "\"1.7\""),
+        ("py20", "\"2.0\"", "\"2.7\""),
+    ] {
+        let tmp = std::env::temp_dir().join(format!("saev-proto-{}-{src}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp)?;
+        for e in std::fs::read_dir(only_dir(&fixtures().join(src)))? {
+            let e = e?;
+            std::fs::copy(e.path(), tmp.join(e.file_name()))?;
+        }
+        let md = std::fs::read_to_string(tmp.join("metadata.json"))?;
+        assert!(md.contains(from));
+        std::fs::write(tmp.join("metadata.json"), md.replace(from, to))?;
+        let e = ActivationStore::open(&tmp).unwrap_err().to_string();
+        assert!(
+            e.contains("protocol") && e.contains(&to[1..4]) && e.contains("metadata.json"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    Ok(())
+}

@@ -1,5 +1,6 @@
-//! The Python saev's activation-shard format: protocol "2.1" (HEAD) written and read, and the
-//! paper-era layout (PyPI `saev==0.1.0`) read.
+//! The Python saev's activation-shard format: protocol "2.1" (HEAD) written and read; the
+//! paper-era layout (PyPI `saev==0.1.0`) and the protocols of 2025 ("1.0.0", "1.1", "2.0")
+//! read (see [`Layout`]).
 //!
 //! A store directory holds `metadata.json`, `shards.json` and `acts%06d.bin` files — headerless
 //! little-endian float32 arrays `[examples_per_shard, n_layers, T, d_model]`, every file full
@@ -50,7 +51,8 @@ pub struct Metadata {
     pub data: String,
     /// Dataset root path.
     pub dataset: String,
-    /// How pixel masks became patch labels: `"majority"` or `"prefer-fg"`.
+    /// How pixel masks became patch labels: `"majority"` or `"prefer-fg"`; `""` where Python
+    /// wrote null (classification stores of October 2025), which is written back as null.
     pub pixel_agg: String,
     /// Always `"float32"`.
     pub dtype: String,
@@ -129,7 +131,7 @@ impl Metadata {
             "max_tokens_per_shard": self.max_tokens_per_shard,
             "data": self.data,
             "dataset": self.dataset,
-            "pixel_agg": self.pixel_agg,
+            "pixel_agg": if self.pixel_agg.is_empty() { Value::Null } else { self.pixel_agg.clone().into() },
             "dtype": self.dtype,
             "protocol": self.protocol,
         })
@@ -208,32 +210,74 @@ impl Metadata {
                 ),
             ));
         }
-        if !["majority", "prefer-fg"].contains(&self.pixel_agg.as_str()) {
+        if !["majority", "prefer-fg", ""].contains(&self.pixel_agg.as_str()) {
             return Err(err(
                 "pixel_agg",
-                format!("{:?} (majority or prefer-fg)", self.pixel_agg),
+                format!("{:?} (majority, prefer-fg or null)", self.pixel_agg),
             ));
         }
         Ok(())
     }
 }
 
-/// Read `metadata.json` of a 2.1 or paper-era store; returns the metadata (paper era mapped to
-/// 2.1 terms) and the shard list.
-pub(crate) fn read_store_json(dir: &Path) -> Result<(Metadata, Vec<ShardEntry>, bool)> {
+/// Which of the Python saev's layouts a store directory was written in. All of them hold the
+/// same shard files (`[examples_per_shard, n_layers, T, d_model]` float32, full size); they
+/// differ in `metadata.json`'s names and in whether `shards.json` exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// PyPI `saev==0.1.0` and the Python saev until June 2025: `vit_family` (`model_family`
+    /// from December 2024 to March 2025), `n_patches_per_shard`, no `protocol`, no
+    /// `shards.json`, always a CLS token.
+    Paper,
+    /// Protocol "1.0.0" (June to September 2025) or "1.1" (to 8 October 2025): the paper era's
+    /// names with `max_patches_per_shard`, `dtype`, `protocol` and `shards.json`; 1.1 adds
+    /// `pixel_agg` and writes `data` as a JSON object.
+    V1,
+    /// Protocol "2.0" (8 to 13 October 2025): 2.1's names, `data` a JSON object.
+    V20,
+    /// Protocol "2.1", what saev writes.
+    V21,
+}
+
+impl Layout {
+    /// How the layout is named in messages: `"paper era"`, `"protocol 1.x"`, `"protocol 2.0"`,
+    /// `"protocol 2.1"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Layout::Paper => "paper era",
+            Layout::V1 => "protocol 1.x",
+            Layout::V20 => "protocol 2.0",
+            Layout::V21 => "protocol 2.1",
+        }
+    }
+}
+
+/// `data` as the 2.1 string: Python wrote a base64 pickle (a string) or, in protocols 1.1 and
+/// 2.0, the dataset's fields as a JSON object (kept as its compact JSON text).
+fn data_text(v: Value) -> String {
+    match v {
+        Value::String(s) => s,
+        other => other.to_string(),
+    }
+}
+
+/// Read `metadata.json` (and `shards.json` where the layout has one) of a store in any of the
+/// Python saev's layouts; returns the metadata in 2.1 terms, the shard list and the layout.
+pub(crate) fn read_store_json(dir: &Path) -> Result<(Metadata, Vec<ShardEntry>, Layout)> {
     let md_path = dir.join("metadata.json");
     let v: Value = read_json(&md_path)?;
     let store_err = |msg: String| Error::Store {
         path: md_path.clone(),
         msg,
     };
+    let json_err = |source| Error::Json {
+        path: md_path.clone(),
+        source,
+    };
     if v.get("vit_family").is_some() || v.get("model_family").is_some() {
-        // Paper era (saev 0.1.0): CLS always present, no shards.json, no labels. From December
-        // 2024 to March 2025 the Python saev wrote the same layout with `model_family` and
-        // `model_ckpt` for the first two fields.
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
-        struct Paper {
+        struct Before2 {
             #[serde(alias = "model_family")]
             vit_family: String,
             #[serde(alias = "model_ckpt")]
@@ -243,16 +287,31 @@ pub(crate) fn read_store_json(dir: &Path) -> Result<(Metadata, Vec<ShardEntry>, 
             cls_token: bool,
             d_vit: usize,
             n_imgs: usize,
+            #[serde(alias = "max_patches_per_shard")]
             n_patches_per_shard: usize,
             data: Value,
             #[allow(dead_code)] // part of the format; not needed to read it
+            #[serde(default)]
             seed: Option<i64>,
+            #[serde(default)]
+            pixel_agg: Option<String>,
+            #[serde(default)]
+            dtype: Option<String>,
+            #[serde(default)]
+            protocol: Option<String>,
         }
-        let p: Paper = serde_json::from_value(v).map_err(|source| Error::Json {
-            path: md_path.clone(),
-            source,
-        })?;
-        if !p.cls_token {
+        let p: Before2 = serde_json::from_value(v).map_err(json_err)?;
+        let layout = match p.protocol.as_deref() {
+            None => Layout::Paper,
+            Some("1.0.0" | "1.1") => Layout::V1,
+            Some(other) => {
+                return Err(store_err(format!(
+                    "field `protocol`: unknown protocol {other:?} for a store with `vit_family` \
+                     (saev reads the paper era, 1.0.0, 1.1, 2.0 and 2.1)"
+                )))
+            }
+        };
+        if layout == Layout::Paper && !p.cls_token {
             return Err(store_err(
                 "paper-era stores without a CLS token are not readable by saev 0.1.0 either".into(),
             ));
@@ -262,31 +321,51 @@ pub(crate) fn read_store_json(dir: &Path) -> Result<(Metadata, Vec<ShardEntry>, 
             ckpt: p.vit_ckpt,
             layers: p.layers,
             content_tokens_per_example: p.n_patches_per_img,
-            cls_token: true,
+            cls_token: p.cls_token,
             d_model: p.d_vit,
             n_examples: p.n_imgs,
             max_tokens_per_shard: p.n_patches_per_shard,
-            data: match p.data {
-                Value::String(s) => s,
-                other => other.to_string(),
-            },
+            data: data_text(p.data),
             dataset: String::new(),
-            pixel_agg: "majority".into(),
-            dtype: "float32".into(),
+            // The paper era recorded no labels; 1.x writes null for classification data.
+            pixel_agg: match layout {
+                Layout::Paper => "majority".into(),
+                _ => p.pixel_agg.unwrap_or_default(),
+            },
+            dtype: p.dtype.unwrap_or_else(|| "float32".into()),
             protocol: PROTOCOL.into(),
         };
         md.validate(&md_path)?;
-        let shards = md.shard_entries();
-        return Ok((md, shards, true));
+        let sj = dir.join("shards.json");
+        let shards = if layout == Layout::V1 {
+            read_json(&sj)?
+        } else {
+            md.shard_entries()
+        };
+        return Ok((md, shards, layout));
     }
-    let md: Metadata = serde_json::from_value(v).map_err(|source| Error::Json {
-        path: md_path.clone(),
-        source,
-    })?;
+    let mut v = v;
+    let mut layout = Layout::V21;
+    if let Value::Object(m) = &mut v {
+        if m.get("protocol").and_then(Value::as_str) == Some("2.0") {
+            layout = Layout::V20;
+            m.insert("protocol".into(), PROTOCOL.into());
+        }
+        if let Some(data) = m.get_mut("data") {
+            if !data.is_string() {
+                *data = Value::String(data_text(data.take()));
+            }
+        }
+        // Null (a classification store, 8 to 14 October 2025) reads as "".
+        if m.get("pixel_agg").is_some_and(Value::is_null) {
+            m.insert("pixel_agg".into(), "".into());
+        }
+    }
+    let md: Metadata = serde_json::from_value(v).map_err(json_err)?;
     md.validate(&md_path)?;
     let sj = dir.join("shards.json");
     let shards: Vec<ShardEntry> = read_json(&sj)?;
-    Ok((md, shards, false))
+    Ok((md, shards, layout))
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
 //! [`ActivationStore`]: a read-only, memory-mapped handle on a directory of recorded
-//! activations in the Python saev's shard format (protocol 2.1, or the paper-era layout).
+//! activations in the Python saev's shard format (protocol 2.1 written; every earlier layout read).
 //!
 //! Models with register tokens (DINOv2-with-registers) also get `registers.bin`: float32
 //! `[n_examples, n_layers, n_registers, d_model]`, described by `registers.json`
@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, IoContext, Result};
 use crate::util::files::read_json;
-pub use format::{Metadata, ShardEntry, PROTOCOL};
+pub use format::{Layout, Metadata, ShardEntry, PROTOCOL};
 pub use loader::{Batch, Examples, LoaderConfig, NormStats, Shuffle, ShuffledLoader, Tokens};
 pub use merge::merge_parts;
 pub use writer::StoreWriter;
@@ -79,7 +79,7 @@ struct Inner {
     registers: Option<(Mmap, usize)>,
     fingerprint: std::sync::OnceLock<String>,
     provenance: Option<Provenance>,
-    paper_era: bool,
+    layout: Layout,
 }
 
 fn store_err(path: &Path, msg: impl Into<String>) -> Error {
@@ -110,7 +110,7 @@ impl ActivationStore {
                 "store is incomplete (a writer is running or was interrupted; re-run it to finish)",
             ));
         }
-        let (md, shards, paper_era) = format::read_store_json(&dir)?;
+        let (md, shards, layout) = format::read_store_json(&dir)?;
         let eps = md.examples_per_shard();
         let row_bytes = md.floats_per_example() * 4;
         let total = shards
@@ -235,7 +235,7 @@ impl ActivationStore {
                 registers,
                 fingerprint: std::sync::OnceLock::new(),
                 provenance,
-                paper_era,
+                layout,
             }),
         })
     }
@@ -252,7 +252,12 @@ impl ActivationStore {
 
     /// Whether this is a paper-era (saev 0.1.0) store.
     pub fn is_paper_era(&self) -> bool {
-        self.inner.paper_era
+        self.inner.layout == Layout::Paper
+    }
+
+    /// Which of the Python saev's layouts the store was written in (saev writes 2.1).
+    pub fn layout(&self) -> Layout {
+        self.inner.layout
     }
 
     /// Number of examples (images).
@@ -544,10 +549,9 @@ impl fmt::Debug for ActivationStore {
             md.tokens_per_example(),
             md.d_model,
             self.shards().len(),
-            if self.is_paper_era() {
-                ", paper era"
-            } else {
-                ""
+            match self.layout() {
+                Layout::V21 => String::new(),
+                other => format!(", {}", other.name()),
             }
         )
     }
