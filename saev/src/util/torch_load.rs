@@ -451,6 +451,37 @@ fn read_zip(bytes: &[u8], path: &Path, where_: &str) -> Result<StateDict> {
         else {
             continue;
         };
+        // Integer and bool tensors are buffers, never weights (`position_ids`, BatchNorm's
+        // `num_batches_tracked`, masks): left out, so a state dict holding them still loads;
+        // a caller that needs one finds it missing by name.
+        const FLOAT: [&str; 4] = [
+            "FloatStorage",
+            "HalfStorage",
+            "BFloat16Storage",
+            "DoubleStorage",
+        ];
+        const NOT_WEIGHTS: [&str; 9] = [
+            "LongStorage",
+            "IntStorage",
+            "ShortStorage",
+            "CharStorage",
+            "ByteStorage",
+            "BoolStorage",
+            "UInt16Storage",
+            "UInt32Storage",
+            "UInt64Storage",
+        ];
+        if NOT_WEIGHTS.contains(&dtype.as_str()) {
+            continue;
+        }
+        if !FLOAT.contains(&dtype.as_str()) {
+            return Err(bad(
+                path,
+                format!(
+                    "tensor `{name}` is {dtype}; saev reads float32, float16, bfloat16 and float64 tensors (and skips integer and bool ones)"
+                ),
+            ));
+        }
         if !storages.contains_key(&key) {
             let raw = read_entry(&mut zip, &format!("{prefix}data/{key}"))?;
             let values: Vec<f32> = match dtype.as_str() {
@@ -466,14 +497,13 @@ fn read_zip(bytes: &[u8], path: &Path, where_: &str) -> Result<StateDict> {
                     .chunks_exact(2)
                     .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
                     .collect(),
-                other => {
-                    return Err(bad(
-                        path,
-                        format!(
-                            "tensor `{name}` is {other}; only float32, float16 and bfloat16 tensors are supported"
-                        ),
-                    ))
-                }
+                // Float64 weights (rare: a model trained or saved in double) are read as f32.
+                _ => raw
+                    .chunks_exact(8)
+                    .map(|c| {
+                        f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32
+                    })
+                    .collect(),
             };
             storages.insert(key.clone(), values);
         }
@@ -494,15 +524,22 @@ fn read_zip(bytes: &[u8], path: &Path, where_: &str) -> Result<StateDict> {
             .ok_or_else(|| bad(path, format!("tensor `{name}`: size {size:?} overflows")))?;
         if numel > 0 {
             // The largest index read must be inside the storage, checked before allocating.
-            let last = offset
-                + size
-                    .iter()
-                    .zip(&stride)
-                    .map(|(n, s)| (n - 1).saturating_mul(*s))
-                    .fold(0usize, usize::saturating_add);
+            let last = size
+                .iter()
+                .zip(&stride)
+                .map(|(n, s)| (n - 1).saturating_mul(*s))
+                .fold(offset, usize::saturating_add);
             if last >= storage.len() {
                 return Err(bad(path, format!("tensor `{name}` reads past its storage")));
             }
+        }
+        // A stride-0 (expanded) tensor may claim more elements than its storage holds; past
+        // 2^32 it is no checkpoint saev could use, and the copy below would exhaust memory.
+        if numel > 1 << 32 {
+            return Err(bad(
+                path,
+                format!("tensor `{name}`: size {size:?} is {numel} elements, more than saev reads (2^32)"),
+            ));
         }
         let mut data = Vec::with_capacity(numel);
         let mut idx = vec![0usize; size.len()];
@@ -557,6 +594,28 @@ mod tests {
                 other => panic!("{other:?}"),
             },
             other => panic!("{other:?}"),
+        }
+    }
+
+    /// A `torch.save` state dict with integer and bool buffers next to the weights
+    /// (`scripts/make_torch_fixtures.py`): the float tensors (f32, f16, bf16, f64, a transposed
+    /// view) read as torch reads them, the others left out.
+    #[test]
+    fn integer_and_bool_buffers_are_left_out_and_floats_read_as_torch_reads_them() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/torch");
+        let sd = read_torch_state_dict(dir.join("mixed_dtypes.bin")).unwrap();
+        let want: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("mixed_dtypes.json")).unwrap())
+                .unwrap();
+        let want = want.as_object().unwrap();
+        let mut names: Vec<&String> = want.keys().collect();
+        names.sort();
+        assert_eq!(sd.keys().collect::<Vec<_>>(), names);
+        for (k, w) in want {
+            let (shape, values) = &sd[k];
+            let ws: Vec<usize> = serde_json::from_value(w["shape"].clone()).unwrap();
+            let wv: Vec<f32> = serde_json::from_value(w["values"].clone()).unwrap();
+            assert_eq!((shape, values), (&ws, &wv), "{k}");
         }
     }
 }
