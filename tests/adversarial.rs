@@ -689,6 +689,60 @@ fn truncated_jpeg_is_refused() -> TestResult {
     Ok(())
 }
 
+/// `--skip-bad` drops a JPEG cut short (it used to check the header only, and the recording
+/// then stopped at that file) and keeps one with data after its end marker (a motion photo's
+/// video), which decodes as Pillow decodes it.
+#[test]
+fn skip_bad_drops_a_cut_jpeg_and_keeps_a_motion_photo() -> TestResult {
+    let dir = scratch("jpeg-skip");
+    let imgs = dir.join("imgs");
+    std::fs::create_dir_all(&imgs)?;
+    let img = saev::load_image(fixtures().join("backbone/chelsea.png"))?;
+    let full = imgs.join("a-cat.jpg");
+    img.save(&full)?;
+    let bytes = std::fs::read(&full)?;
+    std::fs::write(imgs.join("b-cut.jpg"), &bytes[..bytes.len() * 2 / 3])?;
+    let mut motion = bytes.clone();
+    motion.extend_from_slice(b"\0\0\0\x18ftypmp42 and a video after it");
+    std::fs::write(imgs.join("c-motion.jpg"), &motion)?;
+    let model = fixtures().join("backbone/tiny-dinov2");
+    let out_dir = dir.join("acts");
+    let out = saev(
+        &dir,
+        &[
+            &"activations",
+            &"--model",
+            &model,
+            &"--size",
+            &"16",
+            &"--skip-bad",
+            &"--data",
+            &imgs,
+            &"--out",
+            &out_dir,
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("skipping unreadable image") && err.contains("b-cut.jpg"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("a-cat.jpg") && !err.contains("c-motion.jpg"),
+        "{err}"
+    );
+    let store = std::fs::read_dir(&out_dir)?
+        .map(|e| e.unwrap().path())
+        .find(|p| p.join("metadata.json").exists())
+        .expect("a store");
+    let store = saev::ActivationStore::open(store)?;
+    assert_eq!(store.n_examples(), 2);
+    // The motion photo's pixels are the plain JPEG's: the same activations.
+    assert_eq!(store.example(0)?, store.example(1)?);
+    Ok(())
+}
+
 /// Import a Python `sae.pt` and browse it on `store` (at most `pages` latent pages).
 fn import_and_browse(dir: &Path, pt: &Path, store: &Path, pages: &str) -> Output {
     let sae_dir = dir.join("sae");

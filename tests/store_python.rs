@@ -153,7 +153,11 @@ fn stores_of_the_2025_protocols_read_identically() -> TestResult {
         assert_eq!(store.metadata().family, "dinov2", "{dir}");
         let t = 4 + usize::from(cls);
         assert_eq!(
-            (store.n_examples(), store.tokens_per_example(), store.d_model()),
+            (
+                store.n_examples(),
+                store.tokens_per_example(),
+                store.d_model()
+            ),
             (7, t, 8),
             "{dir}"
         );

@@ -48,13 +48,18 @@ pub(super) fn walk_once(
     Ok(())
 }
 
-/// Header-only check that a file is a decodable image format with sane dimensions.
+/// Header check that a file is a decodable image format with sane dimensions, and for a JPEG
+/// that it is not cut short (its last bytes, as a rule).
 pub(super) fn header_ok(p: &Path) -> bool {
-    image::ImageReader::open(p)
+    let Some(r) = image::ImageReader::open(p)
         .and_then(|r| r.with_guessed_format())
         .ok()
-        .and_then(|r| r.into_dimensions().ok())
-        .is_some_and(|(w, h)| w > 0 && h > 0)
+    else {
+        return false;
+    };
+    let jpeg = r.format() == Some(image::ImageFormat::Jpeg);
+    r.into_dimensions().is_ok_and(|(w, h)| w > 0 && h > 0)
+        && (!jpeg || crate::util::image_io::jpeg_file_complete(p))
 }
 
 pub(super) fn open_labelled(root: &Path) -> Result<(Vec<String>, Source)> {

@@ -88,6 +88,32 @@ fn check_jpeg_complete(bytes: &[u8]) -> std::result::Result<(), String> {
     }
 }
 
+/// Whether an image file that is a JPEG is whole (see `check_jpeg_complete`), reading only its
+/// last bytes in the common case: what `--skip-bad` checks up front besides the header.
+pub(crate) fn jpeg_file_complete(path: &Path) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return false;
+    };
+    let mut tail = [0u8; 64];
+    let Ok(len) = f.seek(SeekFrom::End(0)) else {
+        return false;
+    };
+    let n = len.min(tail.len() as u64) as usize;
+    if f.seek(SeekFrom::Start(len - n as u64)).is_err() || f.read_exact(&mut tail[..n]).is_err() {
+        return false;
+    }
+    let tail = &tail[..n];
+    let end = tail
+        .iter()
+        .rposition(|&b| b != 0 && b != b'\n' && b != b'\r')
+        .map_or(0, |i| i + 1);
+    if end >= 2 && tail[end - 2..end] == [0xFF, 0xD9] {
+        return true;
+    }
+    std::fs::read(path).is_ok_and(|b| check_jpeg_complete(&b).is_ok())
+}
+
 /// Decoding limits: a small file declaring a huge image is refused before allocating.
 fn image_limits() -> image::Limits {
     let mut l = image::Limits::default();

@@ -605,8 +605,7 @@ mod tests {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/torch");
         let sd = read_torch_state_dict(dir.join("mixed_dtypes.bin")).unwrap();
         let want: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(dir.join("mixed_dtypes.json")).unwrap())
-                .unwrap();
+            serde_json::from_slice(&std::fs::read(dir.join("mixed_dtypes.json")).unwrap()).unwrap();
         let want = want.as_object().unwrap();
         let mut names: Vec<&String> = want.keys().collect();
         names.sort();
