@@ -486,24 +486,23 @@ fn hostile_files_are_errors_not_panics() -> TestResult {
     Ok(())
 }
 
-/// A part whose labels were truncated: the merge refuses before moving anything.
-#[test]
-fn merge_validates_every_part_before_moving() -> TestResult {
-    let dir = scratch("merge");
+/// Six images recorded as two parts (`--part i/2`, three shards of two examples).
+fn record_two_parts(dir: &Path) -> Vec<PathBuf> {
     let data = fixtures().join("backbone");
     let imgs = dir.join("imgs");
-    std::fs::create_dir_all(&imgs)?;
+    std::fs::create_dir_all(&imgs).unwrap();
     for i in 0..6 {
         std::fs::copy(
             data.join(["astronaut.png", "chelsea.png"][i % 2]),
             imgs.join(format!("{i}.png")),
-        )?;
+        )
+        .unwrap();
     }
     let model = data.join("tiny-dinov2");
     let mut parts = Vec::new();
     for i in 0..2 {
         let out = saev(
-            &dir,
+            dir,
             &[
                 &"activations",
                 &"--model",
@@ -529,6 +528,28 @@ fn merge_validates_every_part_before_moving() -> TestResult {
             String::from_utf8_lossy(&out.stdout).trim().to_string(),
         ));
     }
+    parts
+}
+
+fn merge(dir: &Path, parts: &[PathBuf]) -> Output {
+    saev(
+        dir,
+        &[
+            &"activations",
+            &"merge",
+            &parts[0],
+            &parts[1],
+            &"--out",
+            &dir.join("merged"),
+        ],
+    )
+}
+
+/// A part whose labels were truncated: the merge refuses before moving anything.
+#[test]
+fn merge_validates_every_part_before_moving() -> TestResult {
+    let dir = scratch("merge");
+    let parts = record_two_parts(&dir);
     // Truncate a shard of part 1.
     let victim = std::fs::read_dir(&parts[1])?
         .map(|e| e.unwrap().path())
@@ -540,17 +561,7 @@ fn merge_validates_every_part_before_moving() -> TestResult {
         .open(&victim)?
         .set_len(len / 2)?;
     let before: Vec<_> = parts.iter().map(|p| snapshot(p)).collect();
-    let out = saev(
-        &dir,
-        &[
-            &"activations",
-            &"merge",
-            &parts[0],
-            &parts[1],
-            &"--out",
-            &dir.join("merged"),
-        ],
-    );
+    let out = merge(&dir, &parts);
     refused(
         &out,
         &[victim.file_name().unwrap().to_str().unwrap(), "truncated"],
@@ -558,6 +569,86 @@ fn merge_validates_every_part_before_moving() -> TestResult {
     for (p, b) in parts.iter().zip(&before) {
         assert_eq!(&snapshot(p), b, "{} was changed", p.display());
     }
+    Ok(())
+}
+
+/// Patch labels in one part only: refused before anything moves (the other part's examples
+/// used to merge as class 0, silently).
+#[test]
+fn merge_refuses_side_files_in_some_parts_only() -> TestResult {
+    let dir = scratch("merge-sides");
+    let parts = record_two_parts(&dir);
+    let md: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(parts[0].join("metadata.json"))?)?;
+    let n = md["n_examples"].as_u64().unwrap() * md["content_tokens_per_example"].as_u64().unwrap();
+    std::fs::write(parts[0].join("labels.bin"), vec![1u8; n as usize])?;
+    let before: Vec<_> = parts.iter().map(|p| snapshot(p)).collect();
+    let out = merge(&dir, &parts);
+    let p1 = parts[1].join("labels.bin");
+    refused(&out, &[p1.to_str().unwrap(), "missing in this part"]);
+    for (p, b) in parts.iter().zip(&before) {
+        assert_eq!(&snapshot(p), b, "{} was changed", p.display());
+    }
+    Ok(())
+}
+
+/// A merge interrupted after moving some shards (simulated: one shard moved by hand, as the
+/// merge moves it) finishes on a rerun, to the store an uninterrupted merge makes.
+#[test]
+fn an_interrupted_merge_finishes_on_a_rerun() -> TestResult {
+    let dir = scratch("merge-rerun");
+    let parts = record_two_parts(&dir);
+    let whole = scratch("merge-rerun-whole");
+    let copies: Vec<PathBuf> = parts
+        .iter()
+        .map(|p| {
+            let c = whole.join("parts").join(p.file_name().unwrap());
+            std::fs::create_dir_all(&c).unwrap();
+            for e in std::fs::read_dir(p).unwrap() {
+                let e = e.unwrap();
+                std::fs::copy(e.path(), c.join(e.file_name())).unwrap();
+            }
+            c
+        })
+        .collect();
+    let out = merge(&whole, &copies);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let want = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim().to_string());
+
+    let md: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(parts[0].join("metadata.json"))?)?;
+    let hash = want.file_name().unwrap().to_owned();
+    let target = dir.join("merged").join(&hash);
+    std::fs::create_dir_all(&target)?;
+    let shard = std::fs::read_dir(&parts[1])?
+        .map(|e| e.unwrap().file_name())
+        .find(|n| n.to_string_lossy().ends_with(".bin"))
+        .unwrap();
+    std::fs::rename(parts[1].join(&shard), target.join(&shard))?;
+    assert_eq!(md["family"], "dinov2");
+    let out = merge(&dir, &parts);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let strip = |v: Vec<(PathBuf, Vec<u8>)>, root: &Path| -> Vec<(PathBuf, Vec<u8>)> {
+        v.into_iter()
+            .map(|(p, b)| (p.strip_prefix(root).unwrap().to_path_buf(), b))
+            .collect()
+    };
+    assert_eq!(
+        strip(snapshot(&target), &target),
+        strip(snapshot(&want), &want)
+    );
+    assert!(
+        parts.iter().all(|p| !p.exists()),
+        "parts removed after the merge"
+    );
     Ok(())
 }
 

@@ -141,11 +141,65 @@ pub fn merge_parts(parts: &[PathBuf], root: impl AsRef<Path>) -> Result<PathBuf>
         });
     }
     // Validate every part completely before moving anything: a bad part leaves all parts as
-    // they were, and the error names it.
+    // they were, and the error names it. A shard already in the merged directory (a merge
+    // interrupted after moving it) counts as its part's: a rerun finishes the merge.
+    md.validate(&first.join("metadata.json"))?;
     let n_labels_total = md.n_examples * md.content_tokens_per_example;
+    // Side files: in every part or in none (a part without labels would merge as class 0).
+    let regs_of = |p: &Path| -> Result<Option<usize>> {
+        let f = p.join("registers.json");
+        if !f.exists() {
+            return Ok(None);
+        }
+        let info: super::RegistersInfo = read_json(&f)?;
+        Ok(Some(info.n_registers))
+    };
+    let first_regs = regs_of(first)?;
+    for (_, _, p) in &seen {
+        for (name, here, there) in [
+            (
+                "labels.bin",
+                p.join("labels.bin").exists(),
+                first.join("labels.bin").exists(),
+            ),
+            (
+                "registers.bin",
+                p.join("registers.bin").exists(),
+                first_regs.is_some(),
+            ),
+        ] {
+            if here != there {
+                return Err(Error::Store {
+                    path: p.join(name),
+                    msg: format!(
+                        "{} in this part but {} in {}: every part has it or none does",
+                        if here { "present" } else { "missing" },
+                        if there { "present" } else { "missing" },
+                        first.display()
+                    ),
+                });
+            }
+        }
+        let regs = regs_of(p)?;
+        if regs != first_regs {
+            return Err(Error::Store {
+                path: p.join("registers.json"),
+                msg: format!(
+                    "{regs:?} register tokens, {} has {first_regs:?}: parts of different stores",
+                    first.display()
+                ),
+            });
+        }
+    }
     for (i, n, p) in &seen {
         for s in part_shards(&md, *i, *n) {
             let f = p.join(Metadata::shard_name(s));
+            let moved = dir.join(Metadata::shard_name(s));
+            let f = if !f.exists() && moved.exists() {
+                moved
+            } else {
+                f
+            };
             let len = std::fs::metadata(&f).with_path(&f)?.len();
             if len != md.shard_bytes() {
                 return Err(Error::Store {
@@ -163,11 +217,12 @@ pub fn merge_parts(parts: &[PathBuf], root: impl AsRef<Path>) -> Result<PathBuf>
                 continue;
             }
             let len = std::fs::metadata(&f).with_path(&f)?.len();
-            let want = if name == "registers.bin" {
-                let info: super::RegistersInfo = read_json(&p.join("registers.json"))?;
-                (md.n_examples * md.layers.len() * info.n_registers * md.d_model * 4) as u64
-            } else {
-                want
+            let want = match (name, first_regs) {
+                ("registers.bin", Some(r)) => [md.layers.len(), r, md.d_model, 4]
+                    .iter()
+                    .try_fold(md.n_examples as u64, |a, &b| a.checked_mul(b as u64))
+                    .unwrap_or(u64::MAX),
+                _ => want,
             };
             if len != want {
                 return Err(Error::Store {
@@ -184,6 +239,9 @@ pub fn merge_parts(parts: &[PathBuf], root: impl AsRef<Path>) -> Result<PathBuf>
         for s in part_shards(&md, *i, *n) {
             let name = Metadata::shard_name(s);
             let (from, to) = (p.join(&name), dir.join(&name));
+            if !from.exists() && to.exists() {
+                continue; // moved by an interrupted merge
+            }
             if std::fs::rename(&from, &to).is_err() {
                 std::fs::copy(&from, &to).with_path(&from)?;
             }
