@@ -218,6 +218,17 @@ fn block_shuffle_reads_runs_and_still_visits_every_vector_once() -> TestResult {
             .collect();
         assert_eq!(rest, all[48..], "resumed at batch 2 ({:?})", c.shuffle);
     }
+    // Absurd settings (a hand-edited config) are the whole view, not a hang: every vector once.
+    for (block, window) in [(1_000_000_000_000u64, u64::MAX), (0, 0), (3, u64::MAX)] {
+        let c = cfg.clone().with_shuffle(Shuffle::Blocks { block, window });
+        let mut all: Vec<u64> = store.shuffled(&c, 0)?.flat_map(|b| b.index).collect();
+        all.sort_unstable();
+        assert_eq!(
+            all,
+            (0..11 * 16).collect::<Vec<u64>>(),
+            "block {block}, window {window}"
+        );
+    }
     let t: saev::TrainConfig =
         serde_json::from_str(r#"{"shuffle": {"kind": "blocks", "block": 256, "window": 64}}"#)?;
     assert_eq!(

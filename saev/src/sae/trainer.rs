@@ -162,7 +162,10 @@ pub fn train_saes_with(
     let mut finished = ck.seen >= cfg.n_patches;
     'outer: while !finished {
         let loader = store.shuffled_from(&loader_cfg, ck.epoch, ck.batch_in_epoch)?;
+        let fresh_epoch = ck.batch_in_epoch == 0;
+        let mut n_batches = 0usize;
         for batch in loader {
+            n_batches += 1;
             if ck.seen >= cfg.n_patches {
                 break;
             }
@@ -190,6 +193,17 @@ pub fn train_saes_with(
                 save_checkpoint(out, &states, &ck)?;
                 save_history(out, &ck.history)?;
             }
+        }
+        if fresh_epoch && n_batches == 0 && ck.seen < cfg.n_patches {
+            // A whole epoch gave nothing (every example held out, or none of the chosen
+            // tokens): another epoch would give nothing either.
+            return Err(Error::Store {
+                path: store.dir().to_path_buf(),
+                msg: format!(
+                    "an epoch of layer {} ({:?} tokens, {} examples held out) yields no batch: nothing to train on",
+                    cfg.layer, cfg.tokens, holdout
+                ),
+            });
         }
         if ck.seen >= cfg.n_patches {
             finished = true;

@@ -192,6 +192,15 @@ impl Metadata {
         if self.layers.is_empty() || self.d_model == 0 || self.tokens_per_example() == 0 {
             return Err(err("layers", "empty layers, d_model or tokens".into()));
         }
+        // Training, the feature pass and the heatmaps all work on patches: a store without
+        // them (CLS only) has nothing for them, and per-patch arithmetic would divide by zero.
+        if self.content_tokens_per_example == 0 {
+            return Err(err(
+                "content_tokens_per_example",
+                "0: a store without patch tokens (saev records patches, with or without CLS)"
+                    .into(),
+            ));
+        }
         let shard_bytes =
             (self.examples_per_shard() as u128) * (self.floats_per_example() as u128) * 4;
         if shard_bytes > 1 << 40 {
@@ -418,6 +427,17 @@ mod tests {
         let mut other = md.clone();
         other.n_examples = 8;
         assert_ne!(md.hash(), other.hash());
+    }
+
+    #[test]
+    fn a_store_without_patches_is_refused() {
+        let mut md = example();
+        md.content_tokens_per_example = 0;
+        let e = md.validate(Path::new("m.json")).unwrap_err().to_string();
+        assert!(
+            e.contains("content_tokens_per_example") && e.contains("m.json"),
+            "{e}"
+        );
     }
 
     #[test]

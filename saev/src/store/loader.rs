@@ -180,9 +180,10 @@ pub enum Shuffle {
     /// together; every vector still once per epoch. A batch mixes `window` places of the store
     /// instead of `batch_size` (with `block` = patches per image: `window` images).
     Blocks {
-        /// Consecutive vectors per run (default 256: one DINOv2 image at 224²).
+        /// Consecutive vectors per run (default 256: one DINOv2 image at 224²); taken as 1 when
+        /// 0 and as the whole view when longer.
         block: u64,
-        /// Runs shuffled together (default 256).
+        /// Runs shuffled together (default 256); at least 1, at most all runs.
         window: u64,
     },
 }
@@ -215,8 +216,12 @@ impl Order {
         match shuffle {
             Shuffle::Global => Order::Global(Permutation::new(n, seed)),
             Shuffle::Blocks { block, window } => {
-                let (block, window) = (block.max(1), window.max(1));
+                // A run longer than the view is the whole view; more runs per window than
+                // there are runs is all of them (huge settings would otherwise build and walk
+                // a permutation of `window · block` mostly empty places).
+                let block = block.clamp(1, n.max(1));
                 let n_blocks = n.div_ceil(block);
+                let window = window.clamp(1, n_blocks.max(1));
                 Order::Blocks {
                     n,
                     block,
@@ -663,6 +668,14 @@ impl NormStats {
         let view = View::new(store, layer, tokens, &Examples::All)?;
         let n = view.n_vectors();
         let k = (max_samples as u64).min(n);
+        if k == 0 {
+            return Err(Error::Store {
+                path: store.dir().to_path_buf(),
+                msg: format!(
+                    "normalisation statistics need at least one vector: layer {layer} has {n}, {max_samples} asked for"
+                ),
+            });
+        }
         let perm = Permutation::new(n, seed);
         let d = store.d_model();
         let mut idx: Vec<u64> = (0..k).map(|i| perm.apply(i)).collect();
