@@ -102,6 +102,27 @@ fn open_clip_vision_tower_matches_open_clip() -> TestResult {
     // Preprocessing from open_clip_config.json: shortest side to 64, centre crop, OpenAI stats.
     assert_eq!(vit.input_size(), (64, 64));
     assert_eq!(vit.preprocess().mean, saev::backbone::CLIP_MEAN);
+    // A config with zero layers or a zero head width is refused by name (it used to panic on
+    // a division by zero or a missing block).
+    for (field, value) in [("head_width", 0), ("layers", 0)] {
+        let tmp = std::env::temp_dir().join(format!("saev-oc-{field}-{}", std::process::id()));
+        std::fs::create_dir_all(&tmp)?;
+        for f in ["open_clip_config.json", "open_clip_pytorch_model.bin"] {
+            std::fs::copy(fixtures().join("open_clip").join(f), tmp.join(f))?;
+        }
+        let cfg = tmp.join("open_clip_config.json");
+        let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&cfg)?)?;
+        v["model_cfg"]["vision_cfg"][field] = value.into();
+        std::fs::write(&cfg, v.to_string())?;
+        let e = Backbone::from_dir(&tmp, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("open_clip_config.json") && e.contains(&format!("{field} 0")),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&tmp)?;
+    }
     Ok(())
 }
 

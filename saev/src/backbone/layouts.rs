@@ -211,6 +211,16 @@ fn dims(sd: &HashMap<String, Tensor>, path: &Path, key: &str) -> Result<Vec<usiz
         })
 }
 
+/// The first dimension of tensor `key` (a weight's output size); a scalar is a shape error.
+fn dim0(sd: &HashMap<String, Tensor>, path: &Path, key: &str) -> Result<usize> {
+    let d = dims(sd, path, key)?;
+    d.first().copied().ok_or_else(|| Error::Shape {
+        what: format!("{}: tensor `{key}`", path.display()),
+        expected: vec![0, 0],
+        actual: d,
+    })
+}
+
 /// Blocks `0..n` of keys `<prefix>N.…`.
 fn count_blocks(sd: &HashMap<String, Tensor>, prefix: &str) -> usize {
     sd.keys()
@@ -477,7 +487,7 @@ fn dinov2_hub(
         arg("num_heads").and_then(Value::as_u64).map(|h| h as usize),
         arg_path,
     )?;
-    let inter = dims(&sd, path, "blocks.0.mlp.fc1.weight")?[0];
+    let inter = dim0(&sd, path, "blocks.0.mlp.fc1.weight")?;
     let eps = arg("layer_norm_eps")
         .and_then(Value::as_f64)
         .unwrap_or(1e-6);
@@ -581,7 +591,7 @@ fn timm(dir: &Path, v: &Value, device: &Device) -> Result<Opened> {
     let p = *pw.get(2).unwrap_or(&0);
     let depth = count_blocks(&sd, "blocks.");
     let heads = heads_for(d, num_heads, &config)?;
-    let inter = dims(&sd, &wpath, "blocks.0.mlp.fc1.weight")?[0];
+    let inter = dim0(&sd, &wpath, "blocks.0.mlp.fc1.weight")?;
     let n_pos = dims(&sd, &wpath, "pos_embed")?.get(1).copied().unwrap_or(0);
     let mut out = HashMap::new();
     let (family, n_reg, g, eps, act, pre_ln, layerscale) = if arch.contains("dinov2") {
@@ -799,11 +809,13 @@ fn open_clip(dir: &Path, device: &Device) -> Result<Opened> {
     let p = num("patch_size")
         .ok_or_else(|| cfg_err(&config, "model_cfg.vision_cfg.patch_size", "missing"))?;
     let image = num("image_size").unwrap_or(224);
-    if d % head_width != 0 || p == 0 || image % p != 0 {
+    if depth == 0 || head_width == 0 || d % head_width != 0 || p == 0 || image % p != 0 {
         return Err(cfg_err(
             &config,
             "model_cfg.vision_cfg",
-            format!("width {d}, head_width {head_width}, patch {p}, image {image} do not fit"),
+            format!(
+                "layers {depth}, width {d}, head_width {head_width}, patch {p}, image {image} do not fit"
+            ),
         ));
     }
     let g = image / p;

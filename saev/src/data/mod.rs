@@ -510,6 +510,55 @@ mod tests {
         assert_eq!(ds.take(2).len(), 2);
     }
 
+    /// The fixture's files with their label column replaced: all -1 (an unlabelled Hugging
+    /// Face split) reads as unlabelled; a stray negative or an id-sized label is refused by file.
+    #[test]
+    fn parquet_labels_minus_one_ids_and_strays() {
+        use polars::prelude::*;
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/data/hf-parquet");
+        let rewrite = |name: &str, label: &dyn Fn(usize, usize) -> i64| -> PathBuf {
+            let d = tmp(name);
+            let mut files: Vec<_> = std::fs::read_dir(&root)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .collect();
+            files.sort();
+            for (fi, f) in files.iter().enumerate() {
+                let mut df = ParquetReader::new(std::fs::File::open(f).unwrap())
+                    .finish()
+                    .unwrap();
+                let v: Vec<i64> = (0..df.height()).map(|r| label(fi, r)).collect();
+                df.with_column(Column::new("label".into(), v)).unwrap();
+                let mut out = std::fs::File::create(d.join(f.file_name().unwrap())).unwrap();
+                ParquetWriter::new(&mut out).finish(&mut df).unwrap();
+            }
+            d
+        };
+        let ds = Dataset::open(rewrite("pq-unlabelled", &|_, _| -1), None, false).unwrap();
+        assert_eq!(ds.len(), 5);
+        assert!(!ds.has_labels());
+        assert_eq!(ds.label(0), None);
+        let e = Dataset::open(
+            rewrite("pq-stray", &|fi, r| if fi == 1 && r == 1 { -1 } else { 0 }),
+            None,
+            false,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("-1") && e.contains("train-00001-of-00002.parquet"),
+            "{e}"
+        );
+        let e = Dataset::open(
+            rewrite("pq-ids", &|_, r| 1_000_000_007 * r as i64),
+            None,
+            false,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("1000000007") && e.contains("class index"), "{e}");
+    }
+
     #[test]
     fn ade20k_pairs() {
         let d = tmp("ade");

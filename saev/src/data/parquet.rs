@@ -63,6 +63,9 @@ fn image_column(schema: &Schema, path: &Path) -> Result<String> {
     ))
 }
 
+/// Labels are class indices; past this many classes a column holds ids, not classes.
+const MAX_CLASSES: u32 = 1 << 20;
+
 impl ParquetSource {
     pub(crate) fn open(path: &Path) -> Result<Self> {
         let mut files: Vec<PathBuf> = if path.is_dir() {
@@ -102,13 +105,34 @@ impl ParquetSource {
                 let ca = s.i64().map_err(|e| bad(file, e.to_string()))?;
                 for v in (0..ca.len()).map(|k| ca.get(k)) {
                     let v = v.ok_or_else(|| bad(file, format!("null in label column `{col}`")))?;
-                    out.push(
-                        u32::try_from(v)
-                            .map_err(|_| bad(file, format!("label {v} is negative")))?,
-                    );
+                    out.push((v, fi));
                 }
             }
         }
+        // Hugging Face writes -1 for every row of an unlabelled split (a test set): no labels.
+        // Any other negative label, or a mix, is an error; so is a label too large to be a
+        // class index (the class list has one entry per index up to the largest).
+        let labels = match labels {
+            Some(l) if !l.is_empty() && l.iter().all(|&(v, _)| v == -1) => None,
+            Some(l) => Some(
+                l.into_iter()
+                    .map(|(v, fi)| match u32::try_from(v) {
+                        Ok(c) if c < MAX_CLASSES => Ok(c),
+                        Ok(_) => Err(bad(
+                            &files[fi],
+                            format!("label {v} is not a class index below {MAX_CLASSES}"),
+                        )),
+                        Err(_) => Err(bad(
+                            &files[fi],
+                            format!(
+                                "label {v} is negative (only an all -1 column, an unlabelled split, is accepted)"
+                            ),
+                        )),
+                    })
+                    .collect::<Result<Vec<u32>>>()?,
+            ),
+            None => None,
+        };
         Ok(Self {
             files,
             index,
@@ -123,7 +147,10 @@ impl ParquetSource {
     }
 
     pub(crate) fn source(&self, i: usize) -> String {
-        let (f, r) = self.index[i];
+        // Past the end: no source, as for the other layouts.
+        let Some(&(f, r)) = self.index.get(i) else {
+            return String::new();
+        };
         format!(
             "{}#{r}",
             crate::util::paths::path_to_text(&self.files[f as usize])

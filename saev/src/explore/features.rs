@@ -533,12 +533,15 @@ impl Features {
         &self.inner.max
     }
     /// Histogram of `latent`'s positive values over log10 bins `[lo + i·w, lo + (i+1)·w)`:
-    /// `(counts, lo, w)`.
+    /// `(counts, lo, w)`; no counts for a latent past `d_sae` (as [`Self::top`] gives none).
     pub fn histogram(&self, latent: usize) -> (&[u32], f32, f32) {
         let c = &self.inner.h.config;
         let nb = c.n_bins;
         (
-            &self.inner.hist[latent * nb..(latent + 1) * nb],
+            self.inner
+                .hist
+                .get(latent * nb..(latent + 1) * nb)
+                .unwrap_or(&[]),
             c.hist_lo,
             (c.hist_hi - c.hist_lo) / nb as f32,
         )

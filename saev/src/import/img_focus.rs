@@ -343,6 +343,30 @@ fn map_weights(bytes: &[u8], source: &Path) -> Result<BTreeMap<String, Owned>> {
     if n_layers == 0 || !out.contains_key("layernorm.weight") {
         return Err(err("no DINOv2 backbone found in this graph".into()));
     }
+    // What `write_model_dir` reads the config from: present, with the ranks it indexes.
+    for (key, rank) in [
+        ("embeddings.cls_token", 3),
+        ("embeddings.patch_embeddings.projection.weight", 4),
+        ("embeddings.position_embeddings", 3),
+        ("encoder.layer.0.mlp.fc1.weight", 2),
+    ] {
+        match out.get(key) {
+            None => return Err(err(format!("no tensor mapped to `{key}`"))),
+            Some(t) if t.dims.len() != rank => {
+                return Err(err(format!(
+                    "`{key}` has shape {:?}; a DINOv2 graph has rank {rank} there",
+                    t.dims
+                )))
+            }
+            Some(t) if key == "embeddings.position_embeddings" && t.dims[1] < 2 => {
+                return Err(err(format!(
+                    "`{key}` has shape {:?}: no patch positions",
+                    t.dims
+                )))
+            }
+            Some(_) => {}
+        }
+    }
     Ok(out)
 }
 
