@@ -80,6 +80,9 @@ pub(super) fn save_checkpoint(out: &Path, states: &[TrainState], st: &CkptState)
         std::fs::rename(&cur, &old).with_path(&cur)?;
     }
     std::fs::rename(&tmp, &cur).with_path(&cur)?;
+    // The new checkpoint's files were flushed as written; the renames are flushed before the
+    // old one goes, so a power loss leaves one whole checkpoint under one of the two names.
+    crate::util::files::sync_dir(out)?;
     let _ = std::fs::remove_dir_all(&old);
     Ok(())
 }

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{CandleContext, Error, IoContext, Result};
-use crate::util::files::{read_json, tmp_path, write_json};
+use crate::util::files::{read_json, rename_durably, sync_file, tmp_path, write_json};
 
 /// Write `<dir>/<stem>.safetensors` then `<dir>/<stem>.json`, each atomically.
 pub(crate) fn save<H: serde::Serialize>(
@@ -30,7 +30,8 @@ pub(crate) fn save<H: serde::Serialize>(
     let st = dir.join(format!("{stem}.safetensors"));
     let tmp = tmp_path(&st);
     candle_core::safetensors::save(tensors, &tmp).context(format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &st).with_path(&st)?;
+    sync_file(&tmp)?;
+    rename_durably(&tmp, &st)?;
     write_json(&dir.join(format!("{stem}.json")), header)
 }
 

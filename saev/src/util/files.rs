@@ -28,11 +28,42 @@ pub(crate) fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<
     write_atomic(path, text.as_bytes())
 }
 
-/// Write `bytes` to `path` atomically (`<path>.tmp` + rename).
+/// Write `bytes` to `path` atomically (`<path>.tmp`, flushed to disk, then renamed), so that
+/// after a crash or power loss `path` holds the old bytes or the new ones, never an empty file.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
     let tmp = tmp_path(path);
-    std::fs::write(&tmp, bytes).with_path(&tmp)?;
-    std::fs::rename(&tmp, path).with_path(path)
+    let mut f = std::fs::File::create(&tmp).with_path(&tmp)?;
+    f.write_all(bytes).with_path(&tmp)?;
+    f.sync_all().with_path(&tmp)?;
+    drop(f);
+    rename_durably(&tmp, path)
+}
+
+/// Flush a file already written to disk (its data and size).
+pub(crate) fn sync_file(path: &Path) -> Result<()> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .with_path(path)
+}
+
+/// Rename `from` to `to` and flush the directory entry, so the rename survives a power loss
+/// (ext4 and XFS order a rename after the data only when asked).
+pub(crate) fn rename_durably(from: &Path, to: &Path) -> Result<()> {
+    std::fs::rename(from, to).with_path(to)?;
+    sync_dir(to.parent().unwrap_or(Path::new(".")))
+}
+
+/// Flush a directory's entries (the names created, renamed or removed in it).
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    std::fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .with_path(dir)
 }
 
 /// A fresh name beside `path` to write it whole before renaming it into place:
