@@ -57,7 +57,7 @@ pub use util::image_io::load_image;
 /// pickle code), and saev's cache directory.
 pub mod io {
     pub use crate::util::cache::saev_cache_dir;
-    pub use crate::util::image_io::{decode_image, load_image};
+    pub use crate::util::image_io::{decode_image, load_image, load_mask};
     pub use crate::util::torch_load::{
         read_torch_checkpoint, read_torch_state_dict, StateDict, TorchCheckpoint,
     };

@@ -330,7 +330,7 @@ impl Dataset {
             Source::Files { paths, masks, .. } => {
                 let image = crate::util::image_io::load_image(&paths[i])?;
                 let mask = match masks {
-                    Some(m) => Some(crate::util::image_io::load_image(&m[i])?.to_luma8()),
+                    Some(m) => Some(crate::util::image_io::load_mask(&m[i])?),
                     None => None,
                 };
                 Ok(Example {

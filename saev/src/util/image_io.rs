@@ -114,6 +114,97 @@ pub(crate) fn jpeg_file_complete(path: &Path) -> bool {
     std::fs::read(path).is_ok_and(|b| check_jpeg_complete(&b).is_ok())
 }
 
+/// Decode a segmentation mask: one class index per pixel. A PNG is read without conversion: an
+/// 8-bit greyscale one (ADE20K) as its values, a palette one (Pascal VOC) as its palette
+/// indices, lower bit depths unpacked; RGB(A) whose channels are equal everywhere (grey saved
+/// as colour) as one channel; another format likewise. Colour or 16-bit masks are refused by
+/// name (converting them to grey would give luminance, not class indices).
+pub fn load_mask(path: impl AsRef<Path>) -> Result<image::GrayImage> {
+    let path = path.as_ref();
+    let err = |msg: String| Error::Image {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    // Grey saved as colour: one channel, if every pixel's channels agree.
+    let grey_of = |w: u32, h: u32, px: &[u8], ch: usize| -> Result<image::GrayImage> {
+        let mut out = Vec::with_capacity(px.len() / ch);
+        for (i, p) in px.chunks_exact(ch).enumerate() {
+            if p[0] != p[1] || p[0] != p[2] {
+                return Err(err(format!(
+                    "a mask must hold one class index per pixel; this colour mask has pixel ({}, {}) = {:?}",
+                    i % w as usize,
+                    i / w as usize,
+                    &p[..3]
+                )));
+            }
+            out.push(p[0]);
+        }
+        image::GrayImage::from_raw(w, h, out)
+            .ok_or_else(|| err("rows shorter than the image".into()))
+    };
+    if !bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
+        return match load_image(path)? {
+            DynamicImage::ImageLuma8(m) => Ok(m),
+            DynamicImage::ImageRgb8(m) => grey_of(m.width(), m.height(), m.as_raw(), 3),
+            DynamicImage::ImageRgba8(m) => grey_of(m.width(), m.height(), m.as_raw(), 4),
+            other => Err(err(format!(
+                "a mask must hold one class index per pixel (8-bit greyscale); this one is {:?}",
+                other.color()
+            ))),
+        };
+    }
+    let mut dec =
+        png::Decoder::new_with_limits(std::io::Cursor::new(&bytes), png::Limits { bytes: 1 << 30 });
+    dec.set_transformations(png::Transformations::IDENTITY);
+    let mut reader = dec.read_info().map_err(|e| err(format!("PNG: {e}")))?;
+    let size = reader
+        .output_buffer_size()
+        .ok_or_else(|| err("PNG: image too large".into()))?;
+    let mut buf = vec![0u8; size];
+    let info = reader
+        .next_frame(&mut buf)
+        .map_err(|e| err(format!("PNG: {e}")))?;
+    use png::{BitDepth, ColorType};
+    let bits = match (info.color_type, info.bit_depth) {
+        (ColorType::Grayscale | ColorType::Indexed, BitDepth::One) => 1,
+        (ColorType::Grayscale | ColorType::Indexed, BitDepth::Two) => 2,
+        (ColorType::Grayscale | ColorType::Indexed, BitDepth::Four) => 4,
+        (ColorType::Grayscale | ColorType::Indexed, BitDepth::Eight) => 8,
+        (ColorType::Rgb | ColorType::Rgba, BitDepth::Eight) => {
+            let ch = if info.color_type == ColorType::Rgb { 3 } else { 4 };
+            let (w, h) = (info.width as usize, info.height as usize);
+            let px: Vec<u8> = buf
+                .chunks(info.line_size)
+                .take(h)
+                .flat_map(|row| row[..w * ch].iter().copied())
+                .collect();
+            return grey_of(info.width, info.height, &px, ch);
+        }
+        (c, b) => {
+            return Err(err(format!(
+                "a mask must hold one class index per pixel (8-bit greyscale or palette PNG); this one is {c:?} at {b:?} bits"
+            )))
+        }
+    };
+    let (w, h) = (info.width as usize, info.height as usize);
+    let per_byte = 8 / bits;
+    let mut out = Vec::with_capacity(w * h);
+    for row in buf.chunks(info.line_size).take(h) {
+        if bits == 8 {
+            out.extend_from_slice(&row[..w]);
+        } else {
+            out.extend((0..w).map(|x| {
+                let byte = row[x / per_byte];
+                let shift = 8 - bits * (x % per_byte + 1);
+                (byte >> shift) & ((1u8 << bits) - 1)
+            }));
+        }
+    }
+    image::GrayImage::from_raw(info.width, info.height, out)
+        .ok_or_else(|| err("PNG: rows shorter than the image".into()))
+}
+
 /// Decoding limits: a small file declaring a huge image is refused before allocating.
 fn image_limits() -> image::Limits {
     let mut l = image::Limits::default();
@@ -198,5 +289,70 @@ mod tests {
         with_thumb.extend_from_slice(&full[full.len() * 2 / 3..]);
         with_thumb.extend_from_slice(b"trailer");
         assert_eq!(decode_image(&with_thumb).unwrap().to_rgb8(), want);
+    }
+
+    /// Masks keep their class indices: a palette PNG (Pascal VOC) gives its indices, not the
+    /// palette colours' luminance; a 4-bit palette is unpacked; an RGB mask is refused.
+    #[test]
+    fn masks_are_class_indices() {
+        let dir = std::env::temp_dir().join(format!("saev-masks-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (w, h) = (5u32, 3u32);
+        let idx: Vec<u8> = (0..w * h).map(|i| (i % 4) as u8 * 5).collect();
+        let write = |name: &str, color: png::ColorType, depth: png::BitDepth, data: &[u8]| {
+            let p = dir.join(name);
+            let f = std::io::BufWriter::new(std::fs::File::create(&p).unwrap());
+            let mut e = png::Encoder::new(f, w, h);
+            e.set_color(color);
+            e.set_depth(depth);
+            if color == png::ColorType::Indexed {
+                // A VOC-like palette: index i is a bright colour, never grey i.
+                let pal: Vec<u8> = (0..16u8).flat_map(|i| [200, i * 10, 255 - i]).collect();
+                e.set_palette(pal);
+            }
+            e.write_header().unwrap().write_image_data(data).unwrap();
+            p
+        };
+        let grey = write(
+            "grey.png",
+            png::ColorType::Grayscale,
+            png::BitDepth::Eight,
+            &idx,
+        );
+        assert_eq!(load_mask(&grey).unwrap().into_raw(), idx);
+        let pal = write(
+            "pal.png",
+            png::ColorType::Indexed,
+            png::BitDepth::Eight,
+            &idx,
+        );
+        assert_eq!(load_mask(&pal).unwrap().into_raw(), idx);
+        // 4 bits: two pixels a byte, rows padded to whole bytes.
+        let small: Vec<u8> = (0..w * h).map(|i| (i % 7) as u8).collect();
+        let mut packed = Vec::new();
+        for row in small.chunks(w as usize) {
+            for pair in row.chunks(2) {
+                packed.push(pair[0] << 4 | pair.get(1).copied().unwrap_or(0));
+            }
+        }
+        let pal4 = write(
+            "pal4.png",
+            png::ColorType::Indexed,
+            png::BitDepth::Four,
+            &packed,
+        );
+        assert_eq!(load_mask(&pal4).unwrap().into_raw(), small);
+        // Grey saved as RGB: its one channel; real colour: refused, naming a pixel.
+        let rgb: Vec<u8> = idx.iter().flat_map(|&v| [v, v, v]).collect();
+        let rgb = write("rgb.png", png::ColorType::Rgb, png::BitDepth::Eight, &rgb);
+        assert_eq!(load_mask(&rgb).unwrap().into_raw(), idx);
+        let col: Vec<u8> = idx.iter().flat_map(|&v| [v, 128, 0]).collect();
+        let col = write("col.png", png::ColorType::Rgb, png::BitDepth::Eight, &col);
+        let e = load_mask(&col).unwrap_err().to_string();
+        assert!(
+            e.contains("col.png") && e.contains("class index") && e.contains("(0, 0)"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).ok();
     }
 }
