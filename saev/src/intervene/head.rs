@@ -60,6 +60,32 @@ pub struct HeadConfig {
     pub seed: u64,
 }
 
+impl HeadConfig {
+    /// Refuse settings that cannot train (a NaN or negative rate, no epochs, a hold-out of
+    /// everything), naming the field.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field: &str, value: String, valid: &str| {
+            Err(Error::out_of_range(format!("head: {field}"), value, valid))
+        };
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad("lr", self.lr.to_string(), "finite, > 0");
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return bad("weight_decay", self.weight_decay.to_string(), "finite, ≥ 0");
+        }
+        if self.epochs == 0 {
+            return bad("epochs", "0".into(), "at least 1");
+        }
+        if self.batch_size == 0 {
+            return bad("batch_size", "0".into(), "at least 1");
+        }
+        if !(0.0..1.0).contains(&self.holdout_frac) {
+            return bad("holdout_frac", self.holdout_frac.to_string(), "0 ≤ f < 1");
+        }
+        Ok(())
+    }
+}
+
 impl Default for HeadConfig {
     fn default() -> Self {
         Self {
@@ -265,6 +291,7 @@ impl Head {
         layer: i64,
         cfg: &HeadConfig,
     ) -> Result<(Self, f64)> {
+        cfg.validate()?;
         if cfg.kind == HeadKind::Segmenter {
             return Err(Error::mismatch(
                 "train_classifier",
@@ -289,6 +316,17 @@ impl Head {
         let y: Vec<Option<u32>> = (0..store.n_examples())
             .map(|e| prov.labels.get(e).copied().flatten())
             .collect();
+        let n_classes = prov.classes.len();
+        if let Some((e, l)) = y
+            .iter()
+            .enumerate()
+            .find_map(|(e, l)| l.filter(|&l| l as usize >= n_classes).map(|l| (e, l)))
+        {
+            return Err(Error::Store {
+                path: store.dir().join("provenance.json"),
+                msg: format!("example {e} has label {l}, but the store names {n_classes} classes"),
+            });
+        }
         let split = Split::new(store.n_examples(), cfg)?;
         fit(x, y, &split, 1, prov.classes.clone(), vit.name(), cfg)
             .computing(|| format!("fitting a {:?} probe", cfg.kind))
@@ -303,6 +341,7 @@ impl Head {
         classes: Vec<String>,
         cfg: &HeadConfig,
     ) -> Result<(Self, f64)> {
+        cfg.validate()?;
         let p = store.n_patches();
         let mut y = Vec::with_capacity(store.n_examples() * p);
         for e in 0..store.n_examples() {
@@ -348,11 +387,10 @@ impl Head {
             &[1, u64::from(HEAD_VERSION)],
         )?;
         let (d, c) = (meta.d_model, meta.classes.len());
-        Ok(Self {
-            w: t.get("W", &[d, c])?,
-            b: t.get("b", &[c])?,
-            meta,
-        })
+        let (w, b) = (t.get("W", &[d, c])?, t.get("b", &[c])?);
+        let st = dir.as_ref().join("head.safetensors");
+        crate::sae::model::check_finite(&st, [("W", &w), ("b", &b)])?;
+        Ok(Self { w, b, meta })
     }
 
     /// A head from given weights (`w [d, C]`, `b [C]`), e.g. a synthetic one.
@@ -624,6 +662,56 @@ pub fn miou(pred: &[u32], truth: &[u32], n_classes: usize) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Settings that cannot train are refused by field; a saved head with a NaN weight is
+    /// refused where it is opened.
+    #[test]
+    fn bad_settings_and_non_finite_heads_are_refused() {
+        for (cfg, field) in [
+            (HeadConfig::default().with_holdout_frac(1.0), "holdout_frac"),
+            (
+                HeadConfig {
+                    lr: f64::NAN,
+                    ..HeadConfig::default()
+                },
+                "lr",
+            ),
+            (
+                HeadConfig {
+                    weight_decay: -1.0,
+                    ..HeadConfig::default()
+                },
+                "weight_decay",
+            ),
+            (
+                HeadConfig {
+                    epochs: 0,
+                    ..HeadConfig::default()
+                },
+                "epochs",
+            ),
+        ] {
+            let e = cfg.validate().unwrap_err().to_string();
+            assert!(e.contains(field), "{e}");
+        }
+        assert!(HeadConfig::default().validate().is_ok());
+        let dev = candle_core::Device::Cpu;
+        let w = Tensor::from_vec(vec![1f32, f32::NAN, 0.0, 2.0], (2, 2), &dev).unwrap();
+        let b = Tensor::zeros(2, candle_core::DType::F32, &dev).unwrap();
+        let h = Head::from_weights(
+            HeadKind::ClassifierCls,
+            w,
+            b,
+            vec!["a".into(), "b".into()],
+            "x",
+        )
+        .unwrap();
+        let dir = std::env::temp_dir().join(format!("saev-head-nan-{}", std::process::id()));
+        h.save(&dir).unwrap();
+        let e = Head::load(&dir).unwrap_err().to_string();
+        assert!(e.contains("head.safetensors") && e.contains("`W`"), "{e}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
 
     #[test]
     fn miou_closed_form() {

@@ -105,7 +105,10 @@ pub struct Sae {
 }
 
 /// NaN or infinite SAE weights make every code NaN: refused where they enter, naming the tensor.
-fn check_finite<const N: usize>(path: &Path, tensors: [(&str, &Tensor); N]) -> Result<()> {
+pub(crate) fn check_finite<const N: usize>(
+    path: &Path,
+    tensors: [(&str, &Tensor); N],
+) -> Result<()> {
     for (name, x) in tensors {
         let bad = x
             .flatten_all()?
