@@ -232,6 +232,14 @@ impl Preprocess {
         } else {
             None
         };
+        if crop.is_none() && matches!(resize, Resize::ShortestEdge(_)) {
+            // Without a crop, a shortest-edge resize gives every aspect ratio its own size, and
+            // the patch grid must be fixed.
+            return Err(err(
+                "do_center_crop",
+                "false with a shortest_edge size: the model input would take each image's aspect ratio (the patch grid must be fixed); set a crop_size or an exact size".into(),
+            ));
+        }
         let filter = match v.get("resample").and_then(Value::as_u64) {
             Some(2) => Filter::Bilinear,
             Some(3) => Filter::Bicubic,
@@ -472,6 +480,26 @@ mod tests {
         let p = p.with_size(448);
         assert_eq!(p.resize, Resize::ShortestEdge(512));
         assert_eq!(p.crop, Some((448, 448)));
+    }
+
+    /// A shortest-edge resize without a crop has no fixed input size: refused at load, by
+    /// field (recording used to fail at the first non-square image with an unnamed error).
+    #[test]
+    fn shortest_edge_without_a_crop_is_refused() {
+        let v = serde_json::json!({
+            "image_processor_type": "BitImageProcessor",
+            "size": {"shortest_edge": 224},
+            "do_center_crop": false,
+            "image_mean": [0.5, 0.5, 0.5],
+            "image_std": [0.5, 0.5, 0.5]
+        });
+        let e = Preprocess::from_hf_json(&v, Path::new("preprocessor_config.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("preprocessor_config.json") && e.contains("do_center_crop"),
+            "{e}"
+        );
     }
 
     #[test]
