@@ -275,6 +275,27 @@ fn register_model_runs_heads_and_change_rates_from_a_store() -> TestResult {
     let (h, acc) =
         Head::train_classifier(&vit, &store, -2, &saev::intervene::HeadConfig::default())?;
     assert!((0.0..=1.0).contains(&acc));
+    // The same store said to be CLIP's: shapes agree, the family does not; refused by name.
+    let other = dir.join("acts-as-clip");
+    std::fs::create_dir_all(&other)?;
+    for e in std::fs::read_dir(store.dir())? {
+        let e = e?;
+        std::fs::copy(e.path(), other.join(e.file_name()))?;
+    }
+    let md = std::fs::read_to_string(other.join("metadata.json"))?;
+    std::fs::write(
+        other.join("metadata.json"),
+        md.replace("\"family\": \"dinov2\"", "\"family\": \"clip\""),
+    )?;
+    let e = Head::train_classifier(
+        &vit,
+        &ActivationStore::open(&other)?,
+        -2,
+        &saev::intervene::HeadConfig::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("clip") && e.contains("acts-as-clip"), "{e}");
     let eye = Tensor::eye(d, DType::F32, &Device::Cpu)?;
     let z = Tensor::zeros(d, DType::F32, &Device::Cpu)?;
     let sae = Sae::new(

@@ -472,6 +472,22 @@ fn final_inputs(
             actual: vec![store.tokens_per_example(), store.d_model()],
         });
     }
+    // Same shapes, another model family (a CLIP store resumed through a DINOv2): every number
+    // after the recorded block would be wrong without any error.
+    let family = vit.family().as_str();
+    let known = ["dinov2", "clip", "siglip", "dinov3"];
+    let recorded = store.metadata().family.as_str();
+    if known.contains(&recorded) && recorded != family {
+        return Err(Error::mismatch(
+            format!("store {}", store.dir().display()),
+            format!(
+                "a {recorded} backbone (the store's family; model {})",
+                store.metadata().ckpt
+            ),
+            format!("{} ({family})", vit.name()),
+            "pass the model the store was recorded with",
+        ));
+    }
     let (t, d) = (store.tokens_per_example(), store.d_model());
     let bar = crate::util::progress::bar(store.n_examples() as u64, "images");
     let mut out = Vec::new();
