@@ -486,6 +486,83 @@ fn hostile_files_are_errors_not_panics() -> TestResult {
     Ok(())
 }
 
+/// A NaN in a shard (example 4, token 2, layer -2 of the Python-written store) is named where
+/// it is, by training and by the feature pass, and no statistics are cached from it (it used
+/// to surface as a "diverged" loss blamed on the learning rate, cache null statistics that
+/// broke every later run, and vanish from the feature pass).
+#[test]
+fn a_nan_in_a_shard_is_named_where_it_is() -> TestResult {
+    let dir = scratch("nan-shard");
+    let store = store_copy(&dir);
+    // [3 examples, 2 layers, 5 tokens, 8 dims] per shard: example 4 is row 1 of shard 1.
+    let at = (((1 * 2) * 5 + 2) * 8 + 5) * 4;
+    let shard = store.join("acts000001.bin");
+    let mut b = std::fs::read(&shard)?;
+    b[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(&shard, b)?;
+    let sw = sweep(&dir, TOPK);
+    for _ in 0..2 {
+        let out = saev(
+            &dir,
+            &[
+                &"train",
+                &"--store",
+                &store,
+                &"--sweep",
+                &sw,
+                &"--out",
+                &dir.join("run"),
+            ],
+        );
+        let e = refused(
+            &out,
+            &["acts000001.bin", "example 4", "token 2", "non-finite"],
+        );
+        assert!(!e.contains("diverged"), "{e}");
+    }
+    // The feature pass of an SAE of this width (the paper-era fixture, d 8).
+    let out = saev(
+        &dir,
+        &[
+            &"features",
+            &"--sae",
+            &fixtures().join("sae-headers/paper.pt"),
+            &"--store",
+            &store,
+        ],
+    );
+    refused(&out, &["acts000001.bin", "example 4", "token 2"]);
+    Ok(())
+}
+
+/// A NaN in a training checkpoint is refused where it is read (it resumed into a NaN loss,
+/// reported as divergence).
+#[test]
+fn a_nan_in_a_training_checkpoint_is_named() -> TestResult {
+    let dir = scratch("nan-ckpt");
+    let store = store_copy(&dir);
+    let sw = sweep(&dir, TOPK);
+    let run = dir.join("run");
+    let args: [&dyn AsRef<std::ffi::OsStr>; 7] = [
+        &"train", &"--store", &store, &"--sweep", &sw, &"--out", &run,
+    ];
+    let out = saev(&dir, &args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st = run.join("checkpoint/state.safetensors");
+    let mut b = std::fs::read(&st)?;
+    let n = u64::from_le_bytes(b[..8].try_into()?) as usize;
+    let at = 8 + n + 4 * 5;
+    b[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(&st, b)?;
+    let e = refused(&saev(&dir, &args), &["state.safetensors", "non-finite"]);
+    assert!(!e.contains("diverged"), "{e}");
+    Ok(())
+}
+
 /// Six images recorded as two parts (`--part i/2`, three shards of two examples).
 fn record_two_parts(dir: &Path) -> Vec<PathBuf> {
     let data = fixtures().join("backbone");

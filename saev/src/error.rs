@@ -189,7 +189,7 @@ pub enum Error {
     },
 
     /// Training produced a non-finite loss or weights: that step is not saved.
-    #[error("training diverged: setting {setting} ({detail}) at step {step} (lr {lr:e}): {what}; the last good checkpoint in {checkpoint} is kept — lower the learning rate or λ, or clip gradients (max_grad_norm)")]
+    #[error("training diverged: setting {setting} ({detail}) at step {step} (lr {lr:e}): {what}; {} — lower the learning rate or λ, or clip gradients (max_grad_norm)", kept(checkpoint))]
     Diverged {
         /// Index of the setting in the sweep.
         setting: usize,
@@ -412,5 +412,20 @@ impl<T> Computing<T> for Result<T> {
             },
             e => e,
         })
+    }
+}
+
+/// What a diverged run keeps: its last checkpoint, or nothing yet.
+fn kept(checkpoint: &std::path::Path) -> String {
+    if checkpoint.exists() {
+        format!(
+            "the last good checkpoint in {} is kept",
+            checkpoint.display()
+        )
+    } else {
+        format!(
+            "no checkpoint had been written yet ({} does not exist)",
+            checkpoint.display()
+        )
     }
 }

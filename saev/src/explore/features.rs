@@ -308,6 +308,30 @@ fn check_width(sae: &Sae, store: &ActivationStore) -> Result<()> {
     Ok(())
 }
 
+/// Top images kept per latent: at least 1, at most the store's examples (a larger `top_k`
+/// would only allocate empty slots, `d_sae · top_k` of them).
+fn top_k(cfg: &FeatureConfig, store: &ActivationStore) -> usize {
+    cfg.top_k.clamp(1, store.n_examples().max(1))
+}
+
+/// A NaN or ±∞ in the patches of examples `e0..` (`x`: `[n, p, d]`) is named where it is: it
+/// would otherwise vanish into the statistics (a NaN code never fires).
+fn finite_or_named(
+    x: &[f32],
+    e0: usize,
+    d: usize,
+    layer: i64,
+    store: &ActivationStore,
+) -> Result<()> {
+    match x.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(i) => {
+            let g = (e0 * store.n_patches() + i / d.max(1)) as u64;
+            Err(store.non_finite(g, i % d.max(1), layer, Tokens::Patches))
+        }
+    }
+}
+
 impl Features {
     /// [`Features::compute`] with the encoding and the per-latent reductions on `device` (a
     /// GPU): the CPU uses its own kernels. Each batch's codes stay on the device; only per-latent
@@ -339,7 +363,7 @@ impl Features {
         check_width(sae, store)?;
         let sae_d = sae.to_device(device)?;
         let (d, s, p) = (sae.d_model(), sae.d_sae(), store.n_patches());
-        let (k, nb) = (cfg.top_k.max(1), cfg.n_bins.max(1));
+        let (k, nb) = (top_k(cfg, store), cfg.n_bins.max(1));
         let bin_w = f64::from(cfg.hist_hi - cfg.hist_lo) / nb as f64;
         // Bin b ≥ 1 starts at 10^(lo + b·w): a value's bin = how many starts it reaches.
         let starts: Vec<f64> = (1..nb)
@@ -351,6 +375,7 @@ impl Features {
         let per_latent = |t: Tensor| -> Result<Vec<f32>> { Ok(t.to_vec1::<f32>()?) };
         for (e0, x) in store.ordered(layer, Tokens::Patches, per)? {
             let n_ex = x.len() / d / p;
+            finite_or_named(&x, e0, d, layer, store)?;
             let pass = || -> Result<()> {
                 let xt = Tensor::from_vec(x, (n_ex * p, d), device)?;
                 let codes = sae_d.encode(&xt)?;
@@ -405,7 +430,7 @@ impl Features {
         check_width(sae, store)?;
         let enc = Encoder::new(sae)?;
         let (s, p) = (enc.s, store.n_patches());
-        let (k, nb) = (cfg.top_k.max(1), cfg.n_bins.max(1));
+        let (k, nb) = (top_k(cfg, store), cfg.n_bins.max(1));
         let bin_w = (cfg.hist_hi - cfg.hist_lo) / nb as f32;
         let mut blocks: Vec<Block> = (0..s.div_ceil(BLOCK))
             .map(|b| Block::new(b * BLOCK, BLOCK.min(s - b * BLOCK), nb, k))
@@ -415,6 +440,7 @@ impl Features {
         let mut codes = Vec::new();
         for (e0, mut x) in store.ordered(layer, Tokens::Patches, per)? {
             let n_ex = x.len() / enc.d / p;
+            finite_or_named(&x, e0, enc.d, layer, store)?;
             enc.encode(&mut x, &mut codes);
             let codes_r = &codes;
             blocks.par_iter_mut().for_each(|bl| {
@@ -455,7 +481,7 @@ impl Features {
         store: &ActivationStore,
         cfg: &FeatureConfig,
     ) -> Self {
-        let (k, nb) = (cfg.top_k.max(1), cfg.n_bins.max(1));
+        let (k, nb) = (top_k(cfg, store), cfg.n_bins.max(1));
         let p = store.n_patches();
         let n_vec = (store.n_examples() * p) as u64;
         let mut freq = vec![0f64; s];

@@ -109,7 +109,9 @@ pub(super) fn load_checkpoint(out: &Path, states: &mut [TrainState]) -> Result<O
         if len != n {
             return Err(Error::Checkpoint {
                 path: j,
-                msg: format!("`{field}` has {len} entries for {n} settings"),
+                msg: format!(
+                    "`{field}` has {len} entries for {n} settings: a checkpoint of a run with another sweep (--fresh starts over, or choose another --out)"
+                ),
             });
         }
     }
@@ -139,8 +141,20 @@ pub(super) fn load_checkpoint(out: &Path, states: &mut [TrainState]) -> Result<O
             });
         }
     }
-    let t = Tensors::open(dir.join("state.safetensors"))?;
-    let get = |key: String, len: usize| t.vec_f32(&key, len);
+    let st_path = dir.join("state.safetensors");
+    let t = Tensors::open(st_path.clone())?;
+    // Weights and moments must be finite: a damaged file would otherwise resume into a NaN
+    // loss, reported as divergence.
+    let get = |key: String, len: usize| -> Result<Vec<f32>> {
+        let v = t.vec_f32(&key, len)?;
+        match v.iter().position(|x| !x.is_finite()) {
+            None => Ok(v),
+            Some(i) => Err(Error::Checkpoint {
+                path: st_path.clone(),
+                msg: format!("tensor `{key}` holds a non-finite value at flat index {i}"),
+            }),
+        }
+    };
     if st.adam_t.len() != states.len() {
         return Err(Error::Checkpoint {
             path: j,

@@ -574,6 +574,28 @@ impl ActivationStore {
         }))
     }
 
+    /// The error for a non-finite value at dimension `dim` of the vector with global index `g`
+    /// (`example · n_tokens + position` over `tokens`) at `layer`: names the shard file,
+    /// example, token (as stored: 0 is CLS when present) and dimension.
+    pub(crate) fn non_finite(&self, g: u64, dim: usize, layer: i64, tokens: Tokens) -> Error {
+        let (n_tok, first) = match tokens {
+            Tokens::Patches => (self.n_patches() as u64, u64::from(self.has_cls())),
+            Tokens::All => (self.tokens_per_example() as u64, 0),
+            Tokens::Cls => (1, 0),
+        };
+        let (e, t) = ((g / n_tok.max(1)) as usize, g % n_tok.max(1) + first);
+        let eps = self.metadata().examples_per_shard().max(1);
+        let shard = self
+            .dir()
+            .join(super::format::Metadata::shard_name(e / eps));
+        Error::Store {
+            path: shard,
+            msg: format!(
+                "a non-finite value (NaN or ±∞) in example {e}, token {t}, dimension {dim}, layer {layer}: the store is damaged or the model overflowed"
+            ),
+        }
+    }
+
     /// Normalisation statistics for `layer`/`tokens`: computed from a seeded sample of up to
     /// 2^19 vectors, cached in saev's cache directory under the store's
     /// [fingerprint](ActivationStore::fingerprint) and its files' sizes and modification times
@@ -685,6 +707,21 @@ impl NormStats {
             for (s, &x) in sum.iter_mut().zip(view.vector(v)) {
                 *s += f64::from(x);
             }
+        }
+        if sum.iter().any(|s| !s.is_finite()) {
+            // NaN or ±∞ in the recorded activations (a damaged shard, or a model that
+            // overflowed): named where it is, never turned into statistics or cached.
+            let bad = idx.iter().find_map(|&v| {
+                let dim = view.vector(v).iter().position(|x| !x.is_finite())?;
+                Some((v, dim))
+            });
+            return Err(match bad {
+                Some((v, dim)) => store.non_finite(view.global(v), dim, layer, tokens),
+                None => Error::Store {
+                    path: store.dir().to_path_buf(),
+                    msg: format!("layer {layer}: activations too large to average in f64"),
+                },
+            });
         }
         let mean: Vec<f64> = sum.iter().map(|s| s / k as f64).collect();
         let mut norm_sum = 0f64;
