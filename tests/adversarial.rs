@@ -486,7 +486,7 @@ fn hostile_files_are_errors_not_panics() -> TestResult {
     Ok(())
 }
 
-/// A NaN in a shard (example 4, token 2, layer -2 of the Python-written store) is named where
+/// A NaN in a shard (example 4, patch 1 = token 2 with CLS, layer -2 of the Python-written store) is named where
 /// it is, by training and by the feature pass, and no statistics are cached from it (it used
 /// to surface as a "diverged" loss blamed on the learning rate, cache null statistics that
 /// broke every later run, and vanish from the feature pass).
@@ -516,7 +516,7 @@ fn a_nan_in_a_shard_is_named_where_it_is() -> TestResult {
         );
         let e = refused(
             &out,
-            &["acts000001.bin", "example 4", "token 2", "non-finite"],
+            &["acts000001.bin", "example 4", "token 1", "non-finite"],
         );
         assert!(!e.contains("diverged"), "{e}");
     }
@@ -531,7 +531,10 @@ fn a_nan_in_a_shard_is_named_where_it_is() -> TestResult {
             &store,
         ],
     );
-    refused(&out, &["acts000001.bin", "example 4", "token 2"]);
+    refused(
+        &out,
+        &["acts000001.bin", "example 4", "token 1", "non-finite"],
+    );
     Ok(())
 }
 

@@ -171,11 +171,18 @@ pub enum Error {
         source: candle_core::Error,
     },
 
-    /// A NaN or infinity in the data being trained on.
-    #[error("{store}: non-finite activation at training step {step}: example {example}, token {token}, dimension {dim} (value {value})")]
+    /// A NaN or infinity in a store's activations (training, its normalisation statistics, the
+    /// feature pass).
+    #[error("{}: non-finite activation (value {value}) read by {during}: example {example}, token {token}, dimension {dim} (layer {layer}) — the store is damaged, or the model overflowed while recording", file.display())]
     NonFinite {
         /// The store read.
         store: PathBuf,
+        /// The shard file holding the value.
+        file: PathBuf,
+        /// What was reading: `training step N`, `the normalisation statistics`, `the feature pass`.
+        during: String,
+        /// The recorded layer.
+        layer: i64,
         /// Training step (0-based).
         step: usize,
         /// Example index in the store.

@@ -327,7 +327,14 @@ fn finite_or_named(
         None => Ok(()),
         Some(i) => {
             let g = (e0 * store.n_patches() + i / d.max(1)) as u64;
-            Err(store.non_finite(g, i % d.max(1), layer, Tokens::Patches))
+            Err(store.non_finite(
+                g,
+                i % d.max(1),
+                x[i],
+                layer,
+                Tokens::Patches,
+                (0, "the feature pass".into()),
+            ))
         }
     }
 }

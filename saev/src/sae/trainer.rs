@@ -370,24 +370,18 @@ fn normalized(
     batch: crate::store::Batch,
 ) -> Result<Vec<f32>> {
     let d = store.d_model();
-    let n_tok = match cfg.tokens {
-        Tokens::Patches => store.n_patches(),
-        Tokens::Cls => 1,
-        Tokens::All => store.tokens_per_example(),
-    } as u64;
     let mut x = batch.acts_nd;
     for (r, row) in x.chunks_exact_mut(d).enumerate() {
         for (t, (v, m)) in row.iter_mut().zip(mean).enumerate() {
             if !v.is_finite() {
-                let ix = batch.index[r];
-                return Err(Error::NonFinite {
-                    store: store.dir().to_path_buf(),
-                    step,
-                    example: ix / n_tok,
-                    token: ix % n_tok,
-                    dim: t,
-                    value: *v,
-                });
+                return Err(store.non_finite(
+                    batch.index[r],
+                    t,
+                    *v,
+                    cfg.layer,
+                    cfg.tokens,
+                    (step, format!("training step {step}")),
+                ));
             }
             *v = (*v - m) / scalar;
         }

@@ -574,25 +574,40 @@ impl ActivationStore {
         }))
     }
 
-    /// The error for a non-finite value at dimension `dim` of the vector with global index `g`
-    /// (`example · n_tokens + position` over `tokens`) at `layer`: names the shard file,
-    /// example, token (as stored: 0 is CLS when present) and dimension.
-    pub(crate) fn non_finite(&self, g: u64, dim: usize, layer: i64, tokens: Tokens) -> Error {
-        let (n_tok, first) = match tokens {
-            Tokens::Patches => (self.n_patches() as u64, u64::from(self.has_cls())),
-            Tokens::All => (self.tokens_per_example() as u64, 0),
-            Tokens::Cls => (1, 0),
-        };
-        let (e, t) = ((g / n_tok.max(1)) as usize, g % n_tok.max(1) + first);
-        let eps = self.metadata().examples_per_shard().max(1);
-        let shard = self
-            .dir()
-            .join(super::format::Metadata::shard_name(e / eps));
-        Error::Store {
-            path: shard,
-            msg: format!(
-                "a non-finite value (NaN or ±∞) in example {e}, token {t}, dimension {dim}, layer {layer}: the store is damaged or the model overflowed"
-            ),
+    /// The error for a non-finite `value` at dimension `dim` of the vector with global index
+    /// `g` (`example · n + position`, `n` the tokens of the view) at `layer`, read by `during`
+    /// (at training step `step`, 0 outside training):
+    /// names the shard file, the example, the token (its position in the view: the patch index
+    /// for patches) and the dimension.
+    pub(crate) fn non_finite(
+        &self,
+        g: u64,
+        dim: usize,
+        value: f32,
+        layer: i64,
+        tokens: Tokens,
+        (step, during): (usize, String),
+    ) -> Error {
+        let n_tok = match tokens {
+            Tokens::Patches => self.n_patches(),
+            Tokens::All => self.tokens_per_example(),
+            Tokens::Cls => 1,
+        }
+        .max(1) as u64;
+        let (example, token) = (g / n_tok, g % n_tok);
+        let eps = self.metadata().examples_per_shard().max(1) as u64;
+        Error::NonFinite {
+            store: self.dir().to_path_buf(),
+            file: self.dir().join(super::format::Metadata::shard_name(
+                (example / eps) as usize,
+            )),
+            during,
+            layer,
+            step,
+            example,
+            token,
+            dim,
+            value,
         }
     }
 
@@ -712,11 +727,19 @@ impl NormStats {
             // NaN or ±∞ in the recorded activations (a damaged shard, or a model that
             // overflowed): named where it is, never turned into statistics or cached.
             let bad = idx.iter().find_map(|&v| {
-                let dim = view.vector(v).iter().position(|x| !x.is_finite())?;
-                Some((v, dim))
+                let x = view.vector(v);
+                let dim = x.iter().position(|x| !x.is_finite())?;
+                Some((v, dim, x[dim]))
             });
             return Err(match bad {
-                Some((v, dim)) => store.non_finite(view.global(v), dim, layer, tokens),
+                Some((v, dim, value)) => store.non_finite(
+                    view.global(v),
+                    dim,
+                    value,
+                    layer,
+                    tokens,
+                    (0, "the normalisation statistics".into()),
+                ),
                 None => Error::Store {
                     path: store.dir().to_path_buf(),
                     msg: format!("layer {layer}: activations too large to average in f64"),
