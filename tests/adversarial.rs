@@ -131,6 +131,45 @@ fn edited_store_metadata_is_refused_by_shard_size() -> TestResult {
     Ok(())
 }
 
+/// A store of one partly filled shard (capacity 21 examples, 7 written; the file full size):
+/// with d_model, cls_token or the token count edited, the file is still at least as long as
+/// the rows metadata.json now describes, and was read as them. Refused by size now.
+#[test]
+fn an_edited_one_shard_store_is_refused_by_shard_size() -> TestResult {
+    for (field, value) in [
+        ("d_model", serde_json::json!(16)),
+        ("cls_token", serde_json::json!(false)),
+        ("content_tokens_per_example", serde_json::json!(3)),
+    ] {
+        let dir = scratch(&format!("one-{field}"));
+        let store = store_copy(&dir);
+        let mut rows = Vec::new();
+        for i in 0..3 {
+            let f = store.join(format!("acts{i:06}.bin"));
+            let b = std::fs::read(&f)?;
+            rows.extend_from_slice(&b[..[3, 3, 1][i] * 320]);
+            std::fs::remove_file(f)?;
+        }
+        rows.resize(21 * 320, 0);
+        std::fs::write(store.join("acts000000.bin"), &rows)?;
+        std::fs::write(
+            store.join("shards.json"),
+            r#"[{"name": "acts000000.bin", "n_examples": 7}]"#,
+        )?;
+        edit_json(&store.join("metadata.json"), |v| {
+            v["max_tokens_per_shard"] = serde_json::json!(210)
+        });
+        assert_eq!(saev::ActivationStore::open(&store)?.n_examples(), 7);
+        edit_json(&store.join("metadata.json"), |v| v[field] = value.clone());
+        let e = saev::ActivationStore::open(&store).unwrap_err().to_string();
+        assert!(
+            e.contains("acts000000.bin") && e.contains("bytes"),
+            "{field}: {e}"
+        );
+    }
+    Ok(())
+}
+
 #[test]
 fn absurd_numbers_and_special_files_are_refused_before_allocating() -> TestResult {
     let dir = scratch("absurd");

@@ -149,8 +149,9 @@ impl ActivationStore {
             let m = map(&path)?;
             let need = s.n_examples * row_bytes;
             // Every shard is written full size (protocol 2.1, and the paper era's memmaps); only
-            // the last may be shorter, down to its valid rows. Any other size means the file is
-            // not what metadata.json describes (an edited d_model, cls_token or token count).
+            // the last may be shorter, holding exactly its valid rows. Any other size means the
+            // file is not what metadata.json describes (an edited d_model, cls_token or token
+            // count).
             let full = md.shard_bytes() as usize;
             let last = i + 1 == shards.len();
             if m.len() > full || (!last && m.len() != full) {
@@ -170,6 +171,22 @@ impl ActivationStore {
                     &path,
                     format!(
                         "{} bytes, but {} examples of [{} layers, {} tokens, {} dims] float32 need {need} (truncated?)",
+                        m.len(),
+                        s.n_examples,
+                        md.layers.len(),
+                        md.tokens_per_example(),
+                        md.d_model
+                    ),
+                ));
+            }
+            // A last shard shorter than full holds exactly its valid rows (trimmed by a tool):
+            // any size in between is a file of another geometry (a store of one shard, its
+            // metadata edited, would otherwise read past its rows' real layout).
+            if last && m.len() != full && m.len() != need {
+                return Err(store_err(
+                    &path,
+                    format!(
+                        "{} bytes: neither a full shard ({full}) nor its {} examples of [{} layers, {} tokens, {} dims] float32 ({need}); metadata.json does not describe this file",
                         m.len(),
                         s.n_examples,
                         md.layers.len(),
