@@ -605,6 +605,63 @@ fn a_nan_in_a_training_checkpoint_is_named() -> TestResult {
     Ok(())
 }
 
+/// Ctrl-C (SIGINT) during training writes a checkpoint and stops with status 130; the same
+/// command resumes from it (a killed run used to lose every step since the last `ckpt_every`).
+#[test]
+fn an_interrupted_training_run_checkpoints_and_resumes() -> TestResult {
+    let dir = scratch("sigint");
+    let store = store_copy(&dir);
+    // Long enough to be interrupted (≈10⁶ steps), no step-count checkpoints.
+    let sw = sweep(
+        &dir,
+        r#"{"activation": {"kind": "top_k", "k": 2}, "expansion": 2, "batch_size": 8,
+        "n_patches": 10000000, "sweep": [{"lr": 1e-3}], "n_lr_warmup": 0, "ckpt_every": 0}"#,
+    );
+    let run = dir.join("run");
+    let step_of = || -> u64 {
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(run.join("checkpoint/state.json")).unwrap())
+                .unwrap();
+        v["step"].as_u64().unwrap()
+    };
+    let mut steps = Vec::new();
+    for _ in 0..2 {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_saev"))
+            .env("SAEV_CACHE", dir.join("cache"))
+            .args([
+                "train".as_ref(),
+                "--store".as_ref(),
+                store.as_os_str(),
+                "--sweep".as_ref(),
+                sw.as_os_str(),
+                "--out".as_ref(),
+                run.as_os_str(),
+            ] as [&std::ffi::OsStr; 7])
+            .stderr(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()?;
+        std::thread::sleep(Duration::from_millis(2500));
+        assert!(child.try_wait()?.is_none(), "finished before the signal");
+        let ok = Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status()?;
+        assert!(ok.success());
+        let out = child.wait_with_output()?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(130), "{err}");
+        assert!(
+            err.contains("interrupted") && err.contains("checkpoint"),
+            "{err}"
+        );
+        steps.push(step_of());
+    }
+    assert!(
+        steps[0] > 0 && steps[1] > steps[0],
+        "resumed and went on: {steps:?}"
+    );
+    Ok(())
+}
+
 /// Six images recorded as two parts (`--part i/2`, three shards of two examples).
 fn record_two_parts(dir: &Path) -> Vec<PathBuf> {
     let data = fixtures().join("backbone");

@@ -195,6 +195,18 @@ pub enum Error {
         value: f32,
     },
 
+    /// A stop was requested (Ctrl-C, SIGTERM, [`crate::request_stop`]): the run wrote a
+    /// checkpoint first.
+    #[error("interrupted after {seen} of {total} patches: checkpoint written to {}; run the same command again to resume", checkpoint.display())]
+    Interrupted {
+        /// Patches trained on so far.
+        seen: u64,
+        /// Patches the run trains on.
+        total: u64,
+        /// The checkpoint directory written.
+        checkpoint: std::path::PathBuf,
+    },
+
     /// Training produced a non-finite loss or weights: that step is not saved.
     #[error("training diverged: setting {setting} ({detail}) at step {step} (lr {lr:e}): {what}; {} — lower the learning rate or λ, or clip gradients (max_grad_norm)", kept(checkpoint))]
     Diverged {

@@ -52,6 +52,7 @@ pub use quickstart::{quickstart, QuickstartConfig};
 pub use sae::{train_saes, Sae, TrainConfig};
 pub use store::ActivationStore;
 pub use util::image_io::load_image;
+pub use util::interrupt::{install_stop_handlers, request_stop};
 
 /// Files from outside: images (with decoder limits), torch checkpoints (read without running
 /// pickle code), and saev's cache directory.

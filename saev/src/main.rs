@@ -693,6 +693,8 @@ fn train(
         device,
     }: TrainArgs,
 ) -> saev::Result<()> {
+    // Ctrl-C / SIGTERM: checkpoint, then stop (a second one exits at once).
+    saev::install_stop_handlers()?;
     let store = saev::ActivationStore::open(&store)?;
     let device = device.open()?;
     // Opened before training, so a bad head or model fails in seconds, not after the run.
@@ -887,6 +889,7 @@ fn quickstart(
         fresh,
     }: QuickstartArgs,
 ) -> saev::Result<()> {
+    saev::install_stop_handlers()?;
     let t0 = std::time::Instant::now();
     let mut cfg = saev::QuickstartConfig::new(out)
         .with_n_images(n_images)
@@ -1138,6 +1141,10 @@ fn main() -> ExitCode {
     saev::tune_allocator();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e @ saev::Error::Interrupted { .. }) => {
+            eprintln!("{e}");
+            ExitCode::from(130)
+        }
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE

@@ -40,7 +40,7 @@ use super::train_checkpoint::{
 pub use super::train_config::{Init, LrSchedule, Setting, TrainConfig};
 use super::train_history::{save_history, Row};
 use crate::error::{CandleContext, Error, IoContext, Result};
-use crate::store::{ActivationStore, Examples, LoaderConfig, Tokens};
+use crate::store::{ActivationStore, Examples, LoaderConfig};
 use crate::util::files::write_json;
 use crate::util::rng::splitmix64;
 
@@ -95,7 +95,12 @@ impl Compute {
     }
 }
 
+/// Wall-clock seconds between checkpoints at most (besides `ckpt_every` steps).
+const CKPT_EVERY_S: u64 = 600;
+
 /// Train the sweep on `store` into `out` (resuming a checkpoint there if one exists), on the CPU.
+/// A stop request ([`crate::request_stop`], or Ctrl-C / SIGTERM once
+/// [`crate::install_stop_handlers`] ran) checkpoints and returns [`Error::Interrupted`].
 pub fn train_saes(
     store: &ActivationStore,
     cfg: &TrainConfig,
@@ -160,6 +165,9 @@ pub fn train_saes_with(
     let mut scratch = Scratch::default();
     let mut steps_this_call = 0usize;
     let mut finished = ck.seen >= cfg.n_patches;
+    // Besides every `ckpt_every` steps, a checkpoint at least every CKPT_EVERY_S seconds of
+    // wall time (a run killed outright loses at most that), and one when a stop is requested.
+    let mut last_ckpt = std::time::Instant::now();
     'outer: while !finished {
         let loader = store.shuffled_from(&loader_cfg, ck.epoch, ck.batch_in_epoch)?;
         let fresh_epoch = ck.batch_in_epoch == 0;
@@ -187,11 +195,25 @@ pub fn train_saes_with(
             ck.batch_in_epoch += 1;
             steps_this_call += 1;
             bar.set_position(ck.seen.min(cfg.n_patches));
-            if cfg.ckpt_every > 0 && ck.step % cfg.ckpt_every == 0 && ck.seen < cfg.n_patches {
+            let stop = crate::util::interrupt::stop_requested();
+            let due = (cfg.ckpt_every > 0 && ck.step % cfg.ckpt_every == 0)
+                || last_ckpt.elapsed().as_secs() >= CKPT_EVERY_S
+                || stop;
+            if due && ck.seen < cfg.n_patches {
                 write_back(&devs, &mut states)?;
                 snapshot(&mut ck, &states);
                 save_checkpoint(out, &states, &ck)?;
                 save_history(out, &ck.history)?;
+                last_ckpt = std::time::Instant::now();
+            }
+            if stop && ck.seen < cfg.n_patches {
+                crate::util::interrupt::clear_stop();
+                bar.finish_and_clear();
+                return Err(Error::Interrupted {
+                    seen: ck.seen,
+                    total: cfg.n_patches,
+                    checkpoint: out.join("checkpoint"),
+                });
             }
         }
         if fresh_epoch && n_batches == 0 && ck.seen < cfg.n_patches {

@@ -8,6 +8,7 @@ pub(crate) mod device;
 pub(crate) mod display;
 pub(crate) mod files;
 pub(crate) mod image_io;
+pub(crate) mod interrupt;
 pub(crate) mod paths;
 pub(crate) mod progress;
 pub(crate) mod rng;
