@@ -256,6 +256,14 @@ fn out_of_range_arguments_name_the_valid_range() -> TestResult {
         ],
     );
     refused(&out, &["--mult", "NaN"]);
+    // A model input whose attention scores would not fit in memory (it aborted allocating).
+    let model = fixtures().join("backbone/tiny-dinov2");
+    let img = fixtures().join("backbone/chelsea.png");
+    let out = saev(
+        &dir,
+        &[&"record", &"--model", &model, &"--size", &"5600", &img],
+    );
+    refused(&out, &["--size", "5600", "at most"]);
     for (json, field) in [
         (
             r#"{"activation": {"kind": "top_k", "k": 0}, "sweep": [{"lr": 1e-3}]}"#,
@@ -268,6 +276,14 @@ fn out_of_range_arguments_name_the_valid_range() -> TestResult {
             "sweep[0].k",
         ),
         (r#"{"sweep": []}"#, "sweep"),
+        (
+            r#"{"lr_min_frac": 2.0, "sweep": [{"lr": 1e-3}]}"#,
+            "lr_min_frac",
+        ),
+        (
+            r#"{"activation": {"kind": "top_k", "k": 1000000}, "sweep": [{"lr": 1e-3}]}"#,
+            "activation.k",
+        ),
     ] {
         let sw = sweep(&dir, json);
         let run = dir.join(format!("run-{}", field.replace(['[', ']', '.'], "_")));

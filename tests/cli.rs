@@ -118,6 +118,10 @@ fn device_flag_and_env_are_clear() -> TestResult {
         let stderr = String::from_utf8_lossy(&gpu.stderr);
         assert!(!gpu.status.success(), "{stderr}");
         assert!(stderr.contains("built without GPU support"), "{stderr}");
+        // Plain `cuda` says the same (it used to call itself out of range).
+        let gpu = run(Some("cuda"), None)?;
+        let stderr = String::from_utf8_lossy(&gpu.stderr);
+        assert!(stderr.contains("built without GPU support"), "{stderr}");
         let auto = run(Some("auto"), None)?;
         let stderr = String::from_utf8_lossy(&auto.stderr);
         assert!(

@@ -536,12 +536,28 @@ fn open_backbone(
     };
     Ok(match size {
         Some(s) => {
+            // Attention holds a T × T score matrix per head task: past a 128 × 128 patch grid
+            // (1 GiB of scores each) the run would exhaust memory instead of failing here.
+            let p = vit.patch_size().max(1);
+            if (s / p) * (s / p) > MAX_GRID_PATCHES {
+                let max = (MAX_GRID_PATCHES as f64).sqrt() as usize * p;
+                return Err(saev::Error::OutOfRange {
+                    what: "--size".into(),
+                    value: s.to_string(),
+                    valid: format!(
+                        "at most {max} for patches of {p} px (a grid of at most 128 × 128)"
+                    ),
+                });
+            }
             let pre = vit.preprocess().clone().with_size(s);
             vit.with_preprocess(pre)
         }
         None => vit,
     })
 }
+
+/// The largest patch grid `--size` may ask for (128 × 128).
+const MAX_GRID_PATCHES: usize = 128 * 128;
 
 fn run(cli: Cli) -> saev::Result<()> {
     match cli.cmd {

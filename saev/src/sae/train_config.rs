@@ -467,6 +467,10 @@ impl TrainConfig {
                 return bad(field, v.to_string(), "≥ 0, finite");
             }
         }
+        // The cosine schedule decays to this fraction of the peak: above 1 it would rise.
+        if self.lr_min_frac > 1.0 {
+            return bad("lr_min_frac", self.lr_min_frac.to_string(), "0 ≤ f ≤ 1");
+        }
         if let Some(p) = self.init_density {
             if !(p > 0.0 && p < 1.0) {
                 return bad("init_density", p.to_string(), "0 < p < 1");
@@ -509,6 +513,15 @@ impl TrainConfig {
             (TrainActivation::BatchTopK { .. }, Some(k)) => TrainActivation::BatchTopK { k },
             (a, None) => a,
         };
+        if let TrainActivation::TopK { k } | TrainActivation::BatchTopK { k } = activation {
+            if k > d_sae {
+                return Err(Error::out_of_range(
+                    "train: activation.k",
+                    k,
+                    format!("1..={d_sae} (d_sae = d_model {d_model} × expansion)"),
+                ));
+            }
+        }
         let groups = if self.matryoshka.is_empty() {
             Vec::new()
         } else {

@@ -27,7 +27,8 @@ pub fn parse_device(spec: &str) -> Result<Device> {
     match spec.as_str() {
         "cpu" => Ok(Device::Cpu),
         "auto" => Ok(auto()),
-        "cuda" | "gpu" if cfg!(feature = "cuda") => cuda(0),
+        // Without the `cuda` feature, cuda(0) says so (and how to build with it).
+        "cuda" | "gpu" => cuda(0),
         _ => match spec.strip_prefix("cuda:").map(str::parse::<usize>) {
             Some(Ok(i)) => cuda(i),
             _ => Err(Error::out_of_range(
