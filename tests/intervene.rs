@@ -296,6 +296,28 @@ fn register_model_runs_heads_and_change_rates_from_a_store() -> TestResult {
     .unwrap_err()
     .to_string();
     assert!(e.contains("clip") && e.contains("acts-as-clip"), "{e}");
+    // The same store with its classes named in the other order: the head's class 0 would be
+    // scored as the store's class 0, silently. Refused before any run.
+    let swapped = dir.join("acts-swapped");
+    std::fs::create_dir_all(&swapped)?;
+    for e in std::fs::read_dir(store.dir())? {
+        let e = e?;
+        std::fs::copy(e.path(), swapped.join(e.file_name()))?;
+    }
+    let mut prov: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(swapped.join("provenance.json"))?)?;
+    assert_eq!(prov["classes"], serde_json::json!(["astronaut", "cat"]));
+    prov["classes"] = serde_json::json!(["cat", "astronaut"]);
+    std::fs::write(swapped.join("provenance.json"), prov.to_string())?;
+    let e = h
+        .check_store(&ActivationStore::open(&swapped)?)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("acts-swapped") && e.contains("astronaut, cat"),
+        "{e}"
+    );
+    h.check_store(&store)?;
     let eye = Tensor::eye(d, DType::F32, &Device::Cpu)?;
     let z = Tensor::zeros(d, DType::F32, &Device::Cpu)?;
     let sae = Sae::new(

@@ -717,6 +717,7 @@ fn train(
     let judge = match head {
         Some(dir) => {
             let head = saev::Head::load(&dir)?;
+            head.check_store(&store)?;
             let vit = store_backbone(model, &store, &device)?;
             let examples = head.held_out().map_err(|e| saev::Error::Missing {
                 what: format!("--head {}", dir.display()),
@@ -1003,6 +1004,7 @@ fn causal(
     let vit = store_backbone(model, &store, &device.open()?)?;
     let ex = saev::Explorer::open(sae_dir(&sae, &store)?, &store)?;
     let head = saev::Head::load(&head)?;
+    head.check_store(&store)?;
     let layer = ex.features().layer();
     let default_group = match protocol {
         Some(_) => saev::intervene::GroupBy::Predictions,

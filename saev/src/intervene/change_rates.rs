@@ -31,6 +31,7 @@ impl Intervention {
         mult: f32,
         seed: u64,
     ) -> Result<ChangeRates> {
+        self.head.check_store(store)?;
         self.change_rates_unnamed(store, examples.into(), latent, target_class, mult, seed)
             .computing(|| {
                 format!(

@@ -109,6 +109,7 @@ impl Intervention {
         store: &ActivationStore,
         examples: impl Into<Examples>,
     ) -> Result<Fidelity> {
+        self.head.check_store(store)?;
         self.fidelity_unnamed(store, examples.into())
             .computing(|| format!("the SAE's downstream fidelity on {}", store.dir().display()))
     }

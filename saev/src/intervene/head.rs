@@ -355,6 +355,25 @@ impl Head {
             y.extend(l.iter().map(|&v| Some(u32::from(v))));
         }
         let n_classes = y.iter().flatten().max().map_or(0, |&m| m as usize + 1);
+        if !classes.is_empty() && n_classes > classes.len() {
+            // Named classes must cover every label (a short list, or labels of another
+            // dataset, would otherwise be padded with numbers, silently).
+            let e = (0..store.n_examples())
+                .find(|&e| {
+                    store
+                        .patch_labels(e)
+                        .is_some_and(|l| l.iter().any(|&v| usize::from(v) >= classes.len()))
+                })
+                .unwrap_or(0);
+            return Err(Error::Store {
+                path: store.dir().join("labels.bin"),
+                msg: format!(
+                    "patch label {} (example {e}) past the {} class names given",
+                    n_classes - 1,
+                    classes.len()
+                ),
+            });
+        }
         let mut classes = classes;
         while classes.len() < n_classes {
             classes.push(classes.len().to_string());
@@ -367,6 +386,34 @@ impl Head {
         let split = Split::new(store.n_examples(), &cfg)?;
         fit(x, y, &split, p, classes, vit.name(), &cfg)
             .computing(|| "fitting a patch segmenter".to_string())
+    }
+
+    /// Whether this head reads `store`'s labels as its own classes: a classifier head on a
+    /// store whose provenance names other classes (or the same in another order) would score
+    /// every example against the wrong class, silently. Stores without class names pass.
+    pub fn check_store(&self, store: &ActivationStore) -> Result<()> {
+        if self.meta.kind == HeadKind::Segmenter {
+            return Ok(());
+        }
+        let Some(prov) = store.provenance() else {
+            return Ok(());
+        };
+        if prov.classes.is_empty() || prov.classes == self.meta.classes {
+            return Ok(());
+        }
+        let show = |c: &[String]| {
+            let mut s = c.iter().take(4).cloned().collect::<Vec<_>>().join(", ");
+            if c.len() > 4 {
+                s.push_str(&format!(", … ({} in all)", c.len()));
+            }
+            s
+        };
+        Err(Error::mismatch(
+            format!("store {}", store.dir().display()),
+            format!("the head's classes [{}]", show(&self.meta.classes)),
+            format!("[{}]", show(&prov.classes)),
+            "use a head trained on a store of this dataset (saev probe)",
+        ))
     }
 
     /// Save as `<dir>/head.{safetensors,json}`.
