@@ -678,6 +678,25 @@ fn an_interrupted_training_run_checkpoints_and_resumes() -> TestResult {
     Ok(())
 }
 
+/// `probe --out` never writes over a head or someone's files (it used to replace both).
+#[test]
+fn probe_refuses_an_existing_head_and_foreign_files() -> TestResult {
+    let dir = scratch("probe-out");
+    let store = store_copy(&dir);
+    for (name, file, needle) in [
+        ("head", "head.json", "already holds a head"),
+        ("notes", "notes.txt", "not an empty directory"),
+    ] {
+        let out_dir = dir.join(name);
+        std::fs::create_dir_all(&out_dir)?;
+        std::fs::write(out_dir.join(file), "mine")?;
+        let out = saev(&dir, &[&"probe", &"--store", &store, &"--out", &out_dir]);
+        refused(&out, &[out_dir.to_str().unwrap(), needle]);
+        assert_eq!(std::fs::read_to_string(out_dir.join(file))?, "mine");
+    }
+    Ok(())
+}
+
 /// Six images recorded as two parts (`--part i/2`, three shards of two examples).
 fn record_two_parts(dir: &Path) -> Vec<PathBuf> {
     let data = fixtures().join("backbone");

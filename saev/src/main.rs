@@ -945,6 +945,21 @@ fn probe(
         device,
     }: ProbeArgs,
 ) -> saev::Result<()> {
+    // Never over another head or someone's files: a head is retrained into a new directory.
+    if out.join("head.json").exists() {
+        return Err(saev::Error::OutputDir {
+            path: out,
+            problem: "already holds a head".into(),
+            fix: "choose another --out (or remove it to train again)".into(),
+        });
+    }
+    if out.is_file() || std::fs::read_dir(&out).is_ok_and(|mut d| d.next().is_some()) {
+        return Err(saev::Error::OutputDir {
+            path: out,
+            problem: "exists and is not an empty directory".into(),
+            fix: "choose a new or empty output directory".into(),
+        });
+    }
     let store = saev::ActivationStore::open(&store)?;
     let vit = store_backbone(model, &store, &device.open()?)?;
     if segment {

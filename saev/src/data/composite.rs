@@ -29,7 +29,9 @@ const CANVAS: u32 = 224;
 const LIT: u8 = 40;
 
 /// Write `n_images` composites of 2–3 items (side 84 or 112 px, non-overlapping grid cells)
-/// from the IDX file at `idx_path` into `out`; returns `out`. Re-running overwrites.
+/// from the IDX file at `idx_path` into `out`; returns `out`. `out` records its settings
+/// (`composite.json`): a rerun with the same ones reuses it, other settings or a directory of
+/// other files are refused (nothing is overwritten).
 pub fn composite_fashion_mnist(
     idx_path: impl AsRef<Path>,
     out: impl AsRef<Path>,
@@ -43,6 +45,31 @@ pub fn composite_fashion_mnist(
             path: idx_path.to_path_buf(),
             msg: "composites need a labelled IDX dataset (images + labels)".into(),
         });
+    }
+    let record = serde_json::json!({
+        "version": 1,
+        "idx": crate::util::paths::path_to_text(&std::path::absolute(idx_path).with_path(idx_path)?),
+        "n_images": n_images,
+        "seed": seed,
+    });
+    let rp = out.join("composite.json");
+    if std::fs::read_dir(out).is_ok_and(|mut d| d.next().is_some()) {
+        let found: Option<serde_json::Value> = std::fs::read(&rp)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        return match found {
+            Some(v) if v == record => Ok(out.to_path_buf()),
+            Some(v) => Err(Error::output_dir(
+                out,
+                format!("holds composites made with other settings ({v})"),
+                "choose another --out, or remove it to make these",
+            )),
+            None => Err(Error::output_dir(
+                out,
+                "exists and holds files `saev composite` did not write (or an unfinished run)",
+                "choose a new or empty output directory",
+            )),
+        };
     }
     let (img_dir, ann_dir) = (
         out.join("images/training"),
@@ -109,6 +136,8 @@ pub fn composite_fashion_mnist(
     let classes = composite_classes(&ds);
     let cp = out.join("classes.json");
     std::fs::write(&cp, serde_json::to_string(&classes).unwrap_or_default()).with_path(&cp)?;
+    // Written last: its presence means the set is complete.
+    crate::util::files::write_atomic(&rp, record.to_string().as_bytes())?;
     Ok(out.to_path_buf())
 }
 
@@ -124,6 +153,7 @@ mod tests {
         let idx = idx.as_path();
         assert!(idx.exists(), "{} is part of the repository", idx.display());
         let out = std::env::temp_dir().join(format!("saev-composite-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&out);
         composite_fashion_mnist(idx, &out, 3, 7).unwrap();
         for i in 0..3 {
             let img = image::open(out.join(format!("images/training/{i:05}.png")))
@@ -148,5 +178,28 @@ mod tests {
             (classes.len(), classes[0].as_str(), classes[2].as_str()),
             (11, "background", "Trouser")
         );
+        // A rerun with the same settings reuses the set (nothing rewritten); other settings,
+        // or a directory of other files, are refused and left as they were.
+        let first = out.join("images/training/00000.png");
+        let (bytes, mtime) = (
+            std::fs::read(&first).unwrap(),
+            std::fs::metadata(&first).unwrap().modified().unwrap(),
+        );
+        composite_fashion_mnist(idx, &out, 3, 7).unwrap();
+        let e = composite_fashion_mnist(idx, &out, 3, 8)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("other settings"), "{e}");
+        assert_eq!(std::fs::read(&first).unwrap(), bytes);
+        assert_eq!(
+            std::fs::metadata(&first).unwrap().modified().unwrap(),
+            mtime
+        );
+        let foreign = out.join("images");
+        let e = composite_fashion_mnist(idx, &foreign, 3, 7)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("did not write"), "{e}");
+        std::fs::remove_dir_all(&out).ok();
     }
 }
