@@ -425,6 +425,27 @@ fn register_model_runs_heads_and_change_rates_from_a_store() -> TestResult {
         assert!((r - 1.0).abs() < 1e-4, "{m}");
     }
     assert!((m.mean_r - 1.0).abs() < 1e-4, "{m}");
+    // A store of the same count whose provenance lists other images: refused, not correlated.
+    let shuffled = dir.join("acts-other-images");
+    std::fs::create_dir_all(&shuffled)?;
+    for e in std::fs::read_dir(store.dir())? {
+        let e = e?;
+        std::fs::copy(e.path(), shuffled.join(e.file_name()))?;
+    }
+    let mut prov: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(shuffled.join("provenance.json"))?)?;
+    let mut sources = prov["sources"].as_array().ok_or("sources")?.clone();
+    sources.reverse();
+    prov["sources"] = serde_json::Value::Array(sources);
+    std::fs::write(shuffled.join("provenance.json"), prov.to_string())?;
+    let other = ActivationStore::open(&shuffled)?;
+    let ex_c = saev::Explorer::new(
+        permuted.clone(),
+        &other,
+        Features::compute(&permuted, &other, -2, &fcfg)?,
+    )?;
+    let e = ex_a.match_latents(&ex_c).unwrap_err().to_string();
+    assert!(e.contains("same images") && e.contains("example 0"), "{e}");
 
     // Downstream fidelity. The clean score is the head's accuracy on the whole model's outputs,
     // computed here image by image from pixels; an exact identity SAE (W_enc = [I, −I],

@@ -185,6 +185,22 @@ impl Explorer {
                 "the stores must hold the same images in the same order",
             ));
         }
+        // Where both stores say where their examples came from, those must agree: a store of
+        // other images of the same count would give correlations that mean nothing.
+        if let (Some(pa), Some(pb)) = (sa.provenance(), sb.provenance()) {
+            if let Some(e) = (0..sa.n_examples()).find(|&e| pa.sources.get(e) != pb.sources.get(e))
+            {
+                let src = |p: &crate::store::Provenance| {
+                    p.sources.get(e).cloned().unwrap_or_else(|| "(none)".into())
+                };
+                return Err(Error::mismatch(
+                    "match_latents",
+                    format!("example {e} of {}: {}", sa.dir().display(), src(pa)),
+                    format!("{} in {}", src(pb), sb.dir().display()),
+                    "the stores must hold the same images in the same order",
+                ));
+            }
+        }
         let n = sa.n_examples();
         let (s1, s2) = (self.sae().d_sae(), other.sae().d_sae());
         let (za, ia) = standardised_columns(&image_maxima(self)?, n, s1);
