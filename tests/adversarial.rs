@@ -697,6 +697,34 @@ fn probe_refuses_an_existing_head_and_foreign_files() -> TestResult {
     Ok(())
 }
 
+/// A config file's `layer` is the layer trained when --layer is not given (the flag's default
+/// used to override it silently); the flag still wins.
+#[test]
+fn the_config_files_layer_is_trained_unless_the_flag_says_otherwise() -> TestResult {
+    let dir = scratch("cfg-layer");
+    let store = store_copy(&dir);
+    let sw = sweep(&dir, &TOPK.replacen('{', r#"{"layer": -1, "#, 1));
+    for (flag, want) in [(None, -1i64), (Some("-2"), -2)] {
+        let run = dir.join(format!("run{want}"));
+        let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![
+            &"train", &"--store", &store, &"--sweep", &sw, &"--out", &run,
+        ];
+        if let Some(l) = &flag {
+            args.extend([&"--layer" as &dyn AsRef<std::ffi::OsStr>, l]);
+        }
+        let out = saev(&dir, &args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let sae: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(run.join("0/sae.json"))?)?;
+        assert_eq!(sae["provenance"]["layer"], want, "{sae}");
+    }
+    Ok(())
+}
+
 /// Six images recorded as two parts (`--part i/2`, three shards of two examples).
 fn record_two_parts(dir: &Path) -> Vec<PathBuf> {
     let data = fixtures().join("backbone");

@@ -84,9 +84,9 @@ struct TrainArgs {
     /// Store directory.
     #[arg(long)]
     store: PathBuf,
-    /// Store layer.
-    #[arg(long, allow_hyphen_values = true, default_value_t = -2)]
-    layer: i64,
+    /// Store layer. Default: the `layer` of the --sweep config file, else -2.
+    #[arg(long, allow_hyphen_values = true)]
+    layer: Option<i64>,
     /// JSON file: a TrainConfig (any subset of its fields) or a list of {"lr", "lambda", "k"}.
     #[arg(long)]
     sweep: Option<PathBuf>,
@@ -729,7 +729,7 @@ fn train(
         }
         None => None,
     };
-    let mut cfg = saev::TrainConfig::new(layer);
+    let mut cfg = saev::TrainConfig::new(layer.unwrap_or(-2));
     if let Some(path) = sweep {
         let v: serde_json::Value = read_json(&path)?;
         let json_err = |source| saev::Error::Json {
@@ -740,7 +740,10 @@ fn train(
             cfg.with_sweep(serde_json::from_value(v).map_err(json_err)?)
         } else {
             let mut c: saev::TrainConfig = serde_json::from_value(v).map_err(json_err)?;
-            c.layer = layer;
+            // The flag wins over the file; the file's `layer` over the default.
+            if let Some(l) = layer {
+                c.layer = l;
+            }
             c
         };
     }
@@ -791,7 +794,7 @@ fn train(
     if let Some((head, vit, examples)) = &judge {
         let mut rows = Vec::new();
         for (k, sae) in run.saes.iter().enumerate() {
-            let fid = saev::Intervention::new(vit, layer, sae, head)?
+            let fid = saev::Intervention::new(vit, cfg.layer, sae, head)?
                 .fidelity(&store, examples.clone())?;
             eprintln!(
                 "setting {k}: downstream {} clean {:.4}, SAE {:.4}, SAE + error {:.4}, mean-ablated {:.4}; recovered {:.3}, agreement {:.3} ({} examples)",
