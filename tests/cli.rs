@@ -49,6 +49,26 @@ fn bad_layer_is_a_clear_error_and_exit_code() -> TestResult {
         stderr.contains("error: layer 9 is out of range"),
         "{stderr}"
     );
+    // One block twice (the tiny model has 3: -1 is block 2) is refused before recording.
+    let dir = std::env::temp_dir().join(format!("saev-cli-duplayers-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("imgs"))?;
+    std::fs::copy(fixtures().join("astronaut.png"), dir.join("imgs/a.png"))?;
+    let out = Command::new(env!("CARGO_BIN_EXE_saev"))
+        .env("SAEV_CACHE", dir.join("cache"))
+        .arg("activations")
+        .arg("--model")
+        .arg(fixtures().join("tiny-dinov2"))
+        .args(["--size", "16", "--layers", "-1,2", "--data"])
+        .arg(dir.join("imgs"))
+        .arg("--out")
+        .arg(dir.join("acts"))
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("distinct blocks"), "{stderr}");
+    assert!(!dir.join("acts").exists() || std::fs::read_dir(dir.join("acts"))?.next().is_none());
+    std::fs::remove_dir_all(&dir).ok();
     Ok(())
 }
 

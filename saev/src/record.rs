@@ -217,8 +217,19 @@ pub fn record_activations(
     cfg: &WriterConfig,
 ) -> Result<PathBuf> {
     let root = root.as_ref();
+    let mut seen = Vec::new();
     for &l in &cfg.layers {
-        backbone.layer_index(l)?;
+        let i = backbone.layer_index(l)?;
+        if seen.contains(&i) {
+            // The same block twice (`-2,-2`, or `-2` and `10` of 12): twice the disk for one
+            // block, and a reader asking for it finds only the first.
+            return Err(Error::out_of_range(
+                "layers",
+                format!("{:?}", cfg.layers),
+                "distinct blocks (a block given twice, counted from either end)",
+            ));
+        }
+        seen.push(i);
     }
     let (h, w) = backbone.input_size();
     let md = Metadata {
