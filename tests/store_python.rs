@@ -215,3 +215,17 @@ fn unknown_protocols_are_refused_by_name() -> TestResult {
     }
     Ok(())
 }
+
+/// The directory that holds a store (what `--out` was) instead of the store: the error says
+/// which stores are inside.
+#[test]
+fn a_root_of_stores_is_named_as_such() {
+    let root = fixtures().join("py21");
+    let e = ActivationStore::open(&root).unwrap_err().to_string();
+    assert!(
+        e.contains("directory of stores") && e.contains("feaf74a7"),
+        "{e}"
+    );
+    let e = ActivationStore::open(fixtures()).unwrap_err().to_string();
+    assert!(e.contains("not a store (no metadata.json)"), "{e}");
+}

@@ -189,8 +189,8 @@ struct QuickstartArgs {
     #[arg(long)]
     data: Option<PathBuf>,
     /// Shipped Fashion-MNIST images to use (≤ 3000).
-    #[arg(long, default_value_t = 3000, value_parser = positive)]
-    n_images: usize,
+    #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(1..=3000))]
+    n_images: u64,
     /// Patches to train the SAE on.
     #[arg(long, default_value_t = 2_000_000, value_parser = clap::value_parser!(u64).range(1..))]
     n_patches: u64,
@@ -890,7 +890,7 @@ fn browse(
     let store = saev::ActivationStore::open(&store)?;
     let ex = saev::Explorer::open(sae_dir(&sae, &store)?, &store)?;
     let mut cfg = saev::explore::BrowseConfig::default()
-        .with_n_images(n_images)
+        .with_n_images(n_images as usize)
         .with_force(force);
     cfg.max_pages = max_pages;
     let index = saev::explore::write_browser(&ex, &out, &cfg)?;
@@ -912,7 +912,7 @@ fn quickstart(
     saev::install_stop_handlers()?;
     let t0 = std::time::Instant::now();
     let mut cfg = saev::QuickstartConfig::new(out)
-        .with_n_images(n_images)
+        .with_n_images(n_images as usize)
         .with_n_patches(n_patches)
         .with_max_pages(max_pages)
         .with_fresh(fresh);

@@ -307,6 +307,18 @@ impl Head {
                 "record a labelled dataset",
             )
         })?;
+        if prov.classes.len() < 2 || prov.labels.iter().all(Option::is_none) {
+            // Checked before the backbone runs over the whole store.
+            return Err(Error::missing(
+                store.dir().display().to_string(),
+                format!(
+                    "class labels ({} classes named, {} examples labelled)",
+                    prov.classes.len(),
+                    prov.labels.iter().flatten().count()
+                ),
+                "record a labelled dataset (one sub-folder per class, IDX with labels, parquet with a label column)",
+            ));
+        }
         let x = final_inputs(vit, store, layer, cfg.kind).computing(|| {
             format!(
                 "the final inputs of {} at layer {layer}",

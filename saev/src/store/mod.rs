@@ -110,6 +110,28 @@ impl ActivationStore {
                 "store is incomplete (a writer is running or was interrupted; re-run it to finish)",
             ));
         }
+        if !dir.join("metadata.json").exists() {
+            // A root of stores (`--out acts` holds `acts/<hash>`) is the usual slip: say which.
+            let mut inner: Vec<String> = std::fs::read_dir(&dir)
+                .into_iter()
+                .flatten()
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.join("metadata.json").is_file())
+                .map(|p| crate::util::paths::path_to_text(&p))
+                .collect();
+            inner.sort();
+            return Err(store_err(
+                &dir,
+                if inner.is_empty() {
+                    "not a store (no metadata.json)".to_string()
+                } else {
+                    format!(
+                        "not a store but a directory of stores; pass one of: {}",
+                        inner.join(", ")
+                    )
+                },
+            ));
+        }
         let (md, shards, layout) = format::read_store_json(&dir)?;
         let eps = md.examples_per_shard();
         let row_bytes = md.floats_per_example() * 4;
