@@ -599,6 +599,15 @@ fn match_saes(
         out,
     }: MatchArgs,
 ) -> saev::Result<()> {
+    // Checked before the work, and again before writing.
+    let taken = |path: &PathBuf| saev::Error::OutputDir {
+        path: path.clone(),
+        problem: "exists".into(),
+        fix: "choose a new file for --out".into(),
+    };
+    if let Some(path) = out.as_ref().filter(|p| p.exists()) {
+        return Err(taken(path));
+    }
     let (sa, sb) = (
         saev::ActivationStore::open(&store)?,
         saev::ActivationStore::open(&other_store)?,
@@ -609,11 +618,7 @@ fn match_saes(
     println!("{m}");
     if let Some(path) = out {
         if path.exists() {
-            return Err(saev::Error::OutputDir {
-                path: path.clone(),
-                problem: "exists".into(),
-                fix: "choose a new file for --out".into(),
-            });
+            return Err(taken(&path));
         }
         write_json(&path, &m)?;
         eprintln!("written: {}", path.display());
@@ -1057,15 +1062,9 @@ fn causal(
             valid: format!("0..{d_sae}, the SAE's latents"),
         });
     }
-    // The table's header: how much of the head's score survives the SAE at all.
-    let fid = iv.fidelity(&store, examples.clone())?;
-    println!(
-        "downstream fidelity of the SAE at layer {layer} ({} held-out examples): {} clean {:.4}, SAE {:.4}, SAE + error {:.4}, mean-ablated {:.4}; recovered {:.3}, agreement {:.3}",
-        fid.n_examples, fid.metric, fid.clean, fid.sae, fid.with_error, fid.ablated, fid.recovered(), fid.agreement
-    );
-    if let Some(p) = protocol {
+    if let Some(p) = &protocol {
         let seg = head.kind() == saev::intervene::HeadKind::Segmenter;
-        if seg != (p == "semseg") {
+        if seg != (p.as_str() == "semseg") {
             return Err(saev::Error::Mismatch {
                 what: "--protocol".into(),
                 expected: format!("a {} head", if seg { "classifier" } else { "segmentation" }),
@@ -1076,6 +1075,14 @@ fn causal(
                 ),
             });
         }
+    }
+    // The table's header: how much of the head's score survives the SAE at all.
+    let fid = iv.fidelity(&store, examples.clone())?;
+    println!(
+        "downstream fidelity of the SAE at layer {layer} ({} held-out examples): {} clean {:.4}, SAE {:.4}, SAE + error {:.4}, mean-ablated {:.4}; recovered {:.3}, agreement {:.3}",
+        fid.n_examples, fid.metric, fid.clean, fid.sae, fid.with_error, fid.ablated, fid.recovered(), fid.agreement
+    );
+    if protocol.is_some() {
         // Latents are chosen on the head's training examples, tested on its held-out ones.
         let train = match head.held_out()? {
             saev::store::Examples::HeldOut { n_held_out, seed } => {

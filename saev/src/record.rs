@@ -328,6 +328,8 @@ pub fn record_activations(
 
     let bar = crate::util::progress::bar(range.end as u64, "images");
     bar.set_position(n_done as u64);
+    // The rate counts from here: a resumed run is not thousands of images a second.
+    bar.reset_eta();
 
     let bs = cfg.batch_size.max(1);
     let starts: Vec<usize> = (n_done..range.end).step_by(bs).collect();

@@ -162,6 +162,8 @@ pub fn train_saes_with(
         .with_examples(Examples::train(holdout, cfg.seed));
     let bar = crate::util::progress::bar(cfg.n_patches, "patches");
     bar.set_position(ck.seen.min(cfg.n_patches));
+    // The rate counts from here: a resumed run is not millions of patches a second.
+    bar.reset_eta();
     let mut scratch = Scratch::default();
     let mut steps_this_call = 0usize;
     let mut finished = ck.seen >= cfg.n_patches;
