@@ -69,6 +69,7 @@ fn setup(root: &Path) -> (ActivationStore, Sae) {
         classes: vec!["even <i>".into(), "odd & co".into()],
         sources,
         labels: (0..N).map(|e| Some((e % 2) as u32)).collect(),
+        stamp: None,
     };
     let mut acts = Vec::new();
     for e in 0..N {

@@ -685,3 +685,41 @@ fn bf16_stores_live_beside_f32_ones_and_merge_as_themselves() -> TestResult {
     }
     Ok(())
 }
+
+/// A finished store is reused only for the files it was recorded from: the same count of
+/// renamed or changed images is refused (it was handed back silently).
+#[test]
+fn a_store_is_reused_only_for_unchanged_files() -> TestResult {
+    let dir = tmp("reuse-changed");
+    let (vit, ds, store_dir) = record(&dir);
+    let cfg = WriterConfig::default()
+        .with_layers(vec![-1, 0])
+        .with_batch_size(3)
+        .with_max_tokens_per_shard(100);
+    let before = std::fs::read(store_dir.join("acts000000.bin"))?;
+    // Unchanged: the same directory, untouched.
+    let again = saev::record::record_activations(&vit, &ds, dir.join("acts"), &cfg)?;
+    assert_eq!(again, store_dir);
+    // Another picture under the same name (written a moment later: another mtime and size).
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let victim = ds.source(1);
+    let img = saev::load_image(fixtures().join("astronaut.png"))?.crop_imm(0, 0, 90, 70);
+    img.save(&victim)?;
+    let ds2 = Dataset::open(dir.join("imgs"), None, false)?;
+    let e = saev::record::record_activations(&vit, &ds2, dir.join("acts"), &cfg)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("changed") && e.contains("remove it"), "{e}");
+    // A renamed file (same count, another listing).
+    std::fs::rename(&victim, dir.join("imgs/b/zz.png"))?;
+    let ds3 = Dataset::open(dir.join("imgs"), None, false)?;
+    let e = saev::record::record_activations(&vit, &ds3, dir.join("acts"), &cfg)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("example 1 was") && e.contains("now lists"),
+        "{e}"
+    );
+    assert_eq!(std::fs::read(store_dir.join("acts000000.bin"))?, before);
+    Ok(())
+}

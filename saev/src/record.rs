@@ -199,10 +199,12 @@ fn prepare(
 }
 
 fn provenance(ds: &Dataset) -> Provenance {
+    let sources: Vec<String> = (0..ds.len()).map(|i| ds.source(i)).collect();
     Provenance {
         version: PROVENANCE_VERSION,
         classes: ds.class_names().to_vec(),
-        sources: (0..ds.len()).map(|i| ds.source(i)).collect(),
+        stamp: Some(Provenance::stamp_of(&sources)),
+        sources,
         labels: (0..ds.len()).map(|i| ds.label(i)).collect(),
     }
 }
@@ -281,18 +283,53 @@ pub fn record_activations(
 
     let mut n_done = range.start;
     if dir.join("metadata.json").exists() && !prog_path.exists() {
-        // Complete: validate and hand it back untouched.
+        // Complete: validate and hand it back untouched — if it is of these files as they
+        // are now (the same count of other or changed images would be reused silently).
         if cfg.part.is_none() {
-            ActivationStore::open(&dir)?;
+            let store = ActivationStore::open(&dir)?;
+            if let Some(old) = store.provenance() {
+                let changed = if old.sources != prov.sources {
+                    let e = (0..old.sources.len().max(prov.sources.len()))
+                        .find(|&e| old.sources.get(e) != prov.sources.get(e))
+                        .unwrap_or(0);
+                    Some(format!(
+                        "example {e} was {:?}, the dataset now lists {:?}",
+                        old.sources.get(e).map_or("(none)", String::as_str),
+                        prov.sources.get(e).map_or("(none)", String::as_str)
+                    ))
+                } else if old.stamp.is_some() && old.stamp != prov.stamp {
+                    Some("its files' sizes or modification times changed".into())
+                } else {
+                    None
+                };
+                if let Some(what) = changed {
+                    return Err(Error::output_dir(
+                        &dir,
+                        format!("a store of this dataset as it was when recorded: {what}"),
+                        "remove it to record the images as they are now, or choose another --out",
+                    ));
+                }
+            }
         }
         return Ok(dir);
     }
     let mut writer = if prog_path.exists() {
         let p: Progress = read_json(&prog_path)?;
-        if p.fingerprint != fingerprint || p.batch_size != cfg.batch_size {
+        if p.fingerprint != fingerprint {
             return Err(Error::Store {
                 path: prog_path,
-                msg: "an interrupted run with another dataset listing or batch size; remove the directory to start over".into(),
+                msg: "an interrupted run over another dataset listing (or files changed since); remove the directory to start over".into(),
+            });
+        }
+        if p.batch_size != cfg.batch_size {
+            // Batches of another size round differently in the GEMMs: the store would not be
+            // the bytes of an uninterrupted run.
+            return Err(Error::Store {
+                path: prog_path,
+                msg: format!(
+                    "an interrupted run with batch size {} ({} now); rerun with --batch-size {} to resume it, or remove the directory to start over",
+                    p.batch_size, cfg.batch_size, p.batch_size
+                ),
             });
         }
         n_done = p.n_done.max(range.start);

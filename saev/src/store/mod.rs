@@ -51,6 +51,41 @@ pub struct Provenance {
     pub sources: Vec<String>,
     /// Class label of each example (`None` when unlabelled).
     pub labels: Vec<Option<u32>>,
+    /// SHA-256 of the source files' sizes and modification times when recorded (absent in
+    /// stores of earlier saev versions): reusing the store checks the files are unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stamp: Option<String>,
+}
+
+impl Provenance {
+    /// The [`Provenance::stamp`] of `sources` as the files are now: every distinct file named
+    /// (a path, or the file of `file#index`), with its size and modification time.
+    pub fn stamp_of(sources: &[String]) -> String {
+        use sha2::{Digest, Sha256};
+        let mut files: Vec<&str> = sources
+            .iter()
+            .map(|s| match s.rsplit_once('#') {
+                Some((f, i)) if i.parse::<usize>().is_ok() => f,
+                _ => s.as_str(),
+            })
+            .collect();
+        files.sort_unstable();
+        files.dedup();
+        let mut h = Sha256::new();
+        for f in files {
+            let m = std::fs::metadata(crate::util::paths::text_to_path(f));
+            let (len, mtime) = m.map_or((u64::MAX, 0), |m| {
+                let t = m
+                    .modified()
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_nanos());
+                (m.len(), t)
+            });
+            h.update(format!("{f}\0{len}\0{mtime}\n").as_bytes());
+        }
+        format!("{:x}", h.finalize())
+    }
 }
 
 /// The suffix of a store directory recorded with bfloat16 linear layers (`<hash>-bf16`, parts
