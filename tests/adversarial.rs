@@ -550,7 +550,8 @@ fn a_nan_in_a_shard_is_named_where_it_is() -> TestResult {
     let dir = scratch("nan-shard");
     let store = store_copy(&dir);
     // [3 examples, 2 layers, 5 tokens, 8 dims] per shard: example 4 is row 1 of shard 1.
-    let at = (((1 * 2) * 5 + 2) * 8 + 5) * 4;
+    let (row, layer, token, dim) = (1usize, 0usize, 2usize, 5usize);
+    let at = (((row * 2 + layer) * 5 + token) * 8 + dim) * 4;
     let shard = store.join("acts000001.bin");
     let mut b = std::fs::read(&shard)?;
     b[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());

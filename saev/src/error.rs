@@ -173,14 +173,12 @@ pub enum Error {
 
     /// A NaN or infinity in a store's activations (training, its normalisation statistics, the
     /// feature pass).
-    #[error("{}: non-finite activation (value {value}) read by {during}: example {example}, token {token}, dimension {dim} (layer {layer}) — the store is damaged, or the model overflowed while recording", file.display())]
+    #[error("{}: non-finite activation (value {value}) read by {during}{}: example {example}, token {token}, dimension {dim} (layer {layer}) — the store is damaged, or the model overflowed while recording", file.display(), if *during == "training" { format!(" at step {step}") } else { String::new() })]
     NonFinite {
-        /// The store read.
-        store: PathBuf,
-        /// The shard file holding the value.
+        /// The shard file holding the value (in the store's directory).
         file: PathBuf,
-        /// What was reading: `training step N`, `the normalisation statistics`, `the feature pass`.
-        during: String,
+        /// What was reading: `training`, `the normalisation statistics`, `the feature pass`.
+        during: &'static str,
         /// The recorded layer.
         layer: i64,
         /// Training step (0-based).

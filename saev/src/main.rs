@@ -895,7 +895,7 @@ fn browse(
     let store = saev::ActivationStore::open(&store)?;
     let ex = saev::Explorer::open(sae_dir(&sae, &store)?, &store)?;
     let mut cfg = saev::explore::BrowseConfig::default()
-        .with_n_images(n_images as usize)
+        .with_n_images(n_images)
         .with_force(force);
     cfg.max_pages = max_pages;
     let index = saev::explore::write_browser(&ex, &out, &cfg)?;

@@ -333,7 +333,7 @@ fn finite_or_named(
                 x[i],
                 layer,
                 Tokens::Patches,
-                (0, "the feature pass".into()),
+                (0, "the feature pass"),
             ))
         }
     }

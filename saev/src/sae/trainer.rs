@@ -404,7 +404,7 @@ fn normalized(
                     *v,
                     cfg.layer,
                     cfg.tokens,
-                    (step, format!("training step {step}")),
+                    (step, "training"),
                 ));
             }
             *v = (*v - m) / scalar;

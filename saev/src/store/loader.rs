@@ -586,7 +586,7 @@ impl ActivationStore {
         value: f32,
         layer: i64,
         tokens: Tokens,
-        (step, during): (usize, String),
+        (step, during): (usize, &'static str),
     ) -> Error {
         let n_tok = match tokens {
             Tokens::Patches => self.n_patches(),
@@ -597,7 +597,6 @@ impl ActivationStore {
         let (example, token) = (g / n_tok, g % n_tok);
         let eps = self.metadata().examples_per_shard().max(1) as u64;
         Error::NonFinite {
-            store: self.dir().to_path_buf(),
             file: self.dir().join(super::format::Metadata::shard_name(
                 (example / eps) as usize,
             )),
@@ -738,7 +737,7 @@ impl NormStats {
                     value,
                     layer,
                     tokens,
-                    (0, "the normalisation statistics".into()),
+                    (0, "the normalisation statistics"),
                 ),
                 None => Error::Store {
                     path: store.dir().to_path_buf(),
