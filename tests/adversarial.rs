@@ -889,6 +889,11 @@ fn an_interrupted_merge_finishes_on_a_rerun() -> TestResult {
         parts.iter().all(|p| !p.exists()),
         "parts removed after the merge"
     );
+    // Running the same merge again says where the store went.
+    refused(
+        &merge(&dir, &parts),
+        &["already merged into", target.to_str().unwrap()],
+    );
     Ok(())
 }
 

@@ -65,6 +65,25 @@ pub fn merge_parts(parts: &[PathBuf], root: impl AsRef<Path>) -> Result<PathBuf>
     let first = parts
         .first()
         .ok_or_else(|| Error::out_of_range("merge: parts given:", 0, "≥ 1"))?;
+    // A rerun after a finished merge: the parts are gone, the store `<hash>` is in `root`.
+    if !first.exists() {
+        let name = first
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if let Some((hash, _)) = name.split_once(".part-") {
+            let merged = root.join(hash);
+            if merged.join("metadata.json").is_file() {
+                return Err(Error::Store {
+                    path: first.clone(),
+                    msg: format!(
+                        "no such part: already merged into {} (the parts are removed after a merge)",
+                        merged.display()
+                    ),
+                });
+            }
+        }
+    }
     let md_text = std::fs::read_to_string(first.join("metadata.json"))
         .with_path(first.join("metadata.json"))?;
     let md: Metadata = serde_json::from_str(&md_text).map_err(|source| Error::Json {
