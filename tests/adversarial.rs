@@ -726,6 +726,28 @@ fn the_config_files_layer_is_trained_unless_the_flag_says_otherwise() -> TestRes
     Ok(())
 }
 
+/// An SAE whose normalisation mean has another width than the SAE is refused naming its
+/// sae.json (the error named no file).
+#[test]
+fn a_norm_of_another_width_names_the_sae_file() -> TestResult {
+    let dir = scratch("norm-width");
+    let store = store_copy(&dir);
+    let sae_dir = dir.join("sae");
+    let topk = fixtures().join("sae-headers/schema5-topk.pt");
+    let ok = saev(&dir, &[&"sae", &"import", &topk, &"--out", &sae_dir]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    edit_json(&sae_dir.join("sae.json"), |v| {
+        v["norm"] = serde_json::json!({"mean": [0.0, 0.0], "scalar": 1.0})
+    });
+    let out = saev(&dir, &[&"features", &"--sae", &sae_dir, &"--store", &store]);
+    refused(&out, &["sae.json", "norm.mean has 2 values"]);
+    Ok(())
+}
+
 /// Six images recorded as two parts (`--part i/2`, three shards of two examples).
 fn record_two_parts(dir: &Path) -> Vec<PathBuf> {
     let data = fixtures().join("backbone");

@@ -454,6 +454,12 @@ impl Sae {
             [("W_enc", &a), ("b_enc", &b), ("W_dec", &c), ("b_dec", &e)],
         )?;
         if let Some(n) = &cfg.norm {
+            if n.mean.len() != d {
+                return Err(Error::Checkpoint {
+                    path: js,
+                    msg: format!("norm.mean has {} values, d_model is {d}", n.mean.len()),
+                });
+            }
             if !(n.scalar.is_finite() && n.scalar > 0.0) || n.mean.iter().any(|m| !m.is_finite()) {
                 return Err(Error::Checkpoint {
                     path: js,

@@ -422,17 +422,8 @@ pub fn import_python_sae(
             "choose another --out",
         ));
     }
-    let norm = match norm_from {
-        Some((store, layer)) => {
-            let s = store.norm_stats(layer, crate::store::Tokens::Patches)?;
-            Some(super::model::SaeNorm {
-                mean: s.mean,
-                scalar: s.scalar,
-            })
-        }
-        None => None,
-    };
-    let sae = super::model::Sae::from_torch(pt, norm)?;
+    // The widths first (before the store's statistics are computed or attached).
+    let sae = super::model::Sae::from_torch(pt, None)?;
     if let Some((store, _)) = norm_from {
         if store.d_model() != sae.d_model() {
             return Err(Error::Shape {
@@ -446,6 +437,20 @@ pub fn import_python_sae(
             });
         }
     }
+    let norm = match norm_from {
+        Some((store, layer)) => {
+            let s = store.norm_stats(layer, crate::store::Tokens::Patches)?;
+            Some(super::model::SaeNorm {
+                mean: s.mean,
+                scalar: s.scalar,
+            })
+        }
+        None => None,
+    };
+    let sae = match norm {
+        Some(n) => super::model::Sae::from_torch(pt, Some(n))?,
+        None => sae,
+    };
     let mut cfg = sae.config().clone();
     let prov = cfg
         .provenance
