@@ -1060,6 +1060,9 @@ fn skip_bad_drops_a_cut_jpeg_and_keeps_a_motion_photo() -> TestResult {
     img.save(&full)?;
     let bytes = std::fs::read(&full)?;
     std::fs::write(imgs.join("b-cut.jpg"), &bytes[..bytes.len() * 2 / 3])?;
+    // A PNG cut short too.
+    let png = std::fs::read(fixtures().join("backbone/chelsea.png"))?;
+    std::fs::write(imgs.join("d-cut.png"), &png[..png.len() / 2])?;
     let mut motion = bytes.clone();
     motion.extend_from_slice(b"\0\0\0\x18ftypmp42 and a video after it");
     std::fs::write(imgs.join("c-motion.jpg"), &motion)?;
@@ -1086,6 +1089,7 @@ fn skip_bad_drops_a_cut_jpeg_and_keeps_a_motion_photo() -> TestResult {
         err.contains("skipping unreadable image") && err.contains("b-cut.jpg"),
         "{err}"
     );
+    assert!(err.contains("d-cut.png"), "{err}");
     assert!(
         !err.contains("a-cat.jpg") && !err.contains("c-motion.jpg"),
         "{err}"

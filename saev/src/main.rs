@@ -358,7 +358,8 @@ struct ActivationsArgs {
     /// Record only the first N images.
     #[arg(long, value_parser = positive)]
     limit: Option<usize>,
-    /// Skip files whose image header does not decode (otherwise they are an error).
+    /// Skip files whose image header does not decode, or that are cut short (a JPEG without
+    /// its end marker, a PNG without IEND); otherwise they are an error.
     #[arg(long)]
     skip_bad: bool,
     /// The split of an ADE20K root to record (`training`, `validation`); required when it holds

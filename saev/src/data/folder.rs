@@ -49,7 +49,7 @@ pub(super) fn walk_once(
 }
 
 /// Header check that a file is a decodable image format with sane dimensions, and for a JPEG
-/// that it is not cut short (its last bytes, as a rule).
+/// or PNG that it is not cut short (its last bytes, as a rule).
 pub(super) fn header_ok(p: &Path) -> bool {
     let Some(r) = image::ImageReader::open(p)
         .and_then(|r| r.with_guessed_format())
@@ -57,9 +57,13 @@ pub(super) fn header_ok(p: &Path) -> bool {
     else {
         return false;
     };
-    let jpeg = r.format() == Some(image::ImageFormat::Jpeg);
+    let format = r.format();
     r.into_dimensions().is_ok_and(|(w, h)| w > 0 && h > 0)
-        && (!jpeg || crate::util::image_io::jpeg_file_complete(p))
+        && match format {
+            Some(image::ImageFormat::Jpeg) => crate::util::image_io::jpeg_file_complete(p),
+            Some(image::ImageFormat::Png) => crate::util::image_io::png_file_complete(p),
+            _ => true,
+        }
 }
 
 pub(super) fn open_labelled(root: &Path) -> Result<(Vec<String>, Source)> {

@@ -7,7 +7,8 @@
 //! - segmentation pairs in the ADE20K layout (`images/…/x.jpg` + `annotations/…/x.png`).
 //!
 //! Grey images become RGB when preprocessed; an unreadable file is an error naming it, or is
-//! dropped up front when the dataset is opened with `skip_bad` (header check).
+//! dropped up front when the dataset is opened with `skip_bad` (header check, and for JPEG and
+//! PNG that the file is whole).
 //!
 //! ```no_run
 //! use saev::{Dataset, data::DatasetKind};
