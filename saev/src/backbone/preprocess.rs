@@ -24,7 +24,7 @@ use image::DynamicImage;
 use serde::{Deserialize, Serialize};
 
 use super::config::Family;
-use super::resample::{pil_resize_rgb8, Kernel};
+use super::resample::{pil_resize_rgb8_window, Kernel};
 use crate::error::{CandleContext, Error, Result};
 
 /// ImageNet mean (DINOv2).
@@ -370,32 +370,46 @@ impl Preprocess {
             Filter::Bicubic => Kernel::AntialiasBicubic,
             Filter::Bilinear => Kernel::AntialiasBilinear,
         };
-        let resized = if (rw, rh) == (w, h) {
-            rgb.into_raw()
-        } else {
-            pil_resize_rgb8(rgb.as_raw(), (w, h), (rw, rh), kernel)
-        };
         let (ch, cw) = self.crop.unwrap_or((rh, rw));
         // HF center_crop: top = (h - crop_h) // 2 (Python floor division); pads if the crop is
-        // larger than the image.
+        // larger than the image. Only the part of the resized image the crop keeps is made.
         let top = (rh as i64 - ch as i64).div_euclid(2);
         let left = (rw as i64 - cw as i64).div_euclid(2);
+        let span = |start: i64, len: usize, n: usize| {
+            let a = start.clamp(0, n as i64) as usize;
+            let b = (start + len as i64).clamp(0, n as i64) as usize;
+            a..b.max(a)
+        };
+        let (xs, ys) = (span(left, cw, rw), span(top, ch, rh));
+        let win = if (rw, rh) == (w, h) {
+            let raw = rgb.as_raw();
+            ys.clone()
+                .flat_map(|y| {
+                    raw[(y * w + xs.start) * 3..(y * w + xs.end) * 3]
+                        .iter()
+                        .copied()
+                })
+                .collect()
+        } else {
+            pil_resize_rgb8_window(
+                rgb.as_raw(),
+                (w, h),
+                (rw, rh),
+                kernel,
+                xs.clone(),
+                ys.clone(),
+            )
+        };
+        let nx = xs.len();
         let mut out = image::RgbImage::new(cw as u32, ch as u32);
-        for y in 0..ch {
-            let sy = top + y as i64;
-            if sy < 0 || sy >= rh as i64 {
-                continue;
-            }
-            for x in 0..cw {
-                let sx = left + x as i64;
-                if sx < 0 || sx >= rw as i64 {
-                    continue;
-                }
-                let i = (sy as usize * rw + sx as usize) * 3;
+        for (r, sy) in ys.enumerate() {
+            let y = (sy as i64 - top) as u32;
+            for (c, sx) in xs.clone().enumerate() {
+                let i = (r * nx + c) * 3;
                 out.put_pixel(
-                    x as u32,
-                    y as u32,
-                    image::Rgb([resized[i], resized[i + 1], resized[i + 2]]),
+                    (sx as i64 - left) as u32,
+                    y,
+                    image::Rgb([win[i], win[i + 1], win[i + 2]]),
                 );
             }
         }
@@ -500,6 +514,21 @@ mod tests {
             e.contains("preprocessor_config.json") && e.contains("do_center_crop"),
             "{e}"
         );
+    }
+
+    /// A 20,000 × 2 strip resizes to 2.56M × 256 before the crop: only the crop is made now
+    /// (the whole intermediate was 2 GB). Its pixels are the crop of the strip's middle.
+    #[test]
+    fn an_extreme_aspect_ratio_makes_only_the_crop() {
+        let strip = image::RgbImage::from_fn(20_000, 2, |x, _| {
+            image::Rgb([(x % 256) as u8, 7, if x < 10_000 { 0 } else { 255 }])
+        });
+        let view = Preprocess::dinov2().model_view(&DynamicImage::ImageRgb8(strip));
+        assert_eq!((view.width(), view.height()), (224, 224));
+        // The crop's middle column lies at the strip's middle: blue switches there.
+        let blue: Vec<u8> = (0..224).map(|x| view.get_pixel(x, 100).0[2]).collect();
+        assert!(blue[0] < 20 && blue[223] > 235, "{blue:?}");
+        assert!(view.pixels().all(|p| p.0[1] == 7));
     }
 
     #[test]
