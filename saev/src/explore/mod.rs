@@ -79,7 +79,19 @@ impl Views {
                 "",
             ));
         }
-        let mut pre = Preprocess::for_family(family);
+        // The recording model's own recipe when its directory (or HF-cache entry) is here and
+        // has one (a CLIP-336 or SigLIP-384 crops otherwise than its family's preset; an
+        // unknown family would get DINOv2's); else the family's preset.
+        let local = Path::new(&md.ckpt);
+        let own = (if local.is_dir() {
+            Some(local.to_path_buf())
+        } else {
+            crate::backbone::source::resolve_model(&md.ckpt).ok()
+        })
+        .map(|d| d.join("preprocessor_config.json"))
+        .filter(|p| p.is_file())
+        .and_then(|p| Preprocess::from_hf_config(p).ok());
+        let mut pre = own.unwrap_or_else(|| Preprocess::for_family(family));
         if family == Family::Dinov2 && side != 16 {
             pre = pre.with_size(side * 14);
         }
@@ -342,5 +354,47 @@ impl fmt::Debug for Explorer {
             self.store.n_examples(),
             self.features
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Metadata, StoreWriter};
+
+    /// Heatmap views follow the recording model's own preprocessing when its directory is
+    /// here: a CLIP-336 store (24 × 24 patches) of a family saev has no preset for gets
+    /// CLIP's resize-to-336-and-crop, not DINOv2's resize-to-384 (its crop ratio 0.875 would
+    /// shift every heatmap).
+    #[test]
+    fn views_use_the_models_own_preprocessing() {
+        let model = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/layouts/processors/clip-vit-large-patch14-336");
+        let md = Metadata {
+            family: "pe-core".into(),
+            ckpt: model.display().to_string(),
+            layers: vec![-2],
+            content_tokens_per_example: 24 * 24,
+            cls_token: true,
+            d_model: 4,
+            n_examples: 1,
+            max_tokens_per_shard: 24 * 24 + 1,
+            data: "test".into(),
+            dataset: "/nowhere".into(),
+            pixel_agg: "majority".into(),
+            dtype: "float32".into(),
+            protocol: "2.1".into(),
+        };
+        let root = std::env::temp_dir().join(format!("saev-views-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let mut w = StoreWriter::create(&root, md, None).unwrap();
+        w.write_examples(0, &vec![0.5f32; (24 * 24 + 1) * 4])
+            .unwrap();
+        let store = ActivationStore::open(w.finish().unwrap()).unwrap();
+        let views = Views::new(&store).unwrap();
+        let want = Preprocess::from_hf_config(model.join("preprocessor_config.json")).unwrap();
+        assert_eq!(views.pre.output_size((640, 480)), (336, 336));
+        assert_eq!(views.pre.resize, want.resize);
+        std::fs::remove_dir_all(&root).ok();
     }
 }
