@@ -748,6 +748,32 @@ fn a_norm_of_another_width_names_the_sae_file() -> TestResult {
     Ok(())
 }
 
+/// An SAE directory the feature pass cannot be saved into (read-only, or here a directory in
+/// the way of its temporary file, which stops root too) still explores, from memory;
+/// `features` prints its summary and then reports the failure.
+#[test]
+fn an_unwritable_sae_directory_still_explores() -> TestResult {
+    let dir = scratch("ro-sae");
+    let store = store_copy(&dir);
+    let sae_dir = dir.join("sae");
+    let topk = fixtures().join("sae-headers/schema5-topk.pt");
+    let ok = saev(&dir, &[&"sae", &"import", &topk, &"--out", &sae_dir]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    std::fs::create_dir_all(sae_dir.join("features.safetensors.tmp"))?;
+    // The explorer (what browse, causal and the notebooks open) computes and keeps it.
+    let ex = saev::Explorer::open(&sae_dir, &saev::ActivationStore::open(&store)?)?;
+    assert_eq!(ex.features().d_sae(), ex.sae().d_sae());
+    assert!(!sae_dir.join("features.json").exists());
+    let out = saev(&dir, &[&"features", &"--sae", &sae_dir, &"--store", &store]);
+    let e = refused(&out, &["features.safetensors.tmp"]);
+    assert!(e.contains("live of"), "the summary comes first: {e}");
+    Ok(())
+}
+
 /// Six images recorded as two parts (`--part i/2`, three shards of two examples).
 fn record_two_parts(dir: &Path) -> Vec<PathBuf> {
     let data = fixtures().join("backbone");

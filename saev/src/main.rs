@@ -859,7 +859,9 @@ fn features(
     let cfg = saev::explore::FeatureConfig::default().with_top_k(top_k);
     let feats = saev::Features::compute_on(&model, &store, layer, &cfg, &device)?;
     let dt = t0.elapsed().as_secs_f64();
-    feats.save(&sae)?;
+    // Saved beside the SAE; if it cannot be (a read-only directory), the summary is still
+    // printed and the error reported after it.
+    let saved = feats.save(&sae);
     let n = (store.n_examples() * store.n_patches()) as f64;
     let live = feats.live();
     let mut purities: Vec<f64> = live
@@ -879,6 +881,7 @@ fn features(
             purities[purities.len() / 2]
         );
     }
+    saved?;
     println!("{}", sae.display());
     Ok(())
 }

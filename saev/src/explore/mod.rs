@@ -182,7 +182,13 @@ impl Explorer {
             f
         } else {
             let f = Features::compute(&sae, store, layer, &FeatureConfig::default())?;
-            f.save(dir)?;
+            // Kept beside the SAE for the next time; an SAE directory that cannot be written
+            // (read-only, shared) still explores, from memory.
+            if let Err(e) = f.save(dir) {
+                eprintln!(
+                    "note: the feature pass is not saved beside the SAE ({e}); it is kept in memory for this run"
+                );
+            }
             f
         };
         Self::new(sae, store, features)
