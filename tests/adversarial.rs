@@ -732,14 +732,7 @@ fn the_config_files_layer_is_trained_unless_the_flag_says_otherwise() -> TestRes
 fn a_norm_of_another_width_names_the_sae_file() -> TestResult {
     let dir = scratch("norm-width");
     let store = store_copy(&dir);
-    let sae_dir = dir.join("sae");
-    let topk = fixtures().join("sae-headers/schema5-topk.pt");
-    let ok = saev(&dir, &[&"sae", &"import", &topk, &"--out", &sae_dir]);
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
+    let sae_dir = import_topk(&dir);
     edit_json(&sae_dir.join("sae.json"), |v| {
         v["norm"] = serde_json::json!({"mean": [0.0, 0.0], "scalar": 1.0})
     });
@@ -755,14 +748,7 @@ fn a_norm_of_another_width_names_the_sae_file() -> TestResult {
 fn an_unwritable_sae_directory_still_explores() -> TestResult {
     let dir = scratch("ro-sae");
     let store = store_copy(&dir);
-    let sae_dir = dir.join("sae");
-    let topk = fixtures().join("sae-headers/schema5-topk.pt");
-    let ok = saev(&dir, &[&"sae", &"import", &topk, &"--out", &sae_dir]);
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
+    let sae_dir = import_topk(&dir);
     std::fs::create_dir_all(sae_dir.join("features.safetensors.tmp"))?;
     // The explorer (what browse, causal and the notebooks open) computes and keeps it.
     let ex = saev::Explorer::open(&sae_dir, &saev::ActivationStore::open(&store)?)?;
@@ -772,6 +758,19 @@ fn an_unwritable_sae_directory_still_explores() -> TestResult {
     let e = refused(&out, &["features.safetensors.tmp"]);
     assert!(e.contains("live of"), "the summary comes first: {e}");
     Ok(())
+}
+
+/// The schema-5 TopK fixture (d 8) imported into `dir/sae`.
+fn import_topk(dir: &Path) -> PathBuf {
+    let sae_dir = dir.join("sae");
+    let topk = fixtures().join("sae-headers/schema5-topk.pt");
+    let ok = saev(dir, &[&"sae", &"import", &topk, &"--out", &sae_dir]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    sae_dir
 }
 
 /// Six images recorded as two parts (`--part i/2`, three shards of two examples).

@@ -88,43 +88,35 @@ fn check_jpeg_complete(bytes: &[u8]) -> std::result::Result<(), String> {
     }
 }
 
+/// The last (up to) 64 bytes of a file, or None when it cannot be read.
+fn file_tail(path: &Path) -> Option<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).ok()?;
+    let len = f.seek(SeekFrom::End(0)).ok()?;
+    let n = len.min(64);
+    f.seek(SeekFrom::Start(len - n)).ok()?;
+    let mut tail = vec![0u8; n as usize];
+    f.read_exact(&mut tail).ok()?;
+    Some(tail)
+}
+
 /// Whether a PNG file is whole: its `IEND` chunk is there (in its last bytes, as a rule; data
 /// after it is allowed). A PNG cut short decodes to an error mid-recording otherwise.
 pub(crate) fn png_file_complete(path: &Path) -> bool {
-    use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut f) = std::fs::File::open(path) else {
-        return false;
-    };
-    let mut tail = [0u8; 64];
-    let Ok(len) = f.seek(SeekFrom::End(0)) else {
-        return false;
-    };
-    let n = len.min(tail.len() as u64) as usize;
-    if f.seek(SeekFrom::Start(len - n as u64)).is_err() || f.read_exact(&mut tail[..n]).is_err() {
-        return false;
+    let has_end = |b: &[u8]| b.windows(4).any(|w| w == b"IEND");
+    match file_tail(path) {
+        None => false,
+        Some(t) if has_end(&t) => true,
+        Some(_) => std::fs::read(path).is_ok_and(|b| has_end(&b)),
     }
-    if tail[..n].windows(4).any(|w| w == b"IEND") {
-        return true;
-    }
-    std::fs::read(path).is_ok_and(|b| b.windows(4).any(|w| w == b"IEND"))
 }
 
 /// Whether an image file that is a JPEG is whole (see `check_jpeg_complete`), reading only its
 /// last bytes in the common case: what `--skip-bad` checks up front besides the header.
 pub(crate) fn jpeg_file_complete(path: &Path) -> bool {
-    use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut f) = std::fs::File::open(path) else {
+    let Some(tail) = file_tail(path) else {
         return false;
     };
-    let mut tail = [0u8; 64];
-    let Ok(len) = f.seek(SeekFrom::End(0)) else {
-        return false;
-    };
-    let n = len.min(tail.len() as u64) as usize;
-    if f.seek(SeekFrom::Start(len - n as u64)).is_err() || f.read_exact(&mut tail[..n]).is_err() {
-        return false;
-    }
-    let tail = &tail[..n];
     let end = tail
         .iter()
         .rposition(|&b| b != 0 && b != b'\n' && b != b'\r')
