@@ -760,6 +760,41 @@ fn an_unwritable_sae_directory_still_explores() -> TestResult {
     Ok(())
 }
 
+/// `--out` of a grouped sweep, run without `--group`: says so and how to resume (it called
+/// saev's own runs files saev did not write).
+#[test]
+fn a_grouped_sweeps_directory_says_how_to_resume() -> TestResult {
+    let dir = scratch("grouped");
+    let store = store_copy(&dir);
+    let sw = sweep(
+        &dir,
+        &TOPK.replace(
+            r#""sweep": [{"lr": 1e-3}]"#,
+            r#""sweep": [{"lr": 1e-3}, {"lr": 3e-3}]"#,
+        ),
+    );
+    let run = dir.join("run");
+    let out = saev(
+        &dir,
+        &[
+            &"train", &"--store", &store, &"--sweep", &sw, &"--out", &run, &"--group", &"0/2",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = saev(
+        &dir,
+        &[
+            &"train", &"--store", &store, &"--sweep", &sw, &"--out", &run,
+        ],
+    );
+    refused(&out, &["grouped sweep", "--group"]);
+    Ok(())
+}
+
 /// The schema-5 TopK fixture (d 8) imported into `dir/sae`.
 fn import_topk(dir: &Path) -> PathBuf {
     let sae_dir = dir.join("sae");

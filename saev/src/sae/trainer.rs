@@ -331,6 +331,21 @@ fn open_run(
         .iter()
         .any(|c| out.join(c).exists());
     let foreign = !ours && std::fs::read_dir(out).is_ok_and(|mut d| d.next().is_some());
+    // The parent of `--group` runs (`group-0/`, …): saev's, but each group resumes in its own.
+    let grouped = foreign
+        && std::fs::read_dir(out).is_ok_and(|d| {
+            d.flatten().any(|e| {
+                e.file_name().to_string_lossy().starts_with("group-")
+                    && e.path().join("checkpoint").exists()
+            })
+        });
+    if grouped {
+        return Err(Error::output_dir(
+            out,
+            "holds the runs of a grouped sweep (group-0/, …)",
+            "pass --group I/N (the same N) to resume one group, or choose another --out",
+        ));
+    }
     if foreign {
         return Err(Error::output_dir(
             out,
