@@ -115,9 +115,37 @@ fn usizes(v: &V) -> Option<Vec<usize>> {
     }
 }
 
+/// Values in `v` (itself included), counting no further than `limit + 1`.
+fn nodes_up_to(v: &V, limit: usize) -> usize {
+    let mut n = 1;
+    let mut stack = vec![v];
+    while let Some(v) = stack.pop() {
+        if n > limit {
+            break;
+        }
+        match v {
+            V::Tuple(xs) | V::List(xs) => {
+                n += xs.len();
+                stack.extend(xs.iter());
+            }
+            V::Dict(kv) => {
+                n += 2 * kv.len();
+                stack.extend(kv.iter().flat_map(|(k, v)| [k, v]));
+            }
+            _ => {}
+        }
+    }
+    n
+}
+
+/// Values that memo references may copy in all: a state dict's pickle copies a few thousand;
+/// a crafted one that references a list of itself again and again would grow exponentially.
+const MEMO_COPY_BUDGET: usize = 1 << 20;
+
 fn run(p: &mut Pickle) -> Result<V> {
     let mut stack: Vec<V> = Vec::new();
     let mut memo: BTreeMap<u32, V> = BTreeMap::new();
+    let mut copied = 0usize;
     let pop = |stack: &mut Vec<V>, p: &Pickle| stack.pop().ok_or_else(|| p.err("stack underflow"));
     let pop_mark = |stack: &mut Vec<V>, p: &Pickle| -> Result<Vec<V>> {
         let at = stack
@@ -276,9 +304,14 @@ fn run(p: &mut Pickle) -> Result<V> {
                 };
                 let v = memo
                     .get(&i)
-                    .cloned()
                     .ok_or_else(|| p.err(format!("memo {i} missing")))?;
-                stack.push(v);
+                copied += nodes_up_to(v, MEMO_COPY_BUDGET);
+                if copied > MEMO_COPY_BUDGET {
+                    return Err(p.err(format!(
+                        "memo references copy more than {MEMO_COPY_BUDGET} values (a pickle built to exhaust memory?)"
+                    )));
+                }
+                stack.push(v.clone());
             }
             b'Q' => {
                 // BINPERSID: ('storage', <storage type>, key, location, numel)
@@ -616,5 +649,20 @@ mod tests {
             let wv: Vec<f32> = serde_json::from_value(w["values"].clone()).unwrap();
             assert_eq!((shape, values), (&ws, &wv), "{k}");
         }
+    }
+
+    /// A pickle that appends a list to itself through memo references, doubling it each time:
+    /// refused once the copies pass the budget, not an exhausted machine.
+    #[test]
+    fn memo_bombs_are_refused() {
+        // PROTO 2, EMPTY_LIST, BINPUT 0, then 40 × (BINGET 0, BINGET 0, TUPLE2, BINPUT 0), STOP:
+        // each step's tuple holds two copies of the last, 2^40 values in the end.
+        let mut b = vec![0x80, 2, b']', b'q', 0];
+        for _ in 0..40 {
+            b.extend_from_slice(&[b'h', 0, b'h', 0, 0x86, b'q', 0]);
+        }
+        b.push(b'.');
+        let e = run_bytes(&b).unwrap_err().to_string();
+        assert!(e.contains("memo references copy more than"), "{e}");
     }
 }
