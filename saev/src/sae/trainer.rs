@@ -239,6 +239,9 @@ pub fn train_saes_with(
         }
     }
     bar.finish_and_clear();
+    // A stop asked for after the last step has nothing left to stop (and must not stop the
+    // next run of this process).
+    crate::util::interrupt::clear_stop();
     write_back(&devs, &mut states)?;
     snapshot(&mut ck, &states);
     save_checkpoint(out, &states, &ck)?;
