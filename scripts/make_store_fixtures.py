@@ -64,6 +64,20 @@ class Metadata:  # field order of saev HEAD's shards.Metadata
         return hashlib.sha256(orjson.dumps(dataclasses.asdict(self), option=orjson.OPT_SORT_KEYS)).hexdigest()[:8]
 
 
+def write_shards(dir, a, n_tokens, shards_json=True):
+    eps = max_tokens // (n_tokens * len(layers))
+    shards = []
+    for s in range(0, n, eps):
+        name = f"acts{s // eps:06}.bin"
+        mm = np.memmap(dir / name, mode="w+", dtype=np.float32, shape=(eps, len(layers), n_tokens, d))
+        k = min(eps, n - s)
+        mm[:k] = a[s:s + k]
+        mm.flush()
+        del mm
+        shards.append({"name": name, "n_examples": k})
+    return shards
+
+
 def write_21():
     md = Metadata("dinov2", "facebook/dinov2-small", layers, content, cls, d, n, max_tokens, "fixture", "/data/fixture")
     root = OUT / "py21"
@@ -71,16 +85,7 @@ def write_21():
     dir = root / md.hash
     dir.mkdir(parents=True)
     (dir / "metadata.json").write_bytes(orjson.dumps(dataclasses.asdict(md), option=orjson.OPT_INDENT_2))
-    eps = max_tokens // (T * len(layers))
-    shards = []
-    for s in range(0, n, eps):
-        name = f"acts{s // eps:06}.bin"
-        mm = np.memmap(dir / name, mode="w+", dtype=np.float32, shape=(eps, len(layers), T, d))
-        k = min(eps, n - s)
-        mm[:k] = acts[s:s + k]
-        mm.flush()
-        del mm
-        shards.append({"name": name, "n_examples": k})
+    shards = write_shards(dir, acts, T)
     (dir / "shards.json").write_bytes(orjson.dumps(shards, option=orjson.OPT_INDENT_2))
     lab = np.memmap(dir / "labels.bin", mode="w+", dtype=np.uint8, shape=(n, content))
     lab[:] = labels
@@ -106,20 +111,6 @@ def write_paper(name="paper", prefix="vit"):
         mm.flush()
         del mm
     print(f"{name} store:", dir)
-
-
-def write_shards(dir, a, n_tokens, shards_json=True):
-    eps = max_tokens // (n_tokens * len(layers))
-    shards = []
-    for s in range(0, n, eps):
-        name = f"acts{s // eps:06}.bin"
-        mm = np.memmap(dir / name, mode="w+", dtype=np.float32, shape=(eps, len(layers), n_tokens, d))
-        k = min(eps, n - s)
-        mm[:k] = a[s:s + k]
-        mm.flush()
-        del mm
-        shards.append({"name": name, "n_examples": k})
-    return shards
 
 
 def write_v1(name, protocol, with_cls):

@@ -925,11 +925,7 @@ fn an_interrupted_merge_finishes_on_a_rerun() -> TestResult {
         .iter()
         .map(|p| {
             let c = whole.join("parts").join(p.file_name().unwrap());
-            std::fs::create_dir_all(&c).unwrap();
-            for e in std::fs::read_dir(p).unwrap() {
-                let e = e.unwrap();
-                std::fs::copy(e.path(), c.join(e.file_name())).unwrap();
-            }
+            copy_dir(p, &c);
             c
         })
         .collect();

@@ -277,11 +277,7 @@ fn register_model_runs_heads_and_change_rates_from_a_store() -> TestResult {
     assert!((0.0..=1.0).contains(&acc));
     // The same store said to be CLIP's: shapes agree, the family does not; refused by name.
     let other = dir.join("acts-as-clip");
-    std::fs::create_dir_all(&other)?;
-    for e in std::fs::read_dir(store.dir())? {
-        let e = e?;
-        std::fs::copy(e.path(), other.join(e.file_name()))?;
-    }
+    common::copy_dir(store.dir(), &other);
     let md = std::fs::read_to_string(other.join("metadata.json"))?;
     std::fs::write(
         other.join("metadata.json"),
@@ -299,11 +295,7 @@ fn register_model_runs_heads_and_change_rates_from_a_store() -> TestResult {
     // The same store with its classes named in the other order: the head's class 0 would be
     // scored as the store's class 0, silently. Refused before any run.
     let swapped = dir.join("acts-swapped");
-    std::fs::create_dir_all(&swapped)?;
-    for e in std::fs::read_dir(store.dir())? {
-        let e = e?;
-        std::fs::copy(e.path(), swapped.join(e.file_name()))?;
-    }
+    common::copy_dir(store.dir(), &swapped);
     let mut prov: serde_json::Value =
         serde_json::from_slice(&std::fs::read(swapped.join("provenance.json"))?)?;
     assert_eq!(prov["classes"], serde_json::json!(["astronaut", "cat"]));
@@ -427,11 +419,7 @@ fn register_model_runs_heads_and_change_rates_from_a_store() -> TestResult {
     assert!((m.mean_r - 1.0).abs() < 1e-4, "{m}");
     // A store of the same count whose provenance lists other images: refused, not correlated.
     let shuffled = dir.join("acts-other-images");
-    std::fs::create_dir_all(&shuffled)?;
-    for e in std::fs::read_dir(store.dir())? {
-        let e = e?;
-        std::fs::copy(e.path(), shuffled.join(e.file_name()))?;
-    }
+    common::copy_dir(store.dir(), &shuffled);
     let mut prov: serde_json::Value =
         serde_json::from_slice(&std::fs::read(shuffled.join("provenance.json"))?)?;
     let mut sources = prov["sources"].as_array().ok_or("sources")?.clone();
