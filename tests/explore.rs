@@ -130,6 +130,42 @@ fn assert_closed_form(f: &Features) {
     assert_eq!(h[bin(6.0)], if bin(5.0) == bin(6.0) { 2 } else { 1 });
 }
 
+/// 40 examples × 16 patches (4×4) of d = 8 uniform values (in the hand-built store's layout).
+fn random_store(root: &Path, like: &ActivationStore) -> ActivationStore {
+    let (n, p, d) = (40usize, 16usize, 8usize);
+    let md = Metadata {
+        n_examples: n,
+        content_tokens_per_example: p,
+        d_model: d,
+        ..like.metadata().clone()
+    };
+    let acts = saev::__private::uniforms(7, n * (p + 1) * d, 2.0);
+    let mut w = StoreWriter::create(root.join("random"), md, None).unwrap();
+    w.write_examples(0, &acts).unwrap();
+    ActivationStore::open(w.finish().unwrap()).unwrap()
+}
+
+/// A random SAE on [`random_store`]'s width with `s` latents (weights from `seed`).
+fn random_sae(s: usize, activation: SaeActivation, seed: u64) -> Sae {
+    let d = 8;
+    let t = |v: Vec<f32>, shape: &[usize]| Tensor::from_vec(v, shape, &Device::Cpu).unwrap();
+    Sae::new(
+        SaeConfig {
+            schema: SAE_SCHEMA,
+            d_model: d,
+            d_sae: s,
+            activation,
+            norm: None,
+            provenance: serde_json::json!({"layer": -2}),
+        },
+        t(saev::__private::uniforms(seed, d * s, 0.5), &[d, s]),
+        t(saev::__private::uniforms(seed + 1, s, 0.1), &[s]),
+        t(saev::__private::uniforms(seed + 2, s * d, 0.5), &[s, d]),
+        t(vec![0.0; d], &[d]),
+    )
+    .unwrap()
+}
+
 /// The device pass (candle's ops: what runs on a GPU), run on the CPU: the same closed form, and
 /// on a random store with a TopK SAE the same top images as the CPU pass, statistics within
 /// float rounding.
@@ -149,32 +185,9 @@ fn device_feature_pass_matches_the_closed_form_and_the_cpu_pass() -> TestResult 
     let on = Features::compute_on(&sae, &store, -2, &cfg, &Device::Cpu)?;
     assert_closed_form(&on);
 
-    let (n, p, d, s) = (40usize, 16usize, 8usize, 64usize);
-    let md = Metadata {
-        n_examples: n,
-        content_tokens_per_example: p,
-        d_model: d,
-        ..store.metadata().clone()
-    };
-    let acts = saev::__private::uniforms(7, n * (p + 1) * d, 2.0);
-    let mut w = StoreWriter::create(root.join("random"), md, None)?;
-    w.write_examples(0, &acts)?;
-    let store = ActivationStore::open(w.finish()?)?;
-    let t = |v: Vec<f32>, shape: &[usize]| Tensor::from_vec(v, shape, &Device::Cpu);
-    let sae = Sae::new(
-        SaeConfig {
-            schema: SAE_SCHEMA,
-            d_model: d,
-            d_sae: s,
-            activation: SaeActivation::TopK { k: 4, relu: true },
-            norm: None,
-            provenance: serde_json::json!({"layer": -2}),
-        },
-        t(saev::__private::uniforms(8, d * s, 0.5), &[d, s])?,
-        t(saev::__private::uniforms(9, s, 0.1), &[s])?,
-        t(saev::__private::uniforms(10, s * d, 0.5), &[s, d])?,
-        t(vec![0.0; d], &[d])?,
-    )?;
+    let s = 64;
+    let store = random_store(&root, &store);
+    let sae = random_sae(s, SaeActivation::TopK { k: 4, relu: true }, 8);
     let cfg = FeatureConfig::default()
         .with_top_k(5)
         .with_rows_per_batch(100);
@@ -213,6 +226,72 @@ fn device_feature_pass_matches_the_closed_form_and_the_cpu_pass() -> TestResult 
         // a value on an edge may land one bin over.
         let moved: u32 = hc.iter().zip(hd).map(|(a, b)| a.abs_diff(*b)).sum();
         assert!(moved <= 2, "latent {l}: histograms {hc:?} vs {hd:?}");
+    }
+    Ok(())
+}
+
+/// Matching and comparison computed by candle's ops (what runs on a GPU), run on the CPU: the
+/// same matched pairs, best matches and comparison ranking as saev's CPU kernels, correlations
+/// within float rounding. A TopK SAE against a ReLU and a BatchTopK one.
+#[test]
+fn device_matching_and_comparison_match_the_cpu_kernels() -> TestResult {
+    use saev::sae::Compute;
+    let root = tmp("match-device");
+    let (hand, _) = setup(&root);
+    let store = random_store(&root, &hand);
+    let cfg = FeatureConfig::default();
+    let explorer = |sae: Sae| -> saev::Result<Explorer> {
+        let f = Features::compute(&sae, &store, -2, &cfg)?;
+        Explorer::new(sae, &store, f)
+    };
+    let a = explorer(random_sae(48, SaeActivation::TopK { k: 6, relu: true }, 20))?;
+    let candle = |e: &Explorer| e.clone().with_compute(Compute::Candle(Device::Cpu));
+    assert!(matches!(a.device(), Device::Cpu));
+    assert!(matches!(
+        a.clone().with_device(&Device::Cpu).device(),
+        Device::Cpu
+    ));
+    let close = |x: f64, y: f64| (x - y).abs() <= 1e-5;
+    for b in [
+        explorer(random_sae(40, SaeActivation::Relu, 30))?,
+        explorer(random_sae(
+            40,
+            SaeActivation::BatchTopK {
+                k: 4,
+                threshold: 0.3,
+            },
+            40,
+        ))?,
+    ] {
+        let (cpu, dev) = (a.match_latents(&b)?, candle(&a).match_latents(&candle(&b))?);
+        assert!(cpu.pairs.len() > 10, "{cpu}");
+        assert_eq!(cpu.n_live, dev.n_live);
+        let ids = |v: &[(usize, usize, f64)]| v.iter().map(|x| (x.0, x.1)).collect::<Vec<_>>();
+        assert_eq!(ids(&cpu.pairs), ids(&dev.pairs), "{cpu}\n{dev}");
+        assert_eq!(ids(&cpu.best), ids(&dev.best));
+        for (x, y) in cpu
+            .pairs
+            .iter()
+            .zip(&dev.pairs)
+            .chain(cpu.best.iter().zip(&dev.best))
+        {
+            assert!(close(x.2, y.2), "{x:?} vs {y:?}");
+        }
+        assert!(close(cpu.mean_r, dev.mean_r));
+        for latent in [0, 7, 31] {
+            let (c, d) = (
+                a.compare(latent, &b, 5)?,
+                candle(&a).compare(latent, &candle(&b), 5)?,
+            );
+            assert_eq!(
+                c.iter().map(|x| x.0).collect::<Vec<_>>(),
+                d.iter().map(|x| x.0).collect::<Vec<_>>(),
+                "latent {latent}: {c:?} vs {d:?}"
+            );
+            for (x, y) in c.iter().zip(&d) {
+                assert!(close(x.1, y.1), "latent {latent}: {x:?} vs {y:?}");
+            }
+        }
     }
     Ok(())
 }

@@ -8,10 +8,12 @@
 //!    0.999 per token.
 //! 2. SAE training: 20 steps of the device-generic step (TopK + AuxK, ReLU + L1) against the
 //!    CPU kernels from the same start: the loss curves within 1e-3 relative.
-//! 3. The feature pass (random store and SAEs, ReLU and TopK): the same top images as the CPU.
+//! 3. The feature pass (random store and SAEs, ReLU and TopK): the same top images as the CPU;
+//!    cross-SAE matching: the same pairs.
 //! 4. An intervention (tiny DINOv2, random SAE and segmentation head, edits on every patch):
 //!    the same predictions before and after as on the CPU.
-//! 5. Throughput: DINOv2-S/14 (random weights, 224², batch 64) images/s in f32, bf16, f16;
+//! 5. A classifier probe fitted on the device: the CPU fit's weights and accuracy.
+//! 6. Throughput: DINOv2-S/14 (random weights, 224², batch 64) images/s in f32, bf16, f16;
 //!    SAE steps at d = 768, d_sae = 24,576, batch 16,384 (TopK k = 32 and ReLU): steps/s and
 //!    patches/s.
 
@@ -210,7 +212,76 @@ fn feature_pass(dev: &Device) -> Result<bool> {
         );
         ok &= same_top && freq_gap < 1e-4;
     }
+    // Cross-SAE matching on the device (per-image maxima there) against the CPU kernels.
+    let a = random_sae(d, 512, Some(32), -2, "random")?;
+    let b = random_sae(d, 512, None, -2, "random")?;
+    let cfg = FeatureConfig::default();
+    let explorer = |sae: &Sae| -> Result<saev::Explorer> {
+        saev::Explorer::new(
+            sae.clone(),
+            &store,
+            Features::compute(sae, &store, -2, &cfg)?,
+        )
+    };
+    let (ea, eb) = (explorer(&a)?, explorer(&b)?);
+    let cpu = ea.match_latents(&eb)?;
+    let on = ea
+        .clone()
+        .with_device(dev)
+        .match_latents(&eb.clone().with_device(dev))?;
+    let same_pairs = cpu.pairs.iter().map(|p| (p.0, p.1)).collect::<Vec<_>>()
+        == on.pairs.iter().map(|p| (p.0, p.1)).collect::<Vec<_>>();
+    let r_gap = (cpu.mean_r - on.mean_r).abs();
+    println!(
+        "matching   {n} images, 512 × 512 latents: pairs {}, mean r gap {r_gap:.2e}",
+        if same_pairs { "identical" } else { "DIFFER" }
+    );
+    ok &= same_pairs && r_gap < 1e-4;
     Ok(ok)
+}
+
+/// Check 5: a classifier probe fitted on the device (tiny DINOv2 resumed from a recorded store
+/// of 24 labelled crops) against the same fit on the CPU: weights within 1e-3 relative, the
+/// same held-out accuracy.
+fn heads(dev: &Device) -> Result<bool> {
+    let root = fixtures().join("backbone");
+    let tmp = std::env::temp_dir().join(format!("saev-gpu-check-heads-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    for (i, name) in (0..24usize).zip(["astronaut", "chelsea"].iter().cycle()) {
+        let img = saev::load_image(root.join(format!("{name}.png")))?
+            .crop_imm((i * 11) as u32, (i * 5) as u32, 180, 150)
+            .to_rgb8();
+        let p = tmp.join("imgs").join(name).join(format!("{i:02}.png"));
+        std::fs::create_dir_all(p.parent().unwrap_or(&tmp)).map_err(|e| Error::Io {
+            path: p.clone(),
+            source: e,
+        })?;
+        img.save(&p)
+            .map_err(|e| Error::Internal(format!("writing {}: {e}", p.display())))?;
+    }
+    let dir = root.join("tiny-dinov2");
+    let vit = |device: &Device| -> Result<Backbone> {
+        let v = Backbone::from_dir(&dir, device)?;
+        Ok(v.clone()
+            .with_preprocess(v.preprocess().clone().with_size(16)))
+    };
+    let ds = saev::Dataset::open(tmp.join("imgs"), None, false)?;
+    let store = ActivationStore::open(saev::record::record_activations(
+        &vit(&Device::Cpu)?,
+        &ds,
+        tmp.join("acts"),
+        &saev::record::WriterConfig::default().with_batch_size(8),
+    )?)?;
+    let cfg = saev::intervene::HeadConfig::default();
+    let (hc, acc_c) = Head::train_classifier(&vit(&Device::Cpu)?, &store, -2, &cfg)?;
+    let (hd, acc_d) = Head::train_classifier(&vit(dev)?, &store, -2, &cfg)?;
+    let on_device = hd.device().same_device(dev);
+    let (wc, wd) = (hc.to_device(&Device::Cpu)?, hd.to_device(&Device::Cpu)?);
+    let gap = rel_diff(wc.weights().0, wd.weights().0)?;
+    println!(
+        "probe (tiny DINOv2, 24 crops): held-out accuracy {acc_c:.3} CPU vs {acc_d:.3}, W gap {gap:.2e}, weights on the device: {on_device}"
+    );
+    Ok(on_device && gap < 1e-3 && acc_c == acc_d)
 }
 
 /// Check 4: an intervention (suppress a latent on every patch, tiny DINOv2 + a random SAE and
@@ -422,19 +493,21 @@ fn main() -> Result<()> {
     let ok_t = training(&dev)?;
     let ok_f = feature_pass(&dev)?;
     let ok_i = interventions(&dev)?;
+    let ok_h = heads(&dev)?;
     let verdict = |ok: bool| if ok { "PASS" } else { "FAIL" };
     println!(
-        "equivalence: backbones {}, training {}, feature pass {}, interventions {} ({:.1} s)",
+        "equivalence: backbones {}, training {}, feature pass + matching {}, interventions {}, heads {} ({:.1} s)",
         verdict(ok_b),
         verdict(ok_t),
         verdict(ok_f),
         verdict(ok_i),
+        verdict(ok_h),
         t0.elapsed().as_secs_f64()
     );
     if std::env::var_os("SAEV_GPU_CHECK_SKIP_THROUGHPUT").is_none() {
         throughput(&dev)?;
     }
-    if ok_b && ok_t && ok_f && ok_i {
+    if ok_b && ok_t && ok_f && ok_i && ok_h {
         Ok(())
     } else {
         Err(Error::Internal(

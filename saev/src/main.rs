@@ -151,6 +151,8 @@ struct MatchArgs {
     /// Write the whole result (best matches, matched pairs) as JSON here.
     #[arg(long)]
     out: Option<PathBuf>,
+    #[command(flatten)]
+    device: DeviceArg,
 }
 
 /// Arguments of `saev browse`.
@@ -174,6 +176,8 @@ struct BrowseArgs {
     /// Write into an --out that holds files saev did not write.
     #[arg(long)]
     force: bool,
+    #[command(flatten)]
+    device: DeviceArg,
 }
 
 /// Arguments of `saev quickstart`.
@@ -598,6 +602,7 @@ fn match_saes(
         other_sae,
         other_store,
         out,
+        device,
     }: MatchArgs,
 ) -> saev::Result<()> {
     // Checked before the work, and again before writing.
@@ -613,8 +618,9 @@ fn match_saes(
         saev::ActivationStore::open(&store)?,
         saev::ActivationStore::open(&other_store)?,
     );
-    let a = saev::Explorer::open(sae_dir(&sae, &sa)?, &sa)?;
-    let b = saev::Explorer::open(sae_dir(&other_sae, &sb)?, &sb)?;
+    let device = device.open()?;
+    let a = saev::Explorer::open_on(sae_dir(&sae, &sa)?, &sa, &device)?;
+    let b = saev::Explorer::open_on(sae_dir(&other_sae, &sb)?, &sb, &device)?;
     let m = a.match_latents(&b)?;
     println!("{m}");
     if let Some(path) = out {
@@ -894,10 +900,11 @@ fn browse(
         max_pages,
         n_images,
         force,
+        device,
     }: BrowseArgs,
 ) -> saev::Result<()> {
     let store = saev::ActivationStore::open(&store)?;
-    let ex = saev::Explorer::open(sae_dir(&sae, &store)?, &store)?;
+    let ex = saev::Explorer::open_on(sae_dir(&sae, &store)?, &store, &device.open()?)?;
     let mut cfg = saev::explore::BrowseConfig::default()
         .with_n_images(n_images)
         .with_force(force);
@@ -1029,7 +1036,7 @@ fn causal(
 ) -> saev::Result<()> {
     let store = saev::ActivationStore::open(&store)?;
     let vit = store_backbone(model, &store, &device.open()?)?;
-    let ex = saev::Explorer::open(sae_dir(&sae, &store)?, &store)?;
+    let ex = saev::Explorer::open_on(sae_dir(&sae, &store)?, &store, vit.device())?;
     let head = saev::Head::load(&head)?;
     head.check_store(&store)?;
     let layer = ex.features().layer();

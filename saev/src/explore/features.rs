@@ -30,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Computing, Error, Result};
 use crate::sae::linalg::{gemm, topk_keep_mask, Mat};
 use crate::sae::model::{Sae, SaeActivation};
+use crate::sae::Compute;
 use crate::store::{ActivationStore, Tokens};
 use crate::util::checkpoint;
 
@@ -297,6 +298,66 @@ impl Encoder {
     }
 }
 
+/// Where the explorer's passes over a store compute codes: saev's CPU kernels ([`Encoder`]), or
+/// candle's ops on a device (a GPU; or the CPU, to check it against the kernels), where the codes
+/// stay and only per-example maxima come back.
+pub(crate) enum CodeEngine {
+    Cpu(Encoder),
+    Candle(Sae),
+}
+
+impl CodeEngine {
+    /// The engine `compute` names, with `sae`'s encoder.
+    pub(crate) fn new(sae: &Sae, compute: &Compute) -> Result<Self> {
+        Ok(match compute {
+            Compute::CpuKernels => CodeEngine::Cpu(Encoder::new(sae)?),
+            Compute::Candle(dev) => CodeEngine::Candle(sae.to_device(dev)?),
+        })
+    }
+
+    /// Codes `[n, s]` (row-major, on the host) of raw vectors `x` `[n, d]`.
+    pub(crate) fn codes(&self, x: Vec<f32>) -> Result<Vec<f32>> {
+        match self {
+            CodeEngine::Cpu(enc) => {
+                let (mut x, mut out) = (x, Vec::new());
+                enc.encode(&mut x, &mut out);
+                Ok(out)
+            }
+            CodeEngine::Candle(sae) => {
+                let n = x.len() / sae.d_model().max(1);
+                let xt = Tensor::from_vec(x, (n, sae.d_model()), sae.device())?;
+                Ok(sae.encode(&xt)?.flatten_all()?.to_vec1()?)
+            }
+        }
+    }
+
+    /// Each example's max code of every latent over its `p` rows: `x` `[n_ex · p, d]` raw
+    /// vectors → `[n_ex, s]`, row-major.
+    pub(crate) fn example_maxima(&self, x: Vec<f32>, p: usize) -> Result<Vec<f32>> {
+        match self {
+            CodeEngine::Cpu(enc) => {
+                let s = enc.s;
+                let codes = self.codes(x)?;
+                let n_ex = codes.len() / (p * s).max(1);
+                let mut out = vec![f32::NEG_INFINITY; n_ex * s];
+                out.par_chunks_mut(s.max(1)).enumerate().for_each(|(e, m)| {
+                    for r in codes[e * p * s..(e + 1) * p * s].chunks_exact(s) {
+                        m.iter_mut().zip(r).for_each(|(a, &b)| *a = a.max(b));
+                    }
+                });
+                Ok(out)
+            }
+            CodeEngine::Candle(sae) => {
+                let (d, s) = (sae.d_model(), sae.d_sae());
+                let n_ex = x.len() / (p * d).max(1);
+                let xt = Tensor::from_vec(x, (n_ex * p, d), sae.device())?;
+                let codes = sae.encode(&xt)?.reshape((n_ex, p, s))?;
+                Ok(codes.max(1)?.flatten_all()?.to_vec1()?)
+            }
+        }
+    }
+}
+
 fn check_width(sae: &Sae, store: &ActivationStore) -> Result<()> {
     if sae.d_model() != store.d_model() {
         return Err(Error::Shape {
@@ -372,44 +433,37 @@ impl Features {
         let (d, s, p) = (sae.d_model(), sae.d_sae(), store.n_patches());
         let (k, nb) = (top_k(cfg, store), cfg.n_bins.max(1));
         let bin_w = f64::from(cfg.hist_hi - cfg.hist_lo) / nb as f64;
-        // Bin b ≥ 1 starts at 10^(lo + b·w): a value's bin = how many starts it reaches.
-        let starts: Vec<f64> = (1..nb)
-            .map(|b| 10f64.powf(f64::from(cfg.hist_lo) + b as f64 * bin_w))
-            .collect();
         let mut all = Block::new(0, s, nb, k);
         let per = (cfg.rows_per_batch / p.max(1)).max(1);
         let bar = crate::util::progress::bar((store.n_examples() * p) as u64, "patches");
-        let per_latent = |t: Tensor| -> Result<Vec<f32>> { Ok(t.to_vec1::<f32>()?) };
         for (e0, x) in store.ordered(layer, Tokens::Patches, per)? {
             let n_ex = x.len() / d / p;
             finite_or_named(&x, e0, d, layer, store)?;
             let pass = || -> Result<()> {
                 let xt = Tensor::from_vec(x, (n_ex * p, d), device)?;
                 let codes = sae_d.encode(&xt)?;
-                let pos = codes.gt(0.0)?.to_dtype(DType::F32)?;
-                let count = per_latent(pos.sum(0)?)?;
-                let sum = per_latent(codes.relu()?.sum(0)?)?;
-                // reached[b][i]: codes of latent i at or above bin b + 1's start.
-                let reached = starts
-                    .iter()
-                    .map(|&t| Ok(codes.ge(t)?.to_dtype(DType::F32)?.sum(0)?))
-                    .collect::<Result<Vec<_>>>()?;
-                let reached: Vec<Vec<f32>> = if reached.is_empty() {
-                    Vec::new()
-                } else {
-                    Tensor::stack(&reached, 0)?.to_vec2()?
-                };
+                let sum: Vec<f32> = codes.relu()?.sum(0)?.to_vec1()?;
+                // One pass for the histogram: each positive code's bin, floor((log10 v − lo) /
+                // w) clamped to the bins; the others get u32::MAX, which scatter_add skips.
+                // Counted per latent column ([n, s] → [nb, s]): one thread per latent on a GPU.
+                let bins = ((codes.log()? * (1.0 / std::f64::consts::LN_10))?
+                    .affine(1.0 / bin_w, -f64::from(cfg.hist_lo) / bin_w)?
+                    .floor()?
+                    .clamp(0.0, (nb - 1) as f64)?
+                    .to_dtype(DType::U32))?;
+                let skip = Tensor::full(u32::MAX, bins.shape(), device)?;
+                let bins = codes.gt(0.0)?.where_cond(&bins, &skip)?;
+                let hist: Vec<Vec<f32>> = Tensor::zeros((nb, s), DType::F32, device)?
+                    .scatter_add(&bins, &codes.ones_like()?, 0)?
+                    .to_vec2()?;
                 let ex_max: Vec<Vec<f32>> = codes.reshape((n_ex, p, s))?.max(1)?.to_vec2()?;
                 for i in 0..s {
-                    let c = count[i].round() as u64;
-                    all.count[i] += c;
-                    all.sum[i] += f64::from(sum[i]);
-                    let mut below = c;
-                    for b in 0..nb {
-                        let above = reached.get(b).map_or(0, |r| r[i].round() as u64);
-                        all.hist[i * nb + b] += (below - above.min(below)) as u32;
-                        below = above.min(below);
+                    for (b, h) in hist.iter().enumerate() {
+                        let c = h[i].round() as u32;
+                        all.hist[i * nb + b] += c;
+                        all.count[i] += u64::from(c);
                     }
+                    all.sum[i] += f64::from(sum[i]);
                 }
                 for (e, row) in ex_max.iter().enumerate() {
                     for (i, &v) in row.iter().enumerate() {
@@ -790,5 +844,73 @@ impl fmt::Debug for Features {
             self.inner.h.n_examples,
             self.layer()
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sae::model::{SaeConfig, SAE_SCHEMA};
+    use crate::util::rng::uniforms;
+
+    /// The candle engine (what runs on a GPU; here on the CPU) gives the CPU kernels' codes and
+    /// per-example maxima for every activation (TopK without ReLU keeps negative values).
+    #[test]
+    fn candle_codes_and_maxima_equal_the_cpu_kernels() {
+        let (d, s, n, p) = (8usize, 40usize, 24usize, 4usize);
+        let t = |v: Vec<f32>, shape: &[usize]| Tensor::from_vec(v, shape, &Device::Cpu).unwrap();
+        let x = uniforms(1, n * d, 2.0);
+        for act in [
+            SaeActivation::Relu,
+            SaeActivation::TopK { k: 5, relu: true },
+            SaeActivation::TopK { k: 30, relu: false },
+            SaeActivation::BatchTopK {
+                k: 5,
+                threshold: 0.2,
+            },
+            SaeActivation::JumpRelu,
+        ] {
+            let cfg = SaeConfig {
+                schema: SAE_SCHEMA,
+                d_model: d,
+                d_sae: s,
+                activation: act.clone(),
+                norm: Some(crate::sae::model::SaeNorm {
+                    mean: uniforms(2, d, 0.5),
+                    scalar: 1.7,
+                }),
+                provenance: serde_json::json!({}),
+            };
+            let w = (
+                t(uniforms(3, d * s, 0.5), &[d, s]),
+                t(uniforms(4, s, 0.3), &[s]),
+                t(uniforms(5, s * d, 0.5), &[s, d]),
+                t(vec![0.0; d], &[d]),
+            );
+            let sae = if act == SaeActivation::JumpRelu {
+                let theta = uniforms(6, s, 0.2).iter().map(|v| v.abs()).collect();
+                Sae::new_jump_relu(cfg, w.0, w.1, w.2, w.3, t(theta, &[s])).unwrap()
+            } else {
+                Sae::new(cfg, w.0, w.1, w.2, w.3).unwrap()
+            };
+            let cpu = CodeEngine::new(&sae, &Compute::CpuKernels).unwrap();
+            let dev = CodeEngine::new(&sae, &Compute::Candle(Device::Cpu)).unwrap();
+            let (a, b) = (cpu.codes(x.clone()).unwrap(), dev.codes(x.clone()).unwrap());
+            let (ma, mb) = (
+                cpu.example_maxima(x.clone(), p).unwrap(),
+                dev.example_maxima(x.clone(), p).unwrap(),
+            );
+            assert_eq!((a.len(), ma.len()), (n * s, n / p * s), "{act:?}");
+            assert!(
+                a.iter().filter(|v| **v != 0.0).count() > n,
+                "{act:?}: codes fire"
+            );
+            for (u, v) in a.iter().zip(&b).chain(ma.iter().zip(&mb)) {
+                assert!((u - v).abs() <= 1e-5, "{act:?}: {u} vs {v}");
+            }
+            if act == (SaeActivation::TopK { k: 30, relu: false }) {
+                assert!(a.iter().any(|v| *v < 0.0), "negative kept values exercised");
+            }
+        }
     }
 }

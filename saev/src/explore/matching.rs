@@ -19,7 +19,7 @@ use std::fmt;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::features::Encoder;
+use super::features::CodeEngine;
 use super::Explorer;
 use crate::error::{Error, Result};
 use crate::sae::linalg::{gemm, Mat};
@@ -67,25 +67,18 @@ impl fmt::Display for LatentMatching {
     }
 }
 
-/// Per-image max activation of every latent: `[n_images, d_sae]`, row-major.
+/// Per-image max activation of every latent: `[n_images, d_sae]`, row-major, computed where
+/// `ex` computes.
 fn image_maxima(ex: &Explorer) -> Result<Vec<f32>> {
-    let (store, enc) = (ex.store(), Encoder::new(ex.sae())?);
-    let (p, s) = (store.n_patches(), enc.s);
+    let store = ex.store();
+    let engine = CodeEngine::new(ex.sae(), ex.compute())?;
+    let (p, s) = (store.n_patches(), ex.sae().d_sae());
     let mut out = Vec::with_capacity(store.n_examples() * s);
-    let mut codes = Vec::new();
     let bar = crate::util::progress::bar(store.n_examples() as u64, "image maxima");
-    for (_, mut x) in store.ordered(ex.features().layer(), Tokens::Patches, 16)? {
-        enc.encode(&mut x, &mut codes);
-        let n = codes.len() / (p * s);
-        for e in 0..n {
-            let rows = &codes[e * p * s..(e + 1) * p * s];
-            let mut m = vec![f32::NEG_INFINITY; s];
-            for r in rows.chunks_exact(s) {
-                m.iter_mut().zip(r).for_each(|(a, &b)| *a = a.max(b));
-            }
-            out.extend(m);
-        }
-        bar.inc(n as u64);
+    for (_, x) in store.ordered(ex.features().layer(), Tokens::Patches, 16)? {
+        let m = engine.example_maxima(x, p)?;
+        bar.inc((m.len() / s.max(1)) as u64);
+        out.extend(m);
     }
     bar.finish_and_clear();
     Ok(out)

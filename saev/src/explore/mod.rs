@@ -31,6 +31,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use candle_core::Device;
 use image::{DynamicImage, RgbImage};
 use polars::prelude::DataFrame;
 
@@ -39,6 +40,7 @@ use crate::backbone::preprocess::Preprocess;
 use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::sae::model::Sae;
+use crate::sae::Compute;
 use crate::store::ActivationStore;
 use crate::util::paths::text_to_path;
 
@@ -50,6 +52,8 @@ pub struct Explorer {
     features: Features,
     layer: i64,
     views: Arc<Views>,
+    /// Where the passes over the store (matching, comparison) encode.
+    compute: Compute,
 }
 
 /// Loads the images behind a store's examples, as the model saw them.
@@ -157,6 +161,16 @@ impl Explorer {
     /// the feature pass (default settings) and saves it there. The layer is the one in the
     /// SAE's provenance (else the store's last recorded layer).
     pub fn open(sae_dir: impl AsRef<Path>, store: &ActivationStore) -> Result<Self> {
+        Self::open_on(sae_dir, store, &Device::Cpu)
+    }
+
+    /// [`Explorer::open`] computing on `device` (a GPU: the feature pass when it runs, and the
+    /// passes of [`Explorer::match_latents`] and [`Explorer::compare`]).
+    pub fn open_on(
+        sae_dir: impl AsRef<Path>,
+        store: &ActivationStore,
+        device: &Device,
+    ) -> Result<Self> {
         let dir = sae_dir.as_ref();
         let sae = Sae::load(dir)?;
         let layer = sae
@@ -181,7 +195,7 @@ impl Explorer {
             }
             f
         } else {
-            let f = Features::compute(&sae, store, layer, &FeatureConfig::default())?;
+            let f = Features::compute_on(&sae, store, layer, &FeatureConfig::default(), device)?;
             // Kept beside the SAE for the next time; an SAE directory that cannot be written
             // (read-only, shared) still explores, from memory.
             if let Err(e) = f.save(dir) {
@@ -191,7 +205,7 @@ impl Explorer {
             }
             f
         };
-        Self::new(sae, store, features)
+        Ok(Self::new(sae, store, features)?.with_device(device))
     }
 
     /// From parts already in memory.
@@ -209,7 +223,33 @@ impl Explorer {
             sae,
             store: store.clone(),
             features,
+            compute: Compute::CpuKernels,
         })
+    }
+
+    /// The same explorer computing on `device`: saev's CPU kernels on the CPU, candle's ops
+    /// elsewhere ([`Compute::for_device`]).
+    pub fn with_device(self, device: &Device) -> Self {
+        self.with_compute(Compute::for_device(device))
+    }
+
+    /// The same explorer computing with `compute` (e.g. candle's ops on the CPU, to check them
+    /// against the kernels).
+    pub fn with_compute(mut self, compute: Compute) -> Self {
+        self.compute = compute;
+        self
+    }
+
+    /// Where the explorer's passes over the store compute.
+    pub fn device(&self) -> Device {
+        match &self.compute {
+            Compute::CpuKernels => Device::Cpu,
+            Compute::Candle(d) => d.clone(),
+        }
+    }
+
+    pub(crate) fn compute(&self) -> &Compute {
+        &self.compute
     }
 
     /// The SAE.

@@ -20,14 +20,14 @@
 use std::fmt;
 
 use image::DynamicImage;
-use rayon::prelude::*;
 
-use super::features::Encoder;
+use super::features::CodeEngine;
 use super::picture::{ExemplarGrid, Heatmap};
 use super::Explorer;
 use crate::backbone::Backbone;
 use crate::error::{Error, Result};
 use crate::sae::eval::DENSE_FREQ;
+use crate::sae::Compute;
 use crate::store::Tokens;
 use crate::util::display::{base64, emit_text};
 
@@ -132,11 +132,10 @@ impl Explorer {
         let pixels = vit.pixels(std::slice::from_ref(image))?;
         let acts = vit.record(&pixels, &[layer])?; // [1, 1, T, D]
         let t = acts.dims()[2];
-        let mut x: Vec<f32> = acts.narrow(2, t - p, p)?.flatten_all()?.to_vec1()?;
-        let enc = Encoder::new(self.sae())?;
-        let mut codes = Vec::new();
-        enc.encode(&mut x, &mut codes);
-        let s = enc.s;
+        let x: Vec<f32> = acts.narrow(2, t - p, p)?.flatten_all()?.to_vec1()?;
+        // Encoded where the backbone ran.
+        let codes = CodeEngine::new(self.sae(), &Compute::for_device(vit.device()))?.codes(x)?;
+        let s = self.sae().d_sae();
         let freq = self.features().freq();
         let mut score = vec![0f32; s];
         for &q in patches {
@@ -184,38 +183,27 @@ impl Explorer {
                 format!("0..{} (d_sae)", self.sae().d_sae()),
             ));
         }
-        let (ea, eb) = (Encoder::new(self.sae())?, Encoder::new(other.sae())?);
+        let ea = CodeEngine::new(self.sae(), self.compute())?;
+        let eb = CodeEngine::new(other.sae(), other.compute())?;
         let (pa, pb) = (sa.n_patches(), sb.n_patches());
-        let s = eb.s;
+        let (sa_s, s) = (self.sae().d_sae(), other.sae().d_sae());
         let per = 16;
         let (mut sx, mut sxx) = (0f64, 0f64);
         let (mut sy, mut syy, mut sxy) = (vec![0f64; s], vec![0f64; s], vec![0f64; s]);
         let mut n = 0f64;
         let it_b = sb.ordered(other.features().layer(), Tokens::Patches, per)?;
-        let (mut ca, mut cb) = (Vec::new(), Vec::new());
-        for ((_, mut xa), (_, mut xb)) in sa
+        for ((_, xa), (_, xb)) in sa
             .ordered(self.features().layer(), Tokens::Patches, per)?
             .zip(it_b)
         {
-            ea.encode(&mut xa, &mut ca);
-            eb.encode(&mut xb, &mut cb);
-            let n_ex = xa.len() / ea.d / pa;
-            for e in 0..n_ex {
-                let a = (0..pa)
-                    .map(|r| ca[(e * pa + r) * ea.s + latent])
-                    .fold(0f32, f32::max) as f64;
-                let bmax: Vec<f32> = (0..s)
-                    .into_par_iter()
-                    .map(|j| {
-                        (0..pb)
-                            .map(|r| cb[(e * pb + r) * s + j])
-                            .fold(0f32, f32::max)
-                    })
-                    .collect();
+            let (ma, mb) = (ea.example_maxima(xa, pa)?, eb.example_maxima(xb, pb)?);
+            for (ra, rb) in ma.chunks_exact(sa_s).zip(mb.chunks_exact(s)) {
+                // Codes are ≥ 0 but for a TopK without ReLU: its maxima count from 0.
+                let a = f64::from(ra[latent].max(0.0));
                 sx += a;
                 sxx += a * a;
                 for j in 0..s {
-                    let b = f64::from(bmax[j]);
+                    let b = f64::from(rb[j].max(0.0));
                     sy[j] += b;
                     syy[j] += b * b;
                     sxy[j] += a * b;

@@ -251,6 +251,16 @@ impl Head {
         self.meta.kind
     }
 
+    /// The weights: `W` `[d, C]` and `b` `[C]`.
+    pub fn weights(&self) -> (&Tensor, &Tensor) {
+        (&self.w, &self.b)
+    }
+
+    /// Where the head's weights live (a trained head: where its backbone ran).
+    pub fn device(&self) -> &candle_core::Device {
+        self.w.device()
+    }
+
     /// The same head with its weights on `device`.
     pub fn to_device(&self, device: &candle_core::Device) -> Result<Self> {
         Ok(Self {
@@ -284,7 +294,8 @@ impl Head {
 
     /// Train a classifier probe (kind from `cfg`, CLS by default) on the store's labelled
     /// examples (`holdout_frac` of them held out at random, seeded); returns the head and its
-    /// held-out accuracy.
+    /// held-out accuracy. Computes on `vit`'s device (the backbone resumes there, and the fit
+    /// runs there too); the head's weights stay there.
     pub fn train_classifier(
         vit: &Backbone,
         store: &ActivationStore,
@@ -340,8 +351,16 @@ impl Head {
             });
         }
         let split = Split::new(store.n_examples(), cfg)?;
-        fit(x, y, &split, 1, prov.classes.clone(), vit.name(), cfg)
-            .computing(|| format!("fitting a {:?} probe", cfg.kind))
+        fit(
+            x,
+            y,
+            &split,
+            1,
+            prov.classes.clone(),
+            (vit.name(), vit.device()),
+            cfg,
+        )
+        .computing(|| format!("fitting a {:?} probe", cfg.kind))
     }
 
     /// Train a patch segmenter on a store with per-patch labels (ADE20K layout); returns the
@@ -396,7 +415,7 @@ impl Head {
         };
         let x = final_inputs(vit, store, layer, HeadKind::Segmenter)?;
         let split = Split::new(store.n_examples(), &cfg)?;
-        fit(x, y, &split, p, classes, vit.name(), &cfg)
+        fit(x, y, &split, p, classes, (vit.name(), vit.device()), &cfg)
             .computing(|| "fitting a patch segmenter".to_string())
     }
 
@@ -587,14 +606,14 @@ pub(crate) fn recorded_registers(
 
 /// Softmax regression on rows `x` (`[n_rows, d]`) with labels `y` (None = skip); rows of the
 /// split's training examples train, those of its held-out examples score. `rows_per_example`:
-/// 1 or P.
+/// 1 or P. Fitted on `dev` (the backbone's device); the head stays there.
 fn fit(
     x: Vec<f32>,
     y: Vec<Option<u32>>,
     split: &Split,
     rows_per_example: usize,
     classes: Vec<String>,
-    backbone: &str,
+    (backbone, dev): (&str, &Device),
     cfg: &HeadConfig,
 ) -> Result<(Head, f64)> {
     let n_rows = y.len();
@@ -603,7 +622,6 @@ fn fit(
     if c < 2 {
         return Err(Error::out_of_range("head classes", c, "≥ 2"));
     }
-    let dev = Device::Cpu;
     let rows = |ids: &[usize]| -> Vec<usize> {
         ids.iter()
             .flat_map(|&e| e * rows_per_example..(e + 1) * rows_per_example)
@@ -618,9 +636,9 @@ fn fit(
             "",
         ));
     }
-    let xt = Tensor::from_vec(x, (n_rows, d), &dev)?;
-    let mut w = Tensor::zeros((d, c), DType::F32, &dev)?;
-    let mut b = Tensor::zeros(c, DType::F32, &dev)?;
+    let xt = Tensor::from_vec(x, (n_rows, d), dev)?;
+    let mut w = Tensor::zeros((d, c), DType::F32, dev)?;
+    let mut b = Tensor::zeros(c, DType::F32, dev)?;
     let (mut mw, mut vw) = (w.zeros_like()?, w.zeros_like()?);
     let (mut mb, mut vb) = (b.zeros_like()?, b.zeros_like()?);
     let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8f64);
@@ -638,7 +656,7 @@ fn fit(
             let idx = Tensor::from_vec(
                 chunk.iter().map(|&r| r as u32).collect::<Vec<_>>(),
                 chunk.len(),
-                &dev,
+                dev,
             )?;
             let xb = xt.index_select(&idx, 0)?;
             let mut onehot = vec![0f32; chunk.len() * c];
@@ -649,7 +667,7 @@ fn fit(
                     onehot[i * c + l] = 1.0;
                 }
             }
-            let yb = Tensor::from_vec(onehot, (chunk.len(), c), &dev)?;
+            let yb = Tensor::from_vec(onehot, (chunk.len(), c), dev)?;
             let p = candle_nn::ops::softmax_last_dim(&xb.matmul(&w)?.broadcast_add(&b)?)?;
             let g = ((p - yb)? / chunk.len() as f64)?;
             let gw = (xb.t()?.matmul(&g)? + (&w * cfg.weight_decay)?)?;
@@ -687,7 +705,7 @@ fn fit(
         let idx = Tensor::from_vec(
             test.iter().map(|&r| r as u32).collect::<Vec<_>>(),
             test.len(),
-            &dev,
+            dev,
         )?;
         let pred: Vec<u32> = head
             .probs(&xt.index_select(&idx, 0)?)?
@@ -818,7 +836,7 @@ mod tests {
         };
         let split = Split::new(n, &cfg).unwrap();
         assert_eq!((split.train_ids.len(), split.test_ids.len()), (90, 30));
-        let (h, acc) = fit(x, y, &split, 1, classes, "synthetic", &cfg).unwrap();
+        let (h, acc) = fit(x, y, &split, 1, classes, ("synthetic", &Device::Cpu), &cfg).unwrap();
         assert_eq!(acc, 1.0);
         assert_eq!(h.held_out().unwrap(), Examples::held_out(30, 0));
         let dir = std::env::temp_dir().join(format!("saev-head-{}", std::process::id()));
