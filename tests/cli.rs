@@ -149,6 +149,23 @@ fn device_flag_and_env_are_clear() -> TestResult {
             "{stderr}"
         );
     }
+    // Every command that computes on a GPU takes the flag.
+    for cmd in [
+        "train",
+        "activations",
+        "record",
+        "features",
+        "probe",
+        "causal",
+        "match",
+        "browse",
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_saev"))
+            .args([cmd, "--help"])
+            .output()?;
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(help.contains("--device <DEVICE>"), "saev {cmd}: {help}");
+    }
     Ok(())
 }
 
