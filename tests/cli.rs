@@ -159,6 +159,7 @@ fn device_flag_and_env_are_clear() -> TestResult {
         "causal",
         "match",
         "browse",
+        "quickstart",
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_saev"))
             .args([cmd, "--help"])

@@ -205,6 +205,8 @@ struct QuickstartArgs {
     /// instead of refusing.
     #[arg(long)]
     fresh: bool,
+    #[command(flatten)]
+    device: DeviceArg,
 }
 
 /// Arguments of `saev composite`.
@@ -923,6 +925,7 @@ fn quickstart(
         n_patches,
         max_pages,
         fresh,
+        device,
     }: QuickstartArgs,
 ) -> saev::Result<()> {
     saev::install_stop_handlers()?;
@@ -934,6 +937,8 @@ fn quickstart(
         .with_fresh(fresh);
     cfg.model = model;
     cfg.data = data;
+    cfg.device = device.device.clone();
+    device.open()?; // names the device, or refuses a bad spec before any work
     let s = saev::quickstart(&cfg)?;
     let text = std::fs::read_to_string(&s.summary).unwrap_or_default();
     println!("{text}");

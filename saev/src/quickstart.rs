@@ -23,7 +23,7 @@ use crate::error::{writable_dir, Error, IoContext, Result};
 use crate::explore::browse::{write_browser, BrowseConfig};
 use crate::explore::Explorer;
 use crate::record::{record_activations, WriterConfig};
-use crate::sae::trainer::{train_saes, Setting, TrainConfig};
+use crate::sae::trainer::{train_saes_on, Setting, TrainConfig};
 use crate::store::ActivationStore;
 
 const FMNIST_IMAGES: &[u8] =
@@ -77,6 +77,9 @@ pub struct QuickstartConfig {
     /// When `out` holds a quickstart of other inputs, work in the first free `out/run-N`
     /// (reusing one made from the same inputs) instead of refusing. Default false.
     pub fresh: bool,
+    /// Where to compute (`cpu`, `cuda`, `cuda:N`, `auto`). Default: `$SAEV_DEVICE`, else `auto`.
+    /// Not an input of the results: a rerun on another device reuses them.
+    pub device: Option<String>,
 }
 
 impl Default for QuickstartConfig {
@@ -90,6 +93,7 @@ impl Default for QuickstartConfig {
             expansion: 16,
             max_pages: 300,
             fresh: false,
+            device: None,
         }
     }
 }
@@ -135,6 +139,11 @@ impl QuickstartConfig {
     /// Work in a fresh `out/run-N` when `out` holds a quickstart of other inputs.
     pub fn with_fresh(mut self, fresh: bool) -> Self {
         self.fresh = fresh;
+        self
+    }
+    /// Compute on this device (`cpu`, `cuda`, `cuda:N`, `auto`).
+    pub fn with_device(mut self, device: impl Into<String>) -> Self {
+        self.device = Some(device.into());
         self
     }
     /// A small run (for tests and CI): `n_images` images, few patches, 4× expansion.
@@ -334,7 +343,8 @@ pub fn quickstart(cfg: &QuickstartConfig) -> Result<QuickstartSummary> {
             .display()
             .to_string(),
     };
-    let vit = Backbone::open(&model)?;
+    let device = crate::util::device::device_from_env(cfg.device.as_deref())?;
+    let vit = Backbone::open_on(&model, &device)?;
     eprintln!("      {vit:?}");
     eprintln!("[2/5] activations of block -2");
     let data_dir = match &cfg.data {
@@ -363,11 +373,11 @@ pub fn quickstart(cfg: &QuickstartConfig) -> Result<QuickstartSummary> {
         "topk32-x{}-{}-b{}",
         cfg.expansion, cfg.n_patches, train.batch_size
     ));
-    let run = train_saes(&store, &train, &run_dir)?;
+    let run = train_saes_on(&store, &train, &run_dir, &device)?;
     let sae_dir = run_dir.join("0");
     let ev = run.evals.first().cloned().flatten();
     eprintln!("[4/5] feature pass");
-    let ex = Explorer::open(&sae_dir, &store)?;
+    let ex = Explorer::open_on(&sae_dir, &store, &device)?;
     let f = ex.features();
     let live = f.live();
     let median_purity = {
