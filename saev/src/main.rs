@@ -364,6 +364,9 @@ struct ActivationsArgs {
     /// Record only the first N images.
     #[arg(long, value_parser = positive)]
     limit: Option<usize>,
+    /// Image decoding threads (default: 2 with the model on the CPU, every core on a GPU).
+    #[arg(long, value_parser = positive)]
+    readers: Option<usize>,
     /// Skip files whose image header does not decode, or that are cut short (a JPEG without
     /// its end marker, a PNG without IEND); otherwise they are an error.
     #[arg(long)]
@@ -693,7 +696,9 @@ fn activations(a: ActivationsArgs) -> saev::Result<()> {
         .with_layers(a.layers)
         .with_batch_size(a.batch_size)
         .with_max_tokens_per_shard(a.max_tokens_per_shard)
-        .with_pixel_agg(a.pixel_agg);
+        .with_pixel_agg(a.pixel_agg)
+        .with_n_readers(a.readers.unwrap_or(0));
+    eprintln!("decoding on {} threads", cfg.readers_for(vit.device()));
     if let Some((i, n)) = a.part {
         cfg = cfg.with_part(i, n);
     }

@@ -47,7 +47,9 @@ pub struct WriterConfig {
     pub max_tokens_per_shard: usize,
     /// Mask → patch label rule. Default [`PixelAgg::Majority`].
     pub pixel_agg: PixelAgg,
-    /// Image decoding threads. Default 2.
+    /// Image decoding and preprocessing threads, each preparing whole batches while the model
+    /// runs. Default 0 = automatic: 2 when the model runs on the CPU (it needs the cores
+    /// itself), every core when it runs on a GPU (which a few decoders would keep waiting).
     pub n_readers: usize,
     /// Write only part `i` of `n` (`(i, n)`, whole shards each), to be joined by
     /// [`merge_parts`]. Default `None` (the whole store).
@@ -61,7 +63,7 @@ impl Default for WriterConfig {
             batch_size: 32,
             max_tokens_per_shard: 2_400_000,
             pixel_agg: PixelAgg::Majority,
-            n_readers: 2,
+            n_readers: 0,
             part: None,
         }
     }
@@ -87,6 +89,20 @@ impl WriterConfig {
     pub fn with_part(mut self, i: usize, n: usize) -> Self {
         self.part = Some((i, n));
         self
+    }
+    /// Set the image decoding threads (0 = automatic).
+    pub fn with_n_readers(mut self, n: usize) -> Self {
+        self.n_readers = n;
+        self
+    }
+    /// The decoding threads used with a model on `device`: `n_readers`, or when 0, 2 on the CPU
+    /// and every core on a GPU.
+    pub fn readers_for(&self, device: &candle_core::Device) -> usize {
+        match self.n_readers {
+            0 if device.is_cpu() => 2,
+            0 => std::thread::available_parallelism().map_or(4, |n| n.get()),
+            n => n,
+        }
     }
     /// Set the mask aggregation.
     pub fn with_pixel_agg(mut self, agg: PixelAgg) -> Self {
@@ -375,8 +391,9 @@ pub fn record_activations(
     let prefer_fg = cfg.pixel_agg == PixelAgg::PreferFg;
     let next = AtomicUsize::new(0);
     std::thread::scope(|scope| -> Result<()> {
-        let (tx, rx) = mpsc::sync_channel::<(usize, Result<Prepared>)>(2 * cfg.n_readers.max(1));
-        for _ in 0..cfg.n_readers.max(1) {
+        let n_readers = cfg.readers_for(backbone.device());
+        let (tx, rx) = mpsc::sync_channel::<(usize, Result<Prepared>)>(2 * n_readers);
+        for _ in 0..n_readers {
             let tx = tx.clone();
             let (starts, next, pre) = (&starts, &next, &pre);
             scope.spawn(move || loop {
@@ -484,5 +501,15 @@ mod tests {
         // Ties go to the smaller class.
         let tie = image::GrayImage::from_raw(2, 2, vec![3, 3, 2, 2]).unwrap();
         assert_eq!(patch_labels(&tie, 2, false), vec![2]);
+    }
+
+    #[test]
+    fn readers_default_to_two_on_the_cpu_and_keep_an_explicit_count() {
+        let cpu = candle_core::Device::Cpu;
+        assert_eq!(WriterConfig::default().readers_for(&cpu), 2);
+        assert_eq!(WriterConfig::default().with_n_readers(5).readers_for(&cpu), 5);
+        // A config written before the field was automatic keeps its count.
+        let old: WriterConfig = serde_json::from_str(r#"{"n_readers": 2}"#).unwrap();
+        assert_eq!(old.readers_for(&cpu), 2);
     }
 }
