@@ -507,7 +507,10 @@ mod tests {
     fn readers_default_to_two_on_the_cpu_and_keep_an_explicit_count() {
         let cpu = candle_core::Device::Cpu;
         assert_eq!(WriterConfig::default().readers_for(&cpu), 2);
-        assert_eq!(WriterConfig::default().with_n_readers(5).readers_for(&cpu), 5);
+        assert_eq!(
+            WriterConfig::default().with_n_readers(5).readers_for(&cpu),
+            5
+        );
         // A config written before the field was automatic keeps its count.
         let old: WriterConfig = serde_json::from_str(r#"{"n_readers": 2}"#).unwrap();
         assert_eq!(old.readers_for(&cpu), 2);
