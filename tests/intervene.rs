@@ -87,6 +87,13 @@ fn no_edit_is_the_unedited_model_and_edits_stay_on_their_patches() -> TestResult
     // Closed form: with the identity SAE, setting latent j to v on patch q makes coordinate j of
     // patch q equal v (where x_j > 0) and leaves every other number bitwise unchanged.
     let iv = Intervention::new(&vit, -2, &sae, &head(&vit, HeadKind::ClassifierCls))?;
+    // One Debug line naming what it is made of; on the CPU no device is named.
+    let shown = format!("{iv:?}");
+    assert!(
+        shown.contains("layer -2") && shown.contains("ClassifierCls") && !shown.contains('\n'),
+        "{shown}"
+    );
+    assert!(iv.device().is_cpu() && !shown.contains(", on "), "{shown}");
     let (q, j, v) = (5usize, 3usize, 7.5f32);
     let (before, after) = iv.edited_tokens(&images(), Some(&[q]), &[Edit::set(j, v)])?;
     let (b, t, dd) = before.dims3()?;

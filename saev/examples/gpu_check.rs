@@ -307,6 +307,7 @@ fn interventions(dev: &Device) -> Result<bool> {
             "random",
         )?;
         let iv = Intervention::new(&vit, -2, &sae, &head)?;
+        println!("  {iv:?}");
         iv.run_batch(&images, None, &[Edit::set(3, 0.0), Edit::add(5, 2.0)])
     };
     let (a, b) = (run(&Device::Cpu)?, run(dev)?);

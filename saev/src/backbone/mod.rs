@@ -727,7 +727,7 @@ impl fmt::Debug for Backbone {
                     }
                 ),
                 Precision::F16 => ", f16 linear layers".into(),
-            }
+            } + &crate::util::device::on_device(self.device())
         )
     }
 }

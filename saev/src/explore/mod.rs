@@ -394,11 +394,12 @@ impl fmt::Debug for Explorer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "Explorer(d_sae {}, layer {}, {} examples, {:?})",
+            "Explorer(d_sae {}, layer {}, {} examples, {:?}{})",
             self.sae.d_sae(),
             self.layer,
             self.store.n_examples(),
-            self.features
+            self.features,
+            crate::util::device::on_device(&self.device())
         )
     }
 }

@@ -194,11 +194,12 @@ impl fmt::Debug for Head {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "Head({:?}, {} classes, d {}, held-out {:?})",
+            "Head({:?}, {} classes, d {}, held-out {:?}{})",
             self.meta.kind,
             self.meta.classes.len(),
             self.meta.d_model,
-            self.meta.heldout_score
+            self.meta.heldout_score,
+            crate::util::device::on_device(self.device())
         )
     }
 }

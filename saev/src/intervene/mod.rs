@@ -128,7 +128,28 @@ enum Perturb<'a> {
     DirectionLike(&'a [Edit], &'a [f32]),
 }
 
+impl std::fmt::Debug for Intervention {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Intervention({} at layer {}, d_sae {}, {:?} head of {} classes, group by {:?}{})",
+            self.vit.name(),
+            self.layer,
+            self.sae.d_sae(),
+            self.head.kind(),
+            self.head.classes().len(),
+            self.group_by,
+            crate::util::device::on_device(self.device())
+        )
+    }
+}
+
 impl Intervention {
+    /// Where it computes: its backbone's device (the SAE and the head were moved there).
+    pub fn device(&self) -> &candle_core::Device {
+        self.vit.device()
+    }
+
     /// Check that the SAE was trained on this backbone's `layer` (its provenance) and that the
     /// head reads this backbone's width.
     pub fn new(vit: &Backbone, layer: i64, sae: &Sae, head: &Head) -> Result<Self> {

@@ -491,11 +491,12 @@ impl fmt::Debug for Sae {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "Sae(d_model={}, d_sae={}, activation={:?}, normalised={})",
+            "Sae(d_model={}, d_sae={}, activation={:?}, normalised={}{})",
             self.cfg.d_model,
             self.cfg.d_sae,
             self.cfg.activation,
-            self.cfg.norm.is_some()
+            self.cfg.norm.is_some(),
+            crate::util::device::on_device(self.device())
         )
     }
 }

@@ -51,6 +51,16 @@ pub fn device_from_env(flag: Option<&str>) -> Result<Device> {
     }
 }
 
+/// `""` on the CPU, `", on cuda:N"` elsewhere: the end of a handle's one-line `Debug`, so a
+/// handle on a GPU says so and one on the CPU reads as before.
+pub(crate) fn on_device(device: &Device) -> String {
+    if device.is_cpu() {
+        String::new()
+    } else {
+        format!(", on {}", device_name(device))
+    }
+}
+
 /// `cpu` or `cuda:N`.
 pub fn device_name(device: &Device) -> String {
     match device.location() {
