@@ -93,7 +93,7 @@ struct TrainArgs {
     /// Output directory (history.{parquet,csv}, checkpoint/, one sub-directory per setting).
     #[arg(long)]
     out: PathBuf,
-    /// Patches to train on (overrides the file).
+    /// Patches to train on (overrides the file), rounded up to whole batches.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     n_patches: Option<u64>,
     /// When --out holds a run of another config or store, train in the first free

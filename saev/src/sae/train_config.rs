@@ -90,7 +90,9 @@ pub struct TrainConfig {
     /// and lr 2e-3 never fires 138 of 6,144 latents on held-out patches, 374 at 4096 and lr 3e-3,
     /// at held-out NMSE 0.0693 vs 0.0718).
     pub batch_size: usize,
-    /// Patches to train on (epochs repeat as needed). Default 100M (the paper's).
+    /// Patches to train on (epochs repeat as needed), rounded up to whole batches: at most
+    /// `batch_size − 1` more (the Python saev trains until it has seen more than `n_patches`,
+    /// one whole batch past an exact multiple). Default 100M (the paper's).
     pub n_patches: u64,
     /// Settings trained together. Default the paper's 3×3 lr × λ grid.
     pub sweep: Vec<Setting>,
