@@ -1226,3 +1226,45 @@ fn non_utf8_file_names_are_recorded_losslessly() -> TestResult {
     );
     Ok(())
 }
+
+/// An image that fails to decode part-way through a recording, with readers running ahead of the
+/// model: a clear error naming the file, and every reader stops (no hang waiting for a model
+/// that has stopped taking batches).
+#[test]
+fn a_bad_image_mid_recording_stops_every_reader() -> TestResult {
+    let dir = scratch("bad-mid-recording");
+    let data = fixtures().join("backbone");
+    let imgs = dir.join("imgs");
+    std::fs::create_dir_all(&imgs)?;
+    for i in 0..40 {
+        std::fs::copy(data.join("astronaut.png"), imgs.join(format!("{i:02}.png")))?;
+    }
+    // Damage the middle of image 20's compressed data: its header and end stay intact (so the
+    // dataset opens), its decoding fails. The model (at 224 px, 3,137 tokens) is slower than the
+    // readers, which wait at the edge of their window when it fails.
+    let bad = imgs.join("20.png");
+    let mut bytes = std::fs::read(&bad)?;
+    let mid = bytes.len() / 2;
+    for b in &mut bytes[mid..mid + 64] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&bad, bytes)?;
+    let out = saev(
+        &dir,
+        &[
+            &"activations",
+            &"--model",
+            &data.join("tiny-dinov2"),
+            &"--data",
+            &imgs,
+            &"--out",
+            &dir.join("acts"),
+            &"--batch-size",
+            &"1",
+            &"--readers",
+            &"4",
+        ],
+    );
+    refused(&out, &["20.png"]);
+    Ok(())
+}

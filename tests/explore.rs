@@ -329,6 +329,19 @@ fn feature_pass_matches_the_closed_form() -> TestResult {
         (f.freq(), f.mean_value(), f.max_value())
     );
     assert_eq!(g.top(1), f.top(1));
+    // An empty or reversed histogram range has no bin width: refused on both passes.
+    for (lo, hi) in [(-4.0, -4.0), (2.0, -4.0), (f32::NAN, 2.0)] {
+        let cfg = FeatureConfig::default().with_hist_range(lo, hi);
+        for e in [
+            Features::compute(&sae, &store, -2, &cfg).err(),
+            Features::compute_candle(&sae, &store, -2, &cfg, &Device::Cpu).err(),
+        ] {
+            let e = e
+                .ok_or("an empty histogram range was accepted")?
+                .to_string();
+            assert!(e.contains("hist_lo < hist_hi"), "{e}");
+        }
+    }
     // Wrong width and bad versions are clear errors.
     let js = dir.join("features.json");
     let text = std::fs::read_to_string(&js)?.replace("\"version\": 1", "\"version\": 99");

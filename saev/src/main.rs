@@ -364,7 +364,8 @@ struct ActivationsArgs {
     /// Record only the first N images.
     #[arg(long, value_parser = positive)]
     limit: Option<usize>,
-    /// Image decoding threads (default: 2 with the model on the CPU, every core on a GPU).
+    /// Image decoding threads (default: 2 with the model on the CPU, every core up to 16 on a
+    /// GPU).
     #[arg(long, value_parser = positive)]
     readers: Option<usize>,
     /// Skip files whose image header does not decode, or that are cut short (a JPEG without

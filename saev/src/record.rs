@@ -18,7 +18,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 
 use serde::{Deserialize, Serialize};
@@ -48,8 +48,9 @@ pub struct WriterConfig {
     /// Mask → patch label rule. Default [`PixelAgg::Majority`].
     pub pixel_agg: PixelAgg,
     /// Image decoding and preprocessing threads, each preparing whole batches while the model
-    /// runs. Default 0 = automatic: 2 when the model runs on the CPU (it needs the cores
-    /// itself), every core when it runs on a GPU (which a few decoders would keep waiting).
+    /// runs (at most `n_readers + 2` batches ahead of it). Default 0 = automatic: 2 when the
+    /// model runs on the CPU (it needs the cores itself), every core up to 16 when it runs on a
+    /// GPU (which a few decoders would keep waiting).
     pub n_readers: usize,
     /// Write only part `i` of `n` (`(i, n)`, whole shards each), to be joined by
     /// [`merge_parts`]. Default `None` (the whole store).
@@ -96,11 +97,11 @@ impl WriterConfig {
         self
     }
     /// The decoding threads used with a model on `device`: `n_readers`, or when 0, 2 on the CPU
-    /// and every core on a GPU.
+    /// and every core up to 16 on a GPU.
     pub fn readers_for(&self, device: &candle_core::Device) -> usize {
         match self.n_readers {
             0 if device.is_cpu() => 2,
-            0 => std::thread::available_parallelism().map_or(4, |n| n.get()),
+            0 => std::thread::available_parallelism().map_or(4, |n| n.get().min(16)),
             n => n,
         }
     }
@@ -390,15 +391,28 @@ pub fn record_activations(
     let patch = backbone.patch_size();
     let prefer_fg = cfg.pixel_agg == PixelAgg::PreferFg;
     let next = AtomicUsize::new(0);
+    // Batches the model has taken, and whether it stopped (readers then stop waiting).
+    let taken = AtomicUsize::new(0);
+    let done = AtomicBool::new(false);
     std::thread::scope(|scope| -> Result<()> {
         let n_readers = cfg.readers_for(backbone.device());
-        let (tx, rx) = mpsc::sync_channel::<(usize, Result<Prepared>)>(2 * n_readers);
+        // At most this many batches ahead of the model (being prepared, queued, or waiting for
+        // an earlier one): memory stays bounded whatever the core count, and one slow image
+        // does not let the others pile up.
+        let window = n_readers + 2;
+        let (tx, rx) = mpsc::sync_channel::<(usize, Result<Prepared>)>(window);
         for _ in 0..n_readers {
             let tx = tx.clone();
-            let (starts, next, pre) = (&starts, &next, &pre);
+            let (starts, next, pre, taken, done) = (&starts, &next, &pre, &taken, &done);
             scope.spawn(move || loop {
                 let k = next.fetch_add(1, Ordering::Relaxed);
                 let Some(&s) = starts.get(k) else { break };
+                while k >= taken.load(Ordering::Acquire) + window {
+                    if done.load(Ordering::Acquire) {
+                        return;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
                 let end = (s + bs).min(range.end);
                 if tx
                     .send((k, prepare(dataset, pre, patch, prefer_fg, s..end)))
@@ -409,30 +423,32 @@ pub fn record_activations(
             });
         }
         drop(tx);
-        let mut pending = BTreeMap::new();
-        for (k, &s) in starts.iter().enumerate() {
-            let prepared = loop {
-                if let Some(p) = pending.remove(&k) {
-                    break p;
-                }
-                let (j, p) = rx
-                    .recv()
-                    .map_err(|_| Error::Internal("the image reader threads stopped".into()))?;
-                pending.insert(j, p);
-            };
-            let prepared: Prepared = prepared?;
-            let pixels = candle_core::Tensor::from_vec(
-                prepared.pixels,
-                (prepared.n, 3, h, w),
-                backbone.device(),
-            )?;
-            let (acts, regs) = backbone.record_with_registers(&pixels, &md.layers)?;
-            let acts = acts.flatten_all()?.to_vec1::<f32>()?;
-            if let Some(i) = acts.iter().position(|v| !v.is_finite()) {
-                let (d, t_n, l_n) = (md.d_model, md.tokens_per_example(), md.layers.len());
-                let (e, rest) = (i / (l_n * t_n * d), i % (l_n * t_n * d));
-                let (l, t) = (rest / (t_n * d), rest % (t_n * d) / d);
-                return Err(Error::Store {
+        let mut consume = || -> Result<()> {
+            let mut pending = BTreeMap::new();
+            for (k, &s) in starts.iter().enumerate() {
+                let prepared = loop {
+                    if let Some(p) = pending.remove(&k) {
+                        break p;
+                    }
+                    let (j, p) = rx
+                        .recv()
+                        .map_err(|_| Error::Internal("the image reader threads stopped".into()))?;
+                    pending.insert(j, p);
+                };
+                taken.store(k + 1, Ordering::Release);
+                let prepared: Prepared = prepared?;
+                let pixels = candle_core::Tensor::from_vec(
+                    prepared.pixels,
+                    (prepared.n, 3, h, w),
+                    backbone.device(),
+                )?;
+                let (acts, regs) = backbone.record_with_registers(&pixels, &md.layers)?;
+                let acts = acts.flatten_all()?.to_vec1::<f32>()?;
+                if let Some(i) = acts.iter().position(|v| !v.is_finite()) {
+                    let (d, t_n, l_n) = (md.d_model, md.tokens_per_example(), md.layers.len());
+                    let (e, rest) = (i / (l_n * t_n * d), i % (l_n * t_n * d));
+                    let (l, t) = (rest / (t_n * d), rest % (t_n * d) / d);
+                    return Err(Error::Store {
                     path: dir.clone(),
                     msg: format!(
                         "{} produced a non-finite activation ({}) for example {} ({}), layer {}, token {t} as stored (0 = CLS when present), dimension {}; nothing of this batch was written",
@@ -444,28 +460,32 @@ pub fn record_activations(
                         rest % d
                     ),
                 });
+                }
+                writer.write_examples(s, &acts)?;
+                if let Some(r) = regs {
+                    writer.write_registers(s, &r.flatten_all()?.to_vec1::<f32>()?)?;
+                }
+                if let Some(l) = &prepared.labels {
+                    writer.write_labels(s, l)?;
+                }
+                let p = Progress {
+                    version: 1,
+                    fingerprint: fingerprint.clone(),
+                    batch_size: bs,
+                    n_done: s + prepared.n,
+                };
+                write_atomic(
+                    &prog_path,
+                    &serde_json::to_vec(&p)
+                        .map_err(|e| Error::Internal(format!("serialising JSON: {e}")))?,
+                )?;
+                bar.set_position((s + prepared.n) as u64);
             }
-            writer.write_examples(s, &acts)?;
-            if let Some(r) = regs {
-                writer.write_registers(s, &r.flatten_all()?.to_vec1::<f32>()?)?;
-            }
-            if let Some(l) = &prepared.labels {
-                writer.write_labels(s, l)?;
-            }
-            let p = Progress {
-                version: 1,
-                fingerprint: fingerprint.clone(),
-                batch_size: bs,
-                n_done: s + prepared.n,
-            };
-            write_atomic(
-                &prog_path,
-                &serde_json::to_vec(&p)
-                    .map_err(|e| Error::Internal(format!("serialising JSON: {e}")))?,
-            )?;
-            bar.set_position((s + prepared.n) as u64);
-        }
-        Ok(())
+            Ok(())
+        };
+        let res = consume();
+        done.store(true, Ordering::Release);
+        res
     })?;
     let dir = writer.finish()?;
     bar.finish_and_clear();

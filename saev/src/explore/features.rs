@@ -73,7 +73,8 @@ impl FeatureConfig {
         self.n_bins = n_bins.max(1);
         self
     }
-    /// Set the histogram's log10 range `[lo, hi)`.
+    /// Set the histogram's log10 range `[lo, hi)` (`lo < hi`, both finite: the pass refuses
+    /// others).
     pub fn with_hist_range(mut self, lo: f32, hi: f32) -> Self {
         (self.hist_lo, self.hist_hi) = (lo, hi);
         self
@@ -369,6 +370,19 @@ fn check_width(sae: &Sae, store: &ActivationStore) -> Result<()> {
     Ok(())
 }
 
+/// The histogram's log10 range must be a finite `lo < hi` (an empty one has no bin width).
+fn check_range(cfg: &FeatureConfig) -> Result<()> {
+    let (lo, hi) = (cfg.hist_lo, cfg.hist_hi);
+    if lo.is_finite() && hi.is_finite() && lo < hi {
+        return Ok(());
+    }
+    Err(Error::out_of_range(
+        "feature histogram range (hist_lo, hist_hi)",
+        format!("({lo}, {hi})"),
+        "finite log10 values with hist_lo < hist_hi",
+    ))
+}
+
 /// Top images kept per latent: at least 1, at most the store's examples (a larger `top_k`
 /// would only allocate empty slots, `d_sae · top_k` of them).
 fn top_k(cfg: &FeatureConfig, store: &ActivationStore) -> usize {
@@ -429,6 +443,7 @@ impl Features {
         device: &Device,
     ) -> Result<Self> {
         check_width(sae, store)?;
+        check_range(cfg)?;
         let sae_d = sae.to_device(device)?;
         let (d, s, p) = (sae.d_model(), sae.d_sae(), store.n_patches());
         let (k, nb) = (top_k(cfg, store), cfg.n_bins.max(1));
@@ -446,13 +461,16 @@ impl Features {
                 // One pass for the histogram: each positive code's bin, floor((log10 v − lo) /
                 // w) clamped to the bins; the others get u32::MAX, which scatter_add skips.
                 // Counted per latent column ([n, s] → [nb, s]): one thread per latent on a GPU.
-                let bins = ((codes.log()? * (1.0 / std::f64::consts::LN_10))?
-                    .affine(1.0 / bin_w, -f64::from(cfg.hist_lo) / bin_w)?
-                    .floor()?
-                    .clamp(0.0, (nb - 1) as f64)?
-                    .to_dtype(DType::U32))?;
-                let skip = Tensor::full(u32::MAX, bins.shape(), device)?;
-                let bins = codes.gt(0.0)?.where_cond(&bins, &skip)?;
+                // One temporary at a time (each is as large as the codes).
+                let mut t = (codes.log()? * (1.0 / std::f64::consts::LN_10))?;
+                t = t.affine(1.0 / bin_w, -f64::from(cfg.hist_lo) / bin_w)?;
+                t = t.floor()?;
+                t = t.clamp(0.0, (nb - 1) as f64)?;
+                let raw = t.to_dtype(DType::U32)?;
+                drop(t);
+                let skip = Tensor::full(u32::MAX, raw.shape(), device)?;
+                let bins = codes.gt(0.0)?.where_cond(&raw, &skip)?;
+                drop((raw, skip));
                 let hist: Vec<Vec<f32>> = Tensor::zeros((nb, s), DType::F32, device)?
                     .scatter_add(&bins, &codes.ones_like()?, 0)?
                     .to_vec2()?;
@@ -489,6 +507,7 @@ impl Features {
         cfg: &FeatureConfig,
     ) -> Result<Self> {
         check_width(sae, store)?;
+        check_range(cfg)?;
         let enc = Encoder::new(sae)?;
         let (s, p) = (enc.s, store.n_patches());
         let (k, nb) = (top_k(cfg, store), cfg.n_bins.max(1));

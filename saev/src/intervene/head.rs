@@ -637,7 +637,15 @@ fn fit(
             "",
         ));
     }
-    let xt = Tensor::from_vec(x, (n_rows, d), dev)?;
+    // The rows stay on the host (a segmenter's are examples × patches: ~16 GB for ADE20K at
+    // d 768); each batch is gathered there and moved to `dev`.
+    let gather = |rows: &[usize]| -> Result<Tensor> {
+        let mut v = Vec::with_capacity(rows.len() * d);
+        for &r in rows {
+            v.extend_from_slice(&x[r * d..(r + 1) * d]);
+        }
+        Ok(Tensor::from_vec(v, (rows.len(), d), dev)?)
+    };
     let mut w = Tensor::zeros((d, c), DType::F32, dev)?;
     let mut b = Tensor::zeros(c, DType::F32, dev)?;
     let (mut mw, mut vw) = (w.zeros_like()?, w.zeros_like()?);
@@ -654,12 +662,7 @@ fn fit(
             order.swap(i, j);
         }
         for chunk in order.chunks(cfg.batch_size.max(1)) {
-            let idx = Tensor::from_vec(
-                chunk.iter().map(|&r| r as u32).collect::<Vec<_>>(),
-                chunk.len(),
-                dev,
-            )?;
-            let xb = xt.index_select(&idx, 0)?;
+            let xb = gather(chunk)?;
             let mut onehot = vec![0f32; chunk.len() * c];
             for (i, &r) in chunk.iter().enumerate() {
                 // `train` keeps only labelled rows.
@@ -703,15 +706,14 @@ fn fit(
     let score = if test.is_empty() {
         f64::NAN
     } else {
-        let idx = Tensor::from_vec(
-            test.iter().map(|&r| r as u32).collect::<Vec<_>>(),
-            test.len(),
-            dev,
-        )?;
-        let pred: Vec<u32> = head
-            .probs(&xt.index_select(&idx, 0)?)?
-            .argmax(D::Minus1)?
-            .to_vec1()?;
+        let mut pred: Vec<u32> = Vec::with_capacity(test.len());
+        for rows in test.chunks(16_384) {
+            pred.extend(
+                head.probs(&gather(rows)?)?
+                    .argmax(D::Minus1)?
+                    .to_vec1::<u32>()?,
+            );
+        }
         let truth: Vec<u32> = test.iter().map(|&r| y[r].unwrap_or(0)).collect();
         match cfg.kind {
             HeadKind::Segmenter => miou(&pred, &truth, c),

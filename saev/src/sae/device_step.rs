@@ -13,9 +13,9 @@
 //!
 //! Selection on a GPU: candle's CUDA sort holds a row in shared memory, so per-row top-k sorts
 //! chunks of [`SORT_CHUNK`] columns and then the chunks' winners (exact); BatchTopK finds the
-//! batch's `k·n`-th largest value by histogram passes that narrow its range and a bisection on
-//! the bit patterns of positive floats (exact; ties at the boundary are all kept, where the CPU
-//! keeps exactly `k·n`).
+//! batch's `k·n`-th largest value by bisection on the bit patterns of positive floats (≤ 32
+//! counting passes, exact; ties at the boundary are all kept, where the CPU keeps exactly
+//! `k·n`).
 //!
 //! ```text
 //! let mut dev = DeviceState::new(&state, &Device::new_cuda(0)?)?;
@@ -527,71 +527,36 @@ fn topk_mask(pre: &Tensor, k: usize) -> Result<Tensor> {
     Ok(mask.gt(0.0)?)
 }
 
-/// Bins of one narrowing pass of [`batch_topk_mask`].
-const SELECT_BINS: usize = 256;
-/// Columns the narrowing histogram is counted over (one GPU thread each).
-const SELECT_COLUMNS: usize = 16_384;
-
 /// BatchTopK's selection: the mask of the `k_total` largest positive entries of `pre` (all the
-/// positive ones when fewer) and the smallest kept value. Exact: the threshold `t` is the
-/// largest float with `count(pre ≥ t) ≥ k_total`, found by bisection on the bit patterns of
-/// positive floats (monotone in value), after up to three histogram passes of
-/// [`SELECT_BINS`] bins have narrowed its range (each narrowing confirmed by exact counts, so
-/// device rounding in the bin arithmetic can cost passes but never exactness): about 15 passes
-/// over `pre` instead of up to 32.
+/// positive ones when fewer) and the smallest kept value, found by bisection on the bit patterns
+/// of positive floats (monotone in value).
 fn batch_topk_mask(pre: &Tensor, k_total: usize) -> Result<(Tensor, f32)> {
-    let count_ge = |t: f32| -> Result<usize> {
+    let count_ge = |t: f32| -> Result<u64> {
         let c = pre
             .ge(t)?
             .to_dtype(DType::U32)?
             .sum_all()?
             .to_scalar::<u32>()?;
-        Ok(c as usize)
+        Ok(u64::from(c))
     };
     let pos = pre.gt(0.0)?;
-    let n_pos = pos.to_dtype(DType::U32)?.sum_all()?.to_scalar::<u32>()? as usize;
+    let n_pos = u64::from(pos.to_dtype(DType::U32)?.sum_all()?.to_scalar::<u32>()?);
     if n_pos == 0 || k_total == 0 {
         return Ok((pre.zeros_like()?.gt(0.0)?, 0.0));
     }
-    if n_pos <= k_total {
+    if n_pos as usize <= k_total {
         let min_pos = pos
             .where_cond(pre, &pre.ones_like()?.affine(0.0, f64::from(f32::MAX))?)?
             .min_all()?
             .to_scalar::<f32>()?;
         return Ok((pos, min_pos));
     }
-    // Invariant: count(pre ≥ lo) ≥ k_total > count(pre ≥ hi) (bit patterns of positive floats).
+    // Invariant: count(pre ≥ lo) ≥ k_total > count(pre ≥ hi).
     let max = pre.max_all()?.to_scalar::<f32>()?;
     let (mut lo, mut hi) = (f32::from_bits(1).to_bits(), max.to_bits() + 1);
-    for _ in 0..3 {
-        if hi - lo <= 4 * SELECT_BINS as u32 {
-            break;
-        }
-        let (a, b) = (f32::from_bits(lo), f32::from_bits(hi));
-        let counts = histogram(pre, a, b)?;
-        // The bin holding the k_total-th largest value: count from the top.
-        let mut above = 0;
-        let mut j = SELECT_BINS;
-        while j > 0 && above + counts[j - 1] < k_total {
-            above += counts[j - 1];
-            j -= 1;
-        }
-        let j = j.saturating_sub(1);
-        let w = (f64::from(b) - f64::from(a)) / SELECT_BINS as f64;
-        // Edges from the host's arithmetic, a bin wider on each side for the device's rounding;
-        // kept only where an exact count confirms them.
-        let edge = |i: f64| (f64::from(a) + i * w) as f32;
-        let (lo2, hi2) = (edge(j as f64 - 1.0).max(a), edge(j as f64 + 2.0).min(b));
-        if lo2 > a && count_ge(lo2)? >= k_total {
-            lo = lo2.to_bits();
-        }
-        if hi2 < b && count_ge(hi2)? < k_total {
-            hi = hi2.to_bits();
-        }
-    }
     while hi - lo > 1 {
         let mid = lo + (hi - lo) / 2;
-        if count_ge(f32::from_bits(mid))? >= k_total {
+        if count_ge(f32::from_bits(mid))? as usize >= k_total {
             lo = mid;
         } else {
             hi = mid;
@@ -599,37 +564,6 @@ fn batch_topk_mask(pre: &Tensor, k_total: usize) -> Result<(Tensor, f32)> {
     }
     let t = f32::from_bits(lo);
     Ok((pre.ge(t)?, t))
-}
-
-/// Counts of `pre`'s values in [`SELECT_BINS`] equal bins over `[a, b)`, those at or above `b`
-/// in the last bin and those below `a` skipped, in one pass: `pre` is viewed as [`SELECT_COLUMNS`] columns, each counted into its own bins by
-/// `scatter_add` (one GPU thread per column, no atomics), then the columns are summed.
-fn histogram(pre: &Tensor, a: f32, b: f32) -> Result<Vec<usize>> {
-    let dev = pre.device();
-    let n = pre.elem_count();
-    let cols = SELECT_COLUMNS.min(n);
-    let flat = pre.flatten_all()?;
-    let flat = if !n.is_multiple_of(cols) {
-        let pad = Tensor::full(f32::NEG_INFINITY, cols - n % cols, dev)?.to_dtype(pre.dtype())?;
-        Tensor::cat(&[&flat, &pad], 0)?
-    } else {
-        flat
-    };
-    let x = flat.reshape(((), cols))?;
-    let scale = SELECT_BINS as f64 / (f64::from(b) - f64::from(a));
-    let bins = x
-        .affine(scale, -f64::from(a) * scale)?
-        .floor()?
-        .clamp(0.0, (SELECT_BINS - 1) as f64)?
-        .to_dtype(DType::U32)?;
-    let bins = x
-        .ge(a)?
-        .where_cond(&bins, &Tensor::full(u32::MAX, bins.shape(), dev)?)?;
-    let counts: Vec<u32> = Tensor::zeros((SELECT_BINS, cols), DType::U32, dev)?
-        .scatter_add(&bins, &bins.ones_like()?, 0)?
-        .sum(1)?
-        .to_vec1()?;
-    Ok(counts.iter().map(|&c| c as usize).collect())
 }
 
 #[cfg(test)]
