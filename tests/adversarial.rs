@@ -1268,3 +1268,65 @@ fn a_bad_image_mid_recording_stops_every_reader() -> TestResult {
     refused(&out, &["20.png"]);
     Ok(())
 }
+
+/// A model whose finite weights overflow: the recording stops at the first batch with an error
+/// naming the example and where in it, writes nothing of that batch, and leaves the run
+/// resumable (its progress file at 0). The error comes from the store's writer thread while the
+/// model and the readers run ahead: every thread stops.
+#[test]
+fn activations_that_overflow_are_named_and_nothing_is_written() -> TestResult {
+    use saev::candle_core::{safetensors, Device, Tensor};
+    let dir = scratch("overflow");
+    let model = dir.join("model");
+    copy_dir(&fixtures().join("backbone/tiny-dinov2"), &model);
+    let st = model.join("model.safetensors");
+    let mut t = safetensors::load(&st, &Device::Cpu)?;
+    let key = "encoder.layer.0.mlp.fc2.weight".to_string();
+    let w = t[&key].clone();
+    t.insert(
+        key,
+        Tensor::full(f32::MAX, w.dims(), &Device::Cpu)?.contiguous()?,
+    );
+    safetensors::save(&t, &st)?;
+    let imgs = dir.join("imgs");
+    std::fs::create_dir_all(&imgs)?;
+    for i in 0..12 {
+        std::fs::copy(
+            fixtures().join("backbone/astronaut.png"),
+            imgs.join(format!("{i:02}.png")),
+        )?;
+    }
+    let out = saev(
+        &dir,
+        &[
+            &"activations",
+            &"--model",
+            &model,
+            &"--data",
+            &imgs,
+            &"--out",
+            &dir.join("acts"),
+            &"--size",
+            &"16",
+            &"--batch-size",
+            &"2",
+        ],
+    );
+    refused(
+        &out,
+        &[
+            "non-finite activation",
+            "example 0",
+            "00.png",
+            "nothing of this batch was written",
+        ],
+    );
+    let store = std::fs::read_dir(dir.join("acts"))?
+        .next()
+        .ok_or("no store directory")??
+        .path();
+    let progress: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(store.join(".saev-progress.json"))?)?;
+    assert_eq!(progress["n_done"], 0, "{progress}");
+    Ok(())
+}

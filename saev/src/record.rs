@@ -188,6 +188,16 @@ struct Prepared {
     n: usize,
 }
 
+/// One batch through the model, on its way to the store: examples `s..s + n`, their
+/// activations `[n, layers, tokens, d]`, registers and patch labels.
+struct Recorded {
+    s: usize,
+    n: usize,
+    acts: Vec<f32>,
+    regs: Option<Vec<f32>>,
+    labels: Option<Vec<u8>>,
+}
+
 fn prepare(
     ds: &Dataset,
     pre: &Preprocess,
@@ -394,7 +404,7 @@ pub fn record_activations(
     // Batches the model has taken, and whether it stopped (readers then stop waiting).
     let taken = AtomicUsize::new(0);
     let done = AtomicBool::new(false);
-    std::thread::scope(|scope| -> Result<()> {
+    let writer = std::thread::scope(|scope| -> Result<StoreWriter> {
         let n_readers = cfg.readers_for(backbone.device());
         // At most this many batches ahead of the model (being prepared, queued, or waiting for
         // an earlier one): memory stays bounded whatever the core count, and one slow image
@@ -423,7 +433,53 @@ pub fn record_activations(
             });
         }
         drop(tx);
-        let mut consume = || -> Result<()> {
+        // The store is written by its own thread, a batch behind the model: on a GPU the next
+        // forward runs while this batch is checked and written (a batch's activations are
+        // ~100 MB at batch 256), and the progress file still follows its batch's bytes.
+        let (out_tx, out_rx) = mpsc::sync_channel::<Recorded>(1);
+        let name = backbone.name().to_string();
+        let (md_w, dir_w, prog_w, fp_w, bar_w) = (&md, &dir, &prog_path, &fingerprint, &bar);
+        let store_thread = scope.spawn(move || -> Result<StoreWriter> {
+            for b in out_rx {
+                if let Some(i) = b.acts.iter().position(|v| !v.is_finite()) {
+                    let (d, t_n, l_n) = (md_w.d_model, md_w.tokens_per_example(), md_w.layers.len());
+                    let (e, rest) = (i / (l_n * t_n * d), i % (l_n * t_n * d));
+                    let (l, t) = (rest / (t_n * d), rest % (t_n * d) / d);
+                    return Err(Error::Store {
+                        path: dir_w.clone(),
+                        msg: format!(
+                            "{name} produced a non-finite activation ({}) for example {} ({}), layer {}, token {t} as stored (0 = CLS when present), dimension {}; nothing of this batch was written",
+                            b.acts[i],
+                            b.s + e,
+                            dataset.source(b.s + e),
+                            md_w.layers[l],
+                            rest % d
+                        ),
+                    });
+                }
+                writer.write_examples(b.s, &b.acts)?;
+                if let Some(r) = &b.regs {
+                    writer.write_registers(b.s, r)?;
+                }
+                if let Some(l) = &b.labels {
+                    writer.write_labels(b.s, l)?;
+                }
+                let p = Progress {
+                    version: 1,
+                    fingerprint: fp_w.clone(),
+                    batch_size: bs,
+                    n_done: b.s + b.n,
+                };
+                write_atomic(
+                    prog_w,
+                    &serde_json::to_vec(&p)
+                        .map_err(|e| Error::Internal(format!("serialising JSON: {e}")))?,
+                )?;
+                bar_w.set_position((b.s + b.n) as u64);
+            }
+            Ok(writer)
+        });
+        let consume = || -> Result<()> {
             let mut pending = BTreeMap::new();
             for (k, &s) in starts.iter().enumerate() {
                 let prepared = loop {
@@ -443,49 +499,33 @@ pub fn record_activations(
                     backbone.device(),
                 )?;
                 let (acts, regs) = backbone.record_with_registers(&pixels, &md.layers)?;
-                let acts = acts.flatten_all()?.to_vec1::<f32>()?;
-                if let Some(i) = acts.iter().position(|v| !v.is_finite()) {
-                    let (d, t_n, l_n) = (md.d_model, md.tokens_per_example(), md.layers.len());
-                    let (e, rest) = (i / (l_n * t_n * d), i % (l_n * t_n * d));
-                    let (l, t) = (rest / (t_n * d), rest % (t_n * d) / d);
-                    return Err(Error::Store {
-                    path: dir.clone(),
-                    msg: format!(
-                        "{} produced a non-finite activation ({}) for example {} ({}), layer {}, token {t} as stored (0 = CLS when present), dimension {}; nothing of this batch was written",
-                        backbone.name(),
-                        acts[i],
-                        s + e,
-                        dataset.source(s + e),
-                        md.layers[l],
-                        rest % d
-                    ),
-                });
-                }
-                writer.write_examples(s, &acts)?;
-                if let Some(r) = regs {
-                    writer.write_registers(s, &r.flatten_all()?.to_vec1::<f32>()?)?;
-                }
-                if let Some(l) = &prepared.labels {
-                    writer.write_labels(s, l)?;
-                }
-                let p = Progress {
-                    version: 1,
-                    fingerprint: fingerprint.clone(),
-                    batch_size: bs,
-                    n_done: s + prepared.n,
+                let batch = Recorded {
+                    s,
+                    n: prepared.n,
+                    acts: acts.flatten_all()?.to_vec1::<f32>()?,
+                    regs: match regs {
+                        Some(r) => Some(r.flatten_all()?.to_vec1::<f32>()?),
+                        None => None,
+                    },
+                    labels: prepared.labels,
                 };
-                write_atomic(
-                    &prog_path,
-                    &serde_json::to_vec(&p)
-                        .map_err(|e| Error::Internal(format!("serialising JSON: {e}")))?,
-                )?;
-                bar.set_position((s + prepared.n) as u64);
+                if out_tx.send(batch).is_err() {
+                    // The store thread stopped on an error: it is returned below.
+                    break;
+                }
             }
             Ok(())
         };
         let res = consume();
         done.store(true, Ordering::Release);
-        res
+        drop(out_tx);
+        // The store thread's error first (it stopped the model); then the model's.
+        let written = store_thread
+            .join()
+            .map_err(|_| Error::Internal("the store writer thread panicked".into()))?;
+        let writer = written?;
+        res?;
+        Ok(writer)
     })?;
     let dir = writer.finish()?;
     bar.finish_and_clear();
