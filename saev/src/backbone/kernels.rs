@@ -202,7 +202,128 @@ fn epilogue_rows_avx2(
     a: Option<HiddenAct>,
     r: Option<&[f32]>,
 ) {
-    epilogue_rows::<true>(v, n, b, a, r)
+    if a != Some(HiddenAct::Gelu) {
+        return epilogue_rows::<true>(v, n, b, a, r);
+    }
+    // As on AVX-512: bias and GELU in one explicit pass (the generic loop's division and
+    // Cody–Waite exponential took 4.6% of an f32 DINOv2-S/14 forward on a Zen 3), then the
+    // residual.
+    for (i, row) in v.chunks_exact_mut(n).enumerate() {
+        // SAFETY: AVX2 and FMA are enabled on this function.
+        unsafe { bias_gelu_row_avx2(row, b) };
+        if let Some(r) = r {
+            for (x, &rv) in row.iter_mut().zip(&r[i * n..(i + 1) * n]) {
+                *x += rv;
+            }
+        }
+    }
+}
+
+/// `row = gelu(row + bias)` as [`bias_gelu_row_avx512`], 8 lanes at a time: the reciprocal by
+/// `vrcpps` and two Newton steps (no division), `e^{−a²}` as `2^y` by a degree-6 polynomial for
+/// `2^f`, `|f| ≤ ½`, scaled by adding `n` to the exponent bits, and zero below 2⁻¹⁰⁰ (never a
+/// subnormal). The last `n mod 8` values go through the same lanes from a padded copy.
+///
+/// # Safety
+/// AVX2 and FMA are available.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn bias_gelu_row_avx2(row: &mut [f32], bias: Option<&[f32]>) {
+    use std::arch::x86_64::*;
+    let n = row.len();
+    let mut i = 0;
+    while i + 8 <= n {
+        // SAFETY: lanes i..i + 8 are inside `row` (and `bias`, as long as the row).
+        unsafe {
+            let mut x = _mm256_loadu_ps(row.as_ptr().add(i));
+            if let Some(b) = bias {
+                x = _mm256_add_ps(x, _mm256_loadu_ps(b.as_ptr().add(i)));
+            }
+            _mm256_storeu_ps(row.as_mut_ptr().add(i), gelu_avx2(x));
+        }
+        i += 8;
+    }
+    if i < n {
+        let mut buf = [0f32; 8];
+        for (k, v) in row[i..].iter().enumerate() {
+            buf[k] = v + bias.map_or(0.0, |b| b[i + k]);
+        }
+        // SAFETY: `buf` holds 8 values.
+        unsafe {
+            let y = gelu_avx2(_mm256_loadu_ps(buf.as_ptr()));
+            _mm256_storeu_ps(buf.as_mut_ptr(), y);
+        }
+        row[i..].copy_from_slice(&buf[..n - i]);
+    }
+}
+
+/// The exact (erf) GELU of 8 lanes: Abramowitz & Stegun 7.1.26 as [`erf_fast`].
+///
+/// # Safety
+/// AVX2 and FMA are available.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn gelu_avx2(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    // ln2^k / k!, k = 0..=6 (as `exp2_avx512`)
+    const C: [f32; 7] = [
+        1.0,
+        std::f32::consts::LN_2,
+        0.240_226_5,
+        0.055_504_11,
+        0.009_618_129,
+        0.001_333_355_8,
+        0.000_154_035_3,
+    ];
+    const A: [f32; 5] = [
+        1.061_405_4,
+        -1.453_152_1,
+        1.421_413_8,
+        -0.284_496_74,
+        0.254_829_6,
+    ];
+    let one = _mm256_set1_ps(1.0);
+    let two = _mm256_set1_ps(2.0);
+    let sign = _mm256_set1_ps(-0.0);
+    let a = _mm256_andnot_ps(
+        sign,
+        _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::FRAC_1_SQRT_2)),
+    );
+    let den = _mm256_fmadd_ps(_mm256_set1_ps(0.327_591_1), a, one);
+    let mut t = _mm256_rcp_ps(den);
+    t = _mm256_mul_ps(t, _mm256_fnmadd_ps(den, t, two));
+    t = _mm256_mul_ps(t, _mm256_fnmadd_ps(den, t, two));
+    let mut y = _mm256_set1_ps(A[0]);
+    for &k in &A[1..] {
+        y = _mm256_fmadd_ps(y, t, _mm256_set1_ps(k));
+    }
+    y = _mm256_mul_ps(y, t);
+    // e^{−a²} = 2^{−a²·log2 e}: zero below 2⁻¹⁰⁰.
+    let z = _mm256_mul_ps(
+        _mm256_mul_ps(a, a),
+        _mm256_set1_ps(-std::f32::consts::LOG2_E),
+    );
+    let floor = _mm256_set1_ps(-100.0);
+    let live = _mm256_cmp_ps::<_CMP_GE_OQ>(z, floor);
+    let z = _mm256_max_ps(z, floor);
+    let nf = _mm256_round_ps::<NEAREST>(z);
+    let f = _mm256_sub_ps(z, nf);
+    let mut q = _mm256_set1_ps(C[6]);
+    for &c in C[..6].iter().rev() {
+        q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(c));
+    }
+    let scale = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
+        _mm256_cvtps_epi32(nf),
+        _mm256_set1_epi32(127),
+    )));
+    let e = _mm256_and_ps(live, _mm256_mul_ps(q, scale));
+    // 1 − erf(|z|) = y·e^{−a²}; Φ = 1 − ½(1 − erf) for x ≥ 0, ½(1 − erf) below.
+    let h = _mm256_mul_ps(_mm256_set1_ps(0.5), _mm256_mul_ps(y, e));
+    let neg = _mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_setzero_ps());
+    let phi = _mm256_blendv_ps(_mm256_sub_ps(one, h), h, neg);
+    _mm256_mul_ps(x, phi)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -706,12 +827,13 @@ mod tests {
         }
     }
 
-    /// The AVX-512 epilogue's own GELU (bias fused) against candle's `gelu_erf`, on values
-    /// across the range where the tails matter (|x| up to ~12) and off the 16-lane edges.
+    /// The epilogue's own GELU (bias fused; AVX-512 or AVX2, whichever this processor takes)
+    /// against candle's `gelu_erf`, on values across the range where the tails matter (|x| up
+    /// to ~12) and off the 16- and 8-lane edges.
     #[test]
     fn avx512_bias_gelu_matches_candle() {
-        if !has_avx512() {
-            eprintln!("no AVX-512 here: its GELU does not run on this processor");
+        if !has_avx512() && !has_avx2_fma() {
+            eprintln!("neither AVX-512 nor AVX2 here: the GELU kernels do not run");
             return;
         }
         let dev = Device::Cpu;
@@ -724,9 +846,24 @@ mod tests {
         let mut got: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
         let bias: Vec<f32> = b.to_vec1().unwrap();
         let res: Vec<f32> = r.flatten_all().unwrap().to_vec1().unwrap();
+        let x0 = got.clone();
         bias_act_in_place(&mut got, n, Some(&bias), Some(HiddenAct::Gelu), Some(&res));
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             assert!((g - w).abs() < 2e-6 * (1.0 + w.abs()), "{i}: {g} vs {w}");
+        }
+        // The AVX2 kernel by name (an AVX-512 processor dispatches to its own).
+        if has_avx2_fma() {
+            let mut g2 = x0;
+            // SAFETY: AVX2 and FMA checked just above.
+            unsafe {
+                epilogue_rows_avx2(&mut g2, n, Some(&bias), Some(HiddenAct::Gelu), Some(&res))
+            };
+            for (i, (g, w)) in g2.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - w).abs() < 2e-6 * (1.0 + w.abs()),
+                    "AVX2 {i}: {g} vs {w}"
+                );
+            }
         }
         // Closed forms: gelu(0) = 0, gelu(1) = Φ(1) = 0.841_344_7, gelu(−1) = −0.158_655_25.
         let mut v = vec![0.0f32, 1.0, -1.0, -30.0, 30.0];
