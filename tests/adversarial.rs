@@ -427,27 +427,40 @@ fn runs_refuse_other_stores_and_foreign_directories() -> TestResult {
 // ---------------------------------------------------------------------------------------------
 // Finite numbers, checked where they enter.
 
+/// A copy of the tiny DINOv2 in `dir/model` with weight `key` replaced by `f(weight)`.
+fn tiny_dinov2_with(
+    dir: &Path,
+    key: &str,
+    f: impl FnOnce(&saev::candle_core::Tensor) -> saev::candle_core::Result<saev::candle_core::Tensor>,
+) -> Result<PathBuf, Box<dyn std::error::Error>> {
+    use saev::candle_core::{safetensors, Device};
+    let model = dir.join("model");
+    copy_dir(&fixtures().join("backbone/tiny-dinov2"), &model);
+    let st = model.join("model.safetensors");
+    let mut t = safetensors::load(&st, &Device::Cpu)?;
+    let w = f(&t[key])?;
+    t.insert(key.to_string(), w);
+    safetensors::save(&t, &st)?;
+    Ok(model)
+}
+
 #[test]
 fn non_finite_weights_configs_and_data_are_named() -> TestResult {
     use saev::candle_core::{safetensors, Device, Tensor};
     let dir = scratch("finite");
     // A NaN in a model weight.
-    let model = dir.join("model");
-    copy_dir(&fixtures().join("backbone/tiny-dinov2"), &model);
-    let st = model.join("model.safetensors");
-    let mut t = safetensors::load(&st, &Device::Cpu)?;
-    let key = "encoder.layer.1.mlp.fc1.weight".to_string();
-    let w = t[&key].clone();
-    let mut v: Vec<f32> = w.flatten_all()?.to_vec1()?;
-    v[5] = f32::NAN;
-    t.insert(key.clone(), Tensor::from_vec(v, w.dims(), &Device::Cpu)?);
-    safetensors::save(&t, &st)?;
+    let key = "encoder.layer.1.mlp.fc1.weight";
+    let model = tiny_dinov2_with(&dir, key, |w| {
+        let mut v: Vec<f32> = w.flatten_all()?.to_vec1()?;
+        v[5] = f32::NAN;
+        Tensor::from_vec(v, w.dims(), &Device::Cpu)
+    })?;
     let img = fixtures().join("backbone/astronaut.png");
     let out = saev(
         &dir,
         &[&"record", &"--model", &model, &"--size", &"16", &img],
     );
-    refused(&out, &["model.safetensors", &key, "non-finite"]);
+    refused(&out, &["model.safetensors", key, "non-finite"]);
     // A negative LayerNorm epsilon.
     let model2 = dir.join("model2");
     copy_dir(&fixtures().join("backbone/tiny-dinov2"), &model2);
@@ -1275,19 +1288,11 @@ fn a_bad_image_mid_recording_stops_every_reader() -> TestResult {
 /// model and the readers run ahead: every thread stops.
 #[test]
 fn activations_that_overflow_are_named_and_nothing_is_written() -> TestResult {
-    use saev::candle_core::{safetensors, Device, Tensor};
+    use saev::candle_core::{Device, Tensor};
     let dir = scratch("overflow");
-    let model = dir.join("model");
-    copy_dir(&fixtures().join("backbone/tiny-dinov2"), &model);
-    let st = model.join("model.safetensors");
-    let mut t = safetensors::load(&st, &Device::Cpu)?;
-    let key = "encoder.layer.0.mlp.fc2.weight".to_string();
-    let w = t[&key].clone();
-    t.insert(
-        key,
-        Tensor::full(f32::MAX, w.dims(), &Device::Cpu)?.contiguous()?,
-    );
-    safetensors::save(&t, &st)?;
+    let model = tiny_dinov2_with(&dir, "encoder.layer.0.mlp.fc2.weight", |w| {
+        Tensor::full(f32::MAX, w.dims(), &Device::Cpu)?.contiguous()
+    })?;
     let imgs = dir.join("imgs");
     std::fs::create_dir_all(&imgs)?;
     for i in 0..12 {

@@ -208,9 +208,25 @@ fn epilogue_rows_avx2(
     // As on AVX-512: bias and GELU in one explicit pass (the generic loop's division and
     // Cody–Waite exponential took 4.6% of an f32 DINOv2-S/14 forward on a Zen 3), then the
     // residual.
+    // SAFETY: AVX2 and FMA are enabled on this function.
+    unsafe { gelu_rows(v, n, b, r, bias_gelu_row_avx2) }
+}
+
+/// Rows of `n` values: `row = gelu(row + b)` by `row_kernel`, then the residual `r` added.
+///
+/// # Safety
+/// `row_kernel`'s target features are available.
+#[inline(always)]
+unsafe fn gelu_rows(
+    v: &mut [f32],
+    n: usize,
+    b: Option<&[f32]>,
+    r: Option<&[f32]>,
+    row_kernel: unsafe fn(&mut [f32], Option<&[f32]>),
+) {
     for (i, row) in v.chunks_exact_mut(n).enumerate() {
-        // SAFETY: AVX2 and FMA are enabled on this function.
-        unsafe { bias_gelu_row_avx2(row, b) };
+        // SAFETY: the caller's promise.
+        unsafe { row_kernel(row, b) };
         if let Some(r) = r {
             for (x, &rv) in row.iter_mut().zip(&r[i * n..(i + 1) * n]) {
                 *x += rv;
@@ -342,15 +358,8 @@ fn epilogue_rows_avx512(
     // cycles an element, was 11% of a bf16 DINOv2-S/14 forward: its division, and subnormal
     // intermediates on pre-activations below about −13, each a microcode assist); then the
     // residual, if any.
-    for (i, row) in v.chunks_exact_mut(n).enumerate() {
-        // SAFETY: AVX-512F is enabled on this function.
-        unsafe { bias_gelu_row_avx512(row, b) };
-        if let Some(r) = r {
-            for (x, &rv) in row.iter_mut().zip(&r[i * n..(i + 1) * n]) {
-                *x += rv;
-            }
-        }
-    }
+    // SAFETY: AVX-512F is enabled on this function.
+    unsafe { gelu_rows(v, n, b, r, bias_gelu_row_avx512) }
 }
 
 /// `2^y` in the lanes of `keep` where `y ≥ −100`, zero elsewhere: `y = n + f` (`n` an integer,
