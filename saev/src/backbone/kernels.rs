@@ -54,6 +54,28 @@ fn exp_fast<const F: bool>(x: f32) -> f32 {
     p * f32::from_bits(bits as u32)
 }
 
+/// `ln2^k / k!`, k = 0..=6: the Taylor polynomial of `2^f`, `|f| ≤ ½` (relative error ≤ 1.2e-7),
+/// in the vector exponentials.
+const EXP2_TAYLOR: [f32; 7] = [
+    1.0,
+    std::f32::consts::LN_2,
+    0.240_226_5,
+    0.055_504_11,
+    0.009_618_129,
+    0.001_333_355_8,
+    0.000_154_035_3,
+];
+
+/// Abramowitz & Stegun 7.1.26's coefficients, highest first: `1 − erf(a) = poly(t)·t·e^{−a²}`,
+/// `t = 1 / (1 + 0.3275911·a)`.
+const ERF_AS: [f32; 5] = [
+    1.061_405_4,
+    -1.453_152_1,
+    1.421_413_8,
+    -0.284_496_74,
+    0.254_829_6,
+];
+
 /// erf(x), Abramowitz & Stegun 7.1.26 (max abs error 1.5e-7). `|x|` is capped at 9, where
 /// erf is 1 in f32 already: past it the tail term would be subnormal (a microcode assist each).
 #[inline(always)]
@@ -282,23 +304,6 @@ unsafe fn bias_gelu_row_avx2(row: &mut [f32], bias: Option<&[f32]>) {
 unsafe fn gelu_avx2(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
     const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-    // ln2^k / k!, k = 0..=6 (as `exp2_avx512`)
-    const C: [f32; 7] = [
-        1.0,
-        std::f32::consts::LN_2,
-        0.240_226_5,
-        0.055_504_11,
-        0.009_618_129,
-        0.001_333_355_8,
-        0.000_154_035_3,
-    ];
-    const A: [f32; 5] = [
-        1.061_405_4,
-        -1.453_152_1,
-        1.421_413_8,
-        -0.284_496_74,
-        0.254_829_6,
-    ];
     let one = _mm256_set1_ps(1.0);
     let two = _mm256_set1_ps(2.0);
     let sign = _mm256_set1_ps(-0.0);
@@ -310,8 +315,8 @@ unsafe fn gelu_avx2(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
     let mut t = _mm256_rcp_ps(den);
     t = _mm256_mul_ps(t, _mm256_fnmadd_ps(den, t, two));
     t = _mm256_mul_ps(t, _mm256_fnmadd_ps(den, t, two));
-    let mut y = _mm256_set1_ps(A[0]);
-    for &k in &A[1..] {
+    let mut y = _mm256_set1_ps(ERF_AS[0]);
+    for &k in &ERF_AS[1..] {
         y = _mm256_fmadd_ps(y, t, _mm256_set1_ps(k));
     }
     y = _mm256_mul_ps(y, t);
@@ -325,8 +330,8 @@ unsafe fn gelu_avx2(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
     let z = _mm256_max_ps(z, floor);
     let nf = _mm256_round_ps::<NEAREST>(z);
     let f = _mm256_sub_ps(z, nf);
-    let mut q = _mm256_set1_ps(C[6]);
-    for &c in C[..6].iter().rev() {
+    let mut q = _mm256_set1_ps(EXP2_TAYLOR[6]);
+    for &c in EXP2_TAYLOR[..6].iter().rev() {
         q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(c));
     }
     let scale = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
@@ -378,23 +383,13 @@ pub(super) unsafe fn exp2_avx512(
 ) -> std::arch::x86_64::__m512 {
     use std::arch::x86_64::*;
     const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-    // ln2^k / k!, k = 0..=6
-    const C: [f32; 7] = [
-        1.0,
-        std::f32::consts::LN_2,
-        0.240_226_5,
-        0.055_504_11,
-        0.009_618_129,
-        0.001_333_355_8,
-        0.000_154_035_3,
-    ];
     let floor = _mm512_set1_ps(-100.0);
     let live = keep & _mm512_cmp_ps_mask::<_CMP_GE_OQ>(y, floor);
     let y = _mm512_max_ps(y, floor);
     let n = _mm512_roundscale_ps::<NEAREST>(y);
     let f = _mm512_sub_ps(y, n);
-    let mut q = _mm512_set1_ps(C[6]);
-    for &ck in C[..6].iter().rev() {
+    let mut q = _mm512_set1_ps(EXP2_TAYLOR[6]);
+    for &ck in EXP2_TAYLOR[..6].iter().rev() {
         q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(ck));
     }
     _mm512_maskz_scalef_ps(live, q, n)
@@ -417,13 +412,6 @@ unsafe fn bias_gelu_row_avx512(row: &mut [f32], bias: Option<&[f32]>) {
     let half = _mm512_set1_ps(0.5);
     let inv_sqrt2 = _mm512_set1_ps(std::f32::consts::FRAC_1_SQRT_2);
     let p = _mm512_set1_ps(0.327_591_1);
-    let a_s = [
-        1.061_405_4f32,
-        -1.453_152_1,
-        1.421_413_8,
-        -0.284_496_74,
-        0.254_829_6,
-    ];
     let neg_log2e = _mm512_set1_ps(-std::f32::consts::LOG2_E);
     let mut i = 0;
     while i < n {
@@ -438,8 +426,8 @@ unsafe fn bias_gelu_row_avx512(row: &mut [f32], bias: Option<&[f32]>) {
             let den = _mm512_fmadd_ps(p, a, one);
             let r0 = _mm512_rcp14_ps(den);
             let t = _mm512_mul_ps(r0, _mm512_fnmadd_ps(den, r0, two));
-            let mut y = _mm512_set1_ps(a_s[0]);
-            for &k in &a_s[1..] {
+            let mut y = _mm512_set1_ps(ERF_AS[0]);
+            for &k in &ERF_AS[1..] {
                 y = _mm512_fmadd_ps(y, t, _mm512_set1_ps(k));
             }
             y = _mm512_mul_ps(y, t);
