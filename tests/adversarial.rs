@@ -53,6 +53,27 @@ fn saev(dir: &Path, args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
     }
 }
 
+/// `saev activations --model MODEL --data DATA --out OUT EXTRA…` in `dir`.
+fn activations(
+    dir: &Path,
+    model: &dyn AsRef<std::ffi::OsStr>,
+    data: &dyn AsRef<std::ffi::OsStr>,
+    out: &dyn AsRef<std::ffi::OsStr>,
+    extra: &[&dyn AsRef<std::ffi::OsStr>],
+) -> Output {
+    let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![
+        &"activations",
+        &"--model",
+        model,
+        &"--data",
+        data,
+        &"--out",
+        out,
+    ];
+    args.extend_from_slice(extra);
+    saev(dir, &args)
+}
+
 /// A clear failure: non-zero exit, no panic, the error names every `needles`.
 fn refused(out: &Output, needles: &[&str]) -> String {
     let err = String::from_utf8_lossy(&out.stderr).to_string();
@@ -284,6 +305,11 @@ fn out_of_range_arguments_name_the_valid_range() -> TestResult {
             r#"{"activation": {"kind": "top_k", "k": 1000000}, "sweep": [{"lr": 1e-3}]}"#,
             "activation.k",
         ),
+        // TopK has no λ: a λ sweep copied from the ReLU example trained identical SAEs.
+        (
+            r#"{"activation": {"kind": "top_k", "k": 4}, "sweep": [{"lr": 1e-3, "lambda": 0}, {"lr": 1e-3, "lambda": 5}]}"#,
+            "sweep[1].lambda",
+        ),
     ] {
         let sw = sweep(&dir, json);
         let run = dir.join(format!("run-{}", field.replace(['[', ']', '.'], "_")));
@@ -388,7 +414,8 @@ fn runs_refuse_other_stores_and_foreign_directories() -> TestResult {
     );
     refused(&out, &["foreign", "did not write", "--force"]);
     assert_eq!(std::fs::read_dir(&foreign)?.count(), 1);
-    // A feature pass computed on another store is not reused.
+    // A feature pass computed on another store is not reused: the other store gets its own,
+    // beside it (this refused, and recomputing for one store replaced the other's pass).
     let ok = saev(
         &dir,
         &[&"features", &"--sae", &run.join("0"), &"--store", &store],
@@ -400,17 +427,42 @@ fn runs_refuse_other_stores_and_foreign_directories() -> TestResult {
     );
     let out = saev(
         &dir,
-        &[
-            &"browse",
-            &"--sae",
-            &run.join("0"),
-            &"--store",
-            &other,
-            &"--out",
-            &dir.join("site"),
-        ],
+        &[&"features", &"--sae", &run.join("0"), &"--store", &other],
     );
-    refused(&out, &["features.json", "another store"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let fp_of = |p: &Path| -> Result<String, Box<dyn std::error::Error>> {
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(p)?)?;
+        Ok(v["store_fingerprint"].as_str().unwrap_or("").to_string())
+    };
+    let (this_fp, other_fp) = (
+        saev::ActivationStore::open(&store)?.fingerprint(),
+        saev::ActivationStore::open(&other)?.fingerprint(),
+    );
+    assert_ne!(this_fp, other_fp);
+    assert_eq!(fp_of(&run.join("0/features.json"))?, this_fp);
+    let beside: Vec<PathBuf> = std::fs::read_dir(run.join("0"))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name().is_some_and(|n| {
+                let n = n.to_string_lossy();
+                n.starts_with("features-") && n.ends_with(".json")
+            })
+        })
+        .collect();
+    assert_eq!(beside.len(), 1, "{beside:?}");
+    assert_eq!(fp_of(&beside[0])?, other_fp);
+    // Recomputing either store's pass keeps the other's.
+    let ok = saev(
+        &dir,
+        &[&"features", &"--sae", &run.join("0"), &"--store", &store],
+    );
+    assert!(ok.status.success());
+    assert_eq!(fp_of(&run.join("0/features.json"))?, this_fp);
+    assert_eq!(fp_of(&beside[0])?, other_fp);
     // A checkpoint whose per-setting lists were emptied.
     let state = run.join("checkpoint/state.json");
     edit_json(&state, |v| v["threshold"] = serde_json::json!([]));
@@ -528,20 +580,7 @@ fn hostile_files_are_errors_not_panics() -> TestResult {
     }
     std::fs::write(&idx, &b)?;
     let model = fixtures().join("backbone/tiny-dinov2");
-    let out = saev(
-        &dir,
-        &[
-            &"activations",
-            &"--model",
-            &model,
-            &"--data",
-            &idx,
-            &"--out",
-            &dir.join("a"),
-            &"--size",
-            &"16",
-        ],
-    );
+    let out = activations(&dir, &model, &idx, &dir.join("a"), &[&"--size", &"16"]);
     refused(&out, &["bad-images-idx3-ubyte", "none zero"]);
     // A small PNG declaring a 1 × 65000 image: refused by the decoder's limits, no abort.
     let png = dir.join("tall.png");
@@ -836,16 +875,12 @@ fn record_two_parts(dir: &Path) -> Vec<PathBuf> {
     let model = data.join("tiny-dinov2");
     let mut parts = Vec::new();
     for i in 0..2 {
-        let out = saev(
+        let out = activations(
             dir,
+            &model,
+            &imgs,
+            &dir.join("parts"),
             &[
-                &"activations",
-                &"--model",
-                &model,
-                &"--data",
-                &imgs,
-                &"--out",
-                &dir.join("parts"),
                 &"--size",
                 &"16",
                 &"--max-tokens-per-shard",
@@ -864,6 +899,29 @@ fn record_two_parts(dir: &Path) -> Vec<PathBuf> {
         ));
     }
     parts
+}
+
+/// Copies of `parts` under `dir/parts` (same names).
+fn copy_parts(dir: &Path, parts: &[PathBuf]) -> Vec<PathBuf> {
+    parts
+        .iter()
+        .map(|p| {
+            let c = dir.join("parts").join(p.file_name().unwrap());
+            copy_dir(p, &c);
+            c
+        })
+        .collect()
+}
+
+/// `saev activations merge` of `parts` is refused naming `needles`, and leaves every part as
+/// it was.
+fn merge_refused_untouched(dir: &Path, parts: &[PathBuf], needles: &[&str]) {
+    let before: Vec<_> = parts.iter().map(|p| snapshot(p)).collect();
+    let out = merge(dir, parts);
+    refused(&out, needles);
+    for (p, b) in parts.iter().zip(&before) {
+        assert_eq!(&snapshot(p), b, "{} was changed", p.display());
+    }
 }
 
 fn merge(dir: &Path, parts: &[PathBuf]) -> Output {
@@ -895,15 +953,38 @@ fn merge_validates_every_part_before_moving() -> TestResult {
         .write(true)
         .open(&victim)?
         .set_len(len / 2)?;
-    let before: Vec<_> = parts.iter().map(|p| snapshot(p)).collect();
-    let out = merge(&dir, &parts);
-    refused(
-        &out,
+    merge_refused_untouched(
+        &dir,
+        &parts,
         &[victim.file_name().unwrap().to_str().unwrap(), "truncated"],
     );
-    for (p, b) in parts.iter().zip(&before) {
-        assert_eq!(&snapshot(p), b, "{} was changed", p.display());
-    }
+    Ok(())
+}
+
+/// Parts recorded from different files (another copy of the dataset with the same count, or
+/// an image changed between parts): the metadata agree, the provenance does not — refused
+/// before anything moves (the first part's file list was kept, silently).
+#[test]
+fn merge_refuses_parts_of_different_files() -> TestResult {
+    let dir = scratch("merge-prov");
+    let parts = record_two_parts(&dir);
+    let prov = parts[1].join("provenance.json");
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&prov)?)?;
+    // Another copy's file times alone (each cluster node's own copy) are no difference.
+    v["stamp"] = serde_json::json!("another-stamp");
+    std::fs::write(&prov, v.to_string())?;
+    let copies = scratch("merge-prov-stamp");
+    let out = merge(&copies, &copy_parts(&copies, &parts));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Another file in the list is.
+    let first = v["sources"][0].as_str().unwrap().to_string();
+    v["sources"][0] = serde_json::json!(format!("{first}.other.png"));
+    std::fs::write(&prov, v.to_string())?;
+    merge_refused_untouched(&dir, &parts, &[prov.to_str().unwrap(), "different files"]);
     Ok(())
 }
 
@@ -917,13 +998,12 @@ fn merge_refuses_side_files_in_some_parts_only() -> TestResult {
         serde_json::from_slice(&std::fs::read(parts[0].join("metadata.json"))?)?;
     let n = md["n_examples"].as_u64().unwrap() * md["content_tokens_per_example"].as_u64().unwrap();
     std::fs::write(parts[0].join("labels.bin"), vec![1u8; n as usize])?;
-    let before: Vec<_> = parts.iter().map(|p| snapshot(p)).collect();
-    let out = merge(&dir, &parts);
     let p1 = parts[1].join("labels.bin");
-    refused(&out, &[p1.to_str().unwrap(), "missing in this part"]);
-    for (p, b) in parts.iter().zip(&before) {
-        assert_eq!(&snapshot(p), b, "{} was changed", p.display());
-    }
+    merge_refused_untouched(
+        &dir,
+        &parts,
+        &[p1.to_str().unwrap(), "missing in this part"],
+    );
     Ok(())
 }
 
@@ -934,14 +1014,7 @@ fn an_interrupted_merge_finishes_on_a_rerun() -> TestResult {
     let dir = scratch("merge-rerun");
     let parts = record_two_parts(&dir);
     let whole = scratch("merge-rerun-whole");
-    let copies: Vec<PathBuf> = parts
-        .iter()
-        .map(|p| {
-            let c = whole.join("parts").join(p.file_name().unwrap());
-            copy_dir(p, &c);
-            c
-        })
-        .collect();
+    let copies = copy_parts(&whole, &parts);
     let out = merge(&whole, &copies);
     assert!(
         out.status.success(),
@@ -1137,20 +1210,12 @@ fn skip_bad_drops_a_cut_jpeg_and_keeps_a_motion_photo() -> TestResult {
     std::fs::write(imgs.join("c-motion.jpg"), &motion)?;
     let model = fixtures().join("backbone/tiny-dinov2");
     let out_dir = dir.join("acts");
-    let out = saev(
+    let out = activations(
         &dir,
-        &[
-            &"activations",
-            &"--model",
-            &model,
-            &"--size",
-            &"16",
-            &"--skip-bad",
-            &"--data",
-            &imgs,
-            &"--out",
-            &out_dir,
-        ],
+        &model,
+        &imgs,
+        &out_dir,
+        &[&"--size", &"16", &"--skip-bad"],
     );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
@@ -1209,20 +1274,7 @@ fn non_utf8_file_names_are_recorded_losslessly() -> TestResult {
     std::fs::copy(data.join("chelsea.png"), &odd)?;
     std::fs::copy(data.join("astronaut.png"), imgs.join("plain.png"))?;
     let model = data.join("tiny-dinov2-reg");
-    let out = saev(
-        &dir,
-        &[
-            &"activations",
-            &"--model",
-            &model,
-            &"--data",
-            &imgs,
-            &"--out",
-            &dir.join("acts"),
-            &"--size",
-            &"16",
-        ],
-    );
+    let out = activations(&dir, &model, &imgs, &dir.join("acts"), &[&"--size", &"16"]);
     assert!(
         out.status.success(),
         "{}",
@@ -1262,21 +1314,12 @@ fn a_bad_image_mid_recording_stops_every_reader() -> TestResult {
         *b ^= 0x5a;
     }
     std::fs::write(&bad, bytes)?;
-    let out = saev(
+    let out = activations(
         &dir,
-        &[
-            &"activations",
-            &"--model",
-            &data.join("tiny-dinov2"),
-            &"--data",
-            &imgs,
-            &"--out",
-            &dir.join("acts"),
-            &"--batch-size",
-            &"1",
-            &"--readers",
-            &"4",
-        ],
+        &data.join("tiny-dinov2"),
+        &imgs,
+        &dir.join("acts"),
+        &[&"--batch-size", &"1", &"--readers", &"4"],
     );
     refused(&out, &["20.png"]);
     Ok(())
@@ -1301,21 +1344,12 @@ fn activations_that_overflow_are_named_and_nothing_is_written() -> TestResult {
             imgs.join(format!("{i:02}.png")),
         )?;
     }
-    let out = saev(
+    let out = activations(
         &dir,
-        &[
-            &"activations",
-            &"--model",
-            &model,
-            &"--data",
-            &imgs,
-            &"--out",
-            &dir.join("acts"),
-            &"--size",
-            &"16",
-            &"--batch-size",
-            &"2",
-        ],
+        &model,
+        &imgs,
+        &dir.join("acts"),
+        &[&"--size", &"16", &"--batch-size", &"2"],
     );
     refused(
         &out,

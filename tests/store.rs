@@ -50,14 +50,19 @@ fn tiny() -> Backbone {
     vit.with_preprocess(pre)
 }
 
+/// The recording every test here uses: layers −1 and 0, batches of 3, shards of 100 tokens.
+fn writer_cfg() -> WriterConfig {
+    WriterConfig::default()
+        .with_layers(vec![-1, 0])
+        .with_batch_size(3)
+        .with_max_tokens_per_shard(100)
+}
+
 fn record(dir: &Path) -> (Backbone, Dataset, PathBuf) {
     let vit = tiny();
     let ds = Dataset::open(image_folder(dir), None, false).unwrap();
     // 17 tokens × 2 layers = 34 vectors per example; 100 → 2 examples per shard → 6 shards.
-    let cfg = WriterConfig::default()
-        .with_layers(vec![-1, 0])
-        .with_batch_size(3)
-        .with_max_tokens_per_shard(100);
+    let cfg = writer_cfg();
     let store_dir = saev::record::record_activations(&vit, &ds, dir.join("acts"), &cfg).unwrap();
     (vit, ds, store_dir)
 }
@@ -116,15 +121,7 @@ fn recorded_store_reads_back_the_backbone_outputs() -> TestResult {
     assert_eq!(prov.labels[0], Some(0));
     // Re-running on a complete store returns it untouched.
     let before = std::fs::read(store_dir.join("acts000000.bin"))?;
-    let again = saev::record::record_activations(
-        &vit,
-        &ds,
-        dir.join("acts"),
-        &WriterConfig::default()
-            .with_layers(vec![-1, 0])
-            .with_batch_size(3)
-            .with_max_tokens_per_shard(100),
-    )?;
+    let again = saev::record::record_activations(&vit, &ds, dir.join("acts"), &writer_cfg())?;
     assert_eq!(again, store_dir);
     assert_eq!(std::fs::read(store_dir.join("acts000000.bin"))?, before);
     Ok(())
@@ -372,6 +369,21 @@ fn norm_stats_match_a_direct_computation() -> TestResult {
         store.fingerprint()
     );
     assert_eq!(store.norm_stats(-1, Tokens::Patches)?, s);
+    // A store whose vectors do not vary has nothing to normalise by: refused when computed (a
+    // scale of 0 was cached, then refused with advice to recompute the same 0).
+    let md = saev::store::Metadata {
+        n_examples: 3,
+        ..store.metadata().clone()
+    };
+    let per_example = md.layers.len() * store.tokens_per_example() * md.d_model;
+    let mut w = saev::store::StoreWriter::create(dir.join("constant"), md, None)?;
+    w.write_examples(0, &vec![0.5f32; 3 * per_example])?;
+    let constant = ActivationStore::open(w.finish()?)?;
+    let e = constant
+        .norm_stats(-1, Tokens::Patches)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("do not vary") && e.contains("layer -1"), "{e}");
     Ok(())
 }
 
@@ -560,10 +572,7 @@ fn killed_writer_resumes_to_identical_bytes() -> TestResult {
 fn parts_merge_into_the_same_store() -> TestResult {
     let dir = tmp("parts");
     let (vit, ds, single) = record(&dir);
-    let cfg = WriterConfig::default()
-        .with_layers(vec![-1, 0])
-        .with_batch_size(3)
-        .with_max_tokens_per_shard(100);
+    let cfg = writer_cfg();
     let parts: Vec<PathBuf> = (0..3)
         .map(|i| {
             saev::record::record_activations(
@@ -602,6 +611,66 @@ fn parts_merge_into_the_same_store() -> TestResult {
     Ok(())
 }
 
+/// More parts than shards, and splits where ⌈shards/parts⌉ left a part empty: every example is
+/// recorded once, no part but those beyond the shard count is empty, and parts of a labelled
+/// store — the empty ones writing no labels — merge to the single recording's bytes (the merge
+/// refused them: "labels.bin missing in this part").
+#[test]
+fn parts_beyond_the_shards_merge_with_labels() -> TestResult {
+    let dir = tmp("parts-many");
+    let (vit, ds, single) = record(&dir);
+    let cfg = writer_cfg();
+    let md = ActivationStore::open(&single)?.metadata().clone();
+    let (n_ex, p) = (md.n_examples, md.content_tokens_per_example);
+    // 6 shards in 4 parts: 2, 2, 1, 1 shards (⌈6/4⌉ = 2 each gave 2, 2, 2, 0).
+    for n in [4usize, 7] {
+        let parts: Vec<PathBuf> = (0..n)
+            .map(|i| {
+                saev::record::record_activations(
+                    &vit,
+                    &ds,
+                    dir.join(format!("parts-{n}")),
+                    &cfg.clone().with_part(i, n),
+                )
+            })
+            .collect::<saev::Result<_>>()?;
+        // Labels as a segmentation recording writes them: its examples' rows, by the parts
+        // that have examples.
+        let labels: Vec<u8> = (0..n_ex * p).map(|j| (j % 5) as u8).collect();
+        let mut non_empty = 0;
+        for part in &parts {
+            let prog: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(part.join("metadata.json"))?)?;
+            assert_eq!(prog["n_examples"].as_u64(), Some(n_ex as u64));
+            let shards = std::fs::read_dir(part)?
+                .filter(|e| {
+                    e.as_ref()
+                        .is_ok_and(|e| e.file_name().to_string_lossy().starts_with("acts"))
+                })
+                .count();
+            if shards > 0 {
+                non_empty += 1;
+                std::fs::write(part.join("labels.bin"), &labels)?;
+            }
+        }
+        assert_eq!(non_empty, n.min(6), "{n} parts");
+        let merged = saev::store::merge_parts(&parts, dir.join(format!("merged-{n}")))?;
+        for name in [
+            "metadata.json",
+            "acts000000.bin",
+            "acts000005.bin",
+            "registers.bin",
+        ] {
+            assert!(
+                std::fs::read(single.join(name))? == std::fs::read(merged.join(name))?,
+                "{n} parts: {name}"
+            );
+        }
+        assert_eq!(std::fs::read(merged.join("labels.bin"))?, labels);
+    }
+    Ok(())
+}
+
 /// A backbone in bf16 records into `<hash>-bf16`, beside (never instead of) the f32 store of
 /// the same metadata; its vectors stay within cosine 0.999 of the f32 ones; its parts merge
 /// into `<hash>-bf16` byte for byte; a bf16 part among f32 parts is refused by name.
@@ -611,10 +680,7 @@ fn bf16_stores_live_beside_f32_ones_and_merge_as_themselves() -> TestResult {
     let dir = tmp("bf16");
     let (vit, ds, f32_dir) = record(&dir);
     let bf16 = vit.clone().with_precision(Precision::Bf16)?;
-    let cfg = WriterConfig::default()
-        .with_layers(vec![-1, 0])
-        .with_batch_size(3)
-        .with_max_tokens_per_shard(100);
+    let cfg = writer_cfg();
     let single = saev::record::record_activations(&bf16, &ds, dir.join("acts"), &cfg)?;
     let name = single.file_name().ok_or("no name")?.to_string_lossy();
     assert_eq!(
@@ -692,14 +758,30 @@ fn bf16_stores_live_beside_f32_ones_and_merge_as_themselves() -> TestResult {
 fn a_store_is_reused_only_for_unchanged_files() -> TestResult {
     let dir = tmp("reuse-changed");
     let (vit, ds, store_dir) = record(&dir);
-    let cfg = WriterConfig::default()
-        .with_layers(vec![-1, 0])
-        .with_batch_size(3)
-        .with_max_tokens_per_shard(100);
+    let cfg = writer_cfg();
     let before = std::fs::read(store_dir.join("acts000000.bin"))?;
     // Unchanged: the same directory, untouched.
     let again = saev::record::record_activations(&vit, &ds, dir.join("acts"), &cfg)?;
     assert_eq!(again, store_dir);
+    // The store itself given as the output: it is this recording's store, reused (it was
+    // recorded again in full inside itself, as `<store>/<hash>`).
+    let inside = saev::record::record_activations(&vit, &ds, &store_dir, &cfg)?;
+    assert_eq!(inside, store_dir);
+    assert_eq!(
+        std::fs::read_dir(&store_dir)?
+            .filter(|e| e.as_ref().is_ok_and(|e| e.path().is_dir()))
+            .count(),
+        0
+    );
+    // Another recording (other layers) pointed at this store: refused, naming the parent.
+    let e =
+        saev::record::record_activations(&vit, &ds, &store_dir, &cfg.clone().with_layers(vec![0]))
+            .unwrap_err()
+            .to_string();
+    assert!(
+        e.contains("another recording") && e.contains("parent"),
+        "{e}"
+    );
     // Another picture under the same name (written a moment later: another mtime and size).
     std::thread::sleep(std::time::Duration::from_millis(20));
     let victim = ds.source(1);

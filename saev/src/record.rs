@@ -299,6 +299,27 @@ pub fn record_activations(
             ))
         }
     };
+    // `--out` naming a store itself (not the directory of stores): the same recording is that
+    // store (reused or resumed); another one is refused — it would be written in full inside it.
+    let dir = if root.join("metadata.json").exists() {
+        if root.file_name() == dir.file_name() {
+            root.to_path_buf()
+        } else {
+            return Err(Error::output_dir(
+                root,
+                "is an activation store of another recording (stores go in a directory of \
+                 stores, each named by its hash)",
+                format!(
+                    "pass its parent directory{}",
+                    root.parent()
+                        .map(|p| format!(" ({})", p.display()))
+                        .unwrap_or_default()
+                ),
+            ));
+        }
+    } else {
+        dir
+    };
     let prog_path = dir.join(PROGRESS);
     let prov = provenance(dataset);
     let prov_text = serde_json::to_string(&prov)

@@ -757,6 +757,17 @@ impl NormStats {
             norm_sum += sq.sqrt();
         }
         let scalar = (norm_sum / k as f64 / (d as f64).sqrt()) as f32;
+        // Every sampled vector equal (one example's CLS token, a constant store): dividing by
+        // the spread would make every input NaN — refused here, not cached and then refused
+        // with advice to recompute the same 0.
+        if !(scalar.is_finite() && scalar > 0.0) {
+            return Err(Error::Store {
+                path: store.dir().to_path_buf(),
+                msg: format!(
+                    "layer {layer}, {tokens:?}: the {k} sampled vectors do not vary (mean distance from their mean {scalar}): there is nothing to normalise by; train on more examples or tokens, or without normalisation"
+                ),
+            });
+        }
         Ok(Self {
             version: NORM_VERSION,
             layer,

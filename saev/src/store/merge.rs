@@ -47,8 +47,7 @@ pub(super) struct PartInfo {
 
 /// Shards of part `i` of `n`: contiguous, as even as whole shards allow.
 pub(super) fn part_shards(md: &Metadata, i: usize, n: usize) -> std::ops::Range<usize> {
-    let per = md.n_shards().div_ceil(n.max(1));
-    (i * per).min(md.n_shards())..((i + 1) * per).min(md.n_shards())
+    crate::util::cluster::contiguous_part(md.n_shards(), n, i)
 }
 
 pub(crate) fn part_examples(md: &Metadata, i: usize, n: usize) -> std::ops::Range<usize> {
@@ -108,6 +107,30 @@ pub fn merge_parts(parts: &[PathBuf], root: impl AsRef<Path>) -> Result<PathBuf>
                 path: p.join("metadata.json"),
                 msg: format!(
                     "differs from {}: parts of different stores",
+                    first.display()
+                ),
+            });
+        }
+        // The files recorded, their labels and class names: a part recorded from another copy
+        // of the dataset with the same count has the same metadata but may list other images.
+        // (Not the files' stamp of sizes and times: each node of a cluster may hold its own
+        // copy of the same files.)
+        let prov = |q: &Path| {
+            std::fs::read(q.join("provenance.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .map(|mut v| {
+                    if let Some(o) = v.as_object_mut() {
+                        o.remove("stamp");
+                    }
+                    v
+                })
+        };
+        if prov(p) != prov(first) {
+            return Err(Error::Store {
+                path: p.join("provenance.json"),
+                msg: format!(
+                    "differs from {}'s: the parts were recorded from different files (another copy of the dataset, or files changed between parts)",
                     first.display()
                 ),
             });
@@ -174,13 +197,16 @@ pub fn merge_parts(parts: &[PathBuf], root: impl AsRef<Path>) -> Result<PathBuf>
         Ok(Some(info.n_registers))
     };
     let first_regs = regs_of(first)?;
-    for (_, _, p) in &seen {
+    // A part with no examples (more parts than shards) writes no labels: the others decide.
+    let has_examples = |i: usize, n: usize| !part_examples(&md, i, n).is_empty();
+    let labelled = seen
+        .iter()
+        .find(|(i, n, _)| has_examples(*i, *n))
+        .is_some_and(|(_, _, p)| p.join("labels.bin").exists());
+    for (i, n, p) in &seen {
+        let labels_here = p.join("labels.bin").exists() || (!has_examples(*i, *n) && labelled);
         for (name, here, there) in [
-            (
-                "labels.bin",
-                p.join("labels.bin").exists(),
-                first.join("labels.bin").exists(),
-            ),
+            ("labels.bin", labels_here, labelled),
             (
                 "registers.bin",
                 p.join("registers.bin").exists(),

@@ -61,12 +61,68 @@ pub(crate) fn array_task_from(var: impl Fn(&str) -> Option<String>) -> Result<(u
     Ok((i, count))
 }
 
+/// Part `i` of `n` contiguous parts of `0..len`: `⌈len/n⌉` each, the last ones shorter (as
+/// every saev release has split, so runs split before keep their parts) — unless that leaves a
+/// part empty while `len ≥ n` (9 into 4 gave 3, 3, 3, 0): then sizes differing by at most one,
+/// the larger first (3, 2, 2, 2). Parts are empty only when `n > len`.
+pub(crate) fn contiguous_part(len: usize, n: usize, i: usize) -> std::ops::Range<usize> {
+    let n = n.max(1);
+    let per = len.div_ceil(n);
+    if (n - 1) * per < len || len < n {
+        return (i * per).min(len)..((i + 1) * per).min(len);
+    }
+    let (q, r) = (len / n, len % n);
+    let at = |j: usize| (j * q + j.min(r)).min(len);
+    at(i)..at(i + 1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn env<'a>(kv: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
         move |k| kv.iter().find(|(a, _)| *a == k).map(|(_, v)| v.to_string())
+    }
+
+    /// Every split covers `0..len` in order, without gaps or overlaps; no part is empty while
+    /// `len ≥ n`; the splits that had no empty part are as before (`⌈len/n⌉` each).
+    #[test]
+    fn contiguous_parts_cover_everything_and_none_is_empty() {
+        for len in 0..40usize {
+            for n in 1..12usize {
+                let parts: Vec<_> = (0..n).map(|i| contiguous_part(len, n, i)).collect();
+                let mut next = 0;
+                for p in &parts {
+                    assert_eq!(p.start, next, "len {len} n {n}: {parts:?}");
+                    next = p.end;
+                }
+                assert_eq!(next, len, "len {len} n {n}: {parts:?}");
+                if len >= n {
+                    assert!(
+                        parts.iter().all(|p| !p.is_empty()),
+                        "len {len} n {n}: {parts:?}"
+                    );
+                    let sizes: Vec<usize> = parts.iter().map(|p| p.len()).collect();
+                    let per = len.div_ceil(n);
+                    if (n - 1) * per < len {
+                        assert!(sizes[..n - 1].iter().all(|&s| s == per), "{sizes:?}");
+                    } else {
+                        let (lo, hi) = (sizes.iter().min(), sizes.iter().max());
+                        assert!(hi.zip(lo).is_some_and(|(h, l)| h - l <= 1), "{sizes:?}");
+                    }
+                }
+            }
+        }
+        assert_eq!(
+            (0..4)
+                .map(|i| contiguous_part(9, 4, i).len())
+                .collect::<Vec<_>>(),
+            [3, 2, 2, 2]
+        );
+        assert_eq!(
+            (0..2).map(|i| contiguous_part(9, 2, i)).collect::<Vec<_>>(),
+            [0..5, 5..9]
+        );
     }
 
     #[test]

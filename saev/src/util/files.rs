@@ -66,6 +66,59 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
         .with_path(dir)
 }
 
+/// The file [`DirLock`] locks in an output directory (it stays; only its lock comes and goes).
+pub(crate) const LOCK_NAME: &str = ".saev-lock";
+
+/// An exclusive lock on an output directory for as long as it lives, so two runs never write
+/// one directory at once (two Slurm tasks given the same `--out`, a job started twice). An OS
+/// file lock (`flock`): released when the process ends, however it ends, so a killed run
+/// leaves nothing to clean up. On a file system without locks the run goes on unlocked.
+pub(crate) struct DirLock {
+    _file: Option<std::fs::File>,
+}
+
+impl DirLock {
+    /// Lock `dir` (which exists) for `what` (e.g. "training run"), or say who holds it.
+    pub(crate) fn acquire(dir: &Path, what: &str) -> Result<Self> {
+        use std::io::{Read, Seek, Write};
+        let path = dir.join(LOCK_NAME);
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .with_path(&path)?;
+        match f.try_lock() {
+            Ok(()) => {
+                // Who holds it, for the error another process shows.
+                let _ = f.set_len(0);
+                let _ = writeln!(f, "{}", std::process::id());
+                Ok(Self { _file: Some(f) })
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = f.rewind().and_then(|()| f.read_to_string(&mut holder));
+                Err(Error::output_dir(
+                    dir,
+                    format!(
+                        "is being written by another {what} (process {})",
+                        holder.trim()
+                    ),
+                    "wait for it to end, or choose another output directory",
+                ))
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                eprintln!(
+                    "note: {} cannot be locked ({e}); two runs into it at once would not be stopped",
+                    dir.display()
+                );
+                Ok(Self { _file: None })
+            }
+        }
+    }
+}
+
 /// A fresh name beside `path` to write it whole before renaming it into place:
 /// `.<name>.tmp-<pid>-<n>`, unique across processes and across threads of this one (two
 /// imports into one cache, as parallel tests or array jobs run them, never share one).
