@@ -344,3 +344,36 @@ fn notebook_checkpoint_reproduces_its_python_forward() -> TestResult {
     assert!(df <= 1e-5 && dx <= 1e-5, "f_x {df}, x_hat {dx}");
     Ok(())
 }
+
+/// Imports running at once — two into one directory (Slurm array tasks given one `sae.pt`) and
+/// two of dotted names side by side (`layer.10`, `layer.11`, which shared one temp directory)
+/// — all succeed, each directory holds its SAE, and no temp directory is left.
+#[test]
+fn concurrent_imports_do_not_collide() -> TestResult {
+    let pt = fixtures().join("../sae-headers/schema5-topk.pt");
+    let root = std::env::temp_dir().join(format!("saev-import-race-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root)?;
+    let outs = ["same", "same", "layer.10", "layer.11"].map(|n| root.join(n));
+    let pt = &pt;
+    std::thread::scope(|s| {
+        let jobs: Vec<_> = outs
+            .iter()
+            .map(|o| s.spawn(move || saev::sae::import_python_sae(pt, o, None)))
+            .collect();
+        for j in jobs {
+            let r = j.join().expect("import thread");
+            assert!(r.is_ok(), "{:?}", r.err());
+        }
+    });
+    let mut names: Vec<String> = std::fs::read_dir(&root)?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_, _>>()?;
+    names.sort();
+    assert_eq!(names, ["layer.10", "layer.11", "same"]);
+    for n in &names {
+        saev::Sae::load(root.join(n))?;
+    }
+    let _ = std::fs::remove_dir_all(&root);
+    Ok(())
+}

@@ -205,43 +205,53 @@ fn topk_batchtopk_and_matryoshka_train() -> TestResult {
             TrainConfig::batch_topk(-2, 2).with_matryoshka(vec![0.25, 1.0]),
         ),
     ] {
-        let cfg = cfg
-            .with_expansion(4)
-            .with_batch_size(128)
-            .with_n_patches(128 * 120)
-            .with_warmup(5, 0)
-            .with_sweep(vec![Setting {
-                lr: 3e-3,
-                lambda: 0.0,
-                k: None,
-            }]);
-        let run = saev::train_saes(&store, &cfg, dir.join(name))?;
-        let ev = run.evals[0].as_ref().unwrap();
-        let h = &run.history;
-        let mse = h.column("mse")?.f64()?;
-        let (first, last) = (mse.get(0).unwrap(), mse.get(h.height() - 1).unwrap());
-        eprintln!("{name}: MSE {first} -> {last}, held-out {ev}");
-        assert!(last < 0.6 * first, "{name}: MSE {first} -> {last}");
-        // Training rows keep exactly k (TopK) or k on average (BatchTopK) latents.
-        let l0 = h.column("l0")?.f64()?;
-        let l0_last = l0.get(h.height() - 1).unwrap();
-        assert!(
-            (l0_last - 2.0).abs() < 1e-9,
-            "{name}: training L0 {l0_last}"
-        );
-        assert!(ev.nmse < 0.6, "{name}: {ev}");
-        match run.saes[0].config().activation {
-            saev::sae::SaeActivation::BatchTopK { threshold, .. } => {
-                assert!(threshold > 0.0, "{name}: threshold {threshold}");
-                // The saved threshold gives about k latents per vector at inference.
-                assert!(ev.l0 > 0.8 && ev.l0 < 5.0, "{name}: held-out L0 {}", ev.l0);
+        // Three seeds: the MSE's fall is asserted on their median, not on one draw of the
+        // initial weights (at seed 0 alone BatchTopK's fell 37%, at seeds 1–5 44–48%).
+        let mut falls = Vec::new();
+        for seed in 0..3u64 {
+            let cfg = cfg
+                .clone()
+                .with_expansion(4)
+                .with_batch_size(128)
+                .with_n_patches(128 * 120)
+                .with_warmup(5, 0)
+                .with_seed(seed)
+                .with_sweep(vec![Setting {
+                    lr: 3e-3,
+                    lambda: 0.0,
+                    k: None,
+                }]);
+            let run = saev::train_saes(&store, &cfg, dir.join(format!("{name}-{seed}")))?;
+            let ev = run.evals[0].as_ref().unwrap();
+            let h = &run.history;
+            let mse = h.column("mse")?.f64()?;
+            let (first, last) = (mse.get(0).unwrap(), mse.get(h.height() - 1).unwrap());
+            eprintln!("{name} seed {seed}: MSE {first} -> {last}, held-out {ev}");
+            falls.push((last / first, first, last));
+            // Training rows keep exactly k (TopK) or k on average (BatchTopK) latents.
+            let l0 = h.column("l0")?.f64()?;
+            let l0_last = l0.get(h.height() - 1).unwrap();
+            assert!(
+                (l0_last - 2.0).abs() < 1e-9,
+                "{name}: training L0 {l0_last}"
+            );
+            assert!(ev.nmse < 0.6, "{name}: {ev}");
+            match run.saes[0].config().activation {
+                saev::sae::SaeActivation::BatchTopK { threshold, .. } => {
+                    assert!(threshold > 0.0, "{name}: threshold {threshold}");
+                    // The saved threshold gives about k latents per vector at inference.
+                    assert!(ev.l0 > 0.8 && ev.l0 < 5.0, "{name}: held-out L0 {}", ev.l0);
+                }
+                saev::sae::SaeActivation::TopK { k, .. } => {
+                    assert_eq!(k, 2);
+                    assert!(ev.l0 <= 2.0 + 1e-9);
+                }
+                ref a => panic!("{name}: {a:?}"),
             }
-            saev::sae::SaeActivation::TopK { k, .. } => {
-                assert_eq!(k, 2);
-                assert!(ev.l0 <= 2.0 + 1e-9);
-            }
-            ref a => panic!("{name}: {a:?}"),
         }
+        falls.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let (_, first, last) = falls[1];
+        assert!(last < 0.6 * first, "{name}: median MSE {first} -> {last}");
     }
     Ok(())
 }
@@ -280,6 +290,17 @@ fn killed_and_resumed_run_ends_with_the_same_weights() -> TestResult {
         if stop == Some(13) {
             let run = saev::train_saes(&store, &c, &out)?;
             assert!(!run.finished);
+            // The checkpoint keeps each setting's last density (L0 / d_sae: TopK k = 3 and 2 of
+            // 64 latents): on AMX it picks the next step's encoder path, which rounds otherwise.
+            let st: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(out.join("checkpoint/state.json"))?)?;
+            let dens: Vec<f64> = st["last_density"]
+                .as_array()
+                .ok_or("no last_density")?
+                .iter()
+                .filter_map(|v| v.as_f64())
+                .collect();
+            assert_eq!(dens, [3.0 / 64.0, 2.0 / 64.0]);
             // Simulate a kill after the last checkpoint: drop what a kill would lose.
             let _ = std::fs::remove_dir_all(out.join("0"));
             continue;
@@ -295,6 +316,20 @@ fn killed_and_resumed_run_ends_with_the_same_weights() -> TestResult {
         rows_of(&std::fs::read_to_string(dir.join("full/history.csv"))?),
         rows_of(&std::fs::read_to_string(out.join("history.csv"))?)
     );
+    // A second run into the directory while one writes there (simulated: its lock held) is
+    // refused before it writes anything; once the lock is free, it runs (resumes).
+    let lock = std::fs::OpenOptions::new()
+        .write(true)
+        .open(out.join(".saev-lock"))?;
+    lock.try_lock()?;
+    let before = std::fs::read(out.join("checkpoint/state.json"))?;
+    let err = saev::train_saes(&store, &cfg, &out)
+        .err()
+        .ok_or("ran beside the lock")?;
+    assert!(err.to_string().contains("another training run"), "{err}");
+    assert_eq!(std::fs::read(out.join("checkpoint/state.json"))?, before);
+    drop(lock);
+    assert!(saev::train_saes(&store, &cfg, &out)?.finished);
     // A different config on the same directory is refused, not mixed in.
     let other = cfg.clone().with_seed(9);
     let err = saev::train_saes(&store, &other, &out).err().unwrap();
@@ -487,9 +522,11 @@ fn planted_run(
     atoms: &[Vec<f32>],
     expansion: usize,
     init: saev::sae::Init,
+    seed: u64,
     out: std::path::PathBuf,
 ) -> (usize, usize, usize) {
     let mut cfg = TrainConfig::topk(-2, 2)
+        .with_seed(seed)
         .with_expansion(expansion)
         .with_batch_size(256)
         .with_n_patches(400 * 8 * 60)
@@ -546,17 +583,41 @@ fn topk_recovers_a_planted_dictionary_without_dead_latents() -> TestResult {
     let dir = std::env::temp_dir().join(format!("saev-train-planted-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let (store, atoms) = planted_atoms_store(&dir.join("store"), 400, 32, 32);
-    let (recovered, _, _) = planted_run(&store, &atoms, 2, Init::Tied, dir.join("over"));
+    let (recovered, _, _) = planted_run(&store, &atoms, 2, Init::Tied, 0, dir.join("over"));
     assert!(
         recovered * 100 >= 95 * atoms.len(),
         "{recovered}/32 atoms recovered"
     );
-    let (_, dead, d_sae) = planted_run(&store, &atoms, 1, Init::Tied, dir.join("tied"));
-    assert!(dead * 100 <= 5 * d_sae, "{dead} of {d_sae} latents dead");
-    let (_, dead_kaiming, _) = planted_run(&store, &atoms, 1, Init::Kaiming, dir.join("kaiming"));
+    // Dead latents summed over three seeds (one seed is a coin flip at 32 latents: 0–3 dead
+    // per run; over seeds 0–5, tied 4 in all, the paper's untied 10).
+    let (mut dead, mut dead_kaiming) = (0, 0);
+    for seed in 0..3u64 {
+        let (_, d, d_sae) = planted_run(
+            &store,
+            &atoms,
+            1,
+            Init::Tied,
+            seed,
+            dir.join(format!("tied-{seed}")),
+        );
+        assert!(
+            d * 100 <= 5 * d_sae,
+            "seed {seed}: {d} of {d_sae} latents dead"
+        );
+        dead += d;
+        dead_kaiming += planted_run(
+            &store,
+            &atoms,
+            1,
+            Init::Kaiming,
+            seed,
+            dir.join(format!("kaiming-{seed}")),
+        )
+        .1;
+    }
     assert!(
         dead < dead_kaiming,
-        "tied {dead} dead, untied {dead_kaiming}"
+        "tied {dead} dead, untied {dead_kaiming} (three seeds)"
     );
     Ok(())
 }

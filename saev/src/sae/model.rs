@@ -306,6 +306,22 @@ impl Sae {
         self.cfg.d_model
     }
 
+    /// The block whose activations this SAE reads in `store`: the layer its provenance records,
+    /// else the store's only layer, else −2 (the paper's block, and what `--sae X.pt` imports
+    /// against). Every command and handle that pairs an SAE with a store picks it so — an SAE
+    /// imported without a layer is read at the same block by `saev features`, `browse`,
+    /// `match` and `causal`.
+    pub fn layer_in(&self, store: &crate::store::ActivationStore) -> i64 {
+        self.cfg
+            .provenance
+            .get("layer")
+            .and_then(|v| v.as_i64())
+            .unwrap_or(match store.layers() {
+                [only] => *only,
+                _ => -2,
+            })
+    }
+
     /// Where the weights live.
     pub fn device(&self) -> &Device {
         self.w_enc.device()

@@ -392,7 +392,8 @@ pub fn import_python_sae(
     })?;
     let sha = format!("{:x}", Sha256::digest(&bytes));
     let norm_tag = norm_from.map(|(s, l)| (s.dir().display().to_string(), l));
-    if out.join("sae.json").exists() {
+    // What `out` holds when it holds an SAE: this import (reused), or another (refused).
+    let existing = || -> Result<super::model::Sae> {
         let old = super::model::Sae::load(out)?;
         let p = &old.config().provenance;
         let same = p.get("sha256").and_then(Value::as_str) == Some(sha.as_str())
@@ -402,14 +403,17 @@ pub fn import_python_sae(
         if same {
             return Ok(old);
         }
-        return Err(Error::output_dir(
+        Err(Error::output_dir(
             out,
             format!(
                 "already holds another SAE (not this import of {})",
                 pt.display()
             ),
             "choose another --out",
-        ));
+        ))
+    };
+    if out.join("sae.json").exists() {
+        return existing();
     }
     if out.exists()
         && std::fs::read_dir(out)
@@ -456,7 +460,7 @@ pub fn import_python_sae(
         .provenance
         .as_object_mut()
         .ok_or_else(|| Error::Internal("import provenance is not an object".into()))?;
-    prov.insert("sha256".into(), Value::from(sha));
+    prov.insert("sha256".into(), Value::from(sha.clone()));
     if let Some((store, layer)) = norm_from {
         prov.insert(
             "norm_store".into(),
@@ -481,20 +485,31 @@ pub fn import_python_sae(
         w_dec.clone(),
         b_dec.clone(),
     )?;
-    // Written to a sibling temp dir and renamed, so a killed import leaves nothing half-made.
-    let tmp = out.with_extension("importing");
-    let _ = std::fs::remove_dir_all(&tmp);
+    // Written to a sibling temp dir of its own and renamed, so a killed import leaves nothing
+    // half-made and concurrent imports (Slurm array tasks given one `.pt`, or `layer.10.pt`
+    // and `layer.11.pt` side by side) never share or delete each other's temp dir.
+    let tmp = crate::util::files::unique_sibling(out);
     sae.save(&tmp)?;
-    if out.exists() {
-        std::fs::remove_dir(out).map_err(|source| Error::Io {
+    // The directory could not be taken: another process may have finished an import there
+    // meanwhile (the same one is kept, another refused).
+    let taken = |source: std::io::Error| {
+        let _ = std::fs::remove_dir_all(&tmp);
+        if out.join("sae.json").exists() {
+            return existing();
+        }
+        Err(Error::Io {
             path: out.to_path_buf(),
             source,
-        })?;
+        })
+    };
+    if out.exists() {
+        if let Err(e) = std::fs::remove_dir(out) {
+            return taken(e);
+        }
     }
-    std::fs::rename(&tmp, out).map_err(|source| Error::Io {
-        path: out.to_path_buf(),
-        source,
-    })?;
+    if let Err(e) = std::fs::rename(&tmp, out) {
+        return taken(e);
+    }
     Ok(sae)
 }
 

@@ -36,6 +36,10 @@ pub(super) struct CkptState {
     pub(super) window_fired: Vec<Vec<u32>>,
     pub(super) window_start: u64,
     pub(super) history: Vec<Row>,
+    /// Per setting, the last step's L0 / d_sae (whether the next step screens the encoder;
+    /// empty in checkpoints written before it was recorded: 0, as a fresh run).
+    #[serde(default)]
+    pub(super) last_density: Vec<f64>,
 }
 
 /// 2: the held-out examples are a seeded random split (1 held out the last ones).
@@ -75,10 +79,13 @@ pub(super) fn save_checkpoint(out: &Path, states: &[TrainState], st: &CkptState)
     // Swap in atomically: checkpoint → checkpoint.old, tmp → checkpoint, drop old.
     let cur = out.join("checkpoint");
     let old = out.join("checkpoint.old");
-    let _ = std::fs::remove_dir_all(&old);
     if cur.exists() {
+        let _ = std::fs::remove_dir_all(&old);
         std::fs::rename(&cur, &old).with_path(&cur)?;
     }
+    // With no `checkpoint` (a run resumed from `checkpoint.old` after a kill between the
+    // renames), that one stays until the new one has its name: removing it first left a
+    // window with only `checkpoint.tmp`, which no run resumes from (it restarted at step 0).
     std::fs::rename(&tmp, &cur).with_path(&cur)?;
     // The new checkpoint's files were flushed as written; the renames are flushed before the
     // old one goes, so a power loss leaves one whole checkpoint under one of the two names.
@@ -184,6 +191,9 @@ pub(super) fn load_checkpoint(out: &Path, states: &mut [TrainState]) -> Result<O
         s.t = st.adam_t[k];
         s.threshold = st.threshold[k];
         s.since_fired.clone_from(&st.since_fired[k]);
+        if let Some(&dens) = st.last_density.get(k) {
+            s.last_density = dens;
+        }
     }
     Ok(Some(st))
 }
@@ -205,7 +215,11 @@ pub fn fresh_run_dir(
     let mut same = cfg.clone();
     same.stop_after_steps = None;
     let fits = |dir: &Path| {
-        if std::fs::read_dir(dir).map_or(true, |mut d| d.next().is_none()) {
+        // Empty but for a run's lock file (a run stopped before its first checkpoint).
+        if std::fs::read_dir(dir).map_or(true, |d| {
+            d.flatten()
+                .all(|e| e.file_name() == crate::util::files::LOCK_NAME)
+        }) {
             return true;
         }
         ["checkpoint", "checkpoint.old"].iter().any(|c| {
@@ -233,4 +247,5 @@ pub(super) fn snapshot(ck: &mut CkptState, states: &[TrainState]) {
     ck.adam_t = states.iter().map(|s| s.t).collect();
     ck.threshold = states.iter().map(|s| s.threshold).collect();
     ck.since_fired = states.iter().map(|s| s.since_fired.clone()).collect();
+    ck.last_density = states.iter().map(|s| s.last_density).collect();
 }

@@ -365,16 +365,13 @@ impl TrainConfig {
     /// Each setting keeps its seed and index, so the groups' SAEs equal the whole sweep's.
     pub fn group(&self, i: usize, n: usize) -> Result<Self> {
         let len = self.sweep.len();
-        let per = len.div_ceil(n.max(1));
-        let (a, b) = ((i * per).min(len), ((i + 1) * per).min(len));
+        let part = crate::util::cluster::contiguous_part(len, n, i);
+        let (a, b) = (part.start, part.end);
         if n == 0 || i >= n || a >= b {
             return Err(Error::out_of_range(
                 format!("train: group i of {n}:"),
                 i,
-                format!(
-                    "0..{} (non-empty groups of the {len} settings)",
-                    len.div_ceil(per.max(1))
-                ),
+                format!("0..{} (non-empty groups of the {len} settings)", n.min(len)),
             ));
         }
         Ok(Self {
@@ -458,6 +455,16 @@ impl TrainConfig {
             }
             if st.k == Some(0) {
                 return bad(&format!("sweep[{i}].k"), "0".into(), "at least 1");
+            }
+            // TopK and BatchTopK have no sparsity penalty: a λ sweep would train identical SAEs
+            // (each recording its own λ).
+            if k_of(self.activation).is_some() && st.lambda != 0.0 {
+                return Err(Error::mismatch(
+                    format!("train: sweep[{i}].lambda"),
+                    "no λ for the top_k and batch_top_k activations (k sets their sparsity)",
+                    format!("lambda {}", st.lambda),
+                    "drop lambda, sweep k instead, or use the relu / jump_relu activation",
+                ));
             }
         }
         for (field, v) in [

@@ -44,10 +44,13 @@ use crate::store::{ActivationStore, Examples, LoaderConfig};
 use crate::util::files::write_json;
 use crate::util::rng::splitmix64;
 
-/// torch `kaiming_uniform_` (a = √5) on a `[rows, cols]` matrix: U(±1/√cols), seeded.
+/// torch `kaiming_uniform_` (a = √5) on a `[rows, cols]` matrix: U(±1/√cols), seeded. Each
+/// seed reads its own splitmix64 stream, from a start the seed's hash picks: counting up from
+/// the seed itself made seed + 2 the same numbers two places on (one sweep setting's encoder
+/// was the last one's with latents relabelled, the decoder the encoder's shifted by one).
 fn kaiming(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
     let bound = 1.0 / (cols as f64).sqrt();
-    let mut s = seed;
+    let mut s = splitmix64(seed ^ 0x6b61_696d_696e_6721);
     (0..rows * cols)
         .map(|_| {
             s = s.wrapping_add(1);
@@ -143,6 +146,8 @@ pub fn train_saes_with(
     let norm = store.norm_stats(cfg.layer, cfg.tokens)?;
     let mut states = initial_states(cfg, d, s)?;
     let mut ck = open_run(out, store, cfg, s, &mut states)?;
+    // Held to the end: a second run into `out` is refused while this one writes.
+    let _lock = crate::util::files::DirLock::acquire(out, "training run")?;
     // On a device, the weights and moments live there from here on (written back before every
     // checkpoint and at the end).
     let mut devs = match compute {
@@ -333,7 +338,11 @@ fn open_run(
     let ours = ["checkpoint", "checkpoint.old", "checkpoint.tmp"]
         .iter()
         .any(|c| out.join(c).exists());
-    let foreign = !ours && std::fs::read_dir(out).is_ok_and(|mut d| d.next().is_some());
+    let foreign = !ours
+        && std::fs::read_dir(out).is_ok_and(|d| {
+            d.flatten()
+                .any(|e| e.file_name() != crate::util::files::LOCK_NAME)
+        });
     // The parent of `--group` runs (`group-0/`, …): saev's, but each group resumes in its own.
     let grouped = foreign
         && std::fs::read_dir(out).is_ok_and(|d| {
@@ -376,6 +385,7 @@ fn open_run(
             window_fired: vec![vec![0; s]; cfg.sweep.len()],
             window_start: 0,
             history: Vec::new(),
+            last_density: vec![0.0; cfg.sweep.len()],
         });
     };
     let mut same = cfg.clone();
@@ -656,11 +666,51 @@ mod tests {
         assert_eq!(c.lambda_at(2.0, 99), 2.0);
     }
 
+    /// `--group i/N` (a Slurm array of N): the groups cover the sweep in order, each setting
+    /// keeps its index, none is empty while N ≤ settings (9 settings in 4 groups refused group
+    /// 3: ⌈9/4⌉ = 3 each left it none), and splits that worked are unchanged.
+    #[test]
+    fn groups_cover_the_sweep_and_none_is_empty() {
+        let lrs: Vec<f64> = (1..=9).map(|i| f64::from(i) * 1e-4).collect();
+        let cfg = TrainConfig::new(-2).with_lrs(&lrs);
+        for n in 1..=9 {
+            let mut got = Vec::new();
+            for i in 0..n {
+                let g = cfg.group(i, n).unwrap();
+                assert!(!g.sweep.is_empty(), "group {i}/{n}");
+                assert_eq!(g.first_setting, got.len(), "group {i}/{n}");
+                got.extend(g.sweep);
+            }
+            assert_eq!(got, cfg.sweep, "{n} groups");
+            assert!(cfg.group(n, n).is_err());
+        }
+        assert_eq!(
+            cfg.group(1, 2).unwrap().first_setting,
+            5,
+            "⌈9/2⌉ = 5, as before"
+        );
+        assert!(cfg.group(9, 10).is_err(), "more groups than settings");
+    }
+
     #[test]
     fn kaiming_bound_and_determinism() {
         let a = kaiming(8, 64, 3);
         assert_eq!(a, kaiming(8, 64, 3));
         assert!(a.iter().all(|v| v.abs() <= 0.125));
         assert!(a.iter().any(|v| v.abs() > 0.1));
+        // Nearby seeds (the sweep's settings are 2 apart, a decoder 1 from its encoder) share
+        // no run of values at any small offset: independent draws.
+        for other in [1u64, 2, 4, 1003] {
+            let b = kaiming(8, 64, 3 + other);
+            for shift in 0..16 {
+                let same = a[shift..]
+                    .iter()
+                    .zip(&b)
+                    .chain(b[shift..].iter().zip(&a))
+                    .filter(|(x, y)| x == y)
+                    .count();
+                assert!(same <= 2, "seed +{other}, offset {shift}: {same} equal");
+            }
+        }
     }
 }

@@ -134,8 +134,9 @@ pub struct TrainState {
     group_of: Vec<u16>,
     /// The last step's fraction of active entries (L0 / d_sae): above 1/16 the encoder skips
     /// the bf16 screen, whose candidates would then exceed its f32 fallback's 1/8 (a dense
-    /// ReLU early in training: measured 9% slower screened).
-    last_density: f64,
+    /// ReLU early in training: measured 9% slower screened). Checkpointed: the screen and the
+    /// GEMM round differently, so a resumed step must choose as the uninterrupted one did.
+    pub(in crate::sae) last_density: f64,
 }
 
 pub(crate) const BETA1: f64 = 0.9;
