@@ -400,6 +400,25 @@ fn heatmaps_grids_and_the_browser_render() -> TestResult {
         !site.join("latents/2.html").exists(),
         "dead latents get no page"
     );
+    // Written again with fewer pages (as for another SAE): no stale page stays, files of other
+    // names are kept, and the marker says what the site shows.
+    std::fs::write(site.join("latents/notes.txt"), "mine")?;
+    std::fs::write(site.join("latents/17.html"), "stale")?;
+    saev::explore::write_browser(&ex, &site, &BrowseConfig::default().with_max_pages(1))?;
+    let pages: Vec<String> = std::fs::read_dir(site.join("latents"))?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_, _>>()?;
+    let mut pages = pages;
+    pages.sort();
+    assert_eq!(pages, ["3.html", "3.png", "notes.txt"], "{pages:?}");
+    let marker: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(site.join(".saev-browser.json"))?)?;
+    assert_eq!(marker["store_fingerprint"], store.fingerprint());
+    assert_eq!(
+        (marker["n_pages"].as_u64(), marker["d_sae"].as_u64()),
+        (Some(1), Some(4))
+    );
+    saev::explore::write_browser(&ex, &site, &BrowseConfig::default())?;
     let html = std::fs::read_to_string(&index)?;
     // Label text sits in the page only as JSON with `<`/`>` escaped (cannot end the script).
     assert!(
@@ -442,5 +461,92 @@ fn heatmaps_grids_and_the_browser_render() -> TestResult {
             assert!(dom.contains("<img id=\"grid\" src=\"1.png\""), "{dom}");
         }
     }
+    Ok(())
+}
+
+/// An SAE that does not record its layer (a Python checkpoint imported without a store) is read
+/// at one block everywhere: the layer its provenance names, else the store's only layer, else
+/// −2 — here on a store of blocks −2 and −1 whose values differ, so the feature pass's
+/// statistics tell which block was read (`saev features` used −2 and the explorer the last
+/// layer, −1, and each overwrote the other's pass).
+#[test]
+fn an_sae_without_a_layer_is_read_at_the_same_block_everywhere() -> TestResult {
+    let root = tmp("layerless");
+    let (store, _) = setup(&root);
+    let (n, p, d) = (6usize, 4usize, 8usize);
+    let md = Metadata {
+        n_examples: n,
+        content_tokens_per_example: p,
+        d_model: d,
+        layers: vec![-2, -1],
+        ..store.metadata().clone()
+    };
+    // Block −2 holds 1.0 everywhere, block −1 holds 3.0: with the identity ReLU SAE, a latent's
+    // mean over patches is the block's value.
+    let mut acts = Vec::new();
+    for _ in 0..n {
+        for v in [1.0f32, 3.0] {
+            acts.extend(std::iter::repeat_n(v, (p + 1) * d));
+        }
+    }
+    let mut w = StoreWriter::create(root.join("two-layers"), md, None)?;
+    w.write_examples(0, &acts)?;
+    let two = ActivationStore::open(w.finish()?)?;
+    let eye = Tensor::eye(d, DType::F32, &Device::Cpu)?;
+    let z = Tensor::zeros(d, DType::F32, &Device::Cpu)?;
+    let cfg = |provenance| SaeConfig {
+        schema: SAE_SCHEMA,
+        d_model: d,
+        d_sae: d,
+        activation: SaeActivation::Relu,
+        norm: None,
+        provenance,
+    };
+    let layerless = Sae::new(
+        cfg(serde_json::json!({})),
+        eye.clone(),
+        z.clone(),
+        eye.clone(),
+        z.clone(),
+    )?;
+    assert_eq!(layerless.layer_in(&two), -2);
+    let sae_dir = root.join("sae");
+    layerless.save(&sae_dir)?;
+    let ex = Explorer::open(&sae_dir, &two)?;
+    assert_eq!(ex.features().layer(), -2);
+    assert!(
+        (ex.features().mean_value()[0] - 1.0).abs() < 1e-9,
+        "read block −2 (all 1.0), got mean {}",
+        ex.features().mean_value()[0]
+    );
+    // A recorded layer wins; a one-layer store names its layer.
+    let at_last = Sae::new(
+        cfg(serde_json::json!({"layer": -1})),
+        eye.clone(),
+        z.clone(),
+        eye,
+        z,
+    )?;
+    assert_eq!(at_last.layer_in(&two), -1);
+    let mut one_md = two.metadata().clone();
+    one_md.layers = vec![-1];
+    let mut w = StoreWriter::create(root.join("one-layer"), one_md, None)?;
+    w.write_examples(0, &vec![3.0f32; acts.len() / 2])?;
+    let one = ActivationStore::open(w.finish()?)?;
+    assert_eq!(layerless.layer_in(&one), -1);
+    // The same SAE explored on the other store gets that store's pass, saved beside the first
+    // (not over it), and each store finds its own again.
+    let on_one = Explorer::open(&sae_dir, &one)?;
+    assert_eq!(on_one.features().layer(), -1);
+    assert!((on_one.features().mean_value()[0] - 3.0).abs() < 1e-9);
+    assert_eq!(
+        Features::load(&sae_dir)?.store_fingerprint(),
+        two.fingerprint()
+    );
+    let again = Explorer::open(&sae_dir, &two)?;
+    assert!((again.features().mean_value()[0] - 1.0).abs() < 1e-9);
+    let reopened = Features::load_for_store(&sae_dir, &one)?.ok_or("no pass for `one`")?;
+    assert_eq!(reopened.store_fingerprint(), one.fingerprint());
+    let _ = std::fs::remove_dir_all(&root);
     Ok(())
 }

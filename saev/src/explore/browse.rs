@@ -139,19 +139,44 @@ pub fn write_browser(ex: &Explorer, out: impl AsRef<Path>, cfg: &BrowseConfig) -
         ));
     }
     std::fs::create_dir_all(out).with_path(out)?;
-    std::fs::write(
-        &marker,
-        b"{\"version\": 1, \"written_by\": \"saev browse\"}\n",
-    )
-    .with_path(&marker)?;
-    let lat_dir = out.join("latents");
-    std::fs::create_dir_all(&lat_dir).with_path(&lat_dir)?;
     let f = ex.features();
     let s = f.d_sae();
     let mut live = f.live();
     live.sort_by(|&a, &b| f.freq()[b].total_cmp(&f.freq()[a]).then(a.cmp(&b)));
     if let Some(m) = cfg.max_pages {
         live.truncate(m);
+    }
+    // What the site shows, recorded with it.
+    let made_from = serde_json::json!({
+        "version": 2,
+        "written_by": "saev browse",
+        "sae": ex.sae().config().provenance,
+        "d_sae": s,
+        "layer": f.layer(),
+        "store": ex.store().dir().display().to_string(),
+        "store_fingerprint": ex.store().fingerprint(),
+        "n_pages": live.len(),
+    });
+    std::fs::write(&marker, format!("{made_from:#}\n")).with_path(&marker)?;
+    let lat_dir = out.join("latents");
+    std::fs::create_dir_all(&lat_dir).with_path(&lat_dir)?;
+    // A site written before (of another SAE, or with more pages) leaves no stale latent page:
+    // only the pages written below are kept (and only files of the browser's own names go).
+    let mut keep = vec![false; s];
+    for &l in &live {
+        keep[l] = true;
+    }
+    for entry in std::fs::read_dir(&lat_dir).with_path(&lat_dir)? {
+        let path = entry.with_path(&lat_dir)?.path();
+        let stale = path
+            .file_stem()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.parse::<usize>().ok())
+            .is_some_and(|l| l >= s || !keep[l])
+            && path.extension().is_some_and(|e| e == "html" || e == "png");
+        if stale {
+            std::fs::remove_file(&path).with_path(&path)?;
+        }
     }
     let mut has_page = vec![false; s];
     let classes = ex

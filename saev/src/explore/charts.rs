@@ -125,11 +125,30 @@ impl fmt::Debug for FeatureScatter {
     }
 }
 
+/// The y range of a panel whose finite values span `lo..=hi`: from 0 (or below, for negative
+/// values) to 5% above the top, and a unit above a constant (TopK's L0 is k at every step: a
+/// fixed 0..1 axis put its line off the chart).
+fn y_range(lo: f64, hi: f64) -> (f64, f64) {
+    if !(lo.is_finite() && hi.is_finite()) {
+        return (0.0, 1.0);
+    }
+    let lo = lo.min(0.0);
+    if hi > lo {
+        (lo, hi + 0.05 * (hi - lo))
+    } else {
+        (lo, lo + 1.0)
+    }
+}
+
+/// One history row: (n_patches, loss, l0, nmse).
+type HistoryRow = (f64, f64, f64, f64);
+
 /// Loss, L0 and NMSE per sweep setting against patches seen, from a training history table.
 #[derive(Clone)]
 pub struct HistoryPlot {
-    /// Per setting: (n_patches, loss, l0, nmse) rows.
-    series: Vec<Vec<(f64, f64, f64, f64)>>,
+    /// Per setting in the table (its index in the sweep, and its (n_patches, loss, l0, nmse)
+    /// rows): a `--group` run's table holds only its own settings.
+    series: Vec<(usize, Vec<HistoryRow>)>,
 }
 
 impl HistoryPlot {
@@ -157,10 +176,17 @@ impl HistoryPlot {
             col("l0")?,
             col("nmse")?,
         );
-        let k = set.iter().fold(0usize, |m, &s| m.max(s as usize + 1));
-        let mut series = vec![Vec::new(); k];
+        let mut series: Vec<(usize, Vec<_>)> = Vec::new();
         for i in 0..set.len() {
-            series[set[i] as usize].push((n[i], loss[i], l0[i], nmse[i]));
+            let k = set[i] as usize;
+            let at = match series.binary_search_by_key(&k, |s| s.0) {
+                Ok(at) => at,
+                Err(at) => {
+                    series.insert(at, (k, Vec::new()));
+                    at
+                }
+            };
+            series[at].1.push((n[i], loss[i], l0[i], nmse[i]));
         }
         Ok(Self { series })
     }
@@ -173,7 +199,11 @@ impl HistoryPlot {
             let root = SVGBackend::with_string(&mut s, (1080, 340)).into_drawing_area();
             root.fill(&WHITE).map_err(plot_err)?;
             let panels = root.split_evenly((1, 3));
-            let x_max = self.series.iter().flatten().fold(1.0f64, |m, r| m.max(r.0));
+            let x_max = self
+                .series
+                .iter()
+                .flat_map(|s| &s.1)
+                .fold(1.0f64, |m, r| m.max(r.0));
             for (p, (name, pick)) in panels
                 .iter()
                 .zip([("loss", 1usize), ("L0", 2), ("NMSE", 3)])
@@ -186,7 +216,7 @@ impl HistoryPlot {
                 let ys: Vec<f64> = self
                     .series
                     .iter()
-                    .flatten()
+                    .flat_map(|s| &s.1)
                     .map(get)
                     .filter(|v| v.is_finite())
                     .collect();
@@ -195,11 +225,7 @@ impl HistoryPlot {
                     .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| {
                         (a.min(v), b.max(v))
                     });
-                let (lo, hi) = if lo.is_finite() && hi > lo {
-                    (lo.min(0.0), hi * 1.05)
-                } else {
-                    (0.0, 1.0)
-                };
+                let (lo, hi) = y_range(lo, hi);
                 let mut chart = ChartBuilder::on(p)
                     .caption(name, ("sans-serif", 15))
                     .margin(8)
@@ -213,7 +239,8 @@ impl HistoryPlot {
                     .x_labels(4)
                     .draw()
                     .map_err(plot_err)?;
-                for (k, ser) in self.series.iter().enumerate() {
+                for (k, ser) in &self.series {
+                    let k = *k;
                     let c = Palette99::pick(k);
                     chart
                         .draw_series(LineSeries::new(
@@ -259,7 +286,7 @@ impl fmt::Debug for HistoryPlot {
             f,
             "HistoryPlot({} settings, {} rows)",
             self.series.len(),
-            self.series.iter().map(Vec::len).sum::<usize>()
+            self.series.iter().map(|s| s.1.len()).sum::<usize>()
         )
     }
 }
@@ -275,6 +302,40 @@ impl crate::sae::trainer::TrainRun {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// TopK's L0 is k at every step: its axis must reach past k (it was 0..1, the line off the
+    /// chart); a `--group 1/2` run's table holds settings 2 and 3 only: two series, named so.
+    #[test]
+    fn history_axes_hold_constant_metrics_and_series_keep_their_setting() {
+        assert_eq!(y_range(32.0, 32.0), (0.0, 33.6));
+        assert_eq!(y_range(0.0, 0.0), (0.0, 1.0));
+        assert_eq!(y_range(-3.0, -3.0), (-3.0, -2.0));
+        assert_eq!(y_range(0.5, 2.5), (0.0, 2.625));
+        assert_eq!(y_range(f64::INFINITY, f64::NEG_INFINITY), (0.0, 1.0));
+        let df = polars::prelude::df!(
+            "setting" => [2i64, 3, 2, 3],
+            "n_patches" => [1i64, 1, 2, 2],
+            "loss" => [1.0f64, 2.0, 0.5, 1.0],
+            "l0" => [32.0f64, 32.0, 32.0, 32.0],
+            "nmse" => [0.3f64, 0.4, 0.2, 0.3],
+        )
+        .unwrap();
+        let plot = HistoryPlot::new(&df).unwrap();
+        assert_eq!(
+            plot.series.iter().map(|s| s.0).collect::<Vec<_>>(),
+            vec![2, 3]
+        );
+        let svg = plot.to_svg().unwrap();
+        assert!(svg.contains("setting 2") && svg.contains("setting 3"));
+        assert!(!svg.contains("setting 0") && !svg.contains("setting 1"));
+        // The L0 panel's tick labels reach 32 (the fixed 0..1 axis had none above 1; every other
+        // value here, patches included, is at most 2).
+        let labels: Vec<f64> = svg
+            .split('>')
+            .filter_map(|t| t.split('<').next()?.trim().parse::<f64>().ok())
+            .collect();
+        assert!(labels.iter().any(|&v| v >= 30.0), "{labels:?}");
+    }
 
     #[test]
     fn scatter_counts_and_svg() {

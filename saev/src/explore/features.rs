@@ -5,7 +5,8 @@
 //! memory is O(d_sae · k), not O(d_sae · k · patches).
 //!
 //! Saved beside the SAE as `features.safetensors` + `features.json` (versioned) and reopened
-//! without recomputation. [`Features::table`] is the polars "feature table".
+//! without recomputation; a pass on another store of the same SAE goes beside it, named by
+//! that store ([`Features::save_for_store`], [`Features::load_for_store`]). [`Features::table`] is the polars "feature table".
 //!
 //! ```no_run
 //! use saev::{ActivationStore, Features, explore::FeatureConfig, Sae};
@@ -791,7 +792,69 @@ impl Features {
 
     /// Save as `<dir>/features.{safetensors,json}`.
     pub fn save(&self, dir: impl AsRef<Path>) -> Result<()> {
-        let dir = dir.as_ref();
+        self.save_as(dir.as_ref(), "features")
+    }
+
+    /// Save beside an SAE without replacing another store's pass: as `features` when that
+    /// holds nothing or a pass of this pass's store (or of an unrecorded one), else as
+    /// `features-<store fingerprint prefix>` — so an SAE explored on a training and a
+    /// validation store keeps a pass for each ([`Features::load_for_store`] finds it). Returns
+    /// the header file written.
+    pub fn save_for_store(&self, sae_dir: impl AsRef<Path>) -> Result<PathBuf> {
+        let dir = sae_dir.as_ref();
+        let fp = self.store_fingerprint();
+        let stem = match Self::load(dir) {
+            Ok(old)
+                if !fp.is_empty()
+                    && !old.store_fingerprint().is_empty()
+                    && old.store_fingerprint() != fp =>
+            {
+                Self::store_stem(fp)
+            }
+            // Nothing there, this store's pass, or one that cannot be read: replaced (as a
+            // feature pass of the SAE, which `saev features` was asked to compute).
+            _ => "features".to_string(),
+        };
+        self.save_as(dir, &stem)?;
+        Ok(dir.join(format!("{stem}.json")))
+    }
+
+    /// The pass of `store` saved beside an SAE by [`Features::save_for_store`] (None when there
+    /// is none): `features` when it ran on this store (or does not record its store), else
+    /// `features-<fingerprint prefix>`.
+    pub fn load_for_store(
+        sae_dir: impl AsRef<Path>,
+        store: &ActivationStore,
+    ) -> Result<Option<Self>> {
+        let dir = sae_dir.as_ref();
+        let fp = store.fingerprint();
+        if Self::path_for(dir).exists() {
+            let f = Self::load(dir)?;
+            if f.store_fingerprint().is_empty() || f.store_fingerprint() == fp {
+                return Ok(Some(f));
+            }
+        }
+        let stem = Self::store_stem(&fp);
+        if !dir.join(format!("{stem}.json")).exists() {
+            return Ok(None);
+        }
+        let f = Self::load_stem(dir, &stem)?;
+        if f.store_fingerprint() != fp {
+            return Err(Error::mismatch(
+                dir.join(format!("{stem}.json")).display().to_string(),
+                format!("the pass of store {fp}"),
+                format!("a pass of store {}", f.store_fingerprint()),
+                "remove it to recompute",
+            ));
+        }
+        Ok(Some(f))
+    }
+
+    fn store_stem(fp: &str) -> String {
+        format!("features-{}", &fp[..fp.len().min(16)])
+    }
+
+    fn save_as(&self, dir: &Path, stem: &str) -> Result<()> {
         let i = &self.inner;
         let (s, k, nb) = (i.h.d_sae, i.h.config.top_k, i.h.config.n_bins);
         let dev = Device::Cpu;
@@ -817,13 +880,16 @@ impl Features {
             "top_examples".to_string(),
             Tensor::from_vec(i.top_examples.clone(), (s, k), &dev)?,
         );
-        checkpoint::save(dir, "features", &t, &i.h)
+        checkpoint::save(dir, stem, &t, &i.h)
     }
 
     /// Open what [`Features::save`] wrote.
     pub fn load(dir: impl AsRef<Path>) -> Result<Self> {
-        let (h, t): (Header, _) =
-            checkpoint::load(dir.as_ref(), "features", "version", &[u64::from(VERSION)])?;
+        Self::load_stem(dir.as_ref(), "features")
+    }
+
+    fn load_stem(dir: &Path, stem: &str) -> Result<Self> {
+        let (h, t): (Header, _) = checkpoint::load(dir, stem, "version", &[u64::from(VERSION)])?;
         let (s, k, nb) = (h.d_sae, h.config.top_k, h.config.n_bins);
         let get = |name: &str, dtype: DType, len: usize| t.get_flat(name, dtype, len);
         Ok(Self {

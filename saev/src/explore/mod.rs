@@ -173,37 +173,22 @@ impl Explorer {
     ) -> Result<Self> {
         let dir = sae_dir.as_ref();
         let sae = Sae::load(dir)?;
-        let layer = sae
-            .config()
-            .provenance
-            .get("layer")
-            .and_then(|v| v.as_i64())
-            .or_else(|| store.layers().last().copied())
-            .ok_or_else(|| Error::missing(store.dir().display().to_string(), "no layers", ""))?;
-        let features = if Features::path_for(dir).exists() {
-            let f = Features::load(dir)?;
-            let fp = f.store_fingerprint();
-            if !fp.is_empty() && fp != store.fingerprint() {
-                return Err(Error::mismatch(
-                    Features::path_for(dir).display().to_string(),
-                    format!(
-                        "the feature pass there was computed on another store (fingerprint {fp})"
-                    ),
-                    format!("{} ({})", store.dir().display(), store.fingerprint()),
-                    "run `saev features` on this store to recompute it",
-                ));
+        let layer = sae.layer_in(store);
+        let features = match Features::load_for_store(dir, store)? {
+            Some(f) => f,
+            None => {
+                let f =
+                    Features::compute_on(&sae, store, layer, &FeatureConfig::default(), device)?;
+                // Kept beside the SAE for the next time (beside another store's pass, not over
+                // it); an SAE directory that cannot be written (read-only, shared) still
+                // explores, from memory.
+                if let Err(e) = f.save_for_store(dir) {
+                    eprintln!(
+                        "note: the feature pass is not saved beside the SAE ({e}); it is kept in memory for this run"
+                    );
+                }
+                f
             }
-            f
-        } else {
-            let f = Features::compute_on(&sae, store, layer, &FeatureConfig::default(), device)?;
-            // Kept beside the SAE for the next time; an SAE directory that cannot be written
-            // (read-only, shared) still explores, from memory.
-            if let Err(e) = f.save(dir) {
-                eprintln!(
-                    "note: the feature pass is not saved beside the SAE ({e}); it is kept in memory for this run"
-                );
-            }
-            f
         };
         Ok(Self::new(sae, store, features)?.with_device(device))
     }
