@@ -96,6 +96,12 @@ fn no_edit_is_the_unedited_model_and_edits_stay_on_their_patches() -> TestResult
     assert!(iv.device().is_cpu() && !shown.contains(", on "), "{shown}");
     let (q, j, v) = (5usize, 3usize, 7.5f32);
     let (before, after) = iv.edited_tokens(&images(), Some(&[q]), &[Edit::set(j, v)])?;
+    // A patch listed twice is one patch: edited once, not moved twice from the same codes.
+    let (_, twice) = iv.edited_tokens(&images(), Some(&[q, q]), &[Edit::set(j, v)])?;
+    assert_eq!(
+        twice.flatten_all()?.to_vec1::<f32>()?,
+        after.flatten_all()?.to_vec1::<f32>()?
+    );
     let (b, t, dd) = before.dims3()?;
     let x: Vec<f32> = before.flatten_all()?.to_vec1()?;
     let y: Vec<f32> = after.flatten_all()?.to_vec1()?;
@@ -142,6 +148,20 @@ fn bad_edits_and_mismatched_saes_are_errors() -> TestResult {
     assert!(e.to_string().contains("patch 999"), "{e}");
     let e = iv.run(img, None, &[Edit::scale_max(0, 2.0)]).err().unwrap();
     assert!(e.to_string().contains("with_features"), "{e}");
+    // One latent edited twice in a list: each change is computed from the unedited codes, so
+    // setting it to 0 twice would end at minus its value. Refused, naming the latent.
+    let e = iv
+        .run(
+            img,
+            None,
+            &[Edit::set(4, 0.0), Edit::set(1, 1.0), Edit::set(4, 0.0)],
+        )
+        .err()
+        .unwrap();
+    assert!(
+        e.to_string().contains("latent 4") && e.to_string().contains("at most once"),
+        "{e}"
+    );
     // An SAE trained on another layer, or on another backbone.
     let e = Intervention::new(&vit, -1, &identity_sae(d, -2), &h)
         .err()
@@ -154,6 +174,22 @@ fn bad_edits_and_mismatched_saes_are_errors() -> TestResult {
     let sae = Sae::new(other, eye.clone(), z.clone(), eye, z)?;
     let e = Intervention::new(&vit, -2, &sae, &h).err().unwrap();
     assert!(e.to_string().contains("dinov2-large"), "{e}");
+    // A head trained on another backbone of the same width: its weights read other features.
+    let w = Tensor::randn(0f32, 1.0, (d, 3), &Device::Cpu)?;
+    let other_head = Head::from_weights(
+        HeadKind::ClassifierCls,
+        w,
+        Tensor::zeros(3, DType::F32, &Device::Cpu)?,
+        vec!["a".into(), "b".into(), "c".into()],
+        "openai/clip-vit-base-patch16",
+    )?;
+    let e = Intervention::new(&vit, -2, &identity_sae(d, -2), &other_head)
+        .err()
+        .unwrap();
+    assert!(
+        e.to_string().contains("head") && e.to_string().contains("clip-vit-base-patch16"),
+        "{e}"
+    );
     Ok(())
 }
 
@@ -330,44 +366,83 @@ fn register_model_runs_heads_and_change_rates_from_a_store() -> TestResult {
         },
         eye.clone(),
         z.clone(),
-        eye,
-        z,
+        eye.clone(),
+        z.clone(),
     )?;
     let feats = Features::compute(&sae, &store, -2, &saev::explore::FeatureConfig::default())?;
     let latent = feats.live()[0];
     let iv = Intervention::new(&vit, -2, &sae, &h)?.with_features(&feats);
     let r = iv.change_rates(&store, h.held_out()?, latent, 0, -10.0, 1)?;
     assert!(r.totals[0] + r.totals[1] > 0, "{r}");
+    // Another SAE's feature pass (d latents) on an SAE of 2·d latents: its maxima would be read
+    // at the wrong latents (and past their end): refused, naming both sizes.
+    let mut wide_cfg = sae.config().clone();
+    wide_cfg.d_sae = 2 * d;
+    let wide = Sae::new(
+        wide_cfg,
+        Tensor::cat(&[&eye, &eye], 1)?,
+        Tensor::zeros(2 * d, DType::F32, &Device::Cpu)?,
+        (Tensor::cat(&[&eye, &eye], 0)? * 0.5)?,
+        z.clone(),
+    )?;
+    let e = Intervention::new(&vit, -2, &wide, &h)?
+        .with_features(&feats)
+        .change_rates(&store, h.held_out()?, 2 * d - 1, 0, -10.0, 1)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&format!("{} latents", 2 * d)) && e.contains(&format!("{d} latents")),
+        "{e}"
+    );
 
     // The §5 protocol over both classes. With the ReLU "SAE" above, latent i fires on a patch
     // exactly where the recorded value x_i > 0: the F1 choice computed here from the raw store
     // values must be the one the protocol made.
     let (p, c) = (store.n_patches(), 1usize);
     let labels = store.provenance().ok_or("no provenance")?.labels.clone();
-    for class in 0..2u32 {
-        let (mut best, mut best_f1) = (0usize, -1.0f64);
-        for i in 0..d {
-            let (mut tp, mut fired, mut support) = (0f64, 0f64, 0f64);
-            for (e, label) in labels.iter().enumerate() {
-                let x = store.example(e)?;
-                let fires = (0..p).any(|q| x[(c + q) * d + i] > 0.0);
-                let is = *label == Some(class);
-                tp += f64::from(u8::from(fires && is));
-                fired += f64::from(u8::from(fires));
-                support += f64::from(u8::from(is));
+    // The same with a TopK SAE without ReLU (a Python import) coding −x, every value kept: a
+    // latent fires where its code is positive, x_i < 0 — not wherever it is non-zero.
+    let neg = Sae::new(
+        SaeConfig {
+            activation: SaeActivation::TopK { k: d, relu: false },
+            ..sae.config().clone()
+        },
+        eye.neg()?,
+        z.clone(),
+        eye.neg()?,
+        z.clone(),
+    )?;
+    let iv_neg = Intervention::new(&vit, -2, &neg, &h)?;
+    for (iv, sign) in [(&iv, 1f32), (&iv_neg, -1f32)] {
+        for class in 0..2u32 {
+            let (mut best, mut best_f1) = (0usize, -1.0f64);
+            for i in 0..d {
+                let (mut tp, mut fired, mut support) = (0f64, 0f64, 0f64);
+                for (e, label) in labels.iter().enumerate() {
+                    let x = store.example(e)?;
+                    let fires = (0..p).any(|q| sign * x[(c + q) * d + i] > 0.0);
+                    let is = *label == Some(class);
+                    tp += f64::from(u8::from(fires && is));
+                    fired += f64::from(u8::from(fires));
+                    support += f64::from(u8::from(is));
+                }
+                let f1 = 2.0 * tp / (fired + support);
+                if f1 > best_f1 {
+                    (best, best_f1) = (i, f1);
+                }
             }
-            let f1 = 2.0 * tp / (fired + support);
-            if f1 > best_f1 {
-                (best, best_f1) = (i, f1);
-            }
+            let got = &iv.latent_f1(&store, saev::store::Examples::All)?[class as usize];
+            assert_eq!(
+                (got.class, got.latent),
+                (class, best),
+                "class {class}, sign {sign}"
+            );
+            assert!(
+                (got.f1 - best_f1).abs() < 1e-12,
+                "class {class}, sign {sign}: {} vs {best_f1}",
+                got.f1
+            );
         }
-        let got = &iv.latent_f1(&store, saev::store::Examples::All)?[class as usize];
-        assert_eq!((got.class, got.latent), (class, best), "class {class}");
-        assert!(
-            (got.f1 - best_f1).abs() < 1e-12,
-            "class {class}: {} vs {best_f1}",
-            got.f1
-        );
     }
     let table = iv
         .clone()

@@ -144,6 +144,29 @@ impl std::fmt::Debug for Intervention {
     }
 }
 
+/// `what` (an SAE or a head) says it was trained on backbone `ck`: refuse unless that names
+/// `vit` — its name, its directory, or a path ending in the same directory name (a model moved
+/// or opened from another working directory).
+fn check_backbone(what: &str, ck: &str, vit: &Backbone) -> Result<()> {
+    let dir = vit.dir().display().to_string();
+    let tail = |s: &str| {
+        s.trim_end_matches('/')
+            .rsplit('/')
+            .next()
+            .unwrap_or("")
+            .to_string()
+    };
+    if ck != dir && ck != vit.name() && tail(ck) != tail(&dir) {
+        return Err(Error::mismatch(
+            what,
+            format!("trained on backbone `{ck}`"),
+            format!("`{}` ({dir})", vit.name()),
+            "",
+        ));
+    }
+    Ok(())
+}
+
 impl Intervention {
     /// Where it computes: its backbone's device (the SAE and the head were moved there).
     pub fn device(&self) -> &candle_core::Device {
@@ -174,22 +197,12 @@ impl Intervention {
             }
         }
         if let Some(ck) = prov.get("ckpt").and_then(|v| v.as_str()) {
-            let dir = vit.dir().display().to_string();
-            let tail = |s: &str| {
-                s.trim_end_matches('/')
-                    .rsplit('/')
-                    .next()
-                    .unwrap_or("")
-                    .to_string()
-            };
-            if ck != dir && ck != vit.name() && tail(ck) != tail(&dir) {
-                return Err(Error::mismatch(
-                    "SAE",
-                    format!("trained on backbone `{ck}`"),
-                    format!("`{}` ({dir})", vit.name()),
-                    "",
-                ));
-            }
+            check_backbone("SAE", ck, vit)?;
+        }
+        // A head of another backbone of the same width (CLIP and DINOv2 ViT-B are both 768)
+        // would score the edited model with weights made for other features: silently wrong.
+        if !head.meta().backbone.is_empty() {
+            check_backbone("head", &head.meta().backbone, vit)?;
         }
         if head.meta().d_model != vit.d_model() {
             return Err(Error::Shape {
@@ -235,7 +248,26 @@ impl Intervention {
                 format!("0..{} on the {gr}×{gc} grid", gr * gc),
             ));
         }
-        for e in edits {
+        if let Some(m) = &self.max {
+            if m.len() != self.sae.d_sae() {
+                return Err(Error::mismatch(
+                    "the latent maxima given by Intervention::with_features",
+                    format!("{} latents (the SAE's d_sae)", self.sae.d_sae()),
+                    format!("{} latents", m.len()),
+                    "pass the feature pass of this SAE",
+                ));
+            }
+        }
+        for (i, e) in edits.iter().enumerate() {
+            // Every edit's change is computed from the unedited codes, so a latent listed twice
+            // would be moved twice (set to 0 twice ends at −value).
+            if edits[..i].iter().any(|o| o.latent == e.latent) {
+                return Err(Error::out_of_range(
+                    "edited latent",
+                    format!("{} (listed twice)", e.latent),
+                    "each latent at most once in an edit list",
+                ));
+            }
             if e.latent >= self.sae.d_sae() {
                 return Err(Error::out_of_range(
                     "latent",
@@ -285,7 +317,10 @@ impl Intervention {
             return Ok(tokens.clone());
         }
         let mut x: Vec<f32> = tokens.flatten_all()?.to_vec1()?;
-        let rows: Vec<usize> = patches.map_or_else(|| (0..p).collect(), <[usize]>::to_vec);
+        // A patch listed twice is edited once (each is moved from its unedited codes).
+        let mut rows: Vec<usize> = patches.map_or_else(|| (0..p).collect(), <[usize]>::to_vec);
+        rows.sort_unstable();
+        rows.dedup();
         let s = self.sae.d_sae();
         for img in 0..b {
             let patch_rows: Vec<usize> = rows.iter().map(|&q| (img * t + c + q) * d).collect();

@@ -126,14 +126,18 @@ fn mean_std(v: &[f64]) -> (f64, f64) {
 
 impl ProtocolTable {
     /// Over classes: `[edit, random direction, random latent]` × (target, other) as
-    /// (mean, std) of the per-class change rates.
+    /// (mean, std) of the per-class change rates. A class whose test set has no unit of a
+    /// group (no target patch or image: the head never predicts the class, or the labels never
+    /// hold it) has no rate for that group and is left out of its mean — not counted as 0 —
+    /// ([`ProtocolTable::n_rated`] says how many classes each mean covers); NaN where none has.
     pub fn summary(&self) -> [[(f64, f64); 2]; 3] {
-        let mut out = [[(0.0, 0.0); 2]; 3];
+        let mut out = [[(f64::NAN, f64::NAN); 2]; 3];
         for (k, row) in out.iter_mut().enumerate() {
             for (g, cell) in row.iter_mut().enumerate() {
                 let v: Vec<f64> = self
                     .rows
                     .iter()
+                    .filter(|r| r.rates.totals[g] > 0)
                     .map(|r| {
                         let (t, o) = r.rates.rates(k);
                         if g == 0 {
@@ -143,10 +147,18 @@ impl ProtocolTable {
                         }
                     })
                     .collect();
-                *cell = mean_std(&v);
+                if !v.is_empty() {
+                    *cell = mean_std(&v);
+                }
             }
         }
         out
+    }
+
+    /// How many classes have test units `[target, other]`: the classes
+    /// [`ProtocolTable::summary`] averages over.
+    pub fn n_rated(&self) -> [usize; 2] {
+        [0, 1].map(|g| self.rows.iter().filter(|r| r.rates.totals[g] > 0).count())
     }
 
     /// Jupyter (evcxr) display: the table as Markdown.
@@ -177,11 +189,20 @@ impl fmt::Display for ProtocolTable {
             "| | edit | random direction | random latent |\n|---|---|---|---|"
         )?;
         let s = self.summary();
+        let n_rated = self.n_rated();
         for (g, name) in ["target", "other"].iter().enumerate() {
             writeln!(
                 f,
-                "| {name} (mean ± std) | {:.3} ± {:.3} | {:.3} ± {:.3} | {:.3} ± {:.3} |",
-                s[0][g].0, s[0][g].1, s[1][g].0, s[1][g].1, s[2][g].0, s[2][g].1
+                "| {name} (mean ± std over {} classes) | {:.3} ± {:.3} | {:.3} ± {:.3} | {:.3} ± {:.3} |",
+                n_rated[g], s[0][g].0, s[0][g].1, s[1][g].0, s[1][g].1, s[2][g].0, s[2][g].1
+            )?;
+        }
+        let unrated = self.rows.len() - n_rated[0];
+        if unrated > 0 {
+            writeln!(
+                f,
+                "\n{unrated} of {} classes had no target {unit} in the test set (— below) and are left out of the target means.",
+                self.rows.len()
             )?;
         }
         writeln!(
@@ -191,7 +212,14 @@ impl fmt::Display for ProtocolTable {
         for r in &self.rows {
             let cell = |k: usize| {
                 let (t, o) = r.rates.rates(k);
-                format!("{t:.3} / {o:.3}")
+                let rate = |v: f64, g: usize| {
+                    if r.rates.totals[g] > 0 {
+                        format!("{v:.3}")
+                    } else {
+                        "—".to_string()
+                    }
+                };
+                format!("{} / {}", rate(t, 0), rate(o, 1))
             };
             writeln!(
                 f,
@@ -233,16 +261,19 @@ impl Intervention {
             let s = self.sae.d_sae();
             for (j, &e) in ids.iter().enumerate() {
                 let rows = &f[j * p * s..(j + 1) * p * s];
+                // "Fires" is a positive code, as in the feature pass and where the edit applies
+                // (a TopK SAE without ReLU keeps negative values: chosen for those, a latent
+                // would be edited on no patch).
                 if seg {
                     let Some(pl) = store.patch_labels(e) else {
                         continue;
                     };
                     for (q, row) in rows.chunks_exact(s).enumerate() {
-                        let act = (0..s).filter(|&i| row[i] != 0.0).map(|i| i as u32);
+                        let act = (0..s).filter(|&i| row[i] > 0.0).map(|i| i as u32);
                         units.push((act.collect(), u32::from(pl[q])));
                     }
                 } else if let Some(l) = labels.get(e).copied().flatten() {
-                    let act = (0..s).filter(|&i| rows.chunks_exact(s).any(|r| r[i] != 0.0));
+                    let act = (0..s).filter(|&i| rows.chunks_exact(s).any(|r| r[i] > 0.0));
                     units.push((act.map(|i| i as u32).collect(), l));
                 }
             }
@@ -332,5 +363,60 @@ mod tests {
         // Class 0: latent 0 → 2·2/(5+2) = 0.571; latent 1 → 2·1/(2+2) = 0.5.
         assert!((got[0].f1 - 4.0 / 7.0).abs() < 1e-12);
         assert_eq!((got[1].class, got[1].latent, got[1].f1), (1, 2, 1.0));
+    }
+
+    fn row(class: u32, counts: [[usize; 2]; 3], totals: [usize; 2]) -> ClassRow {
+        ClassRow {
+            name: class.to_string(),
+            choice: LatentF1 {
+                class,
+                latent: 7,
+                f1: 0.5,
+                support: 4,
+            },
+            rates: ChangeRates {
+                latent: 7,
+                control_latent: 9,
+                target_class: class,
+                mult: 0.0,
+                counts,
+                totals,
+            },
+        }
+    }
+
+    /// A class with no target unit in the test set has no target rate: the means are over the
+    /// classes that have one (by hand: edit rates 5/10 and 3/10 → 0.4 ± 0.1; the empty class is
+    /// not a 0 that would pull the mean to 0.267), and its table cell is "—".
+    #[test]
+    fn classes_without_test_units_are_left_out_of_the_means() {
+        let t = ProtocolTable {
+            kind: HeadKind::Segmenter,
+            group_by: GroupBy::Predictions,
+            mult: 0.0,
+            rows: vec![
+                row(0, [[5, 1], [0, 0], [1, 0]], [10, 20]),
+                row(1, [[3, 2], [1, 0], [0, 0]], [10, 20]),
+                row(2, [[0, 4], [0, 0], [0, 0]], [0, 20]),
+            ],
+        };
+        assert_eq!(t.n_rated(), [2, 3]);
+        let s = t.summary();
+        assert!((s[0][0].0 - 0.4).abs() < 1e-12 && (s[0][0].1 - 0.1).abs() < 1e-12);
+        // The other-class rates cover all three: 1/20, 2/20, 4/20.
+        assert!((s[0][1].0 - 7.0 / 60.0).abs() < 1e-12);
+        let text = t.to_string();
+        assert!(text.contains("over 2 classes"), "{text}");
+        assert!(
+            text.contains("1 of 3 classes had no target patches"),
+            "{text}"
+        );
+        assert!(text.contains("| — / 0.200 |"), "{text}");
+        // No class with target units at all: NaN, not a made-up 0.
+        let none = ProtocolTable {
+            rows: vec![row(2, [[0, 4], [0, 0], [0, 0]], [0, 20])],
+            ..t
+        };
+        assert!(none.summary()[0][0].0.is_nan());
     }
 }
