@@ -325,3 +325,75 @@ fn progress_is_plain_lines_in_a_log() -> TestResult {
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
+
+/// Flags that cannot go together are refused before any work, naming both (they were silently
+/// ignored: `--latents`/`--class` with `--protocol`, `--classes` without `--segment`,
+/// `--mean-pool` with `--segment`).
+#[test]
+fn conflicting_flags_are_refused() -> TestResult {
+    let run = |args: &[&str]| -> std::io::Result<(bool, String)> {
+        let out = Command::new(env!("CARGO_BIN_EXE_saev"))
+            .args(args)
+            .output()?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    };
+    let causal = ["causal", "--sae", "s", "--store", "st", "--head", "h"];
+    for (extra, names) in [
+        (
+            &["--latents", "1", "--protocol", "semseg"][..],
+            ["--latents", "--protocol"],
+        ),
+        (
+            &["--class", "1", "--protocol", "classification"][..],
+            ["--class", "--protocol"],
+        ),
+    ] {
+        let args: Vec<&str> = causal.iter().chain(extra).copied().collect();
+        let (ok, err) = run(&args)?;
+        assert!(!ok && names.iter().all(|n| err.contains(n)), "{err}");
+    }
+    let probe = ["probe", "--store", "st", "--out", "o"];
+    for (extra, names) in [
+        (&["--classes", "c.json"][..], ["--classes", "--segment"]),
+        (
+            &["--mean-pool", "--segment"][..],
+            ["--mean-pool", "--segment"],
+        ),
+    ] {
+        let args: Vec<&str> = probe.iter().chain(extra).copied().collect();
+        let (ok, err) = run(&args)?;
+        assert!(!ok && names.iter().all(|n| err.contains(n)), "{err}");
+    }
+    Ok(())
+}
+
+/// A store names its model as it was given when recording; when that name does not open here
+/// (a relative directory from elsewhere, a hub name not cached), the error says the store's
+/// metadata.json named it and that --model overrides.
+#[test]
+fn a_stores_model_that_does_not_open_is_named_with_the_fix() -> TestResult {
+    let store = std::fs::read_dir(fixtures().join("../store/py21"))?
+        .next()
+        .ok_or("no py21 store")??
+        .path();
+    let empty = std::env::temp_dir().join(format!("saev-cli-nohub-{}", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_saev"))
+        .env("HF_HUB_CACHE", &empty)
+        .args(["probe", "--store"])
+        .arg(&store)
+        .args(["--out"])
+        .arg(empty.join("head"))
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("metadata.json names model `facebook/dinov2-small`")
+            && err.contains("--model"),
+        "{err}"
+    );
+    assert!(!empty.join("head").exists());
+    Ok(())
+}

@@ -242,13 +242,13 @@ struct ProbeArgs {
     #[arg(long)]
     out: PathBuf,
     /// Read the mean of the patch tokens instead of the CLS token.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "segment")]
     mean_pool: bool,
     /// Train a patch segmenter on the store's per-patch labels instead.
     #[arg(long)]
     segment: bool,
     /// JSON list of class names for the segmenter (e.g. the composite set's classes.json).
-    #[arg(long)]
+    #[arg(long, requires = "segment")]
     classes: Option<PathBuf>,
     /// Model directory (default: the store's checkpoint).
     #[arg(long)]
@@ -270,7 +270,12 @@ struct CausalArgs {
     #[arg(long)]
     head: PathBuf,
     /// Latents to test (or `--protocol`).
-    #[arg(long, value_delimiter = ',', required_unless_present = "protocol")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        required_unless_present = "protocol",
+        conflicts_with = "protocol"
+    )]
     latents: Vec<usize>,
     /// The paper's §5 protocol over every class instead of given latents: `semseg` (a
     /// segmentation head) or `classification` (a classifier): per class the latent of best F1
@@ -289,8 +294,9 @@ struct CausalArgs {
     #[arg(long, value_parser = parse_range)]
     examples: Option<(usize, usize)>,
     /// Target class (default: the dominant label of each latent's top images; required for
-    /// segmentation heads, whose stores have per-patch labels only).
-    #[arg(long)]
+    /// segmentation heads, whose stores have per-patch labels only). Not with --protocol
+    /// (it picks a latent for every class).
+    #[arg(long, conflicts_with = "protocol")]
     class: Option<u32>,
     /// Model directory (default: the store's checkpoint).
     #[arg(long)]
@@ -517,10 +523,19 @@ fn store_backbone(
     store: &saev::ActivationStore,
     device: &Device,
 ) -> saev::Result<Backbone> {
-    let vit = Backbone::open_on(
-        model.unwrap_or_else(|| store.metadata().ckpt.clone()),
-        device,
-    )?;
+    let vit = match model {
+        Some(m) => Backbone::open_on(m, device)?,
+        // The model the store names, as it was given when recording (a relative directory
+        // resolves against this working directory): say where the name came from.
+        None => {
+            let ckpt = &store.metadata().ckpt;
+            Backbone::open_on(ckpt, device).map_err(|e| saev::Error::Missing {
+                what: format!("the backbone of store {}", store.dir().display()),
+                missing: format!("its metadata.json names model `{ckpt}`: {e}"),
+                fix: "pass --model with that model's directory or hub name".into(),
+            })?
+        }
+    };
     let n = store.metadata().content_tokens_per_example;
     let g = (n as f64).sqrt().round() as usize;
     if n == vit.n_patches() || g * g != n {
@@ -619,6 +634,17 @@ fn match_saes(
     };
     if let Some(path) = out.as_ref().filter(|p| p.exists()) {
         return Err(taken(path));
+    }
+    // Its directory made now: a missing or unwritable one failed only after the whole match.
+    if let Some(parent) = out
+        .as_ref()
+        .and_then(|p| p.parent())
+        .filter(|p| !p.as_os_str().is_empty())
+    {
+        std::fs::create_dir_all(parent).map_err(|source| saev::Error::Io {
+            path: parent.to_path_buf(),
+            source,
+        })?;
     }
     let (sa, sb) = (
         saev::ActivationStore::open(&store)?,
@@ -803,11 +829,19 @@ fn train(
         run.saes.len(),
         cfg.n_patches as f64 / dt
     );
+    // Settings are named by their index in the whole sweep (a `--group` run's SAE folders and
+    // history rows are), `k` counts within this run.
     for (k, ev) in run.evals.iter().enumerate() {
         if let Some(ev) = ev {
             eprintln!(
-                "setting {k} {:?}: held-out MSE {:.4} NMSE {:.4} L0 {:.1} dead {} dense {}",
-                cfg.sweep[k], ev.mse, ev.nmse, ev.l0, ev.n_dead, ev.n_dense
+                "setting {} {:?}: held-out MSE {:.4} NMSE {:.4} L0 {:.1} dead {} dense {}",
+                cfg.first_setting + k,
+                cfg.sweep[k],
+                ev.mse,
+                ev.nmse,
+                ev.l0,
+                ev.n_dead,
+                ev.n_dense
             );
         }
     }
@@ -816,12 +850,13 @@ fn train(
         for (k, sae) in run.saes.iter().enumerate() {
             let fid = saev::Intervention::new(vit, cfg.layer, sae, head)?
                 .fidelity(&store, examples.clone())?;
+            let setting = cfg.first_setting + k;
             eprintln!(
-                "setting {k}: downstream {} clean {:.4}, SAE {:.4}, SAE + error {:.4}, mean-ablated {:.4}; recovered {:.3}, agreement {:.3} ({} examples)",
+                "setting {setting}: downstream {} clean {:.4}, SAE {:.4}, SAE + error {:.4}, mean-ablated {:.4}; recovered {:.3}, agreement {:.3} ({} examples)",
                 fid.metric, fid.clean, fid.sae, fid.with_error, fid.ablated, fid.recovered(), fid.agreement, fid.n_examples
             );
             rows.push(serde_json::json!({
-                "setting": k,
+                "setting": setting,
                 "label": run.labels.get(k),
                 "metric": fid.metric,
                 "n_examples": fid.n_examples,
@@ -863,19 +898,14 @@ fn features(
     let device = device.open()?;
     let sae = sae_dir(&sae, &store)?;
     let model = saev::Sae::load(&sae)?;
-    let layer = model
-        .config()
-        .provenance
-        .get("layer")
-        .and_then(|v| v.as_i64())
-        .unwrap_or(-2);
+    let layer = model.layer_in(&store);
     let t0 = std::time::Instant::now();
     let cfg = saev::explore::FeatureConfig::default().with_top_k(top_k);
     let feats = saev::Features::compute_on(&model, &store, layer, &cfg, &device)?;
     let dt = t0.elapsed().as_secs_f64();
     // Saved beside the SAE; if it cannot be (a read-only directory), the summary is still
     // printed and the error reported after it.
-    let saved = feats.save(&sae);
+    let saved = feats.save_for_store(&sae);
     let n = (store.n_examples() * store.n_patches()) as f64;
     let live = feats.live();
     let mut purities: Vec<f64> = live
@@ -895,7 +925,7 @@ fn features(
             purities[purities.len() / 2]
         );
     }
-    saved?;
+    eprintln!("feature pass saved: {}", saved?.display());
     println!("{}", sae.display());
     Ok(())
 }
@@ -1097,6 +1127,17 @@ fn causal(
                 ),
             });
         }
+    }
+    if protocol.is_none() && class.is_none() && head.kind() == saev::intervene::HeadKind::Segmenter
+    {
+        // Checked before the fidelity pass: a segmentation store has no image labels to take
+        // each latent's class from.
+        return Err(saev::Error::Missing {
+            what: "--class".into(),
+            missing: "a segmentation head's latents have no image labels to take their class from"
+                .into(),
+            fix: "pass --class C, or --protocol semseg for every class".into(),
+        });
     }
     // The table's header: how much of the head's score survives the SAE at all.
     let fid = iv.fidelity(&store, examples.clone())?;
