@@ -231,12 +231,8 @@ pub(crate) fn gemm_bf16_then(
     let (k, n) = (b.k, b.n);
     assert_eq!(a_mk.len(), m * k, "gemm_bf16: A is not [{m}, {k}]");
     if m > 0 && n > 0 && k > 0 {
-        match bf16_kernel() {
-            Bf16Kernel::Amx => return amx_gemm(a_mk, m, b, epilogue),
-            Bf16Kernel::Avx512Bf16 => {
-                return AlignedVec::from_vec(dpbf16_gemm(a_mk, m, b, epilogue))
-            }
-            Bf16Kernel::F32 => {}
+        if bf16_kernel() != Bf16Kernel::F32 {
+            return tile_gemm(bf16_kernel(), a_mk, m, b, epilogue);
         }
     }
     AlignedVec::from_vec(fallback_gemm(a_mk, m, b, epilogue))
@@ -261,7 +257,6 @@ pub(crate) fn map_bands<T: Send>(
     #[cfg(target_arch = "x86_64")]
     if bf16_kernel() != Bf16Kernel::F32 && n > 0 && k > 0 {
         let a = pack_a(a_mk, m, k, b.kb);
-        let amx = bf16_kernel() == Bf16Kernel::Amx;
         return (0..m.div_ceil(band_rows))
             .into_par_iter()
             .map_init(
@@ -270,19 +265,8 @@ pub(crate) fn map_bands<T: Send>(
                     let rows = (m - band * band_rows).min(band_rows);
                     let c = scratch.as_mut_ptr();
                     // SAFETY: the kernel's instructions are present (bf16_kernel); `a` holds
-                    // the band's 2 × kb tiles and the spare; `scratch` is 32 rows of n, the
-                    // second tile row's 16 from row 16.
-                    unsafe {
-                        if amx {
-                            amx_band(&a, b, band, c, rows);
-                        } else {
-                            let tiles = &a[2 * band * b.kb * TILE..];
-                            dpbf16_band(tiles, b, c, rows.min(TN));
-                            if rows > TN {
-                                dpbf16_band(&tiles[b.kb * TILE..], b, c.add(TN * n), rows - TN);
-                            }
-                        }
-                    }
+                    // the band's 2 × kb tiles and the spare; `scratch` is 32 rows of n.
+                    unsafe { tile_band(bf16_kernel(), &a, b, band, c, rows) };
                     f(band * band_rows, &mut scratch[..rows * n])
                 },
             )
@@ -349,130 +333,67 @@ fn is_amd() -> bool {
     false
 }
 
-/// [`gemm_bf16_then`] on AVX-512-BF16: the same packed tiles as AMX (a `B` tile row of 16
-/// column pairs is one zmm register), blocks of 8 rows × 32 columns of `C` in 16 accumulators.
-#[cfg(target_arch = "x86_64")]
-fn dpbf16_gemm(
-    a_mk: &[f32],
-    m: usize,
-    b: &PackedB,
-    epilogue: &(dyn Fn(usize, &mut [f32]) + Sync),
-) -> Vec<f32> {
-    let (k, n, kb) = (b.k, b.n, b.kb);
-    let a = pack_a(a_mk, m, k, kb);
-    let mut c = vec![0f32; m * n];
-    // One 16-row band of C (one row of A tiles) per task.
-    c.par_chunks_mut(TN * n)
-        .enumerate()
-        .for_each(|(band, c_rows)| {
-            let rows = c_rows.len() / n;
-            // SAFETY: avx512bf16 was detected (bf16_kernel); `a` holds the band's kb tiles;
-            // c_rows is `rows` rows of n.
-            unsafe { dpbf16_band(&a[band * kb * TILE..], b, c_rows.as_mut_ptr(), rows) };
-            epilogue(band * TN, c_rows);
-        });
-    c
-}
-
-/// One band of `rows ≤ 16` rows of `C = A·B` on AVX-512-BF16: one row of A tiles (`a`, `kb`
-/// tiles) against every B column pair, into `c` (`rows` rows of n).
+/// One 32 × 32 block of `C = A·B` on AVX-512-BF16, from the same tiles and into the same
+/// places as [`amx_block_32x32`]: four blocks of 8 rows × 32 columns, each 16 zmm accumulators
+/// (a `B` tile row of 16 column pairs is one register, each row's pair of `A` one broadcast).
 ///
 /// # Safety
-/// The processor has AVX-512F and AVX-512-BF16; `a` holds `b.kb` tiles; `c` is valid for
-/// `rows · n` f32 writes.
+/// The processor has AVX-512F and AVX-512-BF16; each operand pointer is valid for `kb` tiles of
+/// reads; each `c[i]` for 16 rows of 32 f32 writes at `stride` bytes.
 #[cfg(target_arch = "x86_64")]
-unsafe fn dpbf16_band(a: &[u16], b: &PackedB, c: *mut f32, rows: usize) {
-    let (n, kb, nb) = (b.n, b.kb, b.nb);
-    for q in 0..nb / 2 {
-        let c0 = q * 2 * TN;
-        if c0 >= n {
-            break;
-        }
-        let cols = (2 * TN).min(n - c0);
-        for half in 0..2 {
-            let r0 = half * 8;
-            if r0 >= rows {
-                break;
-            }
-            // SAFETY: the pointers address whole tiles inside `a` (kb tiles) and `b.tiles` (kb
-            // per column block), rows r0..r0 + 8 of a 16-row tile; C's block is rows r0.. of
-            // this band, columns c0..c0 + cols, bounded by `rows` and `cols`.
-            unsafe {
-                dpbf16_block(
-                    a[r0 * TK..].as_ptr(),
-                    b.tiles[(2 * q) * kb * TILE..].as_ptr(),
-                    b.tiles[(2 * q + 1) * kb * TILE..].as_ptr(),
-                    kb,
-                    c.add(r0 * n + c0),
-                    n,
-                    (rows - r0).min(8),
-                    cols,
-                );
-            }
+#[inline]
+unsafe fn dp_block_32x32(
+    a: [*const u16; 2],
+    b: [*const u16; 2],
+    kb: usize,
+    c: [*mut f32; 2],
+    stride: usize,
+) {
+    let ldc = stride / 4;
+    for (at, ct) in a.into_iter().zip(c) {
+        for r0 in [0, 8] {
+            // SAFETY: rows r0..r0 + 8 of the A tiles and of C's 16 rows, as the caller
+            // guarantees.
+            unsafe { dpbf16_block(at.add(r0 * TK), b, kb, ct.add(r0 * ldc), ldc) };
         }
     }
 }
 
-/// `C[rows, cols] = Σ_k-blocks A·B` for 8 rows of an A tile band and two B column tiles.
+/// `C[8, 32] = Σ_k-blocks A·B` for 8 rows of an A tile band and two B column tiles.
 ///
 /// # Safety
-/// The processor has AVX-512F and AVX-512-BF16; `a` points at row 0 of 8 rows of the first of
-/// `kb` consecutive A tiles (tile stride `TILE`), `b0`/`b1` at the first of `kb` B tiles each;
-/// `c` at a block of `rows ≤ 8` rows (stride `ldc`) and `cols ≤ 32` columns.
+/// The processor has AVX-512F and AVX-512-BF16; `a` points at the first of 8 rows of the first
+/// of `kb` consecutive A tiles (tile stride `TILE`), `b[0]`/`b[1]` at the first of `kb` B tiles
+/// each; `c` at 8 rows (stride `ldc` f32) of 32 columns.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn dpbf16_block(
-    a: *const u16,
-    b0: *const u16,
-    b1: *const u16,
-    kb: usize,
-    c: *mut f32,
-    ldc: usize,
-    rows: usize,
-    cols: usize,
-) {
+unsafe fn dpbf16_block(a: *const u16, b: [*const u16; 2], kb: usize, c: *mut f32, ldc: usize) {
     use std::arch::x86_64::*;
     let mut acc0 = [_mm512_setzero_ps(); 8];
     let mut acc1 = [_mm512_setzero_ps(); 8];
-    for t in 0..kb {
-        let (at, bt0, bt1) = (a.add(t * TILE), b0.add(t * TILE), b1.add(t * TILE));
-        for p in 0..TK / 2 {
-            let vb0: __m512bh =
-                std::mem::transmute(_mm512_loadu_si512(bt0.add(p * 2 * TN) as *const _));
-            let vb1: __m512bh =
-                std::mem::transmute(_mm512_loadu_si512(bt1.add(p * 2 * TN) as *const _));
-            for r in 0..8 {
-                let pair = (at.add(r * TK + 2 * p) as *const i32).read_unaligned();
-                let va: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
-                acc0[r] = _mm512_dpbf16_ps(acc0[r], va, vb0);
-                acc1[r] = _mm512_dpbf16_ps(acc1[r], va, vb1);
+    // SAFETY (the body): every read is inside the tiles the caller vouches for, every write
+    // inside C's 8 × 32 block.
+    unsafe {
+        for t in 0..kb {
+            let (at, bt0, bt1) = (a.add(t * TILE), b[0].add(t * TILE), b[1].add(t * TILE));
+            for p in 0..TK / 2 {
+                let vb0: __m512bh =
+                    std::mem::transmute(_mm512_loadu_si512(bt0.add(p * 2 * TN) as *const _));
+                let vb1: __m512bh =
+                    std::mem::transmute(_mm512_loadu_si512(bt1.add(p * 2 * TN) as *const _));
+                for r in 0..8 {
+                    let pair = (at.add(r * TK + 2 * p) as *const i32).read_unaligned();
+                    let va: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
+                    acc0[r] = _mm512_dpbf16_ps(acc0[r], va, vb0);
+                    acc1[r] = _mm512_dpbf16_ps(acc1[r], va, vb1);
+                }
             }
         }
-    }
-    if rows == 8 && cols == 2 * TN {
         for r in 0..8 {
             _mm512_storeu_ps(c.add(r * ldc), acc0[r]);
             _mm512_storeu_ps(c.add(r * ldc + TN), acc1[r]);
         }
-    } else {
-        let mut buf = [0f32; 2 * TN];
-        for r in 0..rows {
-            _mm512_storeu_ps(buf.as_mut_ptr(), acc0[r]);
-            _mm512_storeu_ps(buf.as_mut_ptr().add(TN), acc1[r]);
-            std::ptr::copy_nonoverlapping(buf.as_ptr(), c.add(r * ldc), cols);
-        }
     }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-fn dpbf16_gemm(
-    a_mk: &[f32],
-    m: usize,
-    b: &PackedB,
-    epilogue: &(dyn Fn(usize, &mut [f32]) + Sync),
-) -> AlignedVec {
-    AlignedVec::from_vec(fallback_gemm(a_mk, m, b, epilogue))
 }
 
 /// The same rounded products summed in f32 by the f32 GEMM, then the epilogue.
@@ -710,7 +631,57 @@ impl Drop for Tiles {
     }
 }
 
-/// One 32 × 32 block of `C = A·B` on AMX tiles: `kb` steps over two 16-row A tile columns
+/// The bf16 block kernel of this thread while it lives: AMX tiles (configured here, released
+/// when it drops) or AVX-512-BF16, as [`bf16_kernel`] says — one 32 × 32 block of `C` from the
+/// same packed tiles into the same places either way.
+#[cfg(target_arch = "x86_64")]
+pub(super) struct BlockKernel {
+    amx: Option<Tiles>,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl BlockKernel {
+    /// # Safety
+    /// `kind` is [`Bf16Kernel::Amx`] with [`amx_available`], or [`Bf16Kernel::Avx512Bf16`] with
+    /// [`has_avx512_bf16`].
+    pub(super) unsafe fn enter(kind: Bf16Kernel) -> Self {
+        let amx = (kind == Bf16Kernel::Amx)
+            // SAFETY: amx_available found AMX and its permission (the caller's promise).
+            .then(|| unsafe { Tiles::configure() });
+        Self { amx }
+    }
+
+    /// One 32 × 32 block of `C = A·B`: `kb` steps over two 16-row A tile columns (`a[0]`,
+    /// `a[1]`, each `kb` consecutive 1 KiB tiles) and two 16-column B tile rows (`b[0]`,
+    /// `b[1]`); rows 0–15 are stored at `c[0]`, rows 16–31 at `c[1]`, columns 0–15 then
+    /// 16–31, with a row stride of `stride` bytes.
+    ///
+    /// # Safety
+    /// `kb ≥ 1`; each operand pointer is valid for `kb + 1` tiles of reads (AMX's pipelined
+    /// loads read one tile past: the buffers carry a spare tile); each `c[i]` is valid for 16
+    /// rows of 32 f32 writes at `stride` bytes.
+    #[inline]
+    pub(super) unsafe fn block_32x32(
+        &self,
+        a: [*const u16; 2],
+        b: [*const u16; 2],
+        kb: usize,
+        c: [*mut f32; 2],
+        stride: usize,
+    ) {
+        // SAFETY: the tiles are configured (AMX) or AVX-512-BF16 is present (enter's promise);
+        // the operands are the caller's.
+        unsafe {
+            if self.amx.is_some() {
+                amx_block_32x32(a, b, kb, c, stride)
+            } else {
+                dp_block_32x32(a, b, kb, c, stride)
+            }
+        }
+    }
+}
+
+/// [`BlockKernel::block_32x32`] on AMX tiles: `kb` steps over two 16-row A tile columns
 /// (`a[0]`, `a[1]`, each `kb` consecutive 1 KiB tiles) and two 16-column B tile rows (`b[0]`,
 /// `b[1]`); rows 0–15 are stored at `c[0]`, rows 16–31 at `c[1]`, columns 0–15 then 16–31,
 /// with a row stride of `stride` bytes.
@@ -721,7 +692,7 @@ impl Drop for Tiles {
 /// spare tile); each `c[i]` is valid for 16 rows of 32 f32 writes at `stride` bytes.
 #[cfg(target_arch = "x86_64")]
 #[inline]
-pub(super) unsafe fn block_32x32(
+unsafe fn amx_block_32x32(
     a: [*const u16; 2],
     b: [*const u16; 2],
     kb: usize,
@@ -774,13 +745,24 @@ pub(super) unsafe fn block_32x32(
     }
 }
 
+/// [`gemm_bf16_then`] on the tile kernel `kind` (the f32 GEMM where this processor lacks it):
+/// bands of 32 rows of `C`, each written whole, then its epilogue.
 #[cfg(target_arch = "x86_64")]
-fn amx_gemm(
+fn tile_gemm(
+    kind: Bf16Kernel,
     a_mk: &[f32],
     m: usize,
     b: &PackedB,
     epilogue: &(dyn Fn(usize, &mut [f32]) + Sync),
 ) -> AlignedVec {
+    let present = match kind {
+        Bf16Kernel::Amx => amx_available(),
+        Bf16Kernel::Avx512Bf16 => has_avx512_bf16(),
+        Bf16Kernel::F32 => false,
+    };
+    if !present {
+        return AlignedVec::from_vec(fallback_gemm(a_mk, m, b, epilogue));
+    }
     let (k, n, kb) = (b.k, b.n, b.kb);
     let a = pack_a(a_mk, m, k, kb);
     let write = |c: &mut [std::mem::MaybeUninit<f32>]| {
@@ -789,11 +771,11 @@ fn amx_gemm(
             .for_each(|(band, c_rows)| {
                 let rows = c_rows.len() / n;
                 let cp = c_rows.as_mut_ptr() as *mut f32;
-                // SAFETY: AMX is available (the caller checked amx_available); `a` holds the
-                // band's 2 × kb tiles and the spare; c_rows is `rows` rows of n. Every element
+                // SAFETY: the kernel is present (checked above); `a` holds the band's 2 × kb
+                // tiles and the spare; c_rows is `rows` rows of n. Every element
                 // of the band is written before the epilogue reads it.
                 unsafe {
-                    amx_band(&a, b, band, cp, rows);
+                    tile_band(kind, &a, b, band, cp, rows);
                     epilogue(
                         band * 2 * TN,
                         std::slice::from_raw_parts_mut(cp, c_rows.len()),
@@ -805,15 +787,22 @@ fn amx_gemm(
     unsafe { AlignedVec::new_with(m * n, write) }
 }
 
-/// One 32-row band of `C = A·B` on AMX: A's tile rows `2·band` and `2·band + 1` (`kb` tiles
+/// One 32-row band of `C = A·B` on the bf16 kernel (AMX or AVX-512-BF16): A's tile rows `2·band` and `2·band + 1` (`kb` tiles
 /// each, `a` packed as [`pack_a`] packs) against every B column pair, into `c` (`rows ≤ 32`
 /// rows of `n`). The band's A tiles (2 × kb KiB) stay in cache while B streams past.
 ///
 /// # Safety
-/// [`amx_available`] returned true; `a` holds at least `2·band + 2` tile rows of `b.kb` tiles
-/// plus the spare tile; `c` is valid for `rows · n` f32 writes.
+/// [`bf16_kernel`] is not [`Bf16Kernel::F32`]; `a` holds at least `2·band + 2` tile rows of
+/// `b.kb` tiles plus the spare tile; `c` is valid for `rows · n` f32 writes.
 #[cfg(target_arch = "x86_64")]
-pub(super) unsafe fn amx_band(a: &[u16], b: &PackedB, band: usize, c: *mut f32, rows: usize) {
+pub(super) unsafe fn tile_band(
+    kind: Bf16Kernel,
+    a: &[u16],
+    b: &PackedB,
+    band: usize,
+    c: *mut f32,
+    rows: usize,
+) {
     let n = b.n;
     // A 32 × 32 block for the edges of C (its four tiles side by side, stride 128 B).
     let mut acc = Block32([0f32; 4 * TN * TN]);
@@ -822,7 +811,7 @@ pub(super) unsafe fn amx_band(a: &[u16], b: &PackedB, band: usize, c: *mut f32, 
     // straight into its 32 rows × 32 columns (row stride 4n bytes); an edge block goes to
     // `acc` (32 × 32, stride 128 bytes) and its part inside C is copied.
     unsafe {
-        for_each_pair(a, b, band, &mut |q, a_pair, b_pair| {
+        for_each_pair(kind, a, b, band, &mut |kernel, q, a_pair, b_pair| {
             let c0 = q * 2 * TN;
             let inside = rows == 2 * TN && c0 + 2 * TN <= n;
             let (lo, hi, stride) = if inside {
@@ -831,7 +820,7 @@ pub(super) unsafe fn amx_band(a: &[u16], b: &PackedB, band: usize, c: *mut f32, 
                 let p = acc.as_mut_ptr();
                 (p, p.add(TN * 2 * TN), 4 * 2 * TN)
             };
-            block_32x32(a_pair, b_pair, b.kb, [lo, hi], stride);
+            kernel.block_32x32(a_pair, b_pair, b.kb, [lo, hi], stride);
             if !inside && c0 < n {
                 let w = (2 * TN).min(n - c0);
                 for r in 0..rows {
@@ -851,62 +840,71 @@ pub(super) unsafe fn amx_band(a: &[u16], b: &PackedB, band: usize, c: *mut f32, 
 #[repr(C, align(64))]
 struct Block32([f32; 4 * TN * TN]);
 
-/// With this thread's tiles configured, `f(q, a, b)` for each column pair `q` of `B`: the
-/// band's two A tile rows and the pair's two B tile columns (`kb` tiles each, plus the spare).
+/// With this thread's [`BlockKernel`], `f(kernel, q, a, b)` for each column pair `q` of `B`:
+/// the band's two A tile rows and the pair's two B tile columns (`kb` tiles each, plus the
+/// spare).
 ///
 /// # Safety
-/// [`amx_available`] returned true; `a` holds at least `2·band + 2` tile rows of `b.kb` tiles
+/// [`bf16_kernel`] is not [`Bf16Kernel::F32`]; `a` holds at least `2·band + 2` tile rows of `b.kb` tiles
 /// plus the spare tile.
 #[cfg(target_arch = "x86_64")]
 unsafe fn for_each_pair(
+    kind: Bf16Kernel,
     a: &[u16],
     b: &PackedB,
     band: usize,
-    f: &mut dyn FnMut(usize, [*const u16; 2], [*const u16; 2]),
+    f: &mut dyn FnMut(&BlockKernel, usize, [*const u16; 2], [*const u16; 2]),
 ) {
     let kb = b.kb;
     let a_pair = [
         a[(2 * band) * kb * TILE..].as_ptr(),
         a[(2 * band + 1) * kb * TILE..].as_ptr(),
     ];
-    // SAFETY: the caller guarantees AMX (the tiles stay configured while `f` runs).
-    let _tiles = unsafe { Tiles::configure() };
+    // SAFETY: the caller guarantees a bf16 kernel (AMX's tiles stay configured while `f` runs).
+    let kernel = unsafe { BlockKernel::enter(kind) };
     for q in 0..b.nb / 2 {
         let b_pair = [
             b.tiles[(2 * q) * kb * TILE..].as_ptr(),
             b.tiles[(2 * q + 1) * kb * TILE..].as_ptr(),
         ];
-        f(q, a_pair, b_pair);
+        f(&kernel, q, a_pair, b_pair);
     }
 }
 
-/// [`amx_band`] handing each 32 × 32 block of the band to `f(first_column, block)` (32 rows of
+/// [`tile_band`] handing each 32 × 32 block of the band to `f(first_column, block)` (32 rows of
 /// 32 at stride 32, in an L1-resident buffer) instead of storing it into `C`: an epilogue that
 /// turns blocks into something else (the next GEMM's bf16 tiles) never writes or re-reads an
 /// f32 band.
 ///
 /// # Safety
-/// As [`amx_band`]'s for `a`.
+/// As [`tile_band`]'s for `a`.
 #[cfg(target_arch = "x86_64")]
-pub(super) unsafe fn amx_band_blocks(
+pub(super) unsafe fn tile_band_blocks(
     a: &[u16],
     b: &PackedB,
     band: usize,
     f: &mut dyn FnMut(usize, &mut [f32]),
 ) {
     let mut blk = Block32([0f32; 4 * TN * TN]);
-    // SAFETY: as in amx_band; the block buffer is 32 × 32 at stride 128 bytes.
+    // SAFETY: as in tile_band; the block buffer is 32 × 32 at stride 128 bytes.
     unsafe {
-        for_each_pair(a, b, band, &mut |q, a_pair, b_pair| {
-            let p = blk.0.as_mut_ptr();
-            block_32x32(a_pair, b_pair, b.kb, [p, p.add(TN * 2 * TN)], 4 * 2 * TN);
-            f(q * 2 * TN, &mut blk.0);
-        });
+        for_each_pair(
+            bf16_kernel(),
+            a,
+            b,
+            band,
+            &mut |kernel, q, a_pair, b_pair| {
+                let p = blk.0.as_mut_ptr();
+                kernel.block_32x32(a_pair, b_pair, b.kb, [p, p.add(TN * 2 * TN)], 4 * 2 * TN);
+                f(q * 2 * TN, &mut blk.0);
+            },
+        );
     }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn amx_gemm(
+fn tile_gemm(
+    _kind: Bf16Kernel,
     a_mk: &[f32],
     m: usize,
     b: &PackedB,
@@ -982,8 +980,8 @@ pub(crate) mod tests {
             // and AVX-512-BF16's where the processor has it.
             let plain = fallback_gemm(&a, m, &packed, &|_, _| {});
             if has_avx512_bf16() {
-                let dp = dpbf16_gemm(&a, m, &packed, &|_, _| {});
-                for (x, y) in plain.iter().zip(&dp) {
+                let dp = tile_gemm(Bf16Kernel::Avx512Bf16, &a, m, &packed, &|_, _| {});
+                for (x, y) in plain.iter().zip(dp.iter()) {
                     assert!((x - y).abs() <= 1e-5 * (1.0 + x.abs()) * (k as f32).sqrt());
                 }
             }

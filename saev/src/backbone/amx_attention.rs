@@ -1,4 +1,4 @@
-//! Multi-head self-attention in bfloat16 on AMX tiles, for the backbone's bf16 mode
+//! Multi-head self-attention in bfloat16 on AMX tiles (or AVX-512-BF16 on the same tiles), for the backbone's bf16 mode
 //! ([`super::LinearMode::PackedBf16`]): `softmax(q kᵀ / √hd) v` per (image, head), straight
 //! from the fused `[B, T, 3·D]` projection, as torch's bfloat16 `scaled_dot_product_attention`
 //! computes it on the CPU (its flash-attention kernel) — `q`, `k`, `v` rounded to bfloat16, the
@@ -24,10 +24,11 @@ use rayon::prelude::*;
 use super::aligned::Aligned;
 use super::amx::{TILE, TK, TN};
 
-/// Whether [`self_attention_qkv_bf16`] runs here: AMX tiles (and the AVX-512-BF16 conversion
-/// the packing uses, which every AMX processor has).
+/// Whether [`self_attention_qkv_bf16`] runs here: a bf16 kernel (AMX tiles, or AVX-512-BF16
+/// where it is the processor's bf16 kernel: AMD Zen 4) and the AVX-512-BF16 conversion the
+/// packing uses (which every AMX processor has).
 pub(crate) fn available() -> bool {
-    super::amx::bf16_kernel() == super::amx::Bf16Kernel::Amx && super::amx::has_avx512_bf16()
+    super::amx::bf16_kernel() != super::amx::Bf16Kernel::F32 && super::amx::has_avx512_bf16()
 }
 
 /// Per-thread buffers for one (image, head) task; their padding stays zero across tasks.
@@ -74,7 +75,7 @@ pub(crate) fn self_attention_qkv_bf16(qkv: &Tensor, n_heads: usize) -> candle_co
         candle_core::bail!("self_attention_qkv_bf16: [B, T, {d3}] is not 3 × {n_heads} heads");
     }
     if !available() {
-        candle_core::bail!("self_attention_qkv_bf16: no AMX tiles on this processor");
+        candle_core::bail!("self_attention_qkv_bf16: no bf16 kernel on this processor");
     }
     let (storage, layout) = qkv.storage_and_layout();
     let (Storage::Cpu(CpuStorage::F32(v)), Some((s0, s1))) =
@@ -115,7 +116,7 @@ pub(crate) fn self_attention_qkv_bf16(qkv: &Tensor, n_heads: usize) -> candle_co
         |sc, task| {
             let (img, h) = (task / n_heads, task % n_heads);
             let x_head = &x[img * t * d3 + h * hd..];
-            // SAFETY: available() checked AMX and AVX-512F/BW; `out` holds b · t · d values of
+            // SAFETY: available() checked the bf16 kernel and AVX-512F/BW/BF16; `out` holds b · t · d values of
             // which this task writes its head's columns of its image's rows.
             #[cfg(target_arch = "x86_64")]
             unsafe {
@@ -137,12 +138,12 @@ pub(crate) fn self_attention_qkv_bf16(qkv: &Tensor, n_heads: usize) -> candle_co
 /// stride `3·D`, `k` at `+D`, `v` at `+2·D`); the output goes to `out` (row stride `D`).
 ///
 /// # Safety
-/// AMX (with the tile-data permission), AVX-512F/BW/BF16, AVX2 and FMA are available; `x` holds
+/// A bf16 kernel ([`available`]), AVX-512F/BW/BF16, AVX2 and FMA are available; `x` holds
 /// the image's `T` rows; `out` is valid for `T` rows of `hd` writes at stride `D`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma")]
 unsafe fn attend_head(x: &[f32], g: Geometry, sc: &mut Scratch, out: *mut f32) {
-    use super::amx::{block_32x32, round_32_cvt, round_pair_cvt, round_row_cvt, Tiles};
+    use super::amx::{round_32_cvt, round_pair_cvt, round_row_cvt, BlockKernel};
     let Geometry {
         t,
         d,
@@ -155,7 +156,8 @@ unsafe fn attend_head(x: &[f32], g: Geometry, sc: &mut Scratch, out: *mut f32) {
     } = g;
     let row = |n: usize, part: usize| &x[n * 3 * d + part * d..][..hd];
     // SAFETY (the whole body): the tile buffers hold their documented tile counts plus a spare
-    // tile, every write below stays inside its buffer, and AMX is configured by `_tiles`.
+    // tile, every write below stays inside its buffer, and `kernel` is the bf16 kernel (AMX
+    // tiles configured while it lives).
     unsafe {
         // q and k, rounded (pads stay zero from the scratch's creation); 1/√hd scales the f32
         // scores, as torch's flash kernel does. The rows are
@@ -199,7 +201,7 @@ unsafe fn attend_head(x: &[f32], g: Geometry, sc: &mut Scratch, out: *mut f32) {
                 }
             }
         }
-        let _tiles = Tiles::configure();
+        let kernel = BlockKernel::enter(super::amx::bf16_kernel());
         let (q, k_t, vt) = (sc.q.as_ptr(), sc.k_t.as_ptr(), sc.v.as_ptr());
         // 32 query rows at a time: scores, softmax, probabilities, output, all in cache.
         for bi in 0..tp / 32 {
@@ -210,7 +212,7 @@ unsafe fn attend_head(x: &[f32], g: Geometry, sc: &mut Scratch, out: *mut f32) {
                     k_t.add(2 * bj * kq * TILE),
                     k_t.add((2 * bj + 1) * kq * TILE),
                 ];
-                block_32x32(a, b, kq, [s.add(32 * bj), s.add(TN * tp + 32 * bj)], 4 * tp);
+                kernel.block_32x32(a, b, kq, [s.add(32 * bj), s.add(TN * tp + 32 * bj)], 4 * tp);
             }
             // Unnormalised probabilities in bf16 (as torch's CPU flash attention rounds them);
             // each output row is divided by its sum of the f32 exponentials below.
@@ -227,7 +229,7 @@ unsafe fn attend_head(x: &[f32], g: Geometry, sc: &mut Scratch, out: *mut f32) {
             let (p, o) = (sc.p.as_ptr(), sc.o.as_mut_ptr());
             for bj in 0..hdp / 32 {
                 let b = [vt.add(2 * bj * kp * TILE), vt.add((2 * bj + 1) * kp * TILE)];
-                block_32x32(
+                kernel.block_32x32(
                     [p, p.add(kp * TILE)],
                     b,
                     kp,
@@ -329,7 +331,7 @@ mod tests {
     #[test]
     fn matches_attention_on_rounded_operands() {
         if !available() {
-            eprintln!("no AMX here: the bf16 attention does not run on this processor");
+            eprintln!("no bf16 kernel here: the bf16 attention does not run on this processor");
             return;
         }
         // The last shape's scores spread over hundreds: most e_j fall below the 2⁻¹⁰⁰ floor.

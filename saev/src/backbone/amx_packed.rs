@@ -1,4 +1,4 @@
-//! Activations kept in bfloat16 A tiles between the backbone's layers on AMX: a LayerNorm
+//! Activations kept in bfloat16 A tiles between the backbone's layers on AMX or AVX-512-BF16: a LayerNorm
 //! writes its rows straight into the tiles of the GEMM that reads them, and the MLP's first
 //! GEMM rounds each finished 32 × 32 block (bias and activation applied, in L1) into the tiles
 //! of the second — no f32 copy of `[B·T, 4·D]` written, read back and packed again.
@@ -99,7 +99,7 @@ pub(crate) fn gemm_packed(a: &PackedA, b: &PackedB, epilogue: Epilogue<'_>) -> A
     let (k, n) = b.dims();
     assert_eq!(a.k, k, "gemm_packed: A is [{}, {}], B [{k}, {n}]", a.m, a.k);
     let m = a.m;
-    if bf16_kernel() != Bf16Kernel::Amx || m == 0 || n == 0 || k == 0 {
+    if bf16_kernel() == Bf16Kernel::F32 || m == 0 || n == 0 || k == 0 {
         return AlignedVec::from_vec(fallback_gemm(&a.to_f32(), m, b, epilogue));
     }
     let write = |c: &mut [std::mem::MaybeUninit<f32>]| {
@@ -107,11 +107,11 @@ pub(crate) fn gemm_packed(a: &PackedA, b: &PackedB, epilogue: Epilogue<'_>) -> A
             .enumerate()
             .for_each(|(band, rows)| {
                 let cp = rows.as_mut_ptr() as *mut f32;
-                // SAFETY: AMX is available (bf16_kernel); `a.tiles` holds every band's tiles
-                // and the spare; the band is rows.len() / n rows of n, written before the
+                // SAFETY: a bf16 kernel is available (bf16_kernel); `a.tiles` holds every
+                // band's tiles and the spare; the band is rows.len() / n rows of n, written before the
                 // epilogue.
                 unsafe {
-                    amx_band_dispatch(a, b, band, cp, rows.len() / n);
+                    tile_band_dispatch(a, b, band, cp, rows.len() / n);
                     epilogue(
                         band * 2 * TN,
                         std::slice::from_raw_parts_mut(cp, rows.len()),
@@ -119,7 +119,7 @@ pub(crate) fn gemm_packed(a: &PackedA, b: &PackedB, epilogue: Epilogue<'_>) -> A
                 }
             })
     };
-    // SAFETY: amx_band writes every element of each band.
+    // SAFETY: tile_band writes every element of each band.
     unsafe { AlignedVec::new_with(m * n, write) }
 }
 
@@ -155,7 +155,7 @@ pub(crate) fn gemm_to_packed(a: &PackedA, b: &PackedB, epilogue: BlockEpilogue<'
             }
         }
     };
-    if bf16_kernel() != Bf16Kernel::Amx || m == 0 || n == 0 || k == 0 {
+    if bf16_kernel() == Bf16Kernel::F32 || m == 0 || n == 0 || k == 0 {
         let c = gemm_packed(a, b, &|_, _| {});
         return PackedA::from_fn(m, n, &|row0, band| {
             let rows = band.len() / n.max(1);
@@ -182,11 +182,11 @@ pub(crate) fn gemm_to_packed(a: &PackedA, b: &PackedB, epilogue: BlockEpilogue<'
         .for_each(|(band, out)| {
             let rows = (m - blk * band).min(blk);
             let dst = out.as_mut_ptr() as *mut u16;
-            // SAFETY: AMX is available (bf16_kernel); `a.tiles` holds every band's tiles and the
-            // spare. Block `c0` of row r goes to row r % 16 of k tile c0 / 32 of tile row r / 16
+            // SAFETY: a bf16 kernel is available (bf16_kernel); `a.tiles` holds every band's
+            // tiles and the spare. Block `c0` of row r goes to row r % 16 of k tile c0 / 32 of tile row r / 16
             // of this band: inside `out` (2 · kb tiles), each of its 32 · 32 values written once.
             unsafe {
-                amx_band_blocks_dispatch(a, b, band, &mut |c0, block| {
+                tile_band_blocks_dispatch(a, b, band, &mut |c0, block| {
                     finish(c0, rows, block);
                     for (r, row) in block.chunks_exact(blk).enumerate() {
                         let at = ((r / TN) * kb + c0 / TK) * TILE + (r % TN) * TK;
@@ -201,8 +201,8 @@ pub(crate) fn gemm_to_packed(a: &PackedA, b: &PackedB, epilogue: BlockEpilogue<'
 }
 
 /// # Safety
-/// As [`super::amx::amx_band_blocks`]'s.
-unsafe fn amx_band_blocks_dispatch(
+/// As [`super::amx::tile_band_blocks`]'s.
+unsafe fn tile_band_blocks_dispatch(
     a: &PackedA,
     b: &PackedB,
     band: usize,
@@ -211,22 +211,22 @@ unsafe fn amx_band_blocks_dispatch(
     #[cfg(target_arch = "x86_64")]
     // SAFETY: as the caller guarantees.
     unsafe {
-        super::amx::amx_band_blocks(&a.tiles, b, band, f)
+        super::amx::tile_band_blocks(&a.tiles, b, band, f)
     }
     #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("AMX on a processor that is not x86-64: {a:?} {b:?} {band} {f:?}")
+    unreachable!("bf16 tiles on a processor that is not x86-64: {a:?} {b:?} {band} {f:?}")
 }
 
 /// # Safety
-/// As [`super::amx::amx_band`]'s.
-unsafe fn amx_band_dispatch(a: &PackedA, b: &PackedB, band: usize, c: *mut f32, rows: usize) {
+/// As [`super::amx::tile_band`]'s.
+unsafe fn tile_band_dispatch(a: &PackedA, b: &PackedB, band: usize, c: *mut f32, rows: usize) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: as the caller guarantees.
     unsafe {
-        super::amx::amx_band(&a.tiles, b, band, c, rows)
+        super::amx::tile_band(bf16_kernel(), &a.tiles, b, band, c, rows)
     }
     #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("AMX on a processor that is not x86-64: {a:?} {b:?} {band} {c:?} {rows}")
+    unreachable!("bf16 tiles on a processor that is not x86-64: {a:?} {b:?} {band} {c:?} {rows}")
 }
 
 #[cfg(test)]

@@ -564,9 +564,9 @@ impl Block {
         self.forward_rope(x_btd, None)
     }
 
-    /// The bf16 mode on AMX: each LayerNorm writes the packed input of the GEMM after it, the
+    /// The bf16 mode on AMX or AVX-512-BF16 (Zen 4): each LayerNorm writes the packed input of the GEMM after it, the
     /// MLP's first GEMM the packed input of its second, attention runs on tiles. None where
-    /// that path does not apply (other modes, devices, gated MLPs, no AMX).
+    /// that path does not apply (other modes, devices, gated MLPs, no bf16 kernel).
     fn forward_packed(&self, x_btd: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let packed = [&self.qkv, &self.out, &self.fc1, &self.fc2]
             .iter()
@@ -616,7 +616,7 @@ impl Block {
         // `LinearMode::Cast(F32)` runs the GPU's code path on the CPU).
         let cpu_kernel = qkv.device().is_cpu() && self.qkv.w_low.is_none();
         let att = if rope.is_none() && cpu_kernel && qkv.dtype() == DType::F32 {
-            // In the bf16 mode on AMX, attention in bf16 too (as torch's bf16 model computes it).
+            // In the bf16 mode on a bf16 kernel, attention in bf16 too (as torch's bf16 model computes it).
             if self.qkv.bf16.is_some() && amx_attention::available() {
                 amx_attention::self_attention_qkv_bf16(&qkv.contiguous()?, self.n_heads)?
             } else {

@@ -45,25 +45,16 @@ pub(crate) enum Rule {
     Positive,
 }
 
-/// Whether [`select`] runs on this machine for these sizes: on AMX (measured, alternating in
-/// one sitting: TopK step +28–43%, ReLU +26–39% at d 384, d_sae 6144, batch 4096), and a GEMM
-/// big enough to repay
-/// packing `W_enc`. `SAEV_SAE_SCREEN=off` turns it off (to compare); `SAEV_SAE_SCREEN=on` also
-/// runs it on AVX-512-BF16 (AMD Zen 4's bf16 kernel: twice the f32 rate there, but the screen's
-/// gain is not measured on one yet; on Intel cores that path is slower than the f32 GEMM).
+/// Whether [`select`] runs on this machine for these sizes: on a bf16 kernel — AMX (measured,
+/// alternating in one sitting: TopK step +28–43%, ReLU +26–39% at d 384, d_sae 6144, batch
+/// 4096) or AMD Zen 4's AVX-512-BF16 (twice its f32 rate: TopK +31–48%, ReLU +22–32%, AuxK
+/// +13–39%, BatchTopK unchanged, 2026-12-07) — and a GEMM big enough to repay packing `W_enc`.
+/// `SAEV_SAE_SCREEN=off` turns it off (to compare); on Intel cores without AMX it runs only
+/// where `SAEV_BF16_KERNEL=avx512bf16` asks for that kernel (slower than the f32 GEMM there).
 pub(crate) fn pays(n: usize, d: usize, s: usize) -> bool {
-    static MODE: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
-    let mode = *MODE.get_or_init(|| match std::env::var("SAEV_SAE_SCREEN").as_deref() {
-        Ok("off") => Some(false),
-        Ok("on") => Some(true),
-        _ => None,
-    });
-    let kernel = match (mode, bf16_kernel()) {
-        (Some(false), _) | (_, Bf16Kernel::F32) => false,
-        (None, k) => k == Bf16Kernel::Amx,
-        (Some(true), _) => true,
-    };
-    kernel && d >= 64 && n >= 256 && s >= 512
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let off = *OFF.get_or_init(|| std::env::var("SAEV_SAE_SCREEN").as_deref() == Ok("off"));
+    !off && bf16_kernel() != Bf16Kernel::F32 && d >= 64 && n >= 256 && s >= 512
 }
 
 /// The rows of `xc·W_encᵀ + b_enc` selected by `rule`, each as (id, f32 value) by id; `xc` is
