@@ -360,7 +360,7 @@ struct ActivationsArgs {
     #[arg(long, value_parser = positive)]
     size: Option<usize>,
     /// Precision of the backbone's linear layers: `f32`, `bf16` (AMX tiles on Intel Sapphire
-    /// Rapids and later, cuBLAS on a GPU; hidden states within cosine 0.999 of f32) or `f16`
+    /// Rapids and later, AVX-512-BF16 on AMD Zen 4, cuBLAS on a GPU; hidden states within cosine 0.999 of f32) or `f16`
     /// (GPUs). The store stays float32; a bf16 store is written to `<hash>-bf16` (f16:
     /// `<hash>-f16`).
     #[arg(long, default_value = "f32")]
