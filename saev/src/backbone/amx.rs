@@ -230,10 +230,8 @@ pub(crate) fn gemm_bf16_then(
 ) -> AlignedVec {
     let (k, n) = (b.k, b.n);
     assert_eq!(a_mk.len(), m * k, "gemm_bf16: A is not [{m}, {k}]");
-    if m > 0 && n > 0 && k > 0 {
-        if bf16_kernel() != Bf16Kernel::F32 {
-            return tile_gemm(bf16_kernel(), a_mk, m, b, epilogue);
-        }
+    if m > 0 && n > 0 && k > 0 && bf16_kernel() != Bf16Kernel::F32 {
+        return tile_gemm(bf16_kernel(), a_mk, m, b, epilogue);
     }
     AlignedVec::from_vec(fallback_gemm(a_mk, m, b, epilogue))
 }
@@ -840,6 +838,10 @@ pub(super) unsafe fn tile_band(
 #[repr(C, align(64))]
 struct Block32([f32; 4 * TN * TN]);
 
+/// What [`for_each_pair`] calls: `(kernel, q, a tile rows, b tile columns)`.
+#[cfg(target_arch = "x86_64")]
+type PairFn<'a> = dyn FnMut(&BlockKernel, usize, [*const u16; 2], [*const u16; 2]) + 'a;
+
 /// With this thread's [`BlockKernel`], `f(kernel, q, a, b)` for each column pair `q` of `B`:
 /// the band's two A tile rows and the pair's two B tile columns (`kb` tiles each, plus the
 /// spare).
@@ -848,13 +850,7 @@ struct Block32([f32; 4 * TN * TN]);
 /// [`bf16_kernel`] is not [`Bf16Kernel::F32`]; `a` holds at least `2·band + 2` tile rows of `b.kb` tiles
 /// plus the spare tile.
 #[cfg(target_arch = "x86_64")]
-unsafe fn for_each_pair(
-    kind: Bf16Kernel,
-    a: &[u16],
-    b: &PackedB,
-    band: usize,
-    f: &mut dyn FnMut(&BlockKernel, usize, [*const u16; 2], [*const u16; 2]),
-) {
+unsafe fn for_each_pair(kind: Bf16Kernel, a: &[u16], b: &PackedB, band: usize, f: &mut PairFn<'_>) {
     let kb = b.kb;
     let a_pair = [
         a[(2 * band) * kb * TILE..].as_ptr(),
