@@ -630,7 +630,7 @@ impl Drop for Tiles {
 }
 
 /// The bf16 block kernel of this thread while it lives: AMX tiles (configured here, released
-/// when it drops) or AVX-512-BF16, as [`bf16_kernel`] says — one 32 × 32 block of `C` from the
+/// when it drops) or AVX-512-BF16, as [`BlockKernel::enter`] is told — one 32 × 32 block of `C` from the
 /// same packed tiles into the same places either way.
 #[cfg(target_arch = "x86_64")]
 pub(super) struct BlockKernel {
@@ -679,15 +679,11 @@ impl BlockKernel {
     }
 }
 
-/// [`BlockKernel::block_32x32`] on AMX tiles: `kb` steps over two 16-row A tile columns
-/// (`a[0]`, `a[1]`, each `kb` consecutive 1 KiB tiles) and two 16-column B tile rows (`b[0]`,
-/// `b[1]`); rows 0–15 are stored at `c[0]`, rows 16–31 at `c[1]`, columns 0–15 then 16–31,
-/// with a row stride of `stride` bytes.
+/// [`BlockKernel::block_32x32`] on AMX tiles (`tdpbf16ps` into four accumulator tiles).
 ///
 /// # Safety
-/// A [`Tiles`] configuration is live on this thread; `kb ≥ 1`; each operand pointer is valid
-/// for `kb + 1` tiles of reads (the pipelined loads read one tile past: the buffers carry a
-/// spare tile); each `c[i]` is valid for 16 rows of 32 f32 writes at `stride` bytes.
+/// A [`Tiles`] configuration is live on this thread; the operands are as
+/// [`BlockKernel::block_32x32`] requires.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 unsafe fn amx_block_32x32(
