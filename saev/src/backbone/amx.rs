@@ -630,8 +630,8 @@ impl Drop for Tiles {
 }
 
 /// The bf16 block kernel of this thread while it lives: AMX tiles (configured here, released
-/// when it drops) or AVX-512-BF16, as [`BlockKernel::enter`] is told — one 32 × 32 block of `C` from the
-/// same packed tiles into the same places either way.
+/// when it drops) or AVX-512-BF16, as [`BlockKernel::enter`] is told — one 32 × 32 block of
+/// `C` from the same packed tiles into the same places either way.
 #[cfg(target_arch = "x86_64")]
 pub(super) struct BlockKernel {
     amx: Option<Tiles>,
