@@ -805,3 +805,51 @@ fn a_store_is_reused_only_for_unchanged_files() -> TestResult {
     assert_eq!(std::fs::read(store_dir.join("acts000000.bin"))?, before);
     Ok(())
 }
+
+/// Two recordings into one store at once (a job started twice, two Slurm tasks given the same
+/// `--part`): the second is refused, naming the store, before it writes a progress file or a
+/// shard; once the first lets go it records, to the same bytes as a run never refused.
+#[test]
+fn a_store_being_recorded_is_refused_to_a_second_writer() -> TestResult {
+    let dir = tmp("locked");
+    let (vit, ds, reference) = record(&dir.join("ref"));
+    let name = reference.file_name().unwrap();
+    let store = dir.join("acts").join(name);
+    std::fs::create_dir_all(&store)?;
+    // Another process's lock, as `DirLock` takes it (flock on `.saev-lock`): a second open of
+    // the file conflicts with this one even within this process.
+    let held = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(store.join(".saev-lock"))?;
+    held.try_lock()?;
+    let err = saev::record::record_activations(&vit, &ds, dir.join("acts"), &writer_cfg())
+        .expect_err("a locked store must be refused");
+    let msg = err.to_string();
+    assert!(msg.contains("being written by another"), "{msg}");
+    assert!(msg.contains(&store.display().to_string()), "{msg}");
+    let left: Vec<_> = std::fs::read_dir(&store)?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<Result<_, _>>()?;
+    assert_eq!(left, [".saev-lock"], "the refused run wrote nothing");
+    drop(held);
+    let got = saev::record::record_activations(&vit, &ds, dir.join("acts"), &writer_cfg())?;
+    assert_eq!(got, store);
+    // The finished store keeps no lock file: its files are a run's, byte for byte.
+    assert!(!store.join(".saev-lock").exists());
+    let (a, b) = (
+        ActivationStore::open(&reference)?,
+        ActivationStore::open(&got)?,
+    );
+    assert_eq!(a.metadata().n_shards(), b.metadata().n_shards());
+    for i in 0..a.metadata().n_shards() {
+        let shard = format!("acts{i:06}.bin");
+        assert_eq!(
+            std::fs::read(reference.join(&shard))?,
+            std::fs::read(got.join(&shard))?,
+            "{shard}"
+        );
+    }
+    Ok(())
+}

@@ -330,9 +330,10 @@ pub fn record_activations(
     );
 
     let mut n_done = range.start;
-    if dir.join("metadata.json").exists() && !prog_path.exists() {
-        // Complete: validate and hand it back untouched — if it is of these files as they
-        // are now (the same count of other or changed images would be reused silently).
+    // Complete: validate and hand it back untouched — if it is of these files as they are now
+    // (the same count of other or changed images would be reused silently).
+    let complete = || dir.join("metadata.json").exists() && !prog_path.exists();
+    let reuse = || -> Result<PathBuf> {
         if cfg.part.is_none() {
             let store = ActivationStore::open(&dir)?;
             if let Some(old) = store.provenance() {
@@ -359,7 +360,19 @@ pub fn record_activations(
                 }
             }
         }
-        return Ok(dir);
+        Ok(dir.clone())
+    };
+    if complete() {
+        return reuse();
+    }
+    // One writer at a time (two Slurm tasks given the same --part, a job started twice): the
+    // second is refused before it touches the progress file or a shard. A complete store is
+    // only read above, so a read-only one is still reused.
+    std::fs::create_dir_all(&dir).with_path(&dir)?;
+    let lock = crate::util::files::DirLock::acquire(&dir, "recording of activations")?;
+    if complete() {
+        // Finished by the run that held the lock a moment ago.
+        return reuse();
     }
     let mut writer = if prog_path.exists() {
         let p: Progress = read_json(&prog_path)?;
@@ -551,6 +564,8 @@ pub fn record_activations(
     let dir = writer.finish()?;
     bar.finish_and_clear();
     std::fs::remove_file(&prog_path).with_path(&prog_path)?;
+    // The finished store holds only its own files (byte for byte a run's, whoever recorded it).
+    lock.remove();
     Ok(dir)
 }
 

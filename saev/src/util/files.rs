@@ -6,7 +6,7 @@
 //! let cfg: SaeConfig = read_json(&dir.join("sae.json"))?;
 //! ```
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::error::{Error, IoContext, Result};
 
@@ -74,7 +74,8 @@ pub(crate) const LOCK_NAME: &str = ".saev-lock";
 /// file lock (`flock`): released when the process ends, however it ends, so a killed run
 /// leaves nothing to clean up. On a file system without locks the run goes on unlocked.
 pub(crate) struct DirLock {
-    _file: Option<std::fs::File>,
+    /// The locked file and its path (None where the file system has no locks).
+    file: Option<(std::fs::File, PathBuf)>,
 }
 
 impl DirLock {
@@ -94,7 +95,9 @@ impl DirLock {
                 // Who holds it, for the error another process shows.
                 let _ = f.set_len(0);
                 let _ = writeln!(f, "{}", std::process::id());
-                Ok(Self { _file: Some(f) })
+                Ok(Self {
+                    file: Some((f, path)),
+                })
             }
             Err(std::fs::TryLockError::WouldBlock) => {
                 let mut holder = String::new();
@@ -113,8 +116,18 @@ impl DirLock {
                     "note: {} cannot be locked ({e}); two runs into it at once would not be stopped",
                     dir.display()
                 );
-                Ok(Self { _file: None })
+                Ok(Self { file: None })
             }
+        }
+    }
+
+    /// Remove the lock file, then let go: for a directory whose work is finished (a complete
+    /// store), so that it holds only its own files. A run that opened the file just before
+    /// gets the lock of the removed file, and must find the work done (callers re-check after
+    /// locking).
+    pub(crate) fn remove(self) {
+        if let Some((_, path)) = &self.file {
+            let _ = std::fs::remove_file(path);
         }
     }
 }
